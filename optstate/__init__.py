@@ -1,0 +1,41 @@
+"""optstate: move optimizer state between PyTorch and JAX/Optax exactly, or refuse.
+
+>>> import optstate
+>>> sorted(optstate.OPTIMIZERS)
+['adam', 'adamw', 'sgd']
+
+The framework functions (``from_torch``, ``to_optax``, ...) load their adapter on first use, so
+``import optstate`` imports neither torch nor jax.
+"""
+
+from __future__ import annotations
+
+from .api import convert
+from .errors import FormatError, MappingError, MissingDependencyError, OptstateError, UnsupportedError
+from .report import inspect
+from .schema import OPTIMIZERS, OptimizerState, ParamInfo, load, save
+
+__version__ = "0.1.0"
+
+_ADAPTER_OF = {
+    "from_torch": "torch", "to_torch": "torch", "to_torch_state_dict": "torch",
+    "optax_transform": "optax", "to_optax": "optax", "from_optax": "optax",
+    "load_optax": "orbax",
+}
+
+
+def __getattr__(name: str):
+    if name in _ADAPTER_OF:
+        from .converters import adapter
+
+        return getattr(adapter(_ADAPTER_OF[name]), name)
+    raise AttributeError(f"module 'optstate' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_ADAPTER_OF])
+
+
+__all__ = ["FormatError", "MappingError", "MissingDependencyError", "OPTIMIZERS", "OptimizerState",
+           "OptstateError", "ParamInfo", "UnsupportedError", "convert", "inspect", "load", "save",
+           *_ADAPTER_OF]

@@ -1,0 +1,68 @@
+"""``convert``: read any supported format into the canonical state, write any other."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .converters import adapter
+from .errors import OptstateError
+from .schema import OptimizerState, fileformat
+
+FORMATS = ("torch", "optax", "optstate")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Guess a format from a path: a directory (or a name ending in ``/``) is Optax (Orbax),
+    ``.safetensors`` optstate, ``.pt``/``.pth``/``.ckpt``/``.bin`` torch.
+
+    >>> detect_format("ckpt.pt"), detect_format("state.safetensors"), detect_format("out/")
+    ('torch', 'optstate', 'optax')
+    """
+    if Path(path).is_dir() or os.fspath(path).endswith(os.sep):
+        return "optax"
+    suffix = Path(path).suffix
+    if suffix == ".safetensors":
+        return "optstate"
+    if suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        return "torch"
+    raise OptstateError(f"{os.fspath(path)}: cannot tell its format from the name; "
+                        f"name it (--from/--to {'|'.join(FORMATS)})")
+
+
+def read(src: str | os.PathLike, fmt: str | None = None, *, optimizer: str | None = None,
+         hyperparams: Any = None) -> OptimizerState:
+    """Read ``src`` (of format ``fmt``, guessed when ``None``) into the canonical state."""
+    fmt = fmt or detect_format(src)
+    if fmt == "torch":
+        return adapter("torch").from_torch(os.fspath(src), optimizer=optimizer)
+    if fmt == "optax":
+        return adapter("orbax").read_optax_dir(src, optimizer=optimizer, hyperparams=hyperparams)
+    if fmt == "optstate":
+        return fileformat.load(src)
+    raise OptstateError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def write(state: OptimizerState, dst: str | os.PathLike, fmt: str, *, force: bool = False) -> None:
+    """Write ``state`` to ``dst`` in format ``fmt``, atomically."""
+    if fmt == "torch":
+        adapter("torch").save_checkpoint(state, dst, force=force)
+    elif fmt == "optax":
+        adapter("orbax").save_optax_dir(state, dst, force=force)
+    elif fmt == "optstate":
+        fileformat.save(state, dst, force=force)
+    else:
+        raise OptstateError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str | None = None,
+            dst_format: str | None = None, force: bool = False, optimizer: str | None = None,
+            hyperparams: Any = None) -> OptimizerState:
+    """Convert a checkpoint between formats; what ``optstate convert`` runs. Returns the state.
+
+    >>> optstate.convert("ckpt.pt", "out/", src_format="torch", dst_format="optax")  # doctest: +SKIP
+    """
+    state = read(src, src_format, optimizer=optimizer, hyperparams=hyperparams)
+    write(state, dst, dst_format or detect_format(dst), force=force)
+    return state

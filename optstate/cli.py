@@ -1,0 +1,95 @@
+"""The ``optstate`` command: ``convert`` and ``inspect``, thin over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import api
+from .errors import OptstateError
+from .report import format_report, inspect
+
+
+def _hparams(text: str | None) -> Any:
+    if text is None:
+        return None
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OptstateError(f"--hparams is not valid JSON ({exc})") from None
+
+
+def _summary(state: Any) -> str:
+    steps = sorted({p.step for p in state.params if p.step is not None})
+    return (f"{state.spec.torch_class}, {len(state.params)} parameters in {len(state.param_groups)} group(s)"
+            + (f", step {', '.join(map(str, steps))}" if steps else "")
+            + (", with model weights" if state.weights is not None else ""))
+
+
+def _convert(args: argparse.Namespace) -> int:
+    if args.src_format == "optax" or api.detect_format(args.src) == "optax":
+        # Converting is this process's whole job: float64 stays float64.
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    state = api.convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
+                        force=args.force, optimizer=args.optimizer, hyperparams=_hparams(args.hparams))
+    print(f"{args.src} -> {args.dst}: {_summary(state)}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    report = inspect(args.path, args.src_format)
+    print(report.to_json() if args.json else format_report(report))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="optstate", description="Move optimizer state between PyTorch and "
+                                "JAX/Optax exactly, or refuse and say why.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    formats = dict(choices=api.FORMATS, default=None)
+    c = sub.add_parser("convert", help="convert a checkpoint", description="Formats: torch (torch.save file), "
+                       "optax (Orbax checkpoint directory), optstate (canonical safetensors file).")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--from", dest="src_format", **formats, help="input format (default: from the name)")
+    c.add_argument("--to", dest="dst_format", **formats, help="output format (default: from the name)")
+    c.add_argument("--optimizer", help="optimizer family when the input does not record it (sgd, adam, adamw)")
+    c.add_argument("--hparams", help="hyperparameters as JSON (torch names), a dict or a list of param groups "
+                   "each with a 'params' list of names; @FILE reads it from a file")
+    c.add_argument("--force", action="store_true", help="replace an existing output")
+    c.set_defaults(run=_convert)
+    i = sub.add_parser("inspect", help="show what a checkpoint holds and what a restore would lose")
+    i.add_argument("path")
+    i.add_argument("--from", dest="src_format", **formats, help="input format (default: from the name)")
+    i.add_argument("--json", action="store_true", help="print the facts as JSON")
+    i.set_defaults(run=_inspect)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 input or conversion error, 2 usage).
+
+    >>> main(["inspect", "missing.pt"])  # doctest: +SKIP
+    1
+    """
+    args = parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = lambda message, *_, **__: print(f"optstate: warning: {message}", file=sys.stderr)
+            return args.run(args)
+    except (OptstateError, OSError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"optstate: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,326 @@
+"""Optax adapter: the ``GradientTransformation`` that continues a state, and its state trees.
+
+Optax states are found by type and by path in the tree, never by position in a chain: the
+optimizer table names the NamedTuple type holding each family's slots (``ScaleByAdamState``,
+``TraceState``) and the field holding each slot.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+
+from ..errors import FormatError, MappingError, UnsupportedError
+from ..schema.spec import OptimizerSpec, is_decoupled, optimizer_spec
+from ..schema.state import OptimizerState, ParamInfo, Path, format_path, name_to_path, numpy_dtype
+
+FROZEN = "frozen"
+_CONTAINERS = (optax.MaskedState, optax.PartitionState)
+_STATE_TYPES = {name: getattr(optax, name) for name in ("TraceState", "ScaleByAdamState")}
+
+
+def group_label(group: int) -> str:
+    return f"group_{group}"
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def _sgd_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    if not hp["momentum"]:
+        return optax.identity()
+    trace = optax.trace(decay=hp["momentum"], nesterov=bool(hp["nesterov"]))
+    # torch: buf = momentum * buf + (1 - dampening) * g; Optax's trace has no dampening argument.
+    return optax.chain(optax.scale(1.0 - hp["dampening"]), trace) if hp["dampening"] else trace
+
+
+def _adam_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    b1, b2 = hp["betas"]
+    return optax.scale_by_adam(b1=b1, b2=b2, eps=hp["eps"], eps_root=0.0)
+
+
+_SCALERS: Mapping[str, Callable[[Mapping[str, Any]], optax.GradientTransformation]] = {
+    "sgd": _sgd_scaler, "adam": _adam_scaler, "adamw": _adam_scaler,
+}
+
+
+def group_transform(spec: OptimizerSpec, hyperparams: Mapping[str, Any]) -> optax.GradientTransformation:
+    """The Optax chain that does what torch does for one param group.
+
+    >>> from optstate.schema import optimizer_spec
+    >>> tx = group_transform(optimizer_spec("adamw"), {"lr": 1e-3, "weight_decay": 0.1})
+    >>> type(tx).__name__
+    'GradientTransformationExtraArgs'
+    """
+    hp = spec.with_defaults(hyperparams)
+    decay, decoupled = hp["weight_decay"], is_decoupled(spec, hp)
+    parts = []
+    if hp["maximize"]:
+        parts.append(optax.scale(-1.0))  # torch negates the gradient before adding L2 decay
+    if decay and not decoupled:
+        parts.append(optax.add_decayed_weights(decay))
+    parts.append(_SCALERS[spec.name](hp))
+    if decay and decoupled:
+        parts.append(optax.add_decayed_weights(decay))
+    parts.append(optax.scale_by_learning_rate(hp["lr"]))
+    return optax.chain(*parts)
+
+
+def key_path_to_path(key_path: Sequence[Any]) -> Path:
+    """A JAX key path (dict keys, sequence indices, attributes) as an optstate path."""
+    parts = []
+    for key in key_path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return tuple(parts)
+
+
+def _labels(labels: Mapping[Path, str], params: Any) -> Any:
+    def label(key_path, _):
+        path = key_path_to_path(key_path)
+        if path not in labels:
+            raise MappingError(f"{format_path(path)}: a parameter the optimizer state knows nothing of")
+        return labels[path]
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _refuse_unsupported(state: OptimizerState) -> None:
+    if "lr_scheduler" in state.metadata:
+        raise UnsupportedError("the checkpoint holds LR-scheduler state; a constant learning rate would not "
+                               "continue it exactly, and schedules are not supported yet")
+    for gi, hp in enumerate(state.param_groups):
+        state.spec.check_supported(hp, f"param group {gi}")
+
+
+def optax_transform(state: OptimizerState) -> optax.GradientTransformation:
+    """The Optax ``GradientTransformation`` that continues ``state`` exactly.
+
+    One chain per torch param group; several groups, or frozen model parameters, become an
+    ``optax.partition`` with labels ``group_0``, ``group_1``, ... and ``frozen``.
+
+    >>> import numpy as np, optstate
+    >>> from optstate.schema import OptimizerState, ParamInfo
+    >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},), (ParamInfo(("w",), (2,), "float32", 0),), {})
+    >>> tx = optstate.optax_transform(s)
+    >>> type(tx.init({"w": np.zeros(2, np.float32)})[0]).__name__
+    'TraceState'
+    """
+    _refuse_unsupported(state)
+    transforms = {group_label(gi): group_transform(state.spec, hp) for gi, hp in enumerate(state.param_groups)}
+    frozen = state.frozen_paths()
+    if len(transforms) == 1 and not frozen:
+        return transforms[group_label(0)]
+    labels = {p.path: group_label(p.group) for p in state.params}
+    if frozen:
+        transforms[FROZEN] = optax.set_to_zero()
+        labels.update({path: FROZEN for path in frozen})
+    return optax.partition(transforms, partial(_labels, labels))
+
+
+# ----------------------------------------------------------------------------- walking state trees
+
+def _map_states(tree: Any, state_type: type, visit: Callable[[Any, Path], Any], path: Path = ()) -> Any:
+    """Rebuild ``tree`` with every ``state_type`` node replaced by ``visit(node, path)``.
+
+    Chains (tuples), partitions and masks are walked; stateless nodes are kept; any other node
+    that holds arrays is refused by name, since it is state this conversion would lose.
+    """
+    if isinstance(tree, state_type):
+        return visit(tree, path)
+    if isinstance(tree, _CONTAINERS):
+        return type(tree)(*(_map_states(getattr(tree, f), state_type, visit, path + (f,)) for f in tree._fields))
+    if isinstance(tree, tuple) and not hasattr(tree, "_fields") or isinstance(tree, list):
+        return type(tree)(_map_states(c, state_type, visit, path + (str(i),)) for i, c in enumerate(tree))
+    if isinstance(tree, dict):
+        return {k: _map_states(v, state_type, visit, path + (str(k),)) for k, v in tree.items()}
+    if not jax.tree_util.tree_leaves(tree):
+        return tree  # EmptyState, MaskedNode, None: nothing to carry
+    raise UnsupportedError(
+        f"Optax state at {'/'.join(path) or '<root>'} is a {type(tree).__name__}, which optstate cannot carry "
+        f"over (only {state_type.__name__} and its chains, masks and partitions)")
+
+
+def _typed(raw: Any) -> Any:
+    """A state tree restored by Orbax without a target (NamedTuples as dicts, tuples as lists), retyped."""
+    if isinstance(raw, list):
+        return tuple(_typed(c) for c in raw)
+    if not isinstance(raw, dict):
+        return raw
+    for cls in (*_STATE_TYPES.values(), *_CONTAINERS):
+        if set(raw) == set(cls._fields):
+            if cls in _CONTAINERS:
+                return cls(**{k: _typed(v) for k, v in raw.items()})
+            return cls(**raw)  # slot trees stay as restored: their None leaves are masked parameters
+    return {k: _typed(v) for k, v in raw.items()}
+
+
+def _state_type(spec: OptimizerSpec) -> type:
+    return _STATE_TYPES[spec.optax_state]
+
+
+def _slot_leaves(node: Any, spec: OptimizerSpec) -> dict[str, dict[Path, Any]]:
+    """``{slot name: {param path: leaf}}`` of one state node; masked parameters have no leaf."""
+    out = {}
+    for slot in spec.slots:
+        leaves = jax.tree_util.tree_flatten_with_path(getattr(node, slot.optax_field))[0]
+        out[slot.name] = {key_path_to_path(kp): leaf for kp, leaf in leaves}
+    return out
+
+
+# ----------------------------------------------------------------------------- canonical -> Optax
+
+def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndarray], Any]) -> Any:
+    """``template`` (``tx.init(params)`` or its ``jax.eval_shape``) with every slot and count set from ``state``."""
+    spec = state.spec
+    by_path = {p.path: p for p in state.params}
+    filled: set[tuple[str, Path]] = set()
+
+    def slot_value(slot: str, path: Path, leaf: Any) -> Any:
+        info = by_path.get(path)
+        if info is None:
+            raise MappingError(f"{format_path(path)}: the Optax state has a {slot} slot for a parameter the "
+                               "torch optimizer does not track (frozen?); label it frozen, as "
+                               "optstate.optax_transform(state) does")
+        array = state.slots.get((slot, path))
+        if array is None:
+            array = np.zeros(info.shape, numpy_dtype(info.dtype))
+        if tuple(leaf.shape) != tuple(array.shape) or np.dtype(leaf.dtype) != array.dtype:
+            hint = " (enable float64 in JAX: jax.config.update('jax_enable_x64', True))" \
+                if array.dtype == np.float64 else ""
+            raise MappingError(f"{format_path(path)}: the Optax template expects {slot} of shape "
+                               f"{list(leaf.shape)} {np.dtype(leaf.dtype)}, the state holds {list(array.shape)} "
+                               f"{array.dtype}{hint}")
+        filled.add((slot, path))
+        return as_array(array)
+
+    def visit(node: Any, where: Path) -> Any:
+        fields = {
+            slot.optax_field: jax.tree_util.tree_map_with_path(
+                lambda kp, leaf, slot=slot: slot_value(slot.name, key_path_to_path(kp), leaf),
+                getattr(node, slot.optax_field))
+            for slot in spec.slots}
+        if "count" in node._fields:
+            covered = tuple(by_path[p] for p in _slot_leaves(node, spec)[spec.slots[0].name])
+            fields["count"] = as_array(np.asarray(state.common_step(covered), np.dtype(node.count.dtype)))
+        return node._replace(**fields)
+
+    result = _map_states(template, _state_type(spec), visit)
+    expected = {(s.name, p.path) for s in spec.slots for p in state.params
+                if spec.keeps_slots(state.param_groups[p.group])}
+    missing = sorted(expected - filled)
+    if missing:
+        raise MappingError("the Optax state has no place for "
+                           + ", ".join(f"{slot} of {format_path(p)}" for slot, p in missing[:5])
+                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return result
+
+
+def to_optax(state: OptimizerState, tx: optax.GradientTransformation, params: Any) -> Any:
+    """Fill the template ``tx.init(params)`` from ``state`` and return it.
+
+    >>> import jax, numpy as np, optstate
+    >>> from optstate.schema import OptimizerState, ParamInfo
+    >>> s = OptimizerState("adam", ({"lr": 1e-3},), (ParamInfo(("w",), (2,), "float32", 0, 3),),
+    ...     {("first_moment", ("w",)): np.ones(2, np.float32), ("second_moment", ("w",)): np.ones(2, np.float32)})
+    >>> params = {"w": np.zeros(2, np.float32)}
+    >>> opt_state = optstate.to_optax(s, optstate.optax_transform(s), params)
+    >>> int(opt_state[0].count), opt_state[0].mu["w"].tolist()
+    (3, [1.0, 1.0])
+    """
+    return fill_state(state, tx.init(params), jax.numpy.asarray)
+
+
+# ----------------------------------------------------------------------------- Optax -> canonical
+
+def _normalize_groups(hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+                      spec: OptimizerSpec) -> list[dict[str, Any]]:
+    if hyperparams is None:
+        raise UnsupportedError("an Optax state does not record its hyperparameters: pass hyperparams= "
+                               "(--hparams '{\"lr\": ...}')")
+    groups = [dict(hyperparams)] if isinstance(hyperparams, Mapping) else [dict(g) for g in hyperparams]
+    for gi, group in enumerate(groups):
+        missing = [k for k in spec.must_give if k not in group]
+        if missing:
+            raise UnsupportedError(f"param group {gi}: give {missing} explicitly: torch and Optax default "
+                                   f"them differently for {spec.torch_class}")
+        unknown = sorted(set(group) - set(spec.hyperparams) - {"params"})
+        if unknown:
+            raise UnsupportedError(f"param group {gi}: {spec.torch_class} has no hyperparameter(s) {unknown}")
+        spec.check_supported(group, f"param group {gi}")
+    return groups
+
+
+def _collect(opt_state: Any, spec: OptimizerSpec) -> tuple[dict[tuple[str, Path], np.ndarray], dict[Path, int]]:
+    slots: dict[tuple[str, Path], np.ndarray] = {}
+    steps: dict[Path, int] = {}
+
+    def visit(node: Any, where: Path) -> Any:
+        for slot, leaves in _slot_leaves(node, spec).items():
+            for path, leaf in leaves.items():
+                if (slot, path) in slots:
+                    raise FormatError(f"{format_path(path)}: two Optax states hold its {slot}")
+                slots[(slot, path)] = np.asarray(leaf)
+                if "count" in node._fields:
+                    steps[path] = int(np.asarray(node.count))
+        return node
+
+    _map_states(_typed(opt_state), _state_type(spec), visit)
+    return slots, steps
+
+
+def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
+               hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None) -> OptimizerState:
+    """Read an Optax state (live, or as Orbax restores it without a target) into the canonical form.
+
+    ``params`` gives paths, shapes and dtypes, and the weights unless its leaves are
+    ``jax.ShapeDtypeStruct``s.
+    ``hyperparams`` is one dict (one group) or a list of dicts, one per group, each with a
+    ``"params"`` list of parameter names, as torch's ``param_groups``; names are the parameter
+    paths joined by dots. Parameters in no group are frozen.
+
+    >>> import jax.numpy as jnp, optax, optstate
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = optax.sgd(0.1, momentum=0.9)
+    >>> s = optstate.from_optax(tx.init(params), params, optimizer="sgd", hyperparams={"lr": 0.1, "momentum": 0.9})
+    >>> s.slots[("momentum", ("w",))].tolist()
+    [0.0, 0.0]
+    """
+    if optimizer is None:
+        raise UnsupportedError("an Optax state does not record which optimizer made it: pass optimizer= "
+                               "(--optimizer sgd|adam|adamw)")
+    spec = optimizer_spec(optimizer)
+    groups = _normalize_groups(hyperparams, spec)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    shapes_only = all(isinstance(leaf, jax.ShapeDtypeStruct) for _, leaf in leaves)
+    weights = {key_path_to_path(kp): leaf if shapes_only else np.asarray(leaf) for kp, leaf in leaves}
+    slots, steps = _collect(opt_state, spec)
+    for slot, path in slots:
+        if path not in weights:
+            raise MappingError(f"{format_path(path)}: has optimizer state but is not in params")
+    if len(groups) == 1 and "params" not in groups[0]:
+        stateful = {p for _, p in slots}
+        groups[0]["params"] = [".".join(p) for p in weights if not slots or p in stateful]
+    params_info, taken = [], set()
+    for gi, group in enumerate(groups):
+        for name in group.pop("params"):
+            path = name_to_path(name)
+            if path not in weights:
+                raise MappingError(f"param group {gi} names {name!r}, which is not in params "
+                                   f"(params has e.g. {['.'.join(p) for p in list(weights)[:5]]})")
+            if path in taken:
+                raise MappingError(f"{name!r} is in more than one param group")
+            taken.add(path)
+            w = weights[path]
+            params_info.append(ParamInfo(path, tuple(w.shape), str(np.dtype(w.dtype)), gi, steps.get(path)))
+    stray = sorted({p for _, p in slots} - taken)
+    if stray:
+        raise MappingError(f"{format_path(stray[0])} has optimizer state but is in no param group")
+    return OptimizerState(spec.name, tuple(groups), tuple(params_info), slots, None if shapes_only else weights, (),
+                          {"source": f"optax {optax.__version__}"})

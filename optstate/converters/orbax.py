@@ -1,0 +1,168 @@
+"""Orbax checkpoint directories of ``{"params": params, "opt_state": opt_state}``.
+
+What ``convert --to optax`` writes: an Orbax checkpoint that plain Orbax restores with the target
+``{"params": params, "opt_state": tx.init(params)}``, plus ``optstate.json`` (the canonical
+metadata, so that :func:`load_optax` can rebuild ``tx``) and, when the model has buffers
+(BatchNorm statistics, ...), ``buffers.safetensors`` beside its items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path as FsPath
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ..atomic import atomic_directory
+from ..errors import FormatError, MappingError, UnsupportedError
+from ..schema.fileformat import (parse_tensor_key, read_safetensors, state_from_metadata, state_metadata, tensor_key,
+                                 write_safetensors)
+from ..schema.state import OptimizerState, Path, format_path, numpy_dtype, path_to_name
+from .optax import fill_state, from_optax, optax_transform
+
+SIDECAR = "optstate.json"
+BUFFERS = "buffers.safetensors"
+
+
+def nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
+    """A nested dict from ``{path: leaf}``.
+
+    >>> nest({("a", "0", "w"): 1, ("a", "0", "b"): 2, ("c",): 3})
+    {'a': {'0': {'w': 1, 'b': 2}}, 'c': 3}
+    """
+    root: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        node = root
+        for i, key in enumerate(path[:-1]):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise MappingError(f"{format_path(path[:i + 1])} is both a parameter and a prefix of {format_path(path)}")
+        if path[-1] in node:
+            raise MappingError(f"{format_path(path)} is both a parameter and a prefix of another")
+        node[path[-1]] = leaf
+    return root
+
+
+def _param_shapes(state: OptimizerState) -> dict[Path, jax.ShapeDtypeStruct]:
+    """Every parameter of the JAX side (tracked and frozen; buffers are not parameters), as shapes."""
+    shapes = {p.path: jax.ShapeDtypeStruct(p.shape, numpy_dtype(p.dtype)) for p in state.params}
+    for path in state.frozen_paths():
+        w = state.weights[path]
+        shapes[path] = jax.ShapeDtypeStruct(w.shape, w.dtype)
+    return shapes
+
+
+def _needs_x64(shapes: Mapping[Path, jax.ShapeDtypeStruct]) -> bool:
+    return any(np.dtype(s.dtype).itemsize == 8 for s in shapes.values())
+
+
+def save_optax_dir(state: OptimizerState, path: str | os.PathLike, *, force: bool = False) -> None:
+    """Write ``state`` as an Orbax checkpoint directory plus ``optstate.json``, atomically."""
+    tx = optax_transform(state)
+    shapes = _param_shapes(state)
+    with jax.enable_x64(True):  # shapes only: float64 must stay float64 in the template
+        template = jax.eval_shape(tx.init, nest(shapes))
+    tree = {"opt_state": fill_state(state, template, np.asarray)}
+    if state.weights is not None:
+        tree["params"] = nest({p: np.asarray(state.weights[p]) for p in shapes})
+    buffers = [(tensor_key("model", p), np.asarray(state.weights[p])) for p in state.buffers]
+    with atomic_directory(path, force=force) as tmp:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.abspath(tmp), tree)
+        checkpointer.wait_until_finished()
+        (tmp / SIDECAR).write_text(json.dumps(state_metadata(state), indent=1))
+        if buffers:
+            write_safetensors(tmp / BUFFERS, buffers, {})
+
+
+def _skeleton(meta: Mapping[str, Any], source: str) -> OptimizerState:
+    """The state described by a sidecar, with shape-only weights and no slots."""
+    arrays = {("model", tuple(w["path"])): np.broadcast_to(np.zeros((), numpy_dtype(w["dtype"])), w["shape"])
+              for w in meta.get("weights") or []}
+    return state_from_metadata({**meta, "slots": []}, arrays, source)
+
+
+def _read_sidecar(directory: FsPath) -> dict[str, Any] | None:
+    sidecar = directory / SIDECAR
+    if not sidecar.is_file():
+        return None
+    try:
+        return json.loads(sidecar.read_text())
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{sidecar}: not valid JSON ({exc})") from exc
+
+
+def load_optax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
+    """``(params, opt_state, tx)`` from a directory that ``optstate convert --to optax`` wrote.
+
+    ``params`` is ``None`` when the converted checkpoint held no model weights. Float64 state
+    needs ``jax.config.update("jax_enable_x64", True)`` first; without it JAX would silently
+    round to float32, so this refuses instead.
+
+    >>> params, opt_state, tx = optstate.load_optax("out/")  # doctest: +SKIP
+    >>> updates, opt_state = tx.update(grads, opt_state, params)  # doctest: +SKIP
+    """
+    directory = FsPath(path)
+    meta = _read_sidecar(directory)
+    if meta is None:
+        raise FormatError(f"{directory}: no {SIDECAR}; not written by optstate convert --to optax "
+                          "(read it with optstate.from_optax and your own tx)")
+    state = _skeleton(meta, str(directory / SIDECAR))
+    shapes = _param_shapes(state)
+    if _needs_x64(shapes) and not jax.config.jax_enable_x64:
+        raise UnsupportedError(f"{directory} holds 64-bit arrays, which JAX would silently round to 32 bits; "
+                               "call jax.config.update('jax_enable_x64', True) first (or set JAX_ENABLE_X64=1)")
+    tx = optax_transform(state)
+    params = nest(shapes)
+    target = {"opt_state": jax.eval_shape(tx.init, params)}
+    if state.weights is not None:
+        target["params"] = params
+    restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)
+    return restored.get("params"), restored["opt_state"], tx
+
+
+def _restore_as_numpy(directory: FsPath) -> Any:
+    metadata = ocp.StandardCheckpointer().metadata(os.path.abspath(directory)).item_metadata.tree
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return ocp.PyTreeCheckpointer().restore(os.path.abspath(directory), restore_args=restore_args)
+
+
+def read_optax_dir(path: str | os.PathLike, *, optimizer: str | None = None,
+                   hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None) -> OptimizerState:
+    """The canonical state of an Orbax checkpoint of ``{"params": ..., "opt_state": ...}``.
+
+    Optimizer and hyperparameters come from the arguments, else from ``optstate.json`` when the
+    directory was written by optstate.
+    """
+    directory = FsPath(path)
+    if not directory.is_dir():
+        raise FormatError(f"{directory}: not a directory (an Orbax checkpoint is one)")
+    try:
+        tree = _restore_as_numpy(directory)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise FormatError(f"{directory}: not a readable Orbax checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(tree, Mapping) or "opt_state" not in tree:
+        keys = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+        raise FormatError(f"{directory}: expected a checkpoint of {{'params': ..., 'opt_state': ...}}, found {keys}")
+    meta = _read_sidecar(directory)
+    skeleton = None if meta is None else _skeleton(meta, str(directory / SIDECAR))
+    if optimizer is None and skeleton is not None:
+        optimizer = skeleton.optimizer
+        hyperparams = [dict(hp, params=[path_to_name(p.path) for p in skeleton.group_params(gi)])
+                       for gi, hp in enumerate(skeleton.param_groups)]
+    params = tree.get("params")
+    if params is None:
+        if skeleton is None:
+            raise FormatError(f"{directory}: no 'params' in the checkpoint, so parameter shapes are unknown")
+        params = nest(_param_shapes(skeleton))
+    state = from_optax(tree["opt_state"], params, optimizer=optimizer, hyperparams=hyperparams)
+    buffers_file = directory / BUFFERS
+    if state.weights is None or not buffers_file.is_file():
+        return state
+    buffers = {parse_tensor_key(key)[1]: array for key, array in read_safetensors(buffers_file)[0].items()}
+    return dataclasses.replace(state, weights={**state.weights, **buffers}, buffers=tuple(buffers))

@@ -1,0 +1,484 @@
+"""PyTorch adapter: ``torch.optim`` optimizers, their ``state_dict``s and ``torch.save`` checkpoints."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from ..atomic import atomic_file
+from ..errors import FormatError, MappingError, UnsupportedError
+from ..schema.spec import OptimizerSpec, optimizer_spec
+from ..schema.state import OptimizerState, ParamInfo, Path, format_path, name_to_path, path_to_name
+
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt")
+MODEL_KEYS = ("model", "model_state_dict", "state_dict", "model_state", "weights")
+SCHEDULER_KEYS = ("lr_scheduler", "scheduler", "lr_scheduler_state_dict", "scheduler_state_dict")
+# Tensors of torch modules that are buffers, not parameters (BatchNorm / InstanceNorm statistics).
+BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+# Keys of a param group that identify the torch optimizer class, checked in order.
+TORCH_SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = tuple(
+    (cls, frozenset(keys)) for cls, keys in (
+        ("SGD", ("momentum", "dampening", "nesterov")),
+        ("Adam", ("betas", "amsgrad")),
+        ("NAdam", ("momentum_decay",)),
+        ("Adafactor", ("beta2_decay",)),
+        ("RAdam", ("betas", "decoupled_weight_decay")),
+        ("Adamax", ("betas", "weight_decay")),
+        ("SparseAdam", ("betas",)),
+        ("RMSprop", ("alpha", "centered")),
+        ("Adagrad", ("lr_decay", "initial_accumulator_value")),
+        ("Adadelta", ("rho",)),
+        ("ASGD", ("lambd", "t0")),
+        ("Rprop", ("etas", "step_sizes")),
+        ("LBFGS", ("history_size",)),
+        ("Muon", ("ns_coefficients",)),
+    )
+)
+
+_VIA_INTEGER = {
+    torch.bfloat16: (torch.int16, np.dtype(ml_dtypes.bfloat16)),
+    torch.float8_e4m3fn: (torch.uint8, np.dtype(ml_dtypes.float8_e4m3fn)),
+    torch.float8_e5m2: (torch.uint8, np.dtype(ml_dtypes.float8_e5m2)),
+}
+_FROM_NUMPY = {np_dtype: (int_dtype, torch_dtype) for torch_dtype, (int_dtype, np_dtype) in _VIA_INTEGER.items()}
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's bits as a NumPy array on the host (bfloat16 and float8 through ml_dtypes).
+
+    >>> tensor_to_numpy(torch.tensor([1.5], dtype=torch.bfloat16)).dtype
+    dtype(bfloat16)
+    """
+    tensor = tensor.detach().cpu().resolve_conj().resolve_neg()
+    if tensor.dtype in _VIA_INTEGER:
+        int_dtype, np_dtype = _VIA_INTEGER[tensor.dtype]
+        return tensor.contiguous().view(int_dtype).numpy().view(np_dtype)
+    return tensor.numpy()
+
+
+def numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor with the array's bits.
+
+    >>> numpy_to_tensor(np.arange(3.0)).dtype
+    torch.float64
+    """
+    array = np.array(array, copy=not np.asarray(array).flags.writeable, order="C")
+    if array.dtype in _FROM_NUMPY:
+        int_dtype, torch_dtype = _FROM_NUMPY[array.dtype]
+        return torch.from_numpy(array.view(np.dtype(str(int_dtype).removeprefix("torch.")))).view(torch_dtype)
+    return torch.from_numpy(array)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(tensor_to_numpy(torch.empty(0, dtype=dtype)).dtype)
+
+
+def _hyperparam_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):  # torch accepts a tensor lr; its value is what counts
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return tuple(_hyperparam_value(v) for v in value)
+    return value
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def load_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load`` with ``weights_only=True``: a file whose unpickling would run code is refused."""
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise FormatError(f"{source}: no such file")
+    try:
+        try:
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            return torch.load(source, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "global" in line.lower()), "")
+        raise FormatError(f"{source}: refused: loading it would run code from the file, which optstate never "
+                          f"does (torch.load(weights_only=True) rejected it: {detail or exc})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FormatError(f"{source}: not a readable torch checkpoint (truncated or corrupted?): {first}") from None
+
+
+def is_optimizer_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and "state" in obj and "param_groups" in obj
+
+
+def is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | None, Mapping | None]:
+    """``(optimizer state_dict, model state_dict, scheduler state_dict)`` found in a checkpoint."""
+    if is_optimizer_state_dict(obj):
+        return obj, None, None
+    if is_tensor_dict(obj):
+        return None, obj, None
+    if not isinstance(obj, Mapping):
+        raise FormatError(f"{source}: holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
+    optimizer = next((obj[k] for k in OPTIMIZER_KEYS if is_optimizer_state_dict(obj.get(k))), None)
+    model = next((obj[k] for k in MODEL_KEYS if is_tensor_dict(obj.get(k))), None)
+    scheduler = next((obj[k] for k in SCHEDULER_KEYS if isinstance(obj.get(k), Mapping)), None)
+    if optimizer is None and model is None:
+        raise FormatError(f"{source}: no optimizer state_dict (keys {', '.join(OPTIMIZER_KEYS)}) and no model "
+                          f"weights (keys {', '.join(MODEL_KEYS)}); top-level keys: {sorted(map(str, obj))}")
+    return optimizer, model, scheduler
+
+
+# ----------------------------------------------------------------------------- naming parameters
+
+def torch_class_of(group: Mapping[str, Any]) -> str:
+    """The torch optimizer class whose param groups carry these keys."""
+    for cls, keys in TORCH_SIGNATURES:
+        if keys <= group.keys():
+            if cls == "Adam" and group.get("decoupled_weight_decay"):
+                return "AdamW"
+            return cls
+    raise UnsupportedError(f"cannot tell which optimizer wrote a param group with keys {sorted(group)}; "
+                           "name it (optimizer=..., --optimizer)")
+
+
+def is_buffer(name: str, tensor: torch.Tensor) -> bool:
+    return name.rsplit(".", 1)[-1] in BUFFER_NAMES or not tensor.is_floating_point()
+
+
+def _align_by_position(count: int, shapes: Sequence[tuple[int, ...] | None],
+                       candidates: Sequence[tuple[str, tuple[int, ...]]], origin: str) -> list[str]:
+    """Names for the optimizer's tensors from the trainable tensors of the model, in registration order.
+
+    The rule: the optimizer tracks exactly the candidates, in the same order (as
+    ``Optimizer(model.parameters())`` does), and every shape known from the state agrees.
+    """
+    if count != len(candidates):
+        raise MappingError(
+            f"the optimizer tracks {count} tensors and {origin} has {len(candidates)} trainable tensors, so "
+            "parameter names cannot be inferred by position; save the optimizer with param_names "
+            "(build it from model.named_parameters()) or pass model= with requires_grad set as in training")
+    for index, (shape, (name, expected)) in enumerate(zip(shapes, candidates)):
+        if shape is not None and shape != expected:
+            raise MappingError(
+                f"optimizer tensor {index} has state of shape {list(shape)} but {origin}'s tensor {index} "
+                f"({name}) has shape {list(expected)}: the optimizer was not built from the model's parameters "
+                "in registration order; save it with param_names or pass model=")
+    return [name for name, _ in candidates]
+
+
+def _state_shapes(sd: Mapping, spec: OptimizerSpec) -> list[tuple[int, ...] | None]:
+    shapes = []
+    for index in (i for g in sd["param_groups"] for i in g["params"]):
+        entry = sd["state"].get(index, {})
+        slot = next((entry[s.torch_key] for s in spec.slots if entry.get(s.torch_key) is not None), None)
+        shapes.append(None if slot is None else tuple(slot.shape))
+    return shapes
+
+
+def param_names(sd: Mapping, spec: OptimizerSpec, *, model: Any = None,
+                weights: Mapping[str, torch.Tensor] | None = None, source: str = "state_dict") -> list[str]:
+    """One name per tracked tensor, in the order of ``param_groups``.
+
+    From ``param_names`` when saved; else aligned by position (single param group only) with
+    ``model.named_parameters()`` (those with ``requires_grad``) or with the floating-point,
+    non-buffer tensors of the checkpoint's weights; else ``"0"``, ``"1"``, ... with a warning.
+    """
+    groups = sd["param_groups"]
+    count = sum(len(g["params"]) for g in groups)
+    if all("param_names" in g for g in groups):
+        names = [n for g in groups for n in g["param_names"]]
+        if len(names) != count or len(set(names)) != count:
+            raise FormatError(f"{source}: param_names do not name each tracked tensor once")
+        return names
+    if model is not None:
+        candidates = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+        origin = "the model"
+    elif weights is not None:
+        candidates = [(n, tuple(t.shape)) for n, t in weights.items() if not is_buffer(n, t)]
+        origin = f"{source}'s model weights"
+    else:
+        warnings.warn(f"{source}: the optimizer has no param_names and no model weights are known; parameters "
+                      "are named by position ('0', '1', ...); pass model= to name them", stacklevel=3)
+        return [str(i) for i in range(count)]
+    if len(groups) > 1:
+        raise MappingError(
+            f"{source}: the optimizer has {len(groups)} param groups and no param_names; the order of the "
+            "groups' tensors cannot be matched to the model by position; save the optimizer with param_names "
+            "(build it from model.named_parameters()) or convert the live optimizer with model=")
+    return _align_by_position(count, _state_shapes(sd, spec), candidates, origin)
+
+
+# ----------------------------------------------------------------------------- torch -> canonical
+
+def _read_step(entry: Mapping[str, Any], where: str) -> int | None:
+    if "step" not in entry:
+        return None
+    value = float(entry["step"])
+    if not value.is_integer() or value < 0:
+        raise FormatError(f"{where}: step {value} is not a non-negative integer")
+    return int(value)
+
+
+def _read_param(spec: OptimizerSpec, entry: Mapping[str, Any], where: str):
+    known = {"step"} | {s.torch_key for s in spec.slots}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise UnsupportedError(f"{where}: state key(s) {unknown} are not part of {spec.torch_class} "
+                               "as optstate supports it")
+    slots = {s.name: tensor_to_numpy(entry[s.torch_key]) for s in spec.slots if entry.get(s.torch_key) is not None}
+    return _read_step(entry, where), slots
+
+
+def _state_from_state_dict(sd: Mapping, names: Sequence[str], family: str | None,
+                           weights: Mapping[str, torch.Tensor] | None, buffers: Iterable[str],
+                           source: str, metadata: Mapping[str, Any]) -> OptimizerState:
+    groups = sd["param_groups"]
+    spec = optimizer_spec(family or torch_class_of(groups[0]))
+    weights_np = None if weights is None else {name_to_path(n): tensor_to_numpy(t) for n, t in weights.items()}
+    params, slots, hyperparams = [], {}, []
+    name_iter = iter(names)
+    for gi, group in enumerate(groups):
+        hp = {k: _hyperparam_value(v) for k, v in group.items() if k not in ("params", "param_names")}
+        spec.check_supported(hp, f"{source}: param group {gi}")
+        hyperparams.append(hp)
+        for index in group["params"]:
+            path = name_to_path(next(name_iter))
+            where = f"{source}: {format_path(path)}"
+            step, param_slots = _read_param(spec, sd["state"].get(index, {}), where)
+            weight = None if weights_np is None else weights_np.get(path)
+            reference = next(iter(param_slots.values()), weight)
+            if reference is None:
+                raise MappingError(f"{where}: no state and no weight, so its shape is unknown; "
+                                   "pass the model (model=) or a checkpoint holding the weights")
+            if weight is not None and weight.shape != reference.shape:
+                raise MappingError(f"{where}: state has shape {list(reference.shape)}, "
+                                   f"the model weight {list(weight.shape)}")
+            params.append(ParamInfo(path, tuple(reference.shape), str(reference.dtype), gi, step))
+            slots.update({(slot, path): array for slot, array in param_slots.items()})
+    state = OptimizerState(spec.name, tuple(hyperparams), tuple(params), slots, weights_np,
+                           tuple(name_to_path(b) for b in buffers), dict(metadata))
+    _check_first_step(state, source)
+    return state
+
+
+def _check_first_step(state: OptimizerState, source: str) -> None:
+    """Refuse options whose continuation is exact only once every parameter has its slots."""
+    spec = state.spec
+    for gi, hp in enumerate(state.param_groups):
+        members = state.group_params(gi)
+        if not spec.keeps_slots(hp):
+            continue
+        spec.check_supported(hp, f"{source}: param group {gi}",
+                             all_stepped=all(state.has_state(p.path) for p in members))
+
+
+def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
+               optimizer: str | None = None) -> OptimizerState:
+    """Read torch optimizer state into the canonical form.
+
+    ``obj`` is a ``torch.optim.Optimizer``, an optimizer ``state_dict``, a training-checkpoint
+    dict holding one (and often the model weights), or a path to a ``torch.save`` file.
+
+    >>> import torch, optstate
+    >>> net = torch.nn.Linear(3, 2)
+    >>> opt = torch.optim.AdamW(net.named_parameters(), lr=1e-3)
+    >>> net(torch.ones(1, 3)).sum().backward(); opt.step()
+    >>> state = optstate.from_torch(opt)
+    >>> state.optimizer, state.common_step(), [p.path for p in state.params]
+    ('adamw', 1, [('weight',), ('bias',)])
+    """
+    if scheduler is not None:
+        raise UnsupportedError("LR scheduler state: schedules are not supported yet (a later version maps "
+                               "torch schedulers to Optax schedules)")
+    source, scheduler_sd, metadata = "optimizer", None, {"source": f"torch {torch.__version__}"}
+    weights = None
+    if isinstance(obj, torch.optim.Optimizer):
+        family = optimizer or type(obj).__name__
+        sd = obj.state_dict()
+        if model is not None and not all("param_names" in g for g in sd["param_groups"]):
+            by_id = {id(p): n for n, p in model.named_parameters()}
+            live = [p for g in obj.param_groups for p in g["params"]]
+            missing = [i for i, p in enumerate(live) if id(p) not in by_id]
+            if missing:
+                raise MappingError(f"optimizer tensors {missing[:5]} are not parameters of the model passed")
+            sd = {"state": sd["state"], "param_groups": [dict(g, param_names=[by_id[id(p)] for p in lg["params"]])
+                                                         for g, lg in zip(sd["param_groups"], obj.param_groups)]}
+    else:
+        if isinstance(obj, (str, os.PathLike)):
+            source = os.fspath(obj)
+            obj = load_checkpoint(obj)
+        family = optimizer
+        sd, weights, scheduler_sd = split_checkpoint(obj, source)
+        if sd is None:
+            raise FormatError(f"{source}: holds model weights only, no optimizer state")
+    if model is not None:
+        weights = dict(model.state_dict())
+        buffers = [n for n, _ in model.named_buffers()]
+    else:
+        buffers = [n for n, t in (weights or {}).items() if is_buffer(n, t)]
+    if scheduler_sd is not None:
+        metadata["lr_scheduler"] = {k: _hyperparam_value(v) for k, v in scheduler_sd.items()
+                                    if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+    spec = optimizer_spec(family or torch_class_of(sd["param_groups"][0]))
+    names = param_names(sd, spec, model=model, weights=weights, source=source)
+    return _state_from_state_dict(sd, names, spec.name, weights, buffers, source, metadata)
+
+
+# ----------------------------------------------------------------------------- canonical -> torch
+
+def _scalar_dtype() -> torch.dtype:
+    # What torch itself uses for `step`: float64 under a float64 default dtype, float32 otherwise.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _param_entry(state: OptimizerState, info: ParamInfo) -> dict[str, torch.Tensor]:
+    spec = state.spec
+    present = {s.name: state.slots[(s.name, info.path)] for s in spec.slots if (s.name, info.path) in state.slots}
+    if not present:
+        if spec.has_step and info.step:
+            raise FormatError(f"{format_path(info.path)}: step {info.step} but no slots")
+        return {}
+    missing = [s.name for s in spec.slots if s.name not in present]
+    if missing and spec.has_step:
+        raise FormatError(f"{format_path(info.path)}: slot(s) {missing} missing")
+    entry = {}
+    if spec.has_step:
+        entry["step"] = torch.tensor(float(info.step or 0), dtype=_scalar_dtype())
+    entry.update({spec.slot(name).torch_key: numpy_to_tensor(a) for name, a in present.items()})
+    return entry
+
+
+def to_torch_state_dict(state: OptimizerState, *, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """An optimizer ``state_dict`` for ``state``, with ``param_names``, groups as saved.
+
+    Parameters are in the state's order unless ``names`` gives another (every tracked name once);
+    ``torch.optim.Optimizer.load_state_dict`` matches by that position.
+
+    >>> import torch, optstate
+    >>> net = torch.nn.Linear(3, 2)
+    >>> opt = torch.optim.SGD(net.named_parameters(), lr=0.1, momentum=0.9)
+    >>> net(torch.ones(1, 3)).sum().backward(); opt.step()
+    >>> sd = optstate.to_torch_state_dict(optstate.from_torch(opt))
+    >>> sd["param_groups"][0]["param_names"], sorted(sd["state"][0])
+    (['weight', 'bias'], ['momentum_buffer'])
+    """
+    order = [p.path for p in state.params] if names is None else [name_to_path(n) for n in names]
+    if sorted(order) != sorted(p.path for p in state.params):
+        raise MappingError("names must list every tracked parameter exactly once")
+    by_path = {p.path: p for p in state.params}
+    groups = [dict(state.spec.with_defaults(hp), params=[], param_names=[]) for hp in state.param_groups]
+    sd_state = {}
+    for index, path in enumerate(sorted(order, key=lambda p: by_path[p].group)):
+        info = by_path[path]
+        groups[info.group]["params"].append(index)
+        groups[info.group]["param_names"].append(path_to_name(path))
+        entry = _param_entry(state, info)
+        if entry:
+            sd_state[index] = entry
+    return {"state": sd_state, "param_groups": groups}
+
+
+def _live_names(optimizer: torch.optim.Optimizer, model: Any) -> list[list[str]]:
+    if all("param_names" in g for g in optimizer.param_groups):
+        return [list(g["param_names"]) for g in optimizer.param_groups]
+    if model is None:
+        raise MappingError("the optimizer has no param_names; pass model= so its parameters can be matched by name")
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names = [[by_id.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+    if any(n is None for g in names for n in g):
+        raise MappingError("some optimizer parameters are not parameters of the model passed")
+    return names
+
+
+def _saved_group_of(state: OptimizerState, names: Sequence[str], live_group: int) -> int:
+    saved = {state.param(name_to_path(n)).group for n in names}
+    if len(saved) > 1:
+        raise MappingError(f"live param group {live_group} mixes parameters of saved groups {sorted(saved)}; "
+                           "group the parameters as they were saved")
+    return saved.pop() if saved else 0
+
+
+def _hyperparam_differences(live: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
+    return [f"{k}: live {live[k]!r}, saved {saved[k]!r}" for k in saved
+            if k in live and _hyperparam_value(live[k]) != saved[k]]
+
+
+def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: Any = None,
+             scheduler: Any = None, keep_hyperparams: bool = False) -> None:
+    """Load ``state`` into a live optimizer, matching parameters by name.
+
+    Names come from the optimizer's ``param_names`` or from ``model.named_parameters()``. The
+    saved hyperparameters replace the live ones, as ``load_state_dict`` does; with
+    ``keep_hyperparams=True`` the live ones stay and each difference is warned about.
+
+    >>> import torch, optstate
+    >>> net = torch.nn.Linear(3, 2)
+    >>> opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    >>> net(torch.ones(1, 3)).sum().backward(); opt.step()
+    >>> state = optstate.from_torch(opt, model=net)
+    >>> fresh = torch.optim.Adam(net.parameters(), lr=1e-3)
+    >>> optstate.to_torch(state, fresh, model=net)
+    >>> float(fresh.state_dict()["state"][0]["step"])
+    1.0
+    """
+    if scheduler is not None:
+        raise UnsupportedError("LR scheduler state: schedules are not supported yet")
+    live_family = optimizer_spec(type(optimizer).__name__)
+    if live_family.name != state.optimizer and {live_family.name, state.optimizer} != {"adam", "adamw"}:
+        raise UnsupportedError(f"the state is {state.spec.torch_class}, the optimizer {type(optimizer).__name__}")
+    live_names = _live_names(optimizer, model)
+    known = {p.path for p in state.params}
+    flat = [n for g in live_names for n in g]
+    missing = [n for n in flat if name_to_path(n) not in known]
+    extra = sorted(path_to_name(p) for p in known - {name_to_path(n) for n in flat})
+    if missing or extra:
+        raise MappingError(f"parameters do not match: in the optimizer but not the state: {missing[:10]}; "
+                           f"in the state but not the optimizer: {extra[:10]}")
+    sd = {"state": {}, "param_groups": []}
+    index = 0
+    for gi, (group, names) in enumerate(zip(optimizer.param_groups, live_names)):
+        saved_hp = state.param_groups[_saved_group_of(state, names, gi)]
+        live_hp = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        if keep_hyperparams:
+            for diff in _hyperparam_differences(live_hp, saved_hp):
+                warnings.warn(f"param group {gi} keeps the live hyperparameter {diff}", stacklevel=2)
+            hp = live_hp
+        else:
+            hp = {**live_hp, **saved_hp}
+        sd["param_groups"].append(dict(hp, params=list(range(index, index + len(names))), param_names=names))
+        for name, param in zip(names, group["params"]):
+            info = state.param(name_to_path(name))
+            if tuple(param.shape) != info.shape or _dtype_name(param.dtype) != info.dtype:
+                raise MappingError(f"{name}: the optimizer's parameter is {list(param.shape)} "
+                                   f"{str(param.dtype).removeprefix('torch.')}, the state's {list(info.shape)} {info.dtype}")
+            entry = _param_entry(state, info)
+            if entry:
+                sd["state"][index] = entry
+            index += 1
+    optimizer.load_state_dict(sd)
+
+
+def save_checkpoint(state: OptimizerState, path: str | os.PathLike, *, force: bool = False) -> None:
+    """Write ``{"optimizer": state_dict, "model": weights}`` with ``torch.save``, atomically.
+
+    The file loads with ``torch.load(path, weights_only=True)``.
+    """
+    ckpt: dict[str, Any] = {"optimizer": to_torch_state_dict(state)}
+    if state.weights is not None:
+        ckpt["model"] = {path_to_name(p): numpy_to_tensor(a) for p, a in state.weights.items()}
+    if "lr_scheduler" in state.metadata:
+        ckpt["lr_scheduler"] = dict(state.metadata["lr_scheduler"])
+    with atomic_file(path, force=force) as tmp:
+        torch.save(ckpt, tmp)
+

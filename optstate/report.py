@@ -1,0 +1,196 @@
+"""``optstate inspect``: what a checkpoint holds, and what restoring from it would lose."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from .errors import MissingDependencyError, OptstateError
+from .schema.spec import optimizer_spec
+from .schema.state import OptimizerState, path_to_name
+
+
+@dataclass(frozen=True)
+class ParamFacts:
+    """One tracked parameter: its name, group, the state keys it has (torch's names) and its step."""
+
+    name: str
+    group: int
+    keys: tuple[str, ...]
+    step: int | None
+
+
+@dataclass(frozen=True)
+class Report:
+    """The facts ``optstate inspect`` prints; ``to_json`` gives them to programs."""
+
+    path: str
+    format: str
+    weights: Mapping[str, int] | None
+    optimizer: str | None
+    param_groups: tuple[Mapping[str, Any], ...]
+    params: tuple[ParamFacts, ...]
+    names: str
+    lr_scheduler: bool
+    optax: str
+    notes: tuple[str, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, default=str)
+
+
+def _weights_facts(shapes: Mapping[str, tuple[tuple[int, ...], bool]] | None) -> dict[str, int] | None:
+    if shapes is None:
+        return None
+    return {"tensors": len(shapes), "elements": sum(math.prod(s) for s, _ in shapes.values()),
+            "buffers": sum(is_buffer for _, is_buffer in shapes.values())}
+
+
+def _notes(optimizer: str | None, groups: Sequence[Mapping[str, Any]], params: Sequence[ParamFacts],
+           weights: Mapping[str, int] | None, lr_scheduler: bool, names: str) -> list[str]:
+    notes = []
+    if optimizer is None:
+        return ["no optimizer state: restoring from this file restarts momentum buffers, Adam moments and the "
+                "step count from zero (save optimizer.state_dict() beside the model)"]
+    without = [p.name for p in params if not p.keys]
+    if params and len(without) == len(params):
+        if optimizer == "SGD" and not any(g.get("momentum") for g in groups):
+            notes.append("SGD without momentum keeps no per-parameter state: nothing is lost")
+        else:
+            notes.append("the optimizer never stepped: its state is empty")
+    elif without:
+        notes.append(f"{len(without)} of {len(params)} parameters have no state (no gradient yet, or frozen), "
+                     f"e.g. {', '.join(without[:3])}: they start from zero state on their first step")
+    steps = Counter(p.step for p in params if p.step is not None)
+    if len(steps) > 1:
+        notes.append("parameters have taken different numbers of steps: "
+                     + ", ".join(f"{n} at step {s}" for s, n in sorted(steps.items())))
+    if weights is None:
+        notes.append("no model weights in this file")
+    if any("initial_lr" in g for g in groups) and not lr_scheduler:
+        notes.append("param groups carry 'initial_lr' (an LR scheduler was attached) but the file holds no "
+                     "scheduler state: a resumed schedule would restart")
+    if names != "param_names":
+        notes.append(f"parameter names: {names}")
+    return notes
+
+
+def _optax_verdict(state: OptimizerState | None, error: Exception | None) -> str:
+    if state is None:
+        return f"refused: {error}" if error else "no optimizer state"
+    try:
+        from .converters import adapter
+
+        tx_module = adapter("optax")
+        tx_module.optax_transform(state)
+        for gi in range(len(state.param_groups)):
+            state.common_step(state.group_params(gi))
+    except MissingDependencyError:
+        return "not checked (install optstate[jax])"
+    except OptstateError as exc:
+        return f"refused: {exc}"
+    return "exact"
+
+
+def _report(path: str, fmt: str, state: OptimizerState | None, *, optimizer: str | None = None,
+            groups: Sequence[Mapping[str, Any]] = (), params: Sequence[ParamFacts] = (),
+            weights: dict[str, int] | None = None, lr_scheduler: bool = False, names: str = "param_names",
+            error: Exception | None = None) -> Report:
+    groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
+              | {"params": sum(p.group == gi for p in params)} for gi, g in enumerate(groups)]
+    return Report(path, fmt, weights, optimizer, tuple(groups), tuple(params), names, lr_scheduler,
+                  _optax_verdict(state, error), tuple(_notes(optimizer, groups, params, weights, lr_scheduler, names)))
+
+
+def _inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
+    spec = state.spec
+    params = [ParamFacts(path_to_name(p.path), p.group,
+                         (("step",) if p.step is not None and state.has_state(p.path) else ())
+                         + tuple(s.torch_key for s in spec.slots if (s.name, p.path) in state.slots), p.step)
+              for p in state.params]
+    weights = None if state.weights is None else _weights_facts(
+        {path_to_name(p): (a.shape, p in state.buffers) for p, a in state.weights.items()})
+    return _report(path, fmt, state, optimizer=spec.torch_class, groups=state.param_groups, params=params,
+                   weights=weights, lr_scheduler="lr_scheduler" in state.metadata)
+
+
+def _inspect_torch(path: str) -> Report:
+    from .converters import adapter
+
+    torch_adapter = adapter("torch")
+    obj = torch_adapter.load_checkpoint(path)
+    sd, model_sd, scheduler_sd = torch_adapter.split_checkpoint(obj, path)
+    weights = None if model_sd is None else _weights_facts(
+        {n: (tuple(t.shape), torch_adapter.is_buffer(n, t)) for n, t in model_sd.items()})
+    if sd is None:
+        return _report(path, "torch", None, weights=weights)
+    groups = sd["param_groups"]
+    optimizer = None
+    try:
+        optimizer = torch_adapter.torch_class_of(groups[0])
+        spec = optimizer_spec(optimizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            names = torch_adapter.param_names(sd, spec, weights=model_sd, source=path)
+        origin = "param_names" if all("param_names" in g for g in groups) else \
+            "aligned by position with the model weights" if model_sd is not None else "positional (no names saved)"
+    except OptstateError as exc:
+        names, origin = [str(i) for g in groups for i in g["params"]], f"positional ({exc})"
+    state, error = None, None
+    try:
+        state = torch_adapter.from_torch(obj)
+    except OptstateError as exc:
+        error = exc
+    indices = [(gi, i) for gi, g in enumerate(groups) for i in g["params"]]
+    params = [ParamFacts(name, gi, tuple(sorted(k for k, v in sd["state"].get(i, {}).items() if v is not None)),
+                         int(float(sd["state"][i]["step"])) if "step" in sd["state"].get(i, {}) else None)
+              for name, (gi, i) in zip(names, indices)]
+    return _report(path, "torch", state, optimizer=optimizer or "unknown", groups=groups, params=params,
+                   weights=weights, lr_scheduler=scheduler_sd is not None, names=origin, error=error)
+
+
+def inspect(path: str | os.PathLike, fmt: str | None = None) -> Report:
+    """What a checkpoint holds: weights, optimizer state, slots per parameter, what a restore would lose.
+
+    >>> report = optstate.inspect("ckpt.pt")  # doctest: +SKIP
+    >>> report.optimizer, report.notes  # doctest: +SKIP
+    ('AdamW', ())
+    """
+    from .api import detect_format, read
+
+    path = os.fspath(path)
+    fmt = fmt or detect_format(path)
+    if fmt == "torch":
+        return _inspect_torch(path)
+    return _inspect_state(path, fmt, read(path, fmt))
+
+
+def format_report(report: Report) -> str:
+    """The report as people read it."""
+    lines = [f"{report.path} ({report.format})"]
+    w = report.weights
+    lines.append(f"  model weights: {w['tensors']} tensors, {w['elements']:,} values"
+                 + (f", {w['buffers']} buffers" if w["buffers"] else "") if w else "  model weights: none")
+    if report.optimizer is None:
+        lines.append("  optimizer state: none")
+    else:
+        stepped = Counter(p.step for p in report.params if p.step is not None)
+        step = ", ".join(f"{s} ({n} params)" for s, n in sorted(stepped.items())) if len(stepped) > 1 else \
+            (str(next(iter(stepped))) if stepped else "-")
+        lines.append(f"  optimizer: {report.optimizer}, {len(report.params)} parameters, step {step}")
+        for gi, group in enumerate(report.param_groups):
+            hp = ", ".join(f"{k}={v}" for k, v in group.items() if k != "params")
+            lines.append(f"    group {gi} ({group['params']} params): {hp}")
+        keys = Counter(k for p in report.params for k in p.keys)
+        for key, n in sorted(keys.items()):
+            lines.append(f"    {key}: {n} of {len(report.params)} parameters")
+    lines.append(f"  LR scheduler state: {'yes' if report.lr_scheduler else 'none'}")
+    lines.append(f"  to Optax: {report.optax}")
+    lines.extend(f"  note: {n}" for n in report.notes)
+    return "\n".join(lines)

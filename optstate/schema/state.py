@@ -1,0 +1,160 @@
+"""The canonical optimizer state: framework-neutral, NumPy arrays, parameters identified by path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import FormatError, UnsupportedError
+from .spec import OptimizerSpec, optimizer_spec
+
+Path = tuple[str, ...]
+
+
+def name_to_path(name: str) -> Path:
+    """A torch parameter name as a path.
+
+    >>> name_to_path("layers.0.weight")
+    ('layers', '0', 'weight')
+    """
+    return tuple(name.split("."))
+
+
+def path_to_name(path: Path) -> str:
+    """A path as a torch parameter name.
+
+    >>> path_to_name(("layers", "0", "weight"))
+    'layers.0.weight'
+    """
+    return ".".join(path)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """A dtype from its name, ml_dtypes' included.
+
+    >>> numpy_dtype("bfloat16"), numpy_dtype("float64")
+    (dtype(bfloat16), dtype('float64'))
+    """
+    return np.dtype(getattr(ml_dtypes, name, None) or name)
+
+
+def format_path(path: Path) -> str:
+    """A path as people read it in error messages: the torch name."""
+    return path_to_name(path)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter the optimizer tracks.
+
+    ``step`` is the number of optimizer steps this parameter has taken, or ``None`` where the
+    optimizer keeps no step (SGD) or the parameter has no state yet.
+    """
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: str
+    group: int
+    step: int | None = None
+
+
+@dataclass(frozen=True)
+class OptimizerState:
+    """An optimizer's state, independent of any framework.
+
+    ``param_groups`` hold each group's hyperparameters under torch's constructor names.
+    ``slots`` maps ``(slot name, parameter path)`` to an array of the parameter's shape; a
+    parameter without an entry has no state yet. ``weights`` optionally holds every tensor of
+    the model (trainable, frozen and buffers); ``buffers`` names those that are not parameters.
+
+    >>> import numpy as np
+    >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+    ...     (ParamInfo(("w",), (2,), "float64", 0),), {("momentum", ("w",)): np.zeros(2)})
+    >>> s.spec.torch_class, s.common_step() is None
+    ('SGD', True)
+    """
+
+    optimizer: str
+    param_groups: tuple[Mapping[str, Any], ...]
+    params: tuple[ParamInfo, ...]
+    slots: Mapping[tuple[str, Path], np.ndarray]
+    weights: Mapping[Path, np.ndarray] | None = None
+    buffers: tuple[Path, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        spec = optimizer_spec(self.optimizer)
+        by_path = {p.path: p for p in self.params}
+        if len(by_path) != len(self.params):
+            raise FormatError("a parameter path occurs twice")
+        slot_names = {s.name for s in spec.slots}
+        for (slot, path), array in self.slots.items():
+            if slot not in slot_names:
+                raise FormatError(f"{format_path(path)}: slot {slot!r} is not a slot of {spec.torch_class}")
+            info = by_path.get(path)
+            if info is None:
+                raise FormatError(f"{format_path(path)}: slot {slot!r} for a parameter the optimizer does not track")
+            if tuple(array.shape) != info.shape:
+                raise FormatError(f"{format_path(path)}: slot {slot!r} has shape {list(array.shape)}, "
+                                  f"expected the parameter's {list(info.shape)}")
+            if not np.isfinite(array).all():
+                raise FormatError(f"{format_path(path)}: slot {slot!r} holds non-finite values (NaN or inf); "
+                                  "the run diverged or the file is corrupt")
+        for info in self.params:
+            if not 0 <= info.group < len(self.param_groups):
+                raise FormatError(f"{format_path(info.path)}: group {info.group} does not exist")
+            if self.weights is not None and info.path in self.weights:
+                w = self.weights[info.path]
+                if tuple(w.shape) != info.shape:
+                    raise FormatError(f"{format_path(info.path)}: weight has shape {list(w.shape)}, "
+                                      f"the optimizer state {list(info.shape)}")
+
+    @property
+    def spec(self) -> OptimizerSpec:
+        return optimizer_spec(self.optimizer)
+
+    def param(self, path: Path) -> ParamInfo:
+        return next(p for p in self.params if p.path == path)
+
+    def has_state(self, path: Path) -> bool:
+        return any((s.name, path) in self.slots for s in self.spec.slots)
+
+    def group_params(self, group: int) -> tuple[ParamInfo, ...]:
+        return tuple(p for p in self.params if p.group == group)
+
+    def frozen_paths(self) -> tuple[Path, ...]:
+        """Model parameters the optimizer does not track (buffers excluded)."""
+        if self.weights is None:
+            return ()
+        tracked = {p.path for p in self.params}
+        buffers = set(self.buffers)
+        return tuple(p for p in self.weights if p not in tracked and p not in buffers)
+
+    def common_step(self, params: tuple[ParamInfo, ...] | None = None) -> int | None:
+        """The one step shared by ``params`` (default: all), or UnsupportedError naming them.
+
+        A parameter without state counts as step 0: its first update starts the bias correction.
+        """
+        params = self.params if params is None else params
+        if not self.spec.has_step:
+            return None
+        steps = {p.path: (p.step or 0) for p in params}
+        distinct = sorted(set(steps.values()))
+        if len(distinct) > 1:
+            examples = ", ".join(
+                f"{format_path(next(p for p, s in steps.items() if s == v))} at step {v}" for v in distinct[:4])
+            raise UnsupportedError(
+                f"parameters have taken different numbers of steps ({examples}); torch skips a parameter "
+                "whose gradient is None, Optax keeps one count per transform, so this state has no exact "
+                "Optax counterpart yet")
+        return distinct[0] if distinct else 0
+
+    def iter_tensors(self) -> Iterator[tuple[str, Path, np.ndarray]]:
+        """``(kind, path, array)`` for every array: slots by slot name, then weights as ``"model"``."""
+        for (slot, path), array in self.slots.items():
+            yield slot, path, array
+        for path, array in (self.weights or {}).items():
+            yield "model", path, array
