@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from ..errors import FormatError, MappingError, UnsupportedError
-from ..schema.spec import OptimizerSpec, is_decoupled, optimizer_spec
+from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, is_decoupled, optimizer_spec
 from ..schema.state import OptimizerState, ParamInfo, Path, format_path, name_to_path, numpy_dtype
 
 FROZEN = "frozen"
@@ -250,7 +250,7 @@ def _normalize_groups(hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any
         if missing:
             raise UnsupportedError(f"param group {gi}: give {missing} explicitly: torch and Optax default "
                                    f"them differently for {spec.torch_class}")
-        unknown = sorted(set(group) - set(spec.hyperparams) - {"params"})
+        unknown = sorted(set(group) - set(spec.hyperparams) - BOOKKEEPING_KEYS - {"params"})
         if unknown:
             raise UnsupportedError(f"param group {gi}: {spec.torch_class} has no hyperparameter(s) {unknown}")
         spec.check_supported(group, f"param group {gi}")

@@ -266,8 +266,11 @@ def _state_from_state_dict(sd: Mapping, names: Sequence[str], family: str | None
                                    f"the model weight {list(weight.shape)}")
             params.append(ParamInfo(path, tuple(reference.shape), str(reference.dtype), gi, step))
             slots.update({(slot, path): array for slot, array in param_slots.items()})
-    state = OptimizerState(spec.name, tuple(hyperparams), tuple(params), slots, weights_np,
-                           tuple(name_to_path(b) for b in buffers), dict(metadata))
+    try:
+        state = OptimizerState(spec.name, tuple(hyperparams), tuple(params), slots, weights_np,
+                               tuple(name_to_path(b) for b in buffers), dict(metadata))
+    except FormatError as exc:
+        raise FormatError(f"{source}: {exc}") from None
     _check_first_step(state, source)
     return state
 

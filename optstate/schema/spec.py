@@ -14,6 +14,10 @@ from typing import Any, Mapping
 from ..errors import UnsupportedError
 
 
+# Param-group keys that choose torch's implementation or record scheduler bookkeeping; no numerics.
+BOOKKEEPING_KEYS = frozenset({"foreach", "capturable", "differentiable", "fused", "initial_lr"})
+
+
 @dataclass(frozen=True)
 class Slot:
     """One per-parameter state array: its canonical name and where each framework keeps it."""
@@ -110,7 +114,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = MappingProxyType({
             name="adamw",
             torch_class="AdamW",
             hyperparams=MappingProxyType({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
-                                          "amsgrad": False, "maximize": False}),
+                                          "amsgrad": False, "maximize": False, "decoupled_weight_decay": True}),
             slots=_ADAM_SLOTS,
             optax_state="ScaleByAdamState",
             has_step=True,

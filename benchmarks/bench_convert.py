@@ -1,0 +1,443 @@
+#!/usr/bin/env python
+"""Benchmark ``optstate convert`` on a synthetic transformer-shaped torch training checkpoint.
+
+One run:
+
+1. builds ``{"model": weights, "optimizer": Adam.state_dict()}`` (float32, ``--params`` million
+   parameters, one ``opt.step()`` so every parameter has ``step``/``exp_avg``/``exp_avg_sq``) with
+   ``torch.save`` in a temporary directory (in a child process, so its memory is gone afterwards);
+2. reads the file once (warm page cache), then times, each in a fresh subprocess, ``--repeats``
+   times interleaved, the median reported:
+
+   - ``cp``             plain ``cp SRC DST`` (no fsync: the data may still be in the page cache);
+   - ``cp+fsync``       ``cp`` then ``sync DST`` (same durability as optstate, which fsyncs);
+   - ``naive``          ``torch.load(weights_only=True)``, ``.numpy()`` every tensor, write the raw
+                        bytes of all of them into one file, fsync;
+   - ``optstate``       torch -> optstate (canonical safetensors file);
+   - ``optax``          torch -> optax (Orbax checkpoint directory).
+
+   The two optstate paths run ``optstate.api.read`` then ``optstate.api.write`` (exactly what
+   ``optstate convert`` / ``optstate.convert`` do) in a small driver, so the time of the conversion
+   alone can be reported beside the whole-process time; ``--cli`` runs the installed ``optstate``
+   console script instead (whole-process time only).
+3. prints a table: wall seconds (whole subprocess: interpreter start and imports included), GB/s
+   of tensor data (tensor bytes in the checkpoint / wall seconds, 1 GB = 1e9 bytes), ratio to
+   ``cp`` and ``cp+fsync`` of the same run, seconds inside the conversion call, peak RSS
+   (``ru_maxrss`` from ``wait4`` on that child: includes file-backed pages of memory maps) and
+   peak anonymous RSS (``RssAnon`` sampled from ``/proc/PID/status`` every 20 ms: memory the
+   process really allocated; the part of the peak that a streaming converter keeps small).
+4. removes its temporary directory at the end, also on failure or Ctrl-C/SIGTERM.
+
+Run ``python benchmarks/bench_convert.py --help``; ``--params 20`` is a quick check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+D_MODEL, D_FF, VOCAB = 1024, 4096, 32000
+MIB = 1024 * 1024
+
+
+# ----------------------------------------------------------------------------- model shapes
+
+def model_shapes(params_millions: float) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a transformer with about ``params_millions`` million parameters.
+
+    Embedding ``[vocab, 1024]``, N layers of q/k/v/o ``[1024, 1024]``, MLP ``[4096, 1024]`` and
+    ``[1024, 4096]``, two LayerNorms (weight and bias), a final LayerNorm. N is chosen so the total
+    is closest to the target; below one layer plus the full 32000-row embedding the vocabulary
+    shrinks instead.
+    """
+    target = params_millions * 1e6
+    ln = 2 * D_MODEL
+    layer = 4 * D_MODEL * D_MODEL + 2 * D_MODEL * D_FF + 2 * ln
+    vocab, n_layers = VOCAB, round((target - VOCAB * D_MODEL - ln) / layer)
+    if n_layers < 1:
+        n_layers = 1
+        vocab = max(256, round((target - layer - ln) / D_MODEL))
+    shapes = [("embed.weight", (vocab, D_MODEL))]
+    for i in range(n_layers):
+        p = f"layers.{i}"
+        shapes += [(f"{p}.ln1.weight", (D_MODEL,)), (f"{p}.ln1.bias", (D_MODEL,))]
+        shapes += [(f"{p}.attn.{w}.weight", (D_MODEL, D_MODEL)) for w in "qkvo"]
+        shapes += [(f"{p}.ln2.weight", (D_MODEL,)), (f"{p}.ln2.bias", (D_MODEL,))]
+        shapes += [(f"{p}.mlp.up.weight", (D_FF, D_MODEL)), (f"{p}.mlp.down.weight", (D_MODEL, D_FF))]
+    shapes += [("final_ln.weight", (D_MODEL,)), ("final_ln.bias", (D_MODEL,))]
+    return shapes
+
+
+def build_checkpoint(path: str, params_millions: float) -> dict:
+    """Child: write the checkpoint; returns facts about it (run in its own process)."""
+    import torch
+
+    torch.manual_seed(0)
+    shapes = model_shapes(params_millions)
+    t0 = time.perf_counter()
+    weights = {name: torch.randn(shape) for name, shape in shapes}
+    opt = torch.optim.Adam([(name, t) for name, t in weights.items()], lr=1e-3)
+    for t in weights.values():
+        t.requires_grad_(True)
+        t.grad = torch.randn_like(t)
+    opt.step()
+    for t in weights.values():
+        t.grad = None
+        t.requires_grad_(False)
+    sd = opt.state_dict()
+    assert all("param_names" in g for g in sd["param_groups"])
+    assert all({"step", "exp_avg", "exp_avg_sq"} <= set(e) for e in sd["state"].values())
+    assert len(sd["state"]) == len(weights)
+    ckpt = {"model": weights, "optimizer": sd}
+    tensor_bytes = sum(t.numel() * t.element_size() for t in _tensors(ckpt))
+    n_tensors = sum(1 for _ in _tensors(ckpt))
+    t1 = time.perf_counter()
+    torch.save(ckpt, path)
+    t2 = time.perf_counter()
+    del ckpt, sd, opt, weights
+    return {"params": sum(_numel(s) for _, s in shapes), "n_params": len(shapes),
+            "n_layers": sum(1 for n, _ in shapes if n.endswith("attn.q.weight")),
+            "vocab": shapes[0][1][0], "tensor_bytes": tensor_bytes, "n_tensors": n_tensors,
+            "file_bytes": os.path.getsize(path), "make_s": t1 - t0, "save_s": t2 - t1}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _tensors(obj):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+# ----------------------------------------------------------------------------- child drivers
+
+def child_naive(src: str, dst: str) -> dict:
+    t0 = time.perf_counter()
+    import torch
+
+    t1 = time.perf_counter()
+    obj = torch.load(src, map_location="cpu", weights_only=True)
+    t2 = time.perf_counter()
+    arrays = [t.detach().numpy() for t in _tensors(obj)]
+    t3 = time.perf_counter()
+    with open(dst, "wb") as f:
+        for a in arrays:
+            f.write(memoryview(a.reshape(-1)).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    t4 = time.perf_counter()
+    return {"import_s": t1 - t0, "convert_s": t4 - t1,
+            "parts": {"load": t2 - t1, "to_numpy": t3 - t2, "write+fsync": t4 - t3}}
+
+
+def child_optstate(src: str, dst: str, dst_format: str) -> dict:
+    t0 = time.perf_counter()
+    import optstate.api as api
+    from optstate.converters import adapter
+
+    adapter("torch")  # imports torch
+    if dst_format == "optax":
+        adapter("orbax")  # imports jax, optax, orbax
+    t1 = time.perf_counter()
+    state = api.read(src, "torch")
+    t2 = time.perf_counter()
+    api.write(state, dst, dst_format)
+    t3 = time.perf_counter()
+    return {"import_s": t1 - t0, "convert_s": t3 - t1, "parts": {"read": t2 - t1, "write": t3 - t2}}
+
+
+def child_main(argv: list[str]) -> None:
+    kind, src, dst = argv[:3]
+    if kind == "build":
+        result = build_checkpoint(dst, float(argv[3]))
+    elif kind == "naive":
+        result = child_naive(src, dst)
+    else:
+        result = child_optstate(src, dst, kind)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- measuring a child
+
+def _status_kib(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssFile"):
+                    out[key] = int(value.split()[0])
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+class Failed(Exception):
+    pass
+
+
+_CURRENT_CHILD: list[subprocess.Popen] = []
+
+
+def run_measured(cmd: list[str], log_dir: Path, label: str) -> dict:
+    """Run ``cmd``; wall seconds, ru_maxrss of this child (wait4), sampled peak RssAnon."""
+    out_path, err_path = log_dir / f"{label}.out", log_dir / f"{label}.err"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        _CURRENT_CHILD.append(proc)
+        peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                for k, v in _status_kib(proc.pid).items():
+                    peaks[k] = max(peaks[k], v)
+                done.wait(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            wall = time.perf_counter() - t0
+            done.set()
+            sampler.join()
+            _CURRENT_CHILD.remove(proc)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise Failed(f"{' '.join(cmd)} exited with {proc.returncode}; stderr tail:\n"
+                     + "\n".join(stderr.strip().splitlines()[-25:]))
+    result = next((json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")), {})
+    return {"wall_s": wall, "maxrss_mib": usage.ru_maxrss / 1024, "anon_mib": peaks["RssAnon"] / 1024,
+            "file_mib": peaks["RssFile"] / 1024, **result, "stderr": stderr}
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+def machine() -> str:
+    with open("/proc/meminfo") as f:
+        mem = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f)}
+    versions = []
+    for pkg in ("torch", "jax", "orbax-checkpoint", "numpy", "optstate"):
+        try:
+            versions.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"machine: nproc {len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}), "
+            f"memory {mem['MemTotal'] / MIB:.1f} GiB total, {mem['MemAvailable'] / MIB:.1f} GiB available, "
+            f"load average {load}\n"
+            f"python {sys.version.split()[0]}; {', '.join(versions)}")
+
+
+def warm(path: Path) -> float:
+    t0 = time.perf_counter()
+    buf = bytearray(16 * MIB)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t0
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def commands(args: argparse.Namespace, src: Path, work: Path) -> dict[str, tuple[list[str], Path]]:
+    py = sys.executable
+    optstate_cli = str(Path(sys.executable).with_name("optstate"))
+    paths = {
+        "cp": (["cp", str(src), str(work / "copy.pt")], work / "copy.pt"),
+        "cp+fsync": (["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(src), str(work / "copy.pt")],
+                     work / "copy.pt"),
+        "naive": ([py, str(HERE), "_child", "naive", str(src), str(work / "naive.bin")], work / "naive.bin"),
+    }
+    if args.cli:
+        paths["optstate"] = ([optstate_cli, "convert", "--from", "torch", "--to", "optstate", str(src),
+                              str(work / "out.safetensors")], work / "out.safetensors")
+        paths["optax"] = ([optstate_cli, "convert", "--from", "torch", "--to", "optax", str(src),
+                           str(work / "out_optax") + "/"], work / "out_optax")
+    else:
+        paths["optstate"] = ([py, str(HERE), "_child", "optstate", str(src), str(work / "out.safetensors")],
+                             work / "out.safetensors")
+        paths["optax"] = ([py, str(HERE), "_child", "optax", str(src), str(work / "out_optax") + "/"],
+                          work / "out_optax")
+    return {k: v for k, v in paths.items() if k in args.paths}
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def report(results: dict[str, list[dict]], failures: dict[str, str], tensor_bytes: int) -> str:
+    def med(name: str, key: str) -> float | None:
+        vals = [r[key] for r in results.get(name, []) if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    cp, cp_sync = med("cp", "wall_s"), med("cp+fsync", "wall_s")
+    head = (f"{'path':<10} {'wall s':>8} {'min-max s':>13} {'GB/s':>6} {'x cp':>6} {'x cp+fs':>7} "
+            f"{'inner s':>8} {'peak RSS MiB':>12} {'peak anon MiB':>13} {'n':>2}")
+    lines = [head, "-" * len(head)]
+    for name in ("cp", "cp+fsync", "naive", "optstate", "optax"):
+        runs = results.get(name, [])
+        if not runs and name not in failures:
+            continue
+        if not runs:
+            lines.append(f"{name:<10} FAILED (see below)")
+            continue
+        wall = med(name, "wall_s")
+        walls = [r["wall_s"] for r in runs]
+        spread = f"{min(walls):.2f}-{max(walls):.2f}"
+        lines.append(
+            f"{name:<10} {wall:>8.2f} {spread:>13} {tensor_bytes / 1e9 / wall:>6.2f} "
+            f"{fmt(wall / cp if cp else None, '.2f'):>6} {fmt(wall / cp_sync if cp_sync else None, '.2f'):>7} "
+            f"{fmt(med(name, 'convert_s'), '.2f'):>8} {max(r['maxrss_mib'] for r in runs):>12.0f} "
+            f"{max(r['anon_mib'] for r in runs):>13.0f} {len(runs):>2}"
+            + ("  (some repeats FAILED)" if name in failures else ""))
+    parts = []
+    for name, runs in results.items():
+        if runs and runs[0].get("parts"):
+            keys = runs[0]["parts"]
+            split = ", ".join(f"{k} {statistics.median(r['parts'][k] for r in runs):.2f}s" for k in keys)
+            imp = med(name, "import_s")
+            parts.append(f"  {name}: imports {imp:.2f}s; {split}")
+    if parts:
+        lines += ["", "inner time split (medians; 'inner s' = everything after the imports):", *parts]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_child"]:
+        child_main(argv[1:])
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", type=float, default=250, help="model size in millions of parameters (default 250)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per path; the median is reported (default 3)")
+    p.add_argument("--tmpdir", default="/tmp", help="where the temporary directory goes (default /tmp)")
+    p.add_argument("--paths", default="cp,cp+fsync,naive,optstate,optax",
+                   help="comma-separated subset of cp,cp+fsync,naive,optstate,optax")
+    p.add_argument("--cli", action="store_true", help="time the installed `optstate convert` console script "
+                   "for the optstate paths (no inner timing) instead of the api.read/api.write driver")
+    p.add_argument("--json", help="also write all measurements to this JSON file")
+    args = p.parse_args(argv)
+    args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    started = time.perf_counter()
+    print(machine(), flush=True)
+    work = Path(tempfile.mkdtemp(prefix="optstate-bench-", dir=args.tmpdir))
+    logs = work / "logs"
+    logs.mkdir()
+    results: dict[str, list[dict]] = {}
+    failures: dict[str, str] = {}
+    try:
+        src = work / "ckpt.pt"
+        print(f"building a {args.params:g}M-parameter checkpoint in {work} ...", flush=True)
+        built = run_measured([sys.executable, str(HERE), "_child", "build", "-", str(src), str(args.params)],
+                             logs, "build")
+        os.sync()
+        tb = built["tensor_bytes"]
+        print(f"checkpoint: {built['params'] / 1e6:.1f}M parameters ({built['n_params']} tensors: vocab "
+              f"{built['vocab']} x {D_MODEL} embedding, {built['n_layers']} layers, d_ff {D_FF}), Adam after "
+              f"1 step; {built['n_tensors']} tensors, {tb / 1e9:.3f} GB of tensor data "
+              f"({tb / 2**30:.2f} GiB); file {built['file_bytes'] / 1e9:.3f} GB "
+              f"({built['file_bytes'] / 2**30:.2f} GiB)", flush=True)
+        print(f"built in {built['wall_s']:.1f}s (tensors+step {built['make_s']:.1f}s, torch.save "
+              f"{built['save_s']:.1f}s), builder peak RSS {built['maxrss_mib']:.0f} MiB", flush=True)
+        print(f"page cache warmed: read the file once in {warm(src):.2f}s", flush=True)
+
+        cmds = commands(args, src, work)
+        for rep in range(args.repeats):
+            for name, (cmd, out) in cmds.items():
+                if name in failures:
+                    continue
+                remove(out)
+                os.sync()  # earlier runs' dirty pages are not written back during this one
+                try:
+                    r = run_measured(cmd, logs, f"{name.replace('+', '_')}-{rep}")
+                except Failed as exc:
+                    failures[name] = str(exc)
+                    print(f"  [{rep + 1}/{args.repeats}] {name:<9} FAILED: {exc}", flush=True)
+                    continue
+                finally:
+                    remove(out)
+                results.setdefault(name, []).append(r)
+                inner = f", inner {r['convert_s']:.2f}s" if "convert_s" in r else ""
+                print(f"  [{rep + 1}/{args.repeats}] {name:<9} {r['wall_s']:7.2f}s{inner}, peak RSS "
+                      f"{r['maxrss_mib']:.0f} MiB (anon {r['anon_mib']:.0f}, file {r['file_mib']:.0f})", flush=True)
+                warnings = [line for line in r["stderr"].splitlines() if "warning" in line.lower()]
+                if warnings and rep == 0:
+                    print("      stderr: " + "\n      stderr: ".join(warnings[:5]), flush=True)
+        os.sync()
+
+        print()
+        print(f"results: {built['params'] / 1e6:.1f}M params, {tb / 1e9:.3f} GB tensor data, file "
+              f"{built['file_bytes'] / 1e9:.3f} GB, {args.repeats} repeat(s), median; page cache warm")
+        print("wall s = whole subprocess (interpreter start and imports included); GB/s = tensor bytes / wall s;")
+        print("x cp, x cp+fs = wall / median wall of cp, cp+fsync in this run; inner s = inside the conversion call")
+        print("(after imports); peak RSS = ru_maxrss (includes file-backed mmap pages); peak anon = sampled RssAnon.")
+        print("optstate and naive fsync their output; cp does not, cp+fsync does.")
+        if args.cli:
+            print("optstate/optax: the installed `optstate convert` console script.")
+        print()
+        print(report(results, failures, tb))
+        for name, msg in failures.items():
+            print(f"\nFAILED {name}: {msg}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"built": built, "results": {k: [{kk: vv for kk, vv in r.items() if kk != "stderr"} for r in v]
+                                             for k, v in results.items()}, "failures": failures}, indent=1))
+        print(f"\ntotal benchmark time {time.perf_counter() - started:.0f}s")
+        return 1 if failures else 0
+    except Failed as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for proc in list(_CURRENT_CHILD):
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+                os.waitpid(proc.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"removed {work}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

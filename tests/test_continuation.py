@@ -1,0 +1,162 @@
+"""The core test: train k steps in framework A, convert, continue n steps in B, compare with staying in A."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import torch
+
+import optstate
+from frameworks import TinyNet, jax_params, jax_train, torch_params, torch_train
+from helpers import TOL, flat, max_abs_diff, nested
+
+K, N = range(0, 5), range(5, 10)
+
+
+def _no_decay_on_bias(model, **decay):
+    named = list(model.named_parameters())
+    return [dict(params=[(n, p) for n, p in named if not n.endswith("bias")], **decay),
+            dict(params=[(n, p) for n, p in named if n.endswith("bias")], weight_decay=0.0)]
+
+
+TORCH_CASES = {
+    "sgd": lambda m: torch.optim.SGD(m.named_parameters(), lr=0.05),
+    "sgd-momentum": lambda m: torch.optim.SGD(m.named_parameters(), lr=0.05, momentum=0.9),
+    "sgd-nesterov": lambda m: torch.optim.SGD(m.named_parameters(), lr=0.05, momentum=0.9, nesterov=True),
+    "sgd-dampening": lambda m: torch.optim.SGD(m.named_parameters(), lr=0.05, momentum=0.8, dampening=0.3),
+    "sgd-weight-decay": lambda m: torch.optim.SGD(m.named_parameters(), lr=0.05, momentum=0.9, weight_decay=0.1),
+    "sgd-maximize": lambda m: torch.optim.SGD(m.named_parameters(), lr=0.05, momentum=0.9, maximize=True),
+    "adam": lambda m: torch.optim.Adam(m.named_parameters(), lr=0.02, betas=(0.8, 0.95), eps=1e-6),
+    "adam-weight-decay": lambda m: torch.optim.Adam(m.named_parameters(), lr=0.02, weight_decay=0.1),
+    "adam-maximize": lambda m: torch.optim.Adam(m.named_parameters(), lr=0.02, weight_decay=0.1, maximize=True),
+    "adam-decoupled": lambda m: torch.optim.Adam(m.named_parameters(), lr=0.02, weight_decay=0.1,
+                                                 decoupled_weight_decay=True),
+    "adamw": lambda m: torch.optim.AdamW(m.named_parameters(), lr=0.02, weight_decay=0.1),
+    "adamw-groups": lambda m: torch.optim.AdamW(_no_decay_on_bias(m, weight_decay=0.2, lr=0.03), lr=0.02),
+    "sgd-groups": lambda m: torch.optim.SGD(_no_decay_on_bias(m, weight_decay=0.1, momentum=0.5), lr=0.05,
+                                            momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TORCH_CASES))
+def test_torch_to_optax_continues_exactly(case, tmp_path):
+    model = TinyNet()
+    opt = TORCH_CASES[case](model)
+    torch_train(model, opt, K)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+
+    optstate.convert(tmp_path / "ckpt.pt", tmp_path / "out", src_format="torch", dst_format="optax")
+    params, opt_state, tx = optstate.load_optax(tmp_path / "out")
+    params, _ = jax_train(tx, params, opt_state, N)
+
+    torch_train(model, opt, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+def test_frozen_parameter_stays_frozen_in_optax(tmp_path):
+    model = TinyNet(frozen=True)
+    opt = torch.optim.AdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=0.02)
+    torch_train(model, opt, K)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    optstate.convert(tmp_path / "ckpt.pt", tmp_path / "out", src_format="torch", dst_format="optax")
+    params, opt_state, tx = optstate.load_optax(tmp_path / "out")
+    assert set(opt_state.inner_states) == {"group_0", "frozen"}
+    # JAX hands the frozen parameter a gradient too; the frozen label must ignore it.
+    params, _ = jax_train(tx, params, opt_state, N)
+    torch_train(model, opt, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+def test_live_optimizer_in_memory(tmp_path):
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)  # no param_names: names come from the model
+    torch_train(model, opt, K)
+    state = optstate.from_torch(opt, model=model)
+    tx = optstate.optax_transform(state)
+    params = nested({n: jax.numpy.asarray(v) for n, v in torch_params(model).items()})
+    params, _ = jax_train(tx, params, optstate.to_optax(state, tx, params), N)
+    torch_train(model, opt, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+# ----------------------------------------------------------------------------- Optax -> torch
+
+def _labels(params):
+    return {layer: {"weight": "decay", "bias": "no_decay"} for layer in params}
+
+
+OPTAX_CASES = {
+    # name: (stock Optax transform, --optimizer, --hparams, torch optimizer class)
+    "sgd": (optax.sgd(0.05), "sgd", {"lr": 0.05}),
+    "sgd-momentum": (optax.sgd(0.05, momentum=0.9), "sgd", {"lr": 0.05, "momentum": 0.9}),
+    "sgd-nesterov": (optax.sgd(0.05, momentum=0.9, nesterov=True), "sgd",
+                     {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
+    "sgd-weight-decay": (optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.05, momentum=0.9)), "sgd",
+                         {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.1}),
+    "sgd-dampening": (optax.chain(optax.scale(0.7), optax.trace(decay=0.8), optax.scale_by_learning_rate(0.05)),
+                      "sgd", {"lr": 0.05, "momentum": 0.8, "dampening": 0.3}),
+    "adam": (optax.adam(0.02, b1=0.8, b2=0.95, eps=1e-6), "adam", {"lr": 0.02, "betas": [0.8, 0.95], "eps": 1e-6}),
+    "adam-weight-decay": (optax.chain(optax.add_decayed_weights(0.1), optax.adam(0.02)), "adam",
+                          {"lr": 0.02, "weight_decay": 0.1}),
+    "adamw": (optax.adamw(0.02, weight_decay=0.1), "adamw", {"lr": 0.02, "weight_decay": 0.1}),
+    "adamw-groups": (optax.partition({"decay": optax.adamw(0.03, weight_decay=0.2),
+                                      "no_decay": optax.adamw(0.02, weight_decay=0.0)}, _labels),
+                     "adamw", [{"lr": 0.03, "weight_decay": 0.2, "params": ["fc1.weight", "fc2.weight"]},
+                               {"lr": 0.02, "weight_decay": 0.0, "params": ["fc1.bias", "fc2.bias"]}]),
+}
+TORCH_CLASS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def _save_orbax(path, params, opt_state):
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, {"params": params, "opt_state": opt_state})
+    checkpointer.wait_until_finished()
+
+
+@pytest.mark.parametrize("case", sorted(OPTAX_CASES))
+@pytest.mark.parametrize("load", ["load_state_dict", "to_torch"])
+def test_optax_to_torch_continues_exactly(case, load, tmp_path):
+    tx, family, hparams = OPTAX_CASES[case]
+    params = jax_params()
+    params, opt_state = jax_train(tx, params, tx.init(params), K)
+    _save_orbax(tmp_path / "ckpt", params, opt_state)
+
+    groups = hparams if isinstance(hparams, list) else [
+        dict(hparams, params=["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"])]  # torch's order
+    optstate.convert(tmp_path / "ckpt", tmp_path / "out.pt", src_format="optax", dst_format="torch",
+                     optimizer=family, hyperparams=groups)
+    ckpt = torch.load(tmp_path / "out.pt", weights_only=True)
+    model = TinyNet()
+    model.load_state_dict(ckpt["model"])
+    named = dict(model.named_parameters())
+    opt = TORCH_CLASS[family]([{"params": [(n, named[n]) for n in g["params"]]} for g in groups], lr=1.0)
+    if load == "load_state_dict":
+        opt.load_state_dict(ckpt["optimizer"])
+    else:
+        optstate.to_torch(optstate.from_torch(tmp_path / "out.pt"), opt)
+    torch_train(model, opt, N)
+
+    params, _ = jax_train(tx, params, opt_state, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+def test_optax_default_order_loads_by_name_into_torch(tmp_path):
+    """With one dict of hyperparameters the order is JAX's (sorted); to_torch matches by name anyway."""
+    tx = optax.adam(0.02)
+    params = jax_params()
+    params, opt_state = jax_train(tx, params, tx.init(params), K)
+    state = optstate.from_optax(opt_state, params, optimizer="adam", hyperparams={"lr": 0.02})
+    assert [".".join(p.path) for p in state.params][:2] == ["fc1.bias", "fc1.weight"]
+    model = TinyNet()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.from_numpy(flat(params)[n]))
+    opt = torch.optim.Adam(model.parameters(), lr=1.0)
+    optstate.to_torch(state, opt, model=model)
+    assert opt.param_groups[0]["lr"] == 0.02  # saved hyperparameters win, as in load_state_dict
+    torch_train(model, opt, N)
+    params, _ = jax_train(tx, params, opt_state, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
