@@ -200,16 +200,13 @@ class Failed(Exception):
     pass
 
 
-_CURRENT_CHILD: list[subprocess.Popen] = []
-
-
 def run_measured(cmd: list[str], log_dir: Path, label: str) -> dict:
     """Run ``cmd``; wall seconds, ru_maxrss of this child (wait4), sampled peak RssAnon."""
     out_path, err_path = log_dir / f"{label}.out", log_dir / f"{label}.err"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        _CURRENT_CHILD.append(proc)
+        # Own process group, so that on Ctrl-C/SIGTERM the child and its own children (sh -> cp) are ended.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
         peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
         done = threading.Event()
 
@@ -223,11 +220,14 @@ def run_measured(cmd: list[str], log_dir: Path, label: str) -> dict:
         sampler.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # Ctrl-C, SIGTERM: end the child we started before its files are removed
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         finally:
             wall = time.perf_counter() - t0
             done.set()
             sampler.join()
-            _CURRENT_CHILD.remove(proc)
     proc.returncode = os.waitstatus_to_exitcode(status)
     stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
     if proc.returncode != 0:
@@ -411,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{built['file_bytes'] / 1e9:.3f} GB, {args.repeats} repeat(s), median; page cache warm")
         print("wall s = whole subprocess (interpreter start and imports included); GB/s = tensor bytes / wall s;")
         print("x cp, x cp+fs = wall / median wall of cp, cp+fsync in this run; inner s = inside the conversion call")
-        print("(after imports); peak RSS = ru_maxrss (includes file-backed mmap pages); peak anon = sampled RssAnon.")
+        print("(after imports); peak RSS = ru_maxrss (includes file-backed mmap pages), peak anon = sampled RssAnon,")
+        print("both the max over the repeats; ru_maxrss is at least the parent's RSS at fork (~35 MiB).")
         print("optstate and naive fsync their output; cp does not, cp+fsync does.")
         if args.cli:
             print("optstate/optax: the installed `optstate convert` console script.")
@@ -428,13 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     except Failed as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'Ctrl-C'}); cleaning up", file=sys.stderr)
+        return 130
     finally:
-        for proc in list(_CURRENT_CHILD):
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-                os.waitpid(proc.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
         shutil.rmtree(work, ignore_errors=True)
         print(f"removed {work}", file=sys.stderr)
 

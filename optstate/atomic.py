@@ -20,9 +20,10 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _refuse_existing(path: Path, force: bool) -> None:
+def _prepare(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise OptstateError(f"{path} exists; pass --force (force=True) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -57,7 +58,7 @@ def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
     b'ok'
     """
     path = Path(path)
-    _refuse_existing(path, force)
+    _prepare(path, force)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
@@ -74,7 +75,7 @@ def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
 def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory path (not yet created) beside ``path``; rename it on success."""
     path = Path(path)
-    _refuse_existing(path, force)
+    _prepare(path, force)
     parent = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp = parent / path.name
     try:

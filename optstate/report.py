@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .errors import MissingDependencyError, OptstateError
-from .schema.spec import optimizer_spec
+from .schema.spec import BOOKKEEPING_KEYS, optimizer_spec
 from .schema.state import OptimizerState, path_to_name
 
 
@@ -37,6 +37,7 @@ class Report:
     param_groups: tuple[Mapping[str, Any], ...]
     params: tuple[ParamFacts, ...]
     names: str
+    frozen: tuple[str, ...]
     lr_scheduler: bool
     optax: str
     notes: tuple[str, ...]
@@ -53,7 +54,7 @@ def _weights_facts(shapes: Mapping[str, tuple[tuple[int, ...], bool]] | None) ->
 
 
 def _notes(optimizer: str | None, groups: Sequence[Mapping[str, Any]], params: Sequence[ParamFacts],
-           weights: Mapping[str, int] | None, lr_scheduler: bool, names: str) -> list[str]:
+           weights: Mapping[str, int] | None, lr_scheduler: bool, names: str, frozen: Sequence[str]) -> list[str]:
     notes = []
     if optimizer is None:
         return ["no optimizer state: restoring from this file restarts momentum buffers, Adam moments and the "
@@ -73,6 +74,9 @@ def _notes(optimizer: str | None, groups: Sequence[Mapping[str, Any]], params: S
                      + ", ".join(f"{n} at step {s}" for s, n in sorted(steps.items())))
     if weights is None:
         notes.append("no model weights in this file")
+    if frozen:
+        notes.append(f"{len(frozen)} model parameter(s) not tracked by the optimizer (frozen): "
+                     f"{', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}")
     if any("initial_lr" in g for g in groups) and not lr_scheduler:
         notes.append("param groups carry 'initial_lr' (an LR scheduler was attached) but the file holds no "
                      "scheduler state: a resumed schedule would restart")
@@ -101,11 +105,12 @@ def _optax_verdict(state: OptimizerState | None, error: Exception | None) -> str
 def _report(path: str, fmt: str, state: OptimizerState | None, *, optimizer: str | None = None,
             groups: Sequence[Mapping[str, Any]] = (), params: Sequence[ParamFacts] = (),
             weights: dict[str, int] | None = None, lr_scheduler: bool = False, names: str = "param_names",
-            error: Exception | None = None) -> Report:
+            frozen: Sequence[str] = (), error: Exception | None = None) -> Report:
     groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
               | {"params": sum(p.group == gi for p in params)} for gi, g in enumerate(groups)]
-    return Report(path, fmt, weights, optimizer, tuple(groups), tuple(params), names, lr_scheduler,
-                  _optax_verdict(state, error), tuple(_notes(optimizer, groups, params, weights, lr_scheduler, names)))
+    notes = _notes(optimizer, groups, params, weights, lr_scheduler, names, frozen)
+    return Report(path, fmt, weights, optimizer, tuple(groups), tuple(params), names, tuple(frozen), lr_scheduler,
+                  _optax_verdict(state, error), tuple(notes))
 
 
 def _inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
@@ -117,7 +122,8 @@ def _inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
     weights = None if state.weights is None else _weights_facts(
         {path_to_name(p): (a.shape, p in state.buffers) for p, a in state.weights.items()})
     return _report(path, fmt, state, optimizer=spec.torch_class, groups=state.param_groups, params=params,
-                   weights=weights, lr_scheduler="lr_scheduler" in state.metadata)
+                   weights=weights, lr_scheduler="lr_scheduler" in state.metadata,
+                   frozen=[path_to_name(p) for p in state.frozen_paths()])
 
 
 def _inspect_torch(path: str) -> Report:
@@ -151,8 +157,10 @@ def _inspect_torch(path: str) -> Report:
     params = [ParamFacts(name, gi, tuple(sorted(k for k, v in sd["state"].get(i, {}).items() if v is not None)),
                          int(float(sd["state"][i]["step"])) if "step" in sd["state"].get(i, {}) else None)
               for name, (gi, i) in zip(names, indices)]
+    tracked = set(names)
+    frozen = [n for n, t in (model_sd or {}).items() if n not in tracked and not torch_adapter.is_buffer(n, t)]
     return _report(path, "torch", state, optimizer=optimizer or "unknown", groups=groups, params=params,
-                   weights=weights, lr_scheduler=scheduler_sd is not None, names=origin, error=error)
+                   weights=weights, lr_scheduler=scheduler_sd is not None, names=origin, frozen=frozen, error=error)
 
 
 def inspect(path: str | os.PathLike, fmt: str | None = None) -> Report:
@@ -185,7 +193,7 @@ def format_report(report: Report) -> str:
             (str(next(iter(stepped))) if stepped else "-")
         lines.append(f"  optimizer: {report.optimizer}, {len(report.params)} parameters, step {step}")
         for gi, group in enumerate(report.param_groups):
-            hp = ", ".join(f"{k}={v}" for k, v in group.items() if k != "params")
+            hp = ", ".join(f"{k}={v}" for k, v in group.items() if k != "params" and k not in BOOKKEEPING_KEYS)
             lines.append(f"    group {gi} ({group['params']} params): {hp}")
         keys = Counter(k for p in report.params for k in p.keys)
         for key, n in sorted(keys.items()):

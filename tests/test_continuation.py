@@ -153,7 +153,7 @@ def test_optax_default_order_loads_by_name_into_torch(tmp_path):
     model = TinyNet()
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(torch.from_numpy(flat(params)[n]))
+            p.copy_(torch.from_numpy(np.array(flat(params)[n])))
     opt = torch.optim.Adam(model.parameters(), lr=1.0)
     optstate.to_torch(state, opt, model=model)
     assert opt.param_groups[0]["lr"] == 0.02  # saved hyperparameters win, as in load_state_dict

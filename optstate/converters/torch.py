@@ -92,6 +92,13 @@ def _hyperparam_value(value: Any) -> Any:
 
 # ----------------------------------------------------------------------------- reading files
 
+def _unpickler_detail(message: str) -> str:
+    """The one line of torch's weights-only error that says what was refused."""
+    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in message.splitlines()]
+    detail = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else message)
+    return detail.split(". Please")[0].rstrip(".")
+
+
 def load_checkpoint(path: str | os.PathLike) -> Any:
     """``torch.load`` with ``weights_only=True``: a file whose unpickling would run code is refused."""
     source = os.fspath(path)
@@ -105,9 +112,11 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
                 raise
             return torch.load(source, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
-        detail = next((line.strip() for line in str(exc).splitlines() if "global" in line.lower()), "")
+        detail = _unpickler_detail(str(exc))
+        if "global" not in detail.lower():
+            raise FormatError(f"{source}: not a readable torch checkpoint (truncated or corrupted?): {detail}") from None
         raise FormatError(f"{source}: refused: loading it would run code from the file, which optstate never "
-                          f"does (torch.load(weights_only=True) rejected it: {detail or exc})") from None
+                          f"does ({detail})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FormatError(f"{source}: not a readable torch checkpoint (truncated or corrupted?): {first}") from None

@@ -1,0 +1,123 @@
+"""The command line, through main(argv) and once as a real process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import pytest
+import torch
+
+import optstate
+from optstate.cli import main
+from frameworks import TinyNet, jax_train, torch_params, torch_train
+from helpers import TOL, flat, max_abs_diff
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    model = TinyNet(frozen=True)
+    opt = torch.optim.SGD([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    torch_train(model, opt, range(5))
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    return path, model, opt
+
+
+def test_convert_to_optax_and_continue(ckpt, tmp_path, capsys):
+    path, model, opt = ckpt
+    assert main(["convert", "--from", "torch", "--to", "optax", str(path), str(tmp_path / "out")]) == 0
+    assert "SGD, 3 parameters in 1 group(s), with model weights" in capsys.readouterr().out
+    params, opt_state, tx = optstate.load_optax(tmp_path / "out")
+    params, _ = jax_train(tx, params, opt_state, range(5, 10))
+    torch_train(model, opt, range(5, 10))
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+def test_formats_are_guessed_from_names(ckpt, tmp_path):
+    path, _, _ = ckpt
+    assert main(["convert", str(path), str(tmp_path / "s.safetensors")]) == 0
+    assert main(["convert", str(tmp_path / "s.safetensors"), str(tmp_path / "out") + "/"]) == 0
+    assert main(["convert", str(tmp_path / "out"), str(tmp_path / "back.pt")]) == 0
+    assert torch.load(tmp_path / "back.pt", weights_only=True)["optimizer"]["param_groups"][0]["momentum"] == 0.9
+
+
+def test_existing_output_needs_force(ckpt, tmp_path, capsys):
+    path, _, _ = ckpt
+    out = tmp_path / "s.safetensors"
+    assert main(["convert", str(path), str(out)]) == 0
+    assert main(["convert", str(path), str(out)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["convert", "--force", str(path), str(out)]) == 0
+
+
+def test_optax_input_needs_optimizer_and_hparams(tmp_path, capsys):
+    import optax
+    import orbax.checkpoint as ocp
+    params = {"w": jax.numpy.ones(3)}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ck", {"params": params, "opt_state": optax.adam(0.1).init(params)})
+    checkpointer.wait_until_finished()
+    assert main(["convert", "--from", "optax", "--to", "torch", str(tmp_path / "ck"), str(tmp_path / "o.pt")]) == 1
+    assert "pass optimizer=" in capsys.readouterr().err
+    assert main(["convert", "--from", "optax", "--to", "torch", str(tmp_path / "ck"), str(tmp_path / "o.pt"),
+                 "--optimizer", "adam", "--hparams", '{"lr": 0.1}']) == 0
+    assert torch.load(tmp_path / "o.pt", weights_only=True)["optimizer"]["param_groups"][0]["param_names"] == ["w"]
+
+
+def test_inspect_reports_what_a_restore_loses(ckpt, tmp_path, capsys):
+    path, model, _ = ckpt
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer: SGD, 3 parameters" in out and "momentum_buffer: 3 of 3 parameters" in out
+    assert "not tracked by the optimizer (frozen): fc1.bias" in out
+
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    assert main(["inspect", "--json", str(tmp_path / "weights.pt")]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["optimizer"] is None and facts["weights"]["tensors"] == 4
+    assert "no optimizer state" in facts["notes"][0]
+
+    fresh = torch.optim.Adam(model.named_parameters(), lr=0.1)
+    torch.save({"optimizer": fresh.state_dict()}, tmp_path / "fresh.pt")
+    assert main(["inspect", "--json", str(tmp_path / "fresh.pt")]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["optimizer"] == "Adam" and all(p["keys"] == [] for p in facts["params"])
+    assert "never stepped" in " ".join(facts["notes"])
+
+
+def test_inspect_names_an_unsupported_optimizer(tmp_path, capsys):
+    model = TinyNet()
+    opt = torch.optim.RMSprop(model.named_parameters(), lr=0.01)
+    torch_train(model, opt, range(2))
+    torch.save({"optimizer": opt.state_dict()}, tmp_path / "r.pt")
+    assert main(["inspect", str(tmp_path / "r.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer: RMSprop" in out and "square_avg: 4 of 4" in out
+    assert "to Optax: refused: optimizer 'RMSprop' is not supported yet" in out
+
+
+def test_errors_are_one_line_with_exit_1(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["inspect", str(tmp_path / "junk.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("optstate: error: ") and "junk.pt" in err and err.count("\n") == 1
+
+
+def test_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", "--from", "keras", "a", "b"])
+    assert exc.value.code == 2
+
+
+def test_real_process(ckpt, tmp_path):
+    path, _, _ = ckpt
+    run = subprocess.run([sys.executable, "-m", "optstate", "convert", "--from", "torch", "--to", "optstate",
+                          str(path), str(tmp_path / "s.safetensors")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert optstate.load(tmp_path / "s.safetensors").optimizer == "sgd"
+    run = subprocess.run([sys.executable, "-m", "optstate", "inspect", str(tmp_path / "missing.pt")],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "missing.pt: no such file" in run.stderr and "Traceback" not in run.stderr
