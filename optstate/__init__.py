@@ -1,8 +1,8 @@
 """optstate: move optimizer state between PyTorch and JAX/Optax exactly, or refuse.
 
 >>> import optstate
->>> sorted(optstate.OPTIMIZERS)
-['adam', 'adamw', 'sgd']
+>>> optstate.OPTIMIZERS["adamw"].slots[0].torch_key
+'exp_avg'
 
 The framework functions (``from_torch``, ``to_optax``, ...) load their adapter on first use, so
 ``import optstate`` imports neither torch nor jax.

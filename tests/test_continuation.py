@@ -11,7 +11,7 @@ import torch
 
 import optstate
 from frameworks import TinyNet, jax_params, jax_train, torch_params, torch_train
-from helpers import TOL, flat, max_abs_diff, nested
+from helpers import SHAPES, TOL, flat, gradient, max_abs_diff, nested
 
 K, N = range(0, 5), range(5, 10)
 
@@ -36,6 +36,13 @@ TORCH_CASES = {
                                                  decoupled_weight_decay=True),
     "adamw": lambda m: torch.optim.AdamW(m.named_parameters(), lr=0.02, weight_decay=0.1),
     "adamw-groups": lambda m: torch.optim.AdamW(_no_decay_on_bias(m, weight_decay=0.2, lr=0.03), lr=0.02),
+    "adamax": lambda m: torch.optim.Adamax(m.named_parameters(), lr=0.02, betas=(0.8, 0.95), weight_decay=0.1),
+    "rmsprop": lambda m: torch.optim.RMSprop(m.named_parameters(), lr=0.01, alpha=0.9),
+    "rmsprop-centered": lambda m: torch.optim.RMSprop(m.named_parameters(), lr=0.01, centered=True),
+    "rmsprop-momentum": lambda m: torch.optim.RMSprop(m.named_parameters(), lr=0.01, momentum=0.8),
+    "rmsprop-all": lambda m: torch.optim.RMSprop(m.named_parameters(), lr=0.01, alpha=0.95, eps=1e-4, momentum=0.8,
+                                                 centered=True, weight_decay=0.1, maximize=True),
+    "adadelta": lambda m: torch.optim.Adadelta(m.named_parameters(), lr=0.5, rho=0.8, weight_decay=0.05),
     "sgd-groups": lambda m: torch.optim.SGD(_no_decay_on_bias(m, weight_decay=0.1, momentum=0.5), lr=0.05,
                                             momentum=0.9),
 }
@@ -70,6 +77,38 @@ def test_frozen_parameter_stays_frozen_in_optax(tmp_path):
     assert max_abs_diff(flat(params), torch_params(model)) < TOL
 
 
+def _train_skipping(model, opt, steps, skipped="fc2.bias"):
+    """torch_train, except that ``skipped`` gets no gradient (None) on even steps: torch skips it then."""
+    for step in steps:
+        for name, p in model.named_parameters():
+            value = p.detach().numpy().copy()
+            p.grad = None if name == skipped and step % 2 == 0 else torch.from_numpy(gradient(step, name, value))
+        opt.step()
+
+
+@pytest.mark.parametrize("make", [lambda m: torch.optim.AdamW(m.named_parameters(), lr=0.02),
+                                  lambda m: torch.optim.Adamax(m.named_parameters(), lr=0.02)])
+def test_parameters_at_different_steps_partition_by_step(make, tmp_path):
+    model = TinyNet()
+    opt = make(model)
+    _train_skipping(model, opt, K)
+    steps = {float(s["step"]) for s in opt.state_dict()["state"].values()}
+    assert steps == {5.0, 2.0}
+    state = optstate.from_torch(opt)
+    tx = optstate.optax_transform(state)
+    params = nested({n: jax.numpy.asarray(v) for n, v in torch_params(model).items()})
+    opt_state = optstate.to_optax(state, tx, params)
+    assert sorted(opt_state.inner_states) == ["group_0_step_2", "group_0_step_5"]
+    params, opt_state = jax_train(tx, params, opt_state, N)
+    torch_train(model, opt, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+    back = optstate.from_optax(opt_state, params, optimizer=state.optimizer,
+                               hyperparams=[dict(state.param_groups[0], params=list(SHAPES))])
+    assert {".".join(p.path): p.step for p in back.params} == {
+        "fc1.weight": 10, "fc1.bias": 10, "fc2.weight": 10, "fc2.bias": 7}
+
+
 def test_live_optimizer_in_memory(tmp_path):
     model = TinyNet()
     opt = torch.optim.Adam(model.parameters(), lr=0.02)  # no param_names: names come from the model
@@ -102,12 +141,20 @@ OPTAX_CASES = {
     "adam-weight-decay": (optax.chain(optax.add_decayed_weights(0.1), optax.adam(0.02)), "adam",
                           {"lr": 0.02, "weight_decay": 0.1}),
     "adamw": (optax.adamw(0.02, weight_decay=0.1), "adamw", {"lr": 0.02, "weight_decay": 0.1}),
+    "adamax": (optax.adamax(0.02, b1=0.8, b2=0.95), "adamax", {"lr": 0.02, "betas": [0.8, 0.95]}),
+    "rmsprop": (optax.rmsprop(0.01, decay=0.9, eps_in_sqrt=False), "rmsprop", {"lr": 0.01, "alpha": 0.9}),
+    "rmsprop-centered": (optax.rmsprop(0.01, decay=0.9, eps_in_sqrt=False, centered=True), "rmsprop",
+                         {"lr": 0.01, "alpha": 0.9, "centered": True}),
+    "rmsprop-momentum": (optax.chain(optax.scale_by_rms(0.9, eps_in_sqrt=False), optax.trace(0.8),
+                                     optax.scale_by_learning_rate(0.01)),
+                         "rmsprop", {"lr": 0.01, "alpha": 0.9, "momentum": 0.8}),
+    "adadelta": (optax.adadelta(0.5, rho=0.8, weight_decay=0.05), "adadelta",
+                 {"lr": 0.5, "rho": 0.8, "weight_decay": 0.05}),
     "adamw-groups": (optax.partition({"decay": optax.adamw(0.03, weight_decay=0.2),
                                       "no_decay": optax.adamw(0.02, weight_decay=0.0)}, _labels),
                      "adamw", [{"lr": 0.03, "weight_decay": 0.2, "params": ["fc1.weight", "fc2.weight"]},
                                {"lr": 0.02, "weight_decay": 0.0, "params": ["fc1.bias", "fc2.bias"]}]),
 }
-TORCH_CLASS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def _save_orbax(path, params, opt_state):
@@ -132,7 +179,7 @@ def test_optax_to_torch_continues_exactly(case, load, tmp_path):
     model = TinyNet()
     model.load_state_dict(ckpt["model"])
     named = dict(model.named_parameters())
-    opt = TORCH_CLASS[family]([{"params": [(n, named[n]) for n in g["params"]]} for g in groups], lr=1.0)
+    opt = getattr(torch.optim, optstate.OPTIMIZERS[family].torch_class)([{"params": [(n, named[n]) for n in g["params"]]} for g in groups], lr=1.0)
     if load == "load_state_dict":
         opt.load_state_dict(ckpt["optimizer"])
     else:

@@ -20,11 +20,16 @@ from ..schema.state import OptimizerState, ParamInfo, Path, format_path, name_to
 
 FROZEN = "frozen"
 _CONTAINERS = (optax.MaskedState, optax.PartitionState)
-_STATE_TYPES = {name: getattr(optax, name) for name in ("TraceState", "ScaleByAdamState")}
 
 
-def group_label(group: int) -> str:
-    return f"group_{group}"
+def _state_type(name: str) -> type:
+    """An Optax state NamedTuple by name: optax's own, or one of torch_semantics' for torch-exact transforms."""
+    found = getattr(optax, name, None)
+    if found is None:
+        from . import torch_semantics
+
+        found = getattr(torch_semantics, name)
+    return found
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -39,12 +44,48 @@ def _sgd_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
 
 def _adam_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
     b1, b2 = hp["betas"]
+    if hp["amsgrad"]:
+        from .torch_semantics import scale_by_amsgrad_torch
+
+        return scale_by_amsgrad_torch(b1=b1, b2=b2, eps=hp["eps"])
     return optax.scale_by_adam(b1=b1, b2=b2, eps=hp["eps"], eps_root=0.0)
 
 
+def _adamax_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    b1, b2 = hp["betas"]
+    return optax.scale_by_adamax(b1=b1, b2=b2, eps=hp["eps"])
+
+
+def _rmsprop_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    # torch adds eps outside the square root and keeps no bias correction.
+    scale = optax.scale_by_stddev if hp["centered"] else optax.scale_by_rms
+    scaler = scale(decay=hp["alpha"], eps=hp["eps"], initial_scale=0.0, eps_in_sqrt=False, bias_correction=False)
+    # torch's buffer is momentum * buf + g / avg, before the lr: trace after the scaler, lr after the trace.
+    return optax.chain(scaler, optax.trace(decay=hp["momentum"])) if hp["momentum"] else scaler
+
+
+def _adagrad_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    from .torch_semantics import scale_by_rss_torch
+
+    return scale_by_rss_torch(initial_accumulator_value=hp["initial_accumulator_value"], eps=hp["eps"])
+
+
+def _adadelta_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+    return optax.scale_by_adadelta(rho=hp["rho"], eps=hp["eps"])
+
+
 _SCALERS: Mapping[str, Callable[[Mapping[str, Any]], optax.GradientTransformation]] = {
-    "sgd": _sgd_scaler, "adam": _adam_scaler, "adamw": _adam_scaler,
+    "sgd": _sgd_scaler, "adam": _adam_scaler, "adamw": _adam_scaler, "adamax": _adamax_scaler,
+    "rmsprop": _rmsprop_scaler, "adagrad": _adagrad_scaler, "adadelta": _adadelta_scaler,
 }
+
+
+def _learning_rate(hp: Mapping[str, Any]) -> Any:
+    if hp.get("lr_decay"):
+        lr, decay = hp["lr"], hp["lr_decay"]
+        # torch Adagrad: clr = lr / (1 + (step - 1) * lr_decay) with step counted from 1.
+        return lambda count: lr / (1 + count * decay)
+    return hp["lr"]
 
 
 def group_transform(spec: OptimizerSpec, hyperparams: Mapping[str, Any]) -> optax.GradientTransformation:
@@ -65,7 +106,7 @@ def group_transform(spec: OptimizerSpec, hyperparams: Mapping[str, Any]) -> opta
     parts.append(_SCALERS[spec.name](hp))
     if decay and decoupled:
         parts.append(optax.add_decayed_weights(decay))
-    parts.append(optax.scale_by_learning_rate(hp["lr"]))
+    parts.append(optax.scale_by_learning_rate(_learning_rate(hp)))
     return optax.chain(*parts)
 
 
@@ -80,6 +121,22 @@ def key_path_to_path(key_path: Sequence[Any]) -> Path:
         else:
             parts.append(str(key))
     return tuple(parts)
+
+
+def param_labels(state: OptimizerState) -> dict[Path, str]:
+    """The ``optax.partition`` label of every parameter: its group, split by step where steps differ.
+
+    torch skips a parameter whose gradient is ``None``, so parameters of one group can have taken
+    different numbers of steps; Optax keeps one count per transform, so each step gets its own.
+    """
+    labels = {}
+    for gi in range(len(state.param_groups)):
+        members = state.group_params(gi)
+        steps = {p.step or 0 for p in members} if state.spec.has_step else {0}
+        for p in members:
+            labels[p.path] = f"group_{gi}_step_{p.step or 0}" if len(steps) > 1 else f"group_{gi}"
+    labels.update({path: FROZEN for path in state.frozen_paths()})
+    return labels
 
 
 def _labels(labels: Mapping[Path, str], params: Any) -> Any:
@@ -102,8 +159,9 @@ def _refuse_unsupported(state: OptimizerState) -> None:
 def optax_transform(state: OptimizerState) -> optax.GradientTransformation:
     """The Optax ``GradientTransformation`` that continues ``state`` exactly.
 
-    One chain per torch param group; several groups, or frozen model parameters, become an
-    ``optax.partition`` with labels ``group_0``, ``group_1``, ... and ``frozen``.
+    One chain per torch param group; several groups, parameters at different steps, or frozen
+    model parameters become an ``optax.partition`` with labels ``group_0``, ``group_1``, ...
+    (``group_0_step_7``, ... where a group's steps differ) and ``frozen``.
 
     >>> import numpy as np, optstate
     >>> from optstate.schema import OptimizerState, ParamInfo
@@ -113,65 +171,76 @@ def optax_transform(state: OptimizerState) -> optax.GradientTransformation:
     'TraceState'
     """
     _refuse_unsupported(state)
-    transforms = {group_label(gi): group_transform(state.spec, hp) for gi, hp in enumerate(state.param_groups)}
-    frozen = state.frozen_paths()
-    if len(transforms) == 1 and not frozen:
-        return transforms[group_label(0)]
-    labels = {p.path: group_label(p.group) for p in state.params}
-    if frozen:
+    labels = param_labels(state)
+    group_of = {label: p.group for p in state.params for label in [labels[p.path]]}
+    transforms = {label: group_transform(state.spec, state.param_groups[g]) for label, g in group_of.items()}
+    if set(labels.values()) == {"group_0"}:
+        return transforms["group_0"]
+    if FROZEN in labels.values():
         transforms[FROZEN] = optax.set_to_zero()
-        labels.update({path: FROZEN for path in frozen})
     return optax.partition(transforms, partial(_labels, labels))
 
 
 # ----------------------------------------------------------------------------- walking state trees
 
-def _map_states(tree: Any, state_type: type, visit: Callable[[Any, Path], Any], path: Path = ()) -> Any:
-    """Rebuild ``tree`` with every ``state_type`` node replaced by ``visit(node, path)``.
+def _map_states(tree: Any, state_types: tuple[type, ...], visit: Callable[[Any, Path], Any], path: Path = ()) -> Any:
+    """Rebuild ``tree`` with every node of ``state_types`` replaced by ``visit(node, path)``.
 
     Chains (tuples), partitions and masks are walked; stateless nodes are kept; any other node
     that holds arrays is refused by name, since it is state this conversion would lose.
     """
-    if isinstance(tree, state_type):
+    if isinstance(tree, state_types):
         return visit(tree, path)
     if isinstance(tree, _CONTAINERS):
-        return type(tree)(*(_map_states(getattr(tree, f), state_type, visit, path + (f,)) for f in tree._fields))
+        return type(tree)(*(_map_states(getattr(tree, f), state_types, visit, path + (f,)) for f in tree._fields))
     if isinstance(tree, tuple) and not hasattr(tree, "_fields") or isinstance(tree, list):
-        return type(tree)(_map_states(c, state_type, visit, path + (str(i),)) for i, c in enumerate(tree))
+        return type(tree)(_map_states(c, state_types, visit, path + (str(i),)) for i, c in enumerate(tree))
     if isinstance(tree, dict):
-        return {k: _map_states(v, state_type, visit, path + (str(k),)) for k, v in tree.items()}
+        return {k: _map_states(v, state_types, visit, path + (str(k),)) for k, v in tree.items()}
     if not jax.tree_util.tree_leaves(tree):
         return tree  # EmptyState, MaskedNode, None: nothing to carry
+    names = ", ".join(t.__name__ for t in state_types)
     raise UnsupportedError(
         f"Optax state at {'/'.join(path) or '<root>'} is a {type(tree).__name__}, which optstate cannot carry "
-        f"over (only {state_type.__name__} and its chains, masks and partitions)")
+        f"over for this optimizer (it carries {names} and their chains, masks and partitions)")
 
 
-def _typed(raw: Any) -> Any:
+def _state_types(spec: OptimizerSpec) -> tuple[type, ...]:
+    return tuple(_state_type(name) for name in sorted(spec.optax_state_types()))
+
+
+def _typed(raw: Any, state_types: tuple[type, ...]) -> Any:
     """A state tree restored by Orbax without a target (NamedTuples as dicts, tuples as lists), retyped."""
     if isinstance(raw, list):
-        return tuple(_typed(c) for c in raw)
+        return tuple(_typed(c, state_types) for c in raw)
     if not isinstance(raw, dict):
         return raw
-    for cls in (*_STATE_TYPES.values(), *_CONTAINERS):
+    for cls in (*state_types, *_CONTAINERS):
         if set(raw) == set(cls._fields):
             if cls in _CONTAINERS:
-                return cls(**{k: _typed(v) for k, v in raw.items()})
+                return cls(**{k: _typed(v, state_types) for k, v in raw.items()})
             return cls(**raw)  # slot trees stay as restored: their None leaves are masked parameters
-    return {k: _typed(v) for k, v in raw.items()}
-
-
-def _state_type(spec: OptimizerSpec) -> type:
-    return _STATE_TYPES[spec.optax_state]
+    return {k: _typed(v, state_types) for k, v in raw.items()}
 
 
 def _slot_leaves(node: Any, spec: OptimizerSpec) -> dict[str, dict[Path, Any]]:
     """``{slot name: {param path: leaf}}`` of one state node; masked parameters have no leaf."""
     out = {}
     for slot in spec.slots:
-        leaves = jax.tree_util.tree_flatten_with_path(getattr(node, slot.optax_field))[0]
-        out[slot.name] = {key_path_to_path(kp): leaf for kp, leaf in leaves}
+        if type(node).__name__ in slot.optax_states:
+            leaves = jax.tree_util.tree_flatten_with_path(getattr(node, slot.optax_field))[0]
+            out[slot.name] = {key_path_to_path(kp): leaf for kp, leaf in leaves}
     return out
+
+
+def _partition_prefix(path: Path) -> Path:
+    """The part of a state path that names its partition label (empty outside partitions)."""
+    positions = [i for i, key in enumerate(path[:-1]) if key == "inner_states"]
+    return path[:positions[-1] + 2] if positions else ()
+
+
+def _counts_step(node: Any, spec: OptimizerSpec) -> bool:
+    return type(node).__name__ in spec.count_states and "count" in node._fields
 
 
 # ----------------------------------------------------------------------------- canonical -> Optax
@@ -180,6 +249,7 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
     """``template`` (``tx.init(params)`` or its ``jax.eval_shape``) with every slot and count set from ``state``."""
     spec = state.spec
     by_path = {p.path: p for p in state.params}
+    labels = param_labels(state)
     filled: set[tuple[str, Path]] = set()
 
     def slot_value(slot: str, path: Path, leaf: Any) -> Any:
@@ -200,20 +270,26 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         filled.add((slot, path))
         return as_array(array)
 
+    def covered(node: Any, where: Path) -> tuple[ParamInfo, ...]:
+        in_trees = {p for leaves in _slot_leaves(node, spec).values() for p in leaves}
+        if in_trees:
+            return tuple(by_path[p] for p in in_trees)
+        prefix = _partition_prefix(where)
+        return tuple(p for p in state.params if not prefix or labels[p.path] == prefix[-1])
+
     def visit(node: Any, where: Path) -> Any:
         fields = {
             slot.optax_field: jax.tree_util.tree_map_with_path(
                 lambda kp, leaf, slot=slot: slot_value(slot.name, key_path_to_path(kp), leaf),
                 getattr(node, slot.optax_field))
-            for slot in spec.slots}
-        if "count" in node._fields:
-            covered = tuple(by_path[p] for p in _slot_leaves(node, spec)[spec.slots[0].name])
-            fields["count"] = as_array(np.asarray(state.common_step(covered), np.dtype(node.count.dtype)))
+            for slot in spec.slots if type(node).__name__ in slot.optax_states}
+        if _counts_step(node, spec):
+            step = state.common_step(covered(node, where))
+            fields["count"] = as_array(np.asarray(step, np.dtype(node.count.dtype)))
         return node._replace(**fields)
 
-    result = _map_states(template, _state_type(spec), visit)
-    expected = {(s.name, p.path) for s in spec.slots for p in state.params
-                if spec.keeps_slots(state.param_groups[p.group])}
+    result = _map_states(template, _state_types(spec), visit)
+    expected = {(s.name, p.path) for p in state.params for s in spec.active_slots(state.param_groups[p.group])}
     missing = sorted(expected - filled)
     if missing:
         raise MappingError("the Optax state has no place for "
@@ -257,9 +333,26 @@ def _normalize_groups(hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any
     return groups
 
 
+def _refuse_trace_after_learning_rate(tree: Any) -> None:
+    """``optax.rmsprop(momentum=m)`` chains the trace after the learning rate, so its trace is
+    ``-lr * buf``, not torch's ``buf``: refuse that layout rather than mistake one for the other."""
+    if isinstance(tree, (tuple, list, dict)):
+        children = tree.values() if isinstance(tree, dict) else tree
+        names = [type(c).__name__ for c in children]
+        for i, name in enumerate(names):
+            if name in ("ScaleByRmsState", "ScaleByRStdDevState") and "TraceState" in names[i + 2:]:
+                raise UnsupportedError(
+                    "this RMSprop state keeps its momentum trace after the learning rate, as "
+                    "optax.rmsprop(momentum=...) does, so the trace holds -lr * torch's momentum_buffer; convert a "
+                    "state of chain(scale_by_rms(...), trace(momentum), scale_by_learning_rate(lr)) instead")
+        for child in children:
+            _refuse_trace_after_learning_rate(child)
+
+
 def _collect(opt_state: Any, spec: OptimizerSpec) -> tuple[dict[tuple[str, Path], np.ndarray], dict[Path, int]]:
     slots: dict[tuple[str, Path], np.ndarray] = {}
-    steps: dict[Path, int] = {}
+    counts: dict[Path, int] = {}  # by partition prefix
+    prefixes: dict[Path, Path] = {}  # param path -> its partition prefix
 
     def visit(node: Any, where: Path) -> Any:
         for slot, leaves in _slot_leaves(node, spec).items():
@@ -267,12 +360,16 @@ def _collect(opt_state: Any, spec: OptimizerSpec) -> tuple[dict[tuple[str, Path]
                 if (slot, path) in slots:
                     raise FormatError(f"{format_path(path)}: two Optax states hold its {slot}")
                 slots[(slot, path)] = np.asarray(leaf)
-                if "count" in node._fields:
-                    steps[path] = int(np.asarray(node.count))
+                prefixes[path] = _partition_prefix(where)
+        if _counts_step(node, spec):
+            counts[_partition_prefix(where)] = int(np.asarray(node.count))
         return node
 
-    _map_states(_typed(opt_state), _state_type(spec), visit)
-    return slots, steps
+    types = _state_types(spec)
+    typed = _typed(opt_state, types)
+    _refuse_trace_after_learning_rate(typed)
+    _map_states(typed, types, visit)
+    return slots, {path: counts[prefix] for path, prefix in prefixes.items() if prefix in counts}
 
 
 def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,

@@ -289,7 +289,7 @@ def _check_first_step(state: OptimizerState, source: str) -> None:
     spec = state.spec
     for gi, hp in enumerate(state.param_groups):
         members = state.group_params(gi)
-        if not spec.keeps_slots(hp):
+        if not spec.active_slots(hp):
             continue
         spec.check_supported(hp, f"{source}: param group {gi}",
                              all_stepped=all(state.has_state(p.path) for p in members))
@@ -361,8 +361,8 @@ def _param_entry(state: OptimizerState, info: ParamInfo) -> dict[str, torch.Tens
         if spec.has_step and info.step:
             raise FormatError(f"{format_path(info.path)}: step {info.step} but no slots")
         return {}
-    missing = [s.name for s in spec.slots if s.name not in present]
-    if missing and spec.has_step:
+    missing = [s.name for s in spec.active_slots(state.param_groups[info.group]) if s.name not in present]
+    if missing:
         raise FormatError(f"{format_path(info.path)}: slot(s) {missing} missing")
     entry = {}
     if spec.has_step:

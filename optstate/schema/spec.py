@@ -20,11 +20,18 @@ BOOKKEEPING_KEYS = frozenset({"foreach", "capturable", "differentiable", "fused"
 
 @dataclass(frozen=True)
 class Slot:
-    """One per-parameter state array: its canonical name and where each framework keeps it."""
+    """One per-parameter state array: its canonical name and where each framework keeps it.
+
+    ``optax_states`` are the Optax NamedTuple types whose field ``optax_field`` holds it (RMSprop's
+    ``square_avg`` is ``ScaleByRmsState.nu``, or ``ScaleByRStdDevState.nu`` when centered).
+    ``needs`` names the hyperparameter that must be truthy for torch to keep the slot at all.
+    """
 
     name: str
     torch_key: str
+    optax_states: tuple[str, ...]
     optax_field: str
+    needs: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,11 +51,10 @@ class OptimizerSpec:
     torch_class: str
     hyperparams: Mapping[str, Any]  # torch constructor arguments and their defaults
     slots: tuple[Slot, ...]
-    optax_state: str  # the Optax NamedTuple type that holds the slots
-    has_step: bool  # torch keeps a per-parameter `step`; Optax a `count`
+    has_step: bool  # torch keeps a per-parameter `step`
+    count_states: tuple[str, ...]  # Optax NamedTuple types whose `count` is torch's step
     decoupled_weight_decay: bool  # AdamW-style decay (after the scaler) versus L2 on the gradient
     must_give: tuple[str, ...] = ("lr",)  # no default shared by torch and Optax: never assumed
-    slots_need: str | None = None  # hyperparameter that must be non-zero for any slot to exist
     refusals: tuple[Refusal, ...] = ()
     # Values that are exact only once every parameter has its slots: torch's first step differs.
     refusals_before_first_step: tuple[Refusal, ...] = ()
@@ -56,9 +62,13 @@ class OptimizerSpec:
     def slot(self, name: str) -> Slot:
         return next(s for s in self.slots if s.name == name)
 
-    def keeps_slots(self, hyperparams: Mapping[str, Any]) -> bool:
-        """Whether a group with these hyperparameters keeps per-parameter slots (SGD needs momentum)."""
-        return bool(self.slots) and (self.slots_need is None or bool(self.with_defaults(hyperparams)[self.slots_need]))
+    def active_slots(self, hyperparams: Mapping[str, Any]) -> tuple[Slot, ...]:
+        """The slots torch keeps for a group with these hyperparameters (SGD keeps none without momentum)."""
+        hp = self.with_defaults(hyperparams)
+        return tuple(s for s in self.slots if s.needs is None or hp[s.needs])
+
+    def optax_state_types(self) -> frozenset[str]:
+        return frozenset(t for s in self.slots for t in s.optax_states) | frozenset(self.count_states)
 
     def with_defaults(self, hyperparams: Mapping[str, Any]) -> dict[str, Any]:
         """Torch's defaults overlaid with ``hyperparams``; extra keys are kept."""
@@ -76,54 +86,98 @@ class OptimizerSpec:
                 )
 
 
-_ADAM_SLOTS = (
-    Slot("first_moment", "exp_avg", "mu"),
-    Slot("second_moment", "exp_avg_sq", "nu"),
-)
-_AMSGRAD = Refusal("amsgrad", False, "AMSGrad (Optax keeps the max of the bias-corrected second moment, torch of the raw one)")
+def _table(*specs: OptimizerSpec) -> Mapping[str, OptimizerSpec]:
+    return MappingProxyType({spec.name: spec for spec in specs})
 
-OPTIMIZERS: Mapping[str, OptimizerSpec] = MappingProxyType({
-    spec.name: spec
-    for spec in (
-        OptimizerSpec(
-            name="sgd",
-            torch_class="SGD",
-            hyperparams=MappingProxyType({"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
-                                          "nesterov": False, "maximize": False}),
-            slots=(Slot("momentum", "momentum_buffer", "trace"),),
-            optax_state="TraceState",
-            has_step=False,
-            decoupled_weight_decay=False,
-            slots_need="momentum",
-            refusals_before_first_step=(Refusal(
-                "dampening", 0.0, "dampening on a parameter without a momentum buffer (torch's first step "
-                "stores the undampened gradient)"),),
-        ),
-        OptimizerSpec(
-            name="adam",
-            torch_class="Adam",
-            hyperparams=MappingProxyType({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
-                                          "amsgrad": False, "maximize": False, "decoupled_weight_decay": False}),
-            slots=_ADAM_SLOTS,
-            optax_state="ScaleByAdamState",
-            has_step=True,
-            decoupled_weight_decay=False,
-            refusals=(_AMSGRAD,),
-        ),
-        OptimizerSpec(
-            name="adamw",
-            torch_class="AdamW",
-            hyperparams=MappingProxyType({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
-                                          "amsgrad": False, "maximize": False, "decoupled_weight_decay": True}),
-            slots=_ADAM_SLOTS,
-            optax_state="ScaleByAdamState",
-            has_step=True,
-            decoupled_weight_decay=True,
-            must_give=("lr", "weight_decay"),
-            refusals=(_AMSGRAD,),
-        ),
-    )
-})
+
+_ADAM = ("ScaleByAdamState", "ScaleByAmsgradState")
+_ADAM_SLOTS = (
+    Slot("first_moment", "exp_avg", _ADAM, "mu"),
+    Slot("second_moment", "exp_avg_sq", _ADAM, "nu"),
+    Slot("max_second_moment", "max_exp_avg_sq", ("ScaleByAmsgradState",), "nu_max", needs="amsgrad"),
+)
+_ADAM_HYPERPARAMS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximize": False}
+_RMS = ("ScaleByRmsState", "ScaleByRStdDevState")
+
+OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
+    OptimizerSpec(
+        name="sgd",
+        torch_class="SGD",
+        hyperparams=MappingProxyType({"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
+                                      "nesterov": False, "maximize": False}),
+        slots=(Slot("momentum", "momentum_buffer", ("TraceState",), "trace", needs="momentum"),),
+        has_step=False,
+        count_states=(),
+        decoupled_weight_decay=False,
+        refusals_before_first_step=(Refusal(
+            "dampening", 0.0, "dampening on a parameter without a momentum buffer (torch's first step "
+            "stores the undampened gradient)"),),
+    ),
+    OptimizerSpec(
+        name="adam",
+        torch_class="Adam",
+        hyperparams=MappingProxyType({**_ADAM_HYPERPARAMS, "weight_decay": 0.0, "decoupled_weight_decay": False}),
+        slots=_ADAM_SLOTS,
+        has_step=True,
+        count_states=_ADAM,
+        decoupled_weight_decay=False,
+    ),
+    OptimizerSpec(
+        name="adamw",
+        torch_class="AdamW",
+        hyperparams=MappingProxyType({**_ADAM_HYPERPARAMS, "weight_decay": 1e-2, "decoupled_weight_decay": True}),
+        slots=_ADAM_SLOTS,
+        has_step=True,
+        count_states=_ADAM,
+        decoupled_weight_decay=True,
+        must_give=("lr", "weight_decay"),
+    ),
+    OptimizerSpec(
+        name="adamax",
+        torch_class="Adamax",
+        hyperparams=MappingProxyType({"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                                      "maximize": False}),
+        slots=(Slot("first_moment", "exp_avg", ("ScaleByAdamState",), "mu"),
+               Slot("infinity_norm", "exp_inf", ("ScaleByAdamState",), "nu")),
+        has_step=True,
+        count_states=("ScaleByAdamState",),
+        decoupled_weight_decay=False,
+    ),
+    OptimizerSpec(
+        name="rmsprop",
+        torch_class="RMSprop",
+        hyperparams=MappingProxyType({"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0,
+                                      "momentum": 0.0, "centered": False, "maximize": False}),
+        slots=(Slot("second_moment", "square_avg", _RMS, "nu"),
+               Slot("first_moment", "grad_avg", ("ScaleByRStdDevState",), "mu", needs="centered"),
+               Slot("momentum", "momentum_buffer", ("TraceState",), "trace", needs="momentum")),
+        has_step=True,  # torch counts it but never reads it; Optax keeps no count
+        count_states=(),
+        decoupled_weight_decay=False,
+        must_give=("lr", "alpha"),
+    ),
+    OptimizerSpec(
+        name="adagrad",
+        torch_class="Adagrad",
+        hyperparams=MappingProxyType({"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0,
+                                      "initial_accumulator_value": 0.0, "eps": 1e-10, "maximize": False}),
+        slots=(Slot("sum_of_squares", "sum", ("ScaleByRssState",), "sum_of_squares"),),
+        has_step=True,
+        count_states=("ScaleByScheduleState",),  # lr / (1 + count * lr_decay); absent without lr_decay
+        decoupled_weight_decay=False,
+        must_give=("lr", "eps"),
+    ),
+    OptimizerSpec(
+        name="adadelta",
+        torch_class="Adadelta",
+        hyperparams=MappingProxyType({"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0, "maximize": False}),
+        slots=(Slot("second_moment", "square_avg", ("ScaleByAdaDeltaState",), "e_g"),
+               Slot("update_second_moment", "acc_delta", ("ScaleByAdaDeltaState",), "e_x")),
+        has_step=True,  # torch counts it but never reads it; Optax keeps no count
+        count_states=(),
+        decoupled_weight_decay=False,
+    ),
+)
 
 
 def optimizer_spec(name: str) -> OptimizerSpec:

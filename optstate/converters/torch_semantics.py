@@ -1,0 +1,432 @@
+"""Optax transforms that reproduce torch.optim's formulas where stock Optax only approximates them.
+
+Each transform is only the *scaler* of its optimizer. The caller chains everything else around
+it, in torch's order:
+
+    chain(scale(-1.0) if maximize,                  # torch negates the gradient first
+          add_decayed_weights(wd) if coupled L2,   # torch: grad = grad + wd * param
+          <scaler>,
+          add_decayed_weights(wd) if decoupled,    # torch: param *= 1 - lr * wd
+          scale_by_learning_rate(lr))
+
+so every update returned here is the direction that torch multiplies by ``-lr``. States reuse
+Optax's NamedTuple types wherever the fields mean the same thing, so that a converter finds them
+by type; only NAdam needs a new one (:class:`ScaleByNadamTorchState`).
+
+Scalars derived from the step (bias corrections, NAdam's momentum schedule, Adafactor's decay)
+are computed in float64 when ``jax_enable_x64`` is on, because torch computes them as Python
+floats; Optax computes some of them in float32, which is one of the gaps closed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "ScaleByNadamTorchState",
+    "scale_by_adafactor_torch",
+    "scale_by_amsgrad_torch",
+    "scale_by_nadam_torch",
+    "scale_by_radam_torch",
+    "scale_by_rss_torch",
+]
+
+
+def _step(count: jax.Array) -> jax.Array:
+    """torch's ``step`` as the float torch uses (a Python float, hence float64 under x64)."""
+    return count.astype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
+def _lerp(start: jax.Array, end: jax.Array, weight: Any) -> jax.Array:
+    """``torch.lerp(start, end, weight)``.
+
+    torch switches formula at ``|weight| = 0.5`` so that ``weight == 1`` returns ``end`` exactly;
+    Optax's ``b * m + (1 - b) * g`` rounds differently.
+    """
+    small = start + weight * (end - start)
+    large = end - (end - start) * (1 - weight)
+    return jnp.where(jnp.abs(weight) < 0.5, small, large).astype(start.dtype)
+
+
+def _update_moments(updates, mu, nu, b1, b2):
+    """torch Adam's ``exp_avg.lerp_(g, 1 - b1)`` and ``exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)``."""
+    mu = jax.tree.map(lambda g, m: _lerp(m, g, 1 - b1), updates, mu)
+    nu = jax.tree.map(lambda g, v: (v * b2 + (1 - b2) * g * g).astype(v.dtype), updates, nu)
+    return mu, nu
+
+
+def scale_by_amsgrad_torch(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """Rescale updates as ``torch.optim.Adam(amsgrad=True)`` (and ``AdamW(amsgrad=True)``) do.
+
+    torch keeps the running maximum of the *raw* second moment and bias-corrects the maximum::
+
+        max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq)
+        denom = sqrt(max_exp_avg_sq) / sqrt(1 - b2**t) + eps
+        update = (exp_avg / (1 - b1**t)) / denom
+
+    :func:`optax.scale_by_amsgrad` instead takes the maximum of the *bias-corrected* second
+    moment, so its ``nu_max`` is not torch's ``max_exp_avg_sq`` (not even up to a factor) and the
+    two algorithms diverge (~3e-2 after 10 steps).
+
+    The state is :class:`optax.ScaleByAmsgradState` with ``count`` = torch ``step``, ``mu`` =
+    ``exp_avg``, ``nu`` = ``exp_avg_sq`` and ``nu_max`` = ``max_exp_avg_sq``.
+
+    Args:
+      b1: torch ``betas[0]``.
+      b2: torch ``betas[1]``.
+      eps: torch ``eps``, added outside the square root.
+
+    Returns:
+      A :class:`optax.GradientTransformation`.
+    """
+
+    def init_fn(params):
+        return optax.ScaleByAmsgradState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params),
+            nu=optax.tree.zeros_like(params),
+            nu_max=optax.tree.zeros_like(params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        step = _step(count)
+        bias_correction1 = 1 - b1**step
+        bias_correction2_sqrt = jnp.sqrt(1 - b2**step)
+        mu, nu = _update_moments(updates, state.mu, state.nu, b1, b2)
+        nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu)
+
+        def direction(m, v_max):
+            denom = jnp.sqrt(v_max) / bias_correction2_sqrt.astype(v_max.dtype) + eps
+            return (m / bias_correction1.astype(m.dtype)) / denom
+
+        updates = jax.tree.map(direction, mu, nu_max)
+        return updates, optax.ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_rss_torch(
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+) -> optax.GradientTransformation:
+    """Rescale updates as ``torch.optim.Adagrad`` does: ``sum += g * g; g / (sqrt(sum) + eps)``.
+
+    :func:`optax.scale_by_rss` puts ``eps`` *inside* the square root (``g * rsqrt(sum + eps)``),
+    which differs by ~eps / (2 sum**1.5): 4e-12 with torch's default eps 1e-10, 4e-5 with 1e-3.
+    Like torch, and unlike Optax, a zero accumulator with ``eps=0`` gives NaN rather than 0.
+
+    torch's ``lr_decay`` is not part of the scaler: torch increments ``step`` before computing
+    ``clr = lr / (1 + (step - 1) * lr_decay)``, which is
+    ``optax.scale_by_learning_rate(lambda count: lr / (1 + count * lr_decay))`` chained after
+    this transform (the schedule's ``count`` is torch's ``step - 1``).
+
+    The state is :class:`optax.ScaleByRssState` with ``sum_of_squares`` = torch ``sum``; torch's
+    ``step`` lives in the learning-rate schedule's ``ScaleByScheduleState.count``.
+
+    Args:
+      initial_accumulator_value: torch ``initial_accumulator_value`` (default 0, Optax's is 0.1).
+      eps: torch ``eps`` (default 1e-10, Optax's is 1e-7), added outside the square root.
+
+    Returns:
+      A :class:`optax.GradientTransformation`.
+    """
+
+    def init_fn(params):
+        return optax.ScaleByRssState(
+            sum_of_squares=optax.tree.full_like(params, initial_accumulator_value)
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        sum_of_squares = jax.tree.map(lambda g, s: s + g * g, updates, state.sum_of_squares)
+        updates = jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps), updates, sum_of_squares)
+        return updates, optax.ScaleByRssState(sum_of_squares=sum_of_squares)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByNadamTorchState(NamedTuple):
+    """State of :func:`scale_by_nadam_torch`, field for field torch NAdam's per-parameter state."""
+
+    count: jax.Array  # torch `step`; int32 scalar like every Optax count.
+    mu_product: jax.Array  # torch `mu_product`, the product of mu_1..mu_t; scalar.
+    mu: optax.Updates  # torch `exp_avg`.
+    nu: optax.Updates  # torch `exp_avg_sq`.
+
+
+def scale_by_nadam_torch(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    momentum_decay: float = 4e-3,
+    mu_product_dtype: Optional[Any] = jnp.float64,
+) -> optax.GradientTransformation:
+    """Rescale updates as ``torch.optim.NAdam`` does, momentum schedule included.
+
+    torch (``_single_tensor_nadam``), with ``t`` the step after incrementing::
+
+        mu_t      = b1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
+        mu_next   = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+        mu_product *= mu_t                                   # stored, dtype see below
+        denom = sqrt(exp_avg_sq / (1 - b2**t)) + eps
+        update = (1 - mu_t) / (1 - mu_product) * g / denom
+               + mu_next / (1 - mu_product * mu_next) * exp_avg / denom
+
+    :func:`optax.nadam` / ``scale_by_adam(nesterov=True)`` has no momentum schedule and no
+    ``mu_product``; it equals torch only for ``momentum_decay=inf`` (5e-2 apart at the default
+    4e-3). ``decoupled_weight_decay`` is the caller's ``add_decayed_weights`` after this transform.
+
+    ``mu_product``: torch stores it as a 0-d tensor per parameter (equal across parameters that
+    share a step count) in torch's *default* dtype, i.e. **float32** unless
+    ``torch.set_default_dtype(torch.float64)`` was in effect, whatever the parameter dtype. The
+    rounding of that product changes the parameters by ~1e-9 over a few steps, so pass
+    ``mu_product_dtype=jnp.float32`` to continue a state made under torch's float32 default. The
+    product is rounded to that dtype as torch does (``mu_t`` cast first, then multiplied), and then
+    read back as a float64 scalar, as torch's ``.item()`` does.
+
+    Args:
+      b1: torch ``betas[0]``.
+      b2: torch ``betas[1]``.
+      eps: torch ``eps``, added outside the square root.
+      momentum_decay: torch ``momentum_decay`` (``psi``).
+      mu_product_dtype: dtype in which ``mu_product`` is kept (float64 by default; canonicalized,
+        so float32 when x64 is off).
+
+    Returns:
+      A :class:`optax.GradientTransformation` with state :class:`ScaleByNadamTorchState`.
+    """
+    mu_product_dtype = jax.dtypes.canonicalize_dtype(mu_product_dtype)
+
+    def init_fn(params):
+        return ScaleByNadamTorchState(
+            count=jnp.zeros([], jnp.int32),
+            mu_product=jnp.ones([], mu_product_dtype),
+            mu=optax.tree.zeros_like(params),
+            nu=optax.tree.zeros_like(params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        step = _step(count)
+        bias_correction2 = 1 - b2**step
+        mu_t = b1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+        mu_next = b1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+        # torch multiplies its stored tensor in place by a Python float, which rounds mu_t to the
+        # tensor's dtype first.
+        mu_product = state.mu_product * mu_t.astype(state.mu_product.dtype)
+        mu_product_value = mu_product.astype(step.dtype)
+        coef_grad = (1.0 - mu_t) / (1.0 - mu_product_value)
+        coef_mu = mu_next / (1.0 - mu_product_value * mu_next)
+        mu, nu = _update_moments(updates, state.mu, state.nu, b1, b2)
+
+        def direction(g, m, v):
+            denom = jnp.sqrt(v / bias_correction2.astype(v.dtype)) + eps
+            return (coef_grad.astype(g.dtype) * g) / denom + (coef_mu.astype(m.dtype) * m) / denom
+
+        updates = jax.tree.map(direction, updates, mu, nu)
+        return updates, ScaleByNadamTorchState(count=count, mu_product=mu_product, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_radam_torch(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """Rescale updates as ``torch.optim.RAdam`` does.
+
+    torch (``_single_tensor_radam``), with ``t`` the step after incrementing::
+
+        rho_inf = 2 / (1 - b2) - 1
+        rho_t = rho_inf - 2 * t * b2**t / (1 - b2**t)
+        if rho_t > 5:
+            rect = sqrt((rho_t - 4) (rho_t - 2) rho_inf / ((rho_inf - 4) (rho_inf - 2) rho_t))
+            update = exp_avg / (1 - b1**t) * sqrt(1 - b2**t) / (sqrt(exp_avg_sq) + eps) * rect
+        else:
+            update = exp_avg / (1 - b1**t)
+
+    :func:`optax.scale_by_radam` adds ``eps`` to the *bias-corrected* ``sqrt(nu_hat)``, so its
+    effective eps is ``eps * sqrt(1 - b2**t)`` of torch's (5e-8 apart at eps 1e-8; equal only for
+    eps=0), and it rectifies at ``rho_t >= 5`` where torch needs ``> 5``.
+    ``decoupled_weight_decay`` is the caller's ``add_decayed_weights`` after this transform.
+
+    The state is :class:`optax.ScaleByAdamState` with ``count`` = torch ``step``, ``mu`` =
+    ``exp_avg`` and ``nu`` = ``exp_avg_sq``.
+
+    Args:
+      b1: torch ``betas[0]``.
+      b2: torch ``betas[1]``.
+      eps: torch ``eps``, added to the uncorrected ``sqrt(exp_avg_sq)``.
+
+    Returns:
+      A :class:`optax.GradientTransformation`.
+    """
+    rho_inf = 2 / (1 - b2) - 1
+
+    def init_fn(params):
+        return optax.ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params),
+            nu=optax.tree.zeros_like(params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        step = _step(count)
+        bias_correction1 = 1 - b1**step
+        bias_correction2 = 1 - b2**step
+        rho_t = rho_inf - 2 * step * (b2**step) / bias_correction2
+        rectify = rho_t > 5.0
+        # The unselected branch is still evaluated; keep its sqrt argument finite and positive.
+        rho_safe = jnp.where(rectify, rho_t, rho_inf)
+        rect = jnp.sqrt(
+            (rho_safe - 4) * (rho_safe - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_safe)
+        )
+        adaptive_numerator = jnp.sqrt(bias_correction2)
+        mu, nu = _update_moments(updates, state.mu, state.nu, b1, b2)
+
+        def direction(m, v):
+            m_hat = m / bias_correction1.astype(m.dtype)
+            adaptive = adaptive_numerator.astype(v.dtype) / (jnp.sqrt(v) + eps)
+            return jnp.where(rectify, m_hat * adaptive * rect.astype(m.dtype), m_hat)
+
+        updates = jax.tree.map(direction, mu, nu)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+@dataclasses.dataclass
+class _AdafactorLeaf:
+    """Per-parameter result; a plain dataclass so that ``jax.tree.map`` does not descend into it."""
+
+    update: jax.Array
+    v_row: jax.Array
+    v_col: jax.Array
+    v: jax.Array
+
+
+def scale_by_adafactor_torch(
+    beta2_decay: float = -0.8,
+    eps1: Optional[float] = None,
+    eps2: float = 1e-3,
+    d: float = 1.0,
+) -> optax.GradientTransformation:
+    """Rescale updates as ``torch.optim.Adafactor`` does, except for the relative step size.
+
+    torch (``_single_tensor_adafactor``), with ``t`` the step after incrementing::
+
+        beta2_t = t ** beta2_decay                       # weight of the new statistic
+        alpha = max(eps2, rms(param)) * min(lr, 1 / sqrt(t))
+        if param.dim() > 1:                              # factor the LAST two dims
+            row_var.lerp_(mean(g*g, dim=-1, keepdim), beta2_t)       # [..., n, 1]
+            col_var.lerp_(mean(g*g, dim=-2, keepdim), beta2_t)       # [..., 1, m]
+            var = row_var @ col_var / max(mean(row_var, dim=-2), eps1)
+        else:
+            variance.lerp_(g*g, beta2_t); var = variance
+        u = g / sqrt(max(var, eps1**2))
+        param -= alpha / max(1, rms(u) / d) * u
+
+    This transform returns ``max(eps2, rms(param)) * u / max(1, rms(u) / d)``, so it needs
+    ``params``. The caller supplies the relative step ``min(lr, 1 / sqrt(t))`` as a schedule and
+    torch's decoupled weight decay, which is scaled by ``lr`` and not by the relative step, after
+    it::
+
+        chain(scale(-1.0) if maximize,
+              scale_by_adafactor_torch(beta2_decay, eps1, eps2, d),
+              scale_by_learning_rate(lambda count: jnp.minimum(lr, 1 / jnp.sqrt(count + 1))),
+              add_decayed_weights(-lr * weight_decay))
+
+    Stock :func:`optax.adafactor` gets close with ``min_dim_size_to_factor=1``,
+    ``decay_rate=-beta2_decay`` and ``weight_decay_rate=lr * wd``, but computes the decay in
+    float32 (1.5e-8 apart), adds ``epsilon`` to ``g*g``, normalizes by the mean of whichever
+    statistic lies along the smaller dimension and factors the two *largest* dims, not the last
+    two. ``eps1=None`` means ``finfo(param.dtype).eps`` for each parameter; torch takes it from
+    the first parameter of the group and reuses it for the rest, which differs only when a group
+    mixes dtypes.
+
+    The state is :class:`optax.FactoredState`. For a parameter with ``ndim >= 2`` of shape
+    ``[..., n, m]``: ``v_row`` = torch ``row_var`` squeezed on its last axis (shape ``[..., n]``),
+    ``v_col`` = torch ``col_var`` squeezed on its second-last axis (shape ``[..., m]``), and ``v``
+    is a ``(1,)`` zero placeholder. For ``ndim <= 1``: ``v`` = torch ``variance`` (the
+    parameter's shape), and ``v_row`` and ``v_col`` are ``(1,)`` zero placeholders, as in Optax.
+    ``count`` = torch ``step``; the schedule's ``ScaleByScheduleState.count`` must equal it too.
+
+    Args:
+      beta2_decay: torch ``beta2_decay`` (negative; Optax's ``decay_rate`` is its negation).
+      eps1: torch ``eps[0]``, clamp for the variance estimate; ``None`` is the dtype's eps.
+      eps2: torch ``eps[1]``, lower bound for the parameter RMS.
+      d: torch ``d``, the clipping threshold on the RMS of the unscaled update.
+
+    Returns:
+      A :class:`optax.GradientTransformation` that requires ``params``.
+    """
+
+    def init_leaf(param):
+        placeholder = jnp.zeros((1,), param.dtype)
+        if param.ndim > 1:
+            return _AdafactorLeaf(
+                update=placeholder,
+                v_row=jnp.zeros(param.shape[:-1], param.dtype),
+                v_col=jnp.zeros(param.shape[:-2] + param.shape[-1:], param.dtype),
+                v=placeholder,
+            )
+        return _AdafactorLeaf(placeholder, placeholder, placeholder, jnp.zeros_like(param))
+
+    def to_state(count, leaves):
+        return optax.FactoredState(
+            count=count,
+            v_row=jax.tree.map(lambda o: o.v_row, leaves),
+            v_col=jax.tree.map(lambda o: o.v_col, leaves),
+            v=jax.tree.map(lambda o: o.v, leaves),
+        )
+
+    def init_fn(params):
+        return to_state(jnp.zeros([], jnp.int32), jax.tree.map(init_leaf, params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_adafactor_torch needs `params` in update(): torch scales by the parameter RMS")
+        count = optax.safe_increment(state.count)
+        beta2_t = _step(count) ** beta2_decay
+
+        def update_leaf(g, v_row, v_col, v, param):
+            dtype = param.dtype
+            floor = jnp.finfo(dtype).eps if eps1 is None else eps1
+            weight = beta2_t.astype(dtype)
+            # torch reduces through .item(), i.e. in float64 from the parameter-dtype norm.
+            param_rms = jnp.linalg.norm(param).astype(beta2_t.dtype) / param.size**0.5
+            scale = jnp.maximum(eps2, param_rms)
+            if g.ndim > 1:
+                # torch squares a norm rather than averaging g*g; keep its rounding.
+                v_row = _lerp(v_row, jnp.square(jnp.linalg.norm(g, axis=-1)) / g.shape[-1], weight)
+                v_col = _lerp(v_col, jnp.square(jnp.linalg.norm(g, axis=-2)) / g.shape[-2], weight)
+                row_mean = jnp.maximum(jnp.mean(v_row, axis=-1), floor)[..., None, None]
+                var = v_row[..., :, None] * v_col[..., None, :] / row_mean
+            else:
+                v = _lerp(v, g * g, weight)
+                var = v
+            # torch's rsqrt_ is 1 / sqrt, which jax.lax.rsqrt need not round the same way.
+            u = g * (1.0 / jnp.sqrt(jnp.maximum(var, floor * floor)))
+            u_rms = jnp.linalg.norm(u).astype(beta2_t.dtype) / (u.size**0.5 * d)
+            clip = jnp.maximum(1.0, u_rms)
+            return _AdafactorLeaf((scale / clip).astype(dtype) * u, v_row, v_col, v)
+
+        leaves = jax.tree.map(update_leaf, updates, state.v_row, state.v_col, state.v, params)
+        return jax.tree.map(lambda o: o.update, leaves), to_state(count, leaves)
+
+    return optax.GradientTransformation(init_fn, update_fn)
