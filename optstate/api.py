@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .converters import adapter
 from .errors import OptstateError
@@ -58,11 +58,15 @@ def write(state: OptimizerState, dst: str | os.PathLike, fmt: str, *, force: boo
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str | None = None,
             dst_format: str | None = None, force: bool = False, optimizer: str | None = None,
-            hyperparams: Any = None) -> OptimizerState:
+            hyperparams: Any = None, reset: Sequence[str] = ()) -> OptimizerState:
     """Convert a checkpoint between formats; what ``optstate convert`` runs. Returns the state.
+
+    ``reset`` names slots (or ``"step"``) to zero on the way, deliberately.
 
     >>> optstate.convert("ckpt.pt", "out/", src_format="torch", dst_format="optax")  # doctest: +SKIP
     """
     state = read(src, src_format, optimizer=optimizer, hyperparams=hyperparams)
+    if reset:
+        state = state.reset(reset)
     write(state, dst, dst_format or detect_format(dst), force=force)
     return state

@@ -40,8 +40,11 @@ def _convert(args: argparse.Namespace) -> int:
 
         jax.config.update("jax_enable_x64", True)
     state = api.convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
-                        force=args.force, optimizer=args.optimizer, hyperparams=_hparams(args.hparams))
+                        force=args.force, optimizer=args.optimizer, hyperparams=_hparams(args.hparams),
+                        reset=args.reset)
     print(f"{args.src} -> {args.dst}: {_summary(state)}")
+    for name in args.reset:
+        print(f"reset {name}: zeroed on every parameter, as asked")
     return 0
 
 
@@ -66,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--optimizer", help="optimizer family when the input does not record it (sgd, adam, adamw)")
     c.add_argument("--hparams", help="hyperparameters as JSON (torch names), a dict or a list of param groups "
                    "each with a 'params' list of names; @FILE reads it from a file")
+    c.add_argument("--reset", action="append", default=[], metavar="SLOT",
+                   help="zero this slot (exp_avg, momentum_buffer, ..., or step) on the way; repeatable")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.set_defaults(run=_convert)
     i = sub.add_parser("inspect", help="show what a checkpoint holds and what a restore would lose")

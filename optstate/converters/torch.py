@@ -13,7 +13,7 @@ import torch
 
 from ..atomic import atomic_file
 from ..errors import FormatError, MappingError, UnsupportedError
-from ..schema.spec import OptimizerSpec, optimizer_spec
+from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, optimizer_spec
 from ..schema.state import OptimizerState, ParamInfo, Path, format_path, name_to_path, path_to_name
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt")
@@ -421,9 +421,14 @@ def _saved_group_of(state: OptimizerState, names: Sequence[str], live_group: int
     return saved.pop() if saved else 0
 
 
-def _hyperparam_differences(live: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
-    return [f"{k}: live {live[k]!r}, saved {saved[k]!r}" for k in saved
-            if k in live and _hyperparam_value(live[k]) != saved[k]]
+def _warn_kept_hyperparams(spec: OptimizerSpec, live: Mapping[str, Any], saved: Mapping[str, Any],
+                           group: int) -> None:
+    for key in saved:
+        if key in live and key not in BOOKKEEPING_KEYS and _hyperparam_value(live[key]) != saved[key]:
+            meaning = (": the stored state was accumulated under the saved value, so it means something else "
+                       "now" if key in spec.moment_hyperparams else "")
+            warnings.warn(f"param group {group} keeps the live {key}={_hyperparam_value(live[key])!r} "
+                          f"(saved {saved[key]!r}){meaning}", stacklevel=3)
 
 
 def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: Any = None,
@@ -463,8 +468,7 @@ def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: 
         saved_hp = state.param_groups[_saved_group_of(state, names, gi)]
         live_hp = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         if keep_hyperparams:
-            for diff in _hyperparam_differences(live_hp, saved_hp):
-                warnings.warn(f"param group {gi} keeps the live hyperparameter {diff}", stacklevel=2)
+            _warn_kept_hyperparams(state.spec, live_hp, saved_hp, gi)
             hp = live_hp
         else:
             hp = {**live_hp, **saved_hp}

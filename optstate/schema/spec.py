@@ -55,6 +55,7 @@ class OptimizerSpec:
     count_states: tuple[str, ...]  # Optax NamedTuple types whose `count` is torch's step
     decoupled_weight_decay: bool  # AdamW-style decay (after the scaler) versus L2 on the gradient
     must_give: tuple[str, ...] = ("lr",)  # no default shared by torch and Optax: never assumed
+    moment_hyperparams: tuple[str, ...] = ()  # changing these changes what the stored slots mean
     refusals: tuple[Refusal, ...] = ()
     # Values that are exact only once every parameter has its slots: torch's first step differs.
     refusals_before_first_step: tuple[Refusal, ...] = ()
@@ -109,6 +110,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         has_step=False,
         count_states=(),
         decoupled_weight_decay=False,
+        moment_hyperparams=("momentum", "dampening"),
         refusals_before_first_step=(Refusal(
             "dampening", 0.0, "dampening on a parameter without a momentum buffer (torch's first step "
             "stores the undampened gradient)"),),
@@ -121,6 +123,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         has_step=True,
         count_states=_ADAM,
         decoupled_weight_decay=False,
+        moment_hyperparams=("betas", "amsgrad"),
     ),
     OptimizerSpec(
         name="adamw",
@@ -131,6 +134,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         count_states=_ADAM,
         decoupled_weight_decay=True,
         must_give=("lr", "weight_decay"),
+        moment_hyperparams=("betas", "amsgrad"),
     ),
     OptimizerSpec(
         name="adamax",
@@ -142,6 +146,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         has_step=True,
         count_states=("ScaleByAdamState",),
         decoupled_weight_decay=False,
+        moment_hyperparams=("betas", "eps"),  # eps enters the stored infinity norm
     ),
     OptimizerSpec(
         name="rmsprop",
@@ -155,6 +160,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         count_states=(),
         decoupled_weight_decay=False,
         must_give=("lr", "alpha"),
+        moment_hyperparams=("alpha", "centered", "momentum"),
     ),
     OptimizerSpec(
         name="adagrad",
@@ -166,6 +172,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         count_states=("ScaleByScheduleState",),  # lr / (1 + count * lr_decay); absent without lr_decay
         decoupled_weight_decay=False,
         must_give=("lr", "eps"),
+        moment_hyperparams=("initial_accumulator_value",),
     ),
     OptimizerSpec(
         name="adadelta",
@@ -176,6 +183,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         has_step=True,  # torch counts it but never reads it; Optax keeps no count
         count_states=(),
         decoupled_weight_decay=False,
+        moment_hyperparams=("rho", "eps"),  # eps enters the stored update moment
     ),
 )
 

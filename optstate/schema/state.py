@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -151,6 +152,29 @@ class OptimizerState:
                 "whose gradient is None, Optax keeps one count per transform, so this state has no exact "
                 "Optax counterpart yet")
         return distinct[0] if distinct else 0
+
+    def reset(self, names: Iterable[str]) -> "OptimizerState":
+        """This state with the named slots zeroed (``"step"`` zeroes the steps): a deliberate restart.
+
+        Slots are named canonically (``first_moment``) or by their torch key (``exp_avg``).
+
+        >>> import numpy as np
+        >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+        ...     (ParamInfo(("w",), (2,), "float64", 0),), {("momentum", ("w",)): np.ones(2)})
+        >>> s.reset(["momentum_buffer"]).slots[("momentum", ("w",))].tolist()
+        [0.0, 0.0]
+        """
+        spec = self.spec
+        by_name = {s.name: s.name for s in spec.slots} | {s.torch_key: s.name for s in spec.slots}
+        unknown = [n for n in names if n not in by_name and n != "step"]
+        if unknown:
+            raise UnsupportedError(f"{spec.torch_class} has no slot {unknown[0]!r} "
+                                   f"(its slots: {', '.join(sorted(by_name))}, and step)")
+        zeroed = {by_name[n] for n in names if n != "step"}
+        slots = {k: np.zeros_like(a) if k[0] in zeroed else a for k, a in self.slots.items()}
+        params = tuple(dataclasses.replace(p, step=0 if p.step is not None else None) for p in self.params) \
+            if "step" in names else self.params
+        return dataclasses.replace(self, slots=slots, params=params)
 
     def iter_tensors(self) -> Iterator[tuple[str, Path, np.ndarray]]:
         """``(kind, path, array)`` for every array: slots by slot name, then weights as ``"model"``."""
