@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import optstate
+from optstate.converters.optax import group_transform
 from frameworks import TinyNet, jax_params, jax_train, torch_params, torch_train
 from helpers import SHAPES, TOL, flat, gradient, max_abs_diff, nested
 
@@ -43,6 +44,17 @@ TORCH_CASES = {
     "rmsprop-all": lambda m: torch.optim.RMSprop(m.named_parameters(), lr=0.01, alpha=0.95, eps=1e-4, momentum=0.8,
                                                  centered=True, weight_decay=0.1, maximize=True),
     "adadelta": lambda m: torch.optim.Adadelta(m.named_parameters(), lr=0.5, rho=0.8, weight_decay=0.05),
+    "adam-amsgrad": lambda m: torch.optim.Adam(m.named_parameters(), lr=0.02, amsgrad=True, weight_decay=0.1),
+    "adamw-amsgrad": lambda m: torch.optim.AdamW(m.named_parameters(), lr=0.02, amsgrad=True),
+    "nadam": lambda m: torch.optim.NAdam(m.named_parameters(), lr=0.02),
+    "nadam-decoupled": lambda m: torch.optim.NAdam(m.named_parameters(), lr=0.02, momentum_decay=0.1,
+                                                   weight_decay=0.1, decoupled_weight_decay=True),
+    "radam": lambda m: torch.optim.RAdam(m.named_parameters(), lr=0.02, eps=1e-3, weight_decay=0.1),
+    "radam-decoupled": lambda m: torch.optim.RAdam(m.named_parameters(), lr=0.02, betas=(0.9, 0.9),
+                                                   weight_decay=0.1, decoupled_weight_decay=True),
+    "adagrad": lambda m: torch.optim.Adagrad(m.named_parameters(), lr=0.05),
+    "adagrad-all": lambda m: torch.optim.Adagrad(m.named_parameters(), lr=0.05, lr_decay=0.1, eps=1e-3,
+                                                 initial_accumulator_value=0.2, weight_decay=0.1, maximize=True),
     "sgd-groups": lambda m: torch.optim.SGD(_no_decay_on_bias(m, weight_decay=0.1, momentum=0.5), lr=0.05,
                                             momentum=0.9),
 }
@@ -150,6 +162,15 @@ OPTAX_CASES = {
                          "rmsprop", {"lr": 0.01, "alpha": 0.9, "momentum": 0.8}),
     "adadelta": (optax.adadelta(0.5, rho=0.8, weight_decay=0.05), "adadelta",
                  {"lr": 0.5, "rho": 0.8, "weight_decay": 0.05}),
+    # torch's load_state_dict casts NAdam's mu_product to the parameter dtype: float64 here.
+    **{f"{name}-optstate": (group_transform(optstate.OPTIMIZERS[family], hp, {"momentum_product": np.float64}),
+                            family, hp) for name, family, hp in [
+        ("amsgrad", "adam", {"lr": 0.02, "amsgrad": True, "weight_decay": 0.1}),
+        ("nadam", "nadam", {"lr": 0.02, "momentum_decay": 0.1, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+        ("radam", "radam", {"lr": 0.02, "eps": 1e-3}),
+        ("adagrad", "adagrad", {"lr": 0.05, "lr_decay": 0.1, "eps": 1e-3, "initial_accumulator_value": 0.2}),
+        ("adagrad-constant-lr", "adagrad", {"lr": 0.05, "eps": 1e-10}),
+    ]},
     "adamw-groups": (optax.partition({"decay": optax.adamw(0.03, weight_decay=0.2),
                                       "no_decay": optax.adamw(0.02, weight_decay=0.0)}, _labels),
                      "adamw", [{"lr": 0.03, "weight_decay": 0.2, "params": ["fc1.weight", "fc2.weight"]},

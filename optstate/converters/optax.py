@@ -34,7 +34,7 @@ def _state_type(name: str) -> type:
 
 # ----------------------------------------------------------------------------- transforms
 
-def _sgd_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+def _sgd_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
     if not hp["momentum"]:
         return optax.identity()
     trace = optax.trace(decay=hp["momentum"], nesterov=bool(hp["nesterov"]))
@@ -42,7 +42,7 @@ def _sgd_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
     return optax.chain(optax.scale(1.0 - hp["dampening"]), trace) if hp["dampening"] else trace
 
 
-def _adam_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+def _adam_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
     b1, b2 = hp["betas"]
     if hp["amsgrad"]:
         from .torch_semantics import scale_by_amsgrad_torch
@@ -51,12 +51,12 @@ def _adam_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
     return optax.scale_by_adam(b1=b1, b2=b2, eps=hp["eps"], eps_root=0.0)
 
 
-def _adamax_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+def _adamax_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
     b1, b2 = hp["betas"]
     return optax.scale_by_adamax(b1=b1, b2=b2, eps=hp["eps"])
 
 
-def _rmsprop_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+def _rmsprop_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
     # torch adds eps outside the square root and keeps no bias correction.
     scale = optax.scale_by_stddev if hp["centered"] else optax.scale_by_rms
     scaler = scale(decay=hp["alpha"], eps=hp["eps"], initial_scale=0.0, eps_in_sqrt=False, bias_correction=False)
@@ -64,19 +64,38 @@ def _rmsprop_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
     return optax.chain(scaler, optax.trace(decay=hp["momentum"])) if hp["momentum"] else scaler
 
 
-def _adagrad_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+def _adagrad_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
     from .torch_semantics import scale_by_rss_torch
 
     return scale_by_rss_torch(initial_accumulator_value=hp["initial_accumulator_value"], eps=hp["eps"])
 
 
-def _adadelta_scaler(hp: Mapping[str, Any]) -> optax.GradientTransformation:
+def _adadelta_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
     return optax.scale_by_adadelta(rho=hp["rho"], eps=hp["eps"])
 
 
-_SCALERS: Mapping[str, Callable[[Mapping[str, Any]], optax.GradientTransformation]] = {
+def _nadam_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
+    from .torch_semantics import scale_by_nadam_torch
+
+    b1, b2 = hp["betas"]
+    # torch keeps mu_product in its default dtype (float32 unless set to float64), whatever the params'.
+    return scale_by_nadam_torch(b1=b1, b2=b2, eps=hp["eps"], momentum_decay=hp["momentum_decay"],
+                                mu_product_dtype=dtypes.get("momentum_product", np.dtype("float32")))
+
+
+def _radam_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
+    from .torch_semantics import scale_by_radam_torch
+
+    b1, b2 = hp["betas"]
+    return scale_by_radam_torch(b1=b1, b2=b2, eps=hp["eps"])
+
+
+# Each builds the part of a family's update that torch multiplies by the learning rate.
+# ``dtypes`` maps slot names to the dtypes the state stores them in (NAdam needs mu_product's).
+_SCALERS: Mapping[str, Callable[[Mapping[str, Any], Mapping[str, np.dtype]], optax.GradientTransformation]] = {
     "sgd": _sgd_scaler, "adam": _adam_scaler, "adamw": _adam_scaler, "adamax": _adamax_scaler,
-    "rmsprop": _rmsprop_scaler, "adagrad": _adagrad_scaler, "adadelta": _adadelta_scaler,
+    "nadam": _nadam_scaler, "radam": _radam_scaler, "rmsprop": _rmsprop_scaler, "adagrad": _adagrad_scaler,
+    "adadelta": _adadelta_scaler,
 }
 
 
@@ -88,7 +107,8 @@ def _learning_rate(hp: Mapping[str, Any]) -> Any:
     return hp["lr"]
 
 
-def group_transform(spec: OptimizerSpec, hyperparams: Mapping[str, Any]) -> optax.GradientTransformation:
+def group_transform(spec: OptimizerSpec, hyperparams: Mapping[str, Any],
+                    dtypes: Mapping[str, np.dtype] | None = None) -> optax.GradientTransformation:
     """The Optax chain that does what torch does for one param group.
 
     >>> from optstate.schema import optimizer_spec
@@ -103,7 +123,7 @@ def group_transform(spec: OptimizerSpec, hyperparams: Mapping[str, Any]) -> opta
         parts.append(optax.scale(-1.0))  # torch negates the gradient before adding L2 decay
     if decay and not decoupled:
         parts.append(optax.add_decayed_weights(decay))
-    parts.append(_SCALERS[spec.name](hp))
+    parts.append(_SCALERS[spec.name](hp, dtypes or {}))
     if decay and decoupled:
         parts.append(optax.add_decayed_weights(decay))
     parts.append(optax.scale_by_learning_rate(_learning_rate(hp)))
@@ -173,7 +193,10 @@ def optax_transform(state: OptimizerState) -> optax.GradientTransformation:
     _refuse_unsupported(state)
     labels = param_labels(state)
     group_of = {label: p.group for p in state.params for label in [labels[p.path]]}
-    transforms = {label: group_transform(state.spec, state.param_groups[g]) for label, g in group_of.items()}
+    dtypes = {g: {slot: a.dtype for (slot, path), a in state.slots.items() if state.param(path).group == g}
+              for g in range(len(state.param_groups))}
+    transforms = {label: group_transform(state.spec, state.param_groups[g], dtypes[g])
+                  for label, g in group_of.items()}
     if set(labels.values()) == {"group_0"}:
         return transforms["group_0"]
     if FROZEN in labels.values():
@@ -227,7 +250,7 @@ def _slot_leaves(node: Any, spec: OptimizerSpec) -> dict[str, dict[Path, Any]]:
     """``{slot name: {param path: leaf}}`` of one state node; masked parameters have no leaf."""
     out = {}
     for slot in spec.slots:
-        if type(node).__name__ in slot.optax_states:
+        if type(node).__name__ in slot.optax_states and not slot.scalar:
             leaves = jax.tree_util.tree_flatten_with_path(getattr(node, slot.optax_field))[0]
             out[slot.name] = {key_path_to_path(kp): leaf for kp, leaf in leaves}
     return out
@@ -277,9 +300,25 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         prefix = _partition_prefix(where)
         return tuple(p for p in state.params if not prefix or labels[p.path] == prefix[-1])
 
+    def scalar_value(slot: str, node: Any, where: Path, leaf: Any) -> Any:
+        values = {state.slots[(slot, p.path)].tobytes(): state.slots[(slot, p.path)]
+                  for p in covered(node, where) if (slot, p.path) in state.slots}
+        if len(values) > 1:
+            raise UnsupportedError(f"{slot} differs between parameters that share one Optax state at "
+                                   f"{'/'.join(where)}")
+        if not values:
+            return leaf  # no parameter has stepped: the template's initial value is torch's too
+        (array,) = values.values()
+        if np.dtype(leaf.dtype) != array.dtype:
+            raise MappingError(f"{'/'.join(where)}: the Optax template keeps {slot} as {np.dtype(leaf.dtype)}, "
+                               f"the state holds {array.dtype}")
+        filled.update((slot, p.path) for p in covered(node, where))
+        return as_array(array)
+
     def visit(node: Any, where: Path) -> Any:
         fields = {
-            slot.optax_field: jax.tree_util.tree_map_with_path(
+            slot.optax_field: scalar_value(slot.name, node, where, getattr(node, slot.optax_field)) if slot.scalar
+            else jax.tree_util.tree_map_with_path(
                 lambda kp, leaf, slot=slot: slot_value(slot.name, key_path_to_path(kp), leaf),
                 getattr(node, slot.optax_field))
             for slot in spec.slots if type(node).__name__ in slot.optax_states}
@@ -355,12 +394,17 @@ def _collect(opt_state: Any, spec: OptimizerSpec) -> tuple[dict[tuple[str, Path]
     prefixes: dict[Path, Path] = {}  # param path -> its partition prefix
 
     def visit(node: Any, where: Path) -> Any:
-        for slot, leaves in _slot_leaves(node, spec).items():
+        leaves_by_slot = _slot_leaves(node, spec)
+        for slot, leaves in leaves_by_slot.items():
             for path, leaf in leaves.items():
                 if (slot, path) in slots:
                     raise FormatError(f"{format_path(path)}: two Optax states hold its {slot}")
                 slots[(slot, path)] = np.asarray(leaf)
                 prefixes[path] = _partition_prefix(where)
+        covered = {p for leaves in leaves_by_slot.values() for p in leaves}
+        for slot in spec.slots:
+            if slot.scalar and type(node).__name__ in slot.optax_states:
+                slots.update({(slot.name, p): np.asarray(getattr(node, slot.optax_field)) for p in covered})
         if _counts_step(node, spec):
             counts[_partition_prefix(where)] = int(np.asarray(node.count))
         return node

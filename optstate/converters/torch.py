@@ -190,7 +190,8 @@ def _state_shapes(sd: Mapping, spec: OptimizerSpec) -> list[tuple[int, ...] | No
     shapes = []
     for index in (i for g in sd["param_groups"] for i in g["params"]):
         entry = sd["state"].get(index, {})
-        slot = next((entry[s.torch_key] for s in spec.slots if entry.get(s.torch_key) is not None), None)
+        slot = next((entry[s.torch_key] for s in spec.slots if not s.scalar and entry.get(s.torch_key) is not None),
+                    None)
         shapes.append(None if slot is None else tuple(slot.shape))
     return shapes
 
@@ -266,7 +267,7 @@ def _state_from_state_dict(sd: Mapping, names: Sequence[str], family: str | None
             where = f"{source}: {format_path(path)}"
             step, param_slots = _read_param(spec, sd["state"].get(index, {}), where)
             weight = None if weights_np is None else weights_np.get(path)
-            reference = next(iter(param_slots.values()), weight)
+            reference = next((a for name, a in param_slots.items() if not spec.slot(name).scalar), weight)
             if reference is None:
                 raise MappingError(f"{where}: no state and no weight, so its shape is unknown; "
                                    "pass the model (model=) or a checkpoint holding the weights")
@@ -483,6 +484,17 @@ def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: 
                 sd["state"][index] = entry
             index += 1
     optimizer.load_state_dict(sd)
+    _restore_scalar_dtypes(optimizer, sd, state.spec)
+
+
+def _restore_scalar_dtypes(optimizer: torch.optim.Optimizer, sd: Mapping, spec: OptimizerSpec) -> None:
+    """Undo ``load_state_dict``'s cast of per-parameter scalars (NAdam's float32 ``mu_product``) to the
+    parameter dtype: torch computes with the dtype it was saved in until then."""
+    live = [p for g in optimizer.param_groups for p in g["params"]]
+    for slot in (s for s in spec.slots if s.scalar):
+        for index, entry in sd["state"].items():
+            if slot.torch_key in entry:
+                optimizer.state[live[index]][slot.torch_key] = entry[slot.torch_key].to(live[index].device)
 
 
 def save_checkpoint(state: OptimizerState, path: str | os.PathLike, *, force: bool = False) -> None:

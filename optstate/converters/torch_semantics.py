@@ -400,7 +400,9 @@ def scale_by_adafactor_torch(
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError("scale_by_adafactor_torch needs `params` in update(): torch scales by the parameter RMS")
+            raise ValueError(
+                "scale_by_adafactor_torch needs `params` in update(): torch scales by the parameter RMS"
+            )
         count = optax.safe_increment(state.count)
         beta2_t = _step(count) ** beta2_decay
 

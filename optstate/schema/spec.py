@@ -32,6 +32,7 @@ class Slot:
     optax_states: tuple[str, ...]
     optax_field: str
     needs: str | None = None
+    scalar: bool = False  # one value per parameter (NAdam's mu_product), one per Optax state
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,31 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         count_states=("ScaleByAdamState",),
         decoupled_weight_decay=False,
         moment_hyperparams=("betas", "eps"),  # eps enters the stored infinity norm
+    ),
+    OptimizerSpec(
+        name="nadam",
+        torch_class="NAdam",
+        hyperparams=MappingProxyType({"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                                      "momentum_decay": 4e-3, "decoupled_weight_decay": False, "maximize": False}),
+        slots=(Slot("first_moment", "exp_avg", ("ScaleByNadamTorchState",), "mu"),
+               Slot("second_moment", "exp_avg_sq", ("ScaleByNadamTorchState",), "nu"),
+               Slot("momentum_product", "mu_product", ("ScaleByNadamTorchState",), "mu_product", scalar=True)),
+        has_step=True,
+        count_states=("ScaleByNadamTorchState",),
+        decoupled_weight_decay=False,
+        must_give=("lr", "momentum_decay"),
+        moment_hyperparams=("betas", "momentum_decay"),
+    ),
+    OptimizerSpec(
+        name="radam",
+        torch_class="RAdam",
+        hyperparams=MappingProxyType({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                                      "decoupled_weight_decay": False, "maximize": False}),
+        slots=_ADAM_SLOTS[:2],
+        has_step=True,
+        count_states=("ScaleByAdamState",),
+        decoupled_weight_decay=False,
+        moment_hyperparams=("betas",),
     ),
     OptimizerSpec(
         name="rmsprop",

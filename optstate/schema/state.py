@@ -91,16 +91,17 @@ class OptimizerState:
         by_path = {p.path: p for p in self.params}
         if len(by_path) != len(self.params):
             raise FormatError("a parameter path occurs twice")
-        slot_names = {s.name for s in spec.slots}
+        scalar = {s.name: s.scalar for s in spec.slots}
         for (slot, path), array in self.slots.items():
-            if slot not in slot_names:
+            if slot not in scalar:
                 raise FormatError(f"{format_path(path)}: slot {slot!r} is not a slot of {spec.torch_class}")
             info = by_path.get(path)
             if info is None:
                 raise FormatError(f"{format_path(path)}: slot {slot!r} for a parameter the optimizer does not track")
-            if tuple(array.shape) != info.shape:
+            expected = () if scalar[slot] else info.shape
+            if tuple(array.shape) != expected:
                 raise FormatError(f"{format_path(path)}: slot {slot!r} has shape {list(array.shape)}, "
-                                  f"expected the parameter's {list(info.shape)}")
+                                  f"expected {list(expected)}")
             if not np.isfinite(array).all():
                 raise FormatError(f"{format_path(path)}: slot {slot!r} holds non-finite values (NaN or inf); "
                                   "the run diverged or the file is corrupt")
