@@ -173,7 +173,8 @@ def _refuse_unsupported(state: OptimizerState) -> None:
         raise UnsupportedError("the checkpoint holds LR-scheduler state; a constant learning rate would not "
                                "continue it exactly, and schedules are not supported yet")
     for gi, hp in enumerate(state.param_groups):
-        state.spec.check_supported(hp, f"param group {gi}")
+        stepped = all(state.has_state(p.path) for p in state.group_params(gi)) or not state.spec.active_slots(hp)
+        state.spec.check_supported(hp, f"param group {gi}", all_stepped=stepped)
 
 
 def optax_transform(state: OptimizerState) -> optax.GradientTransformation:

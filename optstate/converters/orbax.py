@@ -22,6 +22,7 @@ from ..atomic import atomic_directory
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.fileformat import (parse_tensor_key, read_safetensors, state_from_metadata, state_metadata, tensor_key,
                                  write_safetensors)
+from ..schema.spec import optimizer_spec
 from ..schema.state import OptimizerState, Path, format_path, numpy_dtype, path_to_name
 from .optax import fill_state, from_optax, optax_transform
 
@@ -81,10 +82,17 @@ def save_optax_dir(state: OptimizerState, path: str | os.PathLike, *, force: boo
 
 
 def _skeleton(meta: Mapping[str, Any], source: str) -> OptimizerState:
-    """The state described by a sidecar, with shape-only weights and no slots."""
-    arrays = {("model", tuple(w["path"])): np.broadcast_to(np.zeros((), numpy_dtype(w["dtype"])), w["shape"])
-              for w in meta.get("weights") or []}
-    return state_from_metadata({**meta, "slots": []}, arrays, source)
+    """The state a sidecar describes, its arrays zero-strided placeholders of the right shape and dtype."""
+    shapes = {tuple(p["path"]): p["shape"] for p in meta["params"]}
+    spec = optimizer_spec(meta["optimizer"])
+    arrays = {("model", tuple(w["path"])): _placeholder(w["shape"], w["dtype"]) for w in meta.get("weights") or []}
+    arrays.update({(s["slot"], tuple(s["path"])): _placeholder(
+        () if spec.slot(s["slot"]).scalar else shapes[tuple(s["path"])], s["dtype"]) for s in meta["slots"]})
+    return state_from_metadata(meta, arrays, source)
+
+
+def _placeholder(shape: Sequence[int], dtype: str) -> np.ndarray:
+    return np.broadcast_to(np.zeros((), numpy_dtype(dtype)), tuple(shape))
 
 
 def _read_sidecar(directory: FsPath) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections import Counter
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -42,27 +43,33 @@ TORCH_SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = tuple(
     )
 )
 
+# dtypes NumPy lacks travel as same-width integers: (torch integer dtype, NumPy integer dtype, ml_dtypes dtype).
 _VIA_INTEGER = {
-    torch.bfloat16: (torch.int16, np.dtype(ml_dtypes.bfloat16)),
-    torch.float8_e4m3fn: (torch.uint8, np.dtype(ml_dtypes.float8_e4m3fn)),
-    torch.float8_e5m2: (torch.uint8, np.dtype(ml_dtypes.float8_e5m2)),
+    torch.bfloat16: (torch.int16, np.dtype("int16"), np.dtype(ml_dtypes.bfloat16)),
+    torch.float8_e4m3fn: (torch.uint8, np.dtype("uint8"), np.dtype(ml_dtypes.float8_e4m3fn)),
+    torch.float8_e5m2: (torch.uint8, np.dtype("uint8"), np.dtype(ml_dtypes.float8_e5m2)),
 }
-_FROM_NUMPY = {np_dtype: (int_dtype, torch_dtype) for torch_dtype, (int_dtype, np_dtype) in _VIA_INTEGER.items()}
+_FROM_NUMPY = {np_dtype: (np_int, torch_dtype) for torch_dtype, (_, np_int, np_dtype) in _VIA_INTEGER.items()}
 
 
 # ----------------------------------------------------------------------------- tensors
 
-def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+def tensor_to_numpy(tensor: torch.Tensor, *, copy: bool = True) -> np.ndarray:
     """The tensor's bits as a NumPy array on the host (bfloat16 and float8 through ml_dtypes).
+
+    A copy unless ``copy=False``, which views the tensor's memory: right for tensors memory-mapped
+    from a file, wrong for a live optimizer's, which the next step overwrites.
 
     >>> tensor_to_numpy(torch.tensor([1.5], dtype=torch.bfloat16)).dtype
     dtype(bfloat16)
     """
     tensor = tensor.detach().cpu().resolve_conj().resolve_neg()
     if tensor.dtype in _VIA_INTEGER:
-        int_dtype, np_dtype = _VIA_INTEGER[tensor.dtype]
-        return tensor.contiguous().view(int_dtype).numpy().view(np_dtype)
-    return tensor.numpy()
+        int_dtype, _, np_dtype = _VIA_INTEGER[tensor.dtype]
+        array = tensor.contiguous().view(int_dtype).numpy().view(np_dtype)
+    else:
+        array = tensor.numpy()
+    return array.copy() if copy else array
 
 
 def numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -71,19 +78,36 @@ def numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
     >>> numpy_to_tensor(np.arange(3.0)).dtype
     torch.float64
     """
-    array = np.array(array, copy=not np.asarray(array).flags.writeable, order="C")
+    array = np.array(array, copy=True, order="C")  # the tensor owns its memory: no aliasing, no stride games
     if array.dtype in _FROM_NUMPY:
-        int_dtype, torch_dtype = _FROM_NUMPY[array.dtype]
-        return torch.from_numpy(array.view(np.dtype(str(int_dtype).removeprefix("torch.")))).view(torch_dtype)
+        np_int, torch_dtype = _FROM_NUMPY[array.dtype]
+        return torch.from_numpy(array.view(np_int)).view(torch_dtype)
     return torch.from_numpy(array)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return str(tensor_to_numpy(torch.empty(0, dtype=dtype)).dtype)
+    return str(_VIA_INTEGER[dtype][2]) if dtype in _VIA_INTEGER else str(torch.empty(0, dtype=dtype).numpy().dtype)
+
+
+def _plain(value: Any) -> Any:
+    """A scheduler state dict with tensors as Python numbers, tuples as lists (Counters kept)."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, Counter):
+        return value
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _hyperparam_value(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):  # torch accepts a tensor lr; its value is what counts
+    if isinstance(value, torch.Tensor):
+        # torch accepts a tensor lr and then computes in its dtype; only float64 survives as a Python float.
+        if value.is_floating_point() and value.dtype != torch.float64:
+            raise UnsupportedError(f"a {_dtype_name(value.dtype)} tensor hyperparameter ({value.item()!r}): torch "
+                                   "computes with it in that dtype, Optax and the canonical file in float64")
         return value.item()
     if isinstance(value, (list, tuple)):
         return tuple(_hyperparam_value(v) for v in value)
@@ -140,6 +164,12 @@ def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | N
     if not isinstance(obj, Mapping):
         raise FormatError(f"{source}: holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
     optimizer = next((obj[k] for k in OPTIMIZER_KEYS if is_optimizer_state_dict(obj.get(k))), None)
+    states = obj.get("optimizer_states")  # PyTorch Lightning: one state_dict per optimizer
+    if optimizer is None and isinstance(states, (list, tuple)) and states:
+        if len(states) > 1 or not is_optimizer_state_dict(states[0]):
+            raise UnsupportedError(f"{source}: 'optimizer_states' holds {len(states)} optimizers; "
+                                   "optstate converts one")
+        optimizer = states[0]
     model = next((obj[k] for k in MODEL_KEYS if is_tensor_dict(obj.get(k))), None)
     scheduler = next((obj[k] for k in SCHEDULER_KEYS if isinstance(obj.get(k), Mapping)), None)
     if optimizer is None and model is None:
@@ -234,66 +264,139 @@ def param_names(sd: Mapping, spec: OptimizerSpec, *, model: Any = None,
 def _read_step(entry: Mapping[str, Any], where: str) -> int | None:
     if "step" not in entry:
         return None
-    value = float(entry["step"])
+    step = entry["step"]
+    if not (isinstance(step, (int, float)) or isinstance(step, torch.Tensor) and step.numel() == 1):
+        raise FormatError(f"{where}: step is {type(step).__name__}, expected a number")
+    value = float(step)
     if not value.is_integer() or value < 0:
         raise FormatError(f"{where}: step {value} is not a non-negative integer")
     return int(value)
 
 
-def _read_param(spec: OptimizerSpec, entry: Mapping[str, Any], where: str):
+def _read_param(spec: OptimizerSpec, entry: Any, where: str, copy: bool):
+    if not isinstance(entry, Mapping):
+        raise FormatError(f"{where}: state is a {type(entry).__name__}, expected a dict")
     known = {"step"} | {s.torch_key for s in spec.slots}
     unknown = sorted(set(entry) - known)
     if unknown:
         raise UnsupportedError(f"{where}: state key(s) {unknown} are not part of {spec.torch_class} "
                                "as optstate supports it")
-    slots = {s.name: tensor_to_numpy(entry[s.torch_key]) for s in spec.slots if entry.get(s.torch_key) is not None}
+    slots = {}
+    for slot in spec.slots:
+        value = entry.get(slot.torch_key)
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise FormatError(f"{where}: {slot.torch_key} is a {type(value).__name__}, expected a tensor")
+        if value is not None:
+            slots[slot.name] = tensor_to_numpy(value, copy=copy)
     return _read_step(entry, where), slots
 
 
-def _state_from_state_dict(sd: Mapping, names: Sequence[str], family: str | None,
-                           weights: Mapping[str, torch.Tensor] | None, buffers: Iterable[str],
-                           source: str, metadata: Mapping[str, Any]) -> OptimizerState:
-    groups = sd["param_groups"]
-    spec = optimizer_spec(family or torch_class_of(groups[0]))
-    weights_np = None if weights is None else {name_to_path(n): tensor_to_numpy(t) for n, t in weights.items()}
+def check_state_dict(sd: Any, source: str) -> None:
+    """Refuse a malformed optimizer state_dict with a message, before anything indexes into it."""
+    groups = sd.get("param_groups") if isinstance(sd, Mapping) else None
+    if not isinstance(groups, (list, tuple)) or not groups or not isinstance(sd.get("state"), Mapping):
+        raise FormatError(f"{source}: not an optimizer state_dict (needs 'state' and a non-empty 'param_groups')")
+    indices = []
+    for gi, group in enumerate(groups):
+        if not isinstance(group, Mapping) or not isinstance(group.get("params"), (list, tuple)):
+            raise FormatError(f"{source}: param group {gi} has no 'params' list")
+        indices.extend(group["params"])
+    if len(set(indices)) != len(indices):
+        raise FormatError(f"{source}: a parameter index occurs in two param groups")
+    orphans = sorted(set(sd["state"]) - set(indices), key=str)
+    if orphans:
+        raise FormatError(f"{source}: state for parameter indices {orphans[:5]} that no param group holds")
+
+
+def _tied(weights: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Names that share another name's tensor (tied weights), mapped to the first name."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name, t in weights.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in first:
+            tied[name] = first[key]
+        first.setdefault(key, name)
+    return tied
+
+
+def _check_weights(names: Sequence[str], weights: Mapping[str, torch.Tensor], source: str) -> None:
+    missing = [n for n in names if n not in weights]
+    if missing:
+        example = next(iter(weights), "")
+        raise MappingError(f"{source}: the optimizer's parameter {missing[0]!r} is not among the model weights "
+                           f"(e.g. {example!r}); a prefix such as 'module.' or '_orig_mod.' differs?")
+    tracked = set(names)
+    for name, target in _tied(weights).items():
+        if {name, target} & tracked:
+            raise UnsupportedError(f"{source}: {name!r} is tied to {target!r} (the same tensor); an Optax "
+                                   "parameter tree has no tied leaves, so training would untie them")
+
+
+def _state_from_state_dict(sd: Mapping, names: Sequence[str], spec: OptimizerSpec,
+                           weights: Mapping[str, torch.Tensor] | None, buffers: Iterable[str], source: str,
+                           metadata: Mapping[str, Any], *, copy: bool,
+                           shapes: Mapping[str, tuple[tuple[int, ...], str]] | None = None) -> OptimizerState:
+    """``shapes`` gives ``name -> (shape, dtype)`` for parameters that may have no state (a live optimizer)."""
+    if weights is not None:
+        _check_weights(names, weights, source)
+    weights_np = None if weights is None else {name_to_path(n): tensor_to_numpy(t, copy=copy)
+                                               for n, t in weights.items()}
     params, slots, hyperparams = [], {}, []
     name_iter = iter(names)
-    for gi, group in enumerate(groups):
-        hp = {k: _hyperparam_value(v) for k, v in group.items() if k not in ("params", "param_names")}
-        spec.check_supported(hp, f"{source}: param group {gi}")
+    for gi, group in enumerate(sd["param_groups"]):
+        where = f"{source}: param group {gi}"
+        try:
+            hp = {k: _hyperparam_value(v) for k, v in group.items() if k not in ("params", "param_names")}
+        except UnsupportedError as exc:
+            raise UnsupportedError(f"{where}: {exc}") from None
+        spec.check_supported(hp, where)
         hyperparams.append(hp)
         for index in group["params"]:
-            path = name_to_path(next(name_iter))
-            where = f"{source}: {format_path(path)}"
-            step, param_slots = _read_param(spec, sd["state"].get(index, {}), where)
+            name = next(name_iter)
+            path = name_to_path(name)
+            where = f"{source}: {name}"
+            step, param_slots = _read_param(spec, sd["state"].get(index, {}), where, copy)
+            reference = next((a for slot, a in param_slots.items() if not spec.slot(slot).scalar), None)
             weight = None if weights_np is None else weights_np.get(path)
-            reference = next((a for name, a in param_slots.items() if not spec.slot(name).scalar), weight)
-            if reference is None:
-                raise MappingError(f"{where}: no state and no weight, so its shape is unknown; "
-                                   "pass the model (model=) or a checkpoint holding the weights")
-            if weight is not None and weight.shape != reference.shape:
+            if reference is not None and weight is not None and weight.shape != reference.shape:
                 raise MappingError(f"{where}: state has shape {list(reference.shape)}, "
                                    f"the model weight {list(weight.shape)}")
-            params.append(ParamInfo(path, tuple(reference.shape), str(reference.dtype), gi, step))
+            if reference is None:
+                reference = weight
+            if reference is not None:
+                shape, dtype = tuple(reference.shape), str(reference.dtype)
+            elif shapes is not None and name in shapes:
+                shape, dtype = shapes[name]
+            else:
+                raise MappingError(f"{where}: no state and no weight, so its shape is unknown; "
+                                   "pass the model (model=) or a checkpoint holding the weights")
+            params.append(ParamInfo(path, shape, dtype, gi, step))
             slots.update({(slot, path): array for slot, array in param_slots.items()})
     try:
-        state = OptimizerState(spec.name, tuple(hyperparams), tuple(params), slots, weights_np,
-                               tuple(name_to_path(b) for b in buffers), dict(metadata))
+        return OptimizerState(spec.name, tuple(hyperparams), tuple(params), slots, weights_np,
+                              tuple(name_to_path(b) for b in buffers), dict(metadata))
     except FormatError as exc:
         raise FormatError(f"{source}: {exc}") from None
-    _check_first_step(state, source)
-    return state
 
 
-def _check_first_step(state: OptimizerState, source: str) -> None:
-    """Refuse options whose continuation is exact only once every parameter has its slots."""
-    spec = state.spec
-    for gi, hp in enumerate(state.param_groups):
-        members = state.group_params(gi)
-        if not spec.active_slots(hp):
-            continue
-        spec.check_supported(hp, f"{source}: param group {gi}",
-                             all_stepped=all(state.has_state(p.path) for p in members))
+def _names_from_model(obj: torch.optim.Optimizer, sd: Mapping, model: Any) -> Mapping:
+    """The live optimizer's state_dict with ``param_names`` taken from ``model`` by tensor identity."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    live = [p for g in obj.param_groups for p in g["params"]]
+    missing = [i for i, p in enumerate(live) if id(p) not in by_id]
+    if missing:
+        raise MappingError(f"optimizer tensors {missing[:5]} are not parameters of the model passed")
+    return {"state": sd["state"], "param_groups": [dict(g, param_names=[by_id[id(p)] for p in lg["params"]])
+                                                   for g, lg in zip(sd["param_groups"], obj.param_groups)]}
+
+
+def _family(sd: Mapping, optimizer: str | None, source: str) -> OptimizerSpec:
+    written_by = torch_class_of(sd["param_groups"][0])
+    spec = optimizer_spec(optimizer or written_by)
+    if optimizer is not None and optimizer_spec(written_by).name != spec.name:
+        raise UnsupportedError(f"{source}: optimizer={optimizer!r} but the param groups are {written_by}'s")
+    return spec
 
 
 def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
@@ -301,7 +404,8 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
     """Read torch optimizer state into the canonical form.
 
     ``obj`` is a ``torch.optim.Optimizer``, an optimizer ``state_dict``, a training-checkpoint
-    dict holding one (and often the model weights), or a path to a ``torch.save`` file.
+    dict holding one (and often the model weights), or a path to a ``torch.save`` file. A live
+    ``scheduler`` (or one saved in the checkpoint) travels with the state.
 
     >>> import torch, optstate
     >>> net = torch.nn.Linear(3, 2)
@@ -311,41 +415,37 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
     >>> state.optimizer, state.common_step(), [p.path for p in state.params]
     ('adamw', 1, [('weight',), ('bias',)])
     """
-    if scheduler is not None:
-        raise UnsupportedError("LR scheduler state: schedules are not supported yet (a later version maps "
-                               "torch schedulers to Optax schedules)")
-    source, scheduler_sd, metadata = "optimizer", None, {"source": f"torch {torch.__version__}"}
-    weights = None
+    source, weights, scheduler_sd, live = "optimizer", None, None, []
+    copy = True  # a live optimizer or an in-memory dict: its tensors change under us
     if isinstance(obj, torch.optim.Optimizer):
-        family = optimizer or type(obj).__name__
         sd = obj.state_dict()
         if model is not None and not all("param_names" in g for g in sd["param_groups"]):
-            by_id = {id(p): n for n, p in model.named_parameters()}
-            live = [p for g in obj.param_groups for p in g["params"]]
-            missing = [i for i, p in enumerate(live) if id(p) not in by_id]
-            if missing:
-                raise MappingError(f"optimizer tensors {missing[:5]} are not parameters of the model passed")
-            sd = {"state": sd["state"], "param_groups": [dict(g, param_names=[by_id[id(p)] for p in lg["params"]])
-                                                         for g, lg in zip(sd["param_groups"], obj.param_groups)]}
+            sd = _names_from_model(obj, sd, model)
+        live = [p for g in obj.param_groups for p in g["params"]]
     else:
         if isinstance(obj, (str, os.PathLike)):
             source = os.fspath(obj)
             obj = load_checkpoint(obj)
-        family = optimizer
+            copy = False  # memory-mapped from the file: read-only, nothing else writes to it
         sd, weights, scheduler_sd = split_checkpoint(obj, source)
         if sd is None:
             raise FormatError(f"{source}: holds model weights only, no optimizer state")
+    check_state_dict(sd, source)
+    if scheduler is not None:
+        scheduler_sd = scheduler.state_dict()
     if model is not None:
         weights = dict(model.state_dict())
-        buffers = [n for n, _ in model.named_buffers()]
+        parameters = {n for n, _ in model.named_parameters()}
+        buffers = [n for n in weights if n not in parameters]
     else:
         buffers = [n for n, t in (weights or {}).items() if is_buffer(n, t)]
+    metadata: dict[str, Any] = {"source": f"torch {torch.__version__}"}
     if scheduler_sd is not None:
-        metadata["lr_scheduler"] = {k: _hyperparam_value(v) for k, v in scheduler_sd.items()
-                                    if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
-    spec = optimizer_spec(family or torch_class_of(sd["param_groups"][0]))
+        metadata["lr_scheduler"] = _plain(scheduler_sd)
+    spec = _family(sd, optimizer, source)
     names = param_names(sd, spec, model=model, weights=weights, source=source)
-    return _state_from_state_dict(sd, names, spec.name, weights, buffers, source, metadata)
+    shapes = {n: (tuple(p.shape), _dtype_name(p.dtype)) for n, p in zip(names, live)}
+    return _state_from_state_dict(sd, names, spec, weights, buffers, source, metadata, copy=copy, shapes=shapes)
 
 
 # ----------------------------------------------------------------------------- canonical -> torch
@@ -365,6 +465,10 @@ def _param_entry(state: OptimizerState, info: ParamInfo) -> dict[str, torch.Tens
     missing = [s.name for s in spec.active_slots(state.param_groups[info.group]) if s.name not in present]
     if missing:
         raise FormatError(f"{format_path(info.path)}: slot(s) {missing} missing")
+    narrow = [name for name, a in present.items() if not spec.slot(name).scalar and str(a.dtype) != info.dtype]
+    if narrow:
+        raise UnsupportedError(f"{format_path(info.path)}: {narrow[0]} is {present[narrow[0]].dtype}, the parameter "
+                               f"{info.dtype}; torch keeps it in the parameter's dtype, so loading would cast it")
     entry = {}
     if spec.has_step:
         entry["step"] = torch.tensor(float(info.step or 0), dtype=_scalar_dtype())
@@ -452,9 +556,10 @@ def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: 
     """
     if scheduler is not None:
         raise UnsupportedError("LR scheduler state: schedules are not supported yet")
-    live_family = optimizer_spec(type(optimizer).__name__)
-    if live_family.name != state.optimizer and {live_family.name, state.optimizer} != {"adam", "adamw"}:
-        raise UnsupportedError(f"the state is {state.spec.torch_class}, the optimizer {type(optimizer).__name__}")
+    live_family = optimizer_spec(torch_class_of(optimizer.param_groups[0]))
+    if live_family.name != state.optimizer:
+        raise UnsupportedError(f"the state is {state.spec.torch_class}'s, the optimizer is {type(optimizer).__name__} "
+                               f"({live_family.torch_class} semantics)")
     live_names = _live_names(optimizer, model)
     known = {p.path for p in state.params}
     flat = [n for g in live_names for n in g]
@@ -472,7 +577,7 @@ def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: 
             _warn_kept_hyperparams(state.spec, live_hp, saved_hp, gi)
             hp = live_hp
         else:
-            hp = {**live_hp, **saved_hp}
+            hp = {**live_hp, **state.spec.with_defaults(saved_hp)}
         sd["param_groups"].append(dict(hp, params=list(range(index, index + len(names))), param_names=names))
         for name, param in zip(names, group["params"]):
             info = state.param(name_to_path(name))

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+from collections import Counter
 from typing import Any, Iterable, Mapping
 
 import ml_dtypes
@@ -79,6 +80,31 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def encode_extra(value: Any) -> Any:
+    """Free-form metadata (a torch scheduler's state) as JSON: Counters tagged, tuples as lists."""
+    if isinstance(value, Counter):
+        return {"__counter__": [[encode_extra(k), v] for k, v in value.items()]}
+    if isinstance(value, Mapping):
+        return {str(k): encode_extra(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_extra(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise FormatError(f"metadata value of type {type(value).__name__} cannot be stored")
+
+
+def decode_extra(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__counter__"}:
+            return Counter({decode_extra(k): v for k, v in value["__counter__"]})
+        return {k: decode_extra(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_extra(v) for v in value]
+    return value
+
+
 def _from_json(value: Any) -> Any:
     # JSON has no tuples; torch's hyperparameters (betas) are tuples.
     return tuple(_from_json(v) for v in value) if isinstance(value, list) else value
@@ -97,8 +123,8 @@ def state_metadata(state: OptimizerState) -> dict[str, Any]:
         "weights": None if state.weights is None else [
             {"path": list(path), "shape": list(a.shape), "dtype": str(a.dtype)} for path, a in state.weights.items()],
         "buffers": [list(p) for p in state.buffers],
-        "slots": [[slot, list(path)] for slot, path in state.slots],
-        "metadata": dict(state.metadata),
+        "slots": [{"slot": slot, "path": list(path), "dtype": str(a.dtype)} for (slot, path), a in state.slots.items()],
+        "metadata": encode_extra(state.metadata),
     }
 
 
@@ -116,7 +142,7 @@ def state_from_metadata(meta: Mapping[str, Any], arrays: Mapping[tuple[str, Path
     try:
         params = tuple(ParamInfo(tuple(p["path"]), tuple(p["shape"]), p["dtype"], p["group"], p["step"])
                        for p in meta["params"])
-        slots = {(slot, tuple(path)): arrays[(slot, tuple(path))] for slot, path in meta["slots"]}
+        slots = {(s["slot"], tuple(s["path"])): arrays[(s["slot"], tuple(s["path"]))] for s in meta["slots"]}
         weights = None if meta["weights"] is None else {
             tuple(w["path"]): arrays[("model", tuple(w["path"]))] for w in meta["weights"]}
         return OptimizerState(
@@ -126,7 +152,7 @@ def state_from_metadata(meta: Mapping[str, Any], arrays: Mapping[tuple[str, Path
             slots=slots,
             weights=weights,
             buffers=tuple(tuple(b) for b in meta["buffers"]),
-            metadata=meta.get("metadata", {}),
+            metadata=decode_extra(meta.get("metadata", {})),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{source}: malformed optstate metadata ({type(exc).__name__}: {exc})") from exc
@@ -247,7 +273,7 @@ def load(path: str | os.PathLike) -> OptimizerState:
     except json.JSONDecodeError as exc:
         raise FormatError(f"{source}: optstate metadata is not valid JSON ({exc})") from exc
     by_kind_path = {parse_tensor_key(key): a for key, a in arrays.items()}
-    expected = {(slot, tuple(p)) for slot, p in meta.get("slots", [])}
+    expected = {(s["slot"], tuple(s["path"])) for s in meta.get("slots", [])}
     expected |= {("model", tuple(w["path"])) for w in (meta.get("weights") or [])}
     if set(by_kind_path) != expected:
         extra = sorted(set(by_kind_path) - expected)[:3]

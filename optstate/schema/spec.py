@@ -14,8 +14,10 @@ from typing import Any, Mapping
 from ..errors import UnsupportedError
 
 
-# Param-group keys that choose torch's implementation or record scheduler bookkeeping; no numerics.
-BOOKKEEPING_KEYS = frozenset({"foreach", "capturable", "differentiable", "fused", "initial_lr"})
+# Param-group keys that choose torch's implementation, or that LR schedulers keep there; the
+# optimizer's own numerics do not read them.
+BOOKKEEPING_KEYS = frozenset({"foreach", "capturable", "differentiable", "fused", "initial_lr", "max_lr", "min_lr",
+                              "base_momentum", "max_momentum"})
 
 
 @dataclass(frozen=True)
@@ -229,4 +231,4 @@ def optimizer_spec(name: str) -> OptimizerSpec:
 
 def is_decoupled(spec: OptimizerSpec, hyperparams: Mapping[str, Any]) -> bool:
     """Whether weight decay is decoupled (AdamW-style) for this group."""
-    return spec.decoupled_weight_decay or bool(hyperparams.get("decoupled_weight_decay", False))
+    return bool(hyperparams.get("decoupled_weight_decay", spec.decoupled_weight_decay))
