@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,15 +59,18 @@ def write(state: OptimizerState, dst: str | os.PathLike, fmt: str, *, force: boo
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str | None = None,
             dst_format: str | None = None, force: bool = False, optimizer: str | None = None,
-            hyperparams: Any = None, reset: Sequence[str] = ()) -> OptimizerState:
+            hyperparams: Any = None, reset: Sequence[str] = (), horizon: int | None = None) -> OptimizerState:
     """Convert a checkpoint between formats; what ``optstate convert`` runs. Returns the state.
 
-    ``reset`` names slots (or ``"step"``) to zero on the way, deliberately.
+    ``reset`` names slots (or ``"step"``) to zero on the way, deliberately. ``horizon`` is the
+    largest step count training will reach, for an LR schedule that never settles (cosine, ...).
 
     >>> optstate.convert("ckpt.pt", "out/", src_format="torch", dst_format="optax")  # doctest: +SKIP
     """
     state = read(src, src_format, optimizer=optimizer, hyperparams=hyperparams)
     if reset:
         state = state.reset(reset)
+    if horizon is not None:
+        state = dataclasses.replace(state, metadata={**state.metadata, "lr_horizon": horizon})
     write(state, dst, dst_format or detect_format(dst), force=force)
     return state

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import api
+from .converters import adapter
 from .errors import OptstateError
 from .report import format_report, inspect
 
@@ -34,14 +35,12 @@ def _summary(state: Any) -> str:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    if args.src_format == "optax" or api.detect_format(args.src) == "optax":
+    if (args.src_format or api.detect_format(args.src)) == "optax":
         # Converting is this process's whole job: float64 stays float64.
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
+        adapter("optax").jax.config.update("jax_enable_x64", True)
     state = api.convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
                         force=args.force, optimizer=args.optimizer, hyperparams=_hparams(args.hparams),
-                        reset=args.reset)
+                        reset=args.reset, horizon=args.horizon)
     print(f"{args.src} -> {args.dst}: {_summary(state)}")
     for name in args.reset:
         print(f"reset {name}: zeroed on every parameter, as asked")
@@ -71,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
                    "each with a 'params' list of names; @FILE reads it from a file")
     c.add_argument("--reset", action="append", default=[], metavar="SLOT",
                    help="zero this slot (exp_avg, momentum_buffer, ..., or step) on the way; repeatable")
+    c.add_argument("--horizon", type=int, help="the largest step count training will reach: needed to carry an LR "
+                   "schedule that never settles (cosine, step, exponential) to Optax exactly")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.set_defaults(run=_convert)
     i = sub.add_parser("inspect", help="show what a checkpoint holds and what a restore would lose")

@@ -172,19 +172,42 @@ def test_unsupported_optimizers_are_refused_by_name(tmp_path, make, feature):
     assert not (tmp_path / "out").exists()
 
 
-def test_scheduler_state_is_refused_for_optax_but_kept_for_torch(tmp_path):
+def test_scheduler_that_never_settles_needs_a_horizon_and_is_kept_for_torch(tmp_path):
     model = TinyNet()
     opt = torch.optim.AdamW(model.named_parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
     torch_train(model, opt, range(3))
-    sched.step()
+    for _ in range(3):
+        sched.step()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()},
                tmp_path / "ckpt.pt")
-    with pytest.raises(UnsupportedError, match="LR-scheduler state"):
+    with pytest.raises(UnsupportedError, match="StepLR: its learning rate never stops changing.*horizon"):
         optstate.convert(tmp_path / "ckpt.pt", tmp_path / "out", src_format="torch", dst_format="optax")
     optstate.convert(tmp_path / "ckpt.pt", tmp_path / "s.safetensors", src_format="torch", dst_format="optstate")
     optstate.convert(tmp_path / "s.safetensors", tmp_path / "b.pt", src_format="optstate", dst_format="torch")
-    assert torch.load(tmp_path / "b.pt", weights_only=True)["lr_scheduler"]["last_epoch"] == 1
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["lr_scheduler"] == sched.state_dict()
+
+
+def test_scheduler_stepped_per_epoch_is_refused(tmp_path):
+    model = TinyNet()
+    opt = torch.optim.Adam(model.named_parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 4])
+    torch_train(model, opt, range(4))
+    sched.step()
+    state = optstate.from_torch(opt, scheduler=sched)
+    with pytest.raises(UnsupportedError, match="stepped 1 times and the optimizer 4"):
+        optstate.optax_transform(state)
+
+
+def test_lambda_scheduler_is_refused_by_name(tmp_path):
+    model = TinyNet()
+    opt = torch.optim.Adam(model.named_parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.9 ** epoch)
+    torch_train(model, opt, range(2))
+    sched.step()
+    sched.step()
+    with pytest.raises(UnsupportedError, match="LambdaLR"):
+        optstate.optax_transform(optstate.from_torch(opt, scheduler=sched))
 
 
 def test_dampening_without_buffers_is_refused(tmp_path):
@@ -232,8 +255,8 @@ def test_optax_hyperparameters_with_different_defaults_must_be_given(tmp_path):
 def test_unknown_optax_state_is_refused_by_type(tmp_path):
     import optax
     params = {"w": np.zeros(3)}
-    tx = optax.adam(optax.exponential_decay(0.1, 10, 0.5))
-    with pytest.raises(UnsupportedError, match="ScaleByScheduleState"):
+    tx = optax.MultiSteps(optax.adam(0.1), every_k_schedule=2)
+    with pytest.raises(UnsupportedError, match="MultiStepsState"):
         optstate.from_optax(tx.init(params), params, optimizer="adam", hyperparams={"lr": 0.1})
 
 

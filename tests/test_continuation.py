@@ -216,7 +216,8 @@ def test_optax_default_order_loads_by_name_into_torch(tmp_path):
     tx = optax.adam(0.02)
     params = jax_params()
     params, opt_state = jax_train(tx, params, tx.init(params), K)
-    state = optstate.from_optax(opt_state, params, optimizer="adam", hyperparams={"lr": 0.02})
+    with pytest.warns(UserWarning, match="order is inferred from the JAX tree"):
+        state = optstate.from_optax(opt_state, params, optimizer="adam", hyperparams={"lr": 0.02})
     assert [".".join(p.path) for p in state.params][:2] == ["fc1.bias", "fc1.weight"]
     model = TinyNet()
     with torch.no_grad():
@@ -226,5 +227,57 @@ def test_optax_default_order_loads_by_name_into_torch(tmp_path):
     optstate.to_torch(state, opt, model=model)
     assert opt.param_groups[0]["lr"] == 0.02  # saved hyperparameters win, as in load_state_dict
     torch_train(model, opt, N)
+    params, _ = jax_train(tx, params, opt_state, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+# ----------------------------------------------------------------------------- LR schedulers
+
+def _train_with_scheduler(model, opt, sched, steps):
+    for step in steps:
+        torch_train(model, opt, range(step, step + 1))
+        sched.step()
+
+
+SCHEDULERS = {
+    "warmup-cosine": lambda opt: torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)], milestones=[3]),
+    "multistep": lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 6, 7], gamma=0.5),
+    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=12,
+                                                                cycle_momentum=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_lr_scheduler_continues_exactly_in_optax(name, tmp_path):
+    model = TinyNet()
+    opt = torch.optim.AdamW(_no_decay_on_bias(model, weight_decay=0.2, lr=0.03), lr=0.02)
+    sched = SCHEDULERS[name](opt)
+    _train_with_scheduler(model, opt, sched, K)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()},
+               tmp_path / "ckpt.pt")
+    optstate.convert(tmp_path / "ckpt.pt", tmp_path / "out", src_format="torch", dst_format="optax", horizon=10)
+    params, opt_state, tx = optstate.load_optax(tmp_path / "out")
+    params, _ = jax_train(tx, params, opt_state, N)
+    _train_with_scheduler(model, opt, sched, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+def test_optax_schedule_restores_a_torch_scheduler(tmp_path):
+    tx = optax.adamw(lambda count: 0.02 * 0.9 ** count, weight_decay=0.1)
+    params = jax_params()
+    params, opt_state = jax_train(tx, params, tx.init(params), K)
+    state = optstate.from_optax(opt_state, params, optimizer="adamw",
+                                hyperparams=[{"lr": 0.02, "weight_decay": 0.1, "params": list(SHAPES)}])
+    model = TinyNet()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.from_numpy(np.array(flat(params)[n])))
+    opt = torch.optim.AdamW(model.named_parameters(), lr=0.02)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    optstate.to_torch(state, opt, scheduler=sched)
+    assert sched.last_epoch == 5 and opt.param_groups[0]["lr"] == pytest.approx(0.02 * 0.9 ** 5, rel=1e-15)
+    _train_with_scheduler(model, opt, sched, N)
     params, _ = jax_train(tx, params, opt_state, N)
     assert max_abs_diff(flat(params), torch_params(model)) < TOL

@@ -7,6 +7,7 @@ optimizer table names the NamedTuple type holding each family's slots (``ScaleBy
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
@@ -16,7 +17,7 @@ import optax
 
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, is_decoupled, optimizer_spec
-from ..schema.state import OptimizerState, ParamInfo, Path, format_path, name_to_path, numpy_dtype
+from ..schema.state import OptimizerState, ParamInfo, Path, format_path, numpy_dtype, path_to_name
 
 FROZEN = "frozen"
 _CONTAINERS = (optax.MaskedState, optax.PartitionState)
@@ -99,17 +100,19 @@ _SCALERS: Mapping[str, Callable[[Mapping[str, Any], Mapping[str, np.dtype]], opt
 }
 
 
-def _learning_rate(hp: Mapping[str, Any]) -> Any:
+def _learning_rate(hp: Mapping[str, Any], schedule: Callable | None) -> Any:
+    lr = hp["lr"] if schedule is None else schedule
     if hp.get("lr_decay"):
-        lr, decay = hp["lr"], hp["lr_decay"]
+        decay = hp["lr_decay"]
         # torch Adagrad: clr = lr / (1 + (step - 1) * lr_decay) with step counted from 1.
-        return lambda count: lr / (1 + count * decay)
-    return hp["lr"]
+        return lambda count: (lr(count) if callable(lr) else lr) / (1 + count * decay)
+    return lr
 
 
 def group_transform(spec: OptimizerSpec, hyperparams: Mapping[str, Any],
-                    dtypes: Mapping[str, np.dtype] | None = None) -> optax.GradientTransformation:
-    """The Optax chain that does what torch does for one param group.
+                    dtypes: Mapping[str, np.dtype] | None = None,
+                    schedule: Callable | None = None) -> optax.GradientTransformation:
+    """The Optax chain that does what torch does for one param group (``schedule``: its LR schedule).
 
     >>> from optstate.schema import optimizer_spec
     >>> tx = group_transform(optimizer_spec("adamw"), {"lr": 1e-3, "weight_decay": 0.1})
@@ -126,7 +129,7 @@ def group_transform(spec: OptimizerSpec, hyperparams: Mapping[str, Any],
     parts.append(_SCALERS[spec.name](hp, dtypes or {}))
     if decay and decoupled:
         parts.append(optax.add_decayed_weights(decay))
-    parts.append(optax.scale_by_learning_rate(_learning_rate(hp)))
+    parts.append(optax.scale_by_learning_rate(_learning_rate(hp, schedule)))
     return optax.chain(*parts)
 
 
@@ -169,20 +172,38 @@ def _labels(labels: Mapping[Path, str], params: Any) -> Any:
 
 
 def _refuse_unsupported(state: OptimizerState) -> None:
-    if "lr_scheduler" in state.metadata:
-        raise UnsupportedError("the checkpoint holds LR-scheduler state; a constant learning rate would not "
-                               "continue it exactly, and schedules are not supported yet")
     for gi, hp in enumerate(state.param_groups):
         stepped = all(state.has_state(p.path) for p in state.group_params(gi)) or not state.spec.active_slots(hp)
         state.spec.check_supported(hp, f"param group {gi}", all_stepped=stepped)
 
 
-def optax_transform(state: OptimizerState) -> optax.GradientTransformation:
+def _schedules(state: OptimizerState, horizon: int | None) -> list[Callable] | None:
+    """The torch LR scheduler's exact per-group schedules, when the state carries one."""
+    sd = state.metadata.get("lr_scheduler")
+    if sd is None:
+        return None
+    from .schedules import optax_schedules
+
+    last_epoch = sd.get("last_epoch")
+    steps = {p.step for p in state.params if p.step is not None}
+    if state.spec.has_step and steps and last_epoch != max(steps):
+        raise UnsupportedError(f"the LR scheduler has stepped {last_epoch} times and the optimizer {max(steps)}: "
+                               "optstate maps schedulers stepped once per optimizer step")
+    if not state.spec.has_step:
+        warnings.warn(f"{state.spec.torch_class} keeps no step count: assuming the LR scheduler stepped once per "
+                      "optimizer step", stacklevel=3)
+    horizon = horizon if horizon is not None else state.metadata.get("lr_horizon")
+    return optax_schedules(sd, horizon=horizon, param_groups=state.param_groups)
+
+
+def optax_transform(state: OptimizerState, *, horizon: int | None = None) -> optax.GradientTransformation:
     """The Optax ``GradientTransformation`` that continues ``state`` exactly.
 
     One chain per torch param group; several groups, parameters at different steps, or frozen
     model parameters become an ``optax.partition`` with labels ``group_0``, ``group_1``, ...
-    (``group_0_step_7``, ... where a group's steps differ) and ``frozen``.
+    (``group_0_step_7``, ... where a group's steps differ) and ``frozen``. A torch LR scheduler
+    in the state becomes each group's exact schedule; one whose lr never settles (cosine, step,
+    exponential) needs ``horizon``, the largest step count training will reach.
 
     >>> import numpy as np, optstate
     >>> from optstate.schema import OptimizerState, ParamInfo
@@ -194,9 +215,12 @@ def optax_transform(state: OptimizerState) -> optax.GradientTransformation:
     _refuse_unsupported(state)
     labels = param_labels(state)
     group_of = {label: p.group for p in state.params for label in [labels[p.path]]}
-    dtypes = {g: {slot: a.dtype for (slot, path), a in state.slots.items() if state.param(path).group == g}
-              for g in range(len(state.param_groups))}
-    transforms = {label: group_transform(state.spec, state.param_groups[g], dtypes[g])
+    dtypes: dict[int, dict[str, np.dtype]] = {g: {} for g in range(len(state.param_groups))}
+    for (slot, path), array in state.slots.items():
+        dtypes[state.param(path).group][slot] = array.dtype
+    schedules = _schedules(state, horizon)
+    transforms = {label: group_transform(state.spec, state.param_groups[g], dtypes[g],
+                                         None if schedules is None else schedules[g])
                   for label, g in group_of.items()}
     if set(labels.values()) == {"group_0"}:
         return transforms["group_0"]
@@ -230,7 +254,8 @@ def _map_states(tree: Any, state_types: tuple[type, ...], visit: Callable[[Any, 
 
 
 def _state_types(spec: OptimizerSpec) -> tuple[type, ...]:
-    return tuple(_state_type(name) for name in sorted(spec.optax_state_types()))
+    # An LR schedule's count travels with every family.
+    return tuple(_state_type(name) for name in sorted(spec.optax_state_types() | {"ScaleByScheduleState"}))
 
 
 def _typed(raw: Any, state_types: tuple[type, ...]) -> Any:
@@ -323,9 +348,10 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
                 lambda kp, leaf, slot=slot: slot_value(slot.name, key_path_to_path(kp), leaf),
                 getattr(node, slot.optax_field))
             for slot in spec.slots if type(node).__name__ in slot.optax_states}
-        if _counts_step(node, spec):
-            step = state.common_step(covered(node, where))
-            fields["count"] = as_array(np.asarray(step, np.dtype(node.count.dtype)))
+        if isinstance(node, optax.ScaleByScheduleState) and "lr_scheduler" in state.metadata:
+            fields["count"] = as_array(_count(state.metadata["lr_scheduler"]["last_epoch"], node.count))
+        elif _counts_step(node, spec) or isinstance(node, optax.ScaleByScheduleState):
+            fields["count"] = as_array(_count(state.common_step(covered(node, where)), node.count))
         return node._replace(**fields)
 
     result = _map_states(template, _state_types(spec), visit)
@@ -336,6 +362,15 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
                            + ", ".join(f"{slot} of {format_path(p)}" for slot, p in missing[:5])
                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     return result
+
+
+def _count(value: int | None, leaf: Any) -> np.ndarray:
+    dtype = np.dtype(leaf.dtype)
+    if value is None:
+        raise UnsupportedError("the Optax state keeps a count (a schedule?) that this optimizer state does not record")
+    if value > np.iinfo(dtype).max:
+        raise UnsupportedError(f"step {value} does not fit Optax's {dtype} count")
+    return np.asarray(value, dtype)
 
 
 def to_optax(state: OptimizerState, tx: optax.GradientTransformation, params: Any) -> Any:
@@ -389,10 +424,13 @@ def _refuse_trace_after_learning_rate(tree: Any) -> None:
             _refuse_trace_after_learning_rate(child)
 
 
-def _collect(opt_state: Any, spec: OptimizerSpec) -> tuple[dict[tuple[str, Path], np.ndarray], dict[Path, int]]:
+def _collect(opt_state: Any, spec: OptimizerSpec) -> tuple[dict[tuple[str, Path], np.ndarray], dict[Path, int],
+                                                          int | None]:
+    """``(slots, steps by parameter, the LR schedule's count or None)`` of an Optax state."""
     slots: dict[tuple[str, Path], np.ndarray] = {}
     counts: dict[Path, int] = {}  # by partition prefix
     prefixes: dict[Path, Path] = {}  # param path -> its partition prefix
+    schedule_counts: set[int] = set()
 
     def visit(node: Any, where: Path) -> Any:
         leaves_by_slot = _slot_leaves(node, spec)
@@ -408,13 +446,32 @@ def _collect(opt_state: Any, spec: OptimizerSpec) -> tuple[dict[tuple[str, Path]
                 slots.update({(slot.name, p): np.asarray(getattr(node, slot.optax_field)) for p in covered})
         if _counts_step(node, spec):
             counts[_partition_prefix(where)] = int(np.asarray(node.count))
+        if isinstance(node, optax.ScaleByScheduleState):
+            schedule_counts.add(int(np.asarray(node.count)))
         return node
 
     types = _state_types(spec)
     typed = _typed(opt_state, types)
     _refuse_trace_after_learning_rate(typed)
     _map_states(typed, types, visit)
-    return slots, {path: counts[prefix] for path, prefix in prefixes.items() if prefix in counts}
+    steps = {path: counts[prefix] for path, prefix in prefixes.items() if prefix in counts}
+    return slots, steps, max(schedule_counts, default=None)
+
+
+def _names_of(weights: Mapping[Path, Any]) -> dict[str, Path]:
+    """Parameter names (paths joined by dots) to paths; refuses two paths with one name."""
+    names: dict[str, Path] = {}
+    for path in weights:
+        name = path_to_name(path)
+        if name in names:
+            raise MappingError(f"{format_path(names[name])!r} and {list(path)} have the same dotted name {name!r}")
+        names[name] = path
+    return names
+
+
+def _registration_order(path: Path) -> tuple:
+    # ModuleList/Sequential children are registered 0, 1, 2, ..., 10; JAX sorts keys as strings.
+    return tuple((0, int(k), "") if k.isdigit() else (1, 0, k) for k in path)
 
 
 def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
@@ -442,27 +499,41 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     shapes_only = all(isinstance(leaf, jax.ShapeDtypeStruct) for _, leaf in leaves)
     weights = {key_path_to_path(kp): leaf if shapes_only else np.asarray(leaf) for kp, leaf in leaves}
-    slots, steps = _collect(opt_state, spec)
+    slots, steps, schedule_count = _collect(opt_state, spec)
     for slot, path in slots:
         if path not in weights:
             raise MappingError(f"{format_path(path)}: has optimizer state but is not in params")
+    by_name = _names_of(weights)
     if len(groups) == 1 and "params" not in groups[0]:
         stateful = {p for _, p in slots}
-        groups[0]["params"] = [".".join(p) for p in weights if not slots or p in stateful]
+        order = sorted((p for p in weights if not slots or p in stateful), key=_registration_order)
+        groups[0]["params"] = [path_to_name(p) for p in order]
+        if len(order) > 1:
+            warnings.warn("parameter order is inferred from the JAX tree (numeric components sorted as numbers); "
+                          "optimizer.load_state_dict matches by position, so load with optstate.to_torch "
+                          "(by name) or list the names in hyperparams' 'params'", stacklevel=2)
     params_info, taken = [], set()
     for gi, group in enumerate(groups):
         for name in group.pop("params"):
-            path = name_to_path(name)
-            if path not in weights:
+            path = by_name.get(name)
+            if path is None:
                 raise MappingError(f"param group {gi} names {name!r}, which is not in params "
-                                   f"(params has e.g. {['.'.join(p) for p in list(weights)[:5]]})")
+                                   f"(params has e.g. {list(by_name)[:5]})")
             if path in taken:
                 raise MappingError(f"{name!r} is in more than one param group")
             taken.add(path)
             w = weights[path]
             params_info.append(ParamInfo(path, tuple(w.shape), str(np.dtype(w.dtype)), gi, steps.get(path)))
+            inactive = [slot for slot, p in slots if p == path and slot not in
+                        {s.name for s in spec.active_slots(groups[gi])}]
+            if inactive:
+                raise UnsupportedError(f"{name}: the Optax state holds {inactive[0]}, which {spec.torch_class} "
+                                       f"with these hyperparameters does not keep (e.g. momentum=0)")
     stray = sorted({p for _, p in slots} - taken)
     if stray:
         raise MappingError(f"{format_path(stray[0])} has optimizer state but is in no param group")
+    metadata: dict[str, Any] = {"source": f"optax {optax.__version__}"}
+    if schedule_count is not None and "ScaleByScheduleState" not in spec.count_states:
+        metadata["schedule_count"] = schedule_count  # an LR schedule, not the optimizer's own count
     return OptimizerState(spec.name, tuple(groups), tuple(params_info), slots, None if shapes_only else weights, (),
-                          {"source": f"optax {optax.__version__}"})
+                          metadata)

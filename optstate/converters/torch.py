@@ -518,8 +518,8 @@ def _live_names(optimizer: torch.optim.Optimizer, model: Any) -> list[list[str]]
     return names
 
 
-def _saved_group_of(state: OptimizerState, names: Sequence[str], live_group: int) -> int:
-    saved = {state.param(name_to_path(n)).group for n in names}
+def _saved_group_of(infos: Sequence[ParamInfo], live_group: int) -> int:
+    saved = {info.group for info in infos}
     if len(saved) > 1:
         raise MappingError(f"live param group {live_group} mixes parameters of saved groups {sorted(saved)}; "
                            "group the parameters as they were saved")
@@ -554,24 +554,23 @@ def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: 
     >>> float(fresh.state_dict()["state"][0]["step"])
     1.0
     """
-    if scheduler is not None:
-        raise UnsupportedError("LR scheduler state: schedules are not supported yet")
     live_family = optimizer_spec(torch_class_of(optimizer.param_groups[0]))
     if live_family.name != state.optimizer:
         raise UnsupportedError(f"the state is {state.spec.torch_class}'s, the optimizer is {type(optimizer).__name__} "
                                f"({live_family.torch_class} semantics)")
     live_names = _live_names(optimizer, model)
-    known = {p.path for p in state.params}
+    by_name = {path_to_name(p.path): p for p in state.params}
     flat = [n for g in live_names for n in g]
-    missing = [n for n in flat if name_to_path(n) not in known]
-    extra = sorted(path_to_name(p) for p in known - {name_to_path(n) for n in flat})
+    missing = [n for n in flat if n not in by_name]
+    extra = sorted(set(by_name) - set(flat))
     if missing or extra:
         raise MappingError(f"parameters do not match: in the optimizer but not the state: {missing[:10]}; "
                            f"in the state but not the optimizer: {extra[:10]}")
     sd = {"state": {}, "param_groups": []}
     index = 0
     for gi, (group, names) in enumerate(zip(optimizer.param_groups, live_names)):
-        saved_hp = state.param_groups[_saved_group_of(state, names, gi)]
+        infos = [by_name[n] for n in names]
+        saved_hp = state.param_groups[_saved_group_of(infos, gi)]
         live_hp = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         if keep_hyperparams:
             _warn_kept_hyperparams(state.spec, live_hp, saved_hp, gi)
@@ -579,17 +578,34 @@ def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: 
         else:
             hp = {**live_hp, **state.spec.with_defaults(saved_hp)}
         sd["param_groups"].append(dict(hp, params=list(range(index, index + len(names))), param_names=names))
-        for name, param in zip(names, group["params"]):
-            info = state.param(name_to_path(name))
+        for name, param, info in zip(names, group["params"], infos):
             if tuple(param.shape) != info.shape or _dtype_name(param.dtype) != info.dtype:
                 raise MappingError(f"{name}: the optimizer's parameter is {list(param.shape)} "
-                                   f"{str(param.dtype).removeprefix('torch.')}, the state's {list(info.shape)} {info.dtype}")
+                                   f"{_dtype_name(param.dtype)}, the state's {list(info.shape)} {info.dtype}")
             entry = _param_entry(state, info)
             if entry:
                 sd["state"][index] = entry
             index += 1
     optimizer.load_state_dict(sd)
     _restore_scalar_dtypes(optimizer, sd, state.spec)
+    if scheduler is not None:
+        _restore_scheduler(state, optimizer, scheduler)
+
+
+def _restore_scheduler(state: OptimizerState, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Put a live LR scheduler where the state's training stopped, and each group's lr with it."""
+    from .schedules import restore_torch_scheduler_state
+
+    saved = state.metadata.get("lr_scheduler")
+    if saved is None:
+        count = state.metadata.get("schedule_count", state.common_step())
+        if count is None:
+            raise UnsupportedError("the state records no step count, so the scheduler's position is unknown")
+        saved = restore_torch_scheduler_state(scheduler.state_dict(), count,
+                                              param_groups=optimizer.state_dict()["param_groups"])
+    scheduler.load_state_dict(saved)
+    for group, lr in zip(optimizer.param_groups, saved["_last_lr"]):
+        group["lr"] = lr  # chainable schedulers compute the next lr from it
 
 
 def _restore_scalar_dtypes(optimizer: torch.optim.Optimizer, sd: Mapping, spec: OptimizerSpec) -> None:
@@ -612,6 +628,10 @@ def save_checkpoint(state: OptimizerState, path: str | os.PathLike, *, force: bo
         ckpt["model"] = {path_to_name(p): numpy_to_tensor(a) for p, a in state.weights.items()}
     if "lr_scheduler" in state.metadata:
         ckpt["lr_scheduler"] = dict(state.metadata["lr_scheduler"])
+    elif "schedule_count" in state.metadata:
+        warnings.warn(f"the Optax state follows a schedule (count {state.metadata['schedule_count']}) that is not "
+                      "saved; restore your torch scheduler with optstate.to_torch(state, optimizer, "
+                      "scheduler=...)", stacklevel=2)
     with atomic_file(path, force=force) as tmp:
         torch.save(ckpt, tmp)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -118,8 +119,12 @@ class OptimizerState:
     def spec(self) -> OptimizerSpec:
         return optimizer_spec(self.optimizer)
 
+    @functools.cached_property
+    def _by_path(self) -> dict[Path, ParamInfo]:
+        return {p.path: p for p in self.params}
+
     def param(self, path: Path) -> ParamInfo:
-        return next(p for p in self.params if p.path == path)
+        return self._by_path[path]
 
     def has_state(self, path: Path) -> bool:
         return any((s.name, path) in self.slots for s in self.spec.slots)
