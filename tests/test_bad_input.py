@@ -114,7 +114,7 @@ def test_state_shape_disagrees_with_model_weight(tmp_path):
     sd = opt.state_dict()
     sd["state"][0]["exp_avg"] = torch.zeros(3, 5, dtype=torch.float64)
     torch.save({"model": model.state_dict(), "optimizer": sd}, path)
-    with pytest.raises(MappingError, match=r"ckpt\.pt: fc1\.weight: state has shape \[3, 5\], the model weight \[5, 3\]"):
+    with pytest.raises(FormatError, match=r"ckpt\.pt: fc1\.weight: slot 'first_moment' has shape \[3, 5\], expected \[5, 3\]"):
         optstate.from_torch(path)
 
 

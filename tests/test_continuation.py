@@ -55,6 +55,9 @@ TORCH_CASES = {
     "adagrad": lambda m: torch.optim.Adagrad(m.named_parameters(), lr=0.05),
     "adagrad-all": lambda m: torch.optim.Adagrad(m.named_parameters(), lr=0.05, lr_decay=0.1, eps=1e-3,
                                                  initial_accumulator_value=0.2, weight_decay=0.1, maximize=True),
+    "adafactor": lambda m: torch.optim.Adafactor(m.named_parameters(), lr=0.05),
+    "adafactor-all": lambda m: torch.optim.Adafactor(m.named_parameters(), lr=0.5, beta2_decay=-0.5, eps=(0.3, 1e-3),
+                                                     weight_decay=0.1, maximize=True),
     "sgd-groups": lambda m: torch.optim.SGD(_no_decay_on_bias(m, weight_decay=0.1, momentum=0.5), lr=0.05,
                                             momentum=0.9),
 }
@@ -170,6 +173,7 @@ OPTAX_CASES = {
         ("radam", "radam", {"lr": 0.02, "eps": 1e-3}),
         ("adagrad", "adagrad", {"lr": 0.05, "lr_decay": 0.1, "eps": 1e-3, "initial_accumulator_value": 0.2}),
         ("adagrad-constant-lr", "adagrad", {"lr": 0.05, "eps": 1e-10}),
+        ("adafactor", "adafactor", {"lr": 0.5, "weight_decay": 0.1}),
     ]},
     "adamw-groups": (optax.partition({"decay": optax.adamw(0.03, weight_decay=0.2),
                                       "no_decay": optax.adamw(0.02, weight_decay=0.0)}, _labels),

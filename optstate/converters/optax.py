@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from ..errors import FormatError, MappingError, UnsupportedError
-from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, is_decoupled, optimizer_spec
+from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, Slot, is_decoupled, optimizer_spec
 from ..schema.state import OptimizerState, ParamInfo, Path, format_path, numpy_dtype, path_to_name
 
 FROZEN = "frozen"
@@ -91,12 +91,28 @@ def _radam_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> opta
     return scale_by_radam_torch(b1=b1, b2=b2, eps=hp["eps"])
 
 
+def _adafactor_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
+    from .torch_semantics import scale_by_adafactor_torch
+
+    eps1, eps2 = hp["eps"]
+    lr = hp["lr"]
+
+    def relative_step(count):
+        # torch steps by min(lr, 1/sqrt(t)) but decays weights by lr: divided by lr here, the chain's
+        # scale_by_learning_rate(lr) restores the step and scales the decay as torch does.
+        t = jax.numpy.asarray(count + 1, jax.numpy.result_type(float))
+        return jax.numpy.minimum(lr, 1 / jax.numpy.sqrt(t)) / lr
+
+    scaler = scale_by_adafactor_torch(beta2_decay=hp["beta2_decay"], eps1=eps1, eps2=eps2, d=hp["d"])
+    return optax.chain(scaler, optax.scale_by_schedule(relative_step))
+
+
 # Each builds the part of a family's update that torch multiplies by the learning rate.
 # ``dtypes`` maps slot names to the dtypes the state stores them in (NAdam needs mu_product's).
 _SCALERS: Mapping[str, Callable[[Mapping[str, Any], Mapping[str, np.dtype]], optax.GradientTransformation]] = {
     "sgd": _sgd_scaler, "adam": _adam_scaler, "adamw": _adam_scaler, "adamax": _adamax_scaler,
     "nadam": _nadam_scaler, "radam": _radam_scaler, "rmsprop": _rmsprop_scaler, "adagrad": _adagrad_scaler,
-    "adadelta": _adadelta_scaler,
+    "adadelta": _adadelta_scaler, "adafactor": _adafactor_scaler,
 }
 
 
@@ -192,6 +208,9 @@ def _schedules(state: OptimizerState, horizon: int | None) -> list[Callable] | N
     if not state.spec.has_step:
         warnings.warn(f"{state.spec.torch_class} keeps no step count: assuming the LR scheduler stepped once per "
                       "optimizer step", stacklevel=3)
+    if state.spec.name == "adafactor":
+        raise UnsupportedError("Adafactor with an LR scheduler: its relative step min(lr, 1/sqrt(t)) under a "
+                               "changing lr has no exact mapping yet")
     horizon = horizon if horizon is not None else state.metadata.get("lr_horizon")
     return optax_schedules(sd, horizon=horizon, param_groups=state.param_groups)
 
@@ -301,15 +320,20 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
     labels = param_labels(state)
     filled: set[tuple[str, Path]] = set()
 
-    def slot_value(slot: str, path: Path, leaf: Any) -> Any:
+    def slot_value(slot: Slot, path: Path, leaf: Any) -> Any:
         info = by_path.get(path)
         if info is None:
-            raise MappingError(f"{format_path(path)}: the Optax state has a {slot} slot for a parameter the "
+            raise MappingError(f"{format_path(path)}: the Optax state has a {slot.name} slot for a parameter the "
                                "torch optimizer does not track (frozen?); label it frozen, as "
                                "optstate.optax_transform(state) does")
-        array = state.slots.get((slot, path))
+        if not slot.applies(info.shape):
+            return as_array(np.zeros(leaf.shape, leaf.dtype))  # Optax's placeholder where torch keeps no such slot
+        array = state.slots.get((slot.name, path))
         if array is None:
-            array = np.zeros(info.shape, numpy_dtype(info.dtype))
+            array = np.zeros(slot.torch_shape(info.shape), numpy_dtype(info.dtype))
+        if slot.optax_axis is not None:
+            array = array.squeeze(slot.optax_axis)
+        slot = slot.name
         if tuple(leaf.shape) != tuple(array.shape) or np.dtype(leaf.dtype) != array.dtype:
             hint = " (enable float64 in JAX: jax.config.update('jax_enable_x64', True))" \
                 if array.dtype == np.float64 else ""
@@ -345,7 +369,7 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         fields = {
             slot.optax_field: scalar_value(slot.name, node, where, getattr(node, slot.optax_field)) if slot.scalar
             else jax.tree_util.tree_map_with_path(
-                lambda kp, leaf, slot=slot: slot_value(slot.name, key_path_to_path(kp), leaf),
+                lambda kp, leaf, slot=slot: slot_value(slot, key_path_to_path(kp), leaf),
                 getattr(node, slot.optax_field))
             for slot in spec.slots if type(node).__name__ in slot.optax_states}
         if isinstance(node, optax.ScaleByScheduleState) and "lr_scheduler" in state.metadata:
@@ -355,7 +379,8 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         return node._replace(**fields)
 
     result = _map_states(template, _state_types(spec), visit)
-    expected = {(s.name, p.path) for p in state.params for s in spec.active_slots(state.param_groups[p.group])}
+    expected = {(s.name, p.path) for p in state.params for s in spec.active_slots(state.param_groups[p.group])
+                if s.applies(p.shape)}
     missing = sorted(expected - filled)
     if missing:
         raise MappingError("the Optax state has no place for "
@@ -458,6 +483,17 @@ def _collect(opt_state: Any, spec: OptimizerSpec) -> tuple[dict[tuple[str, Path]
     return slots, steps, max(schedule_counts, default=None)
 
 
+def _torch_shaped(spec: OptimizerSpec, slots: Mapping[tuple[str, Path], np.ndarray],
+                  weights: Mapping[Path, Any]) -> dict[tuple[str, Path], np.ndarray]:
+    """Slots as torch shapes them: factored statistics get their size-1 axis back, placeholders go."""
+    out = {}
+    for (name, path), array in slots.items():
+        slot = spec.slot(name)
+        if slot.applies(tuple(weights[path].shape)):
+            out[(name, path)] = array if slot.optax_axis is None else np.expand_dims(array, slot.optax_axis)
+    return out
+
+
 def _names_of(weights: Mapping[Path, Any]) -> dict[str, Path]:
     """Parameter names (paths joined by dots) to paths; refuses two paths with one name."""
     names: dict[str, Path] = {}
@@ -503,6 +539,7 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
     for slot, path in slots:
         if path not in weights:
             raise MappingError(f"{format_path(path)}: has optimizer state but is not in params")
+    slots = _torch_shaped(spec, slots, weights)
     by_name = _names_of(weights)
     if len(groups) == 1 and "params" not in groups[0]:
         stateful = {p for _, p in slots}

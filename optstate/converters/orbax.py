@@ -87,7 +87,7 @@ def _skeleton(meta: Mapping[str, Any], source: str) -> OptimizerState:
     spec = optimizer_spec(meta["optimizer"])
     arrays = {("model", tuple(w["path"])): _placeholder(w["shape"], w["dtype"]) for w in meta.get("weights") or []}
     arrays.update({(s["slot"], tuple(s["path"])): _placeholder(
-        () if spec.slot(s["slot"]).scalar else shapes[tuple(s["path"])], s["dtype"]) for s in meta["slots"]})
+        spec.slot(s["slot"]).torch_shape(tuple(shapes[tuple(s["path"])])), s["dtype"]) for s in meta["slots"]})
     return state_from_metadata(meta, arrays, source)
 
 

@@ -216,14 +216,19 @@ def _align_by_position(count: int, shapes: Sequence[tuple[int, ...] | None],
     return [name for name, _ in candidates]
 
 
+def _shape_from_slots(spec: OptimizerSpec, arrays: Mapping[str, Any]) -> tuple[tuple[int, ...], Any] | None:
+    """The parameter's shape and dtype, read off its slots (``arrays`` by torch key); None when they cannot tell."""
+    by_shape = {s.shape: arrays[s.torch_key] for s in spec.slots if arrays.get(s.torch_key) is not None}
+    if "param" in by_shape:
+        return tuple(by_shape["param"].shape), by_shape["param"].dtype
+    if "rows" in by_shape and "cols" in by_shape:
+        return (*by_shape["rows"].shape[:-1], by_shape["cols"].shape[-1]), by_shape["rows"].dtype
+    return None
+
+
 def _state_shapes(sd: Mapping, spec: OptimizerSpec) -> list[tuple[int, ...] | None]:
-    shapes = []
-    for index in (i for g in sd["param_groups"] for i in g["params"]):
-        entry = sd["state"].get(index, {})
-        slot = next((entry[s.torch_key] for s in spec.slots if not s.scalar and entry.get(s.torch_key) is not None),
-                    None)
-        shapes.append(None if slot is None else tuple(slot.shape))
-    return shapes
+    indices = (i for g in sd["param_groups"] for i in g["params"])
+    return [(_shape_from_slots(spec, sd["state"].get(i, {})) or (None,))[0] for i in indices]
 
 
 def param_names(sd: Mapping, spec: OptimizerSpec, *, model: Any = None,
@@ -357,15 +362,15 @@ def _state_from_state_dict(sd: Mapping, names: Sequence[str], spec: OptimizerSpe
             path = name_to_path(name)
             where = f"{source}: {name}"
             step, param_slots = _read_param(spec, sd["state"].get(index, {}), where, copy)
-            reference = next((a for slot, a in param_slots.items() if not spec.slot(slot).scalar), None)
+            from_slots = _shape_from_slots(spec, {spec.slot(k).torch_key: a for k, a in param_slots.items()})
             weight = None if weights_np is None else weights_np.get(path)
-            if reference is not None and weight is not None and weight.shape != reference.shape:
-                raise MappingError(f"{where}: state has shape {list(reference.shape)}, "
+            if from_slots is not None and weight is not None and weight.shape != from_slots[0]:
+                raise MappingError(f"{where}: state has shape {list(from_slots[0])}, "
                                    f"the model weight {list(weight.shape)}")
-            if reference is None:
-                reference = weight
-            if reference is not None:
-                shape, dtype = tuple(reference.shape), str(reference.dtype)
+            if from_slots is None and weight is not None:
+                from_slots = weight.shape, weight.dtype
+            if from_slots is not None:
+                shape, dtype = tuple(from_slots[0]), str(from_slots[1])
             elif shapes is not None and name in shapes:
                 shape, dtype = shapes[name]
             else:
@@ -462,7 +467,8 @@ def _param_entry(state: OptimizerState, info: ParamInfo) -> dict[str, torch.Tens
         if spec.has_step and info.step:
             raise FormatError(f"{format_path(info.path)}: step {info.step} but no slots")
         return {}
-    missing = [s.name for s in spec.active_slots(state.param_groups[info.group]) if s.name not in present]
+    missing = [s.name for s in spec.active_slots(state.param_groups[info.group])
+               if s.applies(info.shape) and s.name not in present]
     if missing:
         raise FormatError(f"{format_path(info.path)}: slot(s) {missing} missing")
     narrow = [name for name, a in present.items() if not spec.slot(name).scalar and str(a.dtype) != info.dtype]

@@ -34,7 +34,34 @@ class Slot:
     optax_states: tuple[str, ...]
     optax_field: str
     needs: str | None = None
-    scalar: bool = False  # one value per parameter (NAdam's mu_product), one per Optax state
+    # "param": the parameter's shape. "scalar": one value per parameter (NAdam's mu_product), one per
+    # Optax state. "rows"/"cols": Adafactor's factored statistics, torch's shape keeping a size-1
+    # axis (-1 for rows, -2 for columns) that Optax squeezes away.
+    shape: str = "param"
+    min_ndim: int = 0  # the parameter ranks torch keeps this slot for
+    max_ndim: int = 64
+
+    @property
+    def scalar(self) -> bool:
+        return self.shape == "scalar"
+
+    @property
+    def optax_axis(self) -> int | None:
+        """The size-1 axis Optax leaves out, for factored statistics."""
+        return {"rows": -1, "cols": -2}.get(self.shape)
+
+    def applies(self, param_shape: tuple[int, ...]) -> bool:
+        return self.min_ndim <= len(param_shape) <= self.max_ndim
+
+    def torch_shape(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The slot's shape in torch (and in the canonical state) for a parameter of ``param_shape``."""
+        if self.shape == "scalar":
+            return ()
+        if self.shape == "rows":
+            return (*param_shape[:-1], 1)
+        if self.shape == "cols":
+            return (*param_shape[:-2], 1, param_shape[-1])
+        return tuple(param_shape)
 
 
 @dataclass(frozen=True)
@@ -158,7 +185,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
                                       "momentum_decay": 4e-3, "decoupled_weight_decay": False, "maximize": False}),
         slots=(Slot("first_moment", "exp_avg", ("ScaleByNadamTorchState",), "mu"),
                Slot("second_moment", "exp_avg_sq", ("ScaleByNadamTorchState",), "nu"),
-               Slot("momentum_product", "mu_product", ("ScaleByNadamTorchState",), "mu_product", scalar=True)),
+               Slot("momentum_product", "mu_product", ("ScaleByNadamTorchState",), "mu_product", shape="scalar")),
         has_step=True,
         count_states=("ScaleByNadamTorchState",),
         decoupled_weight_decay=False,
@@ -175,6 +202,19 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         count_states=("ScaleByAdamState",),
         decoupled_weight_decay=False,
         moment_hyperparams=("betas",),
+    ),
+    OptimizerSpec(
+        name="adafactor",
+        torch_class="Adafactor",
+        hyperparams=MappingProxyType({"lr": 1e-2, "beta2_decay": -0.8, "eps": (None, 1e-3), "d": 1.0,
+                                      "weight_decay": 0.0, "maximize": False}),
+        slots=(Slot("row_variance", "row_var", ("FactoredState",), "v_row", shape="rows", min_ndim=2),
+               Slot("column_variance", "col_var", ("FactoredState",), "v_col", shape="cols", min_ndim=2),
+               Slot("second_moment", "variance", ("FactoredState",), "v", max_ndim=1)),
+        has_step=True,
+        count_states=("FactoredState", "ScaleByScheduleState"),  # the relative step min(lr, 1/sqrt(t)) counts too
+        decoupled_weight_decay=True,
+        moment_hyperparams=("beta2_decay", "eps"),
     ),
     OptimizerSpec(
         name="rmsprop",

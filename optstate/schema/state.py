@@ -92,14 +92,17 @@ class OptimizerState:
         by_path = {p.path: p for p in self.params}
         if len(by_path) != len(self.params):
             raise FormatError("a parameter path occurs twice")
-        scalar = {s.name: s.scalar for s in spec.slots}
+        slots = {s.name: s for s in spec.slots}
         for (slot, path), array in self.slots.items():
-            if slot not in scalar:
+            if slot not in slots:
                 raise FormatError(f"{format_path(path)}: slot {slot!r} is not a slot of {spec.torch_class}")
             info = by_path.get(path)
             if info is None:
                 raise FormatError(f"{format_path(path)}: slot {slot!r} for a parameter the optimizer does not track")
-            expected = () if scalar[slot] else info.shape
+            if not slots[slot].applies(info.shape):
+                raise FormatError(f"{format_path(path)}: slot {slot!r} is not kept for a parameter of shape "
+                                  f"{list(info.shape)}")
+            expected = slots[slot].torch_shape(info.shape)
             if tuple(array.shape) != expected:
                 raise FormatError(f"{format_path(path)}: slot {slot!r} has shape {list(array.shape)}, "
                                   f"expected {list(expected)}")
