@@ -255,9 +255,19 @@ def test_optax_hyperparameters_with_different_defaults_must_be_given(tmp_path):
 def test_unknown_optax_state_is_refused_by_type(tmp_path):
     import optax
     params = {"w": np.zeros(3)}
-    tx = optax.MultiSteps(optax.adam(0.1), every_k_schedule=2)
-    with pytest.raises(UnsupportedError, match="MultiStepsState"):
+    tx = optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=3)
+    with pytest.raises(UnsupportedError, match="ApplyIfFiniteState"):
         optstate.from_optax(tx.init(params), params, optimizer="adam", hyperparams={"lr": 0.1})
+
+
+def test_multisteps_mid_accumulation_is_refused():
+    import optax
+    params = {"w": np.zeros(3)}
+    tx = optax.MultiSteps(optax.adam(0.1), every_k_schedule=2)
+    opt_state = tx.init(params)
+    _, opt_state = tx.update({"w": np.ones(3)}, opt_state, params)
+    with pytest.raises(UnsupportedError, match="1 micro-steps into an accumulation; convert at a boundary"):
+        optstate.from_optax(opt_state, params, optimizer="adam", hyperparams={"lr": 0.1})
 
 
 def test_stock_rmsprop_momentum_trace_is_refused():

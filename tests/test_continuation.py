@@ -285,3 +285,64 @@ def test_optax_schedule_restores_a_torch_scheduler(tmp_path):
     _train_with_scheduler(model, opt, sched, N)
     params, _ = jax_train(tx, params, opt_state, N)
     assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+# ----------------------------------------------------------------------------- inject_hyperparams, MultiSteps
+
+def test_inject_hyperparams_template_takes_torch_values(tmp_path):
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.named_parameters(), lr=0.02, betas=(0.8, 0.95), weight_decay=0.1)
+    torch_train(model, opt, K)
+    opt.param_groups[0]["lr"] = 0.013  # changed by hand during training: only the group knows
+    state = optstate.from_torch(opt)
+    tx = optax.inject_hyperparams(optax.adamw)(learning_rate=1.0, b1=0.5, b2=0.5, weight_decay=0.0)
+    params = nested({n: jax.numpy.asarray(v) for n, v in torch_params(model).items()})
+    opt_state = optstate.to_optax(state, tx, params)
+    assert float(opt_state.hyperparams["learning_rate"]) == 0.013 and float(opt_state.hyperparams["b1"]) == 0.8
+    params, _ = jax_train(tx, params, opt_state, N)
+    torch_train(model, opt, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+def test_injected_hyperparameters_travel_to_torch():
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=0.02, b1=0.8, b2=0.95, eps=1e-6)
+    params = jax_params()
+    params, opt_state = jax_train(tx, params, tx.init(params), K)
+    state = optstate.from_optax(opt_state, params, optimizer="adam",
+                                hyperparams=[{"params": list(SHAPES)}])  # the rest is in the state
+    assert state.param_groups[0]["betas"] == (0.8, 0.95) and state.param_groups[0]["lr"] == 0.02
+    model = TinyNet()
+    model.load_state_dict({n: torch.from_numpy(np.array(v)) for n, v in flat(params).items()})
+    opt = torch.optim.Adam(model.named_parameters(), lr=1.0)
+    optstate.to_torch(state, opt)
+    torch_train(model, opt, N)
+    params, _ = jax_train(tx, params, opt_state, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+def test_multisteps_at_a_boundary_both_ways():
+    """MultiSteps(k=2) fed each gradient twice takes the same steps as torch fed it once."""
+    inner = group_transform(optstate.OPTIMIZERS["adam"], {"lr": 0.02})
+    tx = optax.MultiSteps(inner, every_k_schedule=2, accumulator_dtype=jax.numpy.float64)
+
+    def train_twice(params, opt_state, steps):
+        for step in steps:
+            grads = nested({n: gradient(step, n, v) for n, v in flat(params).items()})
+            for _ in range(2):
+                updates, opt_state = tx.update(grads, opt_state, params)
+                params = optax.apply_updates(params, updates)
+        return params, opt_state
+
+    params = jax_params()
+    params, opt_state = train_twice(params, tx.init(params), K)
+    state = optstate.from_optax(opt_state, params, optimizer="adam", hyperparams=[{"lr": 0.02, "params": list(SHAPES)}])
+    assert {p.step for p in state.params} == {5}
+    refilled = optstate.to_optax(state, tx, params)  # and back into a MultiSteps template
+    assert int(refilled.gradient_step) == 5 and int(refilled.mini_step) == 0
+    model = TinyNet()
+    model.load_state_dict({n: torch.from_numpy(np.array(v)) for n, v in flat(params).items()})
+    opt = torch.optim.Adam(model.named_parameters(), lr=1.0)
+    optstate.to_torch(state, opt)
+    torch_train(model, opt, N)
+    params, _ = train_twice(params, refilled, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL

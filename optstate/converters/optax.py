@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 import optax
+from optax.schedules import _inject
 
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, Slot, is_decoupled, optimizer_spec
@@ -21,6 +22,9 @@ from ..schema.state import OptimizerState, ParamInfo, Path, format_path, numpy_d
 
 FROZEN = "frozen"
 _CONTAINERS = (optax.MaskedState, optax.PartitionState)
+_INJECT = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+# States that wrap other states and keep counters or hyperparameters of their own.
+_WRAPPERS = (*_INJECT, optax.MultiStepsState, _inject.WrappedScheduleState)
 
 
 def _state_type(name: str) -> type:
@@ -273,8 +277,9 @@ def _map_states(tree: Any, state_types: tuple[type, ...], visit: Callable[[Any, 
 
 
 def _state_types(spec: OptimizerSpec) -> tuple[type, ...]:
-    # An LR schedule's count travels with every family.
-    return tuple(_state_type(name) for name in sorted(spec.optax_state_types() | {"ScaleByScheduleState"}))
+    # An LR schedule's count, inject_hyperparams and MultiSteps travel with every family.
+    names = sorted(spec.optax_state_types() | {"ScaleByScheduleState"})
+    return (*(_state_type(name) for name in names), *_WRAPPERS)
 
 
 def _typed(raw: Any, state_types: tuple[type, ...]) -> Any:
@@ -285,7 +290,7 @@ def _typed(raw: Any, state_types: tuple[type, ...]) -> Any:
         return raw
     for cls in (*state_types, *_CONTAINERS):
         if set(raw) == set(cls._fields):
-            if cls in _CONTAINERS:
+            if cls in _CONTAINERS or cls in _WRAPPERS:
                 return cls(**{k: _typed(v, state_types) for k, v in raw.items()})
             return cls(**raw)  # slot trees stay as restored: their None leaves are masked parameters
     return {k: _typed(v, state_types) for k, v in raw.items()}
@@ -344,7 +349,7 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         return as_array(array)
 
     def covered(node: Any, where: Path) -> tuple[ParamInfo, ...]:
-        in_trees = {p for leaves in _slot_leaves(node, spec).values() for p in leaves}
+        in_trees = {p for leaves in _slot_leaves(node, spec).values() for p in leaves} if node is not None else ()
         if in_trees:
             return tuple(by_path[p] for p in in_trees)
         prefix = _partition_prefix(where)
@@ -365,20 +370,47 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         filled.update((slot, p.path) for p in covered(node, where))
         return as_array(array)
 
+    def wrapped(node: Any, where: Path) -> Any:
+        inner = {f: _map_states(getattr(node, f), types, visit, where + (f,))
+                 for f in ("inner_state", "inner_opt_state", "hyperparams_states") if f in node._fields}
+        if isinstance(node, optax.MultiStepsState):  # a conversion happens at an accumulation boundary
+            zeros = jax.tree_util.tree_map(lambda leaf: as_array(np.zeros(leaf.shape, leaf.dtype)), node.acc_grads)
+            return node._replace(mini_step=as_array(_count(0, node.mini_step)), acc_grads=zeros,
+                                 gradient_step=as_array(_count(step_of(node, where), node.gradient_step)), **inner)
+        fields = {"count": as_array(_count(step_of(node, where), node.count)), **inner}
+        if isinstance(node, _INJECT):
+            hp = group_hyperparams(where)
+            fields["hyperparams"] = {name: as_array(np.asarray(spec.injected_value(name, hp), np.dtype(leaf.dtype)))
+                                     for name, leaf in node.hyperparams.items()}
+        return node._replace(**fields)
+
+    def group_hyperparams(where: Path) -> Mapping[str, Any]:
+        groups = {p.group for p in covered(None, where)}
+        if len(groups) != 1:
+            raise UnsupportedError(f"inject_hyperparams at {'/'.join(where)} spans param groups {sorted(groups)}")
+        return state.param_groups[groups.pop()]
+
+    def step_of(node: Any, where: Path) -> int | None:
+        if "lr_scheduler" in state.metadata and isinstance(node, (optax.ScaleByScheduleState,
+                                                                   _inject.WrappedScheduleState)):
+            return state.metadata["lr_scheduler"]["last_epoch"]
+        return state.common_step(covered(node, where))
+
     def visit(node: Any, where: Path) -> Any:
+        if isinstance(node, _WRAPPERS):
+            return wrapped(node, where)
         fields = {
             slot.optax_field: scalar_value(slot.name, node, where, getattr(node, slot.optax_field)) if slot.scalar
             else jax.tree_util.tree_map_with_path(
                 lambda kp, leaf, slot=slot: slot_value(slot, key_path_to_path(kp), leaf),
                 getattr(node, slot.optax_field))
             for slot in spec.slots if type(node).__name__ in slot.optax_states}
-        if isinstance(node, optax.ScaleByScheduleState) and "lr_scheduler" in state.metadata:
-            fields["count"] = as_array(_count(state.metadata["lr_scheduler"]["last_epoch"], node.count))
-        elif _counts_step(node, spec) or isinstance(node, optax.ScaleByScheduleState):
-            fields["count"] = as_array(_count(state.common_step(covered(node, where)), node.count))
+        if _counts_step(node, spec) or isinstance(node, optax.ScaleByScheduleState):
+            fields["count"] = as_array(_count(step_of(node, where), node.count))
         return node._replace(**fields)
 
-    result = _map_states(template, _state_types(spec), visit)
+    types = _state_types(spec)
+    result = _map_states(template, types, visit)
     expected = {(s.name, p.path) for p in state.params for s in spec.active_slots(state.param_groups[p.group])
                 if s.applies(p.shape)}
     missing = sorted(expected - filled)
@@ -415,22 +447,22 @@ def to_optax(state: OptimizerState, tx: optax.GradientTransformation, params: An
 
 # ----------------------------------------------------------------------------- Optax -> canonical
 
-def _normalize_groups(hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
-                      spec: OptimizerSpec) -> list[dict[str, Any]]:
-    if hyperparams is None:
-        raise UnsupportedError("an Optax state does not record its hyperparameters: pass hyperparams= "
-                               "(--hparams '{\"lr\": ...}')")
-    groups = [dict(hyperparams)] if isinstance(hyperparams, Mapping) else [dict(g) for g in hyperparams]
-    for gi, group in enumerate(groups):
-        missing = [k for k in spec.must_give if k not in group]
-        if missing:
-            raise UnsupportedError(f"param group {gi}: give {missing} explicitly: torch and Optax default "
-                                   f"them differently for {spec.torch_class}")
-        unknown = sorted(set(group) - set(spec.hyperparams) - BOOKKEEPING_KEYS - {"params"})
-        if unknown:
-            raise UnsupportedError(f"param group {gi}: {spec.torch_class} has no hyperparameter(s) {unknown}")
-        spec.check_supported(group, f"param group {gi}")
-    return groups
+def _check_group(spec: OptimizerSpec, group: Mapping[str, Any], gi: int) -> None:
+    missing = [k for k in spec.must_give if k not in group]
+    if missing:
+        raise UnsupportedError(f"param group {gi}: give {missing} explicitly: torch and Optax default "
+                               f"them differently for {spec.torch_class}")
+    unknown = sorted(set(group) - set(spec.hyperparams) - BOOKKEEPING_KEYS)
+    if unknown:
+        raise UnsupportedError(f"param group {gi}: {spec.torch_class} has no hyperparameter(s) {unknown}")
+    for key, value in group.items():
+        default = spec.hyperparams.get(key)
+        if isinstance(default, bool) and not isinstance(value, bool) or isinstance(default, (int, float)) and \
+                not isinstance(default, bool) and not isinstance(value, (int, float)) or \
+                isinstance(default, tuple) and not (isinstance(value, (tuple, list)) and len(value) == len(default)):
+            raise UnsupportedError(f"param group {gi}: {key}={value!r} is not of the type torch takes "
+                                   f"(default {default!r})")
+    spec.check_supported(group, f"param group {gi}")
 
 
 def _refuse_trace_after_learning_rate(tree: Any) -> None:
@@ -449,15 +481,40 @@ def _refuse_trace_after_learning_rate(tree: Any) -> None:
             _refuse_trace_after_learning_rate(child)
 
 
-def _collect(opt_state: Any, spec: OptimizerSpec) -> tuple[dict[tuple[str, Path], np.ndarray], dict[Path, int],
-                                                          int | None]:
-    """``(slots, steps by parameter, the LR schedule's count or None)`` of an Optax state."""
+class _Collected(NamedTuple):
+    slots: dict[tuple[str, Path], np.ndarray]
+    steps: dict[Path, int]  # by parameter
+    schedule_count: int | None  # an LR schedule's
+    injected: dict[Path, dict[str, float]]  # inject_hyperparams values, by parameter
+
+
+def _collect(opt_state: Any, spec: OptimizerSpec) -> _Collected:
+    """Everything an Optax state holds for ``spec``'s family, found by type."""
     slots: dict[tuple[str, Path], np.ndarray] = {}
     counts: dict[Path, int] = {}  # by partition prefix
+    injected: dict[Path, dict[str, float]] = {}  # by partition prefix
     prefixes: dict[Path, Path] = {}  # param path -> its partition prefix
     schedule_counts: set[int] = set()
+    types = _state_types(spec)
+
+    def unwrap(node: Any, where: Path) -> Any:
+        if isinstance(node, optax.MultiStepsState):
+            pending = int(np.asarray(node.mini_step))
+            if pending or any(np.any(np.asarray(leaf)) for leaf in jax.tree_util.tree_leaves(node.acc_grads)):
+                raise UnsupportedError(f"MultiSteps at {'/'.join(where)} is {pending} micro-steps into an "
+                                       "accumulation; convert at a boundary, where torch holds no partial sums")
+        if isinstance(node, _INJECT):
+            injected[_partition_prefix(where)] = {k: np.asarray(v).item() for k, v in node.hyperparams.items()}
+        if isinstance(node, _inject.WrappedScheduleState):
+            schedule_counts.add(int(np.asarray(node.count)))
+        for field in ("inner_state", "inner_opt_state", "hyperparams_states"):
+            if field in node._fields:
+                _map_states(getattr(node, field), types, visit, where + (field,))
+        return node
 
     def visit(node: Any, where: Path) -> Any:
+        if isinstance(node, _WRAPPERS):
+            return unwrap(node, where)
         leaves_by_slot = _slot_leaves(node, spec)
         for slot, leaves in leaves_by_slot.items():
             for path, leaf in leaves.items():
@@ -475,12 +532,41 @@ def _collect(opt_state: Any, spec: OptimizerSpec) -> tuple[dict[tuple[str, Path]
             schedule_counts.add(int(np.asarray(node.count)))
         return node
 
-    types = _state_types(spec)
     typed = _typed(opt_state, types)
     _refuse_trace_after_learning_rate(typed)
     _map_states(typed, types, visit)
     steps = {path: counts[prefix] for path, prefix in prefixes.items() if prefix in counts}
-    return slots, steps, max(schedule_counts, default=None)
+    by_param = {path: injected[prefix] for path, prefix in prefixes.items() if prefix in injected}
+    return _Collected(slots, steps, max(schedule_counts, default=None), by_param)
+
+
+def _merge_injected(spec: OptimizerSpec, group: dict[str, Any], values: Sequence[Mapping[str, float]],
+                    where: str) -> None:
+    """Fill a group's torch hyperparameters from the values ``inject_hyperparams`` kept in the state."""
+    if not values:
+        return
+    if any(v != values[0] for v in values):
+        raise UnsupportedError(f"{where}: its parameters were trained with different injected hyperparameters")
+    found: dict[str, Any] = {}
+    for name, value in values[0].items():
+        if name not in spec.optax_hyperparams:
+            raise UnsupportedError(f"{where}: {spec.torch_class} has no counterpart of the injected Optax "
+                                   f"hyperparameter {name!r}")
+        torch_name, index = spec.optax_hyperparams[name]
+        if torch_name is None:
+            if value != 0:
+                raise UnsupportedError(f"{where}: injected {name}={value} has no torch counterpart unless 0")
+        elif index is None:
+            found[torch_name] = value
+        else:
+            parts = list(found.get(torch_name, spec.hyperparams[torch_name]))
+            parts[index] = value
+            found[torch_name] = tuple(parts)
+    for key, value in found.items():
+        given = group.get(key)
+        if given is not None and tuple(np.atleast_1d(given)) != tuple(np.atleast_1d(value)):
+            raise UnsupportedError(f"{where}: {key}={given!r} given, but the state injected {value!r}")
+        group[key] = value
 
 
 def _torch_shaped(spec: OptimizerSpec, slots: Mapping[tuple[str, Path], np.ndarray],
@@ -531,15 +617,19 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
         raise UnsupportedError("an Optax state does not record which optimizer made it: pass optimizer= "
                                "(--optimizer sgd|adam|adamw)")
     spec = optimizer_spec(optimizer)
-    groups = _normalize_groups(hyperparams, spec)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     shapes_only = all(isinstance(leaf, jax.ShapeDtypeStruct) for _, leaf in leaves)
     weights = {key_path_to_path(kp): leaf if shapes_only else np.asarray(leaf) for kp, leaf in leaves}
-    slots, steps, schedule_count = _collect(opt_state, spec)
-    for slot, path in slots:
+    collected = _collect(opt_state, spec)
+    for slot, path in collected.slots:
         if path not in weights:
             raise MappingError(f"{format_path(path)}: has optimizer state but is not in params")
-    slots = _torch_shaped(spec, slots, weights)
+    slots = _torch_shaped(spec, collected.slots, weights)
+    if hyperparams is None and not collected.injected:
+        raise UnsupportedError("an Optax state does not record its hyperparameters: pass hyperparams= "
+                               "(--hparams '{\"lr\": ...}')")
+    groups = [dict(hyperparams or {})] if hyperparams is None or isinstance(hyperparams, Mapping) \
+        else [dict(g) for g in hyperparams]
     by_name = _names_of(weights)
     if len(groups) == 1 and "params" not in groups[0]:
         stateful = {p for _, p in slots}
@@ -551,6 +641,7 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
                           "(by name) or list the names in hyperparams' 'params'", stacklevel=2)
     params_info, taken = [], set()
     for gi, group in enumerate(groups):
+        members = []
         for name in group.pop("params"):
             path = by_name.get(name)
             if path is None:
@@ -559,18 +650,23 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
             if path in taken:
                 raise MappingError(f"{name!r} is in more than one param group")
             taken.add(path)
+            members.append(path)
+        _merge_injected(spec, group, [collected.injected[p] for p in members if p in collected.injected],
+                        f"param group {gi}")
+        _check_group(spec, group, gi)
+        for path in members:
             w = weights[path]
-            params_info.append(ParamInfo(path, tuple(w.shape), str(np.dtype(w.dtype)), gi, steps.get(path)))
+            params_info.append(ParamInfo(path, tuple(w.shape), str(np.dtype(w.dtype)), gi, collected.steps.get(path)))
             inactive = [slot for slot, p in slots if p == path and slot not in
-                        {s.name for s in spec.active_slots(groups[gi])}]
+                        {s.name for s in spec.active_slots(group)}]
             if inactive:
-                raise UnsupportedError(f"{name}: the Optax state holds {inactive[0]}, which {spec.torch_class} "
-                                       f"with these hyperparameters does not keep (e.g. momentum=0)")
+                raise UnsupportedError(f"{path_to_name(path)}: the Optax state holds {inactive[0]}, which "
+                                       f"{spec.torch_class} with these hyperparameters does not keep (e.g. momentum=0)")
     stray = sorted({p for _, p in slots} - taken)
     if stray:
         raise MappingError(f"{format_path(stray[0])} has optimizer state but is in no param group")
     metadata: dict[str, Any] = {"source": f"optax {optax.__version__}"}
-    if schedule_count is not None and "ScaleByScheduleState" not in spec.count_states:
-        metadata["schedule_count"] = schedule_count  # an LR schedule, not the optimizer's own count
+    if collected.schedule_count is not None and "ScaleByScheduleState" not in spec.count_states:
+        metadata["schedule_count"] = collected.schedule_count  # an LR schedule, not the optimizer's own count
     return OptimizerState(spec.name, tuple(groups), tuple(params_info), slots, None if shapes_only else weights, (),
                           metadata)

@@ -461,11 +461,12 @@ def _muon_lr_ratio(adjust_lr_fn: Optional[str], shape) -> float:
 def _zeropower_via_newtonschulz_torch(g, ns_coefficients, ns_steps, eps, dtype):
     """torch's ``_zeropower_via_newtonschulz`` with the cast to bfloat16 replaced by ``dtype``.
 
-    Intermediate matrices are rounded to ``dtype`` where torch's are; for bfloat16 the products
+    Intermediate matrices are rounded to ``dtype`` where torch's are; below float32 the products
     accumulate in float32 (``torch.addmm``'s ``beta * C + alpha * A @ B`` rounded once to bf16).
     """
     a, b, c = ns_coefficients
-    acc = jnp.float32 if dtype == jnp.bfloat16 else dtype
+    dtype = jnp.dtype(dtype)
+    acc = jnp.promote_types(dtype, jnp.float32)
 
     def mm(x, y):
         return jnp.matmul(x, y, preferred_element_type=acc)
@@ -478,12 +479,15 @@ def _zeropower_via_newtonschulz_torch(g, ns_coefficients, ns_steps, eps, dtype):
     norm = jnp.linalg.norm(x.astype(acc)).astype(dtype)
     norm = jnp.maximum(norm, jnp.asarray(eps, dtype))
     x = (x.astype(acc) / norm.astype(acc)).astype(dtype)
-    for _ in range(ns_steps):
+
+    def iteration(_, x):
         gram = mm(x, x.T).astype(dtype)
         # torch.addmm(gram, gram, gram, beta=b, alpha=c)
         gram_update = (b * gram.astype(acc) + c * mm(gram, gram)).astype(dtype)
         # torch.addmm(x, gram_update, x, beta=a)
-        x = (a * x.astype(acc) + mm(gram_update, x)).astype(dtype)
+        return (a * x.astype(acc) + mm(gram_update, x)).astype(dtype)
+
+    x = jax.lax.fori_loop(0, ns_steps, iteration, x)
     if transpose:
         x = x.T
     return x
@@ -526,14 +530,21 @@ def scale_by_muon_torch(
       torch whose Newton–Schulz is patched to float64 the trajectories agree to ~1e-15 (float64
       params, 10 steps): the mapping of every other part is exact.
     * ``ns_dtype=None`` (the default) casts to bfloat16 where torch does, accumulating products in
-      float32 and rounding to bfloat16 after every matrix operation as torch does. It is **not**
-      bit-identical to stock torch: the bf16 matmul kernels (oneDNN/MKL in torch, Eigen in XLA) and
-      their accumulation order differ, and one bf16 ulp (2**-8 relative) of difference in an
-      intermediate is amplified by the iteration. Measured against stock torch on small float64
-      parameters with lr 0.02 over 10 steps: up to ~1e-3 in the parameters (per-step directions
-      differ by about a bf16 ulp of their O(1) entries, times ``lr * ratio``). That is the same size as
-      the gap between stock torch and a float64 Newton–Schulz; no Optax transform reproduces stock
-      torch exactly.
+      float32 and rounding to bfloat16 after every matrix operation as torch's CPU kernels do. It
+      is **not guaranteed** bit-identical to stock torch: the bf16 matmul kernels (oneDNN in
+      torch, Eigen in XLA) may accumulate in a different order, and a one-ulp difference
+      (2**-8 relative) in an intermediate is carried through the iteration. Measured on CPU
+      (torch 2.13, jax 0.10.2): for small matrices (up to 16x16 tried) the Newton–Schulz output
+      was bit-identical and 10-step float64 trajectories agreed to ~1e-15; for 64x32 to 256x128
+      some entries of the output differed by 1-3 bf16 ulps (up to 6e-3 on entries of size ~0.1-1),
+      i.e. up to ``lr * ratio * 6e-3`` per step in the parameters. Other hardware (GPU, TPU) will
+      differ more. For comparison, a float64 Newton–Schulz is ~1e-3 away from stock torch after 10
+      steps at lr 0.02.
+
+    Not reproduced: for **bfloat16 parameters with** ``nesterov=False`` torch's ``grad.bfloat16()``
+    returns the momentum buffer itself, and the in-place ``div_`` then normalizes torch's stored
+    ``momentum_buffer`` to unit Frobenius norm every step (a torch aliasing bug). This transform
+    keeps the unnormalized buffer.
 
     Unlike :func:`optax.contrib.muon` this has no bias correction of the momentum, uses torch's
     ``max(‖X‖, eps)`` rather than ``‖X‖ + eps``, and orthogonalizes in torch's ``(out, in)``

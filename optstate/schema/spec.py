@@ -7,7 +7,7 @@ have no exact Optax counterpart. Adapters read this table instead of branching o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -89,6 +89,9 @@ class OptimizerSpec:
     refusals: tuple[Refusal, ...] = ()
     # Values that are exact only once every parameter has its slots: torch's first step differs.
     refusals_before_first_step: tuple[Refusal, ...] = ()
+    # optax.inject_hyperparams names -> (torch hyperparameter, index into it or None); a torch name
+    # of None pins the Optax value (eps_root has no torch counterpart and must stay 0).
+    optax_hyperparams: Mapping[str, tuple[str | None, int | None]] = field(default_factory=lambda: MappingProxyType({}))
 
     def slot(self, name: str) -> Slot:
         return next(s for s in self.slots if s.name == name)
@@ -100,6 +103,17 @@ class OptimizerSpec:
 
     def optax_state_types(self) -> frozenset[str]:
         return frozenset(t for s in self.slots for t in s.optax_states) | frozenset(self.count_states)
+
+    def injected_value(self, optax_name: str, hyperparams: Mapping[str, Any]) -> Any:
+        """The value torch's hyperparameters give an ``inject_hyperparams`` entry; UnsupportedError if none."""
+        if optax_name not in self.optax_hyperparams:
+            raise UnsupportedError(f"{self.torch_class} has no counterpart of the injected Optax hyperparameter "
+                                   f"{optax_name!r}")
+        torch_name, index = self.optax_hyperparams[optax_name]
+        if torch_name is None:
+            return 0.0
+        value = self.with_defaults(hyperparams)[torch_name]
+        return value if index is None else value[index]
 
     def with_defaults(self, hyperparams: Mapping[str, Any]) -> dict[str, Any]:
         """Torch's defaults overlaid with ``hyperparams``; extra keys are kept."""
@@ -129,6 +143,9 @@ _ADAM_SLOTS = (
 )
 _ADAM_HYPERPARAMS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximize": False}
 _RMS = ("ScaleByRmsState", "ScaleByRStdDevState")
+_ADAM_INJECTED = MappingProxyType({"learning_rate": ("lr", None), "b1": ("betas", 0), "b2": ("betas", 1),
+                                             "eps": ("eps", None), "eps_root": (None, None),
+                                             "weight_decay": ("weight_decay", None)})
 
 OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
     OptimizerSpec(
@@ -137,6 +154,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         hyperparams=MappingProxyType({"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
                                       "nesterov": False, "maximize": False}),
         slots=(Slot("momentum", "momentum_buffer", ("TraceState",), "trace", needs="momentum"),),
+        optax_hyperparams=MappingProxyType({"learning_rate": ("lr", None), "momentum": ("momentum", None)}),
         has_step=False,
         count_states=(),
         decoupled_weight_decay=False,
@@ -154,6 +172,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         count_states=_ADAM,
         decoupled_weight_decay=False,
         moment_hyperparams=("betas", "amsgrad"),
+        optax_hyperparams=_ADAM_INJECTED,
     ),
     OptimizerSpec(
         name="adamw",
@@ -165,6 +184,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         decoupled_weight_decay=True,
         must_give=("lr", "weight_decay"),
         moment_hyperparams=("betas", "amsgrad"),
+        optax_hyperparams=_ADAM_INJECTED,
     ),
     OptimizerSpec(
         name="adamax",
@@ -177,6 +197,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         count_states=("ScaleByAdamState",),
         decoupled_weight_decay=False,
         moment_hyperparams=("betas", "eps"),  # eps enters the stored infinity norm
+        optax_hyperparams=_ADAM_INJECTED,
     ),
     OptimizerSpec(
         name="nadam",
@@ -229,6 +250,9 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         decoupled_weight_decay=False,
         must_give=("lr", "alpha"),
         moment_hyperparams=("alpha", "centered", "momentum"),
+        optax_hyperparams=MappingProxyType({"learning_rate": ("lr", None), "decay": ("alpha", None),
+                                            "eps": ("eps", None), "initial_scale": (None, None),
+                                            "momentum": ("momentum", None)}),
     ),
     OptimizerSpec(
         name="adagrad",
@@ -252,6 +276,8 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         count_states=(),
         decoupled_weight_decay=False,
         moment_hyperparams=("rho", "eps"),  # eps enters the stored update moment
+        optax_hyperparams=MappingProxyType({"learning_rate": ("lr", None), "rho": ("rho", None),
+                                            "eps": ("eps", None), "weight_decay": ("weight_decay", None)}),
     ),
 )
 
