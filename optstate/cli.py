@@ -40,8 +40,10 @@ def _convert(args: argparse.Namespace) -> int:
         adapter("optax").jax.config.update("jax_enable_x64", True)
     state = api.convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
                         force=args.force, optimizer=args.optimizer, hyperparams=_hparams(args.hparams),
-                        reset=args.reset, horizon=args.horizon)
+                        reset=args.reset, horizon=args.horizon, allow_approximate=args.allow_approximate)
     print(f"{args.src} -> {args.dst}: {_summary(state)}")
+    if "approximate" in state.metadata:
+        print(f"approximate: {state.metadata['approximate']}")
     for name in args.reset:
         print(f"reset {name}: zeroed on every parameter, as asked")
     return 0
@@ -72,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
                    help="zero this slot (exp_avg, momentum_buffer, ..., or step) on the way; repeatable")
     c.add_argument("--horizon", type=int, help="the largest step count training will reach: needed to carry an LR "
                    "schedule that never settles (cosine, step, exponential) to Optax exactly")
+    c.add_argument("--allow-approximate", action="store_true", help="convert an optimizer whose continuation "
+                   "across frameworks is not bit-exact (Muon), recording why in the output")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.set_defaults(run=_convert)
     i = sub.add_parser("inspect", help="show what a checkpoint holds and what a restore would lose")

@@ -12,7 +12,7 @@ import torch
 import optstate
 from optstate.converters.optax import group_transform
 from frameworks import TinyNet, jax_params, jax_train, torch_params, torch_train
-from helpers import SHAPES, TOL, flat, gradient, max_abs_diff, nested
+from helpers import SHAPES, TOL, flat, gradient, initial_params, max_abs_diff, nested
 
 K, N = range(0, 5), range(5, 10)
 
@@ -345,4 +345,51 @@ def test_multisteps_at_a_boundary_both_ways():
     optstate.to_torch(state, opt)
     torch_train(model, opt, N)
     params, _ = train_twice(params, refilled, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+def test_optax_native_lion_round_trips_through_the_canonical_file(tmp_path):
+    tx = optax.lion(0.01, b1=0.8, b2=0.95, weight_decay=0.1)
+    params = jax_params()
+    params, opt_state = jax_train(tx, params, tx.init(params), K)
+    hp = {"lr": 0.01, "betas": [0.8, 0.95], "weight_decay": 0.1, "params": list(SHAPES)}
+    state = optstate.from_optax(opt_state, params, optimizer="lion", hyperparams=[hp])
+    optstate.save(state, tmp_path / "lion.safetensors")
+    state = optstate.load(tmp_path / "lion.safetensors")
+    ours = optstate.optax_transform(state)
+    restored = optstate.to_optax(state, ours, params)
+    mine, _ = jax_train(ours, params, restored, N)
+    stock, _ = jax_train(tx, params, opt_state, N)
+    assert max_abs_diff(flat(mine), flat(stock)) < TOL
+    with pytest.raises(optstate.UnsupportedError, match="Lion is an Optax optimizer with no torch.optim counterpart"):
+        optstate.to_torch_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- Muon (approximate by nature)
+
+class TwoMatrices(torch.nn.Module):
+    """Muon takes 2-D parameters only."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(3, 5, bias=False, dtype=torch.float64)
+        self.fc2 = torch.nn.Linear(5, 2, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(torch.from_numpy(initial_params()[name]))
+
+
+def test_muon_needs_allow_approximate_and_then_continues(tmp_path):
+    model = TwoMatrices()
+    opt = torch.optim.Muon(model.named_parameters(), lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    torch_train(model, opt, K)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    with pytest.raises(optstate.UnsupportedError, match="Muon: torch's bfloat16 Newton-Schulz is not reproducible"):
+        optstate.convert(tmp_path / "ckpt.pt", tmp_path / "out", src_format="torch", dst_format="optax")
+    optstate.convert(tmp_path / "ckpt.pt", tmp_path / "out", src_format="torch", dst_format="optax",
+                     allow_approximate=True)
+    params, opt_state, tx = optstate.load_optax(tmp_path / "out")
+    params, _ = jax_train(tx, params, opt_state, N)
+    torch_train(model, opt, N)
+    # Small matrices: JAX's bfloat16 Newton-Schulz on CPU matches torch's bit for bit.
     assert max_abs_diff(flat(params), torch_params(model)) < TOL

@@ -31,3 +31,9 @@ def test_readme_examples_run(tmp_path, monkeypatch):
         for block in blocks:
             exec(compile(block, "README.md", "exec"), namespace)
     assert out.getvalue().strip() == "tensor(30.)"
+
+
+def test_support_matrix_is_current():
+    from optstate.support import support_matrix
+
+    assert (ROOT / "docs" / "support.md").read_text() == support_matrix(), "run: python -m optstate.support > docs/support.md"

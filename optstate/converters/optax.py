@@ -47,12 +47,17 @@ def _sgd_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.
     return optax.chain(optax.scale(1.0 - hp["dampening"]), trace) if hp["dampening"] else trace
 
 
+def _custom(spec: OptimizerSpec, option: str | None) -> Callable[..., optax.GradientTransformation]:
+    """The torch-exact transform the optimizer table names for this family and option."""
+    from . import torch_semantics
+
+    return getattr(torch_semantics, spec.custom_transforms[option])
+
+
 def _adam_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
     b1, b2 = hp["betas"]
     if hp["amsgrad"]:
-        from .torch_semantics import scale_by_amsgrad_torch
-
-        return scale_by_amsgrad_torch(b1=b1, b2=b2, eps=hp["eps"])
+        return _custom(optimizer_spec("adam"), "amsgrad")(b1=b1, b2=b2, eps=hp["eps"])
     return optax.scale_by_adam(b1=b1, b2=b2, eps=hp["eps"], eps_root=0.0)
 
 
@@ -70,9 +75,8 @@ def _rmsprop_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> op
 
 
 def _adagrad_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
-    from .torch_semantics import scale_by_rss_torch
-
-    return scale_by_rss_torch(initial_accumulator_value=hp["initial_accumulator_value"], eps=hp["eps"])
+    return _custom(optimizer_spec("adagrad"), None)(initial_accumulator_value=hp["initial_accumulator_value"],
+                                                    eps=hp["eps"])
 
 
 def _adadelta_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
@@ -80,24 +84,18 @@ def _adadelta_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> o
 
 
 def _nadam_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
-    from .torch_semantics import scale_by_nadam_torch
-
     b1, b2 = hp["betas"]
     # torch keeps mu_product in its default dtype (float32 unless set to float64), whatever the params'.
-    return scale_by_nadam_torch(b1=b1, b2=b2, eps=hp["eps"], momentum_decay=hp["momentum_decay"],
+    return _custom(optimizer_spec("nadam"), None)(b1=b1, b2=b2, eps=hp["eps"], momentum_decay=hp["momentum_decay"],
                                 mu_product_dtype=dtypes.get("momentum_product", np.dtype("float32")))
 
 
 def _radam_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
-    from .torch_semantics import scale_by_radam_torch
-
     b1, b2 = hp["betas"]
-    return scale_by_radam_torch(b1=b1, b2=b2, eps=hp["eps"])
+    return _custom(optimizer_spec("radam"), None)(b1=b1, b2=b2, eps=hp["eps"])
 
 
 def _adafactor_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
-    from .torch_semantics import scale_by_adafactor_torch
-
     eps1, eps2 = hp["eps"]
     lr = hp["lr"]
 
@@ -107,8 +105,19 @@ def _adafactor_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> 
         t = jax.numpy.asarray(count + 1, jax.numpy.result_type(float))
         return jax.numpy.minimum(lr, 1 / jax.numpy.sqrt(t)) / lr
 
-    scaler = scale_by_adafactor_torch(beta2_decay=hp["beta2_decay"], eps1=eps1, eps2=eps2, d=hp["d"])
+    scaler = _custom(optimizer_spec("adafactor"), None)(beta2_decay=hp["beta2_decay"], eps1=eps1, eps2=eps2, d=hp["d"])
     return optax.chain(scaler, optax.scale_by_schedule(relative_step))
+
+
+def _muon_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
+    return _custom(optimizer_spec("muon"), None)(
+        momentum=hp["momentum"], nesterov=hp["nesterov"], ns_coefficients=tuple(hp["ns_coefficients"]),
+        eps=hp["eps"], ns_steps=hp["ns_steps"], adjust_lr_fn=hp["adjust_lr_fn"])  # bfloat16 Newton-Schulz, as torch
+
+
+def _lion_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
+    b1, b2 = hp["betas"]
+    return optax.scale_by_lion(b1=b1, b2=b2)
 
 
 # Each builds the part of a family's update that torch multiplies by the learning rate.
@@ -116,7 +125,8 @@ def _adafactor_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> 
 _SCALERS: Mapping[str, Callable[[Mapping[str, Any], Mapping[str, np.dtype]], optax.GradientTransformation]] = {
     "sgd": _sgd_scaler, "adam": _adam_scaler, "adamw": _adam_scaler, "adamax": _adamax_scaler,
     "nadam": _nadam_scaler, "radam": _radam_scaler, "rmsprop": _rmsprop_scaler, "adagrad": _adagrad_scaler,
-    "adadelta": _adadelta_scaler, "adafactor": _adafactor_scaler,
+    "adadelta": _adadelta_scaler, "adafactor": _adafactor_scaler, "lion": _lion_scaler,
+    "muon": _muon_scaler,
 }
 
 
@@ -142,7 +152,7 @@ def group_transform(spec: OptimizerSpec, hyperparams: Mapping[str, Any],
     hp = spec.with_defaults(hyperparams)
     decay, decoupled = hp["weight_decay"], is_decoupled(spec, hp)
     parts = []
-    if hp["maximize"]:
+    if hp.get("maximize"):
         parts.append(optax.scale(-1.0))  # torch negates the gradient before adding L2 decay
     if decay and not decoupled:
         parts.append(optax.add_decayed_weights(decay))
@@ -192,6 +202,7 @@ def _labels(labels: Mapping[Path, str], params: Any) -> Any:
 
 
 def _refuse_unsupported(state: OptimizerState) -> None:
+    state.spec.check_exact("approximate" in state.metadata)
     for gi, hp in enumerate(state.param_groups):
         stepped = all(state.has_state(p.path) for p in state.group_params(gi)) or not state.spec.active_slots(hp)
         state.spec.check_supported(hp, f"param group {gi}", all_stepped=stepped)
@@ -597,7 +608,8 @@ def _registration_order(path: Path) -> tuple:
 
 
 def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
-               hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None) -> OptimizerState:
+               hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+               allow_approximate: bool = False) -> OptimizerState:
     """Read an Optax state (live, or as Orbax restores it without a target) into the canonical form.
 
     ``params`` gives paths, shapes and dtypes, and the weights unless its leaves are
@@ -617,6 +629,7 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
         raise UnsupportedError("an Optax state does not record which optimizer made it: pass optimizer= "
                                "(--optimizer sgd|adam|adamw)")
     spec = optimizer_spec(optimizer)
+    spec.check_exact(allow_approximate)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     shapes_only = all(isinstance(leaf, jax.ShapeDtypeStruct) for _, leaf in leaves)
     weights = {key_path_to_path(kp): leaf if shapes_only else np.asarray(leaf) for kp, leaf in leaves}
@@ -666,6 +679,8 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
     if stray:
         raise MappingError(f"{format_path(stray[0])} has optimizer state but is in no param group")
     metadata: dict[str, Any] = {"source": f"optax {optax.__version__}"}
+    if spec.approximate:
+        metadata["approximate"] = spec.approximate
     if collected.schedule_count is not None and "ScaleByScheduleState" not in spec.count_states:
         metadata["schedule_count"] = collected.schedule_count  # an LR schedule, not the optimizer's own count
     return OptimizerState(spec.name, tuple(groups), tuple(params_info), slots, None if shapes_only else weights, (),

@@ -141,7 +141,8 @@ def _restore_as_numpy(directory: FsPath) -> Any:
 
 
 def read_optax_dir(path: str | os.PathLike, *, optimizer: str | None = None,
-                   hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None) -> OptimizerState:
+                   hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+                   allow_approximate: bool = False) -> OptimizerState:
     """The canonical state of an Orbax checkpoint of ``{"params": ..., "opt_state": ...}``.
 
     Optimizer and hyperparameters come from the arguments, else from ``optstate.json`` when the
@@ -168,7 +169,8 @@ def read_optax_dir(path: str | os.PathLike, *, optimizer: str | None = None,
         if skeleton is None:
             raise FormatError(f"{directory}: no 'params' in the checkpoint, so parameter shapes are unknown")
         params = nest(_param_shapes(skeleton))
-    state = from_optax(tree["opt_state"], params, optimizer=optimizer, hyperparams=hyperparams)
+    state = from_optax(tree["opt_state"], params, optimizer=optimizer, hyperparams=hyperparams,
+                       allow_approximate=allow_approximate)
     buffers_file = directory / BUFFERS
     if state.weights is None or not buffers_file.is_file():
         return state

@@ -460,6 +460,12 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def _refuse_optax_native(spec: OptimizerSpec) -> None:
+    if not spec.in_torch:
+        raise UnsupportedError(f"{spec.torch_class} is an Optax optimizer with no torch.optim counterpart; "
+                               "it converts to the canonical file and back to Optax only")
+
+
 def _param_entry(state: OptimizerState, info: ParamInfo) -> dict[str, torch.Tensor]:
     spec = state.spec
     present = {s.name: state.slots[(s.name, info.path)] for s in spec.slots if (s.name, info.path) in state.slots}
@@ -496,6 +502,7 @@ def to_torch_state_dict(state: OptimizerState, *, names: Sequence[str] | None = 
     >>> sd["param_groups"][0]["param_names"], sorted(sd["state"][0])
     (['weight', 'bias'], ['momentum_buffer'])
     """
+    _refuse_optax_native(state.spec)
     order = [p.path for p in state.params] if names is None else [name_to_path(n) for n in names]
     if sorted(order) != sorted(p.path for p in state.params):
         raise MappingError("names must list every tracked parameter exactly once")
@@ -560,6 +567,7 @@ def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: 
     >>> float(fresh.state_dict()["state"][0]["step"])
     1.0
     """
+    _refuse_optax_native(state.spec)
     live_family = optimizer_spec(torch_class_of(optimizer.param_groups[0]))
     if live_family.name != state.optimizer:
         raise UnsupportedError(f"the state is {state.spec.torch_class}'s, the optimizer is {type(optimizer).__name__} "

@@ -579,7 +579,8 @@ def scale_by_muon_torch(
     def check(x):
         if x.ndim != 2:
             raise ValueError(
-                f"Muon only supports 2D parameters whereas we found a parameter with size: {x.shape}"
+                "Muon only supports 2D parameters whereas we found a parameter with size: "
+                f"{x.shape}"
             )
 
     def init_fn(params):

@@ -92,6 +92,17 @@ class OptimizerSpec:
     # optax.inject_hyperparams names -> (torch hyperparameter, index into it or None); a torch name
     # of None pins the Optax value (eps_root has no torch counterpart and must stay 0).
     optax_hyperparams: Mapping[str, tuple[str | None, int | None]] = field(default_factory=lambda: MappingProxyType({}))
+    in_torch: bool = True  # False for Optax-native families: canonical file and Optax only
+    # torch_semantics transforms used where stock Optax only approximates torch: by the option that
+    # calls for one (None: always), the transform's name.
+    custom_transforms: Mapping[str | None, str] = field(default_factory=lambda: MappingProxyType({}))
+    approximate: str | None = None  # why a move between frameworks is not bit-exact; None when it is
+
+    def check_exact(self, allowed: bool) -> None:
+        """Refuse a family whose cross-framework continuation is only approximate, unless ``allowed``."""
+        if self.approximate and not allowed:
+            raise UnsupportedError(f"{self.torch_class}: {self.approximate}; pass --allow-approximate "
+                                   "(allow_approximate=True) to convert anyway, recorded in the output")
 
     def slot(self, name: str) -> Slot:
         return next(s for s in self.slots if s.name == name)
@@ -173,6 +184,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         decoupled_weight_decay=False,
         moment_hyperparams=("betas", "amsgrad"),
         optax_hyperparams=_ADAM_INJECTED,
+        custom_transforms=MappingProxyType({"amsgrad": "scale_by_amsgrad_torch"}),
     ),
     OptimizerSpec(
         name="adamw",
@@ -185,6 +197,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         must_give=("lr", "weight_decay"),
         moment_hyperparams=("betas", "amsgrad"),
         optax_hyperparams=_ADAM_INJECTED,
+        custom_transforms=MappingProxyType({"amsgrad": "scale_by_amsgrad_torch"}),
     ),
     OptimizerSpec(
         name="adamax",
@@ -212,6 +225,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         decoupled_weight_decay=False,
         must_give=("lr", "momentum_decay"),
         moment_hyperparams=("betas", "momentum_decay"),
+        custom_transforms=MappingProxyType({None: "scale_by_nadam_torch"}),
     ),
     OptimizerSpec(
         name="radam",
@@ -223,6 +237,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         count_states=("ScaleByAdamState",),
         decoupled_weight_decay=False,
         moment_hyperparams=("betas",),
+        custom_transforms=MappingProxyType({None: "scale_by_radam_torch"}),
     ),
     OptimizerSpec(
         name="adafactor",
@@ -236,6 +251,38 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         count_states=("FactoredState", "ScaleByScheduleState"),  # the relative step min(lr, 1/sqrt(t)) counts too
         decoupled_weight_decay=True,
         moment_hyperparams=("beta2_decay", "eps"),
+        custom_transforms=MappingProxyType({None: "scale_by_adafactor_torch"}),
+    ),
+    OptimizerSpec(
+        name="lion",
+        torch_class="Lion",  # Optax's; torch.optim has none
+        hyperparams=MappingProxyType({"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 1e-3, "maximize": False}),
+        slots=(Slot("first_moment", "exp_avg", ("ScaleByLionState",), "mu"),),
+        has_step=True,
+        count_states=("ScaleByLionState",),
+        decoupled_weight_decay=True,
+        must_give=("lr", "weight_decay"),
+        moment_hyperparams=("betas",),
+        optax_hyperparams=MappingProxyType({"learning_rate": ("lr", None), "b1": ("betas", 0), "b2": ("betas", 1),
+                                            "weight_decay": ("weight_decay", None)}),
+        in_torch=False,
+    ),
+    OptimizerSpec(
+        name="muon",
+        torch_class="Muon",
+        hyperparams=MappingProxyType({"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True,
+                                      "ns_coefficients": (3.4445, -4.775, 2.0315), "eps": 1e-7, "ns_steps": 5,
+                                      "adjust_lr_fn": None}),
+        slots=(Slot("momentum", "momentum_buffer", ("ScaleByMuonTorchState",), "momentum_buffer",
+                    min_ndim=2, max_ndim=2),),
+        has_step=False,
+        count_states=(),
+        decoupled_weight_decay=True,
+        must_give=("lr", "weight_decay"),
+        moment_hyperparams=("momentum",),
+        custom_transforms=MappingProxyType({None: "scale_by_muon_torch"}),
+        approximate=("torch's bfloat16 Newton-Schulz is not reproducible bit for bit (bit-identical on small "
+                     "matrices on CPU; a few bfloat16 ulps, ~3e-3 per step, on 128x256)"),
     ),
     OptimizerSpec(
         name="rmsprop",
@@ -265,6 +312,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         decoupled_weight_decay=False,
         must_give=("lr", "eps"),
         moment_hyperparams=("initial_accumulator_value",),
+        custom_transforms=MappingProxyType({None: "scale_by_rss_torch"}),
     ),
     OptimizerSpec(
         name="adadelta",

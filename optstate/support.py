@@ -1,0 +1,80 @@
+"""The support matrix, generated from the optimizer table so that it cannot drift from the code.
+
+``python -m optstate.support`` prints it; ``docs/support.md`` is its output, and a test checks that
+the file is current.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .schema.spec import OPTIMIZERS, OptimizerSpec
+
+HEADER = ("# Support matrix\n\nGenerated from the optimizer table (`optstate/schema/spec.py`) by "
+          "`python -m optstate.support`; do not edit by hand.\n\n"
+          "Exact: continuing after the conversion agrees with staying put to 1e-12 in float64. "
+          "tests/test_continuation.py runs every optimizer, and most options, in both directions; the custom "
+          "transforms, Optax transforms of `optstate/converters/torch_semantics.py` that reproduce torch's "
+          "formula where stock Optax only approximates it, are also tested against torch directly "
+          "(tests/test_torch_semantics.py, tests/test_muon.py).\n")
+
+
+def _options(spec: OptimizerSpec) -> Iterator[str]:
+    """Hyperparameters that switch a feature on: booleans off by default, and numbers whose default is 0."""
+    for name, default in spec.hyperparams.items():
+        if default is False or (isinstance(default, (int, float)) and not isinstance(default, bool) and default == 0):
+            yield name
+
+
+def _how(spec: OptimizerSpec, option: str | None) -> str:
+    custom = spec.custom_transforms.get(option) or spec.custom_transforms.get(None)
+    if spec.approximate:
+        return f"approximate, only with `--allow-approximate`: {spec.approximate}"
+    return f"exact (custom `{custom}`)" if custom else "exact"
+
+
+def _status(spec: OptimizerSpec, option: str | None, to_optax: bool) -> str:
+    if not to_optax and not spec.in_torch:
+        return "refused: no torch.optim counterpart"
+    for refusal in spec.refusals:
+        if refusal.hyperparam == option:
+            return f"refused: {refusal.feature}"
+    if to_optax and any(r.hyperparam == option for r in spec.refusals_before_first_step):
+        return "exact once every parameter has its slots"
+    return _how(spec, option)
+
+
+def _rows(spec: OptimizerSpec) -> Iterator[tuple[str, str, str]]:
+    yield "defaults", _status(spec, None, True), _status(spec, None, False)
+    for option in _options(spec):
+        yield f"`{option}`", _status(spec, option, True), _status(spec, option, False)
+    back = "exact" if spec.in_torch else _status(spec, None, False)
+    yield "several param groups", "exact (`optax.partition`)", back
+    if spec.has_step:
+        yield "parameters at different steps", "exact (one partition per step)", back
+    if spec.in_torch:
+        forward = "refused: relative step under a changing lr" if spec.name == "adafactor" else \
+            "exact (`--horizon` unless the lr settles)" + ("; assumes one scheduler step per optimizer step"
+                                                          if not spec.has_step else "")
+        yield "torch LR scheduler", forward, "exact with `to_torch(..., scheduler=)`"
+
+
+def support_matrix() -> str:
+    """The matrix as Markdown.
+
+    >>> "| Adam | `amsgrad` |" in support_matrix()
+    True
+    """
+    lines = [HEADER, "| optimizer | option | torch → Optax | Optax → torch |", "|---|---|---|---|"]
+    for spec in OPTIMIZERS.values():
+        lines.extend(f"| {spec.torch_class} | {option} | {a} | {b} |" for option, a, b in _rows(spec))
+    lines.append("\nAlso both ways for every optimizer: `optax.inject_hyperparams` states (the injected values "
+                 "are the torch hyperparameters), `optax.MultiSteps` at accumulation boundaries (refused in "
+                 "between), frozen parameters (`set_to_zero` partition). Refused by name: any other Optax "
+                 "state holding numbers, torch's LambdaLR/MultiplicativeLR/ReduceLROnPlateau/CyclicLR, and "
+                 "torch optimizers not listed (Rprop, ASGD, SparseAdam, LBFGS).")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(support_matrix(), end="")
