@@ -136,6 +136,7 @@ def _inspect_torch(path: str) -> Report:
         {n: (tuple(t.shape), torch_adapter.is_buffer(n, t)) for n, t in model_sd.items()})
     if sd is None:
         return _report(path, "torch", None, weights=weights)
+    torch_adapter.check_state_dict(sd, path)
     groups = sd["param_groups"]
     optimizer = None
     try:
@@ -150,7 +151,9 @@ def _inspect_torch(path: str) -> Report:
         names, origin = [str(i) for g in groups for i in g["params"]], f"positional ({exc})"
     state, error = None, None
     try:
-        state = torch_adapter.from_torch(obj)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch_adapter.from_torch(path)
     except OptstateError as exc:
         error = exc
     indices = [(gi, i) for gi, g in enumerate(groups) for i in g["params"]]

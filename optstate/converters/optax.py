@@ -340,8 +340,9 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         info = by_path.get(path)
         if info is None:
             raise MappingError(f"{format_path(path)}: the Optax state has a {slot.name} slot for a parameter the "
-                               "torch optimizer does not track (frozen?); label it frozen, as "
-                               "optstate.optax_transform(state) does")
+                               "torch optimizer does not track (frozen?); leave it out of this transform, e.g. "
+                               "with optstate.optax_transform on a state that holds the model weights, which "
+                               "labels frozen parameters 'frozen'")
         if not slot.applies(info.shape):
             return as_array(np.zeros(leaf.shape, leaf.dtype))  # Optax's placeholder where torch keeps no such slot
         array = state.slots.get((slot.name, path))
@@ -641,6 +642,9 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
     if hyperparams is None and not collected.injected:
         raise UnsupportedError("an Optax state does not record its hyperparameters: pass hyperparams= "
                                "(--hparams '{\"lr\": ...}')")
+    if not (hyperparams is None or isinstance(hyperparams, Mapping) or isinstance(hyperparams, (list, tuple))
+            and all(isinstance(g, Mapping) for g in hyperparams)):
+        raise UnsupportedError(f"hyperparams must be a dict or a list of dicts (param groups), not {hyperparams!r}")
     groups = [dict(hyperparams or {})] if hyperparams is None or isinstance(hyperparams, Mapping) \
         else [dict(g) for g in hyperparams]
     by_name = _names_of(weights)

@@ -100,9 +100,12 @@ def _read_sidecar(directory: FsPath) -> dict[str, Any] | None:
     if not sidecar.is_file():
         return None
     try:
-        return json.loads(sidecar.read_text())
+        meta = json.loads(sidecar.read_text())
     except json.JSONDecodeError as exc:
         raise FormatError(f"{sidecar}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise FormatError(f"{sidecar}: not an optstate metadata object")
+    return meta
 
 
 def load_optax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
@@ -121,6 +124,8 @@ def load_optax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
         raise FormatError(f"{directory}: no {SIDECAR}; not written by optstate convert --to optax "
                           "(read it with optstate.from_optax and your own tx)")
     state = _skeleton(meta, str(directory / SIDECAR))
+    if not (directory / "_CHECKPOINT_METADATA").exists() and not (directory / "_METADATA").exists():
+        raise FormatError(f"{directory}: {SIDECAR} but no Orbax checkpoint beside it")
     shapes = _param_shapes(state)
     if _needs_x64(shapes) and not jax.config.jax_enable_x64:
         raise UnsupportedError(f"{directory} holds 64-bit arrays, which JAX would silently round to 32 bits; "
@@ -135,7 +140,12 @@ def load_optax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
 
 
 def _restore_as_numpy(directory: FsPath) -> Any:
-    metadata = ocp.StandardCheckpointer().metadata(os.path.abspath(directory)).item_metadata.tree
+    found = ocp.StandardCheckpointer().metadata(os.path.abspath(directory))
+    metadata = None if found is None or found.item_metadata is None else found.item_metadata.tree
+    if metadata is None:
+        steps = sorted(p.name for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+        hint = f"; it holds steps {steps[:5]}: name one of them" if steps else ""
+        raise FormatError(f"{directory}: not an Orbax checkpoint of one PyTree (no metadata){hint}")
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
     return ocp.PyTreeCheckpointer().restore(os.path.abspath(directory), restore_args=restore_args)
 

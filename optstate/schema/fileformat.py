@@ -272,9 +272,15 @@ def load(path: str | os.PathLike) -> OptimizerState:
         meta = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise FormatError(f"{source}: optstate metadata is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise FormatError(f"{source}: optstate metadata is not a JSON object")
+    check_format_version(meta, source)
     by_kind_path = {parse_tensor_key(key): a for key, a in arrays.items()}
-    expected = {(s["slot"], tuple(s["path"])) for s in meta.get("slots", [])}
-    expected |= {("model", tuple(w["path"])) for w in (meta.get("weights") or [])}
+    try:
+        expected = {(s["slot"], tuple(s["path"])) for s in meta["slots"]}
+        expected |= {("model", tuple(w["path"])) for w in (meta["weights"] or [])}
+    except (KeyError, TypeError) as exc:
+        raise FormatError(f"{source}: malformed optstate metadata ({type(exc).__name__}: {exc})") from None
     if set(by_kind_path) != expected:
         extra = sorted(set(by_kind_path) - expected)[:3]
         missing = sorted(expected - set(by_kind_path))[:3]

@@ -1,0 +1,177 @@
+"""Inputs real checkpoints have that the happy path does not: each once silently wrong or a traceback."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+import torch
+
+import optstate
+from optstate.cli import main
+from optstate.errors import FormatError, MappingError, UnsupportedError
+from frameworks import TinyNet, torch_params, torch_train
+from helpers import nested
+
+
+def _stepped(make=lambda m: torch.optim.Adam(m.named_parameters(), lr=0.01), steps=2, model=None):
+    model = model or TinyNet()
+    opt = make(model)
+    torch_train(model, opt, range(steps))
+    return model, opt
+
+
+def test_state_read_from_a_live_optimizer_is_a_snapshot():
+    model, opt = _stepped()
+    state = optstate.from_torch(opt)
+    before = {k: a.copy() for k, a in state.slots.items()}
+    torch_train(model, opt, range(2, 3))
+    assert all(np.array_equal(state.slots[k], a) for k, a in before.items())
+    other = torch.optim.Adam(model.named_parameters(), lr=0.01)
+    optstate.to_torch(state, other)
+    assert other.state_dict()["state"][0]["exp_avg"].data_ptr() != opt.state_dict()["state"][0]["exp_avg"].data_ptr()
+
+
+def test_missing_hyperparameters_take_torch_defaults_not_the_live_ones():
+    params = {"w": jax.numpy.ones(3)}
+    opt_state = optax.sgd(0.1, momentum=0.9).init(params)
+    state = optstate.from_optax(opt_state, params, optimizer="sgd", hyperparams={"lr": 0.1, "momentum": 0.9})
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    live = torch.optim.SGD([("w", w)], lr=1.0, momentum=0.9, nesterov=True)
+    optstate.to_torch(state, live)
+    assert live.param_groups[0]["nesterov"] is False
+
+
+def test_optimizer_name_contradicting_the_groups_is_refused(tmp_path):
+    model, opt = _stepped(lambda m: torch.optim.Adam(m.named_parameters(), lr=0.01, weight_decay=0.1))
+    with pytest.raises(UnsupportedError, match="optimizer='adamw' but the param groups are Adam's"):
+        optstate.from_torch(opt.state_dict(), optimizer="adamw")
+    with pytest.raises(UnsupportedError, match="the state is Adam's, the optimizer is AdamW"):
+        optstate.to_torch(optstate.from_torch(opt), torch.optim.AdamW(model.named_parameters()))
+
+
+def test_moments_narrower_than_the_parameter_are_refused_for_torch():
+    params = {"w": jax.numpy.ones(3, dtype=jax.numpy.float32)}
+    opt_state = optax.adam(0.1, mu_dtype=jax.numpy.bfloat16).init(params)
+    state = optstate.from_optax(opt_state, params, optimizer="adam", hyperparams={"lr": 0.1})
+    with pytest.raises(UnsupportedError, match="w: first_moment is bfloat16, the parameter float32"):
+        optstate.to_torch_state_dict(state)
+
+
+def test_buffers_for_a_group_without_momentum_are_refused():
+    params = {"w": jax.numpy.ones(3)}
+    opt_state = optax.sgd(0.1, momentum=0.9).init(params)
+    with pytest.raises(UnsupportedError, match="w: the Optax state holds momentum"):
+        optstate.from_optax(opt_state, params, optimizer="sgd", hyperparams={"lr": 0.1})
+
+
+def test_tied_weights_are_refused():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(4, 3)
+            self.head = torch.nn.Linear(3, 4, bias=False)
+            self.head.weight = self.emb.weight
+
+    model = Tied()
+    opt = torch.optim.Adam(model.named_parameters(), lr=0.01)
+    model.head(model.emb(torch.tensor([1, 2]))).sum().backward()
+    opt.step()
+    with pytest.raises(UnsupportedError, match="'head.weight' is tied to 'emb.weight'"):
+        optstate.from_torch({"model": model.state_dict(), "optimizer": opt.state_dict()})
+
+
+def test_float32_tensor_lr_is_refused():
+    model = TinyNet()
+    opt = torch.optim.Adam(model.named_parameters(), lr=torch.tensor(0.02), foreach=False)
+    torch_train(model, opt, range(1))
+    with pytest.raises(UnsupportedError, match="param group 0: a float32 tensor hyperparameter"):
+        optstate.from_torch(opt)
+
+
+def test_layer_order_follows_registration_not_string_sorting():
+    params = {"layers": {str(i): {"w": jax.numpy.ones(2)} for i in range(12)}}
+    opt_state = optax.adam(0.1).init(params)
+    with pytest.warns(UserWarning, match="order is inferred"):
+        state = optstate.from_optax(opt_state, params, optimizer="adam", hyperparams={"lr": 0.1})
+    assert [p.path[1] for p in state.params] == [str(i) for i in range(12)]
+
+
+def test_prefixed_names_are_named_in_the_error():
+    model, opt = _stepped()
+    weights = {f"module.{k}": v for k, v in model.state_dict().items()}
+    with pytest.raises(MappingError, match="'fc1.weight' is not among the model weights .*'module.fc1.weight'"):
+        optstate.from_torch({"model": weights, "optimizer": opt.state_dict()})
+
+
+def test_non_persistent_buffers_and_channels_last(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 3, 3)
+            self.register_buffer("scale", torch.ones(3), persistent=False)
+
+    model = Net().to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model.conv(torch.ones(1, 2, 5, 5).to(memory_format=torch.channels_last)).sum().backward()
+    opt.step()
+    state = optstate.from_torch(opt, model=model)
+    assert state.buffers == ()
+    optstate.to_torch(state, torch.optim.AdamW(model.parameters(), lr=0.01), model=model)
+    optstate.save(state, tmp_path / "s.safetensors")
+
+
+def test_lightning_checkpoint_layout():
+    model, opt = _stepped()
+    state = optstate.from_torch({"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()]})
+    assert state.optimizer == "adam" and state.weights is not None
+
+
+def test_dotted_keys_in_optax_trees():
+    params = {"fc1.weight": jax.numpy.ones((2, 2)), "fc1.bias": jax.numpy.ones(2)}
+    opt_state = optax.adam(0.1).init(params)
+    state = optstate.from_optax(opt_state, params, optimizer="adam",
+                                hyperparams=[{"lr": 0.1, "params": ["fc1.weight", "fc1.bias"]}])
+    assert [p.path for p in state.params] == [("fc1.weight",), ("fc1.bias",)]
+    sd = optstate.to_torch_state_dict(state)
+    assert sd["param_groups"][0]["param_names"] == ["fc1.weight", "fc1.bias"]
+
+
+@pytest.mark.parametrize("sd, message", [
+    ({"state": {}, "param_groups": []}, "non-empty 'param_groups'"),
+    ({"state": {}, "param_groups": [{"lr": 0.1}]}, "param group 0 has no 'params' list"),
+    ({"state": {5: {}}, "param_groups": [{"lr": 0.1, "params": [0]}]}, r"indices \[5\] that no param group holds"),
+])
+def test_malformed_state_dicts(tmp_path, sd, message):
+    torch.save({"optimizer": sd}, tmp_path / "bad.pt")
+    with pytest.raises(FormatError, match=message):
+        optstate.from_torch(tmp_path / "bad.pt")
+    assert main(["inspect", str(tmp_path / "bad.pt")]) == 1
+
+
+@pytest.mark.parametrize("hparams, message", [('[1]', "must be a dict or a list of dicts"),
+                                              ('{"lr": "abc"}', "lr='abc' is not of the type torch takes")])
+def test_bad_hparams_on_the_command_line(tmp_path, capsys, hparams, message):
+    import orbax.checkpoint as ocp
+    params = {"w": jax.numpy.ones(3)}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ck", {"params": params, "opt_state": optax.adam(0.1).init(params)})
+    checkpointer.wait_until_finished()
+    assert main(["convert", "--from", "optax", "--to", "torch", "--optimizer", "adam", "--hparams", hparams,
+                 str(tmp_path / "ck"), str(tmp_path / "o.pt")]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_empty_directory_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", "--from", "optax", "--to", "torch", "--optimizer", "adam", "--hparams", '{"lr": 1}',
+                 str(tmp_path / "empty"), str(tmp_path / "o.pt")]) == 1
+    assert "not an Orbax checkpoint" in capsys.readouterr().err
+
+
+def test_from_format_is_honoured_whatever_the_suffix(tmp_path):
+    model, opt = _stepped()
+    torch.save({"optimizer": opt.state_dict()}, tmp_path / "ckpt.tar")
+    assert main(["convert", "--from", "torch", "--to", "optstate", str(tmp_path / "ckpt.tar"),
+                 str(tmp_path / "s.safetensors")]) == 0
