@@ -58,6 +58,12 @@ TORCH_CASES = {
     "adafactor": lambda m: torch.optim.Adafactor(m.named_parameters(), lr=0.05),
     "adafactor-all": lambda m: torch.optim.Adafactor(m.named_parameters(), lr=0.5, beta2_decay=-0.5, eps=(0.3, 1e-3),
                                                      weight_decay=0.1, maximize=True),
+    "adamax-maximize": lambda m: torch.optim.Adamax(m.named_parameters(), lr=0.02, maximize=True),
+    "nadam-maximize": lambda m: torch.optim.NAdam(m.named_parameters(), lr=0.02, weight_decay=0.1, maximize=True),
+    "radam-maximize": lambda m: torch.optim.RAdam(m.named_parameters(), lr=0.02, maximize=True),
+    "adadelta-maximize": lambda m: torch.optim.Adadelta(m.named_parameters(), lr=0.5, maximize=True),
+    "rmsprop-groups": lambda m: torch.optim.RMSprop(_no_decay_on_bias(m, weight_decay=0.1, momentum=0.5), lr=0.01,
+                                                    centered=True),
     "sgd-groups": lambda m: torch.optim.SGD(_no_decay_on_bias(m, weight_decay=0.1, momentum=0.5), lr=0.05,
                                             momentum=0.9),
 }
@@ -348,12 +354,13 @@ def test_multisteps_at_a_boundary_both_ways():
     assert max_abs_diff(flat(params), torch_params(model)) < TOL
 
 
-def test_optax_native_lion_round_trips_through_the_canonical_file(tmp_path):
-    tx = optax.lion(0.01, b1=0.8, b2=0.95, weight_decay=0.1)
+@pytest.mark.parametrize("family, tx", [("lion", optax.lion(0.01, b1=0.8, b2=0.95, weight_decay=0.1)),
+                                        ("lamb", optax.lamb(0.01, b1=0.8, b2=0.95, weight_decay=0.1))])
+def test_optax_native_optimizers_round_trip_through_the_canonical_file(family, tx, tmp_path):
     params = jax_params()
     params, opt_state = jax_train(tx, params, tx.init(params), K)
     hp = {"lr": 0.01, "betas": [0.8, 0.95], "weight_decay": 0.1, "params": list(SHAPES)}
-    state = optstate.from_optax(opt_state, params, optimizer="lion", hyperparams=[hp])
+    state = optstate.from_optax(opt_state, params, optimizer=family, hyperparams=[hp])
     optstate.save(state, tmp_path / "lion.safetensors")
     state = optstate.load(tmp_path / "lion.safetensors")
     ours = optstate.optax_transform(state)
@@ -361,7 +368,7 @@ def test_optax_native_lion_round_trips_through_the_canonical_file(tmp_path):
     mine, _ = jax_train(ours, params, restored, N)
     stock, _ = jax_train(tx, params, opt_state, N)
     assert max_abs_diff(flat(mine), flat(stock)) < TOL
-    with pytest.raises(optstate.UnsupportedError, match="Lion is an Optax optimizer with no torch.optim counterpart"):
+    with pytest.raises(optstate.UnsupportedError, match="is an Optax optimizer with no torch.optim counterpart"):
         optstate.to_torch_state_dict(state)
 
 

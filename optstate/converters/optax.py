@@ -115,6 +115,13 @@ def _muon_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax
         eps=hp["eps"], ns_steps=hp["ns_steps"], adjust_lr_fn=hp["adjust_lr_fn"])  # bfloat16 Newton-Schulz, as torch
 
 
+def _lamb_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
+    b1, b2 = hp["betas"]
+    # optax.lamb: the decay joins the Adam direction before the trust ratio rescales both.
+    return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=hp["eps"], eps_root=0.0),
+                       optax.add_decayed_weights(hp["weight_decay"]), optax.scale_by_trust_ratio())
+
+
 def _lion_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
     b1, b2 = hp["betas"]
     return optax.scale_by_lion(b1=b1, b2=b2)
@@ -125,7 +132,7 @@ def _lion_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax
 _SCALERS: Mapping[str, Callable[[Mapping[str, Any], Mapping[str, np.dtype]], optax.GradientTransformation]] = {
     "sgd": _sgd_scaler, "adam": _adam_scaler, "adamw": _adam_scaler, "adamax": _adamax_scaler,
     "nadam": _nadam_scaler, "radam": _radam_scaler, "rmsprop": _rmsprop_scaler, "adagrad": _adagrad_scaler,
-    "adadelta": _adadelta_scaler, "adafactor": _adafactor_scaler, "lion": _lion_scaler,
+    "adadelta": _adadelta_scaler, "adafactor": _adafactor_scaler, "lion": _lion_scaler, "lamb": _lamb_scaler,
     "muon": _muon_scaler,
 }
 
@@ -150,7 +157,8 @@ def group_transform(spec: OptimizerSpec, hyperparams: Mapping[str, Any],
     'GradientTransformationExtraArgs'
     """
     hp = spec.with_defaults(hyperparams)
-    decay, decoupled = hp["weight_decay"], is_decoupled(spec, hp)
+    decay = 0.0 if spec.decay_in_scaler else hp["weight_decay"]
+    decoupled = is_decoupled(spec, hp)
     parts = []
     if hp.get("maximize"):
         parts.append(optax.scale(-1.0))  # torch negates the gradient before adding L2 decay

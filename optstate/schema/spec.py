@@ -93,6 +93,7 @@ class OptimizerSpec:
     # of None pins the Optax value (eps_root has no torch counterpart and must stay 0).
     optax_hyperparams: Mapping[str, tuple[str | None, int | None]] = field(default_factory=lambda: MappingProxyType({}))
     in_torch: bool = True  # False for Optax-native families: canonical file and Optax only
+    decay_in_scaler: bool = False  # the scaler applies weight decay itself (LAMB: before its trust ratio)
     # torch_semantics transforms used where stock Optax only approximates torch: by the option that
     # calls for one (None: always), the transform's name.
     custom_transforms: Mapping[str | None, str] = field(default_factory=lambda: MappingProxyType({}))
@@ -266,6 +267,21 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         optax_hyperparams=MappingProxyType({"learning_rate": ("lr", None), "b1": ("betas", 0), "b2": ("betas", 1),
                                             "weight_decay": ("weight_decay", None)}),
         in_torch=False,
+    ),
+    OptimizerSpec(
+        name="lamb",
+        torch_class="LAMB",  # Optax's; torch.optim has none
+        hyperparams=MappingProxyType({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0,
+                                      "maximize": False}),
+        slots=_ADAM_SLOTS[:2],
+        has_step=True,
+        count_states=("ScaleByAdamState",),
+        decoupled_weight_decay=True,
+        must_give=("lr",),
+        moment_hyperparams=("betas",),
+        optax_hyperparams=_ADAM_INJECTED,
+        in_torch=False,
+        decay_in_scaler=True,
     ),
     OptimizerSpec(
         name="muon",
