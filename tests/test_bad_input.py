@@ -12,8 +12,7 @@ import torch
 
 import optstate
 from optstate.errors import FormatError, MappingError, UnsupportedError
-from frameworks import TinyNet, torch_params, torch_train
-from helpers import nested
+from frameworks import TinyNet, torch_train
 
 
 def _checkpoint(tmp_path, make=lambda m: torch.optim.Adam(m.named_parameters(), lr=0.01), steps=2, **extra):

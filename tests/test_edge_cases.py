@@ -11,8 +11,7 @@ import torch
 import optstate
 from optstate.cli import main
 from optstate.errors import FormatError, MappingError, UnsupportedError
-from frameworks import TinyNet, torch_params, torch_train
-from helpers import nested
+from frameworks import TinyNet, torch_train
 
 
 def _stepped(make=lambda m: torch.optim.Adam(m.named_parameters(), lr=0.01), steps=2, model=None):

@@ -22,7 +22,9 @@ import pytest
 import torch
 import torch.optim._muon as torch_muon
 
+import semantics_harness as harness
 from optstate.converters import torch_semantics as ts
+from semantics_harness import max_diff
 
 jax.config.update("jax_enable_x64", True)
 
@@ -118,24 +120,12 @@ def run_torch(case: Case):
     return [p.detach().numpy().copy() for p in params], half_params, half_bufs
 
 
-@functools.lru_cache(maxsize=None)
-def jitted_update(tx: optax.GradientTransformation):
-    return jax.jit(tx.update)
 
 
 def run_optax(tx, params, start, state=None):
-    params = [jnp.asarray(p) for p in params]
-    state = tx.init(params) if state is None else state
-    update = jitted_update(tx)
-    for step in range(start, STEPS):
-        grads = [jnp.asarray(g) for g in gradients(step, params)]
-        updates, state = update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-    return [np.asarray(p) for p in params]
+    return harness.run_optax(tx, params, gradients, range(start, STEPS), state)
 
 
-def max_diff(a, b) -> float:
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
 
 
 def load(state, bufs):

@@ -9,7 +9,6 @@ is why each custom transform exists.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,7 +19,9 @@ import optax
 import pytest
 import torch
 
+import semantics_harness as harness
 from optstate.converters import torch_semantics as ts
+from semantics_harness import max_diff
 
 jax.config.update("jax_enable_x64", True)
 
@@ -63,25 +64,12 @@ def run_torch(make, default_dtype=torch.float32, foreach=False):
     return [p.detach().numpy().copy() for p in params], half_params, half_state
 
 
-@functools.lru_cache(maxsize=None)
-def jitted_update(tx: optax.GradientTransformation):
-    # Compiling dominates the run time; each chain is compiled once for all tests that use it.
-    return jax.jit(tx.update)
 
 
 def run_optax(tx, params, start, state=None):
-    params = [jnp.asarray(p) for p in params]
-    state = tx.init(params) if state is None else state
-    update = jitted_update(tx)
-    for step in range(start, STEPS):
-        grads = [jnp.asarray(g) for g in gradients(step, params)]
-        updates, state = update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-    return [np.asarray(p) for p in params]
+    return harness.run_optax(tx, params, gradients, range(start, STEPS), state)
 
 
-def max_diff(a, b) -> float:
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
 
 
 def fill(state, cls, **fields):

@@ -15,7 +15,7 @@ import torch
 from ..atomic import atomic_file
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, optimizer_spec
-from ..schema.state import OptimizerState, ParamInfo, Path, format_path, name_to_path, path_to_name
+from ..schema.state import OptimizerState, ParamInfo, format_path, name_to_path, path_to_name
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt")
 MODEL_KEYS = ("model", "model_state_dict", "state_dict", "model_state", "weights")
