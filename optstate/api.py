@@ -33,14 +33,15 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def read(src: str | os.PathLike, fmt: str | None = None, *, optimizer: str | None = None,
-         hyperparams: Any = None, allow_approximate: bool = False) -> OptimizerState:
+         hyperparams: Any = None, allow_approximate: bool = False, optstate_transform: bool = False) -> OptimizerState:
     """Read ``src`` (of format ``fmt``, guessed when ``None``) into the canonical state."""
     fmt = fmt or detect_format(src)
     if fmt == "torch":
         return adapter("torch").from_torch(os.fspath(src), optimizer=optimizer)
     if fmt == "optax":
         return adapter("orbax").read_optax_dir(src, optimizer=optimizer, hyperparams=hyperparams,
-                                               allow_approximate=allow_approximate)
+                                               allow_approximate=allow_approximate,
+                                               optstate_transform=optstate_transform)
     if fmt == "optstate":
         return fileformat.load(src)
     raise OptstateError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
@@ -61,17 +62,19 @@ def write(state: OptimizerState, dst: str | os.PathLike, fmt: str, *, force: boo
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str | None = None,
             dst_format: str | None = None, force: bool = False, optimizer: str | None = None,
             hyperparams: Any = None, reset: Sequence[str] = (), horizon: int | None = None,
-            allow_approximate: bool = False) -> OptimizerState:
+            allow_approximate: bool = False, optstate_transform: bool = False) -> OptimizerState:
     """Convert a checkpoint between formats; what ``optstate convert`` runs. Returns the state.
 
     ``reset`` names slots (or ``"step"``) to zero on the way, deliberately. ``horizon`` is the
     largest step count training will reach, for an LR schedule that never settles (cosine, ...).
     ``allow_approximate`` converts an optimizer whose continuation across frameworks is not
-    bit-exact (Muon), recording why in the output.
+    bit-exact (Muon), recording why in the output. ``optstate_transform``: an Optax input was
+    trained with ``optstate.optax_transform`` (see :func:`optstate.converters.orbax.read_optax_dir`).
 
     >>> optstate.convert("ckpt.pt", "out/", src_format="torch", dst_format="optax")  # doctest: +SKIP
     """
-    state = read(src, src_format, optimizer=optimizer, hyperparams=hyperparams, allow_approximate=allow_approximate)
+    state = read(src, src_format, optimizer=optimizer, hyperparams=hyperparams, allow_approximate=allow_approximate,
+                 optstate_transform=optstate_transform)
     if allow_approximate and state.spec.approximate:
         state = dataclasses.replace(state, metadata={**state.metadata, "approximate": state.spec.approximate})
     if reset:

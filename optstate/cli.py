@@ -40,7 +40,8 @@ def _convert(args: argparse.Namespace) -> int:
         adapter("optax").jax.config.update("jax_enable_x64", True)
     state = api.convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
                         force=args.force, optimizer=args.optimizer, hyperparams=_hparams(args.hparams),
-                        reset=args.reset, horizon=args.horizon, allow_approximate=args.allow_approximate)
+                        reset=args.reset, horizon=args.horizon, allow_approximate=args.allow_approximate,
+                        optstate_transform=args.optstate_transform)
     print(f"{args.src} -> {args.dst}: {_summary(state)}")
     if "approximate" in state.metadata:
         print(f"approximate: {state.metadata['approximate']}")
@@ -76,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
                    "schedule that never settles (cosine, step, exponential) to Optax exactly")
     c.add_argument("--allow-approximate", action="store_true", help="convert an optimizer whose continuation "
                    "across frameworks is not bit-exact (Muon), recording why in the output")
+    c.add_argument("--optstate-transform", action="store_true", help="the Optax input was trained with "
+                   "optstate.optax_transform (its torch-exact states look like stock Optax ones on disk)")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.set_defaults(run=_convert)
     i = sub.add_parser("inspect", help="show what a checkpoint holds and what a restore would lose")

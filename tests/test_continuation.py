@@ -163,12 +163,12 @@ OPTAX_CASES = {
                           {"lr": 0.02, "weight_decay": 0.1}),
     "adamw": (optax.adamw(0.02, weight_decay=0.1), "adamw", {"lr": 0.02, "weight_decay": 0.1}),
     "adamax": (optax.adamax(0.02, b1=0.8, b2=0.95), "adamax", {"lr": 0.02, "betas": [0.8, 0.95]}),
-    "rmsprop": (optax.rmsprop(0.01, decay=0.9, eps_in_sqrt=False), "rmsprop", {"lr": 0.01, "alpha": 0.9}),
-    "rmsprop-centered": (optax.rmsprop(0.01, decay=0.9, eps_in_sqrt=False, centered=True), "rmsprop",
-                         {"lr": 0.01, "alpha": 0.9, "centered": True}),
-    "rmsprop-momentum": (optax.chain(optax.scale_by_rms(0.9, eps_in_sqrt=False), optax.trace(0.8),
-                                     optax.scale_by_learning_rate(0.01)),
-                         "rmsprop", {"lr": 0.01, "alpha": 0.9, "momentum": 0.8}),
+    # optax.rmsprop's state type is also that of eps inside the square root: optstate's chain says which.
+    **{f"rmsprop{suffix}-optstate": (group_transform(optstate.OPTIMIZERS["rmsprop"], hp), "rmsprop", hp) for suffix, hp in [
+        ("", {"lr": 0.01, "alpha": 0.9}),
+        ("-centered", {"lr": 0.01, "alpha": 0.9, "centered": True}),
+        ("-momentum", {"lr": 0.01, "alpha": 0.9, "momentum": 0.8, "weight_decay": 0.1}),
+    ]},
     "adadelta": (optax.adadelta(0.5, rho=0.8, weight_decay=0.05), "adadelta",
                  {"lr": 0.5, "rho": 0.8, "weight_decay": 0.05}),
     # torch's load_state_dict casts NAdam's mu_product to the parameter dtype: float64 here.
@@ -205,7 +205,7 @@ def test_optax_to_torch_continues_exactly(case, load, tmp_path):
     groups = hparams if isinstance(hparams, list) else [
         dict(hparams, params=["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"])]  # torch's order
     optstate.convert(tmp_path / "ckpt", tmp_path / "out.pt", src_format="optax", dst_format="torch",
-                     optimizer=family, hyperparams=groups)
+                     optimizer=family, hyperparams=groups, optstate_transform=case.endswith("optstate"))
     ckpt = torch.load(tmp_path / "out.pt", weights_only=True)
     model = TinyNet()
     model.load_state_dict(ckpt["model"])
@@ -400,3 +400,29 @@ def test_muon_needs_allow_approximate_and_then_continues(tmp_path):
     torch_train(model, opt, N)
     # Small matrices: JAX's bfloat16 Newton-Schulz on CPU matches torch's bit for bit.
     assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+@pytest.mark.parametrize("stock, family, hparams, gap", [
+    (optax.rmsprop(0.01, decay=0.9, eps_in_sqrt=False), "rmsprop", {"lr": 0.01, "alpha": 0.9}, 0.0),
+    (optax.rmsprop(0.01, decay=0.9), "rmsprop", {"lr": 0.01, "alpha": 0.9}, 1e-9),
+    (optax.amsgrad(0.02), "adam", {"lr": 0.02, "amsgrad": True}, 1e-3),
+])
+def test_stock_optax_states_need_allow_approximate(stock, family, hparams, gap, tmp_path):
+    """A stock state cannot say whether its formula was torch's; with the flag it converts and is recorded."""
+    params = jax_params()
+    params, opt_state = jax_train(stock, params, stock.init(params), K)
+    _save_orbax(tmp_path / "ckpt", params, opt_state)
+    groups = [dict(hparams, params=list(SHAPES))]
+    with pytest.raises(optstate.UnsupportedError, match="is a stock Scale.*pass --allow-approximate"):
+        optstate.convert(tmp_path / "ckpt", tmp_path / "out.pt", optimizer=family, hyperparams=groups)
+    state = optstate.convert(tmp_path / "ckpt", tmp_path / "out.pt", optimizer=family, hyperparams=groups,
+                             allow_approximate=True)
+    assert "stock Optax" in state.metadata["approximate"]
+    model = TinyNet()
+    model.load_state_dict(torch.load(tmp_path / "out.pt", weights_only=True)["model"])
+    opt = getattr(torch.optim, optstate.OPTIMIZERS[family].torch_class)(model.named_parameters(), lr=1.0)
+    optstate.to_torch(state, opt)
+    torch_train(model, opt, N)
+    params, _ = jax_train(stock, params, opt_state, N)
+    diff = max_abs_diff(flat(params), torch_params(model))
+    assert diff < TOL if gap == 0 else diff > gap  # exact only where the stock formula is torch's

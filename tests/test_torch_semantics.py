@@ -122,7 +122,7 @@ def amsgrad_case(name, lr=0.05, betas=(0.9, 0.999), eps=1e-8, wd=0.0, decoupled=
                          maximize=maximize, foreach=foreach)
 
     def load(state, half):
-        return fill(state, optax.ScaleByAmsgradState, count=count(half[0]["step"].item()),
+        return fill(state, ts.ScaleByAmsgradTorchState, count=count(half[0]["step"].item()),
                     mu=arrays(half, "exp_avg"), nu=arrays(half, "exp_avg_sq"),
                     nu_max=arrays(half, "max_exp_avg_sq"))
 
@@ -137,7 +137,7 @@ def adagrad_case(name, lr=0.1, lr_decay=0.0, iav=0.0, eps=1e-10, wd=0.0, maximiz
                                    foreach=foreach)
 
     def load(state, half):
-        state = fill(state, optax.ScaleByRssState, sum_of_squares=arrays(half, "sum"))
+        state = fill(state, ts.ScaleByRssTorchState, sum_of_squares=arrays(half, "sum"))
         return fill(state, optax.ScaleByScheduleState, count=count(half[0]["step"].item()))
 
     # torch: step += 1; clr = lr / (1 + (step - 1) * lr_decay); the schedule's count is step - 1.
@@ -173,7 +173,7 @@ def radam_case(name, lr=0.05, betas=(0.9, 0.999), eps=1e-8, wd=0.0, decoupled=Fa
                                  decoupled_weight_decay=decoupled, foreach=foreach)
 
     def load(state, half):
-        return fill(state, optax.ScaleByAdamState, count=count(half[0]["step"].item()),
+        return fill(state, ts.ScaleByRAdamTorchState, count=count(half[0]["step"].item()),
                     mu=arrays(half, "exp_avg"), nu=arrays(half, "exp_avg_sq"))
 
     tx = lr_chain(ts.scale_by_radam_torch(*betas, eps), lr, wd=wd, decoupled=decoupled)
@@ -201,7 +201,7 @@ def adafactor_case(name, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=
         factored = ["row_var" in s for s in half]
         return fill(
             fill(state, optax.ScaleByScheduleState, count=count(half[0]["step"].item())),
-            optax.FactoredState,
+            ts.FactoredTorchState,
             count=count(half[0]["step"].item()),
             v_row=[jnp.asarray(s["row_var"].squeeze(-1).numpy()) if f else placeholder
                    for s, f in zip(half, factored)],
@@ -283,14 +283,14 @@ def test_nadam_mu_product_dtype_must_follow_torch_default_dtype():
 
 def test_state_types_are_optax_types():
     params = [jnp.zeros(s) for s in SHAPES]
-    assert isinstance(ts.scale_by_amsgrad_torch().init(params), optax.ScaleByAmsgradState)
-    assert isinstance(ts.scale_by_rss_torch().init(params), optax.ScaleByRssState)
-    assert isinstance(ts.scale_by_radam_torch().init(params), optax.ScaleByAdamState)
+    assert isinstance(ts.scale_by_amsgrad_torch().init(params), ts.ScaleByAmsgradTorchState)
+    assert isinstance(ts.scale_by_rss_torch().init(params), ts.ScaleByRssTorchState)
+    assert isinstance(ts.scale_by_radam_torch().init(params), ts.ScaleByRAdamTorchState)
     nadam = ts.scale_by_nadam_torch(mu_product_dtype=jnp.float32).init(params)
     assert isinstance(nadam, ts.ScaleByNadamTorchState)
     assert nadam.mu_product.shape == () and nadam.mu_product.dtype == jnp.float32
     factored = ts.scale_by_adafactor_torch().init(params)
-    assert isinstance(factored, optax.FactoredState)
+    assert isinstance(factored, ts.FactoredTorchState)
     # torch row_var [..., n, 1] and col_var [..., 1, m], squeezed; `variance` for vectors.
     assert [v.shape for v in factored.v_row] == [(5,), (1,), (2,), (2, 3)]
     assert [v.shape for v in factored.v_col] == [(3,), (1,), (5,), (2, 4)]

@@ -19,12 +19,14 @@ from optax.schedules import _inject
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, Slot, is_decoupled, optimizer_spec
 from ..schema.state import OptimizerState, ParamInfo, Path, format_path, numpy_dtype, path_to_name
+from .schedules import last_epoch, optax_schedules
 
 FROZEN = "frozen"
 _CONTAINERS = (optax.MaskedState, optax.PartitionState)
 _INJECT = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 # States that wrap other states and keep counters or hyperparameters of their own.
 _WRAPPERS = (*_INJECT, optax.MultiStepsState, _inject.WrappedScheduleState)
+_WRAPPED_FIELDS = ("inner_state", "inner_opt_state", "hyperparams_states")
 
 
 def _state_type(name: str) -> type:
@@ -67,16 +69,16 @@ def _adamax_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> opt
 
 
 def _rmsprop_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
-    # torch adds eps outside the square root and keeps no bias correction.
-    scale = optax.scale_by_stddev if hp["centered"] else optax.scale_by_rms
-    scaler = scale(decay=hp["alpha"], eps=hp["eps"], initial_scale=0.0, eps_in_sqrt=False, bias_correction=False)
+    scaler = _custom(optimizer_spec("rmsprop"), None)(alpha=hp["alpha"], eps=hp["eps"], centered=bool(hp["centered"]))
     # torch's buffer is momentum * buf + g / avg, before the lr: trace after the scaler, lr after the trace.
     return optax.chain(scaler, optax.trace(decay=hp["momentum"])) if hp["momentum"] else scaler
 
 
 def _adagrad_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
-    return _custom(optimizer_spec("adagrad"), None)(initial_accumulator_value=hp["initial_accumulator_value"],
-                                                    eps=hp["eps"])
+    spec = optimizer_spec("adagrad")
+    scaler = _custom(spec, None)(initial_accumulator_value=hp["initial_accumulator_value"], eps=hp["eps"])
+    # lr / (1 + (step - 1) * lr_decay), with a count of its own: the parameter's step, not the scheduler's.
+    return optax.chain(scaler, _custom(spec, "lr_decay")(hp["lr_decay"])) if hp["lr_decay"] else scaler
 
 
 def _adadelta_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
@@ -97,16 +99,9 @@ def _radam_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> opta
 
 def _adafactor_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
     eps1, eps2 = hp["eps"]
-    lr = hp["lr"]
-
-    def relative_step(count):
-        # torch steps by min(lr, 1/sqrt(t)) but decays weights by lr: divided by lr here, the chain's
-        # scale_by_learning_rate(lr) restores the step and scales the decay as torch does.
-        t = jax.numpy.asarray(count + 1, jax.numpy.result_type(float))
-        return jax.numpy.minimum(lr, 1 / jax.numpy.sqrt(t)) / lr
-
-    scaler = _custom(optimizer_spec("adafactor"), None)(beta2_decay=hp["beta2_decay"], eps1=eps1, eps2=eps2, d=hp["d"])
-    return optax.chain(scaler, optax.scale_by_schedule(relative_step))
+    spec = optimizer_spec("adafactor")
+    scaler = _custom(spec, None)(beta2_decay=hp["beta2_decay"], eps1=eps1, eps2=eps2, d=hp["d"])
+    return optax.chain(scaler, _custom(spec, "lr")(hp["lr"]))  # min(lr, 1/sqrt(t)) in place of the lr
 
 
 def _muon_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.GradientTransformation:
@@ -137,15 +132,6 @@ _SCALERS: Mapping[str, Callable[[Mapping[str, Any], Mapping[str, np.dtype]], opt
 }
 
 
-def _learning_rate(hp: Mapping[str, Any], schedule: Callable | None) -> Any:
-    lr = hp["lr"] if schedule is None else schedule
-    if hp.get("lr_decay"):
-        decay = hp["lr_decay"]
-        # torch Adagrad: clr = lr / (1 + (step - 1) * lr_decay) with step counted from 1.
-        return lambda count: (lr(count) if callable(lr) else lr) / (1 + count * decay)
-    return lr
-
-
 def group_transform(spec: OptimizerSpec, hyperparams: Mapping[str, Any],
                     dtypes: Mapping[str, np.dtype] | None = None,
                     schedule: Callable | None = None) -> optax.GradientTransformation:
@@ -165,9 +151,11 @@ def group_transform(spec: OptimizerSpec, hyperparams: Mapping[str, Any],
     if decay and not decoupled:
         parts.append(optax.add_decayed_weights(decay))
     parts.append(_SCALERS[spec.name](hp, dtypes or {}))
+    if spec.lr_in_scaler:  # the scaler took its own (negative) step; torch decays weights by lr * wd
+        return optax.chain(*parts, *([optax.add_decayed_weights(-hp["lr"] * decay)] if decay else []))
     if decay and decoupled:
         parts.append(optax.add_decayed_weights(decay))
-    parts.append(optax.scale_by_learning_rate(_learning_rate(hp, schedule)))
+    parts.append(optax.scale_by_learning_rate(hp["lr"] if schedule is None else schedule))
     return optax.chain(*parts)
 
 
@@ -221,12 +209,11 @@ def _schedules(state: OptimizerState, horizon: int | None) -> list[Callable] | N
     sd = state.metadata.get("lr_scheduler")
     if sd is None:
         return None
-    from .schedules import optax_schedules
 
-    last_epoch = sd.get("last_epoch")
+    scheduled = last_epoch(sd)
     steps = {p.step for p in state.params if p.step is not None}
-    if state.spec.has_step and steps and last_epoch != max(steps):
-        raise UnsupportedError(f"the LR scheduler has stepped {last_epoch} times and the optimizer {max(steps)}: "
+    if state.spec.has_step and steps and scheduled != max(steps):
+        raise UnsupportedError(f"the LR scheduler has stepped {scheduled} times and the optimizer {max(steps)}: "
                                "optstate maps schedulers stepped once per optimizer step")
     if not state.spec.has_step:
         warnings.warn(f"{state.spec.torch_class} keeps no step count: assuming the LR scheduler stepped once per "
@@ -281,6 +268,9 @@ def _map_states(tree: Any, state_types: tuple[type, ...], visit: Callable[[Any, 
     """
     if isinstance(tree, state_types):
         return visit(tree, path)
+    if isinstance(tree, _WRAPPERS):  # not asked for: walk what it wraps, keep its own counters
+        return tree._replace(**{f: _map_states(getattr(tree, f), state_types, visit, path + (f,))
+                                for f in _WRAPPED_FIELDS if f in tree._fields})
     if isinstance(tree, _CONTAINERS):
         return type(tree)(*(_map_states(getattr(tree, f), state_types, visit, path + (f,)) for f in tree._fields))
     if isinstance(tree, tuple) and not hasattr(tree, "_fields") or isinstance(tree, list):
@@ -369,11 +359,19 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         return as_array(array)
 
     def covered(node: Any, where: Path) -> tuple[ParamInfo, ...]:
+        """The parameters a node's counts and scalars belong to: those in its slot trees, else its partition's."""
         in_trees = {p for leaves in _slot_leaves(node, spec).values() for p in leaves} if node is not None else ()
         if in_trees:
             return tuple(by_path[p] for p in in_trees)
         prefix = _partition_prefix(where)
-        return tuple(p for p in state.params if not prefix or labels[p.path] == prefix[-1])
+        if not prefix:
+            return state.params
+        if prefix in partitions:
+            return tuple(by_path[p] for p in partitions[prefix] if p in by_path)
+        if prefix[-1] in set(labels.values()):
+            return tuple(p for p in state.params if labels[p.path] == prefix[-1])
+        raise MappingError(f"cannot tell which parameters the count at {'/'.join(where)} belongs to: its partition "
+                           "keeps no slots and its label is not one of optstate's")
 
     def scalar_value(slot: str, node: Any, where: Path, leaf: Any) -> Any:
         values = {state.slots[(slot, p.path)].tobytes(): state.slots[(slot, p.path)]
@@ -381,23 +379,26 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         if len(values) > 1:
             raise UnsupportedError(f"{slot} differs between parameters that share one Optax state at "
                                    f"{'/'.join(where)}")
+        filled.update((slot, p.path) for p in covered(node, where))
         if not values:
             return leaf  # no parameter has stepped: the template's initial value is torch's too
         (array,) = values.values()
         if np.dtype(leaf.dtype) != array.dtype:
             raise MappingError(f"{'/'.join(where)}: the Optax template keeps {slot} as {np.dtype(leaf.dtype)}, "
                                f"the state holds {array.dtype}")
-        filled.update((slot, p.path) for p in covered(node, where))
         return as_array(array)
 
     def wrapped(node: Any, where: Path) -> Any:
-        inner = {f: _map_states(getattr(node, f), types, visit, where + (f,))
-                 for f in ("inner_state", "inner_opt_state", "hyperparams_states") if f in node._fields}
+        inner = {f: _map_states(getattr(node, f), types, visit, where + (f,)) for f in _WRAPPED_FIELDS
+                 if f in node._fields}
         if isinstance(node, optax.MultiStepsState):  # a conversion happens at an accumulation boundary
             zeros = jax.tree_util.tree_map(lambda leaf: as_array(np.zeros(leaf.shape, leaf.dtype)), node.acc_grads)
+            # gradient_step counts optimizer steps: the most any parameter has taken.
+            steps = [p.step for p in covered(None, where) if p.step is not None]
             return node._replace(mini_step=as_array(_count(0, node.mini_step)), acc_grads=zeros,
-                                 gradient_step=as_array(_count(step_of(node, where), node.gradient_step)), **inner)
-        fields = {"count": as_array(_count(step_of(node, where), node.count)), **inner}
+                                 gradient_step=as_array(_count(max(steps, default=0), node.gradient_step)), **inner)
+        # An optimizer without a step count (SGD, Muon) has taken an unknown number: 0 unless a scheduler says.
+        fields = {"count": as_array(_count(step_of(node, where, unknown=0), node.count)), **inner}
         if isinstance(node, _INJECT):
             hp = group_hyperparams(where)
             fields["hyperparams"] = {name: as_array(np.asarray(spec.injected_value(name, hp), np.dtype(leaf.dtype)))
@@ -410,11 +411,13 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
             raise UnsupportedError(f"inject_hyperparams at {'/'.join(where)} spans param groups {sorted(groups)}")
         return state.param_groups[groups.pop()]
 
-    def step_of(node: Any, where: Path) -> int | None:
-        if "lr_scheduler" in state.metadata and isinstance(node, (optax.ScaleByScheduleState,
-                                                                   _inject.WrappedScheduleState)):
-            return state.metadata["lr_scheduler"]["last_epoch"]
-        return state.common_step(covered(node, where))
+    def step_of(node: Any, where: Path, unknown: int | None = None) -> int | None:
+        if "lr_scheduler" in state.metadata and (isinstance(node, (optax.ScaleByScheduleState,
+                                                                    _inject.WrappedScheduleState))
+                                                 or not spec.has_step):
+            return last_epoch(state.metadata["lr_scheduler"])
+        step = state.common_step(covered(node, where))
+        return unknown if step is None else step
 
     def visit(node: Any, where: Path) -> Any:
         if isinstance(node, _WRAPPERS):
@@ -430,6 +433,7 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         return node._replace(**fields)
 
     types = _state_types(spec)
+    partitions = _partitions(template, spec, types)
     result = _map_states(template, types, visit)
     expected = {(s.name, p.path) for p in state.params for s in spec.active_slots(state.param_groups[p.group])
                 if s.applies(p.shape)}
@@ -439,6 +443,19 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
                            + ", ".join(f"{slot} of {format_path(p)}" for slot, p in missing[:5])
                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     return result
+
+
+def _partitions(template: Any, spec: OptimizerSpec, types: tuple[type, ...]) -> dict[Path, set[Path]]:
+    """Partition prefix -> the parameters whose slots it holds, for a template of any labels."""
+    found: dict[Path, set[Path]] = {}
+
+    def visit(node: Any, where: Path) -> Any:
+        paths = {p for leaves in _slot_leaves(node, spec).values() for p in leaves}
+        found.setdefault(_partition_prefix(where), set()).update(paths)
+        return node
+
+    _map_states(template, tuple(t for t in types if t not in _WRAPPERS), visit)
+    return {prefix: paths for prefix, paths in found.items() if paths}
 
 
 def _count(value: int | None, leaf: Any) -> np.ndarray:
@@ -506,9 +523,42 @@ class _Collected(NamedTuple):
     steps: dict[Path, int]  # by parameter
     schedule_count: int | None  # an LR schedule's
     injected: dict[Path, dict[str, float]]  # inject_hyperparams values, by parameter
+    stock: frozenset[str]  # stock Optax state types read as torch's (allow_approximate)
 
 
-def _collect(opt_state: Any, spec: OptimizerSpec) -> _Collected:
+def restored_types(raw: Any, spec: OptimizerSpec, *, written_by_optstate: bool) -> Any:
+    """A state tree as Orbax restores it without a target (dicts, lists), given back its NamedTuple types.
+
+    Orbax keeps no type names, and a stock Optax state can have the fields of optstate's torch-exact
+    one (``nu`` is ``nu``): only a directory optstate wrote is taken to hold the torch-exact kind.
+    """
+    stock = tuple(_state_type(name) for name in spec.stock_states)
+    types = _state_types(spec)
+    return _typed(raw, (*types, *stock) if written_by_optstate else (*stock, *types))
+
+
+def _accept_stock(tree: Any, spec: OptimizerSpec, allowed: bool) -> tuple[Any, frozenset[str]]:
+    """Stock Optax states whose formula differs from torch's: refused, or with ``allowed`` read as torch's."""
+    stock = {_state_type(name): _state_type(mimics) for name, mimics in spec.stock_states.items()}
+    seen: set[str] = set()
+    if not stock:
+        return tree, frozenset()
+
+    def visit(node: Any, where: Path) -> Any:
+        if type(node) not in stock:
+            return node
+        if not allowed:
+            raise UnsupportedError(
+                f"Optax state at {'/'.join(where) or '<root>'} is a stock {type(node).__name__}, whose formula is "
+                f"not torch's {spec.torch_class} (see SEMANTICS.md); convert a state made by "
+                f"optstate.optax_transform, or pass --allow-approximate (allow_approximate=True) to take it as is")
+        seen.add(type(node).__name__)
+        return stock[type(node)](*node)
+
+    return _map_states(tree, (*_state_types(spec), *stock), visit), frozenset(seen)
+
+
+def _collect(opt_state: Any, spec: OptimizerSpec, allow_approximate: bool = False) -> _Collected:
     """Everything an Optax state holds for ``spec``'s family, found by type."""
     slots: dict[tuple[str, Path], np.ndarray] = {}
     counts: dict[Path, int] = {}  # by partition prefix
@@ -527,7 +577,7 @@ def _collect(opt_state: Any, spec: OptimizerSpec) -> _Collected:
             injected[_partition_prefix(where)] = {k: np.asarray(v).item() for k, v in node.hyperparams.items()}
         if isinstance(node, _inject.WrappedScheduleState):
             schedule_counts.add(int(np.asarray(node.count)))
-        for field in ("inner_state", "inner_opt_state", "hyperparams_states"):
+        for field in _WRAPPED_FIELDS:
             if field in node._fields:
                 _map_states(getattr(node, field), types, visit, where + (field,))
         return node
@@ -552,12 +602,13 @@ def _collect(opt_state: Any, spec: OptimizerSpec) -> _Collected:
             schedule_counts.add(int(np.asarray(node.count)))
         return node
 
-    typed = _typed(opt_state, types)
+    typed = restored_types(opt_state, spec, written_by_optstate=False)
     _refuse_trace_after_learning_rate(typed)
+    typed, stock = _accept_stock(typed, spec, allow_approximate)
     _map_states(typed, types, visit)
     steps = {path: counts[prefix] for path, prefix in prefixes.items() if prefix in counts}
     by_param = {path: injected[prefix] for path, prefix in prefixes.items() if prefix in injected}
-    return _Collected(slots, steps, max(schedule_counts, default=None), by_param)
+    return _Collected(slots, steps, max(schedule_counts, default=None), by_param, stock)
 
 
 def _merge_injected(spec: OptimizerSpec, group: dict[str, Any], values: Sequence[Mapping[str, float]],
@@ -579,7 +630,7 @@ def _merge_injected(spec: OptimizerSpec, group: dict[str, Any], values: Sequence
         elif index is None:
             found[torch_name] = value
         else:
-            parts = list(found.get(torch_name, spec.hyperparams[torch_name]))
+            parts = list(found.get(torch_name, group.get(torch_name, spec.hyperparams[torch_name])))
             parts[index] = value
             found[torch_name] = tuple(parts)
     for key, value in found.items():
@@ -642,7 +693,7 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     shapes_only = all(isinstance(leaf, jax.ShapeDtypeStruct) for _, leaf in leaves)
     weights = {key_path_to_path(kp): leaf if shapes_only else np.asarray(leaf) for kp, leaf in leaves}
-    collected = _collect(opt_state, spec)
+    collected = _collect(opt_state, spec, allow_approximate)
     for slot, path in collected.slots:
         if path not in weights:
             raise MappingError(f"{format_path(path)}: has optimizer state but is not in params")
@@ -691,8 +742,9 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
     if stray:
         raise MappingError(f"{format_path(stray[0])} has optimizer state but is in no param group")
     metadata: dict[str, Any] = {"source": f"optax {optax.__version__}"}
-    if spec.approximate:
-        metadata["approximate"] = spec.approximate
+    if spec.approximate or (allow_approximate and collected.stock):
+        metadata["approximate"] = spec.approximate or (
+            f"read from stock Optax {', '.join(sorted(collected.stock))} state(s), whose formula differs from torch's")
     if collected.schedule_count is not None and "ScaleByScheduleState" not in spec.count_states:
         metadata["schedule_count"] = collected.schedule_count  # an LR schedule, not the optimizer's own count
     return OptimizerState(spec.name, tuple(groups), tuple(params_info), slots, None if shapes_only else weights, (),

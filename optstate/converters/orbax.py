@@ -24,7 +24,7 @@ from ..schema.fileformat import (parse_tensor_key, read_safetensors, state_from_
                                  write_safetensors)
 from ..schema.spec import optimizer_spec
 from ..schema.state import OptimizerState, Path, format_path, numpy_dtype, path_to_name
-from .optax import fill_state, from_optax, optax_transform
+from .optax import fill_state, from_optax, optax_transform, restored_types
 
 SIDECAR = "optstate.json"
 BUFFERS = "buffers.safetensors"
@@ -152,11 +152,14 @@ def _restore_as_numpy(directory: FsPath) -> Any:
 
 def read_optax_dir(path: str | os.PathLike, *, optimizer: str | None = None,
                    hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-                   allow_approximate: bool = False) -> OptimizerState:
+                   allow_approximate: bool = False, optstate_transform: bool = False) -> OptimizerState:
     """The canonical state of an Orbax checkpoint of ``{"params": ..., "opt_state": ...}``.
 
     Optimizer and hyperparameters come from the arguments, else from ``optstate.json`` when the
-    directory was written by optstate.
+    directory was written by optstate. Orbax keeps no state type names, so a state whose fields fit
+    both a stock Optax transform and optstate's torch-exact one counts as optstate's only in a
+    directory optstate wrote, or with ``optstate_transform=True`` (the training used
+    ``optstate.optax_transform``).
     """
     directory = FsPath(path)
     if not directory.is_dir():
@@ -179,7 +182,11 @@ def read_optax_dir(path: str | os.PathLike, *, optimizer: str | None = None,
         if skeleton is None:
             raise FormatError(f"{directory}: no 'params' in the checkpoint, so parameter shapes are unknown")
         params = nest(_param_shapes(skeleton))
-    state = from_optax(tree["opt_state"], params, optimizer=optimizer, hyperparams=hyperparams,
+    if optimizer is None:
+        raise UnsupportedError("an Optax state does not record which optimizer made it: pass optimizer= "
+                               "(--optimizer sgd|adam|adamw|...)")
+    opt_state = restored_types(tree["opt_state"], optimizer_spec(optimizer), written_by_optstate=optstate_transform or meta is not None)
+    state = from_optax(opt_state, params, optimizer=optimizer, hyperparams=hyperparams,
                        allow_approximate=allow_approximate)
     buffers_file = directory / BUFFERS
     if state.weights is None or not buffers_file.is_file():

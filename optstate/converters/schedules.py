@@ -743,7 +743,7 @@ def _replay_from_scratch(sd, param_groups, name, steps: int, check: bool):
     except _Beyond as exc:
         raise ValueError(str(exc)) from None
     if check:
-        k, want = _last_epoch(sd), _floats(sd["_last_lr"], "_last_lr")
+        k, want = last_epoch(sd), _floats(sd["_last_lr"], "_last_lr")
         got = rows[k]
         if any(not math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0) for a, b in zip(got, want)):
             raise UnsupportedError(
@@ -753,10 +753,10 @@ def _replay_from_scratch(sd, param_groups, name, steps: int, check: bool):
     return node, rows
 
 
-def _last_epoch(sd: Mapping) -> int:
+def last_epoch(sd: Mapping) -> int:
     if "last_epoch" in sd:
         return sd["last_epoch"]
-    return _last_epoch(sd["_schedulers"][0])  # ChainedScheduler
+    return last_epoch(sd["_schedulers"][0])  # ChainedScheduler
 
 
 def _check_groups(name: str, sd: Mapping, param_groups) -> None:
@@ -857,7 +857,7 @@ def optax_schedules(sd: Mapping, *, horizon: int | None = None,
     """
     name = scheduler_class(sd)
     _parse(sd, param_groups)  # refusals and format errors first
-    k = _last_epoch(sd)
+    k = last_epoch(sd)
     node, rows = _replay_from_scratch(sd, param_groups, name, steps=k, check=True)
     _check_groups(name, sd, param_groups)
     limit = node.limit()
@@ -926,7 +926,7 @@ def restore_torch_scheduler_state(sd: Mapping, count: int, *,
         raise ValueError(f"count must be a non-negative integer, got {count!r}")
     name = scheduler_class(sd)
     _parse(sd, param_groups)  # refusals and format errors first
-    k = _last_epoch(sd)
+    k = last_epoch(sd)
     if count >= k:
         node = _parse(sd, param_groups)
         lrs = _floats(sd["_last_lr"], "_last_lr")

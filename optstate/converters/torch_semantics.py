@@ -30,15 +30,115 @@ import jax.numpy as jnp
 import optax
 
 __all__ = [
+    "FactoredTorchState",
+    "ScaleByAmsgradTorchState",
+    "ScaleByLrDecayTorchState",
+    "ScaleByRAdamTorchState",
+    "ScaleByRStdDevTorchState",
+    "ScaleByRelativeStepTorchState",
+    "ScaleByRmsTorchState",
+    "ScaleByRssTorchState",
     "ScaleByMuonTorchState",
     "ScaleByNadamTorchState",
     "scale_by_adafactor_torch",
     "scale_by_amsgrad_torch",
+    "scale_by_lr_decay_torch",
+    "scale_by_relative_step_torch",
+    "scale_by_rms_torch",
     "scale_by_muon_torch",
     "scale_by_nadam_torch",
     "scale_by_radam_torch",
     "scale_by_rss_torch",
 ]
+
+
+# Each torch-exact transform keeps its own state type, with the fields of the stock Optax state it
+# mirrors: a converter finds states by type, so a stock state (a different formula) is never taken
+# for a torch-exact one.
+class ScaleByAmsgradTorchState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    nu_max: optax.Updates  # max of the raw second moment (torch's max_exp_avg_sq)
+
+
+class ScaleByRssTorchState(NamedTuple):
+    sum_of_squares: optax.Updates
+
+
+class ScaleByRAdamTorchState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+class FactoredTorchState(NamedTuple):
+    count: jax.Array
+    v_row: optax.Updates
+    v_col: optax.Updates
+    v: optax.Updates
+
+
+class ScaleByRmsTorchState(NamedTuple):
+    nu: optax.Updates
+
+
+class ScaleByRStdDevTorchState(NamedTuple):
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+class ScaleByLrDecayTorchState(NamedTuple):
+    count: jax.Array
+
+
+class ScaleByRelativeStepTorchState(NamedTuple):
+    count: jax.Array
+
+
+def scale_by_rms_torch(alpha: float = 0.99, eps: float = 1e-8, centered: bool = False) -> optax.GradientTransformation:
+    """torch RMSprop's ``g / (sqrt(square_avg [- grad_avg**2]) + eps)``.
+
+    Stock :func:`optax.scale_by_rms` / :func:`optax.scale_by_stddev` compute this with
+    ``eps_in_sqrt=False, bias_correction=False, initial_scale=0`` (their default puts eps inside the
+    square root, 3.7e-5 off torch); this wraps them so the state says which formula made it.
+    """
+    kwargs = dict(decay=alpha, eps=eps, initial_scale=0.0, eps_in_sqrt=False, bias_correction=False)
+    inner = optax.scale_by_stddev(**kwargs) if centered else optax.scale_by_rms(**kwargs)
+    wrap = (lambda st: ScaleByRStdDevTorchState(st.mu, st.nu)) if centered else (lambda st: ScaleByRmsTorchState(st.nu))
+    unwrap = (lambda st: optax.ScaleByRStdDevState(st.mu, st.nu)) if centered else (lambda st: optax.ScaleByRmsState(st.nu))
+
+    def update_fn(updates, state, params=None):
+        updates, inner_state = inner.update(updates, unwrap(state), params)
+        return updates, wrap(inner_state)
+
+    return optax.GradientTransformation(lambda params: wrap(inner.init(params)), update_fn)
+
+
+def _scale_by_count(factor, state_type) -> optax.GradientTransformation:
+    """Multiply updates by ``factor(count)`` (count = updates taken so far), then count one more."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        scale = factor(state.count)
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), \
+            state_type(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(lambda params: state_type(count=jnp.zeros([], jnp.int32)), update_fn)
+
+
+def scale_by_lr_decay_torch(lr_decay: float) -> optax.GradientTransformation:
+    """torch Adagrad's ``clr = lr / (1 + (step - 1) * lr_decay)``, without the lr.
+
+    Its own count: an LR scheduler's count is the optimizer's, this one is the parameter's step.
+    """
+    return _scale_by_count(lambda count: 1 / (1 + _step(count) * lr_decay), ScaleByLrDecayTorchState)
+
+
+def scale_by_relative_step_torch(lr: float) -> optax.GradientTransformation:
+    """torch Adafactor's step size ``min(lr, 1 / sqrt(step))``; use it in place of the learning rate."""
+    return _scale_by_count(lambda count: -jnp.minimum(lr, 1 / jnp.sqrt(_step(count) + 1)),
+                           ScaleByRelativeStepTorchState)
 
 
 def _step(count: jax.Array) -> jax.Array:
@@ -81,7 +181,7 @@ def scale_by_amsgrad_torch(
     moment, so its ``nu_max`` is not torch's ``max_exp_avg_sq`` (not even up to a factor) and the
     two algorithms diverge (~3e-2 after 10 steps).
 
-    The state is :class:`optax.ScaleByAmsgradState` with ``count`` = torch ``step``, ``mu`` =
+    The state is :class:`ScaleByAmsgradTorchState` with ``count`` = torch ``step``, ``mu`` =
     ``exp_avg``, ``nu`` = ``exp_avg_sq`` and ``nu_max`` = ``max_exp_avg_sq``.
 
     Args:
@@ -94,7 +194,7 @@ def scale_by_amsgrad_torch(
     """
 
     def init_fn(params):
-        return optax.ScaleByAmsgradState(
+        return ScaleByAmsgradTorchState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
             nu=optax.tree.zeros_like(params),
@@ -115,7 +215,7 @@ def scale_by_amsgrad_torch(
             return (m / bias_correction1.astype(m.dtype)) / denom
 
         updates = jax.tree.map(direction, mu, nu_max)
-        return updates, optax.ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+        return updates, ScaleByAmsgradTorchState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -135,7 +235,7 @@ def scale_by_rss_torch(
     ``optax.scale_by_learning_rate(lambda count: lr / (1 + count * lr_decay))`` chained after
     this transform (the schedule's ``count`` is torch's ``step - 1``).
 
-    The state is :class:`optax.ScaleByRssState` with ``sum_of_squares`` = torch ``sum``; torch's
+    The state is :class:`ScaleByRssTorchState` with ``sum_of_squares`` = torch ``sum``; torch's
     ``step`` lives in the learning-rate schedule's ``ScaleByScheduleState.count``.
 
     Args:
@@ -147,7 +247,7 @@ def scale_by_rss_torch(
     """
 
     def init_fn(params):
-        return optax.ScaleByRssState(
+        return ScaleByRssTorchState(
             sum_of_squares=optax.tree.full_like(params, initial_accumulator_value)
         )
 
@@ -155,7 +255,7 @@ def scale_by_rss_torch(
         del params
         sum_of_squares = jax.tree.map(lambda g, s: s + g * g, updates, state.sum_of_squares)
         updates = jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps), updates, sum_of_squares)
-        return updates, optax.ScaleByRssState(sum_of_squares=sum_of_squares)
+        return updates, ScaleByRssTorchState(sum_of_squares=sum_of_squares)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -267,7 +367,7 @@ def scale_by_radam_torch(
     eps=0), and it rectifies at ``rho_t >= 5`` where torch needs ``> 5``.
     ``decoupled_weight_decay`` is the caller's ``add_decayed_weights`` after this transform.
 
-    The state is :class:`optax.ScaleByAdamState` with ``count`` = torch ``step``, ``mu`` =
+    The state is :class:`ScaleByRAdamTorchState` with ``count`` = torch ``step``, ``mu`` =
     ``exp_avg`` and ``nu`` = ``exp_avg_sq``.
 
     Args:
@@ -281,7 +381,7 @@ def scale_by_radam_torch(
     rho_inf = 2 / (1 - b2) - 1
 
     def init_fn(params):
-        return optax.ScaleByAdamState(
+        return ScaleByRAdamTorchState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
             nu=optax.tree.zeros_like(params),
@@ -309,7 +409,7 @@ def scale_by_radam_torch(
             return jnp.where(rectify, m_hat * adaptive * rect.astype(m.dtype), m_hat)
 
         updates = jax.tree.map(direction, mu, nu)
-        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+        return updates, ScaleByRAdamTorchState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -363,7 +463,7 @@ def scale_by_adafactor_torch(
     the first parameter of the group and reuses it for the rest, which differs only when a group
     mixes dtypes.
 
-    The state is :class:`optax.FactoredState`. For a parameter with ``ndim >= 2`` of shape
+    The state is :class:`FactoredTorchState`. For a parameter with ``ndim >= 2`` of shape
     ``[..., n, m]``: ``v_row`` = torch ``row_var`` squeezed on its last axis (shape ``[..., n]``),
     ``v_col`` = torch ``col_var`` squeezed on its second-last axis (shape ``[..., m]``), and ``v``
     is a ``(1,)`` zero placeholder. For ``ndim <= 1``: ``v`` = torch ``variance`` (the
@@ -392,7 +492,7 @@ def scale_by_adafactor_torch(
         return _AdafactorLeaf(placeholder, placeholder, placeholder, jnp.zeros_like(param))
 
     def to_state(count, leaves):
-        return optax.FactoredState(
+        return FactoredTorchState(
             count=count,
             v_row=jax.tree.map(lambda o: o.v_row, leaves),
             v_col=jax.tree.map(lambda o: o.v_col, leaves),

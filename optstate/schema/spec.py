@@ -40,6 +40,8 @@ class Slot:
     shape: str = "param"
     min_ndim: int = 0  # the parameter ranks torch keeps this slot for
     max_ndim: int = 64
+    initial: float = 0.0  # its value before the first step ...
+    initial_from: str | None = None  # ... or the hyperparameter that gives it
 
     @property
     def scalar(self) -> bool:
@@ -94,6 +96,10 @@ class OptimizerSpec:
     optax_hyperparams: Mapping[str, tuple[str | None, int | None]] = field(default_factory=lambda: MappingProxyType({}))
     in_torch: bool = True  # False for Optax-native families: canonical file and Optax only
     decay_in_scaler: bool = False  # the scaler applies weight decay itself (LAMB: before its trust ratio)
+    lr_in_scaler: bool = False  # the scaler takes its own step size (Adafactor's relative step)
+    # Stock Optax state types whose formula differs from torch's, by the torch-exact type they mimic:
+    # read only with --allow-approximate.
+    stock_states: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # torch_semantics transforms used where stock Optax only approximates torch: by the option that
     # calls for one (None: always), the transform's name.
     custom_transforms: Mapping[str | None, str] = field(default_factory=lambda: MappingProxyType({}))
@@ -147,14 +153,15 @@ def _table(*specs: OptimizerSpec) -> Mapping[str, OptimizerSpec]:
     return MappingProxyType({spec.name: spec for spec in specs})
 
 
-_ADAM = ("ScaleByAdamState", "ScaleByAmsgradState")
+_ADAM = ("ScaleByAdamState", "ScaleByAmsgradTorchState")
 _ADAM_SLOTS = (
     Slot("first_moment", "exp_avg", _ADAM, "mu"),
     Slot("second_moment", "exp_avg_sq", _ADAM, "nu"),
-    Slot("max_second_moment", "max_exp_avg_sq", ("ScaleByAmsgradState",), "nu_max", needs="amsgrad"),
+    Slot("max_second_moment", "max_exp_avg_sq", ("ScaleByAmsgradTorchState",), "nu_max", needs="amsgrad"),
 )
+_AMSGRAD_STOCK = MappingProxyType({"ScaleByAmsgradState": "ScaleByAmsgradTorchState"})
 _ADAM_HYPERPARAMS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximize": False}
-_RMS = ("ScaleByRmsState", "ScaleByRStdDevState")
+_RMS = ("ScaleByRmsTorchState", "ScaleByRStdDevTorchState")
 _ADAM_INJECTED = MappingProxyType({"learning_rate": ("lr", None), "b1": ("betas", 0), "b2": ("betas", 1),
                                              "eps": ("eps", None), "eps_root": (None, None),
                                              "weight_decay": ("weight_decay", None)})
@@ -186,6 +193,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         moment_hyperparams=("betas", "amsgrad"),
         optax_hyperparams=_ADAM_INJECTED,
         custom_transforms=MappingProxyType({"amsgrad": "scale_by_amsgrad_torch"}),
+        stock_states=_AMSGRAD_STOCK,
     ),
     OptimizerSpec(
         name="adamw",
@@ -199,6 +207,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         moment_hyperparams=("betas", "amsgrad"),
         optax_hyperparams=_ADAM_INJECTED,
         custom_transforms=MappingProxyType({"amsgrad": "scale_by_amsgrad_torch"}),
+        stock_states=_AMSGRAD_STOCK,
     ),
     OptimizerSpec(
         name="adamax",
@@ -220,7 +229,8 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
                                       "momentum_decay": 4e-3, "decoupled_weight_decay": False, "maximize": False}),
         slots=(Slot("first_moment", "exp_avg", ("ScaleByNadamTorchState",), "mu"),
                Slot("second_moment", "exp_avg_sq", ("ScaleByNadamTorchState",), "nu"),
-               Slot("momentum_product", "mu_product", ("ScaleByNadamTorchState",), "mu_product", shape="scalar")),
+               Slot("momentum_product", "mu_product", ("ScaleByNadamTorchState",), "mu_product", shape="scalar",
+                    initial=1.0)),
         has_step=True,
         count_states=("ScaleByNadamTorchState",),
         decoupled_weight_decay=False,
@@ -233,26 +243,30 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         torch_class="RAdam",
         hyperparams=MappingProxyType({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
                                       "decoupled_weight_decay": False, "maximize": False}),
-        slots=_ADAM_SLOTS[:2],
+        slots=(Slot("first_moment", "exp_avg", ("ScaleByRAdamTorchState",), "mu"),
+               Slot("second_moment", "exp_avg_sq", ("ScaleByRAdamTorchState",), "nu")),
         has_step=True,
-        count_states=("ScaleByAdamState",),
+        count_states=("ScaleByRAdamTorchState",),
         decoupled_weight_decay=False,
         moment_hyperparams=("betas",),
         custom_transforms=MappingProxyType({None: "scale_by_radam_torch"}),
+        stock_states=MappingProxyType({"ScaleByAdamState": "ScaleByRAdamTorchState"}),
     ),
     OptimizerSpec(
         name="adafactor",
         torch_class="Adafactor",
         hyperparams=MappingProxyType({"lr": 1e-2, "beta2_decay": -0.8, "eps": (None, 1e-3), "d": 1.0,
                                       "weight_decay": 0.0, "maximize": False}),
-        slots=(Slot("row_variance", "row_var", ("FactoredState",), "v_row", shape="rows", min_ndim=2),
-               Slot("column_variance", "col_var", ("FactoredState",), "v_col", shape="cols", min_ndim=2),
-               Slot("second_moment", "variance", ("FactoredState",), "v", max_ndim=1)),
+        slots=(Slot("row_variance", "row_var", ("FactoredTorchState",), "v_row", shape="rows", min_ndim=2),
+               Slot("column_variance", "col_var", ("FactoredTorchState",), "v_col", shape="cols", min_ndim=2),
+               Slot("second_moment", "variance", ("FactoredTorchState",), "v", max_ndim=1)),
         has_step=True,
-        count_states=("FactoredState", "ScaleByScheduleState"),  # the relative step min(lr, 1/sqrt(t)) counts too
+        count_states=("FactoredTorchState", "ScaleByRelativeStepTorchState"),
         decoupled_weight_decay=True,
+        lr_in_scaler=True,
+        stock_states=MappingProxyType({"FactoredState": "FactoredTorchState"}),
         moment_hyperparams=("beta2_decay", "eps"),
-        custom_transforms=MappingProxyType({None: "scale_by_adafactor_torch"}),
+        custom_transforms=MappingProxyType({None: "scale_by_adafactor_torch", "lr": "scale_by_relative_step_torch"}),
     ),
     OptimizerSpec(
         name="lion",
@@ -306,13 +320,16 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         hyperparams=MappingProxyType({"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0,
                                       "momentum": 0.0, "centered": False, "maximize": False}),
         slots=(Slot("second_moment", "square_avg", _RMS, "nu"),
-               Slot("first_moment", "grad_avg", ("ScaleByRStdDevState",), "mu", needs="centered"),
+               Slot("first_moment", "grad_avg", ("ScaleByRStdDevTorchState",), "mu", needs="centered"),
                Slot("momentum", "momentum_buffer", ("TraceState",), "trace", needs="momentum")),
         has_step=True,  # torch counts it but never reads it; Optax keeps no count
         count_states=(),
         decoupled_weight_decay=False,
         must_give=("lr", "alpha"),
         moment_hyperparams=("alpha", "centered", "momentum"),
+        custom_transforms=MappingProxyType({None: "scale_by_rms_torch"}),
+        stock_states=MappingProxyType({"ScaleByRmsState": "ScaleByRmsTorchState",
+                                       "ScaleByRStdDevState": "ScaleByRStdDevTorchState"}),
         optax_hyperparams=MappingProxyType({"learning_rate": ("lr", None), "decay": ("alpha", None),
                                             "eps": ("eps", None), "initial_scale": (None, None),
                                             "momentum": ("momentum", None)}),
@@ -322,13 +339,15 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         torch_class="Adagrad",
         hyperparams=MappingProxyType({"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0,
                                       "initial_accumulator_value": 0.0, "eps": 1e-10, "maximize": False}),
-        slots=(Slot("sum_of_squares", "sum", ("ScaleByRssState",), "sum_of_squares"),),
+        slots=(Slot("sum_of_squares", "sum", ("ScaleByRssTorchState",), "sum_of_squares",
+                    initial_from="initial_accumulator_value"),),
         has_step=True,
-        count_states=("ScaleByScheduleState",),  # lr / (1 + count * lr_decay); absent without lr_decay
+        count_states=("ScaleByLrDecayTorchState",),  # absent without lr_decay
         decoupled_weight_decay=False,
         must_give=("lr", "eps"),
         moment_hyperparams=("initial_accumulator_value",),
-        custom_transforms=MappingProxyType({None: "scale_by_rss_torch"}),
+        custom_transforms=MappingProxyType({None: "scale_by_rss_torch", "lr_decay": "scale_by_lr_decay_torch"}),
+        stock_states=MappingProxyType({"ScaleByRssState": "ScaleByRssTorchState"}),
     ),
     OptimizerSpec(
         name="adadelta",
