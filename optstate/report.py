@@ -91,15 +91,13 @@ def _optax_verdict(state: OptimizerState | None, error: Exception | None) -> str
     try:
         from .converters import adapter
 
-        tx_module = adapter("optax")
-        tx_module.optax_transform(state)
-        for gi in range(len(state.param_groups)):
-            state.common_step(state.group_params(gi))
+        adapter("optax").dry_run(dataclasses.replace(state, metadata={**state.metadata, "approximate": True}))
     except MissingDependencyError:
         return "not checked (install optstate[jax])"
     except OptstateError as exc:
         return f"refused: {exc}"
-    return "exact"
+    approximate = state.metadata.get("approximate") or state.spec.approximate
+    return f"approximate, with --allow-approximate: {approximate}" if approximate else "exact"
 
 
 def _report(path: str, fmt: str, state: OptimizerState | None, *, optimizer: str | None = None,
@@ -179,7 +177,7 @@ def inspect(path: str | os.PathLike, fmt: str | None = None) -> Report:
     fmt = fmt or detect_format(path)
     if fmt == "torch":
         return _inspect_torch(path)
-    return _inspect_state(path, fmt, read(path, fmt))
+    return _inspect_state(path, fmt, read(path, fmt, allow_approximate=True))
 
 
 def format_report(report: Report) -> str:

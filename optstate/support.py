@@ -48,15 +48,18 @@ def _rows(spec: OptimizerSpec) -> Iterator[tuple[str, str, str]]:
     yield "defaults", _status(spec, None, True), _status(spec, None, False)
     for option in _options(spec):
         yield f"`{option}`", _status(spec, option, True), _status(spec, option, False)
-    back = "exact" if spec.in_torch else _status(spec, None, False)
-    yield "several param groups", "exact (`optax.partition`)", back
+    def qualified(text: str) -> str:
+        return _how(spec, None) if spec.approximate else text
+
+    back = qualified("exact") if spec.in_torch else _status(spec, None, False)
+    yield "several param groups", qualified("exact (`optax.partition`)"), back
     if spec.has_step:
-        yield "parameters at different steps", "exact (one partition per step)", back
+        yield "parameters at different steps", qualified("exact (one partition per step)"), back
     if spec.in_torch:
-        forward = "refused: relative step under a changing lr" if spec.name == "adafactor" else \
+        forward = "refused: relative step under a changing lr" if spec.lr_in_scaler else qualified(
             "exact (`--horizon` unless the lr settles)" + ("; assumes one scheduler step per optimizer step"
-                                                          if not spec.has_step else "")
-        yield "torch LR scheduler", forward, "exact with `to_torch(..., scheduler=)`"
+                                                          if not spec.has_step else ""))
+        yield "torch LR scheduler", forward, qualified("exact with `to_torch(..., scheduler=)`")
 
 
 def support_matrix() -> str:

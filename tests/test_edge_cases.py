@@ -11,7 +11,7 @@ import torch
 import optstate
 from optstate.cli import main
 from optstate.errors import FormatError, MappingError, UnsupportedError
-from frameworks import TinyNet, torch_train
+from frameworks import TinyNet, torch_params, torch_train
 
 
 def _stepped(make=lambda m: torch.optim.Adam(m.named_parameters(), lr=0.01), steps=2, model=None):
@@ -174,3 +174,135 @@ def test_from_format_is_honoured_whatever_the_suffix(tmp_path):
     torch.save({"optimizer": opt.state_dict()}, tmp_path / "ckpt.tar")
     assert main(["convert", "--from", "torch", "--to", "optstate", str(tmp_path / "ckpt.tar"),
                  str(tmp_path / "s.safetensors")]) == 0
+
+
+# ----------------------------------------------------------------------------- combinations (second review)
+
+from frameworks import jax_params, jax_train  # noqa: E402
+from helpers import SHAPES, TOL, flat, gradient, max_abs_diff, nested  # noqa: E402
+from optstate.converters.optax import group_transform  # noqa: E402
+
+K, N = range(0, 5), range(5, 10)
+
+
+def _skipping(model, opt, steps, sched=None, skipped="fc2.bias"):
+    for step in steps:
+        for name, p in model.named_parameters():
+            value = p.detach().numpy().copy()
+            p.grad = None if name == skipped and step % 2 == 0 else torch.from_numpy(gradient(step, name, value))
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def _continue_in_jax(state, model, steps=N, **kw):
+    tx = optstate.optax_transform(state, **kw)
+    params = nested({n: jax.numpy.asarray(v) for n, v in torch_params(model).items()})
+    params, _ = jax_train(tx, params, optstate.to_optax(state, tx, params), steps)
+    return flat(params)
+
+
+def test_adagrad_lr_decay_with_scheduler_and_skipped_steps():
+    model = TinyNet()
+    opt = torch.optim.Adagrad(model.named_parameters(), lr=0.05, lr_decay=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    _skipping(model, opt, K, sched)
+    params = _continue_in_jax(optstate.from_torch(opt, scheduler=sched), model, horizon=10)
+    _skipping(model, opt, N, sched, skipped=None)
+    assert max_abs_diff(params, torch_params(model)) < TOL
+
+
+def test_adafactor_group_at_lr_zero_stays_put():
+    model = TinyNet()
+    opt = torch.optim.Adafactor([{"params": [("fc1.weight", model.fc1.weight), ("fc1.bias", model.fc1.bias)]},
+                                 {"params": [("fc2.weight", model.fc2.weight), ("fc2.bias", model.fc2.bias)],
+                                  "lr": 0.0}], lr=0.05)
+    torch_train(model, opt, K)
+    params = _continue_in_jax(optstate.from_torch(opt), model)
+    torch_train(model, opt, N)
+    assert max_abs_diff(params, torch_params(model)) < TOL
+
+
+def test_adafactor_default_eps_over_mixed_dtypes_is_refused():
+    model = TinyNet()
+    model.fc2.to(torch.float32)
+    opt = torch.optim.Adafactor(model.named_parameters(), lr=0.05)
+    with pytest.raises(UnsupportedError, match=r"Adafactor\(eps=\(None, \.\.\.\)\) over parameters of dtypes"):
+        optstate.optax_transform(optstate.from_torch(opt))
+
+
+def test_counts_in_a_partition_of_the_users_own_labels():
+    model = TinyNet()
+    opt = torch.optim.Adagrad(model.named_parameters(), lr=0.05, lr_decay=0.1)
+    torch_train(model, opt, K)
+    state = optstate.from_torch(opt)
+    inner = group_transform(optstate.OPTIMIZERS["adagrad"], state.param_groups[0])
+    tx = optax.partition({"w": inner, "b": inner}, lambda p: {k: {"weight": "w", "bias": "b"} for k in p})
+    params = nested({n: jax.numpy.asarray(v) for n, v in torch_params(model).items()})
+    params, _ = jax_train(tx, params, optstate.to_optax(state, tx, params), N)
+    torch_train(model, opt, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+def test_nadam_that_never_stepped_converts():
+    model = TinyNet()
+    opt = torch.optim.NAdam(model.named_parameters(), lr=0.02)
+    params = _continue_in_jax(optstate.from_torch(opt, model=model), model, steps=K)
+    torch_train(model, opt, K)
+    assert max_abs_diff(params, torch_params(model)) < TOL
+
+
+def test_chained_scheduler_continues_in_optax():
+    model = TinyNet()
+    opt = torch.optim.Adam(model.named_parameters(), lr=0.02)
+    sched = torch.optim.lr_scheduler.ChainedScheduler([
+        torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=3),
+        torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[4, 7])])
+    _skipping(model, opt, K, sched, skipped=None)
+    params = _continue_in_jax(optstate.from_torch(opt, scheduler=sched), model)
+    _skipping(model, opt, N, sched, skipped=None)
+    assert max_abs_diff(params, torch_params(model)) < TOL
+
+
+def test_sgd_into_inject_hyperparams_and_multisteps_templates():
+    model = TinyNet()
+    opt = torch.optim.SGD(model.named_parameters(), lr=0.05, momentum=0.9)
+    torch_train(model, opt, K)
+    state = optstate.from_torch(opt)
+    params = nested({n: jax.numpy.asarray(v) for n, v in torch_params(model).items()})
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0, momentum=0.9)
+    filled = optstate.to_optax(state, tx, params)
+    assert float(filled.hyperparams["learning_rate"]) == 0.05
+    ms = optax.MultiSteps(optax.sgd(0.05, momentum=0.9), every_k_schedule=2)
+    assert int(optstate.to_optax(state, ms, params).mini_step) == 0
+
+
+def test_injected_b1_completes_the_users_betas():
+    tx = optax.inject_hyperparams(optax.adam, static_args=("b2",))(learning_rate=0.02, b1=0.8, b2=0.95)
+    params = jax_params()
+    params, opt_state = jax_train(tx, params, tx.init(params), K)
+    state = optstate.from_optax(opt_state, params, optimizer="adam",
+                                hyperparams=[{"betas": [0.8, 0.95], "params": list(SHAPES)}])
+    assert state.param_groups[0]["betas"] == (0.8, 0.95) and state.param_groups[0]["lr"] == 0.02
+
+
+def test_round_trip_keeps_steps_optax_has_no_count_for_and_the_scheduler(tmp_path):
+    model = TinyNet()
+    opt = torch.optim.RMSprop(model.named_parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3])
+    _skipping(model, opt, K, sched, skipped=None)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()},
+               tmp_path / "a.pt")
+    optstate.convert(tmp_path / "a.pt", tmp_path / "out", src_format="torch", dst_format="optax")
+    optstate.convert(tmp_path / "out", tmp_path / "b.pt", src_format="optax", dst_format="torch")
+    back = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert back["lr_scheduler"] == sched.state_dict()
+    assert {float(s["step"]) for s in back["optimizer"]["state"].values()} == {5.0}
+
+
+def test_reset_restores_initial_values():
+    model = TinyNet()
+    opt = torch.optim.Adagrad(model.named_parameters(), lr=0.05, initial_accumulator_value=0.2)
+    torch_train(model, opt, K)
+    state = optstate.from_torch(opt).reset(["sum", "step"])
+    assert all(np.all(a == 0.2) for a in state.slots.values()) and {p.step for p in state.params} == {0}

@@ -200,6 +200,12 @@ def _labels(labels: Mapping[Path, str], params: Any) -> Any:
 def _refuse_unsupported(state: OptimizerState) -> None:
     state.spec.check_exact("approximate" in state.metadata)
     for gi, hp in enumerate(state.param_groups):
+        dtypes = {p.dtype for p in state.group_params(gi)}
+        if state.spec.name == "adafactor" and state.spec.with_defaults(hp)["eps"][0] is None and len(dtypes) > 1:
+            # torch takes eps1 from the group's first parameter's dtype for all of them.
+            raise UnsupportedError(f"param group {gi}: Adafactor(eps=(None, ...)) over parameters of dtypes "
+                                   f"{sorted(dtypes)}; give eps[0] explicitly")
+    for gi, hp in enumerate(state.param_groups):
         stepped = all(state.has_state(p.path) for p in state.group_params(gi)) or not state.spec.active_slots(hp)
         state.spec.check_supported(hp, f"param group {gi}", all_stepped=stepped)
 
@@ -218,9 +224,9 @@ def _schedules(state: OptimizerState, horizon: int | None) -> list[Callable] | N
     if not state.spec.has_step:
         warnings.warn(f"{state.spec.torch_class} keeps no step count: assuming the LR scheduler stepped once per "
                       "optimizer step", stacklevel=3)
-    if state.spec.name == "adafactor":
-        raise UnsupportedError("Adafactor with an LR scheduler: its relative step min(lr, 1/sqrt(t)) under a "
-                               "changing lr has no exact mapping yet")
+    if state.spec.lr_in_scaler:
+        raise UnsupportedError(f"{state.spec.torch_class} with an LR scheduler: its relative step "
+                               "min(lr, 1/sqrt(t)) under a changing lr has no exact mapping yet")
     horizon = horizon if horizon is not None else state.metadata.get("lr_horizon")
     return optax_schedules(sd, horizon=horizon, param_groups=state.param_groups)
 
@@ -465,6 +471,42 @@ def _count(value: int | None, leaf: Any) -> np.ndarray:
     if value > np.iinfo(dtype).max:
         raise UnsupportedError(f"step {value} does not fit Optax's {dtype} count")
     return np.asarray(value, dtype)
+
+
+def nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
+    """A nested dict from ``{path: leaf}``.
+
+    >>> nest({("a", "0", "w"): 1, ("a", "0", "b"): 2, ("c",): 3})
+    {'a': {'0': {'w': 1, 'b': 2}}, 'c': 3}
+    """
+    root: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        node = root
+        for i, key in enumerate(path[:-1]):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise MappingError(f"{format_path(path[:i + 1])} is both a parameter and a prefix of {format_path(path)}")
+        if path[-1] in node:
+            raise MappingError(f"{format_path(path)} is both a parameter and a prefix of another")
+        node[path[-1]] = leaf
+    return root
+
+
+def param_shapes(state: OptimizerState) -> dict[Path, jax.ShapeDtypeStruct]:
+    """Every parameter of the JAX side (tracked and frozen; buffers are not parameters), as shapes."""
+    shapes = {p.path: jax.ShapeDtypeStruct(p.shape, numpy_dtype(p.dtype)) for p in state.params}
+    for path in state.frozen_paths():
+        w = state.weights[path]
+        shapes[path] = jax.ShapeDtypeStruct(w.shape, w.dtype)
+    return shapes
+
+
+def dry_run(state: OptimizerState) -> None:
+    """Build the Optax transform and fill its state's shapes: every refusal a conversion would meet, no arrays."""
+    tx = optax_transform(state)
+    with jax.enable_x64(True):  # shapes only
+        template = jax.eval_shape(tx.init, nest(param_shapes(state)))
+    fill_state(state, template, lambda array: array)
 
 
 def to_optax(state: OptimizerState, tx: optax.GradientTransformation, params: Any) -> Any:

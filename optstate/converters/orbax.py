@@ -19,43 +19,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ..atomic import atomic_directory
-from ..errors import FormatError, MappingError, UnsupportedError
+from ..errors import FormatError, UnsupportedError
 from ..schema.fileformat import (parse_tensor_key, read_safetensors, state_from_metadata, state_metadata, tensor_key,
                                  write_safetensors)
 from ..schema.spec import optimizer_spec
-from ..schema.state import OptimizerState, Path, format_path, numpy_dtype, path_to_name
-from .optax import fill_state, from_optax, optax_transform, restored_types
+from ..schema.state import OptimizerState, Path, numpy_dtype, path_to_name
+from .optax import fill_state, from_optax, nest, optax_transform, param_shapes, restored_types
+from .schedules import last_epoch, restore_torch_scheduler_state
 
 SIDECAR = "optstate.json"
 BUFFERS = "buffers.safetensors"
-
-
-def nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
-    """A nested dict from ``{path: leaf}``.
-
-    >>> nest({("a", "0", "w"): 1, ("a", "0", "b"): 2, ("c",): 3})
-    {'a': {'0': {'w': 1, 'b': 2}}, 'c': 3}
-    """
-    root: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        node = root
-        for i, key in enumerate(path[:-1]):
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise MappingError(f"{format_path(path[:i + 1])} is both a parameter and a prefix of {format_path(path)}")
-        if path[-1] in node:
-            raise MappingError(f"{format_path(path)} is both a parameter and a prefix of another")
-        node[path[-1]] = leaf
-    return root
-
-
-def _param_shapes(state: OptimizerState) -> dict[Path, jax.ShapeDtypeStruct]:
-    """Every parameter of the JAX side (tracked and frozen; buffers are not parameters), as shapes."""
-    shapes = {p.path: jax.ShapeDtypeStruct(p.shape, numpy_dtype(p.dtype)) for p in state.params}
-    for path in state.frozen_paths():
-        w = state.weights[path]
-        shapes[path] = jax.ShapeDtypeStruct(w.shape, w.dtype)
-    return shapes
 
 
 def _needs_x64(shapes: Mapping[Path, jax.ShapeDtypeStruct]) -> bool:
@@ -65,7 +38,7 @@ def _needs_x64(shapes: Mapping[Path, jax.ShapeDtypeStruct]) -> bool:
 def save_optax_dir(state: OptimizerState, path: str | os.PathLike, *, force: bool = False) -> None:
     """Write ``state`` as an Orbax checkpoint directory plus ``optstate.json``, atomically."""
     tx = optax_transform(state)
-    shapes = _param_shapes(state)
+    shapes = param_shapes(state)
     with jax.enable_x64(True):  # shapes only: float64 must stay float64 in the template
         template = jax.eval_shape(tx.init, nest(shapes))
     tree = {"opt_state": fill_state(state, template, np.asarray)}
@@ -126,7 +99,7 @@ def load_optax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
     state = _skeleton(meta, str(directory / SIDECAR))
     if not (directory / "_CHECKPOINT_METADATA").exists() and not (directory / "_METADATA").exists():
         raise FormatError(f"{directory}: {SIDECAR} but no Orbax checkpoint beside it")
-    shapes = _param_shapes(state)
+    shapes = param_shapes(state)
     if _needs_x64(shapes) and not jax.config.jax_enable_x64:
         raise UnsupportedError(f"{directory} holds 64-bit arrays, which JAX would silently round to 32 bits; "
                                "call jax.config.update('jax_enable_x64', True) first (or set JAX_ENABLE_X64=1)")
@@ -137,6 +110,21 @@ def load_optax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
         target["params"] = params
     restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)
     return restored.get("params"), restored["opt_state"], tx
+
+
+def _with_sidecar(state: OptimizerState, written: OptimizerState) -> OptimizerState:
+    """What Optax does not keep but optstate recorded when it wrote the directory: torch's steps where
+    Optax has no count (RMSprop, Adadelta), and the torch LR scheduler, moved to the schedule's count."""
+    steps = {p.path: p.step for p in written.params}
+    params = tuple(p if p.step is not None else dataclasses.replace(p, step=steps.get(p.path)) for p in state.params)
+    metadata = dict(state.metadata)
+    scheduler = written.metadata.get("lr_scheduler")
+    if scheduler is not None:
+        count = metadata.pop("schedule_count", last_epoch(scheduler))
+        if count != last_epoch(scheduler):
+            scheduler = restore_torch_scheduler_state(scheduler, count, param_groups=written.param_groups)
+        metadata["lr_scheduler"] = scheduler
+    return dataclasses.replace(state, params=params, metadata=metadata)
 
 
 def _restore_as_numpy(directory: FsPath) -> Any:
@@ -181,13 +169,15 @@ def read_optax_dir(path: str | os.PathLike, *, optimizer: str | None = None,
     if params is None:
         if skeleton is None:
             raise FormatError(f"{directory}: no 'params' in the checkpoint, so parameter shapes are unknown")
-        params = nest(_param_shapes(skeleton))
+        params = nest(param_shapes(skeleton))
     if optimizer is None:
         raise UnsupportedError("an Optax state does not record which optimizer made it: pass optimizer= "
                                "(--optimizer sgd|adam|adamw|...)")
     opt_state = restored_types(tree["opt_state"], optimizer_spec(optimizer), written_by_optstate=optstate_transform or meta is not None)
     state = from_optax(opt_state, params, optimizer=optimizer, hyperparams=hyperparams,
                        allow_approximate=allow_approximate)
+    if skeleton is not None:
+        state = _with_sidecar(state, skeleton)
     buffers_file = directory / BUFFERS
     if state.weights is None or not buffers_file.is_file():
         return state

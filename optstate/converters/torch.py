@@ -612,7 +612,8 @@ def _restore_scheduler(state: OptimizerState, optimizer: torch.optim.Optimizer, 
 
     saved = state.metadata.get("lr_scheduler")
     if saved is None:
-        count = state.metadata.get("schedule_count", state.common_step())
+        known = state.spec.has_step and all(p.step is not None for p in state.params)
+        count = state.metadata.get("schedule_count", max(p.step for p in state.params) if known else None)
         if count is None:
             raise UnsupportedError("the state records no step count, so the scheduler's position is unknown")
         saved = restore_torch_scheduler_state(scheduler.state_dict(), count,

@@ -163,7 +163,7 @@ class OptimizerState:
         return distinct[0] if distinct else 0
 
     def reset(self, names: Iterable[str]) -> "OptimizerState":
-        """This state with the named slots zeroed (``"step"`` zeroes the steps): a deliberate restart.
+        """This state with the named slots back at their initial values (``"step"`` zeroes the steps).
 
         Slots are named canonically (``first_moment``) or by their torch key (``exp_avg``).
 
@@ -180,7 +180,14 @@ class OptimizerState:
             raise UnsupportedError(f"{spec.torch_class} has no slot {unknown[0]!r} "
                                    f"(its slots: {', '.join(sorted(by_name))}, and step)")
         zeroed = {by_name[n] for n in names if n != "step"}
-        slots = {k: np.zeros_like(a) if k[0] in zeroed else a for k, a in self.slots.items()}
+
+        def initial(slot: str, path: Path) -> float:
+            s = spec.slot(slot)
+            return spec.with_defaults(self.param_groups[self.param(path).group])[s.initial_from] \
+                if s.initial_from else s.initial
+
+        slots = {(slot, path): np.full_like(a, initial(slot, path)) if slot in zeroed else a
+                 for (slot, path), a in self.slots.items()}
         params = tuple(dataclasses.replace(p, step=0 if p.step is not None else None) for p in self.params) \
             if "step" in names else self.params
         return dataclasses.replace(self, slots=slots, params=params)
