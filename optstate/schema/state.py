@@ -48,6 +48,20 @@ def format_path(path: Path) -> str:
     return path_to_name(path)
 
 
+def all_finite(array: np.ndarray, chunk: int = 1 << 24) -> bool:
+    """Whether every value is finite, in bounded memory (a block at a time; one value of a broadcast).
+
+    >>> all_finite(np.array([1.0, np.inf])), all_finite(np.broadcast_to(np.float32(0), (10**9,)))
+    (False, True)
+    """
+    if array.size and array.ndim and not any(array.strides):
+        array = array[(0,) * array.ndim]
+    if array.ndim == 0 or not array.flags.c_contiguous:
+        return bool(np.isfinite(array).all())
+    flat = array.reshape(-1)
+    return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
+
+
 @dataclass(frozen=True)
 class ParamInfo:
     """One parameter the optimizer tracks.
@@ -106,7 +120,7 @@ class OptimizerState:
             if tuple(array.shape) != expected:
                 raise FormatError(f"{format_path(path)}: slot {slot!r} has shape {list(array.shape)}, "
                                   f"expected {list(expected)}")
-            if not np.isfinite(array).all():
+            if not all_finite(array):
                 raise FormatError(f"{format_path(path)}: slot {slot!r} holds non-finite values (NaN or inf); "
                                   "the run diverged or the file is corrupt")
         for info in self.params:
