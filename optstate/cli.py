@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from . import api
 from .converters import adapter
 from .errors import OptstateError
+from .schema import OPTIMIZERS
 from .report import format_report, inspect
 
 
@@ -46,7 +47,7 @@ def _convert(args: argparse.Namespace) -> int:
     if "approximate" in state.metadata:
         print(f"approximate: {state.metadata['approximate']}")
     for name in args.reset:
-        print(f"reset {name}: zeroed on every parameter, as asked")
+        print(f"reset {name}: back to its initial value on every parameter, as asked")
     return 0
 
 
@@ -64,19 +65,21 @@ def parser() -> argparse.ArgumentParser:
     formats = dict(choices=api.FORMATS, default=None)
     c = sub.add_parser("convert", help="convert a checkpoint", description="Formats: torch (torch.save file), "
                        "optax (Orbax checkpoint directory), optstate (canonical safetensors file).")
-    c.add_argument("src")
-    c.add_argument("dst")
+    c.add_argument("src", help="the checkpoint to read")
+    c.add_argument("dst", help="where to write (refused if it exists, unless --force)")
     c.add_argument("--from", dest="src_format", **formats, help="input format (default: from the name)")
     c.add_argument("--to", dest="dst_format", **formats, help="output format (default: from the name)")
-    c.add_argument("--optimizer", help="optimizer family when the input does not record it (sgd, adam, adamw)")
+    c.add_argument("--optimizer", help="optimizer family when the input does not record it (an Optax state): "
+                   + ", ".join(OPTIMIZERS))
     c.add_argument("--hparams", help="hyperparameters as JSON (torch names), a dict or a list of param groups "
                    "each with a 'params' list of names; @FILE reads it from a file")
     c.add_argument("--reset", action="append", default=[], metavar="SLOT",
-                   help="zero this slot (exp_avg, momentum_buffer, ..., or step) on the way; repeatable")
+                   help="restart this slot (exp_avg, momentum_buffer, ..., or step) from its initial value on the "
+                   "way; repeatable")
     c.add_argument("--horizon", type=int, help="the largest step count training will reach: needed to carry an LR "
                    "schedule that never settles (cosine, step, exponential) to Optax exactly")
-    c.add_argument("--allow-approximate", action="store_true", help="convert an optimizer whose continuation "
-                   "across frameworks is not bit-exact (Muon), recording why in the output")
+    c.add_argument("--allow-approximate", action="store_true", help="convert what continues only approximately "
+                   "(Muon; stock Optax states whose formula is not torch's), recording why in the output")
     c.add_argument("--optstate-transform", action="store_true", help="the Optax input was trained with "
                    "optstate.optax_transform (its torch-exact states look like stock Optax ones on disk)")
     c.add_argument("--force", action="store_true", help="replace an existing output")

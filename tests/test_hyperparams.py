@@ -43,7 +43,7 @@ def test_reset_zeroes_a_slot_on_purpose(tmp_path, capsys):
     torch_train(model, opt, range(3))
     torch.save({"optimizer": opt.state_dict()}, tmp_path / "a.pt")
     assert main(["convert", "--reset", "exp_avg", str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]) == 0
-    assert "reset exp_avg: zeroed on every parameter" in capsys.readouterr().out
+    assert "reset exp_avg: back to its initial value on every parameter" in capsys.readouterr().out
     before = opt.state_dict()["state"]
     after = torch.load(tmp_path / "b.pt", weights_only=True)["optimizer"]["state"]
     for i in before:
