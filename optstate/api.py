@@ -65,13 +65,20 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str |
             allow_approximate: bool = False, optstate_transform: bool = False) -> OptimizerState:
     """Convert a checkpoint between formats; what ``optstate convert`` runs. Returns the state.
 
+    >>> import tempfile, torch, optstate
+    >>> d = tempfile.mkdtemp(); net = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(net.named_parameters(), lr=0.1, momentum=0.9)
+    >>> net(torch.ones(1, 2)).sum().backward(); opt.step()
+    >>> torch.save({"optimizer": opt.state_dict(), "model": net.state_dict()}, f"{d}/c.pt")
+    >>> optstate.convert(f"{d}/c.pt", f"{d}/s.safetensors").optimizer
+    'sgd'
+
     ``reset`` names slots (or ``"step"``) to zero on the way, deliberately. ``horizon`` is the
     largest step count training will reach, for an LR schedule that never settles (cosine, ...).
     ``allow_approximate`` converts an optimizer whose continuation across frameworks is not
     bit-exact (Muon), recording why in the output. ``optstate_transform``: an Optax input was
     trained with ``optstate.optax_transform`` (see :func:`optstate.converters.orbax.read_optax_dir`).
 
-    >>> optstate.convert("ckpt.pt", "out/", src_format="torch", dst_format="optax")  # doctest: +SKIP
     """
     state = read(src, src_format, optimizer=optimizer, hyperparams=hyperparams, allow_approximate=allow_approximate,
                  optstate_transform=optstate_transform)

@@ -167,9 +167,14 @@ def _inspect_torch(path: str) -> Report:
 def inspect(path: str | os.PathLike, fmt: str | None = None) -> Report:
     """What a checkpoint holds: weights, optimizer state, slots per parameter, what a restore would lose.
 
-    >>> report = optstate.inspect("ckpt.pt")  # doctest: +SKIP
-    >>> report.optimizer, report.notes  # doctest: +SKIP
-    ('AdamW', ())
+    >>> import tempfile, torch, optstate
+    >>> d = tempfile.mkdtemp(); net = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.AdamW(net.named_parameters(), lr=1e-3)
+    >>> net(torch.ones(1, 2)).sum().backward(); opt.step()
+    >>> torch.save({"optimizer": opt.state_dict()}, f"{d}/c.pt")
+    >>> report = optstate.inspect(f"{d}/c.pt")
+    >>> report.optimizer, report.optax, report.notes
+    ('AdamW', 'exact', ('no model weights in this file',))
     """
     from .api import detect_format, read
 

@@ -306,3 +306,56 @@ def test_reset_restores_initial_values():
     torch_train(model, opt, K)
     state = optstate.from_torch(opt).reset(["sum", "step"])
     assert all(np.all(a == 0.2) for a in state.slots.values()) and {p.step for p in state.params} == {0}
+
+
+# ----------------------------------------------------------------------------- third review
+
+def test_adagrad_steps_and_schedule_survive_an_optax_directory(tmp_path):
+    model = TinyNet()
+    opt = torch.optim.Adagrad(model.named_parameters(), lr=0.05, lr_decay=0.01)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2])
+    _skipping(model, opt, K, sched)
+    torch.save({"optimizer": opt.state_dict(), "model": model.state_dict(), "lr_scheduler": sched.state_dict()},
+               tmp_path / "a.pt")
+    optstate.convert(tmp_path / "a.pt", tmp_path / "out", src_format="torch", dst_format="optax")
+    optstate.convert(tmp_path / "out", tmp_path / "b.pt", src_format="optax", dst_format="torch")
+    before, after = (torch.load(tmp_path / f, weights_only=True) for f in ("a.pt", "b.pt"))
+    assert {i: float(s["step"]) for i, s in after["optimizer"]["state"].items()} == \
+        {i: float(s["step"]) for i, s in before["optimizer"]["state"].items()}
+    assert after["lr_scheduler"] == before["lr_scheduler"]
+
+
+def test_too_small_a_horizon_is_one_line(tmp_path, capsys):
+    model = TinyNet()
+    opt = torch.optim.Adam(model.named_parameters(), lr=0.02)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    _skipping(model, opt, K, sched, skipped=None)
+    torch.save({"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()}, tmp_path / "a.pt")
+    assert main(["convert", "--to", "optax", "--horizon", "2", str(tmp_path / "a.pt"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "horizon=2 is below the state's last_epoch=5" in err and err.count("\n") == 1
+
+
+def test_sidecar_of_another_version_is_named(tmp_path):
+    import json
+    model, opt = _stepped()
+    torch.save({"optimizer": opt.state_dict(), "model": model.state_dict()}, tmp_path / "a.pt")
+    optstate.convert(tmp_path / "a.pt", tmp_path / "out", src_format="torch", dst_format="optax")
+    sidecar = tmp_path / "out" / "optstate.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "format_version": 2, "params": None}))
+    with pytest.raises(FormatError, match="format_version 2 is not supported"):
+        optstate.load_optax(tmp_path / "out")
+
+
+def test_inspect_of_a_state_entry_that_is_not_a_dict(tmp_path):
+    model, opt = _stepped()
+    sd = opt.state_dict()
+    sd["state"][0] = [1, 2]
+    torch.save({"optimizer": sd}, tmp_path / "bad.pt")
+    assert main(["inspect", str(tmp_path / "bad.pt")]) == 1
+
+
+def test_reset_takes_any_iterable():
+    model, opt = _stepped(lambda m: torch.optim.SGD(m.named_parameters(), lr=0.1, momentum=0.9))
+    state = optstate.from_torch(opt).reset(name for name in ["momentum_buffer"])
+    assert all(not a.any() for a in state.slots.values())

@@ -17,7 +17,7 @@ import optax
 from optax.schedules import _inject
 
 from ..errors import FormatError, MappingError, UnsupportedError
-from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, Slot, is_decoupled, optimizer_spec
+from ..schema.spec import BOOKKEEPING_KEYS, OPTIMIZERS, OptimizerSpec, Slot, is_decoupled, optimizer_spec
 from ..schema.state import OptimizerState, ParamInfo, Path, format_path, numpy_dtype, path_to_name
 from .schedules import last_epoch, optax_schedules
 
@@ -249,7 +249,7 @@ def optax_transform(state: OptimizerState, *, horizon: int | None = None) -> opt
     """
     _refuse_unsupported(state)
     labels = param_labels(state)
-    group_of = {label: p.group for p in state.params for label in [labels[p.path]]}
+    group_of = {labels[p.path]: p.group for p in state.params}
     dtypes: dict[int, dict[str, np.dtype]] = {g: {} for g in range(len(state.param_groups))}
     for (slot, path), array in state.slots.items():
         dtypes[state.param(path).group][slot] = array.dtype
@@ -297,18 +297,32 @@ def _state_types(spec: OptimizerSpec) -> tuple[type, ...]:
     return (*(_state_type(name) for name in names), *_WRAPPERS)
 
 
-def _typed(raw: Any, state_types: tuple[type, ...]) -> Any:
-    """A state tree restored by Orbax without a target (NamedTuples as dicts, tuples as lists), retyped."""
+def _typed(raw: Any, state_types: tuple[type, ...], choose: Callable[[list[type], Path], type],
+           path: Path = ()) -> Any:
+    """A state tree restored by Orbax without a target (NamedTuples as dicts, tuples as lists), retyped;
+    ``choose`` picks among the types whose fields a dict has, when more than one does."""
     if isinstance(raw, list):
-        return tuple(_typed(c, state_types) for c in raw)
+        return tuple(_typed(c, state_types, choose, path + (str(i),)) for i, c in enumerate(raw))
     if not isinstance(raw, dict):
         return raw
-    for cls in (*state_types, *_CONTAINERS):
-        if set(raw) == set(cls._fields):
-            if cls in _CONTAINERS or cls in _WRAPPERS:
-                return cls(**{k: _typed(v, state_types) for k, v in raw.items()})
-            return cls(**raw)  # slot trees stay as restored: their None leaves are masked parameters
-    return {k: _typed(v, state_types) for k, v in raw.items()}
+    matches = [cls for cls in (*state_types, *_CONTAINERS) if set(raw) == set(cls._fields)]
+    if not matches:
+        return {k: _typed(v, state_types, choose, path + (str(k),)) for k, v in raw.items()}
+    cls = matches[0] if len(matches) == 1 else choose(matches, path)
+    if cls in _CONTAINERS or cls in _WRAPPERS:
+        return cls(**{k: _typed(v, state_types, choose, path + (k,)) for k, v in raw.items()})
+    return cls(**raw)  # slot trees stay as restored: their None leaves are masked parameters
+
+
+def recorded_types(tree: Any, path: Path = ()) -> dict[str, str]:
+    """``{path: NamedTuple type name}`` of a state tree: what Orbax forgets, for ``optstate.json``."""
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        found = {"/".join(path): type(tree).__name__} if tree._fields else {}
+        for field in tree._fields:
+            found.update(recorded_types(getattr(tree, field), path + (field,)))
+        return found
+    children = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return {k: v for key, child in children for k, v in recorded_types(child, path + (str(key),)).items()}
 
 
 def _slot_leaves(node: Any, spec: OptimizerSpec) -> dict[str, dict[Path, Any]]:
@@ -328,7 +342,12 @@ def _partition_prefix(path: Path) -> Path:
 
 
 def _counts_step(node: Any, spec: OptimizerSpec) -> bool:
-    return type(node).__name__ in spec.count_states and "count" in node._fields
+    return type(node).__name__ in spec.count_states and _count_field(node) is not None
+
+
+def _count_field(node: Any) -> str | None:
+    """The field that counts steps: ``count``, or ``*_count`` in optstate's counter-only states."""
+    return next((f for f in node._fields if f == "count" or f.endswith("_count")), None)
 
 
 # ----------------------------------------------------------------------------- canonical -> Optax
@@ -354,14 +373,13 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
             array = np.zeros(slot.torch_shape(info.shape), numpy_dtype(info.dtype))
         if slot.optax_axis is not None:
             array = array.squeeze(slot.optax_axis)
-        slot = slot.name
         if tuple(leaf.shape) != tuple(array.shape) or np.dtype(leaf.dtype) != array.dtype:
             hint = " (enable float64 in JAX: jax.config.update('jax_enable_x64', True))" \
                 if array.dtype == np.float64 else ""
-            raise MappingError(f"{format_path(path)}: the Optax template expects {slot} of shape "
+            raise MappingError(f"{format_path(path)}: the Optax template expects {slot.name} of shape "
                                f"{list(leaf.shape)} {np.dtype(leaf.dtype)}, the state holds {list(array.shape)} "
                                f"{array.dtype}{hint}")
-        filled.add((slot, path))
+        filled.add((slot.name, path))
         return as_array(array)
 
     def covered(node: Any, where: Path) -> tuple[ParamInfo, ...]:
@@ -435,7 +453,8 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
                 getattr(node, slot.optax_field))
             for slot in spec.slots if type(node).__name__ in slot.optax_states}
         if _counts_step(node, spec) or isinstance(node, optax.ScaleByScheduleState):
-            fields["count"] = as_array(_count(step_of(node, where), node.count))
+            field = _count_field(node)
+            fields[field] = as_array(_count(step_of(node, where), getattr(node, field)))
         return node._replace(**fields)
 
     types = _state_types(spec)
@@ -568,15 +587,31 @@ class _Collected(NamedTuple):
     stock: frozenset[str]  # stock Optax state types read as torch's (allow_approximate)
 
 
-def restored_types(raw: Any, spec: OptimizerSpec, *, written_by_optstate: bool) -> Any:
+def restored_types(raw: Any, spec: OptimizerSpec, *, optstate_transform: bool,
+                   recorded: Mapping[str, str] | None = None) -> Any:
     """A state tree as Orbax restores it without a target (dicts, lists), given back its NamedTuple types.
 
-    Orbax keeps no type names, and a stock Optax state can have the fields of optstate's torch-exact
-    one (``nu`` is ``nu``): only a directory optstate wrote is taken to hold the torch-exact kind.
+    Orbax keeps no type names, and states of different types can have the same fields. ``recorded``
+    (what ``optstate.json`` kept) settles it; otherwise a stock Optax state and optstate's torch-exact
+    one (``nu`` is ``nu``) count as the stock kind unless ``optstate_transform`` says the training
+    used optstate's, and any other likeness is refused rather than guessed.
     """
-    stock = tuple(_state_type(name) for name in spec.stock_states)
-    types = _state_types(spec)
-    return _typed(raw, (*types, *stock) if written_by_optstate else (*stock, *types))
+    stock = {_state_type(name): _state_type(mimics) for name, mimics in spec.stock_states.items()}
+
+    def choose(matches: list[type], path: Path) -> type:
+        name = (recorded or {}).get("/".join(path))
+        named = [cls for cls in matches if cls.__name__ == name]
+        if named:
+            return named[0]
+        for original, mimic in stock.items():
+            if set(matches) == {original, mimic}:
+                return mimic if optstate_transform else original
+        if set(matches) <= {optax.ScaleByScheduleState, _inject.WrappedScheduleState}:
+            return optax.ScaleByScheduleState  # either way an LR schedule's count
+        raise UnsupportedError(f"Optax state at {'/'.join(path)} could be any of "
+                               f"{sorted(cls.__name__ for cls in matches)}, which look alike on disk")
+
+    return _typed(raw, (*_state_types(spec), *stock), choose)
 
 
 def _accept_stock(tree: Any, spec: OptimizerSpec, allowed: bool) -> tuple[Any, frozenset[str]]:
@@ -639,12 +674,12 @@ def _collect(opt_state: Any, spec: OptimizerSpec, allow_approximate: bool = Fals
             if slot.scalar and type(node).__name__ in slot.optax_states:
                 slots.update({(slot.name, p): np.asarray(getattr(node, slot.optax_field)) for p in covered})
         if _counts_step(node, spec):
-            counts[_partition_prefix(where)] = int(np.asarray(node.count))
+            counts[_partition_prefix(where)] = int(np.asarray(getattr(node, _count_field(node))))
         if isinstance(node, optax.ScaleByScheduleState):
             schedule_counts.add(int(np.asarray(node.count)))
         return node
 
-    typed = restored_types(opt_state, spec, written_by_optstate=False)
+    typed = restored_types(opt_state, spec, optstate_transform=False)
     _refuse_trace_after_learning_rate(typed)
     typed, stock = _accept_stock(typed, spec, allow_approximate)
     _map_states(typed, types, visit)
@@ -729,7 +764,7 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
     """
     if optimizer is None:
         raise UnsupportedError("an Optax state does not record which optimizer made it: pass optimizer= "
-                               "(--optimizer sgd|adam|adamw)")
+                               f"(--optimizer {'|'.join(OPTIMIZERS)})")
     spec = optimizer_spec(optimizer)
     spec.check_exact(allow_approximate)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]

@@ -20,11 +20,11 @@ import orbax.checkpoint as ocp
 
 from ..atomic import atomic_directory
 from ..errors import FormatError, UnsupportedError
-from ..schema.fileformat import (parse_tensor_key, read_safetensors, state_from_metadata, state_metadata, tensor_key,
+from ..schema.fileformat import (check_format_version, parse_tensor_key, read_safetensors, state_from_metadata, state_metadata, tensor_key,
                                  write_safetensors)
-from ..schema.spec import optimizer_spec
+from ..schema.spec import OPTIMIZERS, optimizer_spec
 from ..schema.state import OptimizerState, Path, numpy_dtype, path_to_name
-from .optax import fill_state, from_optax, nest, optax_transform, param_shapes, restored_types
+from .optax import fill_state, from_optax, nest, optax_transform, param_shapes, recorded_types, restored_types
 from .schedules import last_epoch, restore_torch_scheduler_state
 
 SIDECAR = "optstate.json"
@@ -49,18 +49,24 @@ def save_optax_dir(state: OptimizerState, path: str | os.PathLike, *, force: boo
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.abspath(tmp), tree)
         checkpointer.wait_until_finished()
-        (tmp / SIDECAR).write_text(json.dumps(state_metadata(state), indent=1))
+        sidecar = {**state_metadata(state), "optax_types": recorded_types(template)}
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
         if buffers:
             write_safetensors(tmp / BUFFERS, buffers, {})
 
 
 def _skeleton(meta: Mapping[str, Any], source: str) -> OptimizerState:
     """The state a sidecar describes, its arrays zero-strided placeholders of the right shape and dtype."""
-    shapes = {tuple(p["path"]): p["shape"] for p in meta["params"]}
-    spec = optimizer_spec(meta["optimizer"])
-    arrays = {("model", tuple(w["path"])): _placeholder(w["shape"], w["dtype"]) for w in meta.get("weights") or []}
-    arrays.update({(s["slot"], tuple(s["path"])): _placeholder(
-        spec.slot(s["slot"]).torch_shape(tuple(shapes[tuple(s["path"])])), s["dtype"]) for s in meta["slots"]})
+    check_format_version(meta, source)
+    try:
+        shapes = {tuple(p["path"]): p["shape"] for p in meta["params"]}
+        spec = optimizer_spec(meta["optimizer"])
+        arrays = {("model", tuple(w["path"])): _placeholder(w["shape"], w["dtype"])
+                  for w in meta.get("weights") or []}
+        arrays.update({(s["slot"], tuple(s["path"])): _placeholder(
+            spec.slot(s["slot"]).torch_shape(tuple(shapes[tuple(s["path"])])), s["dtype"]) for s in meta["slots"]})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{source}: malformed optstate metadata ({type(exc).__name__}: {exc})") from None
     return state_from_metadata(meta, arrays, source)
 
 
@@ -172,8 +178,10 @@ def read_optax_dir(path: str | os.PathLike, *, optimizer: str | None = None,
         params = nest(param_shapes(skeleton))
     if optimizer is None:
         raise UnsupportedError("an Optax state does not record which optimizer made it: pass optimizer= "
-                               "(--optimizer sgd|adam|adamw|...)")
-    opt_state = restored_types(tree["opt_state"], optimizer_spec(optimizer), written_by_optstate=optstate_transform or meta is not None)
+                               f"(--optimizer {'|'.join(OPTIMIZERS)})")
+    opt_state = restored_types(tree["opt_state"], optimizer_spec(optimizer),
+                               optstate_transform=optstate_transform or meta is not None,
+                               recorded=None if meta is None else meta.get("optax_types"))
     state = from_optax(opt_state, params, optimizer=optimizer, hyperparams=hyperparams,
                        allow_approximate=allow_approximate)
     if skeleton is not None:

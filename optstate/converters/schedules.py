@@ -68,6 +68,10 @@ import numpy as np
 
 from ..errors import FormatError, UnsupportedError
 
+
+class ScheduleRangeError(UnsupportedError, ValueError):
+    """A step count or horizon outside what the schedule answers exactly."""
+
 __all__ = [
     "LAMBDA",
     "REFUSED",
@@ -486,7 +490,7 @@ class _CosineAnnealingWarmRestarts(_Leaf):
                 st["T_i"] = st["T_i"] * st["T_mult"]
         else:
             if epoch < 0:
-                raise ValueError(f"Expected non-negative epoch, but got {epoch}")
+                raise ScheduleRangeError(f"Expected non-negative epoch, but got {epoch}")
             if epoch >= st["T_0"]:
                 if st["T_mult"] == 1:
                     st["T_cur"] = epoch % st["T_0"]
@@ -741,7 +745,7 @@ def _replay_from_scratch(sd, param_groups, name, steps: int, check: bool):
             node.step(lrs)
             rows.append(list(lrs))
     except _Beyond as exc:
-        raise ValueError(str(exc)) from None
+        raise ScheduleRangeError(str(exc)) from None
     if check:
         k, want = last_epoch(sd), _floats(sd["_last_lr"], "_last_lr")
         got = rows[k]
@@ -825,7 +829,7 @@ class TorchLRSchedule:
             if not np.issubdtype(c.dtype, np.integer):
                 raise TypeError(f"{self!r}: the step count must be an integer, got {count!r}")
             if c.size and (c.min() < 0 or (not self.clamped and c.max() > last)):
-                raise ValueError(f"{self!r}: count {count!r} is outside the exact range; "
+                raise ScheduleRangeError(f"{self!r}: count {count!r} is outside the exact range; "
                                  + ("counts start at 0" if c.min() < 0 else
                                     "build the schedules with a larger horizon="))
         count = jnp.asarray(count)
@@ -865,10 +869,10 @@ def optax_schedules(sd: Mapping, *, horizon: int | None = None,
         if isinstance(horizon, bool) or not isinstance(horizon, numbers.Integral):
             raise TypeError(f"horizon must be an integer, got {horizon!r}")
         if horizon < k:
-            raise ValueError(f"{name}: horizon={horizon} is below the state's last_epoch={k}; horizon is the "
+            raise ScheduleRangeError(f"{name}: horizon={horizon} is below the state's last_epoch={k}; horizon is the "
                              "largest absolute step count, not the number of remaining steps")
         if limit is not None and horizon > limit:
-            raise ValueError(f"{name}: horizon={horizon} goes past step {limit}, where torch raises "
+            raise ScheduleRangeError(f"{name}: horizon={horizon} goes past step {limit}, where torch raises "
                              "(OneCycleLR's total_steps)")
     target = horizon
     if target is None and not node.freezes():
@@ -893,7 +897,7 @@ def optax_schedules(sd: Mapping, *, horizon: int | None = None,
             rows.append(list(lrs))
             c += 1
     except _Beyond as exc:
-        raise ValueError(str(exc)) from None
+        raise ScheduleRangeError(str(exc)) from None
     table = np.asarray(rows, dtype=np.float64)
     clamped = node.frozen()
     return [TorchLRSchedule(table[:, i], clamped=clamped, scheduler=name, group=i) for i in range(table.shape[1])]
@@ -923,7 +927,7 @@ def restore_torch_scheduler_state(sd: Mapping, count: int, *,
     :func:`optax_schedules` (required for OneCycleLR).
     """
     if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
-        raise ValueError(f"count must be a non-negative integer, got {count!r}")
+        raise ScheduleRangeError(f"count must be a non-negative integer, got {count!r}")
     name = scheduler_class(sd)
     _parse(sd, param_groups)  # refusals and format errors first
     k = last_epoch(sd)
@@ -934,7 +938,7 @@ def restore_torch_scheduler_state(sd: Mapping, count: int, *,
             for _ in range(count - k):
                 node.step(lrs)
         except _Beyond as exc:
-            raise ValueError(str(exc)) from None
+            raise ScheduleRangeError(str(exc)) from None
     else:
         _replay_from_scratch(sd, param_groups, name, steps=k, check=True)
         node, _ = _replay_from_scratch(sd, param_groups, name, steps=count, check=False)

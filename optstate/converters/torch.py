@@ -308,6 +308,10 @@ def check_state_dict(sd: Any, source: str) -> None:
         indices.extend(group["params"])
     if len(set(indices)) != len(indices):
         raise FormatError(f"{source}: a parameter index occurs in two param groups")
+    bad = [i for i, entry in sd["state"].items() if not isinstance(entry, Mapping)]
+    if bad:
+        raise FormatError(f"{source}: the state of parameter index {bad[0]} is a "
+                          f"{type(sd['state'][bad[0]]).__name__}, expected a dict")
     orphans = sorted(set(sd["state"]) - set(indices), key=str)
     if orphans:
         raise FormatError(f"{source}: state for parameter indices {orphans[:5]} that no param group holds")

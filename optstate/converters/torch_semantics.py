@@ -9,10 +9,15 @@ it, in torch's order:
           add_decayed_weights(wd) if decoupled,    # torch: param *= 1 - lr * wd
           scale_by_learning_rate(lr))
 
-so every update returned here is the direction that torch multiplies by ``-lr``. States reuse
-Optax's NamedTuple types wherever the fields mean the same thing, so that a converter finds them
-by type; only NAdam and Muon need new ones (:class:`ScaleByNadamTorchState`,
-:class:`ScaleByMuonTorchState`).
+so every update returned here is the direction that torch multiplies by ``-lr``. Each transform
+keeps a state type of its own (fields as in the stock Optax state it mirrors), so that a converter
+finding states by type never takes a stock state, made by a different formula, for a torch-exact
+one.
+
+>>> import jax.numpy as jnp, optax
+>>> tx = optax.chain(scale_by_amsgrad_torch(), optax.scale_by_learning_rate(1e-3))
+>>> type(tx.init({"w": jnp.zeros(2)})[0]).__name__
+'ScaleByAmsgradTorchState'
 
 Scalars derived from the step (bias corrections, NAdam's momentum schedule, Adafactor's decay)
 are computed in float64 when ``jax_enable_x64`` is on, because torch computes them as Python
@@ -88,12 +93,14 @@ class ScaleByRStdDevTorchState(NamedTuple):
     nu: optax.Updates
 
 
+# Counter-only states name their field after what they count: on disk (Orbax keeps no type names)
+# a plain `count` would look like an LR schedule's.
 class ScaleByLrDecayTorchState(NamedTuple):
-    count: jax.Array
+    lr_decay_count: jax.Array
 
 
 class ScaleByRelativeStepTorchState(NamedTuple):
-    count: jax.Array
+    relative_step_count: jax.Array
 
 
 def scale_by_rms_torch(alpha: float = 0.99, eps: float = 1e-8, centered: bool = False) -> optax.GradientTransformation:
@@ -120,11 +127,11 @@ def _scale_by_count(factor, state_type) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        scale = factor(state.count)
-        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), \
-            state_type(count=optax.safe_increment(state.count))
+        count = state[0]
+        scale = factor(count)
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state_type(optax.safe_increment(count))
 
-    return optax.GradientTransformation(lambda params: state_type(count=jnp.zeros([], jnp.int32)), update_fn)
+    return optax.GradientTransformation(lambda params: state_type(jnp.zeros([], jnp.int32)), update_fn)
 
 
 def scale_by_lr_decay_torch(lr_decay: float) -> optax.GradientTransformation:
@@ -230,13 +237,10 @@ def scale_by_rss_torch(
     which differs by ~eps / (2 sum**1.5): 4e-12 with torch's default eps 1e-10, 4e-5 with 1e-3.
     Like torch, and unlike Optax, a zero accumulator with ``eps=0`` gives NaN rather than 0.
 
-    torch's ``lr_decay`` is not part of the scaler: torch increments ``step`` before computing
-    ``clr = lr / (1 + (step - 1) * lr_decay)``, which is
-    ``optax.scale_by_learning_rate(lambda count: lr / (1 + count * lr_decay))`` chained after
-    this transform (the schedule's ``count`` is torch's ``step - 1``).
+    torch's ``lr_decay`` is not part of the scaler: chain :func:`scale_by_lr_decay_torch` after it,
+    whose ``lr_decay_count`` is torch's ``step``.
 
-    The state is :class:`ScaleByRssTorchState` with ``sum_of_squares`` = torch ``sum``; torch's
-    ``step`` lives in the learning-rate schedule's ``ScaleByScheduleState.count``.
+    The state is :class:`ScaleByRssTorchState` with ``sum_of_squares`` = torch ``sum``.
 
     Args:
       initial_accumulator_value: torch ``initial_accumulator_value`` (default 0, Optax's is 0.1).
@@ -446,13 +450,12 @@ def scale_by_adafactor_torch(
         param -= alpha / max(1, rms(u) / d) * u
 
     This transform returns ``max(eps2, rms(param)) * u / max(1, rms(u) / d)``, so it needs
-    ``params``. The caller supplies the relative step ``min(lr, 1 / sqrt(t))`` as a schedule and
-    torch's decoupled weight decay, which is scaled by ``lr`` and not by the relative step, after
-    it::
+    ``params``. The caller supplies the relative step ``min(lr, 1 / sqrt(t))`` and torch's
+    decoupled weight decay, which is scaled by ``lr`` and not by the relative step, after it::
 
         chain(scale(-1.0) if maximize,
               scale_by_adafactor_torch(beta2_decay, eps1, eps2, d),
-              scale_by_learning_rate(lambda count: jnp.minimum(lr, 1 / jnp.sqrt(count + 1))),
+              scale_by_relative_step_torch(lr),      # in place of scale_by_learning_rate
               add_decayed_weights(-lr * weight_decay))
 
     Stock :func:`optax.adafactor` gets close with ``min_dim_size_to_factor=1``,

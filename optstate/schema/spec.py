@@ -112,7 +112,7 @@ class OptimizerSpec:
                                    "(allow_approximate=True) to convert anyway, recorded in the output")
 
     def slot(self, name: str) -> Slot:
-        return next(s for s in self.slots if s.name == name)
+        return {s.name: s for s in self.slots}[name]
 
     def active_slots(self, hyperparams: Mapping[str, Any]) -> tuple[Slot, ...]:
         """The slots torch keeps for a group with these hyperparameters (SGD keeps none without momentum)."""

@@ -82,7 +82,8 @@ class OptimizerState:
     """An optimizer's state, independent of any framework.
 
     ``param_groups`` hold each group's hyperparameters under torch's constructor names.
-    ``slots`` maps ``(slot name, parameter path)`` to an array of the parameter's shape; a
+    ``slots`` maps ``(slot name, parameter path)`` to an array shaped as the optimizer table's
+    slot says (the parameter's shape; a scalar; Adafactor's row and column statistics); a
     parameter without an entry has no state yet. ``weights`` optionally holds every tensor of
     the model (trainable, frozen and buffers); ``buffers`` names those that are not parameters.
 
@@ -187,6 +188,7 @@ class OptimizerState:
         >>> s.reset(["momentum_buffer"]).slots[("momentum", ("w",))].tolist()
         [0.0, 0.0]
         """
+        names = set(names)
         spec = self.spec
         by_name = {s.name: s.name for s in spec.slots} | {s.torch_key: s.name for s in spec.slots}
         unknown = [n for n in names if n not in by_name and n != "step"]
