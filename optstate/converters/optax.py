@@ -18,7 +18,7 @@ from optax.schedules import _inject
 
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import BOOKKEEPING_KEYS, OPTIMIZERS, OptimizerSpec, Slot, is_decoupled, optimizer_spec
-from ..schema.state import OptimizerState, ParamInfo, Path, format_path, numpy_dtype, path_to_name
+from ..schema.state import OptimizerState, ParamInfo, Path, numpy_dtype, path_to_name
 from .schedules import last_epoch, optax_schedules
 
 FROZEN = "frozen"
@@ -192,7 +192,7 @@ def _labels(labels: Mapping[Path, str], params: Any) -> Any:
     def label(key_path, _):
         path = key_path_to_path(key_path)
         if path not in labels:
-            raise MappingError(f"{format_path(path)}: a parameter the optimizer state knows nothing of")
+            raise MappingError(f"{path_to_name(path)}: a parameter the optimizer state knows nothing of")
         return labels[path]
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -362,7 +362,7 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
     def slot_value(slot: Slot, path: Path, leaf: Any) -> Any:
         info = by_path.get(path)
         if info is None:
-            raise MappingError(f"{format_path(path)}: the Optax state has a {slot.name} slot for a parameter the "
+            raise MappingError(f"{path_to_name(path)}: the Optax state has a {slot.name} slot for a parameter the "
                                "torch optimizer does not track (frozen?); leave it out of this transform, e.g. "
                                "with optstate.optax_transform on a state that holds the model weights, which "
                                "labels frozen parameters 'frozen'")
@@ -376,7 +376,7 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         if tuple(leaf.shape) != tuple(array.shape) or np.dtype(leaf.dtype) != array.dtype:
             hint = " (enable float64 in JAX: jax.config.update('jax_enable_x64', True))" \
                 if array.dtype == np.float64 else ""
-            raise MappingError(f"{format_path(path)}: the Optax template expects {slot.name} of shape "
+            raise MappingError(f"{path_to_name(path)}: the Optax template expects {slot.name} of shape "
                                f"{list(leaf.shape)} {np.dtype(leaf.dtype)}, the state holds {list(array.shape)} "
                                f"{array.dtype}{hint}")
         filled.add((slot.name, path))
@@ -465,7 +465,7 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
     missing = sorted(expected - filled)
     if missing:
         raise MappingError("the Optax state has no place for "
-                           + ", ".join(f"{slot} of {format_path(p)}" for slot, p in missing[:5])
+                           + ", ".join(f"{slot} of {path_to_name(p)}" for slot, p in missing[:5])
                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     return result
 
@@ -504,9 +504,9 @@ def nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
         for i, key in enumerate(path[:-1]):
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise MappingError(f"{format_path(path[:i + 1])} is both a parameter and a prefix of {format_path(path)}")
+                raise MappingError(f"{path_to_name(path[:i + 1])} is both a parameter and a prefix of {path_to_name(path)}")
         if path[-1] in node:
-            raise MappingError(f"{format_path(path)} is both a parameter and a prefix of another")
+            raise MappingError(f"{path_to_name(path)} is both a parameter and a prefix of another")
         node[path[-1]] = leaf
     return root
 
@@ -520,12 +520,21 @@ def param_shapes(state: OptimizerState) -> dict[Path, jax.ShapeDtypeStruct]:
     return shapes
 
 
-def dry_run(state: OptimizerState) -> None:
-    """Build the Optax transform and fill its state's shapes: every refusal a conversion would meet, no arrays."""
+def template(state: OptimizerState) -> tuple[optax.GradientTransformation, Any, Any]:
+    """``(tx, params, opt_state)`` for ``state``, as shapes: ``jax.ShapeDtypeStruct`` leaves, float64 kept."""
     tx = optax_transform(state)
-    with jax.enable_x64(True):  # shapes only
-        template = jax.eval_shape(tx.init, nest(param_shapes(state)))
-    fill_state(state, template, lambda array: array)
+    params = nest(param_shapes(state))
+    with jax.enable_x64(True):  # shapes only: float64 must stay float64
+        return tx, params, jax.eval_shape(tx.init, params)
+
+
+def dry_run(state: OptimizerState) -> None:
+    """Meet every refusal a conversion to Optax would meet, without making an array.
+
+    >>> from optstate.schema import OptimizerState, ParamInfo
+    >>> dry_run(OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float32", 0),), {}))
+    """
+    fill_state(state, template(state)[2], lambda array: array)
 
 
 def to_optax(state: OptimizerState, tx: optax.GradientTransformation, params: Any) -> Any:
@@ -545,6 +554,17 @@ def to_optax(state: OptimizerState, tx: optax.GradientTransformation, params: An
 
 # ----------------------------------------------------------------------------- Optax -> canonical
 
+def _same_kind(default: Any, value: Any) -> bool:
+    """Whether ``value`` is of the kind torch takes where its default is ``default``."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, (tuple, list)) and len(value) == len(default)
+    return True
+
+
 def _check_group(spec: OptimizerSpec, group: Mapping[str, Any], gi: int) -> None:
     missing = [k for k in spec.must_give if k not in group]
     if missing:
@@ -555,9 +575,7 @@ def _check_group(spec: OptimizerSpec, group: Mapping[str, Any], gi: int) -> None
         raise UnsupportedError(f"param group {gi}: {spec.torch_class} has no hyperparameter(s) {unknown}")
     for key, value in group.items():
         default = spec.hyperparams.get(key)
-        if isinstance(default, bool) and not isinstance(value, bool) or isinstance(default, (int, float)) and \
-                not isinstance(default, bool) and not isinstance(value, (int, float)) or \
-                isinstance(default, tuple) and not (isinstance(value, (tuple, list)) and len(value) == len(default)):
+        if not _same_kind(default, value):
             raise UnsupportedError(f"param group {gi}: {key}={value!r} is not of the type torch takes "
                                    f"(default {default!r})")
     spec.check_supported(group, f"param group {gi}")
@@ -666,7 +684,7 @@ def _collect(opt_state: Any, spec: OptimizerSpec, allow_approximate: bool = Fals
         for slot, leaves in leaves_by_slot.items():
             for path, leaf in leaves.items():
                 if (slot, path) in slots:
-                    raise FormatError(f"{format_path(path)}: two Optax states hold its {slot}")
+                    raise FormatError(f"{path_to_name(path)}: two Optax states hold its {slot}")
                 slots[(slot, path)] = np.asarray(leaf)
                 prefixes[path] = _partition_prefix(where)
         covered = {p for leaves in leaves_by_slot.values() for p in leaves}
@@ -734,7 +752,7 @@ def _names_of(weights: Mapping[Path, Any]) -> dict[str, Path]:
     for path in weights:
         name = path_to_name(path)
         if name in names:
-            raise MappingError(f"{format_path(names[name])!r} and {list(path)} have the same dotted name {name!r}")
+            raise MappingError(f"{path_to_name(names[name])!r} and {list(path)} have the same dotted name {name!r}")
         names[name] = path
     return names
 
@@ -773,7 +791,7 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
     collected = _collect(opt_state, spec, allow_approximate)
     for slot, path in collected.slots:
         if path not in weights:
-            raise MappingError(f"{format_path(path)}: has optimizer state but is not in params")
+            raise MappingError(f"{path_to_name(path)}: has optimizer state but is not in params")
     slots = _torch_shaped(spec, collected.slots, weights)
     if hyperparams is None and not collected.injected:
         raise UnsupportedError("an Optax state does not record its hyperparameters: pass hyperparams= "
@@ -817,7 +835,7 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
                                        f"{spec.torch_class} with these hyperparameters does not keep (e.g. momentum=0)")
     stray = sorted({p for _, p in slots} - taken)
     if stray:
-        raise MappingError(f"{format_path(stray[0])} has optimizer state but is in no param group")
+        raise MappingError(f"{path_to_name(stray[0])} has optimizer state but is in no param group")
     metadata: dict[str, Any] = {"source": f"optax {optax.__version__}"}
     if spec.approximate or (allow_approximate and collected.stock):
         metadata["approximate"] = spec.approximate or (

@@ -24,7 +24,7 @@ from ..schema.fileformat import (check_format_version, parse_tensor_key, read_sa
                                  write_safetensors)
 from ..schema.spec import OPTIMIZERS, optimizer_spec
 from ..schema.state import OptimizerState, Path, numpy_dtype, path_to_name
-from .optax import fill_state, from_optax, nest, optax_transform, param_shapes, recorded_types, restored_types
+from .optax import fill_state, from_optax, nest, param_shapes, recorded_types, restored_types, template
 from .schedules import last_epoch, restore_torch_scheduler_state
 
 SIDECAR = "optstate.json"
@@ -37,19 +37,16 @@ def _needs_x64(shapes: Mapping[Path, jax.ShapeDtypeStruct]) -> bool:
 
 def save_optax_dir(state: OptimizerState, path: str | os.PathLike, *, force: bool = False) -> None:
     """Write ``state`` as an Orbax checkpoint directory plus ``optstate.json``, atomically."""
-    tx = optax_transform(state)
-    shapes = param_shapes(state)
-    with jax.enable_x64(True):  # shapes only: float64 must stay float64 in the template
-        template = jax.eval_shape(tx.init, nest(shapes))
-    tree = {"opt_state": fill_state(state, template, np.asarray)}
+    _, _, opt_state = template(state)
+    tree = {"opt_state": fill_state(state, opt_state, np.asarray)}
     if state.weights is not None:
-        tree["params"] = nest({p: np.asarray(state.weights[p]) for p in shapes})
+        tree["params"] = nest({p: np.asarray(state.weights[p]) for p in param_shapes(state)})
     buffers = [(tensor_key("model", p), np.asarray(state.weights[p])) for p in state.buffers]
     with atomic_directory(path, force=force) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.abspath(tmp), tree)
         checkpointer.wait_until_finished()
-        sidecar = {**state_metadata(state), "optax_types": recorded_types(template)}
+        sidecar = {**state_metadata(state), "optax_types": recorded_types(opt_state)}
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
         if buffers:
             write_safetensors(tmp / BUFFERS, buffers, {})
@@ -105,13 +102,11 @@ def load_optax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
     state = _skeleton(meta, str(directory / SIDECAR))
     if not (directory / "_CHECKPOINT_METADATA").exists() and not (directory / "_METADATA").exists():
         raise FormatError(f"{directory}: {SIDECAR} but no Orbax checkpoint beside it")
-    shapes = param_shapes(state)
-    if _needs_x64(shapes) and not jax.config.jax_enable_x64:
+    if _needs_x64(param_shapes(state)) and not jax.config.jax_enable_x64:
         raise UnsupportedError(f"{directory} holds 64-bit arrays, which JAX would silently round to 32 bits; "
                                "call jax.config.update('jax_enable_x64', True) first (or set JAX_ENABLE_X64=1)")
-    tx = optax_transform(state)
-    params = nest(shapes)
-    target = {"opt_state": jax.eval_shape(tx.init, params)}
+    tx, params, opt_state = template(state)
+    target = {"opt_state": opt_state}
     if state.weights is not None:
         target["params"] = params
     restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)

@@ -15,7 +15,7 @@ import torch
 from ..atomic import atomic_file
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, optimizer_spec
-from ..schema.state import OptimizerState, ParamInfo, format_path, name_to_path, path_to_name
+from ..schema.state import OptimizerState, ParamInfo, name_to_path, path_to_name
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt")
 MODEL_KEYS = ("model", "model_state_dict", "state_dict", "model_state", "weights")
@@ -389,15 +389,14 @@ def _state_from_state_dict(sd: Mapping, names: Sequence[str], spec: OptimizerSpe
         raise FormatError(f"{source}: {exc}") from None
 
 
-def _names_from_model(obj: torch.optim.Optimizer, sd: Mapping, model: Any) -> Mapping:
-    """The live optimizer's state_dict with ``param_names`` taken from ``model`` by tensor identity."""
+def _names_by_identity(optimizer: torch.optim.Optimizer, model: Any) -> list[list[str]]:
+    """Each group's parameter names, found by tensor identity among ``model.named_parameters()``."""
     by_id = {id(p): n for n, p in model.named_parameters()}
-    live = [p for g in obj.param_groups for p in g["params"]]
-    missing = [i for i, p in enumerate(live) if id(p) not in by_id]
+    names = [[by_id.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+    missing = [i for i, n in enumerate(n for g in names for n in g) if n is None]
     if missing:
         raise MappingError(f"optimizer tensors {missing[:5]} are not parameters of the model passed")
-    return {"state": sd["state"], "param_groups": [dict(g, param_names=[by_id[id(p)] for p in lg["params"]])
-                                                   for g, lg in zip(sd["param_groups"], obj.param_groups)]}
+    return names
 
 
 def _family(sd: Mapping, optimizer: str | None, source: str) -> OptimizerSpec:
@@ -429,7 +428,8 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
     if isinstance(obj, torch.optim.Optimizer):
         sd = obj.state_dict()
         if model is not None and not all("param_names" in g for g in sd["param_groups"]):
-            sd = _names_from_model(obj, sd, model)
+            sd = {"state": sd["state"], "param_groups": [
+                dict(g, param_names=names) for g, names in zip(sd["param_groups"], _names_by_identity(obj, model))]}
         live = [p for g in obj.param_groups for p in g["params"]]
     else:
         if isinstance(obj, (str, os.PathLike)):
@@ -475,15 +475,15 @@ def _param_entry(state: OptimizerState, info: ParamInfo) -> dict[str, torch.Tens
     present = {s.name: state.slots[(s.name, info.path)] for s in spec.slots if (s.name, info.path) in state.slots}
     if not present:
         if spec.has_step and info.step:
-            raise FormatError(f"{format_path(info.path)}: step {info.step} but no slots")
+            raise FormatError(f"{path_to_name(info.path)}: step {info.step} but no slots")
         return {}
     missing = [s.name for s in spec.active_slots(state.param_groups[info.group])
                if s.applies(info.shape) and s.name not in present]
     if missing:
-        raise FormatError(f"{format_path(info.path)}: slot(s) {missing} missing")
+        raise FormatError(f"{path_to_name(info.path)}: slot(s) {missing} missing")
     narrow = [name for name, a in present.items() if not spec.slot(name).scalar and str(a.dtype) != info.dtype]
     if narrow:
-        raise UnsupportedError(f"{format_path(info.path)}: {narrow[0]} is {present[narrow[0]].dtype}, the parameter "
+        raise UnsupportedError(f"{path_to_name(info.path)}: {narrow[0]} is {present[narrow[0]].dtype}, the parameter "
                                f"{info.dtype}; torch keeps it in the parameter's dtype, so loading would cast it")
     entry = {}
     if spec.has_step:
@@ -528,11 +528,7 @@ def _live_names(optimizer: torch.optim.Optimizer, model: Any) -> list[list[str]]
         return [list(g["param_names"]) for g in optimizer.param_groups]
     if model is None:
         raise MappingError("the optimizer has no param_names; pass model= so its parameters can be matched by name")
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    names = [[by_id.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
-    if any(n is None for g in names for n in g):
-        raise MappingError("some optimizer parameters are not parameters of the model passed")
-    return names
+    return _names_by_identity(optimizer, model)
 
 
 def _saved_group_of(infos: Sequence[ParamInfo], live_group: int) -> int:

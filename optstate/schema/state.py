@@ -43,10 +43,6 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(getattr(ml_dtypes, name, None) or name)
 
 
-def format_path(path: Path) -> str:
-    """A path as people read it in error messages: the torch name."""
-    return path_to_name(path)
-
 
 def all_finite(array: np.ndarray, chunk: int = 1 << 24) -> bool:
     """Whether every value is finite, in bounded memory (a block at a time; one value of a broadcast).
@@ -110,27 +106,27 @@ class OptimizerState:
         slots = {s.name: s for s in spec.slots}
         for (slot, path), array in self.slots.items():
             if slot not in slots:
-                raise FormatError(f"{format_path(path)}: slot {slot!r} is not a slot of {spec.torch_class}")
+                raise FormatError(f"{path_to_name(path)}: slot {slot!r} is not a slot of {spec.torch_class}")
             info = by_path.get(path)
             if info is None:
-                raise FormatError(f"{format_path(path)}: slot {slot!r} for a parameter the optimizer does not track")
+                raise FormatError(f"{path_to_name(path)}: slot {slot!r} for a parameter the optimizer does not track")
             if not slots[slot].applies(info.shape):
-                raise FormatError(f"{format_path(path)}: slot {slot!r} is not kept for a parameter of shape "
+                raise FormatError(f"{path_to_name(path)}: slot {slot!r} is not kept for a parameter of shape "
                                   f"{list(info.shape)}")
             expected = slots[slot].torch_shape(info.shape)
             if tuple(array.shape) != expected:
-                raise FormatError(f"{format_path(path)}: slot {slot!r} has shape {list(array.shape)}, "
+                raise FormatError(f"{path_to_name(path)}: slot {slot!r} has shape {list(array.shape)}, "
                                   f"expected {list(expected)}")
             if not all_finite(array):
-                raise FormatError(f"{format_path(path)}: slot {slot!r} holds non-finite values (NaN or inf); "
+                raise FormatError(f"{path_to_name(path)}: slot {slot!r} holds non-finite values (NaN or inf); "
                                   "the run diverged or the file is corrupt")
         for info in self.params:
             if not 0 <= info.group < len(self.param_groups):
-                raise FormatError(f"{format_path(info.path)}: group {info.group} does not exist")
+                raise FormatError(f"{path_to_name(info.path)}: group {info.group} does not exist")
             if self.weights is not None and info.path in self.weights:
                 w = self.weights[info.path]
                 if tuple(w.shape) != info.shape:
-                    raise FormatError(f"{format_path(info.path)}: weight has shape {list(w.shape)}, "
+                    raise FormatError(f"{path_to_name(info.path)}: weight has shape {list(w.shape)}, "
                                       f"the optimizer state {list(info.shape)}")
 
     @property
@@ -170,7 +166,7 @@ class OptimizerState:
         distinct = sorted(set(steps.values()))
         if len(distinct) > 1:
             examples = ", ".join(
-                f"{format_path(next(p for p, s in steps.items() if s == v))} at step {v}" for v in distinct[:4])
+                f"{path_to_name(next(p for p, s in steps.items() if s == v))} at step {v}" for v in distinct[:4])
             raise UnsupportedError(
                 f"parameters have taken different numbers of steps ({examples}); torch skips a parameter "
                 "whose gradient is None, Optax keeps one count per transform, so this state has no exact "
