@@ -88,16 +88,25 @@ def _notes(optimizer: str | None, groups: Sequence[Mapping[str, Any]], params: S
 def _optax_verdict(state: OptimizerState | None, error: Exception | None) -> str:
     if state is None:
         return f"refused: {error}" if error else "no optimizer state"
+    metadata = {**state.metadata, "approximate": True}
+    scheduler = state.metadata.get("lr_scheduler")
+    if scheduler is not None and "lr_horizon" not in metadata:
+        from .converters.schedules import last_epoch
+
+        metadata["lr_horizon"] = last_epoch(scheduler) + 1  # any horizon will do to check
     try:
         from .converters import adapter
 
-        adapter("optax").dry_run(dataclasses.replace(state, metadata={**state.metadata, "approximate": True}))
+        adapter("optax").dry_run(dataclasses.replace(state, metadata=metadata))
     except MissingDependencyError:
         return "not checked (install optstate[jax])"
     except OptstateError as exc:
         return f"refused: {exc}"
+    verdict = "exact"
+    if scheduler is not None and "lr_horizon" not in state.metadata:
+        verdict += " (pass --horizon N if the LR schedule never settles)"
     approximate = state.metadata.get("approximate") or state.spec.approximate
-    return f"approximate, with --allow-approximate: {approximate}" if approximate else "exact"
+    return f"approximate, with --allow-approximate: {approximate}" if approximate else verdict
 
 
 def _report(path: str, fmt: str, state: OptimizerState | None, *, optimizer: str | None = None,

@@ -125,6 +125,8 @@ def _with_sidecar(state: OptimizerState, written: OptimizerState) -> OptimizerSt
         if count != last_epoch(scheduler):
             scheduler = restore_torch_scheduler_state(scheduler, count, param_groups=written.param_groups)
         metadata["lr_scheduler"] = scheduler
+        if "lr_horizon" in written.metadata:
+            metadata["lr_horizon"] = written.metadata["lr_horizon"]
     return dataclasses.replace(state, params=params, metadata=metadata)
 
 
