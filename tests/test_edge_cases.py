@@ -359,3 +359,13 @@ def test_reset_takes_any_iterable():
     model, opt = _stepped(lambda m: torch.optim.SGD(m.named_parameters(), lr=0.1, momentum=0.9))
     state = optstate.from_torch(opt).reset(name for name in ["momentum_buffer"])
     assert all(not a.any() for a in state.slots.values())
+
+
+def test_adam_and_adamw_from_before_torch_2_6_are_told_apart_or_refused():
+    model, opt = _stepped(lambda m: torch.optim.AdamW(m.named_parameters(), lr=0.01, weight_decay=0.1))
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        del group["decoupled_weight_decay"]  # as torch < 2.6 saved them
+    with pytest.raises(UnsupportedError, match="Adam and AdamW param groups look alike"):
+        optstate.from_torch(sd)
+    assert optstate.from_torch(sd, optimizer="adamw").optimizer == "adamw"

@@ -180,13 +180,23 @@ def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | N
 
 # ----------------------------------------------------------------------------- naming parameters
 
-def torch_class_of(group: Mapping[str, Any]) -> str:
-    """The torch optimizer class whose param groups carry these keys."""
+def torch_class_of(group: Mapping[str, Any], hint: str | None = None) -> str:
+    """The torch optimizer class whose param groups carry these keys (``hint``: the class, when known).
+
+    >>> torch_class_of({"lr": 0.1, "betas": (0.9, 0.999), "amsgrad": False, "decoupled_weight_decay": True})
+    'AdamW'
+    """
     for cls, keys in TORCH_SIGNATURES:
         if keys <= group.keys():
-            if cls == "Adam" and group.get("decoupled_weight_decay"):
-                return "AdamW"
-            return cls
+            if cls != "Adam":
+                return cls
+            if "decoupled_weight_decay" in group:
+                return "AdamW" if group["decoupled_weight_decay"] else "Adam"
+            # Before torch 2.6, Adam and AdamW groups had the same keys; only weight decay tells them apart.
+            if hint in ("Adam", "AdamW") or not group.get("weight_decay"):
+                return hint or "Adam"
+            raise UnsupportedError("Adam and AdamW param groups look alike in checkpoints of torch before 2.6, and "
+                                   "they decay weights differently; name it (optimizer='adam'|'adamw', --optimizer)")
     raise UnsupportedError(f"cannot tell which optimizer wrote a param group with keys {sorted(group)}; "
                            "name it (optimizer=..., --optimizer)")
 
@@ -399,8 +409,9 @@ def _names_by_identity(optimizer: torch.optim.Optimizer, model: Any) -> list[lis
     return names
 
 
-def _family(sd: Mapping, optimizer: str | None, source: str) -> OptimizerSpec:
-    written_by = torch_class_of(sd["param_groups"][0])
+def _family(sd: Mapping, optimizer: str | None, source: str, live_class: str | None = None) -> OptimizerSpec:
+    hint = optimizer_spec(optimizer).torch_class if optimizer else live_class
+    written_by = torch_class_of(sd["param_groups"][0], hint)
     spec = optimizer_spec(optimizer or written_by)
     if optimizer is not None and optimizer_spec(written_by).name != spec.name:
         raise UnsupportedError(f"{source}: optimizer={optimizer!r} but the param groups are {written_by}'s")
@@ -451,7 +462,7 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
     metadata: dict[str, Any] = {"source": f"torch {torch.__version__}"}
     if scheduler_sd is not None:
         metadata["lr_scheduler"] = _plain(scheduler_sd)
-    spec = _family(sd, optimizer, source)
+    spec = _family(sd, optimizer, source, type(obj).__name__ if live else None)
     names = param_names(sd, spec, model=model, weights=weights, source=source)
     shapes = {n: (tuple(p.shape), _dtype_name(p.dtype)) for n, p in zip(names, live)}
     return _state_from_state_dict(sd, names, spec, weights, buffers, source, metadata, copy=copy, shapes=shapes)
@@ -568,7 +579,7 @@ def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: 
     1.0
     """
     _refuse_optax_native(state.spec)
-    live_family = optimizer_spec(torch_class_of(optimizer.param_groups[0]))
+    live_family = optimizer_spec(torch_class_of(optimizer.param_groups[0], type(optimizer).__name__))
     if live_family.name != state.optimizer:
         raise UnsupportedError(f"the state is {state.spec.torch_class}'s, the optimizer is {type(optimizer).__name__} "
                                f"({live_family.torch_class} semantics)")
