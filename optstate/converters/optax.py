@@ -14,7 +14,12 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 import optax
-from optax.schedules import _inject
+
+try:  # inject_hyperparams' per-schedule state; optax keeps it in a private module
+    from optax.schedules._inject import WrappedScheduleState
+except ImportError:  # pragma: no cover - a later optax moved it: such states are then refused by type
+    class WrappedScheduleState(NamedTuple):
+        count: Any
 
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import BOOKKEEPING_KEYS, OPTIMIZERS, OptimizerSpec, Slot, is_decoupled, optimizer_spec
@@ -25,7 +30,7 @@ FROZEN = "frozen"
 _CONTAINERS = (optax.MaskedState, optax.PartitionState)
 _INJECT = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 # States that wrap other states and keep counters or hyperparameters of their own.
-_WRAPPERS = (*_INJECT, optax.MultiStepsState, _inject.WrappedScheduleState)
+_WRAPPERS = (*_INJECT, optax.MultiStepsState, WrappedScheduleState)
 _WRAPPED_FIELDS = ("inner_state", "inner_opt_state", "hyperparams_states")
 
 
@@ -437,7 +442,7 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
 
     def step_of(node: Any, where: Path, unknown: int | None = None) -> int | None:
         if "lr_scheduler" in state.metadata and (isinstance(node, (optax.ScaleByScheduleState,
-                                                                    _inject.WrappedScheduleState))
+                                                                    WrappedScheduleState))
                                                  or not spec.has_step):
             return last_epoch(state.metadata["lr_scheduler"])
         step = state.common_step(covered(node, where))
@@ -624,7 +629,7 @@ def restored_types(raw: Any, spec: OptimizerSpec, *, optstate_transform: bool,
         for original, mimic in stock.items():
             if set(matches) == {original, mimic}:
                 return mimic if optstate_transform else original
-        if set(matches) <= {optax.ScaleByScheduleState, _inject.WrappedScheduleState}:
+        if set(matches) <= {optax.ScaleByScheduleState, WrappedScheduleState}:
             return optax.ScaleByScheduleState  # either way an LR schedule's count
         raise UnsupportedError(f"Optax state at {'/'.join(path)} could be any of "
                                f"{sorted(cls.__name__ for cls in matches)}, which look alike on disk")
@@ -670,7 +675,7 @@ def _collect(opt_state: Any, spec: OptimizerSpec, allow_approximate: bool = Fals
                                        "accumulation; convert at a boundary, where torch holds no partial sums")
         if isinstance(node, _INJECT):
             injected[_partition_prefix(where)] = {k: np.asarray(v).item() for k, v in node.hyperparams.items()}
-        if isinstance(node, _inject.WrappedScheduleState):
+        if isinstance(node, WrappedScheduleState):
             schedule_counts.add(int(np.asarray(node.count)))
         for field in _WRAPPED_FIELDS:
             if field in node._fields:
