@@ -73,7 +73,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str |
     >>> optstate.convert(f"{d}/c.pt", f"{d}/s.safetensors").optimizer
     'sgd'
 
-    ``reset`` names slots (or ``"step"``) to zero on the way, deliberately. ``horizon`` is the
+    ``reset`` names slots (or ``"step"``) to restart at their initial values, deliberately. ``horizon`` is the
     largest step count training will reach, for an LR schedule that never settles (cosine, ...).
     ``allow_approximate`` converts an optimizer whose continuation across frameworks is not
     bit-exact (Muon), recording why in the output. ``optstate_transform``: an Optax input was
