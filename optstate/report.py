@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .errors import MissingDependencyError, OptstateError
-from .schema.spec import BOOKKEEPING_KEYS, optimizer_spec
+from .schema.spec import BOOKKEEPING_KEYS, OPTIMIZERS, optimizer_spec
 from .schema.state import OptimizerState, path_to_name
 
 
@@ -61,8 +61,9 @@ def _notes(optimizer: str | None, groups: Sequence[Mapping[str, Any]], params: S
                 "step count from zero (save optimizer.state_dict() beside the model)"]
     without = [p.name for p in params if not p.keys]
     if params and len(without) == len(params):
-        if optimizer == "SGD" and not any(g.get("momentum") for g in groups):
-            notes.append("SGD without momentum keeps no per-parameter state: nothing is lost")
+        spec = OPTIMIZERS.get(optimizer.lower())
+        if spec is not None and not any(spec.active_slots(g) for g in groups):
+            notes.append(f"{optimizer} with these hyperparameters keeps no per-parameter state: nothing is lost")
         else:
             notes.append("the optimizer never stepped: its state is empty")
     elif without:

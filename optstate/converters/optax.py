@@ -205,13 +205,13 @@ def _labels(labels: Mapping[Path, str], params: Any) -> Any:
 def _refuse_unsupported(state: OptimizerState) -> None:
     state.spec.check_exact("approximate" in state.metadata)
     for gi, hp in enumerate(state.param_groups):
-        dtypes = {p.dtype for p in state.group_params(gi)}
+        members = state.group_params(gi)
+        dtypes = {p.dtype for p in members}
         if state.spec.name == "adafactor" and state.spec.with_defaults(hp)["eps"][0] is None and len(dtypes) > 1:
             # torch takes eps1 from the group's first parameter's dtype for all of them.
             raise UnsupportedError(f"param group {gi}: Adafactor(eps=(None, ...)) over parameters of dtypes "
                                    f"{sorted(dtypes)}; give eps[0] explicitly")
-    for gi, hp in enumerate(state.param_groups):
-        stepped = all(state.has_state(p.path) for p in state.group_params(gi)) or not state.spec.active_slots(hp)
+        stepped = all(state.has_state(p.path) for p in members) or not state.spec.active_slots(hp)
         state.spec.check_supported(hp, f"param group {gi}", all_stepped=stepped)
 
 
@@ -751,6 +751,14 @@ def _torch_shaped(spec: OptimizerSpec, slots: Mapping[tuple[str, Path], np.ndarr
     return out
 
 
+def named_optimizer(optimizer: str | None) -> OptimizerSpec:
+    """The table row the caller names: an Optax state does not record which optimizer made it."""
+    if optimizer is None:
+        raise UnsupportedError("an Optax state does not record which optimizer made it: pass optimizer= "
+                               f"(--optimizer {'|'.join(OPTIMIZERS)})")
+    return optimizer_spec(optimizer)
+
+
 def _names_of(weights: Mapping[Path, Any]) -> dict[str, Path]:
     """Parameter names (paths joined by dots) to paths; refuses two paths with one name."""
     names: dict[str, Path] = {}
@@ -785,10 +793,7 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
     >>> s.slots[("momentum", ("w",))].tolist()
     [0.0, 0.0]
     """
-    if optimizer is None:
-        raise UnsupportedError("an Optax state does not record which optimizer made it: pass optimizer= "
-                               f"(--optimizer {'|'.join(OPTIMIZERS)})")
-    spec = optimizer_spec(optimizer)
+    spec = named_optimizer(optimizer)
     spec.check_exact(allow_approximate)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     shapes_only = all(isinstance(leaf, jax.ShapeDtypeStruct) for _, leaf in leaves)

@@ -22,9 +22,10 @@ from ..atomic import atomic_directory
 from ..errors import FormatError, UnsupportedError
 from ..schema.fileformat import (check_format_version, parse_tensor_key, read_safetensors, state_from_metadata, state_metadata, tensor_key,
                                  write_safetensors)
-from ..schema.spec import OPTIMIZERS, optimizer_spec
+from ..schema.spec import optimizer_spec
 from ..schema.state import OptimizerState, Path, numpy_dtype, path_to_name
-from .optax import fill_state, from_optax, nest, param_shapes, recorded_types, restored_types, template
+from .optax import (fill_state, from_optax, named_optimizer, nest, param_shapes, recorded_types, restored_types,
+                    template)
 from .schedules import last_epoch, restore_torch_scheduler_state
 
 SIDECAR = "optstate.json"
@@ -173,10 +174,7 @@ def read_optax_dir(path: str | os.PathLike, *, optimizer: str | None = None,
         if skeleton is None:
             raise FormatError(f"{directory}: no 'params' in the checkpoint, so parameter shapes are unknown")
         params = nest(param_shapes(skeleton))
-    if optimizer is None:
-        raise UnsupportedError("an Optax state does not record which optimizer made it: pass optimizer= "
-                               f"(--optimizer {'|'.join(OPTIMIZERS)})")
-    opt_state = restored_types(tree["opt_state"], optimizer_spec(optimizer),
+    opt_state = restored_types(tree["opt_state"], named_optimizer(optimizer),
                                optstate_transform=optstate_transform or meta is not None,
                                recorded=None if meta is None else meta.get("optax_types"))
     state = from_optax(opt_state, params, optimizer=optimizer, hyperparams=hyperparams,

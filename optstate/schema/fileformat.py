@@ -72,14 +72,6 @@ def parse_tensor_key(key: str) -> tuple[str, Path]:
 
 # ----------------------------------------------------------------------------- metadata
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def encode_extra(value: Any) -> Any:
     """Free-form metadata (a torch scheduler's state) as JSON: Counters tagged, tuples as lists."""
     if isinstance(value, Counter):
@@ -115,7 +107,7 @@ def state_metadata(state: OptimizerState) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "optimizer": state.optimizer,
-        "param_groups": [{k: _jsonable(v) for k, v in g.items()} for g in state.param_groups],
+        "param_groups": [encode_extra(g) for g in state.param_groups],
         "params": [
             {"path": list(p.path), "shape": list(p.shape), "dtype": p.dtype, "group": p.group, "step": p.step}
             for p in state.params
