@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from .converters import adapter
 from .errors import OptstateError
 from .schema import OptimizerState, fileformat
+from .schema.layout import Layout, revert_layout
 
 FORMATS = ("torch", "optax", "optstate")
 
@@ -48,8 +49,11 @@ def read(src: str | os.PathLike, fmt: str | None = None, *, optimizer: str | Non
 
 
 def write(state: OptimizerState, dst: str | os.PathLike, fmt: str, *, force: bool = False) -> None:
-    """Write ``state`` to ``dst`` in format ``fmt``, atomically."""
+    """Write ``state`` to ``dst`` in format ``fmt``, atomically; a state moved to a Flax layout goes
+    back to torch's on the way to torch."""
     if fmt == "torch":
+        if "layout" in state.metadata:
+            state = revert_layout(state, Layout.from_json(state.metadata["layout"]))
         adapter("torch").save_checkpoint(state, dst, force=force)
     elif fmt == "optax":
         adapter("orbax").save_optax_dir(state, dst, force=force)
@@ -62,7 +66,8 @@ def write(state: OptimizerState, dst: str | os.PathLike, fmt: str, *, force: boo
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str | None = None,
             dst_format: str | None = None, force: bool = False, optimizer: str | None = None,
             hyperparams: Any = None, reset: Sequence[str] = (), horizon: int | None = None,
-            allow_approximate: bool = False, optstate_transform: bool = False) -> OptimizerState:
+            allow_approximate: bool = False, optstate_transform: bool = False, target_params: str | None = None,
+            mapping: str | None = None) -> OptimizerState:
     """Convert a checkpoint between formats; what ``optstate convert`` runs. Returns the state.
 
     >>> import tempfile, torch, optstate
@@ -78,7 +83,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str |
     ``allow_approximate`` converts an optimizer whose continuation across frameworks is not
     bit-exact (Muon), recording why in the output. ``optstate_transform``: an Optax input was
     trained with ``optstate.optax_transform`` (see :func:`optstate.converters.orbax.read_optax_dir`).
-
+    ``target_params`` names the model to move parameters and slots to (a Flax model's parameter tree,
+    or the torch model on the way back; see :func:`optstate.converters.flax.target_model`);
+    ``mapping`` is a mapping file that ``optstate map -o`` wrote, edited or not.
     """
     state = read(src, src_format, optimizer=optimizer, hyperparams=hyperparams, allow_approximate=allow_approximate,
                  optstate_transform=optstate_transform)
@@ -88,5 +95,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str |
         state = state.reset(reset)
     if horizon is not None:
         state = dataclasses.replace(state, metadata={**state.metadata, "lr_horizon": horizon})
+    if target_params is not None or mapping is not None:
+        state = adapter("flax").relayout(state, target=target_params, mapping=mapping)
     write(state, dst, dst_format or detect_format(dst), force=force)
     return state

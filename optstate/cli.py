@@ -1,4 +1,4 @@
-"""The ``optstate`` command: ``convert`` and ``inspect``, thin over the library."""
+"""The ``optstate`` command: ``convert``, ``inspect`` and ``map``, thin over the library."""
 
 from __future__ import annotations
 
@@ -42,12 +42,35 @@ def _convert(args: argparse.Namespace) -> int:
     state = api.convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
                         force=args.force, optimizer=args.optimizer, hyperparams=_hparams(args.hparams),
                         reset=args.reset, horizon=args.horizon, allow_approximate=args.allow_approximate,
-                        optstate_transform=args.optstate_transform)
+                        optstate_transform=args.optstate_transform, target_params=args.target_params,
+                        mapping=args.mapping)
     print(f"{args.src} -> {args.dst}: {_summary(state)}")
     if "approximate" in state.metadata:
         print(f"approximate: {state.metadata['approximate']}")
     for name in args.reset:
         print(f"reset {name}: back to its initial value on every parameter, as asked")
+    return 0
+
+
+def _map(args: argparse.Namespace) -> int:
+    state = api.read(args.src, args.src_format)
+    layout, problems = adapter("flax").plan(state, args.target_params)
+    width = max((len(".".join(m.source)) for m in layout.moves), default=0)
+    for m in layout.moves:
+        print(f"{'.'.join(m.source):<{width}}  {str(list(m.source_shape)):<14} -> {'/'.join(m.target)} "
+              f"{list(m.shape)}  {m.describe}")
+    for path in layout.dropped:
+        print(f"{'.'.join(path):<{width}}  dropped (no Flax counterpart; kept as a buffer)")
+    if args.output:
+        from .atomic import atomic_file
+
+        with atomic_file(args.output, force=args.force) as tmp:
+            tmp.write_text(json.dumps(layout.to_json(), indent=1))
+        print(f"mapping written to {args.output}" + (" (incomplete: add the missing entries)" if problems else ""))
+    if problems:
+        from .schema.layout import problem_list
+
+        raise OptstateError(problem_list(problems))
     return 0
 
 
@@ -82,8 +105,19 @@ def parser() -> argparse.ArgumentParser:
                    "(Muon; stock Optax states whose formula is not torch's), recording why in the output")
     c.add_argument("--optstate-transform", action="store_true", help="the Optax input was trained with "
                    "optstate.optax_transform (its torch-exact states look like stock Optax ones on disk)")
+    c.add_argument("--target-params", metavar="PARAMS", help="move parameters and optimizer slots to this model's "
+                   "layout: a Flax parameter tree (msgpack file, Orbax directory, or module:function returning it or "
+                   "an nnx.Module); on the way back, the torch model (.pt state_dict or module:function)")
+    c.add_argument("--mapping", metavar="FILE", help="move tensors as this mapping file says (optstate map -o)")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.set_defaults(run=_convert)
+    m = sub.add_parser("map", help="show (and save) how a checkpoint's tensors map onto a Flax model")
+    m.add_argument("src")
+    m.add_argument("--target-params", metavar="PARAMS", required=True, help="the Flax model (as for convert)")
+    m.add_argument("--from", dest="src_format", **formats, help="input format (default: from the name)")
+    m.add_argument("-o", "--output", metavar="FILE", help="save the mapping as editable JSON (for --mapping)")
+    m.add_argument("--force", action="store_true", help="replace an existing mapping file")
+    m.set_defaults(run=_map)
     i = sub.add_parser("inspect", help="show what a checkpoint holds and what a restore would lose")
     i.add_argument("path")
     i.add_argument("--from", dest="src_format", **formats, help="input format (default: from the name)")

@@ -11,7 +11,8 @@ from types import ModuleType
 
 from ..errors import MissingDependencyError
 
-_EXTRAS = {"torch": ("torch", "torch"), "optax": ("optax", "jax"), "orbax": ("orbax.checkpoint", "jax")}
+_EXTRAS = {"torch": ("torch", "torch"), "optax": ("optax", "jax"), "orbax": ("orbax.checkpoint", "jax"),
+           "flax": ("flax", "jax")}
 
 
 def adapter(name: str) -> ModuleType:

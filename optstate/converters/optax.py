@@ -374,8 +374,7 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         if not slot.applies(info.shape):
             return as_array(np.zeros(leaf.shape, leaf.dtype))  # Optax's placeholder where torch keeps no such slot
         array = state.slots.get((slot.name, path))
-        if array is None:
-            array = np.zeros(slot.torch_shape(info.shape), numpy_dtype(info.dtype))
+        array = np.zeros(slot.torch_shape(info.shape), numpy_dtype(info.dtype)) if array is None else np.asarray(array)
         if slot.optax_axis is not None:
             array = array.squeeze(slot.optax_axis)
         if tuple(leaf.shape) != tuple(array.shape) or np.dtype(leaf.dtype) != array.dtype:

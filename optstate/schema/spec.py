@@ -104,6 +104,11 @@ class OptimizerSpec:
     # calls for one (None: always), the transform's name.
     custom_transforms: Mapping[str | None, str] = field(default_factory=lambda: MappingProxyType({}))
     approximate: str | None = None  # why a move between frameworks is not bit-exact; None when it is
+    # Which layout moves (transpose, reshape, split of a packed tensor) keep the update exact:
+    # "elementwise" all of them; "per_tensor" (a trust ratio over the whole tensor) all but a split;
+    # "factored" (statistics of the last two axes) a permutation that keeps those axes last;
+    # "matrix" (an update that depends on the matrix's orientation) none.
+    layout: str = "elementwise"
 
     def check_exact(self, allowed: bool) -> None:
         """Refuse a family whose cross-framework continuation is only approximate, unless ``allowed``."""
@@ -267,6 +272,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         stock_states=MappingProxyType({"FactoredState": "FactoredTorchState"}),
         moment_hyperparams=("beta2_decay", "eps"),
         custom_transforms=MappingProxyType({None: "scale_by_adafactor_torch", "lr": "scale_by_relative_step_torch"}),
+        layout="factored",
     ),
     OptimizerSpec(
         name="lion",
@@ -296,6 +302,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         optax_hyperparams=_ADAM_INJECTED,
         in_torch=False,
         decay_in_scaler=True,
+        layout="per_tensor",
     ),
     OptimizerSpec(
         name="muon",
@@ -313,6 +320,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         custom_transforms=MappingProxyType({None: "scale_by_muon_torch"}),
         approximate=("torch's bfloat16 Newton-Schulz is not reproducible bit for bit (bit-identical on small "
                      "matrices on CPU; a few bfloat16 ulps, ~3e-3 per step, on 128x256)"),
+        layout="matrix",
     ),
     OptimizerSpec(
         name="rmsprop",

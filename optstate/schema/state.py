@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -56,6 +56,40 @@ def all_finite(array: np.ndarray, chunk: int = 1 << 24) -> bool:
         return bool(np.isfinite(array).all())
     flat = array.reshape(-1)
     return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
+
+
+@dataclass(frozen=True, eq=False)
+class Deferred:
+    """An array made when it is read (``np.asarray``): a layout move of a memory-mapped tensor, so that
+    a conversion holds one tensor at a time. Shape and dtype are known without making it.
+
+    >>> d = Deferred((2, 1), np.dtype("float32"), lambda: np.ones((1, 2), np.float32).T)
+    >>> d.shape, np.asarray(d).tolist()
+    ((2, 1), [[1.0], [1.0]])
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    compute: Callable[[], np.ndarray]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        array = self.compute()
+        if array.shape != self.shape or array.dtype != self.dtype:
+            raise FormatError(f"a deferred array computed as {list(array.shape)} {array.dtype}, "
+                              f"declared {list(self.shape)} {self.dtype}")
+        return array if dtype is None else array.astype(dtype, copy=False)
 
 
 @dataclass(frozen=True)
@@ -117,7 +151,7 @@ class OptimizerState:
             if tuple(array.shape) != expected:
                 raise FormatError(f"{path_to_name(path)}: slot {slot!r} has shape {list(array.shape)}, "
                                   f"expected {list(expected)}")
-            if not all_finite(array):
+            if not isinstance(array, Deferred) and not all_finite(array):  # a Deferred's source was checked
                 raise FormatError(f"{path_to_name(path)}: slot {slot!r} holds non-finite values (NaN or inf); "
                                   "the run diverged or the file is corrupt")
         for info in self.params:
