@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 _ADAPTER_OF = {
     "from_torch": "torch", "to_torch": "torch", "to_torch_state_dict": "torch",
     "optax_transform": "optax", "to_optax": "optax", "from_optax": "optax",
-    "load_optax": "orbax",
+    "load_optax": "orbax", "load_flax": "orbax",
+    "relayout": "flax", "to_nnx": "flax", "from_nnx": "flax",
 }
 
 

@@ -24,12 +24,13 @@ from ..schema.fileformat import (check_format_version, parse_tensor_key, read_sa
                                  write_safetensors)
 from ..schema.spec import optimizer_spec
 from ..schema.state import OptimizerState, Path, numpy_dtype, path_to_name
-from .optax import (fill_state, from_optax, named_optimizer, nest, param_shapes, recorded_types, restored_types,
-                    template)
+from .optax import (fill_state, from_optax, key_path_to_path, named_optimizer, nest, param_shapes, recorded_types,
+                    restored_types, template)
 from .schedules import last_epoch, restore_torch_scheduler_state
 
 SIDECAR = "optstate.json"
 BUFFERS = "buffers.safetensors"
+BATCH_STATS = "batch_stats"
 
 
 def _needs_x64(shapes: Mapping[Path, jax.ShapeDtypeStruct]) -> bool:
@@ -42,7 +43,10 @@ def save_optax_dir(state: OptimizerState, path: str | os.PathLike, *, force: boo
     tree = {"opt_state": fill_state(state, opt_state, np.asarray)}
     if state.weights is not None:
         tree["params"] = nest({p: np.asarray(state.weights[p]) for p in param_shapes(state)})
-    buffers = [(tensor_key("model", p), np.asarray(state.weights[p])) for p in state.buffers]
+    stats = {p[1:]: np.asarray(state.weights[p]) for p in state.buffers if p[0] == BATCH_STATS}
+    if stats:  # BatchNorm statistics in a Flax layout: the linen collection, beside params
+        tree[BATCH_STATS] = nest(stats)
+    buffers = [(tensor_key("model", p), np.asarray(state.weights[p])) for p in state.buffers if p[0] != BATCH_STATS]
     with atomic_directory(path, force=force) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.abspath(tmp), tree)
@@ -85,16 +89,7 @@ def _read_sidecar(directory: FsPath) -> dict[str, Any] | None:
     return meta
 
 
-def load_optax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
-    """``(params, opt_state, tx)`` from a directory that ``optstate convert --to optax`` wrote.
-
-    ``params`` is ``None`` when the converted checkpoint held no model weights. Float64 state
-    needs ``jax.config.update("jax_enable_x64", True)`` first; without it JAX would silently
-    round to float32, so this refuses instead.
-
-    >>> params, opt_state, tx = optstate.load_optax("out/")  # doctest: +SKIP
-    >>> updates, opt_state = tx.update(grads, opt_state, params)  # doctest: +SKIP
-    """
+def _restore(path: str | os.PathLike) -> tuple[Any, Any, Any, Any]:
     directory = FsPath(path)
     meta = _read_sidecar(directory)
     if meta is None:
@@ -110,8 +105,36 @@ def load_optax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
     target = {"opt_state": opt_state}
     if state.weights is not None:
         target["params"] = params
+    stats = {p[1:]: state.weights[p] for p in state.buffers if p[0] == BATCH_STATS}
+    if stats:
+        target[BATCH_STATS] = nest({p: jax.ShapeDtypeStruct(a.shape, a.dtype) for p, a in stats.items()})
     restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)
-    return restored.get("params"), restored["opt_state"], tx
+    return restored.get("params"), restored["opt_state"], tx, restored.get(BATCH_STATS)
+
+
+def load_optax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
+    """``(params, opt_state, tx)`` from a directory that ``optstate convert --to optax`` wrote.
+
+    ``params`` is ``None`` when the converted checkpoint held no model weights. Float64 state
+    needs ``jax.config.update("jax_enable_x64", True)`` first; without it JAX would silently
+    round to float32, so this refuses instead.
+
+    >>> params, opt_state, tx = optstate.load_optax("out/")  # doctest: +SKIP
+    >>> updates, opt_state = tx.update(grads, opt_state, params)  # doctest: +SKIP
+    """
+    return _restore(path)[:3]
+
+
+def load_flax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
+    """``(variables, opt_state, tx)`` from a directory that ``convert --to optax --target-params`` wrote
+    for a Flax linen model: ``variables`` is ``{"params": ..., "batch_stats": ...}`` (the latter when
+    the model has BatchNorm), ready for ``model.apply``.
+
+    >>> variables, opt_state, tx = optstate.load_flax("out/")  # doctest: +SKIP
+    >>> logits = model.apply(variables, x)  # doctest: +SKIP
+    """
+    params, opt_state, tx, stats = _restore(path)
+    return {"params": params, **({BATCH_STATS: stats} if stats is not None else {})}, opt_state, tx
 
 
 def _with_sidecar(state: OptimizerState, written: OptimizerState) -> OptimizerState:
@@ -128,6 +151,8 @@ def _with_sidecar(state: OptimizerState, written: OptimizerState) -> OptimizerSt
         metadata["lr_scheduler"] = scheduler
         if "lr_horizon" in written.metadata:
             metadata["lr_horizon"] = written.metadata["lr_horizon"]
+    if "layout" in written.metadata:  # the way back to torch's layout
+        metadata["layout"] = written.metadata["layout"]
     return dataclasses.replace(state, params=params, metadata=metadata)
 
 
@@ -182,7 +207,10 @@ def read_optax_dir(path: str | os.PathLike, *, optimizer: str | None = None,
     if skeleton is not None:
         state = _with_sidecar(state, skeleton)
     buffers_file = directory / BUFFERS
-    if state.weights is None or not buffers_file.is_file():
+    buffers = {(BATCH_STATS, *key_path_to_path(kp)): np.asarray(leaf)
+               for kp, leaf in jax.tree_util.tree_flatten_with_path(tree.get(BATCH_STATS, {}))[0]}
+    if buffers_file.is_file():
+        buffers.update({parse_tensor_key(key)[1]: array for key, array in read_safetensors(buffers_file)[0].items()})
+    if state.weights is None or not buffers:
         return state
-    buffers = {parse_tensor_key(key)[1]: array for key, array in read_safetensors(buffers_file)[0].items()}
     return dataclasses.replace(state, weights={**state.weights, **buffers}, buffers=tuple(buffers))
