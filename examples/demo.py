@@ -11,7 +11,6 @@ them to demo-out/gpt_loss.png.
 
 from __future__ import annotations
 
-import copy
 import shlex
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import optstate  # noqa: E402
-from gpt import TorchGPT, flax_train, torch_optimizer, torch_train  # noqa: E402
+from gpt import flax_train, torch_train, train_and_checkpoint  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 OUT = Path("demo-out")
@@ -56,13 +55,8 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    torch.manual_seed(0)
-    model = TorchGPT()
-    opt, scheduler = torch_optimizer(model)
-    torch_train(model, opt, scheduler, BEFORE)
     ckpt = OUT / "gpt.pt"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": scheduler.state_dict()},
-               ckpt)
+    model, opt, scheduler = train_and_checkpoint(ckpt, BEFORE)
     torch_losses = torch_train(model, opt, scheduler, AFTER)
 
     cli("convert", "--from", "torch", "--to", "optax", "--force", str(ckpt), str(OUT / "gpt-flax"),

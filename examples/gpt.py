@@ -92,6 +92,18 @@ def torch_train(model, opt, scheduler, steps: range) -> list[float]:
     return losses
 
 
+def train_and_checkpoint(path, steps: range = range(15)) -> tuple[TorchGPT, torch.optim.Optimizer, object]:
+    """Train from a fixed seed for ``steps`` and ``torch.save`` model, optimizer and scheduler to ``path``
+    (how examples/gpt_adamw.pt was made: ``python examples/gpt.py``)."""
+    torch.manual_seed(0)
+    model = TorchGPT()
+    opt, scheduler = torch_optimizer(model)
+    torch_train(model, opt, scheduler, steps)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": scheduler.state_dict()},
+               path)
+    return model, opt, scheduler
+
+
 # ----------------------------------------------------------------------------- Flax
 
 class FlaxBlock(fnn.Module):
@@ -135,3 +147,9 @@ def flax_train(tx, params, opt_state, steps: range) -> tuple[list[float], dict]:
         params = optax.apply_updates(params, updates)
         losses.append(float(loss))
     return losses, params
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    train_and_checkpoint(Path(__file__).parent / "gpt_adamw.pt")

@@ -22,7 +22,7 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert len(commands) >= 4
     for command in commands:
         with contextlib.redirect_stdout(io.StringIO()):
-            assert main(shlex.split(command)) == 0, command
+            assert main(shlex.split(command, comments=True)) == 0, command
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert len(blocks) == 3
     namespace: dict = {}
