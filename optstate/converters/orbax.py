@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path as FsPath
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -89,7 +89,22 @@ def _read_sidecar(directory: FsPath) -> dict[str, Any] | None:
     return meta
 
 
-def _restore(path: str | os.PathLike) -> tuple[Any, Any, Any, Any]:
+Sharder = Callable[[Path, jax.ShapeDtypeStruct], jax.sharding.Sharding]
+
+
+def _with_shardings(target: Any, sharding: jax.sharding.Sharding | Sharder | None) -> Any:
+    """``target`` whose leaves carry the sharding each array is restored with (Orbax reads only the
+    shards a device holds: a multi-host job restores the converted state directly)."""
+    if sharding is None:
+        return target
+    pick = sharding if callable(sharding) else lambda _path, _leaf: sharding
+
+    def place(key_path: Any, leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=pick(key_path_to_path(key_path), leaf))
+    return jax.tree_util.tree_map_with_path(place, target)
+
+
+def _restore(path: str | os.PathLike, sharding: Any = None) -> tuple[Any, Any, Any, Any]:
     directory = FsPath(path)
     meta = _read_sidecar(directory)
     if meta is None:
@@ -108,32 +123,36 @@ def _restore(path: str | os.PathLike) -> tuple[Any, Any, Any, Any]:
     stats = {p[1:]: state.weights[p] for p in state.buffers if p[0] == BATCH_STATS}
     if stats:
         target[BATCH_STATS] = nest({p: jax.ShapeDtypeStruct(a.shape, a.dtype) for p, a in stats.items()})
-    restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)
+    restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), _with_shardings(target, sharding))
     return restored.get("params"), restored["opt_state"], tx, restored.get(BATCH_STATS)
 
 
-def load_optax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
+def load_optax(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | Sharder | None = None
+               ) -> tuple[Any, Any, Any]:
     """``(params, opt_state, tx)`` from a directory that ``optstate convert --to optax`` wrote.
 
     ``params`` is ``None`` when the converted checkpoint held no model weights. Float64 state
     needs ``jax.config.update("jax_enable_x64", True)`` first; without it JAX would silently
-    round to float32, so this refuses instead.
+    round to float32, so this refuses instead. ``sharding`` places the arrays on devices as they
+    are read: one ``jax.sharding.Sharding`` for every array, or a function of the array's path
+    (``("opt_state", "0", "mu", "fc", "weight")``) and ``jax.ShapeDtypeStruct`` that returns one.
 
     >>> params, opt_state, tx = optstate.load_optax("out/")  # doctest: +SKIP
     >>> updates, opt_state = tx.update(grads, opt_state, params)  # doctest: +SKIP
     """
-    return _restore(path)[:3]
+    return _restore(path, sharding)[:3]
 
 
-def load_flax(path: str | os.PathLike) -> tuple[Any, Any, Any]:
+def load_flax(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | Sharder | None = None
+              ) -> tuple[Any, Any, Any]:
     """``(variables, opt_state, tx)`` from a directory that ``convert --to optax --target-params`` wrote
     for a Flax linen model: ``variables`` is ``{"params": ..., "batch_stats": ...}`` (the latter when
-    the model has BatchNorm), ready for ``model.apply``.
+    the model has BatchNorm), ready for ``model.apply``. ``sharding`` as for :func:`load_optax`.
 
     >>> variables, opt_state, tx = optstate.load_flax("out/")  # doctest: +SKIP
     >>> logits = model.apply(variables, x)  # doctest: +SKIP
     """
-    params, opt_state, tx, stats = _restore(path)
+    params, opt_state, tx, stats = _restore(path, sharding)
     return {"params": params, **({BATCH_STATS: stats} if stats is not None else {})}, opt_state, tx
 
 
