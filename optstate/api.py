@@ -12,16 +12,19 @@ from .errors import OptstateError
 from .schema import OptimizerState, fileformat
 from .schema.layout import Layout, revert_layout
 
-FORMATS = ("torch", "optax", "optstate")
+FORMATS = ("torch", "optax", "optstate", "dcp")
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """Guess a format from a path: a directory (or a name ending in ``/``) is Optax (Orbax),
+    """Guess a format from a path: a directory with a ``.metadata`` file is torch.distributed.checkpoint
+    (DCP), another directory (or a name ending in ``/``) Optax (Orbax),
     ``.safetensors`` optstate, ``.pt``/``.pth``/``.ckpt``/``.bin`` torch.
 
     >>> detect_format("ckpt.pt"), detect_format("state.safetensors"), detect_format("out/")
     ('torch', 'optstate', 'optax')
     """
+    if (Path(path) / ".metadata").is_file():  # torch.distributed.checkpoint; Orbax writes _METADATA
+        return "dcp"
     if Path(path).is_dir() or os.fspath(path).endswith(os.sep):
         return "optax"
     suffix = Path(path).suffix
@@ -45,6 +48,8 @@ def read(src: str | os.PathLike, fmt: str | None = None, *, optimizer: str | Non
                                                optstate_transform=optstate_transform)
     if fmt == "optstate":
         return fileformat.load(src)
+    if fmt == "dcp":
+        return adapter("dcp").read_dcp(src, optimizer=optimizer)
     raise OptstateError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
@@ -59,6 +64,8 @@ def write(state: OptimizerState, dst: str | os.PathLike, fmt: str, *, force: boo
         adapter("orbax").save_optax_dir(state, dst, force=force)
     elif fmt == "optstate":
         fileformat.save(state, dst, force=force)
+    elif fmt == "dcp":
+        adapter("dcp").write_dcp(state, dst, force=force)
     else:
         raise OptstateError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 

@@ -87,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     formats = dict(choices=api.FORMATS, default=None)
     c = sub.add_parser("convert", help="convert a checkpoint", description="Formats: torch (torch.save file), "
-                       "optax (Orbax checkpoint directory), optstate (canonical safetensors file).")
+                       "optax (Orbax checkpoint directory), optstate (canonical safetensors file), dcp "
+                       "(torch.distributed.checkpoint directory, as FSDP and torchtitan write).")
     c.add_argument("src", help="the checkpoint to read")
     c.add_argument("dst", help="where to write (refused if it exists, unless --force)")
     c.add_argument("--from", dest="src_format", **formats, help="input format (default: from the name)")

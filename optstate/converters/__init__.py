@@ -12,7 +12,7 @@ from types import ModuleType
 from ..errors import MissingDependencyError
 
 _EXTRAS = {"torch": ("torch", "torch"), "optax": ("optax", "jax"), "orbax": ("orbax.checkpoint", "jax"),
-           "flax": ("flax", "jax")}
+           "flax": ("flax", "jax"), "dcp": ("torch.distributed.checkpoint", "torch")}
 
 
 def adapter(name: str) -> ModuleType:
