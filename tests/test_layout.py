@@ -300,3 +300,9 @@ def test_nnx_model_and_optimizer_both_ways():
                                    np.asarray(nopt.opt_state[0].mu["layers"][0]["kernel"].value).T
                                    if key == "exp_avg" else
                                    np.asarray(nopt.opt_state[0].nu["layers"][0]["kernel"].value).T, rtol=0, atol=0)
+
+
+def test_names_that_meet_from_two_modules_are_ambiguous():
+    targets = {("a_b", "c", "kernel"): (3, 2), ("a", "b_c", "kernel"): (3, 2)}
+    with pytest.raises(optstate.MappingError, match="ambiguous, fits a_b/c/kernel, a/b_c/kernel"):
+        match_layout({("a", "b", "c", "weight"): (2, 3)}, targets)

@@ -170,11 +170,12 @@ def _module_key(module: Path) -> str:
     return "_".join(module).lower()
 
 
-def _index(leaves: Mapping[Path, Shape]) -> dict[str, dict[str, tuple[Path, Shape]]]:
-    index: dict[str, dict[str, tuple[Path, Shape]]] = {}
+def _index(leaves: Mapping[Path, Shape]) -> dict[str, dict[str, list[tuple[Path, Shape]]]]:
+    """Target leaves by module key and leaf name; two modules whose names meet are both kept (ambiguous)."""
+    index: dict[str, dict[str, list[tuple[Path, Shape]]]] = {}
     for path, shape in leaves.items():
         module = path[1:-1] if path[0] == "batch_stats" else path[:-1]  # linen's collection is not a module
-        index.setdefault(_module_key(module), {})[path[-1]] = (path, tuple(shape))
+        index.setdefault(_module_key(module), {}).setdefault(path[-1], []).append((path, tuple(shape)))
     return index
 
 
@@ -194,12 +195,12 @@ class _Matcher:
         self.dropped: list[Path] = []
         self.problems: list[str] = []
 
-    def leaf(self, index: Mapping[str, Mapping[str, tuple[Path, Shape]]], module: Path,
+    def leaf(self, index: Mapping[str, Mapping[str, list[tuple[Path, Shape]]]], module: Path,
              names: Sequence[str]) -> list[tuple[Path, Shape]]:
         leaves = index.get(_module_key(module))
         if leaves is None and module and module[-1] == "out_proj":  # nn.MultiheadAttention's output Linear
             leaves = index.get(_module_key((*module[:-1], "out")))
-        return [leaves[n] for n in names if leaves and n in leaves]
+        return [found for n in names for found in (leaves or {}).get(n, ())]
 
     def add(self, source: Path, shape: Shape, found: list[tuple[Path, Shape]], axes: tuple[int, ...] = (),
             part: int = 0, parts: int = 1, reshape: bool = False) -> None:
@@ -228,7 +229,7 @@ class _Matcher:
         if leaf in DROPPED_LEAVES:
             self.dropped.append(source)
         elif leaf in ("running_mean", "running_var"):
-            self.add(source, shape, self.leaf(self.stats, module, (leaf.removeprefix("running_")[:4],)))
+            self.add(source, shape, self.leaf(self.stats, module, (leaf.removeprefix("running_"),)))
         elif leaf == "weight":
             kernel = self.leaf(self.params, module, ("kernel",))
             if kernel and len(shape) >= 2:
