@@ -26,6 +26,10 @@ _ADAPTER_OF = {
 
 
 def __getattr__(name: str):
+    if name == "from_torch_file":  # torch-free: NumPy and the standard library read torch's zip files
+        from .converters.torch_dict import from_torch_file
+
+        return from_torch_file
     if name in _ADAPTER_OF:
         from .converters import adapter
 
@@ -34,9 +38,9 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_ADAPTER_OF])
+    return sorted([*globals(), *_ADAPTER_OF, "from_torch_file"])
 
 
 __all__ = ["FormatError", "MappingError", "MissingDependencyError", "OPTIMIZERS", "OptimizerState",
            "OptstateError", "ParamInfo", "UnsupportedError", "convert", "inspect", "load", "save",
-           *_ADAPTER_OF]
+           "from_torch_file", *_ADAPTER_OF]

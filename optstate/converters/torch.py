@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections import Counter
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from collections import Counter
+from typing import Any, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -16,32 +16,16 @@ from ..atomic import atomic_file
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, optimizer_spec
 from ..schema.state import OptimizerState, ParamInfo, name_to_path, path_to_name
+from . import torch_dict
+# The torch-free part of the adapter, kept importable from here.
+from .torch_dict import (BUFFER_NAMES, MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, TORCH_SIGNATURES,
+                         check_state_dict, from_torch_file, hyperparam_value, is_buffer, is_optimizer_state_dict,
+                         is_tensor_dict, param_names, torch_class_of)
 
-OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt")
-MODEL_KEYS = ("model", "model_state_dict", "state_dict", "model_state", "weights")
-SCHEDULER_KEYS = ("lr_scheduler", "scheduler", "lr_scheduler_state_dict", "scheduler_state_dict")
-# Tensors of torch modules that are buffers, not parameters (BatchNorm / InstanceNorm statistics).
-BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
-
-# Keys of a param group that identify the torch optimizer class, checked in order.
-TORCH_SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = tuple(
-    (cls, frozenset(keys)) for cls, keys in (
-        ("SGD", ("momentum", "dampening", "nesterov")),
-        ("Adam", ("betas", "amsgrad")),
-        ("NAdam", ("momentum_decay",)),
-        ("Adafactor", ("beta2_decay",)),
-        ("RAdam", ("betas", "decoupled_weight_decay")),
-        ("Adamax", ("betas", "weight_decay")),
-        ("SparseAdam", ("betas",)),
-        ("RMSprop", ("alpha", "centered")),
-        ("Adagrad", ("lr_decay", "initial_accumulator_value")),
-        ("Adadelta", ("rho",)),
-        ("ASGD", ("lambd", "t0")),
-        ("Rprop", ("etas", "step_sizes")),
-        ("LBFGS", ("history_size",)),
-        ("Muon", ("ns_coefficients",)),
-    )
-)
+__all__ = ["BUFFER_NAMES", "MODEL_KEYS", "OPTIMIZER_KEYS", "SCHEDULER_KEYS", "TORCH_SIGNATURES", "check_state_dict",
+           "from_torch", "from_torch_file", "is_buffer", "is_optimizer_state_dict", "is_tensor_dict",
+           "load_checkpoint", "numpy_to_tensor", "numpy_tree", "param_names", "save_checkpoint", "split_checkpoint",
+           "tensor_to_numpy", "to_torch", "to_torch_state_dict", "torch_class_of"]
 
 # dtypes NumPy lacks travel as same-width integers: (torch integer dtype, NumPy integer dtype, ml_dtypes dtype).
 _VIA_INTEGER = {
@@ -89,29 +73,37 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(_VIA_INTEGER[dtype][2]) if dtype in _VIA_INTEGER else str(torch.empty(0, dtype=dtype).numpy().dtype)
 
 
-def _plain(value: Any) -> Any:
-    """A scheduler state dict with tensors as Python numbers, tuples as lists (Counters kept)."""
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    if isinstance(value, Counter):
+def numpy_tree(obj: Any, *, copy: bool) -> Any:
+    """``obj`` with every tensor a NumPy array (:func:`tensor_to_numpy`), dicts and lists rebuilt.
+
+    Views of one tensor's memory alike (same storage, offset, shape, strides, dtype) become one
+    array, so tied weights stay recognisably tied even when copied.
+
+    >>> w = torch.ones(2)
+    >>> tree = numpy_tree({"a": w, "b": [w, 3]}, copy=True)
+    >>> tree["a"] is tree["b"][0], tree["b"][1]
+    (True, 3)
+    """
+    arrays: dict[tuple, np.ndarray] = {}
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                   value.stride(), value.dtype)
+            if key not in arrays:
+                arrays[key] = tensor_to_numpy(value, copy=copy)
+            return arrays[key]
+        if isinstance(value, Counter):  # holds numbers only; a scheduler's milestones stay a Counter
+            return value
+        if isinstance(value, Mapping):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, tuple):  # torch.Size included
+            return tuple(convert(v) for v in value)
         return value
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
-
-def _hyperparam_value(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        # torch accepts a tensor lr and then computes in its dtype; only float64 survives as a Python float.
-        if value.is_floating_point() and value.dtype != torch.float64:
-            raise UnsupportedError(f"a {_dtype_name(value.dtype)} tensor hyperparameter ({value.item()!r}): torch "
-                                   "computes with it in that dtype, Optax and the canonical file in float64")
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return tuple(_hyperparam_value(v) for v in value)
-    return value
+    return convert(obj)
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -146,258 +138,13 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         raise FormatError(f"{source}: not a readable torch checkpoint (truncated or corrupted?): {first}") from None
 
 
-def is_optimizer_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and "state" in obj and "param_groups" in obj
-
-
-def is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
 def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | None, Mapping | None]:
-    """``(optimizer state_dict, model state_dict, scheduler state_dict)`` found in a checkpoint."""
-    if is_optimizer_state_dict(obj):
-        return obj, None, None
-    if is_tensor_dict(obj):
-        return None, obj, None
-    if not isinstance(obj, Mapping):
-        raise FormatError(f"{source}: holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
-    optimizer = next((obj[k] for k in OPTIMIZER_KEYS if is_optimizer_state_dict(obj.get(k))), None)
-    states = obj.get("optimizer_states")  # PyTorch Lightning: one state_dict per optimizer
-    if optimizer is None and isinstance(states, (list, tuple)) and states:
-        if len(states) > 1 or not is_optimizer_state_dict(states[0]):
-            raise UnsupportedError(f"{source}: 'optimizer_states' holds {len(states)} optimizers; "
-                                   "optstate converts one")
-        optimizer = states[0]
-    model = next((obj[k] for k in MODEL_KEYS if is_tensor_dict(obj.get(k))), None)
-    scheduler = next((obj[k] for k in SCHEDULER_KEYS if isinstance(obj.get(k), Mapping)), None)
-    if optimizer is None and model is None:
-        raise FormatError(f"{source}: no optimizer state_dict (keys {', '.join(OPTIMIZER_KEYS)}) and no model "
-                          f"weights (keys {', '.join(MODEL_KEYS)}); top-level keys: {sorted(map(str, obj))}")
-    return optimizer, model, scheduler
-
-
-# ----------------------------------------------------------------------------- naming parameters
-
-def torch_class_of(group: Mapping[str, Any], hint: str | None = None) -> str:
-    """The torch optimizer class whose param groups carry these keys (``hint``: the class, when known).
-
-    >>> torch_class_of({"lr": 0.1, "betas": (0.9, 0.999), "amsgrad": False, "decoupled_weight_decay": True})
-    'AdamW'
-    """
-    for cls, keys in TORCH_SIGNATURES:
-        if keys <= group.keys():
-            if cls != "Adam":
-                return cls
-            if "decoupled_weight_decay" in group:
-                return "AdamW" if group["decoupled_weight_decay"] else "Adam"
-            # Before torch 2.6, Adam and AdamW groups had the same keys; only weight decay tells them apart.
-            if hint in ("Adam", "AdamW") or not group.get("weight_decay"):
-                return hint or "Adam"
-            raise UnsupportedError("Adam and AdamW param groups look alike in checkpoints of torch before 2.6, and "
-                                   "they decay weights differently; name it (optimizer='adam'|'adamw', --optimizer)")
-    raise UnsupportedError(f"cannot tell which optimizer wrote a param group with keys {sorted(group)}; "
-                           "name it (optimizer=..., --optimizer)")
-
-
-def is_buffer(name: str, tensor: torch.Tensor) -> bool:
-    return name.rsplit(".", 1)[-1] in BUFFER_NAMES or not tensor.is_floating_point()
-
-
-def _align_by_position(count: int, shapes: Sequence[tuple[int, ...] | None],
-                       candidates: Sequence[tuple[str, tuple[int, ...]]], origin: str) -> list[str]:
-    """Names for the optimizer's tensors from the trainable tensors of the model, in registration order.
-
-    The rule: the optimizer tracks exactly the candidates, in the same order (as
-    ``Optimizer(model.parameters())`` does), and every shape known from the state agrees.
-    """
-    if count != len(candidates):
-        raise MappingError(
-            f"the optimizer tracks {count} tensors and {origin} has {len(candidates)} trainable tensors, so "
-            "parameter names cannot be inferred by position; save the optimizer with param_names "
-            "(build it from model.named_parameters()) or pass model= with requires_grad set as in training")
-    for index, (shape, (name, expected)) in enumerate(zip(shapes, candidates)):
-        if shape is not None and shape != expected:
-            raise MappingError(
-                f"optimizer tensor {index} has state of shape {list(shape)} but {origin}'s tensor {index} "
-                f"({name}) has shape {list(expected)}: the optimizer was not built from the model's parameters "
-                "in registration order; save it with param_names or pass model=")
-    return [name for name, _ in candidates]
-
-
-def _shape_from_slots(spec: OptimizerSpec, arrays: Mapping[str, Any]) -> tuple[tuple[int, ...], Any] | None:
-    """The parameter's shape and dtype, read off its slots (``arrays`` by torch key); None when they cannot tell."""
-    by_shape = {s.shape: arrays[s.torch_key] for s in spec.slots if arrays.get(s.torch_key) is not None}
-    if "param" in by_shape:
-        return tuple(by_shape["param"].shape), by_shape["param"].dtype
-    if "rows" in by_shape and "cols" in by_shape:
-        return (*by_shape["rows"].shape[:-1], by_shape["cols"].shape[-1]), by_shape["rows"].dtype
-    return None
-
-
-def _state_shapes(sd: Mapping, spec: OptimizerSpec) -> list[tuple[int, ...] | None]:
-    indices = (i for g in sd["param_groups"] for i in g["params"])
-    return [(_shape_from_slots(spec, sd["state"].get(i, {})) or (None,))[0] for i in indices]
-
-
-def param_names(sd: Mapping, spec: OptimizerSpec, *, model: Any = None,
-                weights: Mapping[str, torch.Tensor] | None = None, source: str = "state_dict") -> list[str]:
-    """One name per tracked tensor, in the order of ``param_groups``.
-
-    From ``param_names`` when saved; else aligned by position (single param group only) with
-    ``model.named_parameters()`` (those with ``requires_grad``) or with the floating-point,
-    non-buffer tensors of the checkpoint's weights; else ``"0"``, ``"1"``, ... with a warning.
-    """
-    groups = sd["param_groups"]
-    count = sum(len(g["params"]) for g in groups)
-    if all("param_names" in g for g in groups):
-        names = [n for g in groups for n in g["param_names"]]
-        if len(names) != count or len(set(names)) != count:
-            raise FormatError(f"{source}: param_names do not name each tracked tensor once")
-        return names
-    if model is not None:
-        candidates = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
-        origin = "the model"
-    elif weights is not None:
-        candidates = [(n, tuple(t.shape)) for n, t in weights.items() if not is_buffer(n, t)]
-        origin = f"{source}'s model weights"
-    else:
-        warnings.warn(f"{source}: the optimizer has no param_names and no model weights are known; parameters "
-                      "are named by position ('0', '1', ...); pass model= to name them", stacklevel=3)
-        return [str(i) for i in range(count)]
-    if len(groups) > 1:
-        raise MappingError(
-            f"{source}: the optimizer has {len(groups)} param groups and no param_names; the order of the "
-            "groups' tensors cannot be matched to the model by position; save the optimizer with param_names "
-            "(build it from model.named_parameters()) or convert the live optimizer with model=")
-    return _align_by_position(count, _state_shapes(sd, spec), candidates, origin)
+    """``(optimizer state_dict, model state_dict, scheduler state_dict)`` found in a checkpoint, tensors as
+    NumPy arrays viewing their memory (see :func:`optstate.converters.torch_dict.split_checkpoint`)."""
+    return torch_dict.split_checkpoint(numpy_tree(obj, copy=False), source)
 
 
 # ----------------------------------------------------------------------------- torch -> canonical
-
-def _read_step(entry: Mapping[str, Any], where: str) -> int | None:
-    if "step" not in entry:
-        return None
-    step = entry["step"]
-    if not (isinstance(step, (int, float)) or isinstance(step, torch.Tensor) and step.numel() == 1):
-        raise FormatError(f"{where}: step is {type(step).__name__}, expected a number")
-    value = float(step)
-    if not value.is_integer() or value < 0:
-        raise FormatError(f"{where}: step {value} is not a non-negative integer")
-    return int(value)
-
-
-def _read_param(spec: OptimizerSpec, entry: Any, where: str, copy: bool):
-    if not isinstance(entry, Mapping):
-        raise FormatError(f"{where}: state is a {type(entry).__name__}, expected a dict")
-    known = {"step"} | {s.torch_key for s in spec.slots}
-    unknown = sorted(set(entry) - known)
-    if unknown:
-        raise UnsupportedError(f"{where}: state key(s) {unknown} are not part of {spec.torch_class} "
-                               "as optstate supports it")
-    slots = {}
-    for slot in spec.slots:
-        value = entry.get(slot.torch_key)
-        if value is not None and not isinstance(value, torch.Tensor):
-            raise FormatError(f"{where}: {slot.torch_key} is a {type(value).__name__}, expected a tensor")
-        if value is not None:
-            slots[slot.name] = tensor_to_numpy(value, copy=copy)
-    return _read_step(entry, where), slots
-
-
-def check_state_dict(sd: Any, source: str) -> None:
-    """Refuse a malformed optimizer state_dict with a message, before anything indexes into it."""
-    groups = sd.get("param_groups") if isinstance(sd, Mapping) else None
-    if not isinstance(groups, (list, tuple)) or not groups or not isinstance(sd.get("state"), Mapping):
-        raise FormatError(f"{source}: not an optimizer state_dict (needs 'state' and a non-empty 'param_groups')")
-    indices = []
-    for gi, group in enumerate(groups):
-        if not isinstance(group, Mapping) or not isinstance(group.get("params"), (list, tuple)):
-            raise FormatError(f"{source}: param group {gi} has no 'params' list")
-        indices.extend(group["params"])
-    if len(set(indices)) != len(indices):
-        raise FormatError(f"{source}: a parameter index occurs in two param groups")
-    bad = [i for i, entry in sd["state"].items() if not isinstance(entry, Mapping)]
-    if bad:
-        raise FormatError(f"{source}: the state of parameter index {bad[0]} is a "
-                          f"{type(sd['state'][bad[0]]).__name__}, expected a dict")
-    orphans = sorted(set(sd["state"]) - set(indices), key=str)
-    if orphans:
-        raise FormatError(f"{source}: state for parameter indices {orphans[:5]} that no param group holds")
-
-
-def _tied(weights: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Names that share another name's tensor (tied weights), mapped to the first name."""
-    first: dict[tuple, str] = {}
-    tied = {}
-    for name, t in weights.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() and key in first:
-            tied[name] = first[key]
-        first.setdefault(key, name)
-    return tied
-
-
-def _check_weights(names: Sequence[str], weights: Mapping[str, torch.Tensor], source: str) -> None:
-    missing = [n for n in names if n not in weights]
-    if missing:
-        example = next(iter(weights), "")
-        raise MappingError(f"{source}: the optimizer's parameter {missing[0]!r} is not among the model weights "
-                           f"(e.g. {example!r}); a prefix such as 'module.' or '_orig_mod.' differs?")
-    tracked = set(names)
-    for name, target in _tied(weights).items():
-        if {name, target} & tracked:
-            raise UnsupportedError(f"{source}: {name!r} is tied to {target!r} (the same tensor); an Optax "
-                                   "parameter tree has no tied leaves, so training would untie them")
-
-
-def _state_from_state_dict(sd: Mapping, names: Sequence[str], spec: OptimizerSpec,
-                           weights: Mapping[str, torch.Tensor] | None, buffers: Iterable[str], source: str,
-                           metadata: Mapping[str, Any], *, copy: bool,
-                           shapes: Mapping[str, tuple[tuple[int, ...], str]] | None = None) -> OptimizerState:
-    """``shapes`` gives ``name -> (shape, dtype)`` for parameters that may have no state (a live optimizer)."""
-    if weights is not None:
-        _check_weights(names, weights, source)
-    weights_np = None if weights is None else {name_to_path(n): tensor_to_numpy(t, copy=copy)
-                                               for n, t in weights.items()}
-    params, slots, hyperparams = [], {}, []
-    name_iter = iter(names)
-    for gi, group in enumerate(sd["param_groups"]):
-        where = f"{source}: param group {gi}"
-        try:
-            hp = {k: _hyperparam_value(v) for k, v in group.items() if k not in ("params", "param_names")}
-        except UnsupportedError as exc:
-            raise UnsupportedError(f"{where}: {exc}") from None
-        spec.check_supported(hp, where)
-        hyperparams.append(hp)
-        for index in group["params"]:
-            name = next(name_iter)
-            path = name_to_path(name)
-            where = f"{source}: {name}"
-            step, param_slots = _read_param(spec, sd["state"].get(index, {}), where, copy)
-            from_slots = _shape_from_slots(spec, {spec.slot(k).torch_key: a for k, a in param_slots.items()})
-            weight = None if weights_np is None else weights_np.get(path)
-            if from_slots is not None and weight is not None and weight.shape != from_slots[0]:
-                raise MappingError(f"{where}: state has shape {list(from_slots[0])}, "
-                                   f"the model weight {list(weight.shape)}")
-            if from_slots is None and weight is not None:
-                from_slots = weight.shape, weight.dtype
-            if from_slots is not None:
-                shape, dtype = tuple(from_slots[0]), str(from_slots[1])
-            elif shapes is not None and name in shapes:
-                shape, dtype = shapes[name]
-            else:
-                raise MappingError(f"{where}: no state and no weight, so its shape is unknown; "
-                                   "pass the model (model=) or a checkpoint holding the weights")
-            params.append(ParamInfo(path, shape, dtype, gi, step))
-            slots.update({(slot, path): array for slot, array in param_slots.items()})
-    try:
-        return OptimizerState(spec.name, tuple(hyperparams), tuple(params), slots, weights_np,
-                              tuple(name_to_path(b) for b in buffers), dict(metadata))
-    except FormatError as exc:
-        raise FormatError(f"{source}: {exc}") from None
-
 
 def _names_by_identity(optimizer: torch.optim.Optimizer, model: Any) -> list[list[str]]:
     """Each group's parameter names, found by tensor identity among ``model.named_parameters()``."""
@@ -407,15 +154,6 @@ def _names_by_identity(optimizer: torch.optim.Optimizer, model: Any) -> list[lis
     if missing:
         raise MappingError(f"optimizer tensors {missing[:5]} are not parameters of the model passed")
     return names
-
-
-def _family(sd: Mapping, optimizer: str | None, source: str, live_class: str | None = None) -> OptimizerSpec:
-    hint = optimizer_spec(optimizer).torch_class if optimizer else live_class
-    written_by = torch_class_of(sd["param_groups"][0], hint)
-    spec = optimizer_spec(optimizer or written_by)
-    if optimizer is not None and optimizer_spec(written_by).name != spec.name:
-        raise UnsupportedError(f"{source}: optimizer={optimizer!r} but the param groups are {written_by}'s")
-    return spec
 
 
 def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
@@ -434,38 +172,29 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
     >>> state.optimizer, state.common_step(), [p.path for p in state.params]
     ('adamw', 1, [('weight',), ('bias',)])
     """
-    source, weights, scheduler_sd, live = "optimizer", None, None, []
-    copy = True  # a live optimizer or an in-memory dict: its tensors change under us
+    source, live_class, shapes = "optimizer", None, None
     if isinstance(obj, torch.optim.Optimizer):
         sd = obj.state_dict()
         if model is not None and not all("param_names" in g for g in sd["param_groups"]):
             sd = {"state": sd["state"], "param_groups": [
                 dict(g, param_names=names) for g, names in zip(sd["param_groups"], _names_by_identity(obj, model))]}
-        live = [p for g in obj.param_groups for p in g["params"]]
+        live_class = type(obj).__name__
+        shapes = [(tuple(p.shape), _dtype_name(p.dtype)) for g in obj.param_groups for p in g["params"]]
+        checkpoint = numpy_tree(sd, copy=True)  # the next step overwrites a live optimizer's tensors
+    elif isinstance(obj, (str, os.PathLike)):
+        source = os.fspath(obj)
+        checkpoint = numpy_tree(load_checkpoint(obj), copy=False)  # memory-mapped from the file: nothing writes it
     else:
-        if isinstance(obj, (str, os.PathLike)):
-            source = os.fspath(obj)
-            obj = load_checkpoint(obj)
-            copy = False  # memory-mapped from the file: read-only, nothing else writes to it
-        sd, weights, scheduler_sd = split_checkpoint(obj, source)
-        if sd is None:
-            raise FormatError(f"{source}: holds model weights only, no optimizer state")
-    check_state_dict(sd, source)
-    if scheduler is not None:
-        scheduler_sd = scheduler.state_dict()
+        checkpoint = numpy_tree(obj, copy=True)
+    weights = buffers = None
     if model is not None:
-        weights = dict(model.state_dict())
+        weights = numpy_tree(dict(model.state_dict()), copy=True)
         parameters = {n for n, _ in model.named_parameters()}
         buffers = [n for n in weights if n not in parameters]
-    else:
-        buffers = [n for n, t in (weights or {}).items() if is_buffer(n, t)]
-    metadata: dict[str, Any] = {"source": f"torch {torch.__version__}"}
-    if scheduler_sd is not None:
-        metadata["lr_scheduler"] = _plain(scheduler_sd)
-    spec = _family(sd, optimizer, source, type(obj).__name__ if live else None)
-    names = param_names(sd, spec, model=model, weights=weights, source=source)
-    shapes = {n: (tuple(p.shape), _dtype_name(p.dtype)) for n, p in zip(names, live)}
-    return _state_from_state_dict(sd, names, spec, weights, buffers, source, metadata, copy=copy, shapes=shapes)
+    return torch_dict.state_from_checkpoint(
+        checkpoint, source, origin=f"torch {torch.__version__}", optimizer=optimizer, model=model, weights=weights,
+        buffers=buffers, scheduler_state=None if scheduler is None else numpy_tree(scheduler.state_dict(), copy=True),
+        live_class=live_class, shapes=shapes)
 
 
 # ----------------------------------------------------------------------------- canonical -> torch
@@ -553,10 +282,11 @@ def _saved_group_of(infos: Sequence[ParamInfo], live_group: int) -> int:
 def _warn_kept_hyperparams(spec: OptimizerSpec, live: Mapping[str, Any], saved: Mapping[str, Any],
                            group: int) -> None:
     for key in saved:
-        if key in live and key not in BOOKKEEPING_KEYS and _hyperparam_value(live[key]) != saved[key]:
+        value = hyperparam_value(numpy_tree(live.get(key), copy=True))
+        if key in live and key not in BOOKKEEPING_KEYS and value != saved[key]:
             meaning = (": the stored state was accumulated under the saved value, so it means something else "
                        "now" if key in spec.moment_hyperparams else "")
-            warnings.warn(f"param group {group} keeps the live {key}={_hyperparam_value(live[key])!r} "
+            warnings.warn(f"param group {group} keeps the live {key}={value!r} "
                           f"(saved {saved[key]!r}){meaning}", stacklevel=3)
 
 

@@ -1,0 +1,448 @@
+"""torch ``state_dict``s and checkpoints whose tensors are NumPy arrays, into the canonical state; no torch.
+
+:mod:`optstate.converters.torch` hands over what it read with torch (tensors as arrays);
+:func:`from_torch_file` reads a ``torch.save`` file itself, through :mod:`.ptfile`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from typing import Any, Iterable, Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import FormatError, MappingError, UnsupportedError
+from ..schema.spec import OptimizerSpec, optimizer_spec
+from ..schema.state import OptimizerState, ParamInfo, name_to_path
+from . import ptfile
+
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt")
+MODEL_KEYS = ("model", "model_state_dict", "state_dict", "model_state", "weights")
+SCHEDULER_KEYS = ("lr_scheduler", "scheduler", "lr_scheduler_state_dict", "scheduler_state_dict")
+# Tensors of torch modules that are buffers, not parameters (BatchNorm / InstanceNorm statistics).
+BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+# Keys of a param group that identify the torch optimizer class, checked in order.
+TORCH_SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = tuple(
+    (cls, frozenset(keys)) for cls, keys in (
+        ("SGD", ("momentum", "dampening", "nesterov")),
+        ("Adam", ("betas", "amsgrad")),
+        ("NAdam", ("momentum_decay",)),
+        ("Adafactor", ("beta2_decay",)),
+        ("RAdam", ("betas", "decoupled_weight_decay")),
+        ("Adamax", ("betas", "weight_decay")),
+        ("SparseAdam", ("betas",)),
+        ("RMSprop", ("alpha", "centered")),
+        ("Adagrad", ("lr_decay", "initial_accumulator_value")),
+        ("Adadelta", ("rho",)),
+        ("ASGD", ("lambd", "t0")),
+        ("Rprop", ("etas", "step_sizes")),
+        ("LBFGS", ("history_size",)),
+        ("Muon", ("ns_coefficients",)),
+    )
+)
+
+# What torch's Tensor.is_floating_point() admits beyond NumPy's floating kinds.
+_ML_FLOATS = frozenset(np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2))
+
+
+def is_floating(dtype: np.dtype) -> bool:
+    """Whether torch counts the dtype as floating point (bfloat16 and float8 included).
+
+    >>> is_floating(np.dtype(ml_dtypes.bfloat16)), is_floating(np.dtype("int64"))
+    (True, False)
+    """
+    return dtype.kind == "f" or dtype in _ML_FLOATS
+
+
+# ----------------------------------------------------------------------------- values
+
+def plain_scheduler_state(value: Any) -> Any:
+    """A scheduler state dict with 0-d arrays as Python numbers, tuples as lists (Counters kept).
+
+    >>> plain_scheduler_state({"last_epoch": np.array(3), "base_lrs": (0.1,)})
+    {'last_epoch': 3, 'base_lrs': [0.1]}
+    """
+    if isinstance(value, np.ndarray):
+        return value.item()
+    if isinstance(value, Counter):
+        return value
+    if isinstance(value, Mapping):
+        return {k: plain_scheduler_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_scheduler_state(v) for v in value]
+    return value
+
+
+def hyperparam_value(value: Any) -> Any:
+    """A param group's value as a Python number (tuples kept); a float tensor only when float64.
+
+    >>> hyperparam_value(np.array(0.1)), hyperparam_value([0.9, 0.999])
+    (0.1, (0.9, 0.999))
+    """
+    if isinstance(value, np.ndarray):
+        # torch accepts a tensor lr and then computes in its dtype; only float64 survives as a Python float.
+        if is_floating(value.dtype) and value.dtype != np.float64:
+            raise UnsupportedError(f"a {value.dtype} tensor hyperparameter ({value.item()!r}): torch "
+                                   "computes with it in that dtype, Optax and the canonical file in float64")
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return tuple(hyperparam_value(v) for v in value)
+    return value
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def is_optimizer_state_dict(obj: Any) -> bool:
+    """Whether ``obj`` looks like ``Optimizer.state_dict()``.
+
+    >>> is_optimizer_state_dict({"state": {}, "param_groups": []}), is_optimizer_state_dict({"w": np.zeros(1)})
+    (True, False)
+    """
+    return isinstance(obj, Mapping) and "state" in obj and "param_groups" in obj
+
+
+def is_tensor_dict(obj: Any) -> bool:
+    """Whether ``obj`` looks like ``Module.state_dict()``: names to arrays.
+
+    >>> is_tensor_dict({"w": np.zeros(1)}), is_tensor_dict({"epoch": 3})
+    (True, False)
+    """
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+
+
+def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | None, Mapping | None]:
+    """``(optimizer state_dict, model state_dict, scheduler state_dict)`` found in a checkpoint.
+
+    >>> sd = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    >>> split_checkpoint({"optimizer": sd, "model": {"w": np.zeros(2)}}, "ckpt.pt")[1]
+    {'w': array([0., 0.])}
+    """
+    if is_optimizer_state_dict(obj):
+        return obj, None, None
+    if is_tensor_dict(obj):
+        return None, obj, None
+    if not isinstance(obj, Mapping):
+        held = "tensor" if isinstance(obj, np.ndarray) else type(obj).__name__
+        raise FormatError(f"{source}: holds a {held}, not a state_dict or a checkpoint dict")
+    optimizer = next((obj[k] for k in OPTIMIZER_KEYS if is_optimizer_state_dict(obj.get(k))), None)
+    states = obj.get("optimizer_states")  # PyTorch Lightning: one state_dict per optimizer
+    if optimizer is None and isinstance(states, (list, tuple)) and states:
+        if len(states) > 1 or not is_optimizer_state_dict(states[0]):
+            raise UnsupportedError(f"{source}: 'optimizer_states' holds {len(states)} optimizers; "
+                                   "optstate converts one")
+        optimizer = states[0]
+    model = next((obj[k] for k in MODEL_KEYS if is_tensor_dict(obj.get(k))), None)
+    scheduler = next((obj[k] for k in SCHEDULER_KEYS if isinstance(obj.get(k), Mapping)), None)
+    if optimizer is None and model is None:
+        raise FormatError(f"{source}: no optimizer state_dict (keys {', '.join(OPTIMIZER_KEYS)}) and no model "
+                          f"weights (keys {', '.join(MODEL_KEYS)}); top-level keys: {sorted(map(str, obj))}")
+    return optimizer, model, scheduler
+
+
+def check_state_dict(sd: Any, source: str) -> None:
+    """Refuse a malformed optimizer state_dict with a message, before anything indexes into it.
+
+    >>> check_state_dict({"state": {5: {}}, "param_groups": [{"params": [0]}]}, "ckpt.pt")
+    Traceback (most recent call last):
+    optstate.errors.FormatError: ckpt.pt: state for parameter indices [5] that no param group holds
+    """
+    groups = sd.get("param_groups") if isinstance(sd, Mapping) else None
+    if not isinstance(groups, (list, tuple)) or not groups or not isinstance(sd.get("state"), Mapping):
+        raise FormatError(f"{source}: not an optimizer state_dict (needs 'state' and a non-empty 'param_groups')")
+    indices = []
+    for gi, group in enumerate(groups):
+        if not isinstance(group, Mapping) or not isinstance(group.get("params"), (list, tuple)):
+            raise FormatError(f"{source}: param group {gi} has no 'params' list")
+        indices.extend(group["params"])
+    if len(set(indices)) != len(indices):
+        raise FormatError(f"{source}: a parameter index occurs in two param groups")
+    bad = [i for i, entry in sd["state"].items() if not isinstance(entry, Mapping)]
+    if bad:
+        raise FormatError(f"{source}: the state of parameter index {bad[0]} is a "
+                          f"{type(sd['state'][bad[0]]).__name__}, expected a dict")
+    orphans = sorted(set(sd["state"]) - set(indices), key=str)
+    if orphans:
+        raise FormatError(f"{source}: state for parameter indices {orphans[:5]} that no param group holds")
+
+
+# ----------------------------------------------------------------------------- naming parameters
+
+def torch_class_of(group: Mapping[str, Any], hint: str | None = None) -> str:
+    """The torch optimizer class whose param groups carry these keys (``hint``: the class, when known).
+
+    >>> torch_class_of({"lr": 0.1, "betas": (0.9, 0.999), "amsgrad": False, "decoupled_weight_decay": True})
+    'AdamW'
+    """
+    for cls, keys in TORCH_SIGNATURES:
+        if keys <= group.keys():
+            if cls != "Adam":
+                return cls
+            if "decoupled_weight_decay" in group:
+                return "AdamW" if group["decoupled_weight_decay"] else "Adam"
+            # Before torch 2.6, Adam and AdamW groups had the same keys; only weight decay tells them apart.
+            if hint in ("Adam", "AdamW") or not group.get("weight_decay"):
+                return hint or "Adam"
+            raise UnsupportedError("Adam and AdamW param groups look alike in checkpoints of torch before 2.6, and "
+                                   "they decay weights differently; name it (optimizer='adam'|'adamw', --optimizer)")
+    raise UnsupportedError(f"cannot tell which optimizer wrote a param group with keys {sorted(group)}; "
+                           "name it (optimizer=..., --optimizer)")
+
+
+def optimizer_family(sd: Mapping, optimizer: str | None, source: str, live_class: str | None = None) -> OptimizerSpec:
+    """The spec of the optimizer that wrote ``sd``: the one named, checked against the param groups.
+
+    >>> optimizer_family({"param_groups": [{"lr": 0.1, "rho": 0.9}]}, None, "ckpt.pt").name
+    'adadelta'
+    """
+    hint = optimizer_spec(optimizer).torch_class if optimizer else live_class
+    written_by = torch_class_of(sd["param_groups"][0], hint)
+    spec = optimizer_spec(optimizer or written_by)
+    if optimizer is not None and optimizer_spec(written_by).name != spec.name:
+        raise UnsupportedError(f"{source}: optimizer={optimizer!r} but the param groups are {written_by}'s")
+    return spec
+
+
+def is_buffer(name: str, array: np.ndarray) -> bool:
+    """Whether a model tensor is a buffer (BatchNorm statistics, integer counters), not a parameter.
+
+    >>> is_buffer("bn.running_mean", np.zeros(2)), is_buffer("fc.weight", np.zeros(2))
+    (True, False)
+    """
+    return name.rsplit(".", 1)[-1] in BUFFER_NAMES or not is_floating(array.dtype)
+
+
+def _align_by_position(count: int, shapes: Sequence[tuple[int, ...] | None],
+                       candidates: Sequence[tuple[str, tuple[int, ...]]], origin: str) -> list[str]:
+    """Names for the optimizer's tensors from the trainable tensors of the model, in registration order.
+
+    The rule: the optimizer tracks exactly the candidates, in the same order (as
+    ``Optimizer(model.parameters())`` does), and every shape known from the state agrees.
+    """
+    if count != len(candidates):
+        raise MappingError(
+            f"the optimizer tracks {count} tensors and {origin} has {len(candidates)} trainable tensors, so "
+            "parameter names cannot be inferred by position; save the optimizer with param_names "
+            "(build it from model.named_parameters()) or pass model= with requires_grad set as in training")
+    for index, (shape, (name, expected)) in enumerate(zip(shapes, candidates)):
+        if shape is not None and shape != expected:
+            raise MappingError(
+                f"optimizer tensor {index} has state of shape {list(shape)} but {origin}'s tensor {index} "
+                f"({name}) has shape {list(expected)}: the optimizer was not built from the model's parameters "
+                "in registration order; save it with param_names or pass model=")
+    return [name for name, _ in candidates]
+
+
+def _shape_from_slots(spec: OptimizerSpec, arrays: Mapping[str, Any]) -> tuple[tuple[int, ...], Any] | None:
+    """The parameter's shape and dtype, read off its slots (``arrays`` by torch key); None when they cannot tell."""
+    by_shape = {s.shape: arrays[s.torch_key] for s in spec.slots if arrays.get(s.torch_key) is not None}
+    if "param" in by_shape:
+        return tuple(by_shape["param"].shape), by_shape["param"].dtype
+    if "rows" in by_shape and "cols" in by_shape:
+        return (*by_shape["rows"].shape[:-1], by_shape["cols"].shape[-1]), by_shape["rows"].dtype
+    return None
+
+
+def _state_shapes(sd: Mapping, spec: OptimizerSpec) -> list[tuple[int, ...] | None]:
+    indices = (i for g in sd["param_groups"] for i in g["params"])
+    return [(_shape_from_slots(spec, sd["state"].get(i, {})) or (None,))[0] for i in indices]
+
+
+def param_names(sd: Mapping, spec: OptimizerSpec, *, model: Any = None,
+                weights: Mapping[str, np.ndarray] | None = None, source: str = "state_dict") -> list[str]:
+    """One name per tracked tensor, in the order of ``param_groups``.
+
+    From ``param_names`` when saved; else aligned by position (single param group only) with
+    ``model.named_parameters()`` (those with ``requires_grad``) or with the floating-point,
+    non-buffer tensors of the checkpoint's weights; else ``"0"``, ``"1"``, ... with a warning.
+
+    >>> sd = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    >>> param_names(sd, optimizer_spec("sgd"), weights={"w": np.zeros(2), "b": np.zeros(1)})
+    ['w', 'b']
+    """
+    groups = sd["param_groups"]
+    count = sum(len(g["params"]) for g in groups)
+    if all("param_names" in g for g in groups):
+        names = [n for g in groups for n in g["param_names"]]
+        if len(names) != count or len(set(names)) != count:
+            raise FormatError(f"{source}: param_names do not name each tracked tensor once")
+        return names
+    if model is not None:
+        candidates = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+        origin = "the model"
+    elif weights is not None:
+        candidates = [(n, tuple(a.shape)) for n, a in weights.items() if not is_buffer(n, a)]
+        origin = f"{source}'s model weights"
+    else:
+        warnings.warn(f"{source}: the optimizer has no param_names and no model weights are known; parameters "
+                      "are named by position ('0', '1', ...); pass model= to name them", stacklevel=3)
+        return [str(i) for i in range(count)]
+    if len(groups) > 1:
+        raise MappingError(
+            f"{source}: the optimizer has {len(groups)} param groups and no param_names; the order of the "
+            "groups' tensors cannot be matched to the model by position; save the optimizer with param_names "
+            "(build it from model.named_parameters()) or convert the live optimizer with model=")
+    return _align_by_position(count, _state_shapes(sd, spec), candidates, origin)
+
+
+# ----------------------------------------------------------------------------- state_dict -> canonical
+
+def _read_step(entry: Mapping[str, Any], where: str) -> int | None:
+    if "step" not in entry:
+        return None
+    step = entry["step"]
+    if not (isinstance(step, (int, float)) or isinstance(step, np.ndarray) and step.size == 1):
+        raise FormatError(f"{where}: step is {type(step).__name__}, expected a number")
+    value = float(step.reshape(()) if isinstance(step, np.ndarray) else step)
+    if not value.is_integer() or value < 0:
+        raise FormatError(f"{where}: step {value} is not a non-negative integer")
+    return int(value)
+
+
+def _read_param(spec: OptimizerSpec, entry: Any, where: str) -> tuple[int | None, dict[str, np.ndarray]]:
+    if not isinstance(entry, Mapping):
+        raise FormatError(f"{where}: state is a {type(entry).__name__}, expected a dict")
+    known = {"step"} | {s.torch_key for s in spec.slots}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise UnsupportedError(f"{where}: state key(s) {unknown} are not part of {spec.torch_class} "
+                               "as optstate supports it")
+    slots = {}
+    for slot in spec.slots:
+        value = entry.get(slot.torch_key)
+        if value is not None and not isinstance(value, np.ndarray):
+            raise FormatError(f"{where}: {slot.torch_key} is a {type(value).__name__}, expected a tensor")
+        if value is not None:
+            slots[slot.name] = value
+    return _read_step(entry, where), slots
+
+
+def _tied(weights: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Names that view another name's memory the same way (tied weights), mapped to the first name."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name, a in weights.items():
+        key = (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype)
+        if a.size and key in first:
+            tied[name] = first[key]
+        first.setdefault(key, name)
+    return tied
+
+
+def _check_weights(names: Sequence[str], weights: Mapping[str, np.ndarray], source: str) -> None:
+    missing = [n for n in names if n not in weights]
+    if missing:
+        example = next(iter(weights), "")
+        raise MappingError(f"{source}: the optimizer's parameter {missing[0]!r} is not among the model weights "
+                           f"(e.g. {example!r}); a prefix such as 'module.' or '_orig_mod.' differs?")
+    tracked = set(names)
+    for name, target in _tied(weights).items():
+        if {name, target} & tracked:
+            raise UnsupportedError(f"{source}: {name!r} is tied to {target!r} (the same tensor); an Optax "
+                                   "parameter tree has no tied leaves, so training would untie them")
+
+
+def _state_from_state_dict(sd: Mapping, names: Sequence[str], spec: OptimizerSpec,
+                           weights: Mapping[str, np.ndarray] | None, buffers: Iterable[str], source: str,
+                           metadata: Mapping[str, Any],
+                           shapes: Mapping[str, tuple[tuple[int, ...], str]] | None = None) -> OptimizerState:
+    """``shapes`` gives ``name -> (shape, dtype)`` for parameters that may have no state (a live optimizer)."""
+    if weights is not None:
+        _check_weights(names, weights, source)
+    weights_np = None if weights is None else {name_to_path(n): a for n, a in weights.items()}
+    params, slots, hyperparams = [], {}, []
+    name_iter = iter(names)
+    for gi, group in enumerate(sd["param_groups"]):
+        where = f"{source}: param group {gi}"
+        try:
+            hp = {k: hyperparam_value(v) for k, v in group.items() if k not in ("params", "param_names")}
+        except UnsupportedError as exc:
+            raise UnsupportedError(f"{where}: {exc}") from None
+        spec.check_supported(hp, where)
+        hyperparams.append(hp)
+        for index in group["params"]:
+            name = next(name_iter)
+            path = name_to_path(name)
+            where = f"{source}: {name}"
+            step, param_slots = _read_param(spec, sd["state"].get(index, {}), where)
+            from_slots = _shape_from_slots(spec, {spec.slot(k).torch_key: a for k, a in param_slots.items()})
+            weight = None if weights_np is None else weights_np.get(path)
+            if from_slots is not None and weight is not None and weight.shape != from_slots[0]:
+                raise MappingError(f"{where}: state has shape {list(from_slots[0])}, "
+                                   f"the model weight {list(weight.shape)}")
+            if from_slots is None and weight is not None:
+                from_slots = weight.shape, weight.dtype
+            if from_slots is not None:
+                shape, dtype = tuple(from_slots[0]), str(from_slots[1])
+            elif shapes is not None and name in shapes:
+                shape, dtype = shapes[name]
+            else:
+                raise MappingError(f"{where}: no state and no weight, so its shape is unknown; "
+                                   "pass the model (model=) or a checkpoint holding the weights")
+            params.append(ParamInfo(path, shape, dtype, gi, step))
+            slots.update({(slot, path): array for slot, array in param_slots.items()})
+    try:
+        return OptimizerState(spec.name, tuple(hyperparams), tuple(params), slots, weights_np,
+                              tuple(name_to_path(b) for b in buffers), dict(metadata))
+    except FormatError as exc:
+        raise FormatError(f"{source}: {exc}") from None
+
+
+def state_from_checkpoint(checkpoint: Any, source: str, *, origin: str, optimizer: str | None = None,
+                          model: Any = None, weights: Mapping[str, np.ndarray] | None = None,
+                          buffers: Sequence[str] | None = None, scheduler_state: Mapping | None = None,
+                          live_class: str | None = None,
+                          shapes: Sequence[tuple[tuple[int, ...], str]] | None = None) -> OptimizerState:
+    """The canonical state of an optimizer ``state_dict`` or a training checkpoint holding one (arrays).
+
+    What a live torch object knows overrides the checkpoint: ``weights`` and ``buffers`` (names) of
+    a model, which also names parameters by ``model.named_parameters()``; a scheduler's state; the
+    optimizer's class (``live_class``) and its parameters' ``(shape, dtype name)`` in the order of
+    ``param_groups`` (``shapes``: for parameters that have no state yet). ``origin`` goes in the
+    metadata as ``source``.
+
+    >>> sd = {"state": {0: {"momentum_buffer": np.ones(2)}},
+    ...       "param_groups": [{"lr": 0.1, "momentum": 0.9, "dampening": 0, "nesterov": False,
+    ...                         "weight_decay": 0, "params": [0], "param_names": ["w"]}]}
+    >>> state = state_from_checkpoint({"optimizer": sd}, "ckpt.pt", origin="torch")
+    >>> state.optimizer, state.slots[("momentum", ("w",))].tolist()
+    ('sgd', [1.0, 1.0])
+    """
+    sd, saved_weights, saved_scheduler = split_checkpoint(checkpoint, source)
+    if sd is None:
+        raise FormatError(f"{source}: holds model weights only, no optimizer state")
+    check_state_dict(sd, source)
+    if weights is None:
+        weights = saved_weights
+        buffers = [n for n, a in (weights or {}).items() if is_buffer(n, a)]
+    scheduler_state = saved_scheduler if scheduler_state is None else scheduler_state
+    metadata: dict[str, Any] = {"source": origin}
+    if scheduler_state is not None:
+        metadata["lr_scheduler"] = plain_scheduler_state(scheduler_state)
+    spec = optimizer_family(sd, optimizer, source, live_class)
+    names = param_names(sd, spec, model=model, weights=weights, source=source)
+    return _state_from_state_dict(sd, names, spec, weights, buffers or (), source, metadata,
+                                  shapes=None if shapes is None else dict(zip(names, shapes)))
+
+
+def from_torch_file(path: str | os.PathLike, *, optimizer: str | None = None) -> OptimizerState:
+    """Read a ``torch.save`` checkpoint into the canonical form without torch.
+
+    The same as ``optstate.from_torch(path)``, through :func:`optstate.converters.ptfile.load`:
+    arrays are mapped from the file, not read into memory.
+
+    >>> import tempfile, torch
+    >>> d = tempfile.mkdtemp(); net = torch.nn.Linear(3, 2)
+    >>> opt = torch.optim.Adam(net.named_parameters(), lr=1e-3)
+    >>> net(torch.ones(1, 3)).sum().backward(); opt.step()
+    >>> torch.save({"optimizer": opt.state_dict(), "model": net.state_dict()}, f"{d}/c.pt")
+    >>> state = from_torch_file(f"{d}/c.pt")
+    >>> state.optimizer, state.common_step(), state.params[0].dtype
+    ('adam', 1, 'float32')
+    """
+    source = os.fspath(path)
+    return state_from_checkpoint(ptfile.load(source), source, origin="torch", optimizer=optimizer)
