@@ -369,3 +369,22 @@ def test_adam_and_adamw_from_before_torch_2_6_are_told_apart_or_refused():
     with pytest.raises(UnsupportedError, match="Adam and AdamW param groups look alike"):
         optstate.from_torch(sd)
     assert optstate.from_torch(sd, optimizer="adamw").optimizer == "adamw"
+
+
+def test_in_memory_migration_hands_moments_to_jax_without_a_copy():
+    import jax
+
+    import optstate
+
+    net = torch.nn.Linear(64, 32)
+    opt = torch.optim.Adam(net.named_parameters(), lr=1e-3)
+    net(torch.ones(2, 64)).sum().backward()
+    opt.step()
+    state = optstate.from_torch(opt, copy=False)
+    params = {"weight": jax.numpy.zeros((32, 64), np.float32), "bias": jax.numpy.zeros(32, np.float32)}
+    opt_state = optstate.to_optax(state, optstate.optax_transform(state), params)
+    mu = opt_state[0].mu["weight"]
+    assert mu.unsafe_buffer_pointer() == opt.state[net.weight]["exp_avg"].data_ptr()  # DLPack, no copy
+    np.testing.assert_array_equal(np.asarray(mu), opt.state[net.weight]["exp_avg"].numpy())
+    copied = optstate.from_torch(opt)  # the default: a copy, safe against the next torch step
+    assert copied.slots[("first_moment", ("weight",))].ctypes.data != opt.state[net.weight]["exp_avg"].data_ptr()

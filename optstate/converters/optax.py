@@ -553,7 +553,26 @@ def to_optax(state: OptimizerState, tx: optax.GradientTransformation, params: An
     >>> int(opt_state[0].count), opt_state[0].mu["w"].tolist()
     (3, [1.0, 1.0])
     """
-    return fill_state(state, tx.init(params), jax.numpy.asarray)
+    return fill_state(state, tx.init(params), to_jax)
+
+
+def to_jax(array: Any) -> jax.Array:
+    """``array`` as a JAX array on the default device, handed over by DLPack (no copy) where the
+    array already lives there in a form JAX takes as it is; copied otherwise.
+
+    The state's arrays are its own (copies of a live optimizer's, unless ``from_torch(..., copy=False)``
+    borrowed them), so sharing their memory with JAX costs nothing and copies nothing.
+
+    >>> to_jax(np.arange(3.0)).tolist()
+    [0.0, 1.0, 2.0]
+    """
+    array = np.asarray(array)
+    if jax.default_backend() == "cpu" and array.flags.c_contiguous and array.flags.writeable:
+        try:
+            return jax.dlpack.from_dlpack(array)  # JAX copies only what it cannot take as it is (misaligned)
+        except (BufferError, TypeError, ValueError, RuntimeError):  # a dtype this JAX does not import
+            pass
+    return jax.numpy.asarray(array)
 
 
 # ----------------------------------------------------------------------------- Optax -> canonical

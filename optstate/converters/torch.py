@@ -157,12 +157,17 @@ def _names_by_identity(optimizer: torch.optim.Optimizer, model: Any) -> list[lis
 
 
 def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
-               optimizer: str | None = None) -> OptimizerState:
+               optimizer: str | None = None, copy: bool = True) -> OptimizerState:
     """Read torch optimizer state into the canonical form.
 
     ``obj`` is a ``torch.optim.Optimizer``, an optimizer ``state_dict``, a training-checkpoint
     dict holding one (and often the model weights), or a path to a ``torch.save`` file. A live
     ``scheduler`` (or one saved in the checkpoint) travels with the state.
+
+    A live optimizer's tensors are copied, since its next step overwrites them. ``copy=False``
+    borrows them instead (CPU tensors: no copy at all, and :func:`optstate.to_optax` hands them on to
+    JAX by DLPack, so a migration in one process copies nothing); then the torch optimizer must not
+    step again while the state or the arrays made from it are in use.
 
     >>> import torch, optstate
     >>> net = torch.nn.Linear(3, 2)
@@ -180,7 +185,7 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
                 dict(g, param_names=names) for g, names in zip(sd["param_groups"], _names_by_identity(obj, model))]}
         live_class = type(obj).__name__
         shapes = [(tuple(p.shape), _dtype_name(p.dtype)) for g in obj.param_groups for p in g["params"]]
-        checkpoint = numpy_tree(sd, copy=True)  # the next step overwrites a live optimizer's tensors
+        checkpoint = numpy_tree(sd, copy=copy)  # the next step overwrites a live optimizer's tensors
     elif isinstance(obj, (str, os.PathLike)):
         source = os.fspath(obj)
         checkpoint = numpy_tree(load_checkpoint(obj), copy=False)  # memory-mapped from the file: nothing writes it
