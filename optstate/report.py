@@ -134,25 +134,37 @@ def _inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
                    frozen=[path_to_name(p) for p in state.frozen_paths()])
 
 
-def _inspect_torch(path: str) -> Report:
-    from .converters import adapter
+def _torch_checkpoint(path: str) -> Any:
+    """The file's objects with NumPy arrays for tensors: without torch for its zip format."""
+    import importlib.util
+    import zipfile
 
-    torch_adapter = adapter("torch")
-    obj = torch_adapter.load_checkpoint(path)
-    sd, model_sd, scheduler_sd = torch_adapter.split_checkpoint(obj, path)
+    from .converters import adapter, ptfile
+
+    if zipfile.is_zipfile(path) or importlib.util.find_spec("torch") is None:
+        return ptfile.load(path)
+    torch_adapter = adapter("torch")  # the legacy (torch < 1.6) format
+    return torch_adapter.numpy_tree(torch_adapter.load_checkpoint(path), copy=False)
+
+
+def _inspect_torch(path: str) -> Report:
+    from . import api
+    from .converters import torch_dict
+
+    sd, model_sd, scheduler_sd = torch_dict.split_checkpoint(_torch_checkpoint(path), path)
     weights = None if model_sd is None else _weights_facts(
-        {n: (tuple(t.shape), torch_adapter.is_buffer(n, t)) for n, t in model_sd.items()})
+        {n: (tuple(t.shape), torch_dict.is_buffer(n, t)) for n, t in model_sd.items()})
     if sd is None:
         return _report(path, "torch", None, weights=weights)
-    torch_adapter.check_state_dict(sd, path)
+    torch_dict.check_state_dict(sd, path)
     groups = sd["param_groups"]
     optimizer = None
     try:
-        optimizer = torch_adapter.torch_class_of(groups[0])
+        optimizer = torch_dict.torch_class_of(groups[0])
         spec = optimizer_spec(optimizer)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            names = torch_adapter.param_names(sd, spec, weights=model_sd, source=path)
+            names = torch_dict.param_names(sd, spec, weights=model_sd, source=path)
         origin = "param_names" if all("param_names" in g for g in groups) else \
             "aligned by position with the model weights" if model_sd is not None else "positional (no names saved)"
     except OptstateError as exc:
@@ -161,7 +173,7 @@ def _inspect_torch(path: str) -> Report:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            state = torch_adapter.from_torch(path)
+            state = api.read(path, "torch")
     except OptstateError as exc:
         error = exc
     indices = [(gi, i) for gi, g in enumerate(groups) for i in g["params"]]
@@ -169,7 +181,7 @@ def _inspect_torch(path: str) -> Report:
                          int(float(sd["state"][i]["step"])) if "step" in sd["state"].get(i, {}) else None)
               for name, (gi, i) in zip(names, indices)]
     tracked = set(names)
-    frozen = [n for n, t in (model_sd or {}).items() if n not in tracked and not torch_adapter.is_buffer(n, t)]
+    frozen = [n for n, t in (model_sd or {}).items() if n not in tracked and not torch_dict.is_buffer(n, t)]
     return _report(path, "torch", state, optimizer=optimizer or "unknown", groups=groups, params=params,
                    weights=weights, lr_scheduler=scheduler_sd is not None, names=origin, frozen=frozen, error=error)
 

@@ -39,3 +39,20 @@ def test_missing_torch_names_the_extra():
 
 def test_missing_jax_names_the_extra():
     assert "pip install 'optstate[jax]'" in _run(BLOCKED.format(module="optax", function="optax_transform"))
+
+
+WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None  # as if not installed: a JAX user's machine
+from optstate.cli import main
+assert main(["inspect", "{ckpt}"]) == 0
+assert main(["convert", "{ckpt}", "{out}"]) == 0
+"""
+
+
+def test_a_torch_checkpoint_is_inspected_and_converted_without_torch(tmp_path):
+    from pathlib import Path
+
+    ckpt = Path(__file__).parent.parent / "examples" / "mlp_adamw.pt"
+    out = _run(WITHOUT_TORCH.format(ckpt=ckpt, out=tmp_path / "s.safetensors"))
+    assert "AdamW" in out and (tmp_path / "s.safetensors").exists()
