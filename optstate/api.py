@@ -7,7 +7,7 @@ import importlib.util
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .converters import adapter, torch_dict
 from .errors import OptstateError
@@ -30,7 +30,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if Path(path).is_dir() or os.fspath(path).endswith(os.sep):
         return "optax"
     suffix = Path(path).suffix
-    if suffix == ".safetensors":
+    if suffix == ".safetensors" or os.fspath(path).endswith(".safetensors.index.json"):
         return "optstate"
     if suffix in (".pt", ".pth", ".ckpt", ".bin"):
         return "torch"
@@ -59,17 +59,19 @@ def read(src: str | os.PathLike, fmt: str | None = None, *, optimizer: str | Non
     raise OptstateError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
-def write(state: OptimizerState, dst: str | os.PathLike, fmt: str, *, force: bool = False) -> None:
-    """Write ``state`` to ``dst`` in format ``fmt``, atomically; a state moved to a Flax layout goes
-    back to torch's on the way to torch."""
+def write(state: OptimizerState, dst: str | os.PathLike, fmt: str, *, force: bool = False, fsync: bool = True,
+          max_shard_bytes: int | None = None, progress: Callable[[int], None] | None = None) -> None:
+    """Write ``state`` to ``dst`` in format ``fmt``, atomically (durably unless ``fsync=False``); a state
+    moved to a Flax layout goes back to torch's on the way to torch. ``max_shard_bytes`` shards a
+    canonical file; ``progress(nbytes)`` is called as each tensor is written."""
     if fmt == "torch":
         if "layout" in state.metadata:
             state = revert_layout(state, Layout.from_json(state.metadata["layout"]))
         adapter("torch").save_checkpoint(state, dst, force=force)
     elif fmt == "optax":
-        adapter("orbax").save_optax_dir(state, dst, force=force)
+        adapter("orbax").save_optax_dir(state, dst, force=force, fsync=fsync, progress=progress)
     elif fmt == "optstate":
-        fileformat.save(state, dst, force=force)
+        fileformat.save(state, dst, force=force, fsync=fsync, max_shard_bytes=max_shard_bytes, progress=progress)
     elif fmt == "dcp":
         adapter("dcp").write_dcp(state, dst, force=force)
     else:
@@ -80,7 +82,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str |
             dst_format: str | None = None, force: bool = False, optimizer: str | None = None,
             hyperparams: Any = None, reset: Sequence[str] = (), horizon: int | None = None,
             allow_approximate: bool = False, optstate_transform: bool = False, target_params: str | None = None,
-            mapping: str | None = None) -> OptimizerState:
+            mapping: str | None = None, fsync: bool = True, max_shard_bytes: int | None = None,
+            progress: Callable[[OptimizerState], Callable[[int], None]] | None = None) -> OptimizerState:
     """Convert a checkpoint between formats; what ``optstate convert`` runs. Returns the state.
 
     >>> import tempfile, torch, optstate
@@ -98,7 +101,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str |
     trained with ``optstate.optax_transform`` (see :func:`optstate.converters.orbax.read_optax_dir`).
     ``target_params`` names the model to move parameters and slots to (a Flax model's parameter tree,
     or the torch model on the way back; see :func:`optstate.converters.flax.target_model`);
-    ``mapping`` is a mapping file that ``optstate map -o`` wrote, edited or not.
+    ``mapping`` is a mapping file that ``optstate map -o`` wrote, edited or not. ``fsync``,
+    ``max_shard_bytes``: see :func:`write`; ``progress(state)`` returns the callback it takes.
     """
     state = read(src, src_format, optimizer=optimizer, hyperparams=hyperparams, allow_approximate=allow_approximate,
                  optstate_transform=optstate_transform)
@@ -110,5 +114,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str |
         state = dataclasses.replace(state, metadata={**state.metadata, "lr_horizon": horizon})
     if target_params is not None or mapping is not None:
         state = adapter("flax").relayout(state, target=target_params, mapping=mapping)
-    write(state, dst, dst_format or detect_format(dst), force=force)
+    write(state, dst, dst_format or detect_format(dst), force=force, fsync=fsync, max_shard_bytes=max_shard_bytes,
+          progress=None if progress is None else progress(state))
     return state

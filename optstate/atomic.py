@@ -1,4 +1,8 @@
-"""Outputs appear whole or not at all: a temporary name in the destination directory, fsync, rename."""
+"""Outputs appear whole or not at all: a temporary name in the destination directory, fsync, rename.
+
+``fsync=False`` skips the fsyncs (faster; the output may be lost, never half-written, if the machine
+crashes soon after) but still renames atomically.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .errors import OptstateError
 
@@ -20,6 +24,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def _prepare(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise OptstateError(f"{path} exists; pass --force (force=True) to replace it")
@@ -29,8 +38,7 @@ def _prepare(path: Path, force: bool) -> None:
 def _fsync_tree(root: Path) -> None:
     for directory, _, files in os.walk(root):
         for name in files:
-            with open(os.path.join(directory, name), "rb") as f:
-                os.fsync(f.fileno())
+            _fsync_file(Path(directory, name))
         _fsync_dir(Path(directory))
 
 
@@ -43,11 +51,53 @@ def _replace(tmp: Path, path: Path) -> None:
         shutil.rmtree(aside)
     else:
         os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+def atomic_files(paths: Sequence[str | os.PathLike], *, force: bool = False,
+                 fsync: bool = True) -> Iterator[list[Path]]:
+    """Yield temporary paths beside ``paths``; on success fsync them, then rename them in order.
+
+    The last path is the commit point: it is renamed only once the others are in place (and, with
+    ``fsync``, durably so), so a reader that finds it (an index) finds everything it names. On an
+    error every temporary file is removed and no path is touched.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> with atomic_files([d / "part", d / "index"]) as (part, index):
+    ...     _ = part.write_bytes(b"data"); _ = index.write_bytes(b"part")
+    >>> sorted(p.name for p in d.iterdir())
+    ['index', 'part']
+    """
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        _prepare(path, force)
+    tmps: list[Path] = []
+    try:
+        for path in paths:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmps.append(Path(name))
+        yield tmps
+        if fsync:
+            for tmp in tmps:
+                _fsync_file(tmp)
+        *parts, last = zip(tmps, paths)
+        for tmp, path in parts:
+            _replace(tmp, path)
+        if fsync:
+            for directory in {path.parent for _, path in parts}:
+                _fsync_dir(directory)
+        _replace(*last)
+        if fsync:
+            _fsync_dir(last[1].parent)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, *, force: bool = False, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path``.
 
     >>> import tempfile, pathlib
@@ -57,30 +107,31 @@ def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
     >>> out.read_bytes()
     b'ok'
     """
-    path = Path(path)
-    _prepare(path, force)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_files([path], force=force, fsync=fsync) as (tmp,):
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory path (not yet created) beside ``path``; rename it on success."""
+def atomic_directory(path: str | os.PathLike, *, force: bool = False, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory path (not yet created) beside ``path``; rename it on success.
+
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "d"
+    >>> with atomic_directory(out, fsync=False) as tmp:
+    ...     tmp.mkdir(); _ = (tmp / "f").write_text("ok")
+    >>> (out / "f").read_text()
+    'ok'
+    """
     path = Path(path)
     _prepare(path, force)
     parent = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp = parent / path.name
     try:
         yield tmp
-        _fsync_tree(tmp)
+        if fsync:
+            _fsync_tree(tmp)
         _replace(tmp, path)
+        if fsync:
+            _fsync_dir(path.parent)
     finally:
         shutil.rmtree(parent, ignore_errors=True)

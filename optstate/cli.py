@@ -14,6 +14,7 @@ from . import api
 from .converters import adapter
 from .errors import OptstateError
 from .schema import OPTIMIZERS
+from .progress import Progress
 from .report import format_report, inspect
 
 
@@ -28,6 +29,17 @@ def _hparams(text: str | None) -> Any:
         raise OptstateError(f"--hparams is not valid JSON ({exc})") from None
 
 
+def _size(text: str) -> int:
+    """``5GB``, ``500MB``, ``1.5GiB`` or a number of bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.upper().rstrip("BIKMG")
+    unit = text.upper()[len(number):]
+    try:
+        return int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
+
+
 def _summary(state: Any) -> str:
     steps = sorted({p.step for p in state.params if p.step is not None})
     return (f"{state.spec.torch_class}, {len(state.params)} parameters in {len(state.param_groups)} group(s)"
@@ -39,11 +51,22 @@ def _convert(args: argparse.Namespace) -> int:
     if (args.src_format or api.detect_format(args.src)) == "optax":
         # Converting is this process's whole job: float64 stays float64.
         adapter("optax").jax.config.update("jax_enable_x64", True)
-    state = api.convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
-                        force=args.force, optimizer=args.optimizer, hyperparams=_hparams(args.hparams),
-                        reset=args.reset, horizon=args.horizon, allow_approximate=args.allow_approximate,
-                        optstate_transform=args.optstate_transform, target_params=args.target_params,
-                        mapping=args.mapping)
+    bars: list[Progress] = []
+
+    def progress(state: Any) -> Progress:
+        arrays = [*state.slots.values(), *(state.weights or {}).values()]
+        bars.append(Progress(sum(a.nbytes for a in arrays), len(arrays), enabled=None if not args.quiet else False))
+        return bars[-1]
+    try:
+        state = api.convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
+                            force=args.force, optimizer=args.optimizer, hyperparams=_hparams(args.hparams),
+                            reset=args.reset, horizon=args.horizon, allow_approximate=args.allow_approximate,
+                            optstate_transform=args.optstate_transform, target_params=args.target_params,
+                            mapping=args.mapping, fsync=not args.no_fsync, max_shard_bytes=args.max_shard_size,
+                            progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     print(f"{args.src} -> {args.dst}: {_summary(state)}")
     if "approximate" in state.metadata:
         print(f"approximate: {state.metadata['approximate']}")
@@ -110,6 +133,12 @@ def parser() -> argparse.ArgumentParser:
                    "layout: a Flax parameter tree (msgpack file, Orbax directory, or module:function returning it or "
                    "an nnx.Module); on the way back, the torch model (.pt state_dict or module:function)")
     c.add_argument("--mapping", metavar="FILE", help="move tensors as this mapping file says (optstate map -o)")
+    c.add_argument("--max-shard-size", type=_size, metavar="SIZE", help="shard a canonical file into pieces of at "
+                   "most SIZE (e.g. 5GB) plus an index JSON, as Hugging Face shards weights")
+    c.add_argument("--no-fsync", action="store_true", help="skip the fsyncs (faster; the output is still renamed "
+                   "into place whole, but a power cut right after may lose it)")
+    c.add_argument("--quiet", action="store_true", help="no progress line (it appears only on a terminal, and only "
+                   "for conversions that take more than a couple of seconds)")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.set_defaults(run=_convert)
     m = sub.add_parser("map", help="show (and save) how a checkpoint's tensors map onto a Flax model")

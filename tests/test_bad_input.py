@@ -233,9 +233,9 @@ def test_failed_conversion_leaves_no_partial_output(tmp_path, monkeypatch):
     path, _, _ = _checkpoint(tmp_path)
     import optstate.schema.fileformat as ff
 
-    def broken(array):
+    def broken(fd, entry, mappings):
         raise OSError("disk full")
-    monkeypatch.setattr(ff, "_little_endian", broken)
+    monkeypatch.setattr(ff, "_write_tensor", broken)
     with pytest.raises(OSError, match="disk full"):
         optstate.convert(path, tmp_path / "s.safetensors", src_format="torch", dst_format="optstate")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]

@@ -121,3 +121,36 @@ def test_real_process(ckpt, tmp_path):
     run = subprocess.run([sys.executable, "-m", "optstate", "inspect", str(tmp_path / "missing.pt")],
                          capture_output=True, text=True)
     assert run.returncode == 1 and "missing.pt: no such file" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_sharded_canonical_output_and_back(ckpt, tmp_path):
+    path, _, opt = ckpt
+    index = tmp_path / "state.safetensors.index.json"
+    assert main(["convert", "--quiet", "--no-fsync", "--max-shard-size", "100B", str(path), str(index)]) == 0
+    shards = sorted(p.name for p in tmp_path.glob("state-*.safetensors"))
+    assert len(shards) > 1 and json.loads(index.read_text())["weight_map"]
+    assert main(["convert", str(index), str(tmp_path / "back.pt")]) == 0
+    back = torch.load(tmp_path / "back.pt", weights_only=True)["optimizer"]["state"]
+    for i, entry in opt.state_dict()["state"].items():
+        assert torch.equal(back[i]["momentum_buffer"], entry["momentum_buffer"])
+
+
+def test_progress_line_on_a_terminal(ckpt, tmp_path):
+    import io
+
+    from optstate.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    path, _, _ = ckpt
+    bars = []
+
+    def progress(state):
+        bars.append(Progress(1, 1, stream=Terminal(), delay=0))
+        return bars[-1]
+    state = optstate.convert(path, tmp_path / "s.safetensors", progress=progress)
+    bars[0].close()
+    assert "tensors" in bars[0].stream.getvalue()
+    assert bars[0].tensors == len(state.slots) + len(state.weights)  # one call per tensor written

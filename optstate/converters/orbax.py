@@ -37,17 +37,25 @@ def _needs_x64(shapes: Mapping[Path, jax.ShapeDtypeStruct]) -> bool:
     return any(np.dtype(s.dtype).itemsize == 8 for s in shapes.values())
 
 
-def save_optax_dir(state: OptimizerState, path: str | os.PathLike, *, force: bool = False) -> None:
-    """Write ``state`` as an Orbax checkpoint directory plus ``optstate.json``, atomically."""
+def save_optax_dir(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
+                   progress: Callable[[int], None] | None = None) -> None:
+    """Write ``state`` as an Orbax checkpoint directory plus ``optstate.json``, atomically
+    (``progress(nbytes)`` as each array is made ready for Orbax)."""
+    def array(a: Any) -> np.ndarray:
+        a = np.asarray(a)
+        if progress is not None:
+            progress(a.nbytes)
+        return a
+
     _, _, opt_state = template(state)
-    tree = {"opt_state": fill_state(state, opt_state, np.asarray)}
+    tree = {"opt_state": fill_state(state, opt_state, array)}
     if state.weights is not None:
-        tree["params"] = nest({p: np.asarray(state.weights[p]) for p in param_shapes(state)})
+        tree["params"] = nest({p: array(state.weights[p]) for p in param_shapes(state)})
     stats = {p[1:]: np.asarray(state.weights[p]) for p in state.buffers if p[0] == BATCH_STATS}
     if stats:  # BatchNorm statistics in a Flax layout: the linen collection, beside params
         tree[BATCH_STATS] = nest(stats)
     buffers = [(tensor_key("model", p), np.asarray(state.weights[p])) for p in state.buffers if p[0] != BATCH_STATS]
-    with atomic_directory(path, force=force) as tmp:
+    with atomic_directory(path, force=force, fsync=fsync) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.abspath(tmp), tree)
         checkpointer.wait_until_finished()

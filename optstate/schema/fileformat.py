@@ -3,27 +3,52 @@
 Layout: 8-byte little-endian header length, a JSON header, then raw little-endian tensor data.
 Tensor keys are ``kind/path/joined/by/slashes`` where kind is a slot name or ``model``; ``%`` and
 ``/`` inside a path component are percent-escaped so every key parses back to one path.
+
+A large state shards, as Hugging Face shards weights: ``<stem>-00001-of-0000N.safetensors`` files
+(each a safetensors file on its own) beside ``<stem>.safetensors.index.json``, which maps every
+tensor key to its shard (``weight_map``) and holds the JSON document under ``metadata.optstate``.
+
+Writing streams: the header goes first (it needs only each tensor's shape and dtype), then each
+tensor as it is produced, so memory stays near one tensor. A tensor that is a view of a file (a
+memory map) is copied file to file inside the kernel (``copy_file_range``). Reading memory-maps.
 """
 
 from __future__ import annotations
 
+import bisect
+import errno
 import json
 import math
+import mmap
 import os
+import pathlib
+import re
 import struct
+import uuid
 from collections import Counter
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, atomic_files
 from ..errors import FormatError
 from .state import OptimizerState, ParamInfo, Path
 
 FORMAT_VERSION = 1
 METADATA_KEY = "optstate"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+INDEX_SUFFIX = ".safetensors.index.json"
+SHARD_KEY = "optstate_shard"  # a shard's __metadata__: "k/N"
+SAVE_KEY = "optstate_save"  # one id per save, in the index and every shard: shards of two saves never mix
+DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size
+
+_CHUNK_BYTES = 16 << 20  # the most a byte swap or a gather of a strided array copies at once
+_COPY_MIN_BYTES = 1 << 20  # smaller tensors are written from memory: a syscall or two either way
+_MAX_SYSCALL_BYTES = 1 << 30
+# errno values with which copy_file_range/sendfile say "not between these files", not "failed"
+_NOT_SUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOTSOCK}
 
 DTYPES: Mapping[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -150,50 +175,340 @@ def state_from_metadata(meta: Mapping[str, Any], arrays: Mapping[tuple[str, Path
         raise FormatError(f"{source}: malformed optstate metadata ({type(exc).__name__}: {exc})") from exc
 
 
+# ----------------------------------------------------------------------------- where an array's bytes lie in a file
+
+@dataclass(frozen=True)
+class FileSpan:
+    """An array's bytes in a file: from byte ``offset`` of ``path``; ``file_id`` is its (st_dev, st_ino)."""
+
+    path: str
+    offset: int
+    file_id: tuple[int, int]
+
+
+class _Mapping(NamedTuple):
+    start: int
+    end: int
+    offset: int
+    file_id: tuple[int, int]
+    path: str
+
+
+def _shared_file_mappings() -> list[_Mapping]:
+    """This process's shared file mappings, by address (``/proc/self/maps``; none where it does not exist).
+
+    Only shared mappings: their memory is the file's page cache, so the file holds what the array
+    holds. A private mapping (``np.memmap(mode="c")``, ``torch.load(mmap=True)``) may differ.
+    """
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    mappings = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[1][3:4] == b"s":
+            addresses, _, offset, device, inode, path = fields
+            start, end = (int(a, 16) for a in addresses.split(b"-"))
+            major, minor = (int(d, 16) for d in device.split(b":"))
+            mappings.append(_Mapping(start, end, int(offset, 16), (os.makedev(major, minor), int(inode)),
+                                     os.fsdecode(path)))
+    return mappings
+
+
+def _views_an_mmap(array: np.ndarray) -> bool:
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
+
+
+def file_span(array: np.ndarray, mappings: Sequence[_Mapping] | None = None) -> FileSpan | None:
+    """Where ``array``'s bytes lie in a file, when it is a C-contiguous view of a shared ``mmap.mmap``
+    (an ``np.memmap`` in mode ``"r"`` or ``"r+"``, any slice or view of one); else ``None``.
+
+    The offset comes from the address of the data within this process's mapping of the file, not
+    from ``np.memmap.offset`` (which a slice inherits unchanged); the file must still be the one
+    mapped (not replaced since under the same name). ``mappings``: a snapshot taken while
+    ``array`` existed (default: read now).
+
+    >>> import tempfile, numpy as np
+    >>> f = tempfile.mkdtemp() + "/a.bin"; np.arange(10, dtype="<i4").tofile(f)
+    >>> m = np.memmap(f, dtype="<i4", mode="r")
+    >>> file_span(m[3:]).offset, file_span(m[::2]), file_span(np.arange(3))
+    (12, None, None)
+    """
+    if not array.flags.c_contiguous or array.nbytes == 0 or not _views_an_mmap(array):
+        return None
+    address = array.ctypes.data
+    mappings = _shared_file_mappings() if mappings is None else mappings
+    i = bisect.bisect_right(mappings, address, key=lambda m: m.start) - 1
+    if i < 0 or address + array.nbytes > mappings[i].end:
+        return None
+    mapping = mappings[i]
+    try:
+        stat = os.stat(mapping.path)
+    except OSError:  # "(deleted)", or gone since
+        return None
+    if (stat.st_dev, stat.st_ino) != mapping.file_id:
+        return None
+    return FileSpan(mapping.path, mapping.offset + address - mapping.start, mapping.file_id)
+
+
 # ----------------------------------------------------------------------------- writing
 
-def _little_endian(array: np.ndarray) -> np.ndarray:
-    array = np.asarray(array)
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array)
+class _Entry(NamedTuple):
+    key: str
+    value: Any  # an ndarray, or a lazy array-like: .shape, .dtype, __array__()
+    dtype: np.dtype  # little-endian
+    shape: tuple[int, ...]
+    nbytes: int
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]],
-                      metadata: Mapping[str, str], *, force: bool = False) -> None:
-    """Write ``(key, array)`` pairs in the safetensors layout, atomically, one tensor at a time."""
-    tensors = list(tensors)
+def _entries(tensors: Iterable[tuple[str, Any]]) -> list[_Entry]:
+    entries, seen = [], set()
+    for key, value in tensors:
+        if key in seen or key == "__metadata__":
+            raise FormatError(f"tensor key {key!r} occurs twice (or is reserved)")
+        seen.add(key)
+        dtype, shape = DTYPES[dtype_code(np.dtype(value.dtype))], tuple(int(d) for d in value.shape)
+        entries.append(_Entry(key, value, dtype, shape, math.prod(shape) * dtype.itemsize))
+    return entries
+
+
+def _header(entries: Sequence[_Entry], metadata: Mapping[str, str]) -> bytes:
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
-    for key, array in tensors:
-        if key in header:
-            raise FormatError(f"tensor key {key!r} occurs twice")
-        nbytes = array.size * array.dtype.itemsize
-        header[key] = {"dtype": dtype_code(array.dtype), "shape": list(array.shape),
-                       "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    for e in entries:
+        header[e.key] = {"dtype": dtype_code(e.dtype), "shape": list(e.shape),
+                         "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # safetensors aligns the data to 8 bytes
-    with atomic_file(path, force=force) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, array in tensors:
-            f.write(_little_endian(array).reshape(-1).view(np.uint8).data)
+    return struct.pack("<Q", len(blob)) + blob
 
 
-def save(state: OptimizerState, path: str | os.PathLike, *, force: bool = False) -> None:
-    """Write ``state`` as a canonical file.
+def _c_order_blocks(array: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
+    if array.nbytes <= _CHUNK_BYTES or (array.flags.c_contiguous and array.dtype == dtype):
+        yield np.ascontiguousarray(array, dtype=dtype)
+        return
+    row_bytes = array.nbytes // len(array)
+    if row_bytes > _CHUNK_BYTES:
+        for row in array:
+            yield from _c_order_blocks(row, dtype)
+    else:
+        rows = _CHUNK_BYTES // row_bytes
+        for i in range(0, len(array), rows):
+            yield np.ascontiguousarray(array[i:i + rows], dtype=dtype)
+
+
+def _little_endian(array: np.ndarray) -> Iterator[np.ndarray]:
+    """``array``'s bytes in C order and little-endian, as uint8 arrays: one view when it is both
+    already, else copies of at most ``_CHUNK_BYTES`` (byte-swapped, gathered from strides)."""
+    for block in _c_order_blocks(array, array.dtype.newbyteorder("<")):
+        yield block.reshape(-1).view(np.uint8)
+
+
+def _write_all(fd: int, data: np.ndarray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view[:_MAX_SYSCALL_BYTES]):]
+
+
+def _copy_file_range(src: int, out: int, offset: int, count: int) -> int:
+    return os.copy_file_range(src, out, min(count, _MAX_SYSCALL_BYTES), offset)
+
+
+def _sendfile(src: int, out: int, offset: int, count: int) -> int:
+    return os.sendfile(out, src, offset, min(count, _MAX_SYSCALL_BYTES))
+
+
+def _copy_span(span: FileSpan, out: int, nbytes: int) -> int:
+    """Copy ``nbytes`` from ``span`` to ``out`` (at its position) inside the kernel: ``copy_file_range``,
+    else ``sendfile``. Returns how many bytes it copied; the caller writes the rest from memory."""
+    try:
+        src = os.open(span.path, os.O_RDONLY)
+    except OSError:
+        return 0
+    done = 0
+    try:
+        stat = os.fstat(src)
+        if (stat.st_dev, stat.st_ino) != span.file_id:  # replaced since file_span looked
+            return 0
+        for copy in (_copy_file_range, _sendfile):
+            try:
+                while done < nbytes:
+                    copied = copy(src, out, span.offset + done, nbytes - done)
+                    if copied == 0:
+                        raise FormatError(f"{span.path}: ends before byte {span.offset + nbytes} of an array "
+                                          "mapped from it (the file shrank while mapped)")
+                    done += copied
+                return done
+            except (OSError, AttributeError) as exc:  # AttributeError: no os.copy_file_range here
+                if isinstance(exc, OSError) and exc.errno not in _NOT_SUPPORTED:
+                    raise
+        return done
+    finally:
+        os.close(src)
+
+
+def _write_tensor(fd: int, entry: _Entry, mappings: Sequence[_Mapping] | None) -> None:
+    """Materialise one entry (its array is released on return) and write its bytes at ``fd``'s position."""
+    array = np.asarray(entry.value)
+    if array.shape != entry.shape or array.dtype.newbyteorder("<") != entry.dtype:
+        raise FormatError(f"tensor {entry.key!r}: the array has shape {list(array.shape)} and dtype {array.dtype}, "
+                          f"the header declared shape {list(entry.shape)} and dtype {entry.dtype}")
+    done = 0
+    if array.nbytes >= _COPY_MIN_BYTES and array.dtype == entry.dtype:
+        span = file_span(array, mappings)
+        done = _copy_span(span, fd, array.nbytes) if span else 0
+    if done:
+        _write_all(fd, array.reshape(-1).view(np.uint8)[done:])
+    else:
+        for block in _little_endian(array):
+            _write_all(fd, block)
+
+
+def _write_file(path: str | os.PathLike, entries: Sequence[_Entry], metadata: Mapping[str, str],
+                progress: Callable[[int], Any] | None) -> None:
+    """Write a safetensors file into ``path``, an empty file (a fresh temporary)."""
+    # Arrays that exist now keep their mappings alive for the whole write, so one snapshot serves
+    # them all; a lazy entry's array may be mapped later, at an address an old mapping had: read anew.
+    mappings = _shared_file_mappings()
+    # Not "wb": ext4 starts writing back, on close, a file that was truncated to zero and rewritten.
+    with open(path, "r+b", buffering=0) as f:
+        _write_all(f.fileno(), np.frombuffer(_header(entries, metadata), np.uint8))
+        for entry in entries:
+            _write_tensor(f.fileno(), entry, mappings if isinstance(entry.value, np.ndarray) else None)
+            if progress is not None:
+                progress(entry.nbytes)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, Any]], metadata: Mapping[str, str],
+                      *, force: bool = False, fsync: bool = True, progress: Callable[[int], Any] | None = None) -> None:
+    """Write ``(key, array)`` pairs in the safetensors layout, atomically, streaming one tensor at a time.
+
+    An array may be lazy: any object with ``.shape``, ``.dtype`` and ``__array__()``; the header is
+    written from the shapes and dtypes, then each array is materialised, checked against its header
+    entry, written and released before the next. ``progress(nbytes)`` is called after each tensor.
+
+    >>> import tempfile, numpy as np, safetensors.numpy
+    >>> f = tempfile.mkdtemp() + "/t.safetensors"
+    >>> write_safetensors(f, [("a", np.arange(3, dtype=">i4"))], {})
+    >>> safetensors.numpy.load_file(f)["a"].tolist()
+    [0, 1, 2]
+    """
+    entries = _entries(tensors)
+    with atomic_file(path, force=force, fsync=fsync) as tmp:
+        _write_file(tmp, entries, metadata, progress)
+
+
+def _shard_stem(path: pathlib.Path) -> str:
+    for suffix in (INDEX_SUFFIX, ".safetensors"):
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return path.name[:-len(suffix)]
+    return path.name
+
+
+def _plan_shards(entries: Sequence[_Entry], max_bytes: int) -> list[list[_Entry]]:
+    """Entries in order, cut into shards of at most ``max_bytes`` of data; a bigger tensor alone."""
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def _is_file_name(name: Any) -> bool:
+    """A plain file name: no directory part, no ``..``: a shard lies beside its index."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
+            and "\0" not in name and "\\" not in name)
+
+
+def _shard_name(stem: str, k: int, n: int) -> str:
+    return f"{stem}-{k:05d}-of-{n:05d}.safetensors"
+
+
+def _indexed_shards(index: pathlib.Path, stem: str) -> set[str]:
+    """The names of our shards of ``stem`` that an existing index lists (none when it is unreadable)."""
+    pattern = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+        return {name for name in weight_map.values() if isinstance(name, str) and pattern.fullmatch(name)}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()
+
+
+def write_sharded(path: str | os.PathLike, tensors: Iterable[tuple[str, Any]], document: Mapping[str, Any], *,
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False, fsync: bool = True,
+                  progress: Callable[[int], Any] | None = None) -> pathlib.Path:
+    """Write the tensors as ``<stem>-0000k-of-0000N.safetensors`` shards plus ``<stem>.safetensors.index.json``.
+
+    ``path`` names the index or ends in ``.safetensors`` (the stem). All files go to temporary names
+    and are fsynced, the shards renamed, then the index last: an index always names shards of its
+    own save (each shard carries the save's id, checked on reading). ``force`` replaces an existing
+    sharded save whole: shards its old index listed that this save does not write are removed.
+    Returns the index path.
+
+    >>> import tempfile, numpy as np
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> write_sharded(d / "w.safetensors", [("a", np.zeros(4)), ("b", np.ones(4))], {}, max_shard_bytes=32).name
+    'w.safetensors.index.json'
+    >>> sorted(p.name for p in d.iterdir())
+    ['w-00001-of-00002.safetensors', 'w-00002-of-00002.safetensors', 'w.safetensors.index.json']
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    path = pathlib.Path(path)
+    stem = _shard_stem(path)
+    index = path.with_name(stem + INDEX_SUFFIX)
+    shards = _plan_shards(_entries(tensors), max_shard_bytes)
+    names = [_shard_name(stem, k, len(shards)) for k in range(1, len(shards) + 1)]
+    save_id = uuid.uuid4().hex
+    stale = _indexed_shards(index, stem) - set(names) if force else set()
+    document = {"metadata": {"total_size": sum(e.nbytes for shard in shards for e in shard), SAVE_KEY: save_id,
+                             METADATA_KEY: dict(document)},
+                "weight_map": {e.key: name for name, shard in zip(names, shards) for e in shard}}
+    with atomic_files([*(index.with_name(n) for n in names), index], force=force, fsync=fsync) as tmps:
+        for k, (tmp, shard) in enumerate(zip(tmps, shards), 1):
+            _write_file(tmp, shard, {SHARD_KEY: f"{k}/{len(shards)}", SAVE_KEY: save_id}, progress)
+        tmps[-1].write_text(json.dumps(document, indent=2))
+    for name in stale:
+        index.with_name(name).unlink(missing_ok=True)
+    return index
+
+
+def save(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
+         max_shard_bytes: int | None = None, progress: Callable[[int], Any] | None = None) -> pathlib.Path:
+    """Write ``state`` as a canonical file, atomically, one tensor at a time; returns the path to :func:`load`.
+
+    With ``max_shard_bytes``, or a ``path`` ending in ``.safetensors.index.json``, the tensors go to
+    shards of at most that many bytes of data (default 5 GB) beside an index (see :func:`write_sharded`).
+    ``fsync=False`` skips the fsyncs (still atomic renames, not durable against a crash).
+    ``progress(nbytes)`` is called after each tensor is written.
 
     >>> import tempfile, numpy as np, optstate
     >>> from optstate.schema.state import OptimizerState, ParamInfo
     >>> s = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float64", 0),), {})
     >>> f = tempfile.mkdtemp() + "/s.safetensors"
-    >>> save(s, f); load(f).param_groups[0]["lr"]
+    >>> load(save(s, f)).param_groups[0]["lr"]
     0.1
+    >>> save(s, f, max_shard_bytes=2**20).name
+    's.safetensors.index.json'
     """
-    tensors = [(tensor_key(kind, p), a) for kind, p, a in state.iter_tensors()]
-    write_safetensors(path, tensors, {METADATA_KEY: json.dumps(state_metadata(state))}, force=force)
-
+    path = pathlib.Path(path)
+    tensors = ((tensor_key(kind, p), a) for kind, p, a in state.iter_tensors())
+    if max_shard_bytes is not None or path.name.endswith(INDEX_SUFFIX):
+        return write_sharded(path, tensors, state_metadata(state), force=force, fsync=fsync, progress=progress,
+                             max_shard_bytes=DEFAULT_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
+    write_safetensors(path, tensors, {METADATA_KEY: json.dumps(state_metadata(state))}, force=force, fsync=fsync,
+                      progress=progress)
+    return path
 
 # ----------------------------------------------------------------------------- reading
 
@@ -251,19 +566,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     return arrays, metadata
 
 
-def load(path: str | os.PathLike) -> OptimizerState:
-    """Read a canonical file written by :func:`save` (or by any safetensors writer with our metadata).
-
-    Example: see :func:`save`.
-    """
-    source = os.fspath(path)
-    arrays, metadata = read_safetensors(path)
-    if METADATA_KEY not in metadata:
-        raise FormatError(f"{source}: a safetensors file without optstate metadata (model weights only?)")
-    try:
-        meta = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{source}: optstate metadata is not valid JSON ({exc})") from exc
+def _state_from_tensors(meta: Any, arrays: Mapping[str, np.ndarray], source: str) -> OptimizerState:
+    """The state from its JSON document and ``key -> array``, which must hold exactly the tensors it lists."""
     if not isinstance(meta, dict):
         raise FormatError(f"{source}: optstate metadata is not a JSON object")
     check_format_version(meta, source)
@@ -278,3 +582,76 @@ def load(path: str | os.PathLike) -> OptimizerState:
         missing = sorted(expected - set(by_kind_path))[:3]
         raise FormatError(f"{source}: tensors do not match the metadata (missing: {missing}, unexpected: {extra})")
     return state_from_metadata(meta, by_kind_path, source)
+
+
+def _read_index(index: pathlib.Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """An index's ``metadata`` and ``weight_map``, checked for shape; shard names must be plain file names."""
+    source, size = os.fspath(index), index.stat().st_size
+    if size > MAX_HEADER_BYTES:
+        raise FormatError(f"{source}: {size} bytes, too large for an index")
+    try:
+        document = json.loads(index.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{source}: not valid JSON ({exc})") from exc
+    if not (isinstance(document, dict) and isinstance(document.get("metadata"), dict)
+            and isinstance(document.get("weight_map"), dict)):
+        raise FormatError(f"{source}: not a safetensors index (a JSON object with 'metadata' and 'weight_map')")
+    for key, shard in document["weight_map"].items():
+        if not _is_file_name(shard):
+            raise FormatError(f"{source}: tensor {key!r}: shard {shard!r} is not a file name beside the index")
+    return document["metadata"], document["weight_map"]
+
+
+def _read_shard(index: pathlib.Path, shard: str, keys: set[str], save_id: Any,
+                weight_map: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """One shard's arrays, which must be exactly the tensors the index places in it, of the same save."""
+    path = index.with_name(shard)
+    if not path.is_file():
+        raise FormatError(f"{index}: shard {shard} (holding {sorted(keys)[0]!r}) is missing")
+    arrays, metadata = read_safetensors(path)
+    if metadata.get(SAVE_KEY) != save_id:
+        raise FormatError(f"{path}: written by another save than {index} ({SAVE_KEY} {metadata.get(SAVE_KEY)!r}, "
+                          f"the index has {save_id!r})")
+    missing, extra = sorted(keys - arrays.keys()), sorted(arrays.keys() - keys)
+    if missing:
+        raise FormatError(f"{path}: tensor {missing[0]!r} is missing; the index {index.name} places it in this shard")
+    if extra:
+        elsewhere = weight_map.get(extra[0])
+        raise FormatError(f"{path}: holds tensor {extra[0]!r}, which the index {index.name} "
+                          + (f"places in {elsewhere}" if elsewhere else "does not list"))
+    return arrays
+
+
+def _load_sharded(index: pathlib.Path) -> OptimizerState:
+    metadata, weight_map = _read_index(index)
+    if METADATA_KEY not in metadata:
+        raise FormatError(f"{index}: a safetensors index without optstate metadata (model weights only?)")
+    keys_by_shard: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        keys_by_shard.setdefault(shard, set()).add(key)
+    arrays: dict[str, np.ndarray] = {}
+    for shard, keys in keys_by_shard.items():
+        arrays.update(_read_shard(index, shard, keys, metadata.get(SAVE_KEY), weight_map))
+    return _state_from_tensors(metadata[METADATA_KEY], arrays, os.fspath(index))
+
+
+def load(path: str | os.PathLike) -> OptimizerState:
+    """Read a canonical file written by :func:`save` (or by any safetensors writer with our metadata),
+    or the ``.safetensors.index.json`` of a sharded one. Arrays are read-only memory-mapped views.
+
+    Example: see :func:`save`.
+    """
+    source = os.fspath(path)
+    if source.endswith(INDEX_SUFFIX):
+        return _load_sharded(pathlib.Path(path))
+    arrays, metadata = read_safetensors(path)
+    if METADATA_KEY not in metadata:
+        if SHARD_KEY in metadata:
+            raise FormatError(f"{source}: shard {metadata[SHARD_KEY]} of a sharded save; load its "
+                              f"{INDEX_SUFFIX} file")
+        raise FormatError(f"{source}: a safetensors file without optstate metadata (model weights only?)")
+    try:
+        meta = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{source}: optstate metadata is not valid JSON ({exc})") from exc
+    return _state_from_tensors(meta, arrays, source)
