@@ -81,36 +81,53 @@ def model_shapes(params_millions: float) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def build_checkpoint(path: str, params_millions: float) -> dict:
-    """Child: write the checkpoint; returns facts about it (run in its own process)."""
+    """Child: write the checkpoint; returns facts about it (run in its own process).
+
+    The Adam state is written as ``torch.optim.Adam.state_dict()`` lays it out after one step
+    (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter, ``param_names`` in the group), without
+    running the step, so that building a 12 GB checkpoint needs 12 GB of memory and not 16.
+    """
     import torch
 
     torch.manual_seed(0)
     shapes = model_shapes(params_millions)
     t0 = time.perf_counter()
     weights = {name: torch.randn(shape) for name, shape in shapes}
-    opt = torch.optim.Adam([(name, t) for name, t in weights.items()], lr=1e-3)
-    for t in weights.values():
-        t.requires_grad_(True)
-        t.grad = torch.randn_like(t)
-    opt.step()
-    for t in weights.values():
-        t.grad = None
-        t.requires_grad_(False)
-    sd = opt.state_dict()
-    assert all("param_names" in g for g in sd["param_groups"])
-    assert all({"step", "exp_avg", "exp_avg_sq"} <= set(e) for e in sd["state"].values())
-    assert len(sd["state"]) == len(weights)
-    ckpt = {"model": weights, "optimizer": sd}
+    state = {i: {"step": torch.tensor(1.0), "exp_avg": torch.randn(shape) * 1e-3,
+                 "exp_avg_sq": torch.rand(shape) * 1e-6} for i, (_, shape) in enumerate(shapes)}
+    group = dict(torch.optim.Adam([torch.zeros(1)], lr=1e-3).state_dict()["param_groups"][0],
+                 params=list(range(len(shapes))), param_names=[name for name, _ in shapes])
+    ckpt = {"model": weights, "optimizer": {"state": state, "param_groups": [group]}}
     tensor_bytes = sum(t.numel() * t.element_size() for t in _tensors(ckpt))
     n_tensors = sum(1 for _ in _tensors(ckpt))
     t1 = time.perf_counter()
     torch.save(ckpt, path)
     t2 = time.perf_counter()
-    del ckpt, sd, opt, weights
+    del ckpt, state, weights
     return {"params": sum(_numel(s) for _, s in shapes), "n_params": len(shapes),
             "n_layers": sum(1 for n, _ in shapes if n.endswith("attn.q.weight")),
             "vocab": shapes[0][1][0], "tensor_bytes": tensor_bytes, "n_tensors": n_tensors,
             "file_bytes": os.path.getsize(path), "make_s": t1 - t0, "save_s": t2 - t1}
+
+
+def flax_target() -> dict:
+    """The Flax model of the benchmark's transformer, as shapes (what ``--target-params`` reads):
+    kernels ``[in, out]``, LayerNorm ``scale``, ``layers_i``. Zero-strided arrays: no memory."""
+    import numpy as np
+
+    params: dict = {}
+    for name, shape in model_shapes(float(os.environ["OPTSTATE_BENCH_PARAMS"])):
+        *module, leaf = name.split(".")
+        if module[0] == "layers":
+            module = [f"layers_{module[1]}", *module[2:]]
+        if leaf == "weight":
+            leaf = "embedding" if module == ["embed"] else "kernel" if len(shape) == 2 else "scale"
+            shape = shape[::-1] if leaf == "kernel" else shape
+        node = params
+        for m in module:
+            node = node.setdefault(m, {})
+        node[leaf] = np.broadcast_to(np.float32(0), shape)
+    return {"params": params}
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -154,30 +171,12 @@ def child_naive(src: str, dst: str) -> dict:
             "parts": {"load": t2 - t1, "to_numpy": t3 - t2, "write+fsync": t4 - t3}}
 
 
-def child_optstate(src: str, dst: str, dst_format: str) -> dict:
-    t0 = time.perf_counter()
-    import optstate.api as api
-    from optstate.converters import adapter
-
-    adapter("torch")  # imports torch
-    if dst_format == "optax":
-        adapter("orbax")  # imports jax, optax, orbax
-    t1 = time.perf_counter()
-    state = api.read(src, "torch")
-    t2 = time.perf_counter()
-    api.write(state, dst, dst_format)
-    t3 = time.perf_counter()
-    return {"import_s": t1 - t0, "convert_s": t3 - t1, "parts": {"read": t2 - t1, "write": t3 - t2}}
-
-
 def child_main(argv: list[str]) -> None:
     kind, src, dst = argv[:3]
     if kind == "build":
         result = build_checkpoint(dst, float(argv[3]))
-    elif kind == "naive":
-        result = child_naive(src, dst)
     else:
-        result = child_optstate(src, dst, kind)
+        result = child_naive(src, dst)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -206,7 +205,8 @@ def run_measured(cmd: list[str], log_dir: Path, label: str) -> dict:
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
         # Own process group, so that on Ctrl-C/SIGTERM the child and its own children (sh -> cp) are ended.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
+                                cwd=HERE.parent)
         peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
         done = threading.Event()
 
@@ -272,25 +272,26 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+PATHS = ("cp", "cp+fsync", "naive", "optstate", "optstate+fsync", "flax", "optax", "to-torch")
+
+
 def commands(args: argparse.Namespace, src: Path, work: Path) -> dict[str, tuple[list[str], Path]]:
+    """Each path's command line (the installed ``optstate`` script: whole-process time) and its output."""
     py = sys.executable
-    optstate_cli = str(Path(sys.executable).with_name("optstate"))
+    cli = [str(Path(sys.executable).with_name("optstate")), "convert", "--quiet", "--force"]
+    canonical = work / "input.safetensors"  # made once, untimed, for the way back
     paths = {
         "cp": (["cp", str(src), str(work / "copy.pt")], work / "copy.pt"),
         "cp+fsync": (["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(src), str(work / "copy.pt")],
                      work / "copy.pt"),
         "naive": ([py, str(HERE), "_child", "naive", str(src), str(work / "naive.bin")], work / "naive.bin"),
+        "optstate": ([*cli, "--no-fsync", str(src), str(work / "out.safetensors")], work / "out.safetensors"),
+        "optstate+fsync": ([*cli, str(src), str(work / "out.safetensors")], work / "out.safetensors"),
+        "flax": ([*cli, "--no-fsync", "--target-params", "bench_convert:flax_target", str(src),
+                  str(work / "flax.safetensors")], work / "flax.safetensors"),
+        "optax": ([*cli, "--no-fsync", "--to", "optax", str(src), str(work / "out_optax") + "/"], work / "out_optax"),
+        "to-torch": ([*cli, "--no-fsync", str(canonical), str(work / "back.pt")], work / "back.pt"),
     }
-    if args.cli:
-        paths["optstate"] = ([optstate_cli, "convert", "--from", "torch", "--to", "optstate", str(src),
-                              str(work / "out.safetensors")], work / "out.safetensors")
-        paths["optax"] = ([optstate_cli, "convert", "--from", "torch", "--to", "optax", str(src),
-                           str(work / "out_optax") + "/"], work / "out_optax")
-    else:
-        paths["optstate"] = ([py, str(HERE), "_child", "optstate", str(src), str(work / "out.safetensors")],
-                             work / "out.safetensors")
-        paths["optax"] = ([py, str(HERE), "_child", "optax", str(src), str(work / "out_optax") + "/"],
-                          work / "out_optax")
     return {k: v for k, v in paths.items() if k in args.paths}
 
 
@@ -303,24 +304,24 @@ def report(results: dict[str, list[dict]], failures: dict[str, str], tensor_byte
         vals = [r[key] for r in results.get(name, []) if r.get(key) is not None]
         return statistics.median(vals) if vals else None
 
-    cp, cp_sync = med("cp", "wall_s"), med("cp+fsync", "wall_s")
-    head = (f"{'path':<10} {'wall s':>8} {'min-max s':>13} {'GB/s':>6} {'x cp':>6} {'x cp+fs':>7} "
-            f"{'inner s':>8} {'peak RSS MiB':>12} {'peak anon MiB':>13} {'n':>2}")
+    cp, cp_sync, naive = med("cp", "wall_s"), med("cp+fsync", "wall_s"), med("naive", "wall_s")
+    head = (f"{'path':<15} {'wall s':>8} {'min-max s':>13} {'GB/s':>6} {'x cp':>6} {'x cp+fs':>7} "
+            f"{'x naive':>7} {'peak RSS MiB':>12} {'peak anon MiB':>13} {'n':>2}")
     lines = [head, "-" * len(head)]
-    for name in ("cp", "cp+fsync", "naive", "optstate", "optax"):
+    for name in PATHS:
         runs = results.get(name, [])
         if not runs and name not in failures:
             continue
         if not runs:
-            lines.append(f"{name:<10} FAILED (see below)")
+            lines.append(f"{name:<15} FAILED (see below)")
             continue
         wall = med(name, "wall_s")
         walls = [r["wall_s"] for r in runs]
         spread = f"{min(walls):.2f}-{max(walls):.2f}"
         lines.append(
-            f"{name:<10} {wall:>8.2f} {spread:>13} {tensor_bytes / 1e9 / wall:>6.2f} "
+            f"{name:<15} {wall:>8.2f} {spread:>13} {tensor_bytes / 1e9 / wall:>6.2f} "
             f"{fmt(wall / cp if cp else None, '.2f'):>6} {fmt(wall / cp_sync if cp_sync else None, '.2f'):>7} "
-            f"{fmt(med(name, 'convert_s'), '.2f'):>8} {max(r['maxrss_mib'] for r in runs):>12.0f} "
+            f"{fmt(wall / naive if naive else None, '.2f'):>7} {max(r['maxrss_mib'] for r in runs):>12.0f} "
             f"{max(r['anon_mib'] for r in runs):>13.0f} {len(runs):>2}"
             + ("  (some repeats FAILED)" if name in failures else ""))
     parts = []
@@ -335,6 +336,67 @@ def report(results: dict[str, list[dict]], failures: dict[str, str], tensor_byte
     return "\n".join(lines)
 
 
+def run_size(args: argparse.Namespace, params_millions: float, work: Path) -> int:
+    """Build one checkpoint in ``work``, time every path on it, print the table; 1 if a path failed."""
+    logs = work / "logs"
+    logs.mkdir()
+    results: dict[str, list[dict]] = {}
+    failures: dict[str, str] = {}
+    os.environ["OPTSTATE_BENCH_PARAMS"] = str(params_millions)  # for flax_target in the children
+    src = work / "ckpt.pt"
+    print(f"\nbuilding a {params_millions:g}M-parameter checkpoint in {work} ...", flush=True)
+    built = run_measured([sys.executable, str(HERE), "_child", "build", "-", str(src), str(params_millions)],
+                         logs, "build")
+    os.sync()
+    tb = built["tensor_bytes"]
+    print(f"checkpoint: {built['params'] / 1e6:.1f}M parameters ({built['n_params']} tensors: vocab "
+          f"{built['vocab']} x {D_MODEL} embedding, {built['n_layers']} layers, d_ff {D_FF}), Adam after "
+          f"1 step; {built['n_tensors']} tensors, {tb / 1e9:.3f} GB of tensor data; file "
+          f"{built['file_bytes'] / 1e9:.3f} GB; built in {built['wall_s']:.1f}s", flush=True)
+    cmds = commands(args, src, work)
+    if "to-torch" in cmds:
+        run_measured(commands(argparse.Namespace(paths=["optstate"]), src, work)["optstate"][0], logs, "prepare")
+        os.rename(work / "out.safetensors", work / "input.safetensors")
+    print(f"page cache warmed: read the file once in {warm(src):.2f}s", flush=True)
+    for rep in range(args.repeats):
+        for name, (cmd, out) in cmds.items():
+            if name in failures:
+                continue
+            remove(out)
+            os.sync()  # earlier runs' dirty pages are not written back during this one
+            try:
+                r = run_measured(cmd, logs, f"{name.replace('+', '_')}-{rep}")
+            except Failed as exc:
+                failures[name] = str(exc)
+                print(f"  [{rep + 1}/{args.repeats}] {name:<14} FAILED: {exc}", flush=True)
+                continue
+            finally:
+                remove(out)
+            results.setdefault(name, []).append(r)
+            print(f"  [{rep + 1}/{args.repeats}] {name:<14} {r['wall_s']:7.2f}s, peak RSS "
+                  f"{r['maxrss_mib']:.0f} MiB (anon {r['anon_mib']:.0f}, file {r['file_mib']:.0f})", flush=True)
+    os.sync()
+    print()
+    print(f"results: {built['params'] / 1e6:.1f}M params, {tb / 1e9:.3f} GB tensor data, {args.repeats} repeat(s), "
+          "median; page cache warm")
+    print("wall s = whole process (interpreter start and imports included); GB/s = tensor bytes / wall s;")
+    print("x cp, x cp+fs, x naive = wall / median wall of that baseline in this run; peak RSS = ru_maxrss")
+    print("(includes file-backed mmap pages), peak anon = sampled RssAnon; max over the repeats.")
+    print("optstate paths run the installed `optstate convert`; all but optstate+fsync with --no-fsync, as cp.")
+    print("naive fsyncs its output. flax = torch -> canonical with the layout moved to a Flax model")
+    print("(--target-params: every kernel transposed); to-torch = canonical -> torch file.")
+    print()
+    print(report(results, failures, tb))
+    for name, msg in failures.items():
+        print(f"\nFAILED {name}: {msg}")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"built": built, "results": {
+                k: [{kk: vv for kk, vv in r.items() if kk != "stderr"} for r in v] for k, v in results.items()},
+                "failures": failures}) + "\n")
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_child"]:
@@ -342,14 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", type=float, default=250, help="model size in millions of parameters (default 250)")
+    p.add_argument("--gb", default="3", help="checkpoint sizes in GB of tensor data, comma-separated (default 3; "
+                   "the issue's pair is 3,12); Adam in float32 is 12 bytes a parameter")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per path; the median is reported (default 3)")
     p.add_argument("--tmpdir", default="/tmp", help="where the temporary directory goes (default /tmp)")
-    p.add_argument("--paths", default="cp,cp+fsync,naive,optstate,optax",
-                   help="comma-separated subset of cp,cp+fsync,naive,optstate,optax")
-    p.add_argument("--cli", action="store_true", help="time the installed `optstate convert` console script "
-                   "for the optstate paths (no inner timing) instead of the api.read/api.write driver")
-    p.add_argument("--json", help="also write all measurements to this JSON file")
+    p.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
+    p.add_argument("--json", help="also append all measurements to this JSON-lines file")
     args = p.parse_args(argv)
     args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
 
@@ -358,83 +418,24 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-
     started = time.perf_counter()
     print(machine(), flush=True)
-    work = Path(tempfile.mkdtemp(prefix="optstate-bench-", dir=args.tmpdir))
-    logs = work / "logs"
-    logs.mkdir()
-    results: dict[str, list[dict]] = {}
-    failures: dict[str, str] = {}
-    try:
-        src = work / "ckpt.pt"
-        print(f"building a {args.params:g}M-parameter checkpoint in {work} ...", flush=True)
-        built = run_measured([sys.executable, str(HERE), "_child", "build", "-", str(src), str(args.params)],
-                             logs, "build")
-        os.sync()
-        tb = built["tensor_bytes"]
-        print(f"checkpoint: {built['params'] / 1e6:.1f}M parameters ({built['n_params']} tensors: vocab "
-              f"{built['vocab']} x {D_MODEL} embedding, {built['n_layers']} layers, d_ff {D_FF}), Adam after "
-              f"1 step; {built['n_tensors']} tensors, {tb / 1e9:.3f} GB of tensor data "
-              f"({tb / 2**30:.2f} GiB); file {built['file_bytes'] / 1e9:.3f} GB "
-              f"({built['file_bytes'] / 2**30:.2f} GiB)", flush=True)
-        print(f"built in {built['wall_s']:.1f}s (tensors+step {built['make_s']:.1f}s, torch.save "
-              f"{built['save_s']:.1f}s), builder peak RSS {built['maxrss_mib']:.0f} MiB", flush=True)
-        print(f"page cache warmed: read the file once in {warm(src):.2f}s", flush=True)
-
-        cmds = commands(args, src, work)
-        for rep in range(args.repeats):
-            for name, (cmd, out) in cmds.items():
-                if name in failures:
-                    continue
-                remove(out)
-                os.sync()  # earlier runs' dirty pages are not written back during this one
-                try:
-                    r = run_measured(cmd, logs, f"{name.replace('+', '_')}-{rep}")
-                except Failed as exc:
-                    failures[name] = str(exc)
-                    print(f"  [{rep + 1}/{args.repeats}] {name:<9} FAILED: {exc}", flush=True)
-                    continue
-                finally:
-                    remove(out)
-                results.setdefault(name, []).append(r)
-                inner = f", inner {r['convert_s']:.2f}s" if "convert_s" in r else ""
-                print(f"  [{rep + 1}/{args.repeats}] {name:<9} {r['wall_s']:7.2f}s{inner}, peak RSS "
-                      f"{r['maxrss_mib']:.0f} MiB (anon {r['anon_mib']:.0f}, file {r['file_mib']:.0f})", flush=True)
-                warnings = [line for line in r["stderr"].splitlines() if "warning" in line.lower()]
-                if warnings and rep == 0:
-                    print("      stderr: " + "\n      stderr: ".join(warnings[:5]), flush=True)
-        os.sync()
-
-        print()
-        print(f"results: {built['params'] / 1e6:.1f}M params, {tb / 1e9:.3f} GB tensor data, file "
-              f"{built['file_bytes'] / 1e9:.3f} GB, {args.repeats} repeat(s), median; page cache warm")
-        print("wall s = whole subprocess (interpreter start and imports included); GB/s = tensor bytes / wall s;")
-        print("x cp, x cp+fs = wall / median wall of cp, cp+fsync in this run; inner s = inside the conversion call")
-        print("(after imports); peak RSS = ru_maxrss (includes file-backed mmap pages), peak anon = sampled RssAnon,")
-        print("both the max over the repeats; ru_maxrss is at least the parent's RSS at fork (~35 MiB).")
-        print("optstate and naive fsync their output; cp does not, cp+fsync does.")
-        if args.cli:
-            print("optstate/optax: the installed `optstate convert` console script.")
-        print()
-        print(report(results, failures, tb))
-        for name, msg in failures.items():
-            print(f"\nFAILED {name}: {msg}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(
-                {"built": built, "results": {k: [{kk: vv for kk, vv in r.items() if kk != "stderr"} for r in v]
-                                             for k, v in results.items()}, "failures": failures}, indent=1))
-        print(f"\ntotal benchmark time {time.perf_counter() - started:.0f}s")
-        return 1 if failures else 0
-    except Failed as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'Ctrl-C'}); cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        print(f"removed {work}", file=sys.stderr)
+    failed = 0
+    for gb in (float(g) for g in args.gb.split(",")):
+        work = Path(tempfile.mkdtemp(prefix="optstate-bench-", dir=args.tmpdir))
+        try:
+            failed |= run_size(args, gb * 1e9 / 12 / 1e6, work)
+        except Failed as exc:
+            print(f"FAILED: {exc}", file=sys.stderr)
+            failed = 1
+        except KeyboardInterrupt as exc:
+            print(f"interrupted ({exc or 'Ctrl-C'}); cleaning up", file=sys.stderr)
+            return 130
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            print(f"removed {work}", file=sys.stderr)
+    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f}s")
+    return failed
 
 
 if __name__ == "__main__":
