@@ -11,6 +11,7 @@ The framework functions (``from_torch``, ``to_optax``, ...) load their adapter o
 from __future__ import annotations
 
 from .api import convert
+from .layouts import relayout
 from .errors import FormatError, MappingError, MissingDependencyError, OptstateError, UnsupportedError
 from .report import inspect
 from .schema import OPTIMIZERS, OptimizerState, ParamInfo, load, save
@@ -21,7 +22,7 @@ _ADAPTER_OF = {
     "from_torch": "torch", "to_torch": "torch", "to_torch_state_dict": "torch",
     "optax_transform": "optax", "to_optax": "optax", "from_optax": "optax",
     "load_optax": "orbax", "load_flax": "orbax",
-    "relayout": "flax", "to_nnx": "flax", "from_nnx": "flax",
+    "to_nnx": "flax", "from_nnx": "flax",
 }
 
 
@@ -42,5 +43,5 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["FormatError", "MappingError", "MissingDependencyError", "OPTIMIZERS", "OptimizerState",
-           "OptstateError", "ParamInfo", "UnsupportedError", "convert", "inspect", "load", "save",
+           "OptstateError", "ParamInfo", "UnsupportedError", "convert", "inspect", "load", "relayout", "save",
            "from_torch_file", *_ADAPTER_OF]

@@ -113,7 +113,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str |
     if horizon is not None:
         state = dataclasses.replace(state, metadata={**state.metadata, "lr_horizon": horizon})
     if target_params is not None or mapping is not None:
-        state = adapter("flax").relayout(state, target=target_params, mapping=mapping)
+        from .layouts import relayout
+
+        state = relayout(state, target=target_params, mapping=mapping)
     write(state, dst, dst_format or detect_format(dst), force=force, fsync=fsync, max_shard_bytes=max_shard_bytes,
           progress=None if progress is None else progress(state))
     return state

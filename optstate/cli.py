@@ -77,7 +77,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _map(args: argparse.Namespace) -> int:
     state = api.read(args.src, args.src_format)
-    layout, problems = adapter("flax").plan(state, args.target_params)
+    from .layouts import plan
+
+    layout, problems = plan(state, args.target_params)
     width = max((len(".".join(m.source)) for m in layout.moves), default=0)
     for m in layout.moves:
         print(f"{'.'.join(m.source):<{width}}  {str(list(m.source_shape)):<14} -> {'/'.join(m.target)} "

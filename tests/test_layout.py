@@ -19,7 +19,8 @@ import torch
 from flax import nnx
 
 import optstate
-from optstate.converters.flax import from_nnx, relayout, to_nnx
+from optstate.converters.flax import from_nnx, to_nnx
+from optstate.layouts import relayout
 from optstate.converters.optax import nest
 from optstate.schema.layout import Move, match_layout
 from optstate.schema.state import name_to_path

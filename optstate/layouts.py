@@ -1,0 +1,159 @@
+"""Moving a state to another model's layout: the target model, read from wherever the user has it.
+
+``optstate convert --target-params PARAMS`` takes a Flax model's parameter tree as a msgpack file
+(``flax.serialization.to_bytes(model.init(...))``), an Orbax checkpoint directory of it, or
+``module:function`` that returns it (or an ``nnx.Module``). The way back takes the torch model
+instead: a ``torch.save`` file of its ``state_dict``, or ``module:function`` returning an ``nn.Module``.
+A plain dict of arrays needs neither framework; each kind of model loads its own adapter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import zipfile
+from pathlib import Path as FsPath
+from typing import Any, Mapping
+
+from .converters import adapter
+from .errors import FormatError, MappingError
+from .schema.layout import DROPPED_LEAVES, Layout, apply_layout, match_layout, plan_layout, revert_layout
+from .schema.state import OptimizerState, Path
+
+Shape = tuple[int, ...]
+# linen's variable collections; a tree whose top level is made of these is `model.init(...)`'s output.
+COLLECTIONS = frozenset({"params", "batch_stats", "cache", "intermediates", "losses", "constants"})
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def tree_shapes(tree: Any, prefix: Path = ()) -> dict[Path, Shape]:
+    """``{path: shape}`` of a nested dict (or list) of arrays; list positions become ``"0"``, ``"1"``, ...
+
+    >>> import numpy as np
+    >>> tree_shapes({"layers": [{"kernel": np.zeros((2, 3))}], "scale": np.zeros(3)})
+    {('layers', '0', 'kernel'): (2, 3), ('scale',): (3,)}
+    """
+    if isinstance(tree, Mapping):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return {prefix: tuple(tree.shape)}
+    shapes: dict[Path, Shape] = {}
+    for key, value in items:
+        shapes.update(tree_shapes(value, (*prefix, str(key))))
+    return shapes
+
+
+def _call(spec: str) -> Any:
+    module_name, _, function = spec.partition(":")
+    sys.path.insert(0, os.getcwd())  # the user's own model module, named on the command line
+    try:
+        return getattr(importlib.import_module(module_name), function)()
+    except (ImportError, AttributeError) as exc:
+        raise FormatError(f"{spec}: cannot call {function}() of module {module_name} ({exc})") from None
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def _torch_shapes(obj: Any, source: str) -> dict[Path, Shape]:
+    """Shapes of a torch model: a module, its ``state_dict``, a checkpoint holding one, or a file of these."""
+    from .converters import ptfile, torch_dict
+
+    if isinstance(obj, str) and zipfile.is_zipfile(obj):
+        obj = ptfile.load(obj)
+    elif isinstance(obj, str):  # the legacy format needs torch
+        obj = adapter("torch").load_checkpoint(obj)
+    if hasattr(obj, "state_dict") and callable(obj.state_dict):  # a live nn.Module
+        obj = obj.state_dict()
+    if _is_torch(obj):
+        obj = adapter("torch").numpy_tree(obj, copy=False)
+    if torch_dict.is_tensor_dict(obj):
+        return {tuple(n.split(".")): tuple(a.shape) for n, a in obj.items()}
+    weights = torch_dict.split_checkpoint(obj, source)[1]
+    if weights is None:
+        raise FormatError(f"{source}: holds no model weights (a model state_dict, or a checkpoint with one)")
+    return {tuple(n.split(".")): tuple(a.shape) for n, a in weights.items()}
+
+
+def _is_torch(obj: Any) -> bool:
+    """A torch module, or a ``state_dict`` of torch tensors."""
+    torch = sys.modules.get("torch")  # a torch object exists only where torch is imported
+    if torch is None:
+        return False
+    if isinstance(obj, (torch.nn.Module, torch.Tensor)):
+        return True
+    return isinstance(obj, Mapping) and any(_is_torch(v) for v in list(obj.values())[:8])
+
+
+def _flax_shapes(tree: Any) -> tuple[dict[Path, Shape], dict[Path, Shape]]:
+    if isinstance(tree, Mapping) and "params" in tree and set(tree) <= COLLECTIONS:
+        stats = {("batch_stats", *p): s for p, s in tree_shapes(tree.get("batch_stats", {})).items()}
+        return tree_shapes(tree["params"]), stats
+    return tree_shapes(tree), {}
+
+
+def target_model(spec: Any) -> tuple[str, dict[Path, Shape], dict[Path, Shape]]:
+    """``(framework, params, stats)`` of the model ``spec`` names (or is: a parameter tree, an
+    ``nnx.Module``, a torch module or ``state_dict``): ``"flax"`` or ``"torch"``, parameter shapes by
+    path, and the shapes of BatchNorm's statistics (linen: under ``batch_stats``).
+
+    >>> import numpy as np
+    >>> target_model({"params": {"fc": {"kernel": np.zeros((3, 2))}}})
+    ('flax', {('fc', 'kernel'): (3, 2)}, {})
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        name = os.fspath(spec)
+        if ":" in name and not FsPath(name).exists():
+            return target_model(_call(name))
+        if FsPath(name).suffix in TORCH_SUFFIXES:
+            return "torch", _torch_shapes(name, name), {}
+        return ("flax", *_flax_shapes(adapter("flax").read_tree(name)))
+    if _is_torch(spec):
+        return "torch", _torch_shapes(spec, "the torch model"), {}
+    nnx = sys.modules.get("flax.nnx")  # an NNX object exists only where flax.nnx is imported
+    if nnx is not None and isinstance(spec, (nnx.Module, nnx.State)):
+        return ("flax", *adapter("flax").nnx_shapes(spec))
+    if not isinstance(spec, Mapping):
+        raise FormatError(f"expected a parameter tree (a dict), an nnx.Module or a torch model, found "
+                          f"{type(spec).__name__}")
+    return ("flax", *_flax_shapes(spec))
+
+
+def _tensors(state: OptimizerState) -> dict[Path, Shape]:
+    shapes = {p.path: p.shape for p in state.params}
+    shapes.update({p: tuple(a.shape) for p, a in (state.weights or {}).items()})
+    return shapes
+
+
+def relayout(state: OptimizerState, *, target: Any = None, mapping: str | None = None) -> OptimizerState:
+    """``state`` moved to the layout of the ``target`` model (see :func:`target_model`) or as the mapping
+    file says; a state already in a Flax layout moves back to torch's when the target is a torch model.
+
+    >>> flax_state = relayout(optstate.from_torch("ckpt.pt"), target="model.msgpack")  # doctest: +SKIP
+    """
+    if mapping is not None:
+        layout = Layout.read(mapping)
+        sources = {m.source for m in layout.moves} | set(layout.dropped)
+        return apply_layout(state, layout) if set(_tensors(state)) <= sources else revert_layout(state, layout)
+    framework, params, stats = target_model(target)
+    if framework == "flax":
+        return apply_layout(state, match_layout(_tensors(state), params, stats))
+    if "layout" in state.metadata:
+        return revert_layout(state, Layout.from_json(state.metadata["layout"]))
+    buffers = set(state.buffers)
+    ours = _tensors(state)
+    if not buffers:  # an Optax state alone has no BatchNorm statistics: nothing to put back
+        params = {p: s for p, s in params.items() if p[-1] not in ("running_mean", "running_var", *DROPPED_LEAVES)}
+    layout = match_layout(params, {p: s for p, s in ours.items() if p not in buffers},
+                          {p: s for p, s in ours.items() if p in buffers})
+    return revert_layout(state, layout)
+
+
+def plan(state: OptimizerState, target: Any) -> tuple[Layout, list[str]]:
+    """The layout :func:`relayout` would use for ``target``, with every problem it would refuse over."""
+    framework, params, stats = target_model(target)
+    if framework != "flax":
+        raise MappingError(f"{target}: a torch model; optstate map maps a torch checkpoint to a Flax model")
+    return plan_layout(_tensors(state), params, stats)
