@@ -67,7 +67,7 @@ def write(state: OptimizerState, dst: str | os.PathLike, fmt: str, *, force: boo
     if fmt == "torch":
         if "layout" in state.metadata:
             state = revert_layout(state, Layout.from_json(state.metadata["layout"]))
-        adapter("torch").save_checkpoint(state, dst, force=force)
+        torch_dict.save_torch_file(state, dst, force=force, fsync=fsync, progress=progress)  # no torch needed
     elif fmt == "optax":
         adapter("orbax").save_optax_dir(state, dst, force=force, fsync=fsync, progress=progress)
     elif fmt == "optstate":

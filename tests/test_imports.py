@@ -47,6 +47,7 @@ sys.modules["torch"] = None  # as if not installed: a JAX user's machine
 from optstate.cli import main
 assert main(["inspect", "{ckpt}"]) == 0
 assert main(["convert", "{ckpt}", "{out}"]) == 0
+assert main(["convert", "{out}", "{out}.pt"]) == 0  # and back to a torch file
 """
 
 
@@ -55,4 +56,4 @@ def test_a_torch_checkpoint_is_inspected_and_converted_without_torch(tmp_path):
 
     ckpt = Path(__file__).parent.parent / "examples" / "mlp_adamw.pt"
     out = _run(WITHOUT_TORCH.format(ckpt=ckpt, out=tmp_path / "s.safetensors"))
-    assert "AdamW" in out and (tmp_path / "s.safetensors").exists()
+    assert "AdamW" in out and (tmp_path / "s.safetensors.pt").exists()

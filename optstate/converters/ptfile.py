@@ -1,4 +1,5 @@
-"""Read ``torch.save`` files without torch: a restricted unpickler, tensors memory-mapped from the file.
+"""Read and write ``torch.save`` files without torch: a restricted unpickler, tensors memory-mapped from
+the file; a writer that streams one tensor at a time.
 
 Since torch 1.6 a ``torch.save`` file is a zip archive: ``<archive>/data.pkl`` pickles the object,
 with each tensor storage replaced by a persistent id; ``<archive>/data/<key>`` holds that storage's
@@ -10,28 +11,38 @@ mapped to a function here that builds plain data (a NumPy array, an ``OrderedDic
 global, or a call of anything that is not one of those, is refused by name; nothing from the file
 is imported or called. It admits a subset of what ``torch.load(weights_only=True)`` admits.
 
+:func:`save` writes the same format as torch's own writer lays it out, so that ``torch.load`` (with
+``mmap=True`` too, and when it computes storage offsets instead of reading them) loads it: the pickle
+first (it needs only each tensor's shape and dtype), then each tensor's storage as it is produced, its
+CRC-32 computed as it is written, then the zip's central directory.
+
 Imports NumPy and ml_dtypes only.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import pickletools
 import struct
 import sys
+import threading
+import uuid
 import zipfile
 import zlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import ml_dtypes
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ..errors import FormatError
+from ..atomic import atomic_file
+from ..errors import FormatError, UnsupportedError
+from ..schema.fileformat import _little_endian, _write_all
 
 # torch dtype name -> NumPy dtype (torch's names are NumPy's and ml_dtypes').
 DTYPES = {name: np.dtype(getattr(ml_dtypes, name, None) or name) for name in (
@@ -93,6 +104,41 @@ def load(path: str | os.PathLike) -> Any:
         raise FormatError(f"{source}: no such file")
     archive = _Archive(source)
     return _Unpickler(archive).load()
+
+
+def save(obj: Any, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
+         progress: Callable[[int], Any] | None = None) -> None:
+    """Write ``obj`` as a ``torch.save`` file, atomically, one tensor at a time; no torch needed.
+
+    ``obj`` nests dicts (``Counter`` and ``OrderedDict`` kept), lists and tuples of ``None``, bools,
+    ints, floats, strings and arrays: NumPy arrays or lazy array-likes (``.shape``, ``.dtype`` and
+    ``__array__()``), each materialised just before its storage is written and released after. Each
+    array becomes a contiguous tensor with a storage of its own (bfloat16 and float8 through
+    ml_dtypes). ``progress(nbytes)`` is called after each tensor. ``torch.load(path, weights_only=True)``
+    loads the file, ``mmap=True`` too.
+
+    >>> import tempfile, torch
+    >>> path = tempfile.mkdtemp() + "/t.pt"
+    >>> save({"w": np.arange(6.0).reshape(2, 3), "step": 3, "betas": (0.9, 0.999)}, path)
+    >>> d = torch.load(path, weights_only=True)
+    >>> d["w"].tolist(), d["step"], d["betas"]
+    ([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], 3, (0.9, 0.999))
+    """
+    pickler = _Pickler()
+    data_pkl = pickler.dumps(obj)
+    # Not "wb": ext4 starts writing back, on close, a file that was truncated to zero and rewritten.
+    with atomic_file(path, force=force, fsync=fsync) as tmp, open(tmp, "r+b", buffering=0) as f:
+        archive = _ZipWriter(f.fileno())
+        for name, data in (("data.pkl", data_pkl), (".format_version", b"1"),
+                           (".storage_alignment", str(_ALIGNMENT).encode()), ("byteorder", b"little")):
+            archive.write_bytes(name, data)
+        for tensor in pickler.tensors:
+            archive.write_tensor(tensor)
+            if progress is not None:
+                progress(tensor.nbytes)
+        archive.write_bytes("version", b"3\n")  # what torch 2.x writes
+        archive.write_bytes(".data/serialization_id", f"{uuid.uuid4().int % 10**40:040d}".encode())
+        archive.finish()
 
 
 # ----------------------------------------------------------------------------- the zip archive
@@ -436,3 +482,274 @@ class _Unpickler:
 
 
 _STOP = object()
+
+
+# ----------------------------------------------------------------------------- writing: the pickle
+
+_TORCH_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# dtypes that torch.save pickles with a legacy typed storage and _rebuild_tensor_v2; the others
+# (unsigned beyond uint8, float8) get an untyped storage, sized in bytes, and _rebuild_tensor_v3.
+_TYPED_STORAGE_OF = {DTYPES[name]: cls for cls, name in _STORAGE_CLASSES.items()}
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """An array the pickle refers to: its storage's key, the array (or lazy array-like), its native dtype."""
+
+    key: str
+    value: Any
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or all(hasattr(value, a) for a in ("shape", "dtype", "__array__"))
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """C-order strides in elements, as torch computes them (an empty dimension counts as 1)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+class _Pickler:
+    """Pickles a ``state_dict`` with the opcodes and globals ``torch.save`` uses (protocol 2, no memo);
+    each array becomes a tensor whose storage is ``data/<key>``, keys numbered in pickle order."""
+
+    def __init__(self) -> None:
+        self.out = bytearray(pickle.PROTO + b"\x02")
+        self.tensors: list[_Tensor] = []
+
+    def dumps(self, obj: Any) -> bytes:
+        self._save(obj, "the checkpoint")
+        self.out += pickle.STOP
+        return bytes(self.out)
+
+    def _save(self, value: Any, where: str) -> None:
+        if value is None:
+            self.out += pickle.NONE
+        elif isinstance(value, bool):
+            self.out += pickle.NEWTRUE if value else pickle.NEWFALSE
+        elif isinstance(value, int):
+            self._int(value, where)
+        elif isinstance(value, float):
+            self.out += pickle.BINFLOAT + struct.pack(">d", value)
+        elif isinstance(value, str):
+            self._str(value)
+        elif isinstance(value, tuple):
+            self._tuple(value, where)
+        elif isinstance(value, list):
+            self.out += pickle.EMPTY_LIST
+            if value:
+                self.out += pickle.MARK
+                for i, item in enumerate(value):
+                    self._save(item, f"{where}[{i}]")
+                self.out += pickle.APPENDS
+        elif isinstance(value, Counter):  # as pickle writes it: Counter(dict)
+            self._global("collections", "Counter")
+            self._dict(value, where)
+            self.out += pickle.TUPLE1 + pickle.REDUCE
+        elif isinstance(value, OrderedDict):  # as pickle writes it: OrderedDict(), then its items
+            self._global("collections", "OrderedDict")
+            self.out += pickle.EMPTY_TUPLE + pickle.REDUCE
+            self._items(value, where)
+        elif isinstance(value, Mapping):
+            self._dict(value, where)
+        elif _is_array(value):
+            self._tensor(value, where)
+        else:
+            raise UnsupportedError(f"{where}: a {type(value).__name__} cannot be written to a torch checkpoint "
+                                   "(it holds dicts, lists, tuples, None, bools, ints, floats, strings and arrays)")
+
+    def _int(self, value: int, where: str) -> None:
+        if 0 <= value < 1 << 8:
+            self.out += pickle.BININT1 + struct.pack("<B", value)
+        elif 0 <= value < 1 << 16:
+            self.out += pickle.BININT2 + struct.pack("<H", value)
+        elif -(1 << 31) <= value < 1 << 31:
+            self.out += pickle.BININT + struct.pack("<i", value)
+        else:
+            data = pickle.encode_long(value)
+            if len(data) > 255:
+                raise UnsupportedError(f"{where}: the integer {value} has more than 2040 bits")
+            self.out += pickle.LONG1 + struct.pack("<B", len(data)) + data
+
+    def _str(self, value: str) -> None:
+        data = value.encode("utf-8", "surrogatepass")
+        self.out += pickle.BINUNICODE + struct.pack("<I", len(data)) + data
+
+    def _global(self, module: str, name: str) -> None:
+        self.out += pickle.GLOBAL + f"{module}\n{name}\n".encode()
+
+    def _tuple(self, value: tuple, where: str) -> None:
+        if not value:
+            self.out += pickle.EMPTY_TUPLE
+            return
+        if len(value) > 3:
+            self.out += pickle.MARK
+        for i, item in enumerate(value):
+            self._save(item, f"{where}[{i}]")
+        self.out += (pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3)[len(value) - 1] if len(value) <= 3 else pickle.TUPLE
+
+    def _dict(self, value: Mapping, where: str) -> None:
+        self.out += pickle.EMPTY_DICT
+        self._items(value, where)
+
+    def _items(self, value: Mapping, where: str) -> None:
+        if value:
+            self.out += pickle.MARK
+            for key, item in value.items():
+                self._save(key, where)
+                self._save(item, f"{where}[{key!r}]")
+            self.out += pickle.SETITEMS
+
+    def _tensor(self, value: Any, where: str) -> None:
+        dtype = np.dtype(value.dtype).newbyteorder("=")
+        if dtype not in _TORCH_DTYPE_NAMES:
+            raise UnsupportedError(f"{where}: an array of dtype {value.dtype}, which torch has no dtype for")
+        tensor = _Tensor(str(len(self.tensors)), value, dtype, tuple(int(n) for n in value.shape))
+        self.tensors.append(tensor)
+        storage_class = _TYPED_STORAGE_OF.get(dtype)
+        # _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks[, dtype for v3])
+        self._global("torch._utils", "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3")
+        self.out += pickle.MARK + pickle.MARK
+        self._str("storage")
+        if storage_class:
+            self._global("torch", storage_class)
+        else:
+            self._global("torch.storage", "UntypedStorage")
+        self._str(tensor.key)
+        self._str("cpu")
+        self._int(math.prod(tensor.shape) if storage_class else tensor.nbytes, where)
+        self.out += pickle.TUPLE + pickle.BINPERSID
+        self._int(0, where)
+        self._tuple(tensor.shape, where)
+        self._tuple(_contiguous_strides(tensor.shape), where)
+        self.out += pickle.NEWFALSE
+        self._global("collections", "OrderedDict")
+        self.out += pickle.EMPTY_TUPLE + pickle.REDUCE
+        if not storage_class:
+            self._global("torch", _TORCH_DTYPE_NAMES[dtype])
+        self.out += pickle.TUPLE + pickle.REDUCE
+
+
+# ----------------------------------------------------------------------------- writing: the zip archive
+
+_ARCHIVE = "archive/"  # the records' prefix, as torch.save names it for a file object; torch.load takes any
+_ALIGNMENT = 64  # torch.save aligns each record's data so that torch.load(mmap=True) maps storages aligned
+_ZIP64_LIMIT = 0xFFFFFFFF  # a size or offset from here on goes in a zip64 field (miniz's test, which torch mirrors)
+_CRC_THREAD_BYTES = 1 << 20  # from this size on a block's CRC-32 is computed in a thread while it is written
+_UTF8_NAME, _DATA_DESCRIPTOR = 0x800, 0x8  # zip general-purpose flags
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, the zip epoch: the same bytes for every save
+_PADDING_FIELD = 0x4246  # "FB": the extra field in which torch's writer pads a local header
+
+
+def _zip64_extra(size: int, offset: int) -> bytes:
+    """The zip64 extra field a record needs (empty when none): its sizes when large, its header offset when far.
+
+    Torch's writer puts the same field in the local header as in the central directory, and
+    ``torch.load`` relies on that when it computes where a storage starts instead of reading it.
+    """
+    fields = ([size, size] if size >= _ZIP64_LIMIT else []) + ([offset] if offset >= _ZIP64_LIMIT else [])
+    return struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
+
+
+class _Crc32(threading.Thread):
+    """The CRC-32 of a block, continuing ``crc``, computed in a thread (zlib lets go of the GIL) while the
+    block is written. :meth:`result` waits for it and drops the block, so it is released when the caller's is."""
+
+    def __init__(self, block: np.ndarray, crc: int):
+        super().__init__(daemon=True)
+        self.block, self.value = block, crc
+        self.start()
+
+    def run(self) -> None:
+        self.value = zlib.crc32(self.block, self.value)
+
+    def result(self) -> int:
+        self.join()
+        self.block = None
+        return self.value
+
+
+class _ZipWriter:
+    """Writes an uncompressed zip record by record, laid out as torch's writer (miniz) lays it out:
+    local header padded so that the data starts 64-byte aligned, the data, then (unless empty) a data
+    descriptor with its CRC-32 and sizes; the central directory and zip64 end records at the end."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.offset = 0  # == the file position
+        self.central: list[bytes] = []
+
+    def _write(self, data: bytes) -> None:
+        _write_all(self.fd, np.frombuffer(data, np.uint8))
+        self.offset += len(data)
+
+    def _record(self, name: str, size: int, write_data: Callable[[], int]) -> None:
+        """A record of ``size`` bytes that ``write_data()`` writes at the file position, returning their CRC-32."""
+        name_bytes, header_offset = (_ARCHIVE + name).encode(), self.offset
+        zip64 = _zip64_extra(size, header_offset)
+        version, flags = 45 if zip64 else 20, _UTF8_NAME | (_DATA_DESCRIPTOR if size else 0)
+        pad = -(header_offset + 30 + len(name_bytes) + len(zip64) + 4) % _ALIGNMENT
+        extra = zip64 + struct.pack("<HH", _PADDING_FIELD, pad) + b"Z" * pad
+        large = 0xFFFFFFFF if size >= _ZIP64_LIMIT else 0  # the sizes follow in the data descriptor
+        self._write(struct.pack("<IHHHHHIIIHH", 0x04034B50, version, flags, 0, 0, _DOS_DATE, 0, large, large,
+                                len(name_bytes), len(extra)) + name_bytes + extra)
+        crc = write_data()
+        self.offset += size
+        if os.lseek(self.fd, 0, os.SEEK_CUR) != self.offset:  # the central directory would point amiss
+            raise AssertionError(f"record {name}: {size} bytes expected, the file position says otherwise")
+        if size:
+            self._write(struct.pack("<II" + ("QQ" if zip64 else "II"), 0x08074B50, crc, size, size))
+        small_size, small_offset = (min(v, 0xFFFFFFFF) for v in (size, header_offset))
+        self.central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, version, version, flags, 0, 0, _DOS_DATE,
+                                        crc, small_size, small_size, len(name_bytes), len(zip64), 0, 0, 0, 0,
+                                        small_offset) + name_bytes + zip64)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        def write() -> int:
+            _write_all(self.fd, np.frombuffer(data, np.uint8))
+            return zlib.crc32(data)
+
+        self._record(name, len(data), write)
+
+    def write_tensor(self, tensor: _Tensor) -> None:
+        """Materialise one tensor's array (released on return) and write it as record ``data/<key>``."""
+        array = np.asarray(tensor.value)
+        if array.shape != tensor.shape or array.dtype.newbyteorder("=") != tensor.dtype:
+            raise FormatError(f"tensor {tensor.key}: the array has shape {list(array.shape)} and dtype {array.dtype}, "
+                              f"it declared shape {list(tensor.shape)} and dtype {tensor.dtype}")
+        self._record(f"data/{tensor.key}", array.nbytes, lambda: self._write_array(array))
+
+    def _write_array(self, array: np.ndarray) -> int:
+        """Write the array's bytes in C order, little-endian; return their CRC-32, computed (in a thread,
+        for large blocks) while they are written.
+
+        An array mapped from a file is written from its mapping, not copied file to file
+        (``copy_file_range``): the CRC reads every byte anyway, and the two together took longer.
+        """
+        crc = 0
+        for block in _little_endian(array):  # the array itself when C-contiguous and little-endian
+            pending = _Crc32(block, crc) if block.nbytes >= _CRC_THREAD_BYTES else None
+            _write_all(self.fd, block)
+            crc = pending.result() if pending else zlib.crc32(block, crc)
+        return crc
+
+    def finish(self) -> None:
+        """The central directory, then zip64's end record and locator (as torch's writer, always), then the end record."""
+        directory, directory_offset, count = b"".join(self.central), self.offset, len(self.central)
+        self._write(directory)
+        end64_offset = self.offset
+        self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(directory),
+                                directory_offset))
+        self._write(struct.pack("<IIQI", 0x07064B50, 0, end64_offset, 1))
+        self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                                min(len(directory), 0xFFFFFFFF), min(directory_offset, 0xFFFFFFFF), 0))

@@ -6,21 +6,20 @@ import os
 import pickle
 import warnings
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
 import torch
 
-from ..atomic import atomic_file
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, optimizer_spec
-from ..schema.state import OptimizerState, ParamInfo, name_to_path, path_to_name
+from ..schema.state import OptimizerState, ParamInfo, path_to_name
 from . import torch_dict
 # The torch-free part of the adapter, kept importable from here.
 from .torch_dict import (BUFFER_NAMES, MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, TORCH_SIGNATURES,
                          check_state_dict, from_torch_file, hyperparam_value, is_buffer, is_optimizer_state_dict,
-                         is_tensor_dict, param_names, torch_class_of)
+                         is_tensor_dict, param_names, refuse_optax_native, torch_class_of)
 
 __all__ = ["BUFFER_NAMES", "MODEL_KEYS", "OPTIMIZER_KEYS", "SCHEDULER_KEYS", "TORCH_SIGNATURES", "check_state_dict",
            "from_torch", "from_torch_file", "is_buffer", "is_optimizer_state_dict", "is_tensor_dict",
@@ -204,44 +203,21 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
 
 # ----------------------------------------------------------------------------- canonical -> torch
 
-def _scalar_dtype() -> torch.dtype:
+def _step_dtype() -> type:
     # What torch itself uses for `step`: float64 under a float64 default dtype, float32 otherwise.
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _refuse_optax_native(spec: OptimizerSpec) -> None:
-    if not spec.in_torch:
-        raise UnsupportedError(f"{spec.torch_class} is an Optax optimizer with no torch.optim counterpart; "
-                               "it converts to the canonical file and back to Optax only")
+    return np.float64 if torch.get_default_dtype() == torch.float64 else np.float32
 
 
 def _param_entry(state: OptimizerState, info: ParamInfo) -> dict[str, torch.Tensor]:
-    spec = state.spec
-    present = {s.name: state.slots[(s.name, info.path)] for s in spec.slots if (s.name, info.path) in state.slots}
-    if not present:
-        if spec.has_step and info.step:
-            raise FormatError(f"{path_to_name(info.path)}: step {info.step} but no slots")
-        return {}
-    missing = [s.name for s in spec.active_slots(state.param_groups[info.group])
-               if s.applies(info.shape) and s.name not in present]
-    if missing:
-        raise FormatError(f"{path_to_name(info.path)}: slot(s) {missing} missing")
-    narrow = [name for name, a in present.items() if not spec.slot(name).scalar and str(a.dtype) != info.dtype]
-    if narrow:
-        raise UnsupportedError(f"{path_to_name(info.path)}: {narrow[0]} is {present[narrow[0]].dtype}, the parameter "
-                               f"{info.dtype}; torch keeps it in the parameter's dtype, so loading would cast it")
-    entry = {}
-    if spec.has_step:
-        entry["step"] = torch.tensor(float(info.step or 0), dtype=_scalar_dtype())
-    entry.update({spec.slot(name).torch_key: numpy_to_tensor(a) for name, a in present.items()})
-    return entry
+    return {key: numpy_to_tensor(a) for key, a in torch_dict.param_entry(state, info, _step_dtype()).items()}
 
 
 def to_torch_state_dict(state: OptimizerState, *, names: Sequence[str] | None = None) -> dict[str, Any]:
     """An optimizer ``state_dict`` for ``state``, with ``param_names``, groups as saved.
 
     Parameters are in the state's order unless ``names`` gives another (every tracked name once);
-    ``torch.optim.Optimizer.load_state_dict`` matches by that position.
+    ``torch.optim.Optimizer.load_state_dict`` matches by that position. The tensors are
+    :func:`optstate.converters.torch_dict.state_dict_arrays`' arrays, copied.
 
     >>> import torch, optstate
     >>> net = torch.nn.Linear(3, 2)
@@ -251,21 +227,9 @@ def to_torch_state_dict(state: OptimizerState, *, names: Sequence[str] | None = 
     >>> sd["param_groups"][0]["param_names"], sorted(sd["state"][0])
     (['weight', 'bias'], ['momentum_buffer'])
     """
-    _refuse_optax_native(state.spec)
-    order = [p.path for p in state.params] if names is None else [name_to_path(n) for n in names]
-    if sorted(order) != sorted(p.path for p in state.params):
-        raise MappingError("names must list every tracked parameter exactly once")
-    by_path = {p.path: p for p in state.params}
-    groups = [dict(state.spec.with_defaults(hp), params=[], param_names=[]) for hp in state.param_groups]
-    sd_state = {}
-    for index, path in enumerate(sorted(order, key=lambda p: by_path[p].group)):
-        info = by_path[path]
-        groups[info.group]["params"].append(index)
-        groups[info.group]["param_names"].append(path_to_name(path))
-        entry = _param_entry(state, info)
-        if entry:
-            sd_state[index] = entry
-    return {"state": sd_state, "param_groups": groups}
+    sd = torch_dict.state_dict_arrays(state, names=names, step_dtype=_step_dtype())
+    sd["state"] = {index: {key: numpy_to_tensor(a) for key, a in entry.items()} for index, entry in sd["state"].items()}
+    return sd
 
 
 def _live_names(optimizer: torch.optim.Optimizer, model: Any) -> list[list[str]]:
@@ -313,7 +277,7 @@ def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: 
     >>> float(fresh.state_dict()["state"][0]["step"])
     1.0
     """
-    _refuse_optax_native(state.spec)
+    refuse_optax_native(state.spec)
     live_family = optimizer_spec(torch_class_of(optimizer.param_groups[0], type(optimizer).__name__))
     if live_family.name != state.optimizer:
         raise UnsupportedError(f"the state is {state.spec.torch_class}'s, the optimizer is {type(optimizer).__name__} "
@@ -379,20 +343,11 @@ def _restore_scalar_dtypes(optimizer: torch.optim.Optimizer, sd: Mapping, spec: 
                 optimizer.state[live[index]][slot.torch_key] = entry[slot.torch_key].to(live[index].device)
 
 
-def save_checkpoint(state: OptimizerState, path: str | os.PathLike, *, force: bool = False) -> None:
-    """Write ``{"optimizer": state_dict, "model": weights}`` with ``torch.save``, atomically.
+def save_checkpoint(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
+                    progress: Callable[[int], Any] | None = None) -> None:
+    """Write ``{"optimizer": state_dict, "model": weights}`` as a ``torch.save`` file, atomically, one tensor
+    at a time: :func:`optstate.converters.torch_dict.save_torch_file`, ``step`` in torch's current dtype.
 
     The file loads with ``torch.load(path, weights_only=True)``.
     """
-    ckpt: dict[str, Any] = {"optimizer": to_torch_state_dict(state)}
-    if state.weights is not None:
-        ckpt["model"] = {path_to_name(p): numpy_to_tensor(a) for p, a in state.weights.items()}
-    if "lr_scheduler" in state.metadata:
-        ckpt["lr_scheduler"] = dict(state.metadata["lr_scheduler"])
-    elif "schedule_count" in state.metadata:
-        warnings.warn(f"the Optax state follows a schedule (count {state.metadata['schedule_count']}) that is not "
-                      "saved; restore your torch scheduler with optstate.to_torch(state, optimizer, "
-                      "scheduler=...)", stacklevel=2)
-    with atomic_file(path, force=force) as tmp:
-        torch.save(ckpt, tmp)
-
+    torch_dict.save_torch_file(state, path, force=force, fsync=fsync, progress=progress, step_dtype=_step_dtype())

@@ -1,7 +1,8 @@
-"""torch ``state_dict``s and checkpoints whose tensors are NumPy arrays, into the canonical state; no torch.
+"""torch ``state_dict``s and checkpoints whose tensors are NumPy arrays, to and from the canonical state; no torch.
 
-:mod:`optstate.converters.torch` hands over what it read with torch (tensors as arrays);
-:func:`from_torch_file` reads a ``torch.save`` file itself, through :mod:`.ptfile`.
+:mod:`optstate.converters.torch` hands over what it read with torch (tensors as arrays) and turns
+:func:`state_dict_arrays` into tensors; :func:`from_torch_file` and :func:`save_torch_file` read and
+write a ``torch.save`` file themselves, through :mod:`.ptfile`.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
 
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import OptimizerSpec, optimizer_spec
-from ..schema.state import OptimizerState, ParamInfo, name_to_path
+from ..schema.state import OptimizerState, ParamInfo, name_to_path, path_to_name
 from . import ptfile
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt")
@@ -446,3 +447,103 @@ def from_torch_file(path: str | os.PathLike, *, optimizer: str | None = None) ->
     """
     source = os.fspath(path)
     return state_from_checkpoint(ptfile.load(source), source, origin="torch", optimizer=optimizer)
+
+
+# ----------------------------------------------------------------------------- canonical -> state_dict
+
+def refuse_optax_native(spec: OptimizerSpec) -> None:
+    """Refuse an optimizer that torch.optim does not have (one of Optax's own)."""
+    if not spec.in_torch:
+        raise UnsupportedError(f"{spec.torch_class} is an Optax optimizer with no torch.optim counterpart; "
+                               "it converts to the canonical file and back to Optax only")
+
+
+def param_entry(state: OptimizerState, info: ParamInfo, step_dtype: Any = np.float32) -> dict[str, Any]:
+    """One parameter's entry of ``state_dict()["state"]``: ``step`` (a 0-d ``step_dtype`` array) and its
+    slots under their torch keys, the state's arrays themselves (lazy ones left lazy); ``{}`` without state.
+
+    >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+    ...     (ParamInfo(("w",), (2,), "float64", 0),), {("momentum", ("w",)): np.ones(2)})
+    >>> param_entry(s, s.params[0])
+    {'momentum_buffer': array([1., 1.])}
+    """
+    spec = state.spec
+    present = {s.name: state.slots[(s.name, info.path)] for s in spec.slots if (s.name, info.path) in state.slots}
+    if not present:
+        if spec.has_step and info.step:
+            raise FormatError(f"{path_to_name(info.path)}: step {info.step} but no slots")
+        return {}
+    missing = [s.name for s in spec.active_slots(state.param_groups[info.group])
+               if s.applies(info.shape) and s.name not in present]
+    if missing:
+        raise FormatError(f"{path_to_name(info.path)}: slot(s) {missing} missing")
+    narrow = [name for name, a in present.items() if not spec.slot(name).scalar and str(a.dtype) != info.dtype]
+    if narrow:
+        raise UnsupportedError(f"{path_to_name(info.path)}: {narrow[0]} is {present[narrow[0]].dtype}, the parameter "
+                               f"{info.dtype}; torch keeps it in the parameter's dtype, so loading would cast it")
+    entry: dict[str, Any] = {}
+    if spec.has_step:
+        entry["step"] = np.array(float(info.step or 0), dtype=step_dtype)
+    entry.update({spec.slot(name).torch_key: a for name, a in present.items()})
+    return entry
+
+
+def state_dict_arrays(state: OptimizerState, *, names: Sequence[str] | None = None,
+                      step_dtype: Any = np.float32) -> dict[str, Any]:
+    """The optimizer ``state_dict`` for ``state`` (see ``optstate.to_torch_state_dict``), arrays for tensors.
+
+    Parameters are in the state's order unless ``names`` gives another (every tracked name once);
+    each group holds its hyperparameters (torch's defaults filled in), ``params`` and ``param_names``.
+    ``step`` is ``float32``, as torch keeps it, unless ``step_dtype`` says otherwise (torch uses
+    float64 under ``torch.set_default_dtype(torch.float64)``).
+
+    >>> s = OptimizerState("adam", ({"lr": 1e-3},), (ParamInfo(("w",), (2,), "float32", 0, 3),),
+    ...     {("first_moment", ("w",)): np.ones(2, np.float32), ("second_moment", ("w",)): np.ones(2, np.float32)})
+    >>> sd = state_dict_arrays(s)
+    >>> sd["param_groups"][0]["param_names"], sd["state"][0]["step"], sorted(sd["state"][0])
+    (['w'], array(3., dtype=float32), ['exp_avg', 'exp_avg_sq', 'step'])
+    """
+    refuse_optax_native(state.spec)
+    order = [p.path for p in state.params] if names is None else [name_to_path(n) for n in names]
+    if sorted(order) != sorted(p.path for p in state.params):
+        raise MappingError("names must list every tracked parameter exactly once")
+    by_path = {p.path: p for p in state.params}
+    groups = [dict(state.spec.with_defaults(hp), params=[], param_names=[]) for hp in state.param_groups]
+    sd_state = {}
+    for index, path in enumerate(sorted(order, key=lambda p: by_path[p].group)):
+        info = by_path[path]
+        groups[info.group]["params"].append(index)
+        groups[info.group]["param_names"].append(path_to_name(path))
+        entry = param_entry(state, info, step_dtype)
+        if entry:
+            sd_state[index] = entry
+    return {"state": sd_state, "param_groups": groups}
+
+
+def save_torch_file(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
+                    progress: Callable[[int], Any] | None = None, step_dtype: Any = np.float32) -> None:
+    """Write ``{"optimizer": state_dict, "model": weights, "lr_scheduler": ...}`` as a ``torch.save`` file,
+    atomically, one tensor at a time, without torch (:func:`optstate.converters.ptfile.save`).
+
+    ``"model"`` when the state holds weights, ``"lr_scheduler"`` when it carries a torch scheduler's
+    state. The file loads with ``torch.load(path, weights_only=True)``. ``progress(nbytes)`` is
+    called after each tensor; ``step_dtype``: see :func:`state_dict_arrays`.
+
+    >>> import tempfile
+    >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+    ...     (ParamInfo(("w",), (2,), "float64", 0),), {("momentum", ("w",)): np.ones(2)})
+    >>> path = tempfile.mkdtemp() + "/c.pt"
+    >>> save_torch_file(s, path)
+    >>> ptfile.load(path)["optimizer"]["state"][0]["momentum_buffer"].tolist()
+    [1.0, 1.0]
+    """
+    checkpoint: dict[str, Any] = {"optimizer": state_dict_arrays(state, step_dtype=step_dtype)}
+    if state.weights is not None:
+        checkpoint["model"] = {path_to_name(p): a for p, a in state.weights.items()}
+    if "lr_scheduler" in state.metadata:
+        checkpoint["lr_scheduler"] = dict(state.metadata["lr_scheduler"])
+    elif "schedule_count" in state.metadata:
+        warnings.warn(f"the Optax state follows a schedule (count {state.metadata['schedule_count']}) that is not "
+                      "saved; restore your torch scheduler with optstate.to_torch(state, optimizer, "
+                      "scheduler=...)", stacklevel=2)
+    ptfile.save(checkpoint, path, force=force, fsync=fsync, progress=progress)
