@@ -307,3 +307,15 @@ def test_names_that_meet_from_two_modules_are_ambiguous():
     targets = {("a_b", "c", "kernel"): (3, 2), ("a", "b_c", "kernel"): (3, 2)}
     with pytest.raises(optstate.MappingError, match="ambiguous, fits a_b/c/kernel, a/b_c/kernel"):
         match_layout({("a", "b", "c", "weight"): (2, 3)}, targets)
+
+
+def test_the_way_back_refuses_what_the_way_there_would():
+    sources = {("layer", "weight"): (3, 2, 2, 2)}
+    layout = match_layout(sources, {("layer", "kernel"): (2, 2, 2, 3)})
+    flax_side = optstate.OptimizerState(
+        "adafactor", ({"lr": 1e-2},), (optstate.ParamInfo(("layer", "kernel"), (2, 2, 2, 3), "float64", 0, 1),),
+        {("row_variance", ("layer", "kernel")): np.ones((2, 2, 2, 1)),
+         ("column_variance", ("layer", "kernel")): np.ones((2, 2, 1, 3))})
+    with pytest.raises(optstate.UnsupportedError, match="factored"):
+        from optstate.schema.layout import revert_layout
+        revert_layout(flax_side, layout)

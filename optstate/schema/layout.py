@@ -431,6 +431,8 @@ def revert_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
         if any(infos) and not all(infos):
             raise MappingError(f"{where}: the optimizer tracks some of its pieces, not all")
         if all(infos):
+            for move in moves:
+                _check_move(state, move)
             params.append(ParamInfo(source, moves[0].source_shape, _same((i.dtype for i in infos), f"{where}: dtypes"),
                                     _same((i.group for i in infos), f"{where}: param groups"),
                                     _same((i.step for i in infos), f"{where}: steps")))
