@@ -20,11 +20,7 @@ import numpy as np
 
 from ..errors import MappingError, UnsupportedError
 from .state import Deferred, OptimizerState, ParamInfo, Path, path_to_name
-try:  # TEMP until transpose.py lands
-    from .transpose import permute
-except ImportError:
-    def permute(a, axes):
-        return np.ascontiguousarray(np.transpose(a, axes))
+from .transpose import permute
 
 Shape = tuple[int, ...]
 
