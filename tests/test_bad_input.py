@@ -233,7 +233,7 @@ def test_failed_conversion_leaves_no_partial_output(tmp_path, monkeypatch):
     path, _, _ = _checkpoint(tmp_path)
     import optstate.schema.fileformat as ff
 
-    def broken(fd, entry, mappings):
+    def broken(*args):
         raise OSError("disk full")
     monkeypatch.setattr(ff, "_write_tensor", broken)
     with pytest.raises(OSError, match="disk full"):

@@ -246,7 +246,7 @@ def test_fsync_false_skips_the_fsyncs_only(tmp_path, monkeypatch, mapped_state):
 # ----------------------------------------------------------------------------- streaming
 
 class Lazy:
-    """An array-like computed on demand; checks that the one computed before it is gone."""
+    """An array-like computed on demand; checks that at most one other (the one being written) is alive."""
 
     live: list = []
 
@@ -257,14 +257,14 @@ class Lazy:
         self.calls = 0
 
     def __array__(self, dtype=None, copy=None):
-        assert all(ref() is None for ref in Lazy.live), "the previous tensor is still alive"
+        assert sum(ref() is not None for ref in Lazy.live) <= 1, "more than two tensors in memory at once"
         self.calls += 1
         result = self.array.copy()
         Lazy.live.append(weakref.ref(result))
         return result
 
 
-def test_lazy_entries_are_materialised_once_each_and_one_at_a_time(tmp_path):
+def test_lazy_entries_are_materialised_once_each_and_two_at_most_at_a_time(tmp_path):
     arrays = _rng_arrays({f"t{i}": (50, 7) for i in range(6)})
     lazies = {k: Lazy(a) for k, a in arrays.items()}
     Lazy.live = []

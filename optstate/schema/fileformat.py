@@ -16,6 +16,7 @@ memory map) is copied file to file inside the kernel (``copy_file_range``). Read
 from __future__ import annotations
 
 import bisect
+from concurrent.futures import ThreadPoolExecutor
 import errno
 import json
 import math
@@ -353,9 +354,8 @@ def _copy_span(span: FileSpan, out: int, nbytes: int) -> int:
         os.close(src)
 
 
-def _write_tensor(fd: int, entry: _Entry, mappings: Sequence[_Mapping] | None) -> None:
-    """Materialise one entry (its array is released on return) and write its bytes at ``fd``'s position."""
-    array = np.asarray(entry.value)
+def _write_tensor(fd: int, entry: _Entry, array: np.ndarray, mappings: Sequence[_Mapping] | None) -> None:
+    """Write one entry's materialised ``array`` at ``fd``'s position."""
     if array.shape != entry.shape or array.dtype.newbyteorder("<") != entry.dtype:
         raise FormatError(f"tensor {entry.key!r}: the array has shape {list(array.shape)} and dtype {array.dtype}, "
                           f"the header declared shape {list(entry.shape)} and dtype {entry.dtype}")
@@ -377,10 +377,16 @@ def _write_file(path: str | os.PathLike, entries: Sequence[_Entry], metadata: Ma
     # them all; a lazy entry's array may be mapped later, at an address an old mapping had: read anew.
     mappings = _shared_file_mappings()
     # Not "wb": ext4 starts writing back, on close, a file that was truncated to zero and rewritten.
-    with open(path, "r+b", buffering=0) as f:
+    with open(path, "r+b", buffering=0) as f, ThreadPoolExecutor(1) as ahead:
         _write_all(f.fileno(), np.frombuffer(_header(entries, metadata), np.uint8))
-        for entry in entries:
-            _write_tensor(f.fileno(), entry, mappings if isinstance(entry.value, np.ndarray) else None)
+        # The next lazy entry (a layout move: a transpose) is computed while this one is written; two
+        # tensors in memory at most, and both cores busy.
+        pending = ahead.submit(np.asarray, entries[0].value) if entries else None
+        for i, entry in enumerate(entries):
+            array = pending.result()
+            pending = ahead.submit(np.asarray, entries[i + 1].value) if i + 1 < len(entries) else None
+            _write_tensor(f.fileno(), entry, array, mappings if isinstance(entry.value, np.ndarray) else None)
+            del array  # released before the one after next is made
             if progress is not None:
                 progress(entry.nbytes)
 
