@@ -319,3 +319,13 @@ def test_the_way_back_refuses_what_the_way_there_would():
     with pytest.raises(optstate.UnsupportedError, match="factored"):
         from optstate.schema.layout import revert_layout
         revert_layout(flax_side, layout)
+
+
+def test_a_moved_array_copied_is_a_copy():
+    from optstate.schema.state import Deferred
+
+    source = np.arange(4.0)
+    moved = Deferred((4,), source.dtype, lambda: source)  # a move that keeps the source's memory
+    copied = np.array(moved, copy=True)  # what numpy_to_tensor does before torch writes into it
+    copied[0] = 7.0
+    assert source[0] == 0.0

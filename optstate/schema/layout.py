@@ -91,17 +91,18 @@ class Move:
         return ", ".join(steps) or "as is"
 
     def apply(self, array: Any) -> np.ndarray:
-        """The source array moved to the target (a new array: never a view of the source)."""
+        """The source array moved to the target: a view of it where no axis moves (no copy: a view of
+        a memory-mapped file is then copied file to file), a new array otherwise."""
         array = np.asarray(array)
         if self.parts > 1:
             size = self.source_shape[0] // self.parts
             array = array[self.part * size:(self.part + 1) * size]
-        return permute(array, self.axes or tuple(range(array.ndim))).reshape(self.shape)
+        return (permute(array, self.axes) if self.axes else array).reshape(self.shape)
 
     def revert(self, array: Any) -> np.ndarray:
         """The target array moved back to the source's piece (shape ``part_shape``)."""
         array = np.asarray(array).reshape(self.moved_shape)
-        return permute(array, tuple(np.argsort(self.axes))) if self.axes else np.array(array)
+        return permute(array, tuple(np.argsort(self.axes))) if self.axes else array
 
     def to_json(self) -> dict[str, Any]:
         return {"source": list(self.source), "target": list(self.target), "source_shape": list(self.source_shape),

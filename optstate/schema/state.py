@@ -89,7 +89,11 @@ class Deferred:
         if array.shape != self.shape or array.dtype != self.dtype:
             raise FormatError(f"a deferred array computed as {list(array.shape)} {array.dtype}, "
                               f"declared {list(self.shape)} {self.dtype}")
-        return array if dtype is None else array.astype(dtype, copy=False)
+        if dtype is not None:
+            array = array.astype(dtype, copy=bool(copy))
+        elif copy:  # NumPy trusts __array__ with copy=True: a view of the source would alias it
+            array = array.copy()
+        return array
 
 
 @dataclass(frozen=True)
