@@ -289,7 +289,7 @@ def test_nnx_model_and_optimizer_both_ways():
     for x in xs[3:6]:
         grads = nnx.grad(lambda m: _loss_jax(m(jnp.asarray(x))))(net)
         nopt.update(net, grads)
-    np.testing.assert_allclose(np.asarray(net.layers[0].kernel.value), model.layers[0].weight.detach().numpy().T,
+    np.testing.assert_allclose(np.asarray(net.layers[0].kernel[...]), model.layers[0].weight.detach().numpy().T,
                                rtol=0, atol=TOL)
 
     back = relayout(from_nnx(net, nopt, optimizer="adamw", hyperparams={"lr": 1e-2, "weight_decay": 0.1,
@@ -298,9 +298,9 @@ def test_nnx_model_and_optimizer_both_ways():
     optstate.to_torch(back, opt2, model=model)
     for key in ("exp_avg", "exp_avg_sq"):
         np.testing.assert_allclose(opt2.state[model.layers[0].weight][key].numpy(),
-                                   np.asarray(nopt.opt_state[0].mu["layers"][0]["kernel"].value).T
+                                   np.asarray(nopt.opt_state[0].mu["layers"][0]["kernel"][...]).T
                                    if key == "exp_avg" else
-                                   np.asarray(nopt.opt_state[0].nu["layers"][0]["kernel"].value).T, rtol=0, atol=0)
+                                   np.asarray(nopt.opt_state[0].nu["layers"][0]["kernel"][...]).T, rtol=0, atol=0)
 
 
 def test_names_that_meet_from_two_modules_are_ambiguous():

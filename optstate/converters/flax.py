@@ -43,10 +43,10 @@ def read_tree(path: str) -> Any:
 def nnx_shapes(obj: Any) -> tuple[dict[Path, Shape], dict[Path, Shape]]:
     """Parameter and BatchNorm-statistics shapes of an ``nnx.Module`` (or the parameters of an ``nnx.State``)."""
     if isinstance(obj, nnx.Module):
-        return (tree_shapes(nnx.state(obj, nnx.Param).to_pure_dict()),
-                tree_shapes(nnx.state(obj, nnx.BatchStat).to_pure_dict()))
+        return (tree_shapes(nnx.to_pure_dict(nnx.state(obj, nnx.Param))),
+                tree_shapes(nnx.to_pure_dict(nnx.state(obj, nnx.BatchStat))))
     if isinstance(obj, nnx.State):
-        return tree_shapes(obj.to_pure_dict()), {}
+        return tree_shapes(nnx.to_pure_dict(obj)), {}
     raise FormatError(f"expected an nnx.Module or nnx.State, found {type(obj).__name__}")
 
 
@@ -61,7 +61,7 @@ def to_nnx(state: OptimizerState, model: nnx.Module, opt: nnx.Optimizer | None =
     >>> opt = nnx.Optimizer(model, tx, wrt=nnx.Param); optstate.to_nnx(state, model, opt)  # doctest: +SKIP
     """
     params = nnx.state(model, nnx.Param)
-    pure = params.to_pure_dict()
+    pure = nnx.to_pure_dict(params)
     ours = tree_shapes(pure)
     theirs = {p.path for p in state.params} | set(state.weights or {})
     missing = sorted(set(ours) - theirs)
@@ -71,9 +71,9 @@ def to_nnx(state: OptimizerState, model: nnx.Module, opt: nnx.Optimizer | None =
     if state.weights is not None:
         values = {p: np.asarray(state.weights[p]) for p in theirs if p in state.weights}
         for kind in (nnx.Param, nnx.BatchStat):
-            nnx.update(model, _nested(values, nnx.state(model, kind).to_pure_dict()))
+            nnx.update(model, _nested(values, nnx.to_pure_dict(nnx.state(model, kind))))
     if opt is not None:
-        filled = to_optax(state, opt.tx, nnx.state(model, nnx.Param).to_pure_dict())
+        filled = to_optax(state, opt.tx, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         _assign(opt.opt_state, filled)
 
 
@@ -93,7 +93,7 @@ def _assign(live: Any, filled: Any) -> None:
         raise MappingError("the nnx.Optimizer's state does not have the layout of optstate.optax_transform(state): "
                            f"e.g. {sorted(set(variables) ^ set(values))[:3]}")
     for path, var in variables.items():
-        var.value = values[path]
+        var[...] = values[path]
 
 
 def _plain_path(key_path: Any) -> Path:
@@ -108,14 +108,14 @@ def from_nnx(model: nnx.Module, opt: nnx.Optimizer, **options: Any) -> Optimizer
     >>> state = optstate.from_nnx(model, opt, optimizer="adamw", hyperparams={"lr": 1e-3})  # doctest: +SKIP
     """
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    opt_state = jax.tree.map(lambda v: v.value if is_var(v) else v, opt.opt_state, is_leaf=is_var)
-    return from_optax(_unstate(opt_state), nnx.state(model, nnx.Param).to_pure_dict(), **options)
+    opt_state = jax.tree.map(lambda v: v[...] if is_var(v) else v, opt.opt_state, is_leaf=is_var)
+    return from_optax(_unstate(opt_state), nnx.to_pure_dict(nnx.state(model, nnx.Param)), **options)
 
 
 def _unstate(tree: Any) -> Any:
     """NNX's ``State`` nodes inside an Optax state as plain dicts (their paths stay the same)."""
     if isinstance(tree, nnx.State):
-        return tree.to_pure_dict()
+        return nnx.to_pure_dict(tree)
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
         return type(tree)(*(_unstate(v) for v in tree))
     if isinstance(tree, (tuple, list)):
