@@ -18,7 +18,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import optstate  # noqa: E402
