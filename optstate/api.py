@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 from .converters import adapter, torch_dict
 from .errors import OptstateError
+from .layouts import relayout
 from .schema import OptimizerState, fileformat
 from .schema.layout import Layout, revert_layout
 
@@ -100,7 +101,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str |
     bit-exact (Muon), recording why in the output. ``optstate_transform``: an Optax input was
     trained with ``optstate.optax_transform`` (see :func:`optstate.converters.orbax.read_optax_dir`).
     ``target_params`` names the model to move parameters and slots to (a Flax model's parameter tree,
-    or the torch model on the way back; see :func:`optstate.converters.flax.target_model`);
+    or the torch model on the way back; see :func:`optstate.layouts.target_model`);
     ``mapping`` is a mapping file that ``optstate map -o`` wrote, edited or not. ``fsync``,
     ``max_shard_bytes``: see :func:`write`; ``progress(state)`` returns the callback it takes.
     """
@@ -113,8 +114,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str |
     if horizon is not None:
         state = dataclasses.replace(state, metadata={**state.metadata, "lr_horizon": horizon})
     if target_params is not None or mapping is not None:
-        from .layouts import relayout
-
         state = relayout(state, target=target_params, mapping=mapping)
     write(state, dst, dst_format or detect_format(dst), force=force, fsync=fsync, max_shard_bytes=max_shard_bytes,
           progress=None if progress is None else progress(state))

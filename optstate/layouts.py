@@ -16,6 +16,8 @@ import zipfile
 from pathlib import Path as FsPath
 from typing import Any, Mapping
 
+import numpy as np
+
 from .converters import adapter
 from .errors import FormatError, MappingError
 from .schema.layout import DROPPED_LEAVES, Layout, apply_layout, match_layout, plan_layout, revert_layout
@@ -39,7 +41,7 @@ def tree_shapes(tree: Any, prefix: Path = ()) -> dict[Path, Shape]:
     elif isinstance(tree, (list, tuple)):
         items = enumerate(tree)
     else:
-        return {prefix: tuple(tree.shape)}
+        return {prefix: tuple(np.shape(tree))}  # arrays, jax.ShapeDtypeStructs (np.shape reads .shape), scalars
     shapes: dict[Path, Shape] = {}
     for key, value in items:
         shapes.update(tree_shapes(value, (*prefix, str(key))))
