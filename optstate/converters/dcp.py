@@ -34,7 +34,7 @@ from ..atomic import atomic_directory
 from ..errors import FormatError, OptstateError, UnsupportedError
 from ..schema.state import OptimizerState, path_to_name
 from .torch import (MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, from_torch, numpy_to_tensor, tensor_to_numpy,
-                    to_torch_state_dict)
+                    to_torch_state_dict, unpickler_detail)
 
 METADATA_FILE = ".metadata"
 LAYOUTS = ("nested", "torchtitan")
@@ -194,12 +194,6 @@ TensorStorageMetadata
                           f"(shape {list(size)})")
 
 
-def _weights_only_detail(message: str) -> str:
-    """The line of torch's weights-only error that names what it refused (the first says to turn it off)."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else message)
-
-
 class _Blobs(contextlib.ExitStack):
     """Reads one chunk or value at a time from a DCP directory's data files, each opened once."""
 
@@ -240,7 +234,7 @@ class _Blobs(contextlib.ExitStack):
         try:
             return torch.load(blob, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            detail = _weights_only_detail(str(exc))
+            detail = unpickler_detail(str(exc))
             if "global" in detail.lower():
                 raise FormatError(f"{where}: refused: loading it would run code from the file, which optstate "
                                   f"never does ({detail})") from None

@@ -24,7 +24,7 @@ from .torch_dict import (BUFFER_NAMES, MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEY
 __all__ = ["BUFFER_NAMES", "MODEL_KEYS", "OPTIMIZER_KEYS", "SCHEDULER_KEYS", "TORCH_SIGNATURES", "check_state_dict",
            "from_torch", "from_torch_file", "is_buffer", "is_optimizer_state_dict", "is_tensor_dict",
            "load_checkpoint", "numpy_to_tensor", "numpy_tree", "param_names", "save_checkpoint", "split_checkpoint",
-           "tensor_to_numpy", "to_torch", "to_torch_state_dict", "torch_class_of"]
+           "tensor_to_numpy", "to_torch", "to_torch_state_dict", "torch_class_of", "unpickler_detail"]
 
 # dtypes NumPy lacks travel as same-width integers: (torch integer dtype, NumPy integer dtype, ml_dtypes dtype).
 _VIA_INTEGER = {
@@ -107,7 +107,7 @@ def numpy_tree(obj: Any, *, copy: bool) -> Any:
 
 # ----------------------------------------------------------------------------- reading files
 
-def _unpickler_detail(message: str) -> str:
+def unpickler_detail(message: str) -> str:
     """The one line of torch's weights-only error that says what was refused."""
     lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in message.splitlines()]
     detail = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else message)
@@ -127,7 +127,7 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
                 raise
             return torch.load(source, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
-        detail = _unpickler_detail(str(exc))
+        detail = unpickler_detail(str(exc))
         if "global" not in detail.lower():
             raise FormatError(f"{source}: not a readable torch checkpoint (truncated or corrupted?): {detail}") from None
         raise FormatError(f"{source}: refused: loading it would run code from the file, which optstate never "
