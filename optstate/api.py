@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,9 +44,7 @@ def read(src: str | os.PathLike, fmt: str | None = None, *, optimizer: str | Non
     if fmt == "torch":
         # torch.save's zip format is read without torch (converters/ptfile.py): the same state bit for bit,
         # stricter than torch.load(weights_only=True); only the legacy (torch < 1.6) format needs torch.
-        if zipfile.is_zipfile(src) or importlib.util.find_spec("torch") is None:
-            return torch_dict.from_torch_file(src, optimizer=optimizer)
-        return adapter("torch").from_torch(os.fspath(src), optimizer=optimizer)
+        return torch_dict.from_torch_file(src, optimizer=optimizer)
     if fmt == "optax":
         return adapter("orbax").read_optax_dir(src, optimizer=optimizer, hyperparams=hyperparams,
                                                allow_approximate=allow_approximate,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import zipfile
 from pathlib import Path as FsPath
 from typing import Any, Mapping
 
@@ -61,12 +60,10 @@ def _call(spec: str) -> Any:
 
 def _torch_shapes(obj: Any, source: str) -> dict[Path, Shape]:
     """Shapes of a torch model: a module, its ``state_dict``, a checkpoint holding one, or a file of these."""
-    from .converters import ptfile, torch_dict
+    from .converters import torch_dict
 
-    if isinstance(obj, str) and zipfile.is_zipfile(obj):
-        obj = ptfile.load(obj)
-    elif isinstance(obj, str):  # the legacy format needs torch
-        obj = adapter("torch").load_checkpoint(obj)
+    if isinstance(obj, str):
+        obj = torch_dict.read_torch_file(obj)
     if hasattr(obj, "state_dict") and callable(obj.state_dict):  # a live nn.Module
         obj = obj.state_dict()
     if _is_torch(obj):

@@ -134,24 +134,11 @@ def _inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
                    frozen=[path_to_name(p) for p in state.frozen_paths()])
 
 
-def _torch_checkpoint(path: str) -> Any:
-    """The file's objects with NumPy arrays for tensors: without torch for its zip format."""
-    import importlib.util
-    import zipfile
-
-    from .converters import adapter, ptfile
-
-    if zipfile.is_zipfile(path) or importlib.util.find_spec("torch") is None:
-        return ptfile.load(path)
-    torch_adapter = adapter("torch")  # the legacy (torch < 1.6) format
-    return torch_adapter.numpy_tree(torch_adapter.load_checkpoint(path), copy=False)
-
-
 def _inspect_torch(path: str) -> Report:
     from . import api
     from .converters import torch_dict
 
-    sd, model_sd, scheduler_sd = torch_dict.split_checkpoint(_torch_checkpoint(path), path)
+    sd, model_sd, scheduler_sd = torch_dict.split_checkpoint(torch_dict.read_torch_file(path), path)
     weights = None if model_sd is None else _weights_facts(
         {n: (tuple(t.shape), torch_dict.is_buffer(n, t)) for n, t in model_sd.items()})
     if sd is None:

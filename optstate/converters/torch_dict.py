@@ -7,8 +7,10 @@ write a ``torch.save`` file themselves, through :mod:`.ptfile`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
+import zipfile
 from collections import Counter
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -18,7 +20,7 @@ import numpy as np
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import OptimizerSpec, optimizer_spec
 from ..schema.state import OptimizerState, ParamInfo, name_to_path, path_to_name
-from . import ptfile
+from . import adapter, ptfile
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt")
 MODEL_KEYS = ("model", "model_state_dict", "state_dict", "model_state", "weights")
@@ -431,7 +433,7 @@ def state_from_checkpoint(checkpoint: Any, source: str, *, origin: str, optimize
 
 
 def from_torch_file(path: str | os.PathLike, *, optimizer: str | None = None) -> OptimizerState:
-    """Read a ``torch.save`` checkpoint into the canonical form without torch.
+    """Read a ``torch.save`` checkpoint into the canonical form without torch (:func:`read_torch_file`).
 
     The same as ``optstate.from_torch(path)``, through :func:`optstate.converters.ptfile.load`:
     arrays are mapped from the file, not read into memory.
@@ -446,7 +448,19 @@ def from_torch_file(path: str | os.PathLike, *, optimizer: str | None = None) ->
     ('adam', 1, 'float32')
     """
     source = os.fspath(path)
-    return state_from_checkpoint(ptfile.load(source), source, origin="torch", optimizer=optimizer)
+    return state_from_checkpoint(read_torch_file(source), source, origin="torch", optimizer=optimizer)
+
+
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """A ``torch.save`` file's objects with NumPy arrays for tensors: the zip format without torch
+    (:func:`optstate.converters.ptfile.load`); the legacy format (torch < 1.6) through
+    ``torch.load(weights_only=True)`` where torch is installed, else refused with the way out.
+    """
+    source = os.fspath(path)
+    if zipfile.is_zipfile(source) or importlib.util.find_spec("torch") is None:
+        return ptfile.load(source)
+    torch_adapter = adapter("torch")
+    return torch_adapter.numpy_tree(torch_adapter.load_checkpoint(source), copy=False)
 
 
 # ----------------------------------------------------------------------------- canonical -> state_dict
