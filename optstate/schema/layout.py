@@ -11,6 +11,7 @@ the rules below choose the move by the kind of layer (the leaf's name), and shap
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -134,7 +135,7 @@ class Layout:
     def moves_of(self, source: Path) -> tuple[Move, ...]:
         return self._by_source.get(source, ())
 
-    @property
+    @functools.cached_property  # looked up once per tensor and slot: built once, not each time
     def _by_source(self) -> dict[Path, tuple[Move, ...]]:
         found: dict[Path, list[Move]] = {}
         for m in self.moves:
