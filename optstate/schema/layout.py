@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -127,8 +128,7 @@ class Layout:
     dropped: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
-        targets = [m.target for m in self.moves]
-        twice = sorted({t for t in targets if targets.count(t) > 1})
+        twice = sorted(t for t, n in Counter(m.target for m in self.moves).items() if n > 1)
         if twice:
             raise MappingError("mapping sends several tensors to " + ", ".join("/".join(t) for t in twice[:5]))
 
@@ -358,7 +358,8 @@ def apply_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
     unplaced = [path_to_name(p) for p in tensors if not layout.moves_of(p) and p not in dropped]
     if unplaced:
         raise MappingError(problem_list([f"{n}: not in the mapping" for n in unplaced]))
-    stray = [m for m in layout.moves if m.source not in tensors]
+    known = set(tensors)
+    stray = [m for m in layout.moves if m.source not in known]
     if stray:
         raise MappingError(problem_list([f"{path_to_name(m.source)}: in the mapping, not in the checkpoint"
                                          for m in stray]))
