@@ -44,6 +44,20 @@ def test_formats_are_guessed_from_names(ckpt, tmp_path):
     assert torch.load(tmp_path / "back.pt", weights_only=True)["optimizer"]["param_groups"][0]["momentum"] == 0.9
 
 
+def test_plain_orbax_restores_what_convert_writes(ckpt, tmp_path):
+    """The output is an ordinary Orbax checkpoint (written without Orbax's copies and compression, which
+    cost memory): Orbax's own StandardCheckpointer restores it onto the target DESIGN.md names."""
+    import orbax.checkpoint as ocp
+    path, model, _ = ckpt
+    assert main(["convert", "--to", "optax", str(path), str(tmp_path / "out")]) == 0
+    params, opt_state, _ = optstate.load_optax(tmp_path / "out")
+    target = jax.tree.map(jax.numpy.zeros_like, {"params": params, "opt_state": opt_state})
+    restored = ocp.StandardCheckpointer().restore((tmp_path / "out").absolute(), target)
+    assert max_abs_diff(flat(restored["params"]), torch_params(model)) == 0
+    for ours, orbax in zip(jax.tree.leaves(opt_state), jax.tree.leaves(restored["opt_state"]), strict=True):
+        assert (ours == orbax).all()
+
+
 def test_existing_output_needs_force(ckpt, tmp_path, capsys):
     path, _, _ = ckpt
     out = tmp_path / "s.safetensors"
