@@ -82,6 +82,19 @@ def test_matrix_transpose_torch_linear_to_flax_dense(shape):
     assert_permuted(permute(weight, (1, 0)), weight, (1, 0))
 
 
+
+@pytest.mark.parametrize("shape, dtype", [
+    ((600, 5000), np.float32),              # rows wider than one tile: several tiles across
+    ((520, 9000), ml_dtypes.float8_e4m3fn),  # 1-byte elements: taller tiles
+    ((1500, 2999), np.float64),              # 36 MB: split between threads, odd sizes
+    ((4099, 257), np.complex128),            # 16-byte elements
+])
+def test_matrix_transposes_tile_by_tile(shape, dtype):
+    array = random_array(shape, np.dtype(dtype))
+    for threads in (1, 2):
+        assert_permuted(permute(array, (1, 0), threads=threads), array, (1, 0))
+        assert_permuted(permute(array.T, (1, 0), threads=threads), array.T, (1, 0))
+
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float64], ids=["bfloat16", "float64"])
 @pytest.mark.parametrize("shape, axes", [
     ((256, 256, 3, 3), (2, 3, 1, 0)),      # conv2d [O, I, H, W] -> Flax [H, W, I, O]

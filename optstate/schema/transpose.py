@@ -47,6 +47,10 @@ _L1_LINES = 512
 # Bytes per block: about what L2 holds. Measured against 128 KiB to 2 MiB: 1- and 2-byte elements
 # gain up to 20% from 256 KiB to 1 MiB, 4- and 8-byte ones do not care.
 _BLOCK_BYTES = 1024 * 1024
+# Source rows per tile of a matrix transpose (``_copy_by_tiles``) for elements of 4 bytes or more;
+# more for smaller ones, so that a tile's rows in the destination are at least 256 bytes long.
+# Measured against 32 and 128: 64 is best or within 15%.
+_TILE_ROWS = 64
 # Below this a second thread is not worth its start and join (about 0.2 ms) and the risk of waiting
 # for a core that another process holds.
 _THREAD_MIN_BYTES = 16 * 1024 * 1024
@@ -91,9 +95,14 @@ def permute(array: np.ndarray, axes: Sequence[int], *, out: np.ndarray | None = 
         return out
     src, dst = _reduced(_as_bits(view), _as_bits(out))
     tiled = _tiling_pays(src)
-    per_axis = _axis_blocks(src.shape, src.strides, src.itemsize) if tiled else [[slice(None)]] * src.ndim
-    per_thread = _blocks(src.shape, per_axis, threads if dst.nbytes >= _THREAD_MIN_BYTES else 1)
-    copy = functools.partial(_copy_blocks, src, dst, in_words=tiled and _in_words(src.itemsize))
+    threads = threads if dst.nbytes >= _THREAD_MIN_BYTES else 1
+    if tiled and src.ndim == 2:  # a matrix transpose (a Linear kernel): the common case
+        per_thread = [[part] for part in _split(src.shape[1], threads)]
+        copy = functools.partial(_copy_by_tiles, src, dst)
+    else:
+        per_axis = _axis_blocks(src.shape, src.strides, src.itemsize) if tiled else [[slice(None)]] * src.ndim
+        per_thread = _blocks(src.shape, per_axis, threads)
+        copy = functools.partial(_copy_blocks, src, dst, in_words=tiled and _in_words(src.itemsize))
     if len(per_thread) == 1:
         copy(per_thread[0])
     else:
@@ -278,6 +287,33 @@ def _copy_blocks(src: np.ndarray, dst: np.ndarray, blocks: list[Block], in_words
             _copy_in_words(src[block], target, scratch)
         else:
             target[...] = src[block]
+
+
+def _copy_by_tiles(src: np.ndarray, dst: np.ndarray, columns: list[slice]) -> None:
+    """``dst[:, c] = src[:, c]`` for each slice ``c``, where ``src`` is a matrix stored column by column
+    (a transposed view): tile by tile, each tile first copied row by row from the source's memory into
+    a scratch buffer whose rows are one cache line longer than the tile's, then from there to ``dst``.
+
+    The source rows of a tile are a power of two apart in the usual case, so they all fall into the
+    same few sets of L1 and evict each other while the transpose reads them one element at a time;
+    the scratch rows do not. Measured 3.6-7.5 GB/s on one core for 1024-4096-wide float32 matrices,
+    where reading the source directly (``_copy_blocks``) runs at 1.2-1.9 GB/s.
+
+    >>> a = np.arange(12, dtype=np.uint32).reshape(3, 4); dst = np.empty((4, 3), np.uint32)
+    >>> _copy_by_tiles(a.T, dst, [slice(0, 3)]); dst.tolist() == a.T.tolist()
+    True
+    """
+    rows = src.T  # the source's memory order: each row is one column of src
+    height = _TILE_ROWS * max(1, 4 // src.itemsize)
+    width = max(1, min(rows.shape[1], _BLOCK_BYTES // (height * src.itemsize)))
+    scratch = np.empty((height, width + max(1, _CACHE_LINE // src.itemsize)), src.dtype)
+    for part in columns:
+        for i in range(part.start, part.stop, height):
+            n = min(height, part.stop - i)
+            for j in range(0, rows.shape[1], width):
+                tile = scratch[:n, :min(width, rows.shape[1] - j)]
+                tile[...] = rows[i:i + n, j:j + tile.shape[1]]
+                dst[j:j + tile.shape[1], i:i + n] = tile.T
 
 
 def _in_words(itemsize: int) -> bool:
