@@ -373,11 +373,12 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
                                "labels frozen parameters 'frozen'")
         if not slot.applies(info.shape):
             return as_array(np.zeros(leaf.shape, leaf.dtype))  # Optax's placeholder where torch keeps no such slot
-        array = state.slots.get((slot.name, path))
-        array = np.zeros(slot.torch_shape(info.shape), numpy_dtype(info.dtype)) if array is None else np.asarray(array)
+        array = state.slots.get((slot.name, path))  # may be lazy (a layout move): made by as_array, if at all
+        if array is None:
+            array = np.zeros(slot.torch_shape(info.shape), numpy_dtype(info.dtype))
         if slot.optax_axis is not None:
-            array = array.squeeze(slot.optax_axis)
-        if tuple(leaf.shape) != tuple(array.shape) or np.dtype(leaf.dtype) != array.dtype:
+            array = np.asarray(array).squeeze(slot.optax_axis)
+        if tuple(leaf.shape) != tuple(array.shape) or np.dtype(leaf.dtype) != np.dtype(array.dtype):
             hint = " (enable float64 in JAX: jax.config.update('jax_enable_x64', True))" \
                 if array.dtype == np.float64 else ""
             raise MappingError(f"{path_to_name(path)}: the Optax template expects {slot.name} of shape "

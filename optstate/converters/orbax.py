@@ -8,6 +8,7 @@ metadata, so that :func:`load_optax` can rebuild ``tx``) and, when the model has
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -20,8 +21,8 @@ import orbax.checkpoint as ocp
 
 from ..atomic import atomic_directory
 from ..errors import FormatError, UnsupportedError
-from ..schema.fileformat import (check_format_version, load, parse_tensor_key, read_safetensors, save, state_from_metadata,
-                                 state_metadata, tensor_key, write_safetensors)
+from ..schema.fileformat import (check_format_version, parse_tensor_key, read_safetensors, state_from_metadata, state_metadata,
+                                 tensor_key, write_safetensors)
 from ..schema.spec import optimizer_spec
 from ..schema.state import Deferred, OptimizerState, Path, numpy_dtype, path_to_name
 from .optax import (fill_state, from_optax, key_path_to_path, named_optimizer, nest, param_shapes, recorded_types,
@@ -37,51 +38,60 @@ def _needs_x64(shapes: Mapping[Path, jax.ShapeDtypeStruct]) -> bool:
     return any(np.dtype(s.dtype).itemsize == 8 for s in shapes.values())
 
 
-def _writer() -> ocp.Checkpointer:
-    """Orbax's PyTree checkpointer, minus what costs memory when the arrays are memory maps: the default
-    NumPy handler deep-copies every array before writing (the whole state, again, in anonymous memory)
-    and zstd holds every compressed chunk until the end (Adam moments hardly compress). Plain Orbax
-    restores the result as it restores its own."""
-    numpy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
-    scalar = ocp.type_handlers.ScalarHandler()
+class _ArrayWriter(ocp.type_handlers.NumpyHandler):
+    """Orbax's NumPy handler, minus what costs memory when a checkpoint is converted from a file:
+    it does not deep-copy every array before writing (the default; our arrays are memory maps or
+    lazy layout moves that nothing else can modify), and makes a lazy array (``Deferred``: a
+    transpose) only when its turn comes to be written, a few at a time, not all at once up front.
+    Arrays are saved as Orbax saves ``np.ndarray`` leaves, so plain Orbax restores them."""
+
+    IN_FLIGHT = 8  # arrays made and being written at once; measured 5.1 s at 8, 6.8 s at 2 (3 GB)
+
+    def __init__(self, progress: Callable[[int], None] | None) -> None:
+        super().__init__(deepcopy_host_arrays=False)
+        self._progress = progress
+        self._slots: asyncio.Semaphore | None = None  # made in Orbax's event loop, on first use
+
+    async def _open_and_write(self, value: Any, tspec: dict[str, Any], ts_context: Any) -> None:
+        self._slots = self._slots or asyncio.Semaphore(self.IN_FLIGHT)
+        async with self._slots:
+            array = np.asarray(value)
+            await super()._open_and_write(array, tspec, ts_context)
+        if self._progress is not None:
+            self._progress(array.nbytes)
+
+
+def _checkpointer(progress: Callable[[int], None] | None) -> ocp.Checkpointer:
+    """A PyTree checkpointer that writes arrays with :class:`_ArrayWriter`, uncompressed: zstd holds
+    every compressed chunk until the end, and optimizer moments hardly compress."""
+    arrays, scalar = _ArrayWriter(progress), ocp.type_handlers.ScalarHandler()
     registry = ocp.type_handlers.create_type_handler_registry(
-        (int, scalar), (float, scalar), (np.number, scalar), (np.ndarray, numpy),
+        (int, scalar), (float, scalar), (np.number, scalar), (np.ndarray, arrays), (Deferred, arrays),
         (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
 
 
-def _memory_mapped(state: OptimizerState, directory: FsPath) -> OptimizerState:
-    """``state`` with its lazy arrays (layout moves) made once, streaming, into a file in ``directory``
-    and read back memory-mapped: Orbax holds every array until it has written them all, and clean
-    file pages, unlike the moved arrays themselves, can be given back to the system."""
-    if not any(isinstance(a, Deferred) for _, _, a in state.iter_tensors()):
-        return state
-    return load(save(state, directory / "staged.safetensors", fsync=False))
+def _leaf(array: Any) -> Any:
+    """A leaf for Orbax: lazy arrays stay lazy (:class:`_ArrayWriter` makes them), others are NumPy arrays."""
+    return array if isinstance(array, Deferred) else np.asarray(array)
 
 
 def save_optax_dir(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
                    progress: Callable[[int], None] | None = None) -> None:
-    """Write ``state`` as an Orbax checkpoint directory plus ``optstate.json``, atomically
-    (``progress(nbytes)`` as each array is handed to Orbax)."""
-    def array(a: Any) -> np.ndarray:
-        a = np.asarray(a)
-        if progress is not None:
-            progress(a.nbytes)
-        return a
-
+    """Write ``state`` as an Orbax checkpoint directory plus ``optstate.json``, atomically, holding a few
+    arrays in memory at a time (``progress(nbytes)`` as each array is written)."""
+    _, _, opt_state = template(state)
+    tree = {"opt_state": fill_state(state, opt_state, _leaf)}
+    if state.weights is not None:
+        tree["params"] = nest({p: _leaf(state.weights[p]) for p in param_shapes(state)})
+    stats = {p[1:]: _leaf(state.weights[p]) for p in state.buffers if p[0] == BATCH_STATS}
+    if stats:  # BatchNorm statistics in a Flax layout: the linen collection, beside params
+        tree[BATCH_STATS] = nest(stats)
+    buffers = [(tensor_key("model", p), state.weights[p]) for p in state.buffers if p[0] != BATCH_STATS]
     with atomic_directory(path, force=force, fsync=fsync) as tmp:
-        state = _memory_mapped(state, tmp.parent)
-        _, _, opt_state = template(state)
-        tree = {"opt_state": fill_state(state, opt_state, array)}
-        if state.weights is not None:
-            tree["params"] = nest({p: array(state.weights[p]) for p in param_shapes(state)})
-        stats = {p[1:]: np.asarray(state.weights[p]) for p in state.buffers if p[0] == BATCH_STATS}
-        if stats:  # BatchNorm statistics in a Flax layout: the linen collection, beside params
-            tree[BATCH_STATS] = nest(stats)
-        _writer().save(os.path.abspath(tmp), args=ocp.args.PyTreeSave(tree))
+        _checkpointer(progress).save(os.path.abspath(tmp), args=ocp.args.PyTreeSave(tree))
         sidecar = {**state_metadata(state), "optax_types": recorded_types(opt_state)}
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
-        buffers = [(tensor_key("model", p), state.weights[p]) for p in state.buffers if p[0] != BATCH_STATS]
         if buffers:
             write_safetensors(tmp / BUFFERS, buffers, {})
 
