@@ -33,8 +33,9 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from ..atomic import atomic_directory
 from ..errors import FormatError, OptstateError, UnsupportedError
 from ..schema.state import OptimizerState, path_to_name
-from .torch import (MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, from_torch, numpy_to_tensor, tensor_to_numpy,
-                    to_torch_state_dict, unpickler_detail)
+from . import torch_dict
+from .torch import (MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, from_torch, numpy_to_tensor, step_dtype, tensor_to_numpy,
+                    unpickler_detail)
 
 METADATA_FILE = ".metadata"
 LAYOUTS = ("nested", "torchtitan")
@@ -461,11 +462,14 @@ def write_dcp(state: OptimizerState, path: str | os.PathLike, *, force: bool = F
     """
     if layout not in LAYOUTS:
         raise OptstateError(f"unknown DCP layout {layout!r} (known: {', '.join(LAYOUTS)})")
-    sd = to_torch_state_dict(state)
+    # Tensors view the state's arrays (memory maps of the source, mostly) instead of copying them:
+    # DCP's writer keeps every tensor of a file until the file is done.
+    sd = torch_dict.state_dict_arrays(state, step_dtype=step_dtype())
     names = [n for g in sd["param_groups"] for n in g["param_names"]]
-    optim_sd = {"state": {names[i]: entry for i, entry in sd["state"].items()},
+    optim_sd = {"state": {names[i]: {k: numpy_to_tensor(a, copy=False) for k, a in entry.items()}
+                          for i, entry in sd["state"].items()},
                 "param_groups": [dict(g, params=list(g["param_names"])) for g in sd["param_groups"]]}
-    weights = {path_to_name(p): numpy_to_tensor(a) for p, a in (state.weights or {}).items()}
+    weights = {path_to_name(p): numpy_to_tensor(a, copy=False) for p, a in (state.weights or {}).items()}
     if layout == "torchtitan":
         ckpt: dict[str, Any] = {**weights, "optimizer": flatten_optimizer_state_dict(optim_sd)}
     else:

@@ -55,17 +55,25 @@ def tensor_to_numpy(tensor: torch.Tensor, *, copy: bool = True) -> np.ndarray:
     return array.copy() if copy else array
 
 
-def numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
+def numpy_to_tensor(array: np.ndarray, *, copy: bool = True) -> torch.Tensor:
     """A CPU tensor with the array's bits.
+
+    A copy that the tensor owns unless ``copy=False``, which views the array's memory where it can
+    (C-contiguous, native byte order), read-only memory maps included: for a tensor that is only
+    read, as when it is saved.
 
     >>> numpy_to_tensor(np.arange(3.0)).dtype
     torch.float64
     """
-    array = np.array(array, copy=True, order="C")  # the tensor owns its memory: no aliasing, no stride games
-    if array.dtype in _FROM_NUMPY:
-        np_int, torch_dtype = _FROM_NUMPY[array.dtype]
-        return torch.from_numpy(array.view(np_int)).view(torch_dtype)
-    return torch.from_numpy(array)
+    array = np.asarray(array)
+    if copy or not (array.flags.c_contiguous and array.dtype.isnative):
+        array = np.array(array, copy=True, order="C")  # the tensor owns its memory: no aliasing, no stride games
+    with warnings.catch_warnings():  # a view of a read-only memory map: torch warns about writes, none come
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        if array.dtype in _FROM_NUMPY:
+            np_int, torch_dtype = _FROM_NUMPY[array.dtype]
+            return torch.from_numpy(array.view(np_int)).view(torch_dtype)
+        return torch.from_numpy(array)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -203,13 +211,17 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
 
 # ----------------------------------------------------------------------------- canonical -> torch
 
-def _step_dtype() -> type:
-    # What torch itself uses for `step`: float64 under a float64 default dtype, float32 otherwise.
+def step_dtype() -> type:
+    """The NumPy type torch keeps ``step`` in: float64 under a float64 default dtype, else float32.
+
+    >>> step_dtype()
+    <class 'numpy.float32'>
+    """
     return np.float64 if torch.get_default_dtype() == torch.float64 else np.float32
 
 
 def _param_entry(state: OptimizerState, info: ParamInfo) -> dict[str, torch.Tensor]:
-    return {key: numpy_to_tensor(a) for key, a in torch_dict.param_entry(state, info, _step_dtype()).items()}
+    return {key: numpy_to_tensor(a) for key, a in torch_dict.param_entry(state, info, step_dtype()).items()}
 
 
 def to_torch_state_dict(state: OptimizerState, *, names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -227,7 +239,7 @@ def to_torch_state_dict(state: OptimizerState, *, names: Sequence[str] | None = 
     >>> sd["param_groups"][0]["param_names"], sorted(sd["state"][0])
     (['weight', 'bias'], ['momentum_buffer'])
     """
-    sd = torch_dict.state_dict_arrays(state, names=names, step_dtype=_step_dtype())
+    sd = torch_dict.state_dict_arrays(state, names=names, step_dtype=step_dtype())
     sd["state"] = {index: {key: numpy_to_tensor(a) for key, a in entry.items()} for index, entry in sd["state"].items()}
     return sd
 
@@ -350,4 +362,4 @@ def save_checkpoint(state: OptimizerState, path: str | os.PathLike, *, force: bo
 
     The file loads with ``torch.load(path, weights_only=True)``.
     """
-    torch_dict.save_torch_file(state, path, force=force, fsync=fsync, progress=progress, step_dtype=_step_dtype())
+    torch_dict.save_torch_file(state, path, force=force, fsync=fsync, progress=progress, step_dtype=step_dtype())
