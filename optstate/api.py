@@ -61,16 +61,16 @@ def write(state: OptimizerState, dst: str | os.PathLike, fmt: str, *, force: boo
     """Write ``state`` to ``dst`` in format ``fmt``, atomically (durably unless ``fsync=False``); a state
     moved to a Flax layout goes back to torch's on the way to torch. ``max_shard_bytes`` shards a
     canonical file; ``progress(nbytes)`` is called as each tensor is written."""
+    if fmt in ("torch", "dcp") and "layout" in state.metadata:
+        state = revert_layout(state, Layout.from_json(state.metadata["layout"]))
     if fmt == "torch":
-        if "layout" in state.metadata:
-            state = revert_layout(state, Layout.from_json(state.metadata["layout"]))
         torch_dict.save_torch_file(state, dst, force=force, fsync=fsync, progress=progress)  # no torch needed
     elif fmt == "optax":
         adapter("orbax").save_optax_dir(state, dst, force=force, fsync=fsync, progress=progress)
     elif fmt == "optstate":
         fileformat.save(state, dst, force=force, fsync=fsync, max_shard_bytes=max_shard_bytes, progress=progress)
     elif fmt == "dcp":
-        adapter("dcp").write_dcp(state, dst, force=force)
+        adapter("dcp").write_dcp(state, dst, force=force, fsync=fsync)
     else:
         raise OptstateError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 

@@ -99,6 +99,20 @@ def test_convert_to_flax_layout_and_back_is_bit_exact(tmp_path, checkpoint, kind
                            original["optimizer"]["state"][i]["momentum_buffer"]), name
 
 
+
+def test_flax_layout_goes_back_to_torch_layout_in_dcp(tmp_path, checkpoint):
+    """DCP is a torch format: a state in a Flax layout is moved back on the way there, as for .pt."""
+    target = _targets(tmp_path)["msgpack"]
+    code, out = run("convert", str(checkpoint), str(tmp_path / "flax.safetensors"), "--target-params", target)
+    assert code == 0, out
+    code, out = run("convert", "--to", "dcp", str(tmp_path / "flax.safetensors"), str(tmp_path / "dcp"))
+    assert code == 0, out
+    back = optstate.api.read(tmp_path / "dcp")
+    original = optstate.api.read(checkpoint)
+    assert back.weights.keys() == original.weights.keys() and back.slots.keys() == original.slots.keys()
+    for key, array in [*original.weights.items(), *original.slots.items()]:
+        np.testing.assert_array_equal(back.weights[key] if key in back.weights else back.slots[key], array)
+
 def test_map_prints_saves_and_reads_an_edited_mapping(tmp_path, checkpoint):
     target = _targets(tmp_path)["msgpack"]
     code, out = run("map", str(checkpoint), "--target-params", target, "-o", str(tmp_path / "map.json"))

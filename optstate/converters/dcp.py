@@ -441,7 +441,7 @@ def read_dcp(path: str | os.PathLike, *, optimizer: str | None = None) -> Optimi
         raise type(exc)(f"{os.fspath(directory)}: {exc}") from None
 
 
-def write_dcp(state: OptimizerState, path: str | os.PathLike, *, force: bool = False,
+def write_dcp(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
               layout: str = "nested") -> None:
     """Write ``state`` as a DCP checkpoint directory, atomically, for ``dcp.load`` in any number of processes.
 
@@ -451,6 +451,7 @@ def write_dcp(state: OptimizerState, path: str | os.PathLike, *, force: bool = F
     ``get_state_dict``, ``dcp.load`` and ``set_state_dict``. ``layout="torchtitan"`` saves the
     weights at the top level and the optimizer as ``flatten_optimizer_state_dict=True`` does.
     Steps are saved as torch keeps them (``float32`` unless the default dtype is ``float64``).
+    ``fsync=False`` skips the fsyncs (still an atomic rename, not durable against a crash).
 
     >>> import tempfile, torch, optstate
     >>> net = torch.nn.Linear(3, 2); opt = torch.optim.SGD(net.named_parameters(), lr=0.1, momentum=0.9)
@@ -476,7 +477,7 @@ def write_dcp(state: OptimizerState, path: str | os.PathLike, *, force: bool = F
         ckpt = {"optimizer": optim_sd, **({"model": weights} if weights else {})}
     if "lr_scheduler" in state.metadata:
         ckpt["lr_scheduler"] = dict(state.metadata["lr_scheduler"])
-    with atomic_directory(path, force=force) as tmp:
+    with atomic_directory(path, force=force, fsync=fsync) as tmp:
         with warnings.catch_warnings():
             # One process on purpose: torch warns about that even when told so (no_dist=True).
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
