@@ -3,8 +3,8 @@
 
 One run:
 
-1. builds ``{"model": weights, "optimizer": Adam.state_dict()}`` (float32, ``--params`` million
-   parameters, one ``opt.step()`` so every parameter has ``step``/``exp_avg``/``exp_avg_sq``) with
+1. builds ``{"model": weights, "optimizer": Adam.state_dict()}`` (float32, ``--gb`` GB of tensor
+   data, one ``opt.step()`` so every parameter has ``step``/``exp_avg``/``exp_avg_sq``) with
    ``torch.save`` in a temporary directory (in a child process, so its memory is gone afterwards);
 2. reads the file once (warm page cache), then times, each in a fresh subprocess, ``--repeats``
    times interleaved, the median reported:
@@ -13,22 +13,26 @@ One run:
    - ``cp+fsync``       ``cp`` then ``sync DST`` (same durability as optstate, which fsyncs);
    - ``naive``          ``torch.load(weights_only=True)``, ``.numpy()`` every tensor, write the raw
                         bytes of all of them into one file, fsync;
-   - ``optstate``       torch -> optstate (canonical safetensors file);
-   - ``optax``          torch -> optax (Orbax checkpoint directory).
+   - ``optstate``       torch -> optstate (canonical safetensors file), ``--no-fsync`` as ``cp``;
+     ``optstate+fsync`` the same, durable (the default);
+   - ``flax``           the same with ``--target-params`` a Flax model (every kernel transposed);
+   - ``orbax-mem``      the baseline for Orbax output: the arrays loaded into memory as JAX arrays,
+                        then saved by Orbax's ``StandardCheckpointer``; its ``save`` part is the time
+                        to beat;
+   - ``optax``          torch -> optax (Orbax checkpoint directory); ``flax-orbax`` with the Flax
+                        layout too;
+   - ``to-torch``       canonical file (made once, untimed) -> torch file.
 
-   The two optstate paths run ``optstate.api.read`` then ``optstate.api.write`` (exactly what
-   ``optstate convert`` / ``optstate.convert`` do) in a small driver, so the time of the conversion
-   alone can be reported beside the whole-process time; ``--cli`` runs the installed ``optstate``
-   console script instead (whole-process time only).
+   The optstate paths run the installed ``optstate convert`` console script (whole-process time).
 3. prints a table: wall seconds (whole subprocess: interpreter start and imports included), GB/s
    of tensor data (tensor bytes in the checkpoint / wall seconds, 1 GB = 1e9 bytes), ratio to
-   ``cp`` and ``cp+fsync`` of the same run, seconds inside the conversion call, peak RSS
+   ``cp``, ``cp+fsync`` and ``naive`` of the same run, the parts of the two Python baselines, peak RSS
    (``ru_maxrss`` from ``wait4`` on that child: includes file-backed pages of memory maps) and
    peak anonymous RSS (``RssAnon`` sampled from ``/proc/PID/status`` every 20 ms: memory the
    process really allocated; the part of the peak that a streaming converter keeps small).
 4. removes its temporary directory at the end, also on failure or Ctrl-C/SIGTERM.
 
-Run ``python benchmarks/bench_convert.py --help``; ``--params 20`` is a quick check.
+Run ``python benchmarks/bench_convert.py --help``; ``--gb 0.3 --repeats 1`` is a quick check.
 """
 
 from __future__ import annotations

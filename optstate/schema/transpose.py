@@ -10,10 +10,13 @@ not stay in cache, and with a power-of-two row length they all fall into the sam
 2. reduces the problem: drops size-1 axes and merges neighbouring axes that are one run in the
    source, so that ``[O, I, H, W] -> [H, W, I, O]`` becomes ``[O, I, HW] -> [HW, I, O]`` and
    ``[out, in] -> [in, out]`` stays 2-D; a short run that stays last becomes one wider element;
-3. when NumPy's own order would miss the cache (``_tiling_pays``), copies in blocks of about L2's
-   size, each a short run of the destination's last axis by a stretch of the source read in its
-   memory order (``_axis_blocks``); 1- and 2-byte elements are first gathered into 8-byte words
-   (``_copy_in_words``), since NumPy takes about as long per element whatever its size;
+3. when NumPy's own order would miss the cache (``_tiling_pays``): a matrix (a Linear kernel, the
+   common case) is copied tile by tile through a scratch buffer whose rows do not fall into the same
+   cache sets, as a power-of-two row length makes the source's do (``_copy_by_tiles``); other
+   permutations are copied in blocks of about L2's size, each a short run of the destination's last
+   axis by a stretch of the source read in its memory order (``_axis_blocks``), 1- and 2-byte
+   elements first gathered into 8-byte words (``_copy_in_words``), since NumPy takes about as long
+   per element whatever its size;
 4. shares the blocks out between threads (NumPy releases the GIL while it copies), each thread
    writing its own part of the destination.
 
