@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - a later optax moved it: such states ar
 
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import BOOKKEEPING_KEYS, OPTIMIZERS, OptimizerSpec, Slot, is_decoupled, optimizer_spec
-from ..schema.state import OptimizerState, ParamInfo, Path, numpy_dtype, path_to_name
+from ..schema.state import Deferred, OptimizerState, ParamInfo, Path, numpy_dtype, path_to_name
 from .schedules import last_epoch, optax_schedules
 
 FROZEN = "frozen"
@@ -564,9 +564,17 @@ def to_jax(array: Any) -> jax.Array:
     The state's arrays are its own (copies of a live optimizer's, unless ``from_torch(..., copy=False)``
     borrowed them), so sharing their memory with JAX costs nothing and copies nothing.
 
+    A tensor that ``from_torch`` left on its accelerator (:class:`Deferred` with ``dlpack`` set) goes
+    to JAX there, by DLPack, when JAX has that device; through the host otherwise.
+
     >>> to_jax(np.arange(3.0)).tolist()
     [0.0, 1.0, 2.0]
     """
+    if isinstance(array, Deferred) and array.dlpack is not None:
+        try:
+            return jax.dlpack.from_dlpack(array.dlpack)
+        except (BufferError, TypeError, ValueError, RuntimeError):  # no such device in this JAX: via the host
+            pass
     array = np.asarray(array)
     if jax.default_backend() == "cpu" and array.flags.c_contiguous and array.flags.writeable:
         try:

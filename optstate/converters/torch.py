@@ -14,7 +14,7 @@ import torch
 
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, optimizer_spec
-from ..schema.state import OptimizerState, ParamInfo, path_to_name
+from ..schema.state import Deferred, OptimizerState, ParamInfo, non_finite_slot, numpy_dtype, path_to_name
 from . import torch_dict
 # The torch-free part of the adapter, kept importable from here.
 from .torch_dict import (BUFFER_NAMES, MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, TORCH_SIGNATURES,
@@ -80,6 +80,34 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(_VIA_INTEGER[dtype][2]) if dtype in _VIA_INTEGER else str(torch.empty(0, dtype=dtype).numpy().dtype)
 
 
+def _stays_on_device(tensor: torch.Tensor) -> bool:
+    """Whether a tensor stays where it is rather than being copied to the host: an array on an
+    accelerator (a scalar, such as a fused optimizer's ``step``, comes to the host: it is read)."""
+    return tensor.device.type != "cpu" and tensor.ndim > 0
+
+
+def device_array(tensor: torch.Tensor, *, copy: bool) -> Deferred:
+    """A tensor left on its device, as an array of the state: copied there (``copy=True``) or borrowed;
+    ``to_optax`` hands it to JAX by DLPack where JAX has that device, anything else reads it through
+    a copy to the host, one tensor at a time.
+
+    >>> a = device_array(torch.ones(2), copy=True)
+    >>> a.shape, a.dtype, np.asarray(a).tolist()
+    ((2,), dtype('float32'), [1.0, 1.0])
+    """
+    tensor = tensor.detach().clone() if copy else tensor.detach()
+    return Deferred(tuple(tensor.shape), numpy_dtype(_dtype_name(tensor.dtype)),
+                    lambda: tensor_to_numpy(tensor, copy=False), dlpack=tensor)
+
+
+def _check_finite_on_device(state: OptimizerState) -> None:
+    """Refuse non-finite moments left on the device, checked there (the state checks those on the host)."""
+    for (slot, path), array in state.slots.items():
+        if isinstance(array, Deferred) and isinstance(array.dlpack, torch.Tensor) and \
+                array.dlpack.is_floating_point() and not bool(torch.isfinite(array.dlpack).all()):
+            raise non_finite_slot(path, slot)
+
+
 def numpy_tree(obj: Any, *, copy: bool) -> Any:
     """``obj`` with every tensor a NumPy array (:func:`tensor_to_numpy`), dicts and lists rebuilt.
 
@@ -98,7 +126,8 @@ def numpy_tree(obj: Any, *, copy: bool) -> Any:
             key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
                    value.stride(), value.dtype)
             if key not in arrays:
-                arrays[key] = tensor_to_numpy(value, copy=copy)
+                arrays[key] = device_array(value, copy=copy) if _stays_on_device(value) else \
+                    tensor_to_numpy(value, copy=copy)
             return arrays[key]
         if isinstance(value, Counter):  # holds numbers only; a scheduler's milestones stay a Counter
             return value
@@ -172,9 +201,10 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
     ``scheduler`` (or one saved in the checkpoint) travels with the state.
 
     A live optimizer's tensors are copied, since its next step overwrites them. ``copy=False``
-    borrows them instead (CPU tensors: no copy at all, and :func:`optstate.to_optax` hands them on to
-    JAX by DLPack, so a migration in one process copies nothing); then the torch optimizer must not
-    step again while the state or the arrays made from it are in use.
+    borrows them instead (no copy at all, and :func:`optstate.to_optax` hands them on to JAX by
+    DLPack, so a migration in one process copies nothing); then the torch optimizer must not step
+    again while the state or the arrays made from it are in use. Tensors on an accelerator stay
+    there (copied there by default): JAX takes them on the same device, without a trip to the host.
 
     >>> import torch, optstate
     >>> net = torch.nn.Linear(3, 2)
@@ -203,10 +233,12 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
         weights = numpy_tree(dict(model.state_dict()), copy=True)
         parameters = {n for n, _ in model.named_parameters()}
         buffers = [n for n in weights if n not in parameters]
-    return torch_dict.state_from_checkpoint(
+    state = torch_dict.state_from_checkpoint(
         checkpoint, source, origin=f"torch {torch.__version__}", optimizer=optimizer, model=model, weights=weights,
         buffers=buffers, scheduler_state=None if scheduler is None else numpy_tree(scheduler.state_dict(), copy=True),
         live_class=live_class, shapes=shapes)
+    _check_finite_on_device(state)
+    return state
 
 
 # ----------------------------------------------------------------------------- canonical -> torch

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import FormatError, MappingError, UnsupportedError
 from ..schema.spec import OptimizerSpec, optimizer_spec
-from ..schema.state import OptimizerState, ParamInfo, name_to_path, path_to_name
+from ..schema.state import Deferred, OptimizerState, ParamInfo, name_to_path, path_to_name
 from . import adapter, ptfile
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt")
@@ -108,14 +108,22 @@ def is_optimizer_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and "state" in obj and "param_groups" in obj
 
 
+def is_array(value: Any) -> bool:
+    """Whether ``value`` is what a tensor became: a NumPy array, or a tensor left on its device.
+
+    >>> is_array(np.zeros(1)), is_array([0.0])
+    (True, False)
+    """
+    return isinstance(value, (np.ndarray, Deferred))
+
+
 def is_tensor_dict(obj: Any) -> bool:
     """Whether ``obj`` looks like ``Module.state_dict()``: names to arrays.
 
     >>> is_tensor_dict({"w": np.zeros(1)}), is_tensor_dict({"epoch": 3})
     (True, False)
     """
-    return isinstance(obj, Mapping) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(k, str) and is_array(v) for k, v in obj.items())
 
 
 def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | None, Mapping | None]:
@@ -317,7 +325,7 @@ def _read_param(spec: OptimizerSpec, entry: Any, where: str) -> tuple[int | None
     slots = {}
     for slot in spec.slots:
         value = entry.get(slot.torch_key)
-        if value is not None and not isinstance(value, np.ndarray):
+        if value is not None and not is_array(value):
             raise FormatError(f"{where}: {slot.torch_key} is a {type(value).__name__}, expected a tensor")
         if value is not None:
             slots[slot.name] = value
@@ -328,8 +336,8 @@ def _tied(weights: Mapping[str, np.ndarray]) -> dict[str, str]:
     """Names that view another name's memory the same way (tied weights), mapped to the first name."""
     first: dict[tuple, str] = {}
     tied = {}
-    for name, a in weights.items():
-        key = (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype)
+    for name, a in weights.items():  # a tensor left on its device is one object however often it occurs
+        key = (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype) if isinstance(a, np.ndarray) else id(a)
         if a.size and key in first:
             tied[name] = first[key]
         first.setdefault(key, name)

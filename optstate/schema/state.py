@@ -58,10 +58,24 @@ def all_finite(array: np.ndarray, chunk: int = 1 << 24) -> bool:
     return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
 
 
+def non_finite_slot(path: Path, slot: str) -> FormatError:
+    """The error for a slot holding NaN or inf.
+
+    >>> str(non_finite_slot(("fc", "weight"), "first_moment"))[:50]
+    "fc.weight: slot 'first_moment' holds non-finite va"
+    """
+    return FormatError(f"{path_to_name(path)}: slot {slot!r} holds non-finite values (NaN or inf); "
+                       "the run diverged or the file is corrupt")
+
+
 @dataclass(frozen=True, eq=False)
 class Deferred:
     """An array made when it is read (``np.asarray``): a layout move of a memory-mapped tensor, so that
-    a conversion holds one tensor at a time. Shape and dtype are known without making it.
+    a conversion holds one tensor at a time, or the host copy of a tensor on an accelerator. Shape
+    and dtype are known without making it.
+
+    ``dlpack``, when set, is the array where it already is (an object with ``__dlpack__``: a CUDA
+    tensor), for a consumer that takes it there without the copy to the host (``to_optax``).
 
     >>> d = Deferred((2, 1), np.dtype("float32"), lambda: np.ones((1, 2), np.float32).T)
     >>> d.shape, np.asarray(d).tolist()
@@ -71,6 +85,7 @@ class Deferred:
     shape: tuple[int, ...]
     dtype: np.dtype
     compute: Callable[[], np.ndarray]
+    dlpack: Any = None
 
     @property
     def ndim(self) -> int:
@@ -156,8 +171,7 @@ class OptimizerState:
                 raise FormatError(f"{path_to_name(path)}: slot {slot!r} has shape {list(array.shape)}, "
                                   f"expected {list(expected)}")
             if not isinstance(array, Deferred) and not all_finite(array):  # a Deferred's source was checked
-                raise FormatError(f"{path_to_name(path)}: slot {slot!r} holds non-finite values (NaN or inf); "
-                                  "the run diverged or the file is corrupt")
+                raise non_finite_slot(path, slot)
         for info in self.params:
             if not 0 <= info.group < len(self.param_groups):
                 raise FormatError(f"{path_to_name(info.path)}: group {info.group} does not exist")

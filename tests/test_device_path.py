@@ -1,0 +1,80 @@
+"""The in-memory path for tensors on an accelerator: from_torch leaves them where they are and to_optax
+hands them to JAX by DLPack. No GPU here, so the tests put CPU tensors through the very same path
+(``_stays_on_device`` says yes to them); only that one predicate is left untested."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import optstate
+from optstate.converters import torch as torch_adapter
+from optstate.errors import FormatError
+from optstate.schema.state import Deferred
+from frameworks import TinyNet, jax_train, torch_params, torch_train
+from helpers import TOL, flat, max_abs_diff, nested
+from test_continuation import K, N, TORCH_CASES
+
+
+@pytest.fixture
+def on_device(monkeypatch):
+    monkeypatch.setattr(torch_adapter, "_stays_on_device", lambda tensor: tensor.ndim > 0)
+
+
+def _leaves_with_device(state):
+    return [a for _, _, a in state.iter_tensors() if isinstance(a, Deferred) and a.dlpack is not None]
+
+
+@pytest.mark.parametrize("case", ["adam", "adamw-groups", "sgd-momentum", "rmsprop-all", "adafactor", "adagrad"])
+def test_device_tensors_continue_exactly_in_jax(case, on_device):
+    model = TinyNet()
+    opt = TORCH_CASES[case](model)
+    torch_train(model, opt, K)
+    state = optstate.from_torch(opt, model=model)
+    assert len(_leaves_with_device(state)) == len(state.slots) + len(state.weights)  # the path under test
+    tx = optstate.optax_transform(state)
+    params = nested({n: jax.numpy.asarray(v) for n, v in torch_params(model).items()})
+    params, _ = jax_train(tx, params, optstate.to_optax(state, tx, params), N)
+    torch_train(model, opt, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+def test_jax_takes_the_tensors_by_dlpack_copied_on_the_device_or_borrowed(on_device, monkeypatch):
+    net = torch.nn.Linear(64, 32)
+    opt = torch.optim.Adam(net.named_parameters(), lr=1e-3)
+    net(torch.ones(2, 64)).sum().backward()
+    opt.step()
+    live = opt.state[net.weight]["exp_avg"]
+    params = {"weight": jax.numpy.zeros((32, 64), np.float32), "bias": jax.numpy.zeros(32, np.float32)}
+    for copy in (True, False):
+        state = optstate.from_torch(opt, copy=copy)
+        kept = state.slots[("first_moment", ("weight",))].dlpack
+        assert (kept.data_ptr() == live.data_ptr()) is not copy  # a copy made where the tensor is, or the tensor
+        with monkeypatch.context() as m:
+            m.setattr(torch_adapter, "tensor_to_numpy", lambda *a, **k: pytest.fail("a copy to the host"))
+            mu = optstate.to_optax(state, optstate.optax_transform(state), params)[0].mu["weight"]
+        assert mu.unsafe_buffer_pointer() == kept.data_ptr()  # DLPack: JAX reads the tensor's own memory
+        np.testing.assert_array_equal(np.asarray(mu), live.numpy())
+
+
+def test_device_state_saves_through_the_host_bit_exact(on_device, tmp_path):
+    model = TinyNet()
+    opt = TORCH_CASES["adafactor"](model)
+    torch_train(model, opt, K)
+    state = optstate.from_torch(opt, model=model)
+    optstate.save(state, tmp_path / "s.safetensors")
+    back = optstate.load(tmp_path / "s.safetensors")
+    for key, array in state.slots.items():
+        np.testing.assert_array_equal(back.slots[key], np.asarray(array))
+        assert back.slots[key].dtype == array.dtype
+
+
+def test_non_finite_moments_on_the_device_are_refused_by_name(on_device):
+    model = TinyNet()
+    opt = TORCH_CASES["adam"](model)
+    torch_train(model, opt, K)
+    opt.state[model.fc2.bias]["exp_avg_sq"][0] = float("nan")
+    with pytest.raises(FormatError, match=r"fc2\.bias: slot 'second_moment' holds non-finite"):
+        optstate.from_torch(opt, model=model)
