@@ -78,3 +78,24 @@ def test_non_finite_moments_on_the_device_are_refused_by_name(on_device):
     opt.state[model.fc2.bias]["exp_avg_sq"][0] = float("nan")
     with pytest.raises(FormatError, match=r"fc2\.bias: slot 'second_moment' holds non-finite"):
         optstate.from_torch(opt, model=model)
+
+
+def _adam_state_and_params():
+    model = TinyNet()
+    opt = TORCH_CASES["adam"](model)
+    torch_train(model, opt, K)
+    return model, opt, optstate.from_torch(opt, model=model), nested(
+        {n: jax.numpy.asarray(v) for n, v in torch_params(model).items()})
+
+
+def test_to_optax_allocates_no_template_moments():
+    """tx.init would allocate every moment only for to_optax to replace it: on an accelerator, as much
+    memory again as the state. The template comes from jax.eval_shape instead."""
+    import optax
+    _, _, state, params = _adam_state_and_params()
+    inner = optstate.optax_transform(state)
+    calls = []
+    tx = optax.GradientTransformation(lambda p: calls.append(p) or inner.init(p), inner.update)
+    optstate.to_optax(state, tx, params)
+    assert calls and all(isinstance(leaf, jax.core.Tracer) for p in calls for leaf in jax.tree.leaves(p))
+

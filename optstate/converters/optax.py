@@ -554,7 +554,13 @@ def to_optax(state: OptimizerState, tx: optax.GradientTransformation, params: An
     >>> int(opt_state[0].count), opt_state[0].mu["w"].tolist()
     (3, [1.0, 1.0])
     """
-    return fill_state(state, tx.init(params), to_jax)
+    # The template's shapes, not its arrays: tx.init would allocate every moment only for it to be
+    # replaced (on an accelerator, as much memory again as the state). Where the state leaves a leaf
+    # at its initial value (NAdam's mu_product before the first step), the real init supplies it.
+    filled = fill_state(state, jax.eval_shape(tx.init, params), to_jax)
+    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(filled)):
+        filled = fill_state(state, tx.init(params), to_jax)
+    return filled
 
 
 def to_jax(array: Any) -> jax.Array:
