@@ -22,22 +22,24 @@ first, to warm the allocator up. About 2 minutes and 6 GB of memory for the defa
 (``time.thread_time``: less sensitive to other processes on a shared machine than wall time).
 
 Figures (one run of the default cases, median of 3; the project's shared 2-core AMD EPYC VM, 24 GiB,
-Python 3.11, NumPy 2.4.6, a quiet moment: other jobs share this machine, and while they run the
-two-thread figures fall to the one-thread ones):
+Python 3.11, NumPy 2.4.6, with other sessions running: while they run, the two-thread figures fall
+towards the one-thread ones):
 
 | case | ``ascontiguousarray`` | ``permute`` t=1 | t=2 | t=2 ``out=`` | ``np.copyto`` |
 |---|---|---|---|---|---|
-| f32 16384 x 16384 (1.07 GB) | 0.23 | 2.27 | 4.49 (19.7x) | 5.37 (23.5x) | 7.67 |
-| bf16 16384 x 16384 (0.54 GB) | 0.17 | 1.84 | 3.01 (17.8x) | 3.76 (22.2x) | 8.88 |
-| f32 conv [2048, 2048, 3, 3] -> [3, 3, 2048, 2048] | 0.37 | 1.55 | 2.48 (6.7x) | 2.34 | 5.49 |
+| f32 16384 x 16384 (1.07 GB) | 0.22 | 1.77 | 3.44 (15.7x) | 2.67 (12.1x) | 5.77 |
+| bf16 16384 x 16384 (0.54 GB) | 0.26 | 1.42 | 2.50 (9.6x) | 2.60 (10.0x) | 7.87 |
+| f32 conv [2048, 2048, 3, 3] -> [3, 3, 2048, 2048] | 0.40 | 1.27 | 2.29 (5.7x) | 2.48 (6.2x) | 8.69 |
 
-(GB/s of bytes read; in brackets the ratio to ``ascontiguousarray`` of the same run.) ``np.copy``
-into a new 1 GB array ran at 0.8-6 GB/s in the same runs: page faults on this VM vary a lot, so
-``np.copyto`` is the steadier memcpy baseline. What limits ``permute``: one thread is bound by
-NumPy's strided copy loop, about 1 ns per element however small (so 1- and 2-byte elements are
-moved as 8-byte words), not by memory (``np.copyto`` is 3x faster); two threads give 1.6-2x; a new
-output adds the page faults of the output (t=2 against t=2 ``out=``). ``--sweep`` chose the run and
-block sizes; NumPy's own order is kept where it is as fast (a batch of small transposes).
+(GB/s of bytes read; in brackets the ratio to ``ascontiguousarray`` of the same run.) Matrices go
+through ``_copy_by_tiles`` (a padded scratch tile between source and destination); on the sizes
+of a transformer's kernels, one thread, it runs at 6-7.5 GB/s for 1024 x 1024 float32 and 3-4 GB/s
+for 4096 x 1024 (NumPy's ``a.T`` copy: 1.2 and 0.6 GB/s; the blocked copy that other permutations
+take: 1.3 and 1.2-1.9 GB/s). The blocked copy is bound by NumPy's strided copy loop, about 1 ns
+per element however small (so 1- and 2-byte elements are moved as 8-byte words); two threads give
+1.6-2x; a new output adds its page faults (t=2 against t=2 ``out=``). ``--sweep`` chose the run
+and block sizes of the blocked copy; NumPy's own order is kept where it is as fast (a batch of
+small transposes).
 """
 
 from __future__ import annotations
