@@ -11,6 +11,8 @@ on the device with one real ``opt.step()``, then times, ``--repeats`` times each
                        tensors themselves;
 - ``copy + DLPack``    ``from_torch(opt, model=model)`` (the default: a copy made on the device) then
                        ``to_optax``;
+- ``borrow + Flax``    the same as ``borrow + DLPack`` with the layout moved to a Flax model
+                       (``relayout``: every kernel transposed, by JAX on the device);
 - ``host round trip``  ``.cpu().numpy()`` then ``jax.device_put`` for every tensor: what it replaces.
 
 It checks that JAX's arrays hold the tensors' values (and, borrowed, their memory), and prints GB/s
@@ -31,6 +33,7 @@ import torch
 
 import optstate
 from optstate.converters.optax import nest
+from optstate.layouts import relayout
 
 WIDTH = 4096
 
@@ -89,10 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     def migrate(copy: bool):
         return lambda: optstate.to_optax(optstate.from_torch(opt, model=model, copy=copy), tx, params)
 
+    zero = np.float32(0)
+    target = {name: {"kernel": np.broadcast_to(zero, (WIDTH, WIDTH)), "bias": np.broadcast_to(zero, (WIDTH,))}
+              for name, _ in model.named_children()}
+    flax_tx = optstate.optax_transform(relayout(optstate.from_torch(opt, model=model, copy=False), target=target))
+    flax_params = {name: {"kernel": jax.numpy.transpose(params[name]["weight"]), "bias": params[name]["bias"]}
+                   for name in target}
+
+    def migrate_to_flax():
+        state = relayout(optstate.from_torch(opt, model=model, copy=False), target=target)
+        return optstate.to_optax(state, flax_tx, flax_params)
+
     rows = {}
     rows["device copy"], _ = timed(lambda: [t.clone() for t in tensors], args.device, args.repeats)
     rows["borrow + DLPack"], borrowed = timed(migrate(False), args.device, args.repeats)
     rows["copy + DLPack"], copied = timed(migrate(True), args.device, args.repeats)
+    rows["borrow + Flax"], flax = timed(migrate_to_flax, args.device, args.repeats)
     rows["host round trip"], _ = timed(lambda: [jax.device_put(t.cpu().numpy(), jax_device) for t in tensors],
                                        args.device, args.repeats)
 
@@ -101,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         mu = opt_state[0].mu["0"]["weight"]
         assert np.array_equal(np.asarray(mu), live.cpu().numpy()), "JAX's moment differs from torch's"
     assert borrowed[0].mu["0"]["weight"].unsafe_buffer_pointer() == live.data_ptr(), "borrowed, yet copied"
+    assert np.array_equal(np.asarray(flax[0].mu["0"]["kernel"]), live.cpu().numpy().T), "Flax moment differs"
 
     copy_s = rows["device copy"]
     print(f"\n{'path':<18} {'seconds':>9} {'GB/s':>9} {'x device copy':>14}")

@@ -99,3 +99,29 @@ def test_to_optax_allocates_no_template_moments():
     optstate.to_optax(state, tx, params)
     assert calls and all(isinstance(leaf, jax.core.Tracer) for p in calls for leaf in jax.tree.leaves(p))
 
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "attention", "embedding"])
+def test_layout_moves_of_device_tensors_happen_in_jax_bit_exact(kind, monkeypatch):
+    """Moved to a Flax model (transposes, q/k/v split), device tensors are moved by JAX on the device:
+    no copy to the host, and the same bits as NumPy's moves on the host."""
+    from test_layout import Case
+    from optstate.converters.optax import nest
+    from optstate.layouts import relayout
+    case = Case(kind, torch.optim.Adam, lr=1e-2)
+    case.torch_steps(case.torch_model, case.opt, case.inputs[:2])
+    target = case.target()
+    host = relayout(optstate.from_torch(case.opt, model=case.torch_model), target=target)
+    params = nest({p.path: np.asarray(host.weights[p.path]) for p in host.params})
+    tx = optstate.optax_transform(host)
+    expected = optstate.to_optax(host, tx, params)
+
+    monkeypatch.setattr(torch_adapter, "_stays_on_device", lambda tensor: tensor.ndim > 0)
+    on_device = relayout(optstate.from_torch(case.opt, model=case.torch_model), target=target)
+    sources = [a.moved[0] for a in on_device.slots.values() if isinstance(a, Deferred) and a.moved is not None]
+    assert sources and all(source.dlpack is not None for source in sources)  # moves of device tensors
+    with monkeypatch.context() as m:
+        m.setattr(torch_adapter, "tensor_to_numpy", lambda *a, **k: pytest.fail("a copy to the host"))
+        got = optstate.to_optax(on_device, tx, params)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes()

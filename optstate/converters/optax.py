@@ -563,6 +563,11 @@ def to_optax(state: OptimizerState, tx: optax.GradientTransformation, params: An
     return filled
 
 
+def _on_device(array: Any) -> bool:
+    """Whether ``array`` is a tensor left on its accelerator (see :func:`to_jax`)."""
+    return isinstance(array, Deferred) and array.dlpack is not None
+
+
 def to_jax(array: Any) -> jax.Array:
     """``array`` as a JAX array on the default device, handed over by DLPack (no copy) where the
     array already lives there in a form JAX takes as it is; copied otherwise.
@@ -571,12 +576,16 @@ def to_jax(array: Any) -> jax.Array:
     borrowed them), so sharing their memory with JAX costs nothing and copies nothing.
 
     A tensor that ``from_torch`` left on its accelerator (:class:`Deferred` with ``dlpack`` set) goes
-    to JAX there, by DLPack, when JAX has that device; through the host otherwise.
+    to JAX there, by DLPack, when JAX has that device; through the host otherwise. A layout move of
+    such a tensor (``moved``) is made by JAX, on the device.
 
     >>> to_jax(np.arange(3.0)).tolist()
     [0.0, 1.0, 2.0]
     """
-    if isinstance(array, Deferred) and array.dlpack is not None:
+    if isinstance(array, Deferred) and array.moved is not None and _on_device(array.moved[0]):
+        source, move = array.moved
+        return move.apply(to_jax(source), transpose=jax.numpy.transpose)
+    if _on_device(array):
         try:
             return jax.dlpack.from_dlpack(array.dlpack)
         except (BufferError, TypeError, ValueError, RuntimeError):  # no such device in this JAX: via the host

@@ -16,7 +16,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -92,14 +92,19 @@ class Move:
             steps.append(f"reshape {list(self.shape)}")
         return ", ".join(steps) or "as is"
 
-    def apply(self, array: Any) -> np.ndarray:
+    def apply(self, array: Any, transpose: Callable[[Any, tuple[int, ...]], Any] | None = None) -> Any:
         """The source array moved to the target: a view of it where no axis moves (no copy: a view of
-        a memory-mapped file is then copied file to file), a new array otherwise."""
-        array = np.asarray(array)
+        a memory-mapped file is then copied file to file), a new array otherwise.
+
+        ``transpose(array, axes)`` moves the axes of an array of another framework where it is (on
+        its accelerator: ``jax.numpy.transpose``); by default the array is a NumPy one.
+        """
+        if transpose is None:
+            array, transpose = np.asarray(array), permute
         if self.parts > 1:
             size = self.source_shape[0] // self.parts
             array = array[self.part * size:(self.part + 1) * size]
-        return (permute(array, self.axes) if self.axes else array).reshape(self.shape)
+        return (transpose(array, self.axes) if self.axes else array).reshape(self.shape)
 
     def revert(self, array: Any) -> np.ndarray:
         """The target array moved back to the source's piece (shape ``part_shape``)."""
@@ -323,6 +328,12 @@ def _lazy(shape: Shape, dtype: Any, compute: Any) -> Deferred:
     return Deferred(tuple(shape), np.dtype(dtype), compute)
 
 
+def _moved(array: Any, move: Move) -> Deferred:
+    """``array`` moved by ``move`` when it is read; the move is kept too (``Deferred.moved``), so that
+    an array on an accelerator can be moved there, not on the host."""
+    return Deferred(move.shape, np.dtype(array.dtype), lambda: move.apply(array), moved=(array, move))
+
+
 def _moved_slot(state: OptimizerState, slot: str, array: Any, move: Move) -> tuple[str, Any]:
     """A slot's name and array at the move's target: shaped like the parameter, a scalar, or a factored
     statistic permuted as its parameter is (its size-1 axis included)."""
@@ -335,7 +346,7 @@ def _moved_slot(state: OptimizerState, slot: str, array: Any, move: Move) -> tup
         shape = tuple(array.shape[a] for a in move.axes)
         return _factored_name(state, slot, move), _lazy(shape, array.dtype,
                                                         lambda: permute(np.asarray(array), move.axes))
-    return slot, _lazy(move.shape, array.dtype, lambda: move.apply(array))
+    return slot, _moved(array, move)
 
 
 def apply_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
@@ -387,7 +398,7 @@ def apply_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
             if path in dropped:
                 weights[path] = array
             for move in layout.moves_of(path):
-                weights[move.target] = _lazy(move.shape, array.dtype, lambda a=array, m=move: m.apply(a))
+                weights[move.target] = _moved(array, move)
                 if path in state.buffers:
                     buffers += (move.target,)
     return dataclasses.replace(state, params=tuple(params), slots=slots, weights=weights, buffers=buffers,
