@@ -251,6 +251,30 @@ def test_writing_from_a_memory_mapped_file_copies_no_array(tmp_path):
     assert back.slots.keys() == slots.keys()
     assert all(np.array_equal(back.slots[k], a) for k, a in slots.items())
 
+
+def test_lazy_arrays_are_made_one_at_a_time_on_the_way_to_dcp(tmp_path):
+    """A layout move back to torch's layout (or a tensor on an accelerator) is an array made when it is
+    read; DCP would hold all of them, so they go through a memory-mapped file one at a time."""
+    import tracemalloc
+    from optstate.schema.state import Deferred
+    rng = np.random.default_rng(0)
+    params = tuple(optstate.ParamInfo((f"layer{i}", "weight"), (512, 1024), "float32", 0, 1) for i in range(8))
+    sources = {(slot, p.path): rng.standard_normal((1024, 512), dtype=np.float32)
+               for p in params for slot in ("first_moment", "second_moment")}
+    slots = {k: Deferred((512, 1024), np.dtype(np.float32), lambda a=a: np.ascontiguousarray(a.T))
+             for k, a in sources.items()}
+    state = optstate.OptimizerState("adam", ({"lr": 1e-3},), params, slots)
+    tracemalloc.start()
+    try:
+        write_dcp(state, tmp_path / "out")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB allocated while writing 32 MiB of lazy arrays"
+    back = read_dcp(tmp_path / "out")
+    assert all(np.array_equal(back.slots[k], a.T) for k, a in sources.items())
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the staged file went with the temporary
+
 def test_existing_output_is_replaced_only_with_force(tmp_path):
     model, opt, _ = _trained("sgd-momentum")
     state = optstate.from_torch(opt, model=model)

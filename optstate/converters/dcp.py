@@ -32,7 +32,8 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 
 from ..atomic import atomic_directory
 from ..errors import FormatError, OptstateError, UnsupportedError
-from ..schema.state import OptimizerState, path_to_name
+from ..schema import fileformat
+from ..schema.state import Deferred, OptimizerState, path_to_name
 from . import torch_dict
 from .torch import (MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, from_torch, numpy_to_tensor, step_dtype, tensor_to_numpy,
                     unpickler_detail)
@@ -463,6 +464,15 @@ def write_dcp(state: OptimizerState, path: str | os.PathLike, *, force: bool = F
     """
     if layout not in LAYOUTS:
         raise OptstateError(f"unknown DCP layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    with atomic_directory(path, force=force, fsync=fsync) as tmp:
+        if any(isinstance(a, Deferred) for _, _, a in state.iter_tensors()):
+            # Lazy arrays (layout moves, tensors on an accelerator) are made one at a time into a
+            # file beside the output and read back memory-mapped, not made and held all at once.
+            state = fileformat.load(fileformat.save(state, tmp.parent / "staged.safetensors", fsync=False))
+        _save_dcp(state, tmp, layout)
+
+
+def _save_dcp(state: OptimizerState, directory: pathlib.Path, layout: str) -> None:
     # Tensors view the state's arrays (memory maps of the source, mostly) instead of copying them:
     # DCP's writer keeps every tensor of a file until the file is done.
     sd = torch_dict.state_dict_arrays(state, step_dtype=step_dtype())
@@ -477,9 +487,8 @@ def write_dcp(state: OptimizerState, path: str | os.PathLike, *, force: bool = F
         ckpt = {"optimizer": optim_sd, **({"model": weights} if weights else {})}
     if "lr_scheduler" in state.metadata:
         ckpt["lr_scheduler"] = dict(state.metadata["lr_scheduler"])
-    with atomic_directory(path, force=force, fsync=fsync) as tmp:
-        with warnings.catch_warnings():
-            # One process on purpose: torch warns about that even when told so (no_dist=True).
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            # atomic_directory fsyncs the whole tree before the rename, so the writer need not.
-            dcp.save(ckpt, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False), no_dist=True)
+    with warnings.catch_warnings():
+        # One process on purpose: torch warns about that even when told so (no_dist=True).
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        # atomic_directory fsyncs the whole tree before the rename, so the writer need not.
+        dcp.save(ckpt, storage_writer=dcp.FileSystemWriter(directory, sync_files=False), no_dist=True)
