@@ -264,16 +264,17 @@ def test_lazy_arrays_are_made_one_at_a_time_on_the_way_to_dcp(tmp_path):
     slots = {k: Deferred((512, 1024), np.dtype(np.float32), lambda a=a: np.ascontiguousarray(a.T))
              for k, a in sources.items()}
     state = optstate.OptimizerState("adam", ({"lr": 1e-3},), params, slots)
+    out = tmp_path / "staged.safetensors"  # a name the staged file must not take
     tracemalloc.start()
     try:
-        write_dcp(state, tmp_path / "out")
+        write_dcp(state, out)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB allocated while writing 32 MiB of lazy arrays"
-    back = read_dcp(tmp_path / "out")
+    back = read_dcp(out)
     assert all(np.array_equal(back.slots[k], a.T) for k, a in sources.items())
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the staged file went with the temporary
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the staged file went with the temporary
 
 def test_existing_output_is_replaced_only_with_force(tmp_path):
     model, opt, _ = _trained("sgd-momentum")

@@ -66,9 +66,10 @@ def test_device_state_saves_through_the_host_bit_exact(on_device, tmp_path):
     state = optstate.from_torch(opt, model=model)
     optstate.save(state, tmp_path / "s.safetensors")
     back = optstate.load(tmp_path / "s.safetensors")
-    for key, array in state.slots.items():
-        np.testing.assert_array_equal(back.slots[key], np.asarray(array))
-        assert back.slots[key].dtype == array.dtype
+    named = dict(model.named_parameters())
+    for (slot, path), array in back.slots.items():
+        expected = opt.state[named[".".join(path)]][back.spec.slot(slot).torch_key]
+        assert array.dtype == expected.numpy().dtype and array.tobytes() == expected.numpy().tobytes(), (slot, path)
 
 
 def test_non_finite_moments_on_the_device_are_refused_by_name(on_device):
@@ -125,3 +126,51 @@ def test_layout_moves_of_device_tensors_happen_in_jax_bit_exact(kind, monkeypatc
         got = optstate.to_optax(on_device, tx, params)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_no_room_on_the_device_for_the_copy_means_a_copy_on_the_host(on_device, monkeypatch):
+    model = TinyNet()
+    opt = TORCH_CASES["adam"](model)
+    torch_train(model, opt, K)
+
+    def no_room(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(torch.Tensor, "clone", no_room)
+    state = optstate.from_torch(opt, model=model)
+    assert not _leaves_with_device(state) and all(isinstance(a, np.ndarray) for a in state.slots.values())
+    tx = optstate.optax_transform(state)
+    params = nested({n: jax.numpy.asarray(v) for n, v in torch_params(model).items()})
+    params, _ = jax_train(tx, params, optstate.to_optax(state, tx, params), N)
+    torch_train(model, opt, N)
+    assert max_abs_diff(flat(params), torch_params(model)) < TOL
+
+
+def test_an_init_jax_cannot_trace_is_run_as_it_is():
+    """to_optax reads the template's shapes by tracing tx.init; an init that reads its inputs with
+    NumPy cannot be traced, and is then run for real, as before."""
+    import optax
+    _, _, state, params = _adam_state_and_params()
+    inner = optstate.optax_transform(state)
+    host_init = optax.GradientTransformation(lambda p: (np.asarray(jax.tree.leaves(p)[0]), inner.init(p))[1],
+                                             inner.update)
+    for a, b in zip(jax.tree.leaves(optstate.to_optax(state, inner, params)),
+                    jax.tree.leaves(optstate.to_optax(state, host_init, params)), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_what_dlpack_gives_must_match_the_declared_array():
+    """A device tensor whose shape or dtype disagrees with what the state declares is not taken as is."""
+    from optstate.converters.optax import to_jax
+    declared = Deferred((2,), np.dtype(np.float32), lambda: np.array([1.0, 2.0], np.float32),
+                        dlpack=torch.zeros(3, dtype=torch.float64))
+    assert to_jax(declared).tolist() == [1.0, 2.0]
+
+
+def test_non_finite_complex_moments_on_the_device_are_refused():
+    from optstate.converters.torch import _check_finite_on_device, device_array
+    from optstate.schema.state import OptimizerState, ParamInfo
+    moment = torch.tensor([1 + 1j, complex(float("nan"), 0)], dtype=torch.complex64)
+    slots = {(slot, ("w",)): device_array(moment, copy=True) for slot in ("first_moment", "second_moment")}
+    state = OptimizerState("adam", ({"lr": 1e-3},), (ParamInfo(("w",), (2,), "complex64", 0, 1),), slots)
+    with pytest.raises(FormatError, match="w: slot 'first_moment' holds non-finite"):
+        _check_finite_on_device(state)

@@ -468,7 +468,8 @@ def write_dcp(state: OptimizerState, path: str | os.PathLike, *, force: bool = F
         if any(isinstance(a, Deferred) for _, _, a in state.iter_tensors()):
             # Lazy arrays (layout moves, tensors on an accelerator) are made one at a time into a
             # file beside the output and read back memory-mapped, not made and held all at once.
-            state = fileformat.load(fileformat.save(state, tmp.parent / "staged.safetensors", fsync=False))
+            staged = tmp.parent / f"{tmp.name}.staged.safetensors"  # never the output's own name
+            state = fileformat.load(fileformat.save(state, staged, fsync=False))
         _save_dcp(state, tmp, layout)
 
 

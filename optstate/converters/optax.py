@@ -557,7 +557,10 @@ def to_optax(state: OptimizerState, tx: optax.GradientTransformation, params: An
     # The template's shapes, not its arrays: tx.init would allocate every moment only for it to be
     # replaced (on an accelerator, as much memory again as the state). Where the state leaves a leaf
     # at its initial value (NAdam's mu_product before the first step), the real init supplies it.
-    filled = fill_state(state, jax.eval_shape(tx.init, params), to_jax)
+    try:
+        filled = fill_state(state, jax.eval_shape(tx.init, params), to_jax)
+    except TypeError:  # an init that cannot be traced (NumPy on its inputs, a leaf JAX has no type for)
+        return fill_state(state, tx.init(params), to_jax)
     if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(filled)):
         filled = fill_state(state, tx.init(params), to_jax)
     return filled
@@ -576,7 +579,7 @@ def to_jax(array: Any) -> jax.Array:
     borrowed them), so sharing their memory with JAX costs nothing and copies nothing.
 
     A tensor that ``from_torch`` left on its accelerator (:class:`Deferred` with ``dlpack`` set) goes
-    to JAX there, by DLPack, when JAX has that device; through the host otherwise. A layout move of
+    to JAX on that device, by DLPack, when JAX has it; through the host otherwise. A layout move of
     such a tensor (``moved``) is made by JAX, on the device.
 
     >>> to_jax(np.arange(3.0)).tolist()
@@ -587,9 +590,11 @@ def to_jax(array: Any) -> jax.Array:
         return move.apply(to_jax(source), transpose=jax.numpy.transpose)
     if _on_device(array):
         try:
-            return jax.dlpack.from_dlpack(array.dlpack)
+            taken = jax.dlpack.from_dlpack(array.dlpack)
         except (BufferError, TypeError, ValueError, RuntimeError):  # no such device in this JAX: via the host
-            pass
+            taken = None
+        if taken is not None and taken.shape == array.shape and np.dtype(taken.dtype) == array.dtype:
+            return taken
     array = np.asarray(array)
     if jax.default_backend() == "cpu" and array.flags.c_contiguous and array.flags.writeable:
         try:

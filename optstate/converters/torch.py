@@ -86,16 +86,20 @@ def _stays_on_device(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "cpu" and tensor.ndim > 0
 
 
-def device_array(tensor: torch.Tensor, *, copy: bool) -> Deferred:
+def device_array(tensor: torch.Tensor, *, copy: bool) -> Deferred | np.ndarray:
     """A tensor left on its device, as an array of the state: copied there (``copy=True``) or borrowed;
     ``to_optax`` hands it to JAX by DLPack where JAX has that device, anything else reads it through
-    a copy to the host, one tensor at a time.
+    a copy to the host, one tensor at a time. Where the device has no room for the copy, the copy
+    is made on the host instead (a plain NumPy array), as it always was.
 
     >>> a = device_array(torch.ones(2), copy=True)
     >>> a.shape, a.dtype, np.asarray(a).tolist()
     ((2,), dtype('float32'), [1.0, 1.0])
     """
-    tensor = tensor.detach().clone() if copy else tensor.detach()
+    try:
+        tensor = tensor.detach().clone() if copy else tensor.detach()
+    except torch.OutOfMemoryError:
+        return tensor_to_numpy(tensor, copy=True)
     return Deferred(tuple(tensor.shape), numpy_dtype(_dtype_name(tensor.dtype)),
                     lambda: tensor_to_numpy(tensor, copy=False), dlpack=tensor)
 
@@ -103,8 +107,9 @@ def device_array(tensor: torch.Tensor, *, copy: bool) -> Deferred:
 def _check_finite_on_device(state: OptimizerState) -> None:
     """Refuse non-finite moments left on the device, checked there (the state checks those on the host)."""
     for (slot, path), array in state.slots.items():
-        if isinstance(array, Deferred) and isinstance(array.dlpack, torch.Tensor) and \
-                array.dlpack.is_floating_point() and not bool(torch.isfinite(array.dlpack).all()):
+        tensor = array.dlpack if isinstance(array, Deferred) else None
+        if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex()) and \
+                not bool(torch.isfinite(tensor).all()):
             raise non_finite_slot(path, slot)
 
 
@@ -204,7 +209,8 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
     borrows them instead (no copy at all, and :func:`optstate.to_optax` hands them on to JAX by
     DLPack, so a migration in one process copies nothing); then the torch optimizer must not step
     again while the state or the arrays made from it are in use. Tensors on an accelerator stay
-    there (copied there by default): JAX takes them on the same device, without a trip to the host.
+    there (copied there by default, or to the host where the device has no room for the copy): JAX
+    takes them on the same device, without a trip to the host.
 
     >>> import torch, optstate
     >>> net = torch.nn.Linear(3, 2)
