@@ -331,7 +331,7 @@ def _lazy(shape: Shape, dtype: Any, compute: Any) -> Deferred:
 def _moved(array: Any, move: Move) -> Deferred:
     """``array`` moved by ``move`` when it is read; the move is kept too (``Deferred.moved``), so that
     an array on an accelerator can be moved there, not on the host."""
-    return Deferred(move.shape, np.dtype(array.dtype), lambda: move.apply(array), moved=(array, move))
+    return Deferred(tuple(move.shape), np.dtype(array.dtype), lambda: move.apply(array), moved=(array, move))
 
 
 def _moved_slot(state: OptimizerState, slot: str, array: Any, move: Move) -> tuple[str, Any]:
