@@ -46,13 +46,14 @@ def tensor_to_numpy(tensor: torch.Tensor, *, copy: bool = True) -> np.ndarray:
     >>> tensor_to_numpy(torch.tensor([1.5], dtype=torch.bfloat16)).dtype
     dtype(bfloat16)
     """
+    copied = tensor.device.type != "cpu"  # .cpu() makes the host copy itself
     tensor = tensor.detach().cpu().resolve_conj().resolve_neg()
     if tensor.dtype in _VIA_INTEGER:
         int_dtype, _, np_dtype = _VIA_INTEGER[tensor.dtype]
         array = tensor.contiguous().view(int_dtype).numpy().view(np_dtype)
     else:
         array = tensor.numpy()
-    return array.copy() if copy else array
+    return array.copy() if copy and not copied else array
 
 
 def numpy_to_tensor(array: np.ndarray, *, copy: bool = True) -> torch.Tensor:
