@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 import optstate
-from optstate.converters.optax import nest
-from optstate.layouts import relayout
+from optstate.converters.jax.optax import nest
+from optstate.converters.layout.targets import relayout
 
 WIDTH = 4096
 

@@ -43,7 +43,7 @@ torch.save({"model": {f"layers.{i}.weight": p.detach() for i, p in enumerate(par
 
 WHOLE = {
     "torch": "import sys, optstate; s = optstate.from_torch(sys.argv[1])",
-    "ptfile": "import sys; from optstate.converters.torch_dict import from_torch_file; s = from_torch_file(sys.argv[1])",
+    "ptfile": "import sys; from optstate.converters.torch.state_dict import from_torch_file; s = from_torch_file(sys.argv[1])",
 }
 TOUCH = "\nimport numpy as np\nfor a in [*s.slots.values(), *s.weights.values()]: np.add.reduce(a.reshape(-1).view(np.uint8), dtype=np.uint64)"
 
@@ -64,7 +64,7 @@ def leaves(obj):
     elif isinstance(obj, np.ndarray):
         yield obj
     elif type(obj).__name__ == "Tensor":
-        from optstate.converters.torch import tensor_to_numpy
+        from optstate.converters.torch.live import tensor_to_numpy
         yield tensor_to_numpy(obj, copy=False)
 
 
@@ -72,8 +72,8 @@ def in_process(path: Path) -> dict[str, callable]:
     import torch
 
     import optstate
-    from optstate.converters import ptfile
-    from optstate.converters.torch_dict import from_torch_file
+    from optstate.converters.torch import ptfile
+    from optstate.converters.torch.state_dict import from_torch_file
 
     def state_bytes(state):
         return touch([*state.slots.values(), *state.weights.values()])

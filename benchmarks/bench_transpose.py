@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark ``optstate.schema.transpose.permute`` against NumPy's transpose copy and a plain copy.
+"""Benchmark ``optstate.converters.layout.transpose.permute`` against NumPy's transpose copy and a plain copy.
 
 For each case (a 2-D float32 matrix of 1 GiB, a 2-D bfloat16 matrix of 512 MiB, a conv kernel
 ``[O, I, H, W] -> [H, W, I, O]`` in float32; ``--cases`` picks) it times, round-robin, ``--repeats``
@@ -51,8 +51,8 @@ import time
 import ml_dtypes
 import numpy as np
 
-from optstate.schema import transpose
-from optstate.schema.transpose import permute
+from optstate.converters.layout import transpose
+from optstate.converters.layout.transpose import permute
 
 CASES = {
     "f32-2d": ((16384, 16384), np.float32, (1, 0)),

@@ -11,7 +11,7 @@ The framework functions (``from_torch``, ``to_optax``, ...) load their adapter o
 from __future__ import annotations
 
 from .api import convert
-from .layouts import relayout
+from .converters.layout.targets import relayout
 from .errors import FormatError, MappingError, MissingDependencyError, OptstateError, UnsupportedError
 from .report import inspect
 from .schema import OPTIMIZERS, OptimizerState, ParamInfo, load, save
@@ -28,7 +28,7 @@ _ADAPTER_OF = {
 
 def __getattr__(name: str):
     if name == "from_torch_file":  # torch-free: NumPy and the standard library read torch's zip files
-        from .converters.torch_dict import from_torch_file
+        from .converters.torch.state_dict import from_torch_file
 
         return from_torch_file
     if name in _ADAPTER_OF:

@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .converters import adapter, torch_dict
+from .converters import adapter
+from .converters.torch import state_dict as torch_dict
 from .errors import OptstateError
-from .layouts import relayout
+from .converters.layout.targets import relayout
 from .schema import OptimizerState, fileformat
-from .schema.layout import Layout, revert_layout
+from .converters.layout.moves import Layout, revert_layout
 
 FORMATS = ("torch", "optax", "optstate", "dcp")
 
@@ -95,9 +96,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str |
     largest step count training will reach, for an LR schedule that never settles (cosine, ...).
     ``allow_approximate`` converts an optimizer whose continuation across frameworks is not
     bit-exact (Muon), recording why in the output. ``optstate_transform``: an Optax input was
-    trained with ``optstate.optax_transform`` (see :func:`optstate.converters.orbax.read_optax_dir`).
+    trained with ``optstate.optax_transform`` (see :func:`optstate.converters.jax.orbax.read_optax_dir`).
     ``target_params`` names the model to move parameters and slots to (a Flax model's parameter tree,
-    or the torch model on the way back; see :func:`optstate.layouts.target_model`);
+    or the torch model on the way back; see :func:`optstate.converters.layout.targets.target_model`);
     ``mapping`` is a mapping file that ``optstate map -o`` wrote, edited or not. ``fsync``,
     ``max_shard_bytes``: see :func:`write`; ``progress(state)`` returns the callback it takes.
     """

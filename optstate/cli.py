@@ -77,7 +77,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _map(args: argparse.Namespace) -> int:
     state = api.read(args.src, args.src_format)
-    from .layouts import plan
+    from .converters.layout.targets import plan
 
     layout, problems = plan(state, args.target_params)
     width = max((len(".".join(m.source)) for m in layout.moves), default=0)
@@ -93,7 +93,7 @@ def _map(args: argparse.Namespace) -> int:
             tmp.write_text(json.dumps(layout.to_json(), indent=1))
         print(f"mapping written to {args.output}" + (" (incomplete: add the missing entries)" if problems else ""))
     if problems:
-        from .schema.layout import problem_list
+        from .converters.layout.moves import problem_list
 
         raise OptstateError(problem_list(problems))
     return 0

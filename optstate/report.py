@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .errors import MissingDependencyError, OptstateError
-from .schema.spec import BOOKKEEPING_KEYS, OPTIMIZERS, optimizer_spec
+from .schema.families import BOOKKEEPING_KEYS, OPTIMIZERS, optimizer_spec
 from .schema.state import OptimizerState, path_to_name
 
 
@@ -92,7 +92,7 @@ def _optax_verdict(state: OptimizerState | None, error: Exception | None) -> str
     metadata = {**state.metadata, "approximate": True}
     scheduler = state.metadata.get("lr_scheduler")
     if scheduler is not None and "lr_horizon" not in metadata:
-        from .converters.schedules import last_epoch
+        from .converters.schedules.torch_schedulers import last_epoch
 
         metadata["lr_horizon"] = last_epoch(scheduler) + 1  # any horizon will do to check
     try:
@@ -136,7 +136,7 @@ def _inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
 
 def _inspect_torch(path: str) -> Report:
     from . import api
-    from .converters import torch_dict
+    from .converters.torch import state_dict as torch_dict
 
     sd, model_sd, scheduler_sd = torch_dict.split_checkpoint(torch_dict.read_torch_file(path), path)
     weights = None if model_sd is None else _weights_facts(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .schema.spec import OPTIMIZERS, OptimizerSpec
+from .schema.families import OPTIMIZERS, OptimizerSpec
 
 HEADER = ("# Support matrix\n\nGenerated from the optimizer table (`optstate/schema/spec.py`) by "
           "`python -m optstate.support`; do not edit by hand.\n\n"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import optstate
-from optstate.converters.optax import group_transform
+from optstate.converters.jax.optax import group_transform
 from frameworks import TinyNet, jax_params, jax_train, torch_params, torch_train
 from helpers import SHAPES, TOL, flat, gradient, initial_params, max_abs_diff, nested
 

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict)
 
 import optstate
-from optstate.converters.dcp import read_dcp, read_metadata, write_dcp
+from optstate.converters.torch.dcp import read_dcp, read_metadata, write_dcp
 from optstate.errors import FormatError, MappingError, OptstateError
 from helpers import gradient
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import optstate
-from optstate.converters import torch as torch_adapter
+from optstate.converters.torch import live as torch_adapter
 from optstate.errors import FormatError
 from optstate.schema.state import Deferred
 from frameworks import TinyNet, jax_train, torch_params, torch_train
@@ -107,8 +107,8 @@ def test_layout_moves_of_device_tensors_happen_in_jax_bit_exact(kind, monkeypatc
     """Moved to a Flax model (transposes, q/k/v split), device tensors are moved by JAX on the device:
     no copy to the host, and the same bits as NumPy's moves on the host."""
     from test_layout import Case
-    from optstate.converters.optax import nest
-    from optstate.layouts import relayout
+    from optstate.converters.jax.optax import nest
+    from optstate.converters.layout.targets import relayout
     case = Case(kind, torch.optim.Adam, lr=1e-2)
     case.torch_steps(case.torch_model, case.opt, case.inputs[:2])
     target = case.target()
@@ -160,14 +160,14 @@ def test_an_init_jax_cannot_trace_is_run_as_it_is():
 
 def test_what_dlpack_gives_must_match_the_declared_array():
     """A device tensor whose shape or dtype disagrees with what the state declares is not taken as is."""
-    from optstate.converters.optax import to_jax
+    from optstate.converters.jax.optax import to_jax
     declared = Deferred((2,), np.dtype(np.float32), lambda: np.array([1.0, 2.0], np.float32),
                         dlpack=torch.zeros(3, dtype=torch.float64))
     assert to_jax(declared).tolist() == [1.0, 2.0]
 
 
 def test_non_finite_complex_moments_on_the_device_are_refused():
-    from optstate.converters.torch import _check_finite_on_device, device_array
+    from optstate.converters.torch.live import _check_finite_on_device, device_array
     from optstate.schema.state import OptimizerState, ParamInfo
     moment = torch.tensor([1 + 1j, complex(float("nan"), 0)], dtype=torch.complex64)
     slots = {(slot, ("w",)): device_array(moment, copy=True) for slot in ("first_moment", "second_moment")}

@@ -180,7 +180,7 @@ def test_from_format_is_honoured_whatever_the_suffix(tmp_path):
 
 from frameworks import jax_params, jax_train  # noqa: E402
 from helpers import SHAPES, TOL, flat, gradient, max_abs_diff, nested  # noqa: E402
-from optstate.converters.optax import group_transform  # noqa: E402
+from optstate.converters.jax.optax import group_transform  # noqa: E402
 
 K, N = range(0, 5), range(5, 10)
 

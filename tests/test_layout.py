@@ -19,10 +19,10 @@ import torch
 from flax import nnx
 
 import optstate
-from optstate.converters.flax import from_nnx, to_nnx
-from optstate.layouts import relayout
-from optstate.converters.optax import nest
-from optstate.schema.layout import Move, match_layout
+from optstate.converters.jax.flax import from_nnx, to_nnx
+from optstate.converters.layout.targets import relayout
+from optstate.converters.jax.optax import nest
+from optstate.converters.layout.moves import Move, match_layout
 from optstate.schema.state import name_to_path
 
 jax.config.update("jax_enable_x64", True)
@@ -317,7 +317,7 @@ def test_the_way_back_refuses_what_the_way_there_would():
         {("row_variance", ("layer", "kernel")): np.ones((2, 2, 2, 1)),
          ("column_variance", ("layer", "kernel")): np.ones((2, 2, 1, 3))})
     with pytest.raises(optstate.UnsupportedError, match="factored"):
-        from optstate.schema.layout import revert_layout
+        from optstate.converters.layout.moves import revert_layout
         revert_layout(flax_side, layout)
 
 

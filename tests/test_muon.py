@@ -23,7 +23,7 @@ import torch
 import torch.optim._muon as torch_muon
 
 import semantics_harness as harness
-from optstate.converters import torch_semantics as ts
+from optstate.converters.jax import transforms as ts
 from semantics_harness import max_diff
 
 jax.config.update("jax_enable_x64", True)

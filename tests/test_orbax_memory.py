@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 import optstate
-from optstate.converters.orbax import _ArrayWriter
+from optstate.converters.jax.orbax import _ArrayWriter
 from optstate.schema.state import Deferred, OptimizerState, ParamInfo
 
 N = 3 * _ArrayWriter.IN_FLIGHT

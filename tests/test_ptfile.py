@@ -18,8 +18,8 @@ import torch
 from torch.optim import lr_scheduler
 
 import optstate
-from optstate.converters import ptfile
-from optstate.converters.torch_dict import from_torch_file
+from optstate.converters.torch import ptfile
+from optstate.converters.torch.state_dict import from_torch_file
 from optstate.errors import FormatError, OptstateError, UnsupportedError
 
 
@@ -257,7 +257,7 @@ BLOCKED = """
 import sys
 sys.modules["torch"] = None  # any import of torch fails
 import optstate
-from optstate.converters.torch_dict import from_torch_file
+from optstate.converters.torch.state_dict import from_torch_file
 state = from_torch_file(sys.argv[1])
 optstate.save(state, sys.argv[2])
 assert "torch" not in {m.split(".")[0] for m, v in sys.modules.items() if v is not None}

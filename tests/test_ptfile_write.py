@@ -19,9 +19,9 @@ from torch.optim import lr_scheduler
 from torch.utils.serialization import config as serialization_config
 
 import optstate
-from optstate.converters import ptfile
-from optstate.converters.torch import numpy_to_tensor
-from optstate.converters.torch_dict import from_torch_file, save_torch_file
+from optstate.converters.torch import ptfile
+from optstate.converters.torch.live import numpy_to_tensor
+from optstate.converters.torch.state_dict import from_torch_file, save_torch_file
 from optstate.errors import FormatError, OptstateError, UnsupportedError
 from optstate.schema import OptimizerState, ParamInfo, fileformat
 from optstate.schema.state import Deferred, path_to_name
@@ -273,7 +273,7 @@ def test_writes_without_torch(tmp_path):
     fileformat.save(state, tmp_path / "s.safetensors")
     script = ("import sys; sys.modules['torch'] = None\n"
               "from optstate.schema import fileformat\n"
-              "from optstate.converters.torch_dict import save_torch_file\n"
+              "from optstate.converters.torch.state_dict import save_torch_file\n"
               "save_torch_file(fileformat.load(sys.argv[1]), sys.argv[2])\n"
               "assert sys.modules['torch'] is None\n")
     subprocess.run([sys.executable, "-c", script, tmp_path / "s.safetensors", tmp_path / "b.pt"], check=True)

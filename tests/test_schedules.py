@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as L
 
-from optstate.converters.schedules import (LAMBDA, TorchLRSchedule, group_lrs, optax_schedules,
+from optstate.converters.schedules.torch_schedulers import (LAMBDA, TorchLRSchedule, group_lrs, optax_schedules,
                                            restore_torch_scheduler_state, scheduler_class)
 from optstate.errors import UnsupportedError
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optstate.schema import transpose
-from optstate.schema.transpose import permute
+from optstate.converters.layout import transpose
+from optstate.converters.layout.transpose import permute
 
 DTYPES = [np.dtype(t) for t in (np.bool_, np.uint8, ml_dtypes.float8_e4m3fn, np.int16, ml_dtypes.bfloat16,
                                 np.float16, np.float32, ">f4", np.complex64, np.float64, np.complex128, "V3",

@@ -1,7 +1,7 @@
 """The canonical model: state record, optimizer table, file format. Imports NumPy and ml_dtypes only."""
 
 from .fileformat import FORMAT_VERSION, load, save
-from .spec import OPTIMIZERS, OptimizerSpec, Slot, optimizer_spec
+from .families import OPTIMIZERS, OptimizerSpec, Slot, optimizer_spec
 from .state import OptimizerState, ParamInfo, Path, name_to_path, path_to_name
 
 __all__ = ["FORMAT_VERSION", "OPTIMIZERS", "OptimizerSpec", "OptimizerState", "ParamInfo", "Path", "Slot",

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import FormatError, UnsupportedError
-from .spec import OptimizerSpec, optimizer_spec
+from .families import OptimizerSpec, optimizer_spec
 
 Path = tuple[str, ...]
 
@@ -77,7 +77,7 @@ class Deferred:
     ``dlpack``, when set, is the array where it already is (an object with ``__dlpack__``: a CUDA
     tensor), for a consumer that takes it there without the copy to the host (``to_optax``).
     ``moved``, when set, is ``(source, move)``: this array is ``move.apply(source)`` (a layout
-    move, ``optstate.schema.layout.Move``), which such a consumer can do where the source is.
+    move, ``optstate.converters.layout.moves.Move``), which such a consumer can do where the source is.
 
     >>> d = Deferred((2, 1), np.dtype("float32"), lambda: np.ones((1, 2), np.float32).T)
     >>> d.shape, np.asarray(d).tolist()

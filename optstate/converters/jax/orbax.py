@@ -19,15 +19,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ..atomic import atomic_directory
-from ..errors import FormatError, UnsupportedError
-from ..schema.fileformat import (check_format_version, parse_tensor_key, read_safetensors, state_from_metadata, state_metadata,
-                                 tensor_key, write_safetensors)
-from ..schema.spec import optimizer_spec
-from ..schema.state import Deferred, OptimizerState, Path, numpy_dtype, path_to_name
+from ...atomic import atomic_directory
+from ...errors import FormatError, UnsupportedError
+from ...schema.fileformat import (check_format_version, parse_tensor_key, read_safetensors, state_from_metadata,
+                                  state_metadata, tensor_key, write_safetensors)
+from ...schema.families import optimizer_spec
+from ...schema.state import Deferred, OptimizerState, Path, numpy_dtype, path_to_name
 from .optax import (fill_state, from_optax, key_path_to_path, named_optimizer, nest, param_shapes, recorded_types,
                     restored_types, template)
-from .schedules import last_epoch, restore_torch_scheduler_state
+from ..schedules.torch_schedulers import last_epoch, restore_torch_scheduler_state
 
 SIDECAR = "optstate.json"
 BUFFERS = "buffers.safetensors"

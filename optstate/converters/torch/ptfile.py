@@ -40,9 +40,9 @@ import ml_dtypes
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ..atomic import atomic_file
-from ..errors import FormatError, UnsupportedError
-from ..schema.fileformat import _little_endian, _write_all
+from ...atomic import atomic_file
+from ...errors import FormatError, UnsupportedError
+from ...schema.fileformat import _little_endian, _write_all
 
 # torch dtype name -> NumPy dtype (torch's names are NumPy's and ml_dtypes').
 DTYPES = {name: np.dtype(getattr(ml_dtypes, name, None) or name) for name in (

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import MappingError, UnsupportedError
-from .state import Deferred, OptimizerState, ParamInfo, Path, path_to_name
+from ...errors import MappingError, UnsupportedError
+from ...schema.state import Deferred, OptimizerState, ParamInfo, Path, path_to_name
 from .transpose import permute
 
 Shape = tuple[int, ...]

@@ -30,13 +30,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
-from ..atomic import atomic_directory
-from ..errors import FormatError, OptstateError, UnsupportedError
-from ..schema import fileformat
-from ..schema.state import Deferred, OptimizerState, path_to_name
-from . import torch_dict
-from .torch import (MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, from_torch, numpy_to_tensor, step_dtype, tensor_to_numpy,
-                    unpickler_detail)
+from ...atomic import atomic_directory
+from ...errors import FormatError, OptstateError, UnsupportedError
+from ...schema import fileformat
+from ...schema.state import Deferred, OptimizerState, path_to_name
+from . import state_dict as torch_dict
+from .live import (MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, from_torch, numpy_to_tensor, step_dtype, tensor_to_numpy,
+                   unpickler_detail)
 
 METADATA_FILE = ".metadata"
 LAYOUTS = ("nested", "torchtitan")

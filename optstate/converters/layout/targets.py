@@ -17,10 +17,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .converters import adapter
-from .errors import FormatError, MappingError
-from .schema.layout import DROPPED_LEAVES, Layout, apply_layout, match_layout, plan_layout, revert_layout
-from .schema.state import OptimizerState, Path
+from .. import adapter
+from ...errors import FormatError, MappingError
+from .moves import DROPPED_LEAVES, Layout, apply_layout, match_layout, plan_layout, revert_layout
+from ...schema.state import OptimizerState, Path
 
 Shape = tuple[int, ...]
 # linen's variable collections; a tree whose top level is made of these is `model.init(...)`'s output.
@@ -60,7 +60,7 @@ def _call(spec: str) -> Any:
 
 def _torch_shapes(obj: Any, source: str) -> dict[Path, Shape]:
     """Shapes of a torch model: a module, its ``state_dict``, a checkpoint holding one, or a file of these."""
-    from .converters import torch_dict
+    from ..torch import state_dict as torch_dict
 
     if isinstance(obj, str):
         obj = torch_dict.read_torch_file(obj)

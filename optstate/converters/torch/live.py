@@ -12,14 +12,14 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from ..errors import FormatError, MappingError, UnsupportedError
-from ..schema.spec import BOOKKEEPING_KEYS, OptimizerSpec, optimizer_spec
-from ..schema.state import Deferred, OptimizerState, ParamInfo, non_finite_slot, numpy_dtype, path_to_name
-from . import torch_dict
+from ...errors import FormatError, MappingError, UnsupportedError
+from ...schema.families import BOOKKEEPING_KEYS, OptimizerSpec, optimizer_spec
+from ...schema.state import Deferred, OptimizerState, ParamInfo, non_finite_slot, numpy_dtype, path_to_name
+from . import state_dict as torch_dict
 # The torch-free part of the adapter, kept importable from here.
-from .torch_dict import (BUFFER_NAMES, MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, TORCH_SIGNATURES,
-                         check_state_dict, from_torch_file, hyperparam_value, is_buffer, is_optimizer_state_dict,
-                         is_tensor_dict, param_names, refuse_optax_native, torch_class_of)
+from .state_dict import (BUFFER_NAMES, MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, TORCH_SIGNATURES, check_state_dict,
+                         from_torch_file, hyperparam_value, is_buffer, is_optimizer_state_dict, is_tensor_dict,
+                         param_names, refuse_optax_native, torch_class_of)
 
 __all__ = ["BUFFER_NAMES", "MODEL_KEYS", "OPTIMIZER_KEYS", "SCHEDULER_KEYS", "TORCH_SIGNATURES", "check_state_dict",
            "from_torch", "from_torch_file", "is_buffer", "is_optimizer_state_dict", "is_tensor_dict",
@@ -182,7 +182,7 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
 
 def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | None, Mapping | None]:
     """``(optimizer state_dict, model state_dict, scheduler state_dict)`` found in a checkpoint, tensors as
-    NumPy arrays viewing their memory (see :func:`optstate.converters.torch_dict.split_checkpoint`)."""
+    NumPy arrays viewing their memory (see :func:`optstate.converters.torch.state_dict.split_checkpoint`)."""
     return torch_dict.split_checkpoint(numpy_tree(obj, copy=False), source)
 
 
@@ -268,7 +268,7 @@ def to_torch_state_dict(state: OptimizerState, *, names: Sequence[str] | None = 
 
     Parameters are in the state's order unless ``names`` gives another (every tracked name once);
     ``torch.optim.Optimizer.load_state_dict`` matches by that position. The tensors are
-    :func:`optstate.converters.torch_dict.state_dict_arrays`' arrays, copied.
+    :func:`optstate.converters.torch.state_dict.state_dict_arrays`' arrays, copied.
 
     >>> import torch, optstate
     >>> net = torch.nn.Linear(3, 2)
@@ -369,7 +369,7 @@ def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: 
 
 def _restore_scheduler(state: OptimizerState, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
     """Put a live LR scheduler where the state's training stopped, and each group's lr with it."""
-    from .schedules import restore_torch_scheduler_state
+    from ..schedules.torch_schedulers import restore_torch_scheduler_state
 
     saved = state.metadata.get("lr_scheduler")
     if saved is None:
@@ -397,7 +397,7 @@ def _restore_scalar_dtypes(optimizer: torch.optim.Optimizer, sd: Mapping, spec: 
 def save_checkpoint(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
                     progress: Callable[[int], Any] | None = None) -> None:
     """Write ``{"optimizer": state_dict, "model": weights}`` as a ``torch.save`` file, atomically, one tensor
-    at a time: :func:`optstate.converters.torch_dict.save_torch_file`, ``step`` in torch's current dtype.
+    at a time: :func:`optstate.converters.torch.state_dict.save_torch_file`, ``step`` in torch's current dtype.
 
     The file loads with ``torch.load(path, weights_only=True)``.
     """

@@ -1,6 +1,6 @@
 """torch ``state_dict``s and checkpoints whose tensors are NumPy arrays, to and from the canonical state; no torch.
 
-:mod:`optstate.converters.torch` hands over what it read with torch (tensors as arrays) and turns
+:mod:`optstate.converters.torch.live` hands over what it read with torch (tensors as arrays) and turns
 :func:`state_dict_arrays` into tensors; :func:`from_torch_file` and :func:`save_torch_file` read and
 write a ``torch.save`` file themselves, through :mod:`.ptfile`.
 """
@@ -17,10 +17,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from ..errors import FormatError, MappingError, UnsupportedError
-from ..schema.spec import OptimizerSpec, optimizer_spec
-from ..schema.state import Deferred, OptimizerState, ParamInfo, name_to_path, path_to_name
-from . import adapter, ptfile
+from ...errors import FormatError, MappingError, UnsupportedError
+from ...schema.families import OptimizerSpec, optimizer_spec
+from ...schema.state import Deferred, OptimizerState, ParamInfo, name_to_path, path_to_name
+from .. import adapter
+from . import ptfile
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt")
 MODEL_KEYS = ("model", "model_state_dict", "state_dict", "model_state", "weights")
@@ -443,7 +444,7 @@ def state_from_checkpoint(checkpoint: Any, source: str, *, origin: str, optimize
 def from_torch_file(path: str | os.PathLike, *, optimizer: str | None = None) -> OptimizerState:
     """Read a ``torch.save`` checkpoint into the canonical form without torch (:func:`read_torch_file`).
 
-    The same as ``optstate.from_torch(path)``, through :func:`optstate.converters.ptfile.load`:
+    The same as ``optstate.from_torch(path)``, through :func:`optstate.converters.torch.ptfile.load`:
     arrays are mapped from the file, not read into memory.
 
     >>> import tempfile, torch
@@ -461,7 +462,7 @@ def from_torch_file(path: str | os.PathLike, *, optimizer: str | None = None) ->
 
 def read_torch_file(path: str | os.PathLike) -> Any:
     """A ``torch.save`` file's objects with NumPy arrays for tensors: the zip format without torch
-    (:func:`optstate.converters.ptfile.load`); the legacy format (torch < 1.6) through
+    (:func:`optstate.converters.torch.ptfile.load`); the legacy format (torch < 1.6) through
     ``torch.load(weights_only=True)`` where torch is installed, else refused with the way out.
     """
     source = os.fspath(path)
@@ -545,7 +546,7 @@ def state_dict_arrays(state: OptimizerState, *, names: Sequence[str] | None = No
 def save_torch_file(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
                     progress: Callable[[int], Any] | None = None, step_dtype: Any = np.float32) -> None:
     """Write ``{"optimizer": state_dict, "model": weights, "lr_scheduler": ...}`` as a ``torch.save`` file,
-    atomically, one tensor at a time, without torch (:func:`optstate.converters.ptfile.save`).
+    atomically, one tensor at a time, without torch (:func:`optstate.converters.torch.ptfile.save`).
 
     ``"model"`` when the state holds weights, ``"lr_scheduler"`` when it carries a torch scheduler's
     state. The file loads with ``torch.load(path, weights_only=True)``. ``progress(nbytes)`` is

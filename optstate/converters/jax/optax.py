@@ -21,10 +21,10 @@ except ImportError:  # pragma: no cover - a later optax moved it: such states ar
     class WrappedScheduleState(NamedTuple):
         count: Any
 
-from ..errors import FormatError, MappingError, UnsupportedError
-from ..schema.spec import BOOKKEEPING_KEYS, OPTIMIZERS, OptimizerSpec, Slot, is_decoupled, optimizer_spec
-from ..schema.state import Deferred, OptimizerState, ParamInfo, Path, numpy_dtype, path_to_name
-from .schedules import last_epoch, optax_schedules
+from ...errors import FormatError, MappingError, UnsupportedError
+from ...schema.families import BOOKKEEPING_KEYS, OPTIMIZERS, OptimizerSpec, Slot, is_decoupled, optimizer_spec
+from ...schema.state import Deferred, OptimizerState, ParamInfo, Path, numpy_dtype, path_to_name
+from ..schedules.torch_schedulers import last_epoch, optax_schedules
 
 FROZEN = "frozen"
 _CONTAINERS = (optax.MaskedState, optax.PartitionState)
@@ -38,7 +38,7 @@ def _state_type(name: str) -> type:
     """An Optax state NamedTuple by name: optax's own, or one of torch_semantics' for torch-exact transforms."""
     found = getattr(optax, name, None)
     if found is None:
-        from . import torch_semantics
+        from . import transforms as torch_semantics
 
         found = getattr(torch_semantics, name)
     return found
@@ -56,7 +56,7 @@ def _sgd_scaler(hp: Mapping[str, Any], dtypes: Mapping[str, np.dtype]) -> optax.
 
 def _custom(spec: OptimizerSpec, option: str | None) -> Callable[..., optax.GradientTransformation]:
     """The torch-exact transform the optimizer table names for this family and option."""
-    from . import torch_semantics
+    from . import transforms as torch_semantics
 
     return getattr(torch_semantics, spec.custom_transforms[option])
 

@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError, UnsupportedError
+from ...errors import FormatError, UnsupportedError
 
 
 class ScheduleRangeError(UnsupportedError, ValueError):

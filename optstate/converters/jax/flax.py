@@ -12,9 +12,9 @@ import jax
 import numpy as np
 from flax import nnx, serialization
 
-from ..errors import FormatError, MappingError
-from ..layouts import tree_shapes
-from ..schema.state import OptimizerState, Path
+from ...errors import FormatError, MappingError
+from ..layout.targets import tree_shapes
+from ...schema.state import OptimizerState, Path
 from .optax import from_optax, key_path_to_path, to_optax
 
 Shape = tuple[int, ...]
