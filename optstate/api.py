@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -62,8 +61,8 @@ def write(state: OptimizerState, dst: str | os.PathLike, fmt: str, *, force: boo
     """Write ``state`` to ``dst`` in format ``fmt``, atomically (durably unless ``fsync=False``); a state
     moved to a Flax layout goes back to torch's on the way to torch. ``max_shard_bytes`` shards a
     canonical file; ``progress(nbytes)`` is called as each tensor is written."""
-    if fmt in ("torch", "dcp") and "layout" in state.metadata:
-        state = revert_layout(state, Layout.from_json(state.metadata["layout"]))
+    if fmt in ("torch", "dcp") and state.metadata.layout is not None:
+        state = revert_layout(state, Layout.from_json(state.metadata.layout))
     if fmt == "torch":
         torch_dict.save_torch_file(state, dst, force=force, fsync=fsync, progress=progress)  # no torch needed
     elif fmt == "optax":
@@ -105,11 +104,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: str |
     state = read(src, src_format, optimizer=optimizer, hyperparams=hyperparams, allow_approximate=allow_approximate,
                  optstate_transform=optstate_transform)
     if allow_approximate and state.spec.approximate:
-        state = dataclasses.replace(state, metadata={**state.metadata, "approximate": state.spec.approximate})
+        state = state.with_metadata(approximate=state.spec.approximate)
     if reset:
         state = state.reset(reset)
     if horizon is not None:
-        state = dataclasses.replace(state, metadata={**state.metadata, "lr_horizon": horizon})
+        state = state.with_metadata(lr_horizon=horizon)
     if target_params is not None or mapping is not None:
         state = relayout(state, target=target_params, mapping=mapping)
     write(state, dst, dst_format or detect_format(dst), force=force, fsync=fsync, max_shard_bytes=max_shard_bytes,

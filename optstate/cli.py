@@ -68,8 +68,8 @@ def _convert(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
     print(f"{args.src} -> {args.dst}: {_summary(state)}")
-    if "approximate" in state.metadata:
-        print(f"approximate: {state.metadata['approximate']}")
+    if state.metadata.approximate is not None:
+        print(f"approximate: {state.metadata.approximate}")
     for name in args.reset:
         print(f"reset {name}: back to its initial value on every parameter, as asked")
     return 0

@@ -89,24 +89,25 @@ def _notes(optimizer: str | None, groups: Sequence[Mapping[str, Any]], params: S
 def _optax_verdict(state: OptimizerState | None, error: Exception | None) -> str:
     if state is None:
         return f"refused: {error}" if error else "no optimizer state"
-    metadata = {**state.metadata, "approximate": True}
-    scheduler = state.metadata.get("lr_scheduler")
-    if scheduler is not None and "lr_horizon" not in metadata:
+    # Approximation is reported on its own line below; the dry run checks everything else.
+    checked = state.with_metadata(approximate=state.metadata.approximate or "allowed to check the rest")
+    scheduler = state.metadata.lr_scheduler
+    if scheduler is not None and state.metadata.lr_horizon is None:
         from .converters.schedules.torch_schedulers import last_epoch
 
-        metadata["lr_horizon"] = last_epoch(scheduler) + 1  # any horizon will do to check
+        checked = checked.with_metadata(lr_horizon=last_epoch(scheduler) + 1)  # any horizon will do to check
     try:
         from .converters import adapter
 
-        adapter("optax").dry_run(dataclasses.replace(state, metadata=metadata))
+        adapter("optax").dry_run(checked)
     except MissingDependencyError:
         return "not checked (install optstate[jax])"
     except OptstateError as exc:
         return f"refused: {exc}"
     verdict = "exact"
-    if scheduler is not None and "lr_horizon" not in state.metadata:
+    if scheduler is not None and state.metadata.lr_horizon is None:
         verdict += " (pass --horizon N if the LR schedule never settles)"
-    approximate = state.metadata.get("approximate") or state.spec.approximate
+    approximate = state.metadata.approximate or state.spec.approximate
     return f"approximate, with --allow-approximate: {approximate}" if approximate else verdict
 
 
@@ -130,7 +131,7 @@ def _inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
     weights = None if state.weights is None else _weights_facts(
         {path_to_name(p): (a.shape, p in state.buffers) for p, a in state.weights.items()})
     return _report(path, fmt, state, optimizer=spec.torch_class, groups=state.param_groups, params=params,
-                   weights=weights, lr_scheduler="lr_scheduler" in state.metadata,
+                   weights=weights, lr_scheduler=state.metadata.lr_scheduler is not None,
                    frozen=[path_to_name(p) for p in state.frozen_paths()])
 
 

@@ -417,7 +417,7 @@ def test_stock_optax_states_need_allow_approximate(stock, family, hparams, gap, 
         optstate.convert(tmp_path / "ckpt", tmp_path / "out.pt", optimizer=family, hyperparams=groups)
     state = optstate.convert(tmp_path / "ckpt", tmp_path / "out.pt", optimizer=family, hyperparams=groups,
                              allow_approximate=True)
-    assert "stock Optax" in state.metadata["approximate"]
+    assert "stock Optax" in state.metadata.approximate
     model = TinyNet()
     model.load_state_dict(torch.load(tmp_path / "out.pt", weights_only=True)["model"])
     opt = getattr(torch.optim, optstate.OPTIMIZERS[family].torch_class)(model.named_parameters(), lr=1.0)

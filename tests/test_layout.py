@@ -172,7 +172,7 @@ def test_continuation_torch_to_flax_and_back(kind):
     params, opt_state, moved = case.flax_steps(tx, params, optstate.to_optax(fstate, tx, params), case.inputs[3:6],
                                                _extra(fstate))
     assert np.max(np.abs(np.subtract(stay, moved))) < TOL
-    layout = fstate.metadata["layout"]
+    layout = fstate.metadata.layout
     for m in layout["moves"]:  # parameters too, each at its place in the Flax tree
         torch_value = dict(case.torch_model.named_parameters()).get(".".join(m["source"]))
         if torch_value is not None:

@@ -69,8 +69,8 @@ def old_save_checkpoint(state, path):
     ckpt = {"optimizer": optstate.to_torch_state_dict(state)}
     if state.weights is not None:
         ckpt["model"] = {path_to_name(p): numpy_to_tensor(a) for p, a in state.weights.items()}
-    if "lr_scheduler" in state.metadata:
-        ckpt["lr_scheduler"] = dict(state.metadata["lr_scheduler"])
+    if state.metadata.lr_scheduler is not None:
+        ckpt["lr_scheduler"] = dict(state.metadata.lr_scheduler)
     torch.save(ckpt, path)
 
 

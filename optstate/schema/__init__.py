@@ -2,7 +2,7 @@
 
 from .fileformat import FORMAT_VERSION, load, save
 from .families import OPTIMIZERS, OptimizerSpec, Slot, optimizer_spec
-from .state import OptimizerState, ParamInfo, Path, name_to_path, path_to_name
+from .state import Metadata, OptimizerState, ParamInfo, Path, name_to_path, path_to_name
 
-__all__ = ["FORMAT_VERSION", "OPTIMIZERS", "OptimizerSpec", "OptimizerState", "ParamInfo", "Path", "Slot",
+__all__ = ["FORMAT_VERSION", "Metadata", "OPTIMIZERS", "OptimizerSpec", "OptimizerState", "ParamInfo", "Path", "Slot",
            "load", "name_to_path", "optimizer_spec", "path_to_name", "save"]

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..atomic import atomic_file, atomic_files
 from ..errors import FormatError
-from .state import OptimizerState, ParamInfo, Path
+from .state import Metadata, OptimizerState, ParamInfo, Path
 
 FORMAT_VERSION = 1
 METADATA_KEY = "optstate"
@@ -142,7 +142,7 @@ def state_metadata(state: OptimizerState) -> dict[str, Any]:
             {"path": list(path), "shape": list(a.shape), "dtype": str(a.dtype)} for path, a in state.weights.items()],
         "buffers": [list(p) for p in state.buffers],
         "slots": [{"slot": slot, "path": list(path), "dtype": str(a.dtype)} for (slot, path), a in state.slots.items()],
-        "metadata": encode_extra(state.metadata),
+        "metadata": encode_extra(state.metadata.to_json()),
     }
 
 
@@ -170,7 +170,7 @@ def state_from_metadata(meta: Mapping[str, Any], arrays: Mapping[tuple[str, Path
             slots=slots,
             weights=weights,
             buffers=tuple(tuple(b) for b in meta["buffers"]),
-            metadata=decode_extra(meta.get("metadata", {})),
+            metadata=Metadata.from_json(decode_extra(meta.get("metadata", {}))),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{source}: malformed optstate metadata ({type(exc).__name__}: {exc})") from exc

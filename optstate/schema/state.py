@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import ml_dtypes
@@ -130,6 +130,43 @@ class ParamInfo:
 
 
 @dataclass(frozen=True)
+class Metadata:
+    """What a state carries beside its arrays, each field read by the adapters that need it.
+
+    ``source`` says what wrote the state (``"torch 2.13.0"``, ``"optax 0.2.8"``). ``lr_scheduler``
+    is a torch LR scheduler's state_dict as read (plain values; converted to an Optax schedule
+    exactly or refused). ``schedule_count`` is an Optax LR schedule's count where it is not the
+    optimizer's own. ``lr_horizon`` is the last step a schedule that never settles is asked for.
+    ``layout`` is the layout moves applied (``Layout.to_json()``), so the way back can undo them.
+    ``approximate`` says why this state's continuation is not bit-exact; ``None`` when it is.
+
+    >>> m = Metadata(source="torch", lr_horizon=100)
+    >>> m.to_json(), Metadata.from_json(m.to_json()) == m
+    ({'source': 'torch', 'lr_horizon': 100}, True)
+    """
+
+    source: str | None = None
+    lr_scheduler: Mapping[str, Any] | None = None
+    schedule_count: int | None = None
+    lr_horizon: int | None = None
+    layout: Mapping[str, Any] | None = None
+    approximate: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that are set, by name (JSON-ready but for the scheduler's own values)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> "Metadata":
+        """The record from :meth:`to_json`'s document; an unknown key is refused by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(document) - known)
+        if unknown:
+            raise FormatError(f"unknown metadata field {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        return cls(**document)
+
+
+@dataclass(frozen=True)
 class OptimizerState:
     """An optimizer's state, independent of any framework.
 
@@ -152,7 +189,7 @@ class OptimizerState:
     slots: Mapping[tuple[str, Path], np.ndarray]
     weights: Mapping[Path, np.ndarray] | None = None
     buffers: tuple[Path, ...] = ()
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Metadata = Metadata()
 
     def __post_init__(self) -> None:
         spec = optimizer_spec(self.optimizer)
@@ -227,6 +264,10 @@ class OptimizerState:
                 "whose gradient is None, Optax keeps one count per transform, so this state has no exact "
                 "Optax counterpart yet")
         return distinct[0] if distinct else 0
+
+    def with_metadata(self, **fields: Any) -> "OptimizerState":
+        """This state with the named metadata fields replaced (``None`` clears one)."""
+        return dataclasses.replace(self, metadata=dataclasses.replace(self.metadata, **fields))
 
     def reset(self, names: Iterable[str]) -> "OptimizerState":
         """This state with the named slots back at their initial values (``"step"`` zeroes the steps).

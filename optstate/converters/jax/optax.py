@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - a later optax moved it: such states ar
 
 from ...errors import FormatError, MappingError, UnsupportedError
 from ...schema.families import BOOKKEEPING_KEYS, OPTIMIZERS, OptimizerSpec, Slot, is_decoupled, optimizer_spec
-from ...schema.state import Deferred, OptimizerState, ParamInfo, Path, numpy_dtype, path_to_name
+from ...schema.state import Deferred, Metadata, OptimizerState, ParamInfo, Path, numpy_dtype, path_to_name
 from ..schedules.torch_schedulers import last_epoch, optax_schedules
 
 FROZEN = "frozen"
@@ -203,7 +203,7 @@ def _labels(labels: Mapping[Path, str], params: Any) -> Any:
 
 
 def _refuse_unsupported(state: OptimizerState) -> None:
-    state.spec.check_exact("approximate" in state.metadata)
+    state.spec.check_exact(state.metadata.approximate is not None)
     for gi, hp in enumerate(state.param_groups):
         members = state.group_params(gi)
         dtypes = {p.dtype for p in members}
@@ -217,7 +217,7 @@ def _refuse_unsupported(state: OptimizerState) -> None:
 
 def _schedules(state: OptimizerState, horizon: int | None) -> list[Callable] | None:
     """The torch LR scheduler's exact per-group schedules, when the state carries one."""
-    sd = state.metadata.get("lr_scheduler")
+    sd = state.metadata.lr_scheduler
     if sd is None:
         return None
 
@@ -232,7 +232,7 @@ def _schedules(state: OptimizerState, horizon: int | None) -> list[Callable] | N
     if state.spec.lr_in_scaler:
         raise UnsupportedError(f"{state.spec.torch_class} with an LR scheduler: its relative step "
                                "min(lr, 1/sqrt(t)) under a changing lr has no exact mapping yet")
-    horizon = horizon if horizon is not None else state.metadata.get("lr_horizon")
+    horizon = horizon if horizon is not None else state.metadata.lr_horizon
     return optax_schedules(sd, horizon=horizon, param_groups=state.param_groups)
 
 
@@ -441,10 +441,10 @@ def fill_state(state: OptimizerState, template: Any, as_array: Callable[[np.ndar
         return state.param_groups[groups.pop()]
 
     def step_of(node: Any, where: Path, unknown: int | None = None) -> int | None:
-        if "lr_scheduler" in state.metadata and (isinstance(node, (optax.ScaleByScheduleState,
+        if state.metadata.lr_scheduler is not None and (isinstance(node, (optax.ScaleByScheduleState,
                                                                     WrappedScheduleState))
                                                  or not spec.has_step):
-            return last_epoch(state.metadata["lr_scheduler"])
+            return last_epoch(state.metadata.lr_scheduler)
         step = state.common_step(covered(node, where))
         return unknown if step is None else step
 
@@ -893,11 +893,11 @@ def from_optax(opt_state: Any, params: Any, *, optimizer: str | None = None,
     stray = sorted({p for _, p in slots} - taken)
     if stray:
         raise MappingError(f"{path_to_name(stray[0])} has optimizer state but is in no param group")
-    metadata: dict[str, Any] = {"source": f"optax {optax.__version__}"}
-    if spec.approximate or (allow_approximate and collected.stock):
-        metadata["approximate"] = spec.approximate or (
-            f"read from stock Optax {', '.join(sorted(collected.stock))} state(s), whose formula differs from torch's")
-    if collected.schedule_count is not None and "ScaleByScheduleState" not in spec.count_states:
-        metadata["schedule_count"] = collected.schedule_count  # an LR schedule, not the optimizer's own count
+    approximate = spec.approximate or (
+        f"read from stock Optax {', '.join(sorted(collected.stock))} state(s), whose formula differs from torch's"
+        if allow_approximate and collected.stock else None)
+    # An LR schedule's count, where it is not the optimizer's own count.
+    schedule_count = None if "ScaleByScheduleState" in spec.count_states else collected.schedule_count
+    metadata = Metadata(source=f"optax {optax.__version__}", approximate=approximate, schedule_count=schedule_count)
     return OptimizerState(spec.name, tuple(groups), tuple(params_info), slots, None if shapes_only else weights, (),
                           metadata)

@@ -202,17 +202,14 @@ def _with_sidecar(state: OptimizerState, written: OptimizerState) -> OptimizerSt
     Optax has no count (RMSprop, Adadelta), and the torch LR scheduler, moved to the schedule's count."""
     steps = {p.path: p.step for p in written.params}
     params = tuple(p if p.step is not None else dataclasses.replace(p, step=steps.get(p.path)) for p in state.params)
-    metadata = dict(state.metadata)
-    scheduler = written.metadata.get("lr_scheduler")
+    metadata = dataclasses.replace(state.metadata, layout=written.metadata.layout)  # the way back to torch's layout
+    scheduler = written.metadata.lr_scheduler
     if scheduler is not None:
-        count = metadata.pop("schedule_count", last_epoch(scheduler))
+        count = last_epoch(scheduler) if metadata.schedule_count is None else metadata.schedule_count
         if count != last_epoch(scheduler):
             scheduler = restore_torch_scheduler_state(scheduler, count, param_groups=written.param_groups)
-        metadata["lr_scheduler"] = scheduler
-        if "lr_horizon" in written.metadata:
-            metadata["lr_horizon"] = written.metadata["lr_horizon"]
-    if "layout" in written.metadata:  # the way back to torch's layout
-        metadata["layout"] = written.metadata["layout"]
+        metadata = dataclasses.replace(metadata, lr_scheduler=scheduler, schedule_count=None,
+                                       lr_horizon=written.metadata.lr_horizon)
     return dataclasses.replace(state, params=params, metadata=metadata)
 
 

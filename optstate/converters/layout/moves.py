@@ -362,7 +362,7 @@ def apply_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
     >>> np.asarray(moved.slots[("first_moment", ("fc", "kernel"))]).tolist()
     [[0.0, 2.0, 4.0], [1.0, 3.0, 5.0]]
     """
-    if "layout" in state.metadata:
+    if state.metadata.layout is not None:
         raise MappingError("this state was already moved to another layout; convert it back first")
     tensors = [p.path for p in state.params] + [p for p in (state.weights or {}) if p not in state._by_path]
     dropped = set(layout.dropped)
@@ -402,7 +402,7 @@ def apply_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
                 if path in state.buffers:
                     buffers += (move.target,)
     return dataclasses.replace(state, params=tuple(params), slots=slots, weights=weights, buffers=buffers,
-                               metadata={**state.metadata, "layout": layout.to_json()})
+                               metadata=dataclasses.replace(state.metadata, layout=layout.to_json()))
 
 
 def _joined(moves: Sequence[Move], arrays: Sequence[Any], dtype: Any) -> Deferred:
@@ -473,7 +473,7 @@ def revert_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
                 buffers.append(source)
     moved_weights.update({p: weights[p] for p in layout.dropped if p in weights})
     buffers += [p for p in layout.dropped if p in state.buffers]
-    metadata = {k: v for k, v in state.metadata.items() if k != "layout"}
+    metadata = dataclasses.replace(state.metadata, layout=None)
     return dataclasses.replace(state, params=tuple(params), slots=slots,
                                weights=moved_weights if state.weights is not None else None,
                                buffers=tuple(buffers), metadata=metadata)

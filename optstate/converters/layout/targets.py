@@ -139,8 +139,8 @@ def relayout(state: OptimizerState, *, target: Any = None, mapping: str | None =
     framework, params, stats = target_model(target)
     if framework == "flax":
         return apply_layout(state, match_layout(_tensors(state), params, stats))
-    if "layout" in state.metadata:
-        return revert_layout(state, Layout.from_json(state.metadata["layout"]))
+    if state.metadata.layout is not None:
+        return revert_layout(state, Layout.from_json(state.metadata.layout))
     buffers = set(state.buffers)
     ours = _tensors(state)
     if not buffers:  # an Optax state alone has no BatchNorm statistics: nothing to put back

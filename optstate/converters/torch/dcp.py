@@ -486,8 +486,8 @@ def _save_dcp(state: OptimizerState, directory: pathlib.Path, layout: str) -> No
         ckpt: dict[str, Any] = {**weights, "optimizer": flatten_optimizer_state_dict(optim_sd)}
     else:
         ckpt = {"optimizer": optim_sd, **({"model": weights} if weights else {})}
-    if "lr_scheduler" in state.metadata:
-        ckpt["lr_scheduler"] = dict(state.metadata["lr_scheduler"])
+    if state.metadata.lr_scheduler is not None:
+        ckpt["lr_scheduler"] = dict(state.metadata.lr_scheduler)
     with warnings.catch_warnings():
         # One process on purpose: torch warns about that even when told so (no_dist=True).
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)

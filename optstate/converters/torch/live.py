@@ -371,10 +371,12 @@ def _restore_scheduler(state: OptimizerState, optimizer: torch.optim.Optimizer, 
     """Put a live LR scheduler where the state's training stopped, and each group's lr with it."""
     from ..schedules.torch_schedulers import restore_torch_scheduler_state
 
-    saved = state.metadata.get("lr_scheduler")
+    saved = state.metadata.lr_scheduler
     if saved is None:
         known = state.spec.has_step and all(p.step is not None for p in state.params)
-        count = state.metadata.get("schedule_count", max(p.step for p in state.params) if known else None)
+        count = state.metadata.schedule_count
+        if count is None:
+            count = max(p.step for p in state.params) if known else None
         if count is None:
             raise UnsupportedError("the state records no step count, so the scheduler's position is unknown")
         saved = restore_torch_scheduler_state(scheduler.state_dict(), count,

@@ -19,7 +19,7 @@ import numpy as np
 
 from ...errors import FormatError, MappingError, UnsupportedError
 from ...schema.families import OptimizerSpec, optimizer_spec
-from ...schema.state import Deferred, OptimizerState, ParamInfo, name_to_path, path_to_name
+from ...schema.state import Deferred, Metadata, OptimizerState, ParamInfo, name_to_path, path_to_name
 from .. import adapter
 from . import ptfile
 
@@ -360,7 +360,7 @@ def _check_weights(names: Sequence[str], weights: Mapping[str, np.ndarray], sour
 
 def _state_from_state_dict(sd: Mapping, names: Sequence[str], spec: OptimizerSpec,
                            weights: Mapping[str, np.ndarray] | None, buffers: Iterable[str], source: str,
-                           metadata: Mapping[str, Any],
+                           metadata: Metadata,
                            shapes: Mapping[str, tuple[tuple[int, ...], str]] | None = None) -> OptimizerState:
     """``shapes`` gives ``name -> (shape, dtype)`` for parameters that may have no state (a live optimizer)."""
     if weights is not None:
@@ -399,7 +399,7 @@ def _state_from_state_dict(sd: Mapping, names: Sequence[str], spec: OptimizerSpe
             slots.update({(slot, path): array for slot, array in param_slots.items()})
     try:
         return OptimizerState(spec.name, tuple(hyperparams), tuple(params), slots, weights_np,
-                              tuple(name_to_path(b) for b in buffers), dict(metadata))
+                              tuple(name_to_path(b) for b in buffers), metadata)
     except FormatError as exc:
         raise FormatError(f"{source}: {exc}") from None
 
@@ -432,9 +432,8 @@ def state_from_checkpoint(checkpoint: Any, source: str, *, origin: str, optimize
         weights = saved_weights
         buffers = [n for n, a in (weights or {}).items() if is_buffer(n, a)]
     scheduler_state = saved_scheduler if scheduler_state is None else scheduler_state
-    metadata: dict[str, Any] = {"source": origin}
-    if scheduler_state is not None:
-        metadata["lr_scheduler"] = plain_scheduler_state(scheduler_state)
+    metadata = Metadata(source=origin, lr_scheduler=None if scheduler_state is None
+                        else plain_scheduler_state(scheduler_state))
     spec = optimizer_family(sd, optimizer, source, live_class)
     names = param_names(sd, spec, model=model, weights=weights, source=source)
     return _state_from_state_dict(sd, names, spec, weights, buffers or (), source, metadata,
@@ -563,10 +562,10 @@ def save_torch_file(state: OptimizerState, path: str | os.PathLike, *, force: bo
     checkpoint: dict[str, Any] = {"optimizer": state_dict_arrays(state, step_dtype=step_dtype)}
     if state.weights is not None:
         checkpoint["model"] = {path_to_name(p): a for p, a in state.weights.items()}
-    if "lr_scheduler" in state.metadata:
-        checkpoint["lr_scheduler"] = dict(state.metadata["lr_scheduler"])
-    elif "schedule_count" in state.metadata:
-        warnings.warn(f"the Optax state follows a schedule (count {state.metadata['schedule_count']}) that is not "
+    if state.metadata.lr_scheduler is not None:
+        checkpoint["lr_scheduler"] = dict(state.metadata.lr_scheduler)
+    elif state.metadata.schedule_count is not None:
+        warnings.warn(f"the Optax state follows a schedule (count {state.metadata.schedule_count}) that is not "
                       "saved; restore your torch scheduler with optstate.to_torch(state, optimizer, "
                       "scheduler=...)", stacklevel=2)
     ptfile.save(checkpoint, path, force=force, fsync=fsync, progress=progress)
