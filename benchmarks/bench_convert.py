@@ -38,6 +38,7 @@ Run ``python benchmarks/bench_convert.py --help``; ``--gb 0.3 --repeats 1`` is a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -57,6 +58,7 @@ MIB = 1024 * 1024
 
 
 # ----------------------------------------------------------------------------- model shapes
+
 
 def model_shapes(params_millions: float) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of a transformer with about ``params_millions`` million parameters.
@@ -97,10 +99,15 @@ def build_checkpoint(path: str, params_millions: float) -> dict:
     shapes = model_shapes(params_millions)
     t0 = time.perf_counter()
     weights = {name: torch.randn(shape) for name, shape in shapes}
-    state = {i: {"step": torch.tensor(1.0), "exp_avg": torch.randn(shape) * 1e-3,
-                 "exp_avg_sq": torch.rand(shape) * 1e-6} for i, (_, shape) in enumerate(shapes)}
-    group = dict(torch.optim.Adam([torch.zeros(1)], lr=1e-3).state_dict()["param_groups"][0],
-                 params=list(range(len(shapes))), param_names=[name for name, _ in shapes])
+    state = {
+        i: {"step": torch.tensor(1.0), "exp_avg": torch.randn(shape) * 1e-3, "exp_avg_sq": torch.rand(shape) * 1e-6}
+        for i, (_, shape) in enumerate(shapes)
+    }
+    group = dict(
+        torch.optim.Adam([torch.zeros(1)], lr=1e-3).state_dict()["param_groups"][0],
+        params=list(range(len(shapes))),
+        param_names=[name for name, _ in shapes],
+    )
     ckpt = {"model": weights, "optimizer": {"state": state, "param_groups": [group]}}
     tensor_bytes = sum(t.numel() * t.element_size() for t in _tensors(ckpt))
     n_tensors = sum(1 for _ in _tensors(ckpt))
@@ -108,10 +115,17 @@ def build_checkpoint(path: str, params_millions: float) -> dict:
     torch.save(ckpt, path)
     t2 = time.perf_counter()
     del ckpt, state, weights
-    return {"params": sum(_numel(s) for _, s in shapes), "n_params": len(shapes),
-            "n_layers": sum(1 for n, _ in shapes if n.endswith("attn.q.weight")),
-            "vocab": shapes[0][1][0], "tensor_bytes": tensor_bytes, "n_tensors": n_tensors,
-            "file_bytes": os.path.getsize(path), "make_s": t1 - t0, "save_s": t2 - t1}
+    return {
+        "params": sum(_numel(s) for _, s in shapes),
+        "n_params": len(shapes),
+        "n_layers": sum(1 for n, _ in shapes if n.endswith("attn.q.weight")),
+        "vocab": shapes[0][1][0],
+        "tensor_bytes": tensor_bytes,
+        "n_tensors": n_tensors,
+        "file_bytes": os.path.getsize(path),
+        "make_s": t1 - t0,
+        "save_s": t2 - t1,
+    }
 
 
 def flax_target() -> dict:
@@ -156,6 +170,7 @@ def _tensors(obj):
 
 # ----------------------------------------------------------------------------- child drivers
 
+
 def child_naive(src: str, dst: str) -> dict:
     t0 = time.perf_counter()
     import torch
@@ -171,8 +186,11 @@ def child_naive(src: str, dst: str) -> dict:
         f.flush()
         os.fsync(f.fileno())
     t4 = time.perf_counter()
-    return {"import_s": t1 - t0, "convert_s": t4 - t1,
-            "parts": {"load": t2 - t1, "to_numpy": t3 - t2, "write+fsync": t4 - t3}}
+    return {
+        "import_s": t1 - t0,
+        "convert_s": t4 - t1,
+        "parts": {"load": t2 - t1, "to_numpy": t3 - t2, "write+fsync": t4 - t3},
+    }
 
 
 def child_orbax_in_memory(src: str, dst: str) -> dict:
@@ -209,6 +227,7 @@ def child_main(argv: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- measuring a child
 
+
 def _status_kib(pid: int) -> dict[str, int]:
     out = {}
     try:
@@ -232,8 +251,9 @@ def run_measured(cmd: list[str], log_dir: Path, label: str) -> dict:
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
         # Own process group, so that on Ctrl-C/SIGTERM the child and its own children (sh -> cp) are ended.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
-                                cwd=HERE.parent)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True, cwd=HERE.parent
+        )
         peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
         done = threading.Event()
 
@@ -258,14 +278,23 @@ def run_measured(cmd: list[str], log_dir: Path, label: str) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
     if proc.returncode != 0:
-        raise Failed(f"{' '.join(cmd)} exited with {proc.returncode}; stderr tail:\n"
-                     + "\n".join(stderr.strip().splitlines()[-25:]))
+        raise Failed(
+            f"{' '.join(cmd)} exited with {proc.returncode}; stderr tail:\n"
+            + "\n".join(stderr.strip().splitlines()[-25:])
+        )
     result = next((json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")), {})
-    return {"wall_s": wall, "maxrss_mib": usage.ru_maxrss / 1024, "anon_mib": peaks["RssAnon"] / 1024,
-            "file_mib": peaks["RssFile"] / 1024, **result, "stderr": stderr}
+    return {
+        "wall_s": wall,
+        "maxrss_mib": usage.ru_maxrss / 1024,
+        "anon_mib": peaks["RssAnon"] / 1024,
+        "file_mib": peaks["RssFile"] / 1024,
+        **result,
+        "stderr": stderr,
+    }
 
 
 # ----------------------------------------------------------------------------- the benchmark
+
 
 def _meminfo() -> dict[str, int]:
     """``/proc/meminfo`` in KiB."""
@@ -277,15 +306,15 @@ def machine() -> str:
     mem = _meminfo()
     versions = []
     for pkg in ("torch", "jax", "orbax-checkpoint", "numpy", "optstate"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions.append(f"{pkg} {metadata.version(pkg)}")
-        except metadata.PackageNotFoundError:
-            pass
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"machine: nproc {len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}), "
-            f"memory {mem['MemTotal'] / MIB:.1f} GiB total, {mem['MemAvailable'] / MIB:.1f} GiB available, "
-            f"load average {load}\n"
-            f"python {sys.version.split()[0]}; {', '.join(versions)}")
+    return (
+        f"machine: nproc {len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}), "
+        f"memory {mem['MemTotal'] / MIB:.1f} GiB total, {mem['MemAvailable'] / MIB:.1f} GiB available, "
+        f"load average {load}\n"
+        f"python {sys.version.split()[0]}; {', '.join(versions)}"
+    )
 
 
 def warm(path: Path) -> float:
@@ -304,8 +333,18 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-PATHS = ("cp", "cp+fsync", "naive", "optstate", "optstate+fsync", "flax", "orbax-mem", "optax", "flax-orbax",
-         "to-torch")
+PATHS = (
+    "cp",
+    "cp+fsync",
+    "naive",
+    "optstate",
+    "optstate+fsync",
+    "flax",
+    "orbax-mem",
+    "optax",
+    "flax-orbax",
+    "to-torch",
+)
 
 
 def commands(args: argparse.Namespace, src: Path, work: Path) -> dict[str, tuple[list[str], Path]]:
@@ -315,17 +354,36 @@ def commands(args: argparse.Namespace, src: Path, work: Path) -> dict[str, tuple
     canonical = work / "input.safetensors"  # made once, untimed, for the way back
     paths = {
         "cp": (["cp", str(src), str(work / "copy.pt")], work / "copy.pt"),
-        "cp+fsync": (["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(src), str(work / "copy.pt")],
-                     work / "copy.pt"),
+        "cp+fsync": (["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(src), str(work / "copy.pt")], work / "copy.pt"),
         "naive": ([py, str(HERE), "_child", "naive", str(src), str(work / "naive.bin")], work / "naive.bin"),
         "optstate": ([*cli, "--no-fsync", str(src), str(work / "out.safetensors")], work / "out.safetensors"),
         "optstate+fsync": ([*cli, str(src), str(work / "out.safetensors")], work / "out.safetensors"),
-        "flax": ([*cli, "--no-fsync", "--target-params", "bench_convert:flax_target", str(src),
-                  str(work / "flax.safetensors")], work / "flax.safetensors"),
+        "flax": (
+            [
+                *cli,
+                "--no-fsync",
+                "--target-params",
+                "bench_convert:flax_target",
+                str(src),
+                str(work / "flax.safetensors"),
+            ],
+            work / "flax.safetensors",
+        ),
         "orbax-mem": ([py, str(HERE), "_child", "orbax", str(src), str(work / "mem_orbax")], work / "mem_orbax"),
         "optax": ([*cli, "--no-fsync", "--to", "optax", str(src), str(work / "out_optax") + "/"], work / "out_optax"),
-        "flax-orbax": ([*cli, "--no-fsync", "--to", "optax", "--target-params", "bench_convert:flax_target", str(src),
-                        str(work / "flax_optax") + "/"], work / "flax_optax"),
+        "flax-orbax": (
+            [
+                *cli,
+                "--no-fsync",
+                "--to",
+                "optax",
+                "--target-params",
+                "bench_convert:flax_target",
+                str(src),
+                str(work / "flax_optax") + "/",
+            ],
+            work / "flax_optax",
+        ),
         "to-torch": ([*cli, "--no-fsync", str(canonical), str(work / "back.pt")], work / "back.pt"),
     }
     return {k: v for k, v in paths.items() if k in args.paths}
@@ -341,8 +399,10 @@ def report(results: dict[str, list[dict]], failures: dict[str, str], tensor_byte
         return statistics.median(vals) if vals else None
 
     cp, cp_sync, naive = med("cp", "wall_s"), med("cp+fsync", "wall_s"), med("naive", "wall_s")
-    head = (f"{'path':<15} {'wall s':>8} {'min-max s':>13} {'GB/s':>6} {'x cp':>6} {'x cp+fs':>7} "
-            f"{'x naive':>7} {'peak RSS MiB':>12} {'peak anon MiB':>13} {'n':>2}")
+    head = (
+        f"{'path':<15} {'wall s':>8} {'min-max s':>13} {'GB/s':>6} {'x cp':>6} {'x cp+fs':>7} "
+        f"{'x naive':>7} {'peak RSS MiB':>12} {'peak anon MiB':>13} {'n':>2}"
+    )
     lines = [head, "-" * len(head)]
     for name in PATHS:
         runs = results.get(name, [])
@@ -359,7 +419,8 @@ def report(results: dict[str, list[dict]], failures: dict[str, str], tensor_byte
             f"{fmt(wall / cp if cp else None, '.2f'):>6} {fmt(wall / cp_sync if cp_sync else None, '.2f'):>7} "
             f"{fmt(wall / naive if naive else None, '.2f'):>7} {max(r['maxrss_mib'] for r in runs):>12.0f} "
             f"{max(r['anon_mib'] for r in runs):>13.0f} {len(runs):>2}"
-            + ("  (some repeats FAILED)" if name in failures else ""))
+            + ("  (some repeats FAILED)" if name in failures else "")
+        )
     parts = []
     for name, runs in results.items():
         if runs and runs[0].get("parts"):
@@ -381,19 +442,26 @@ def run_size(args: argparse.Namespace, params_millions: float, work: Path) -> in
     os.environ["OPTSTATE_BENCH_PARAMS"] = str(params_millions)  # for flax_target in the children
     src = work / "ckpt.pt"
     print(f"\nbuilding a {params_millions:g}M-parameter checkpoint in {work} ...", flush=True)
-    built = run_measured([sys.executable, str(HERE), "_child", "build", "-", str(src), str(params_millions)],
-                         logs, "build")
+    built = run_measured(
+        [sys.executable, str(HERE), "_child", "build", "-", str(src), str(params_millions)], logs, "build"
+    )
     os.sync()
     tb = built["tensor_bytes"]
-    print(f"checkpoint: {built['params'] / 1e6:.1f}M parameters ({built['n_params']} tensors: vocab "
-          f"{built['vocab']} x {D_MODEL} embedding, {built['n_layers']} layers, d_ff {D_FF}), Adam after "
-          f"1 step; {built['n_tensors']} tensors, {tb / 1e9:.3f} GB of tensor data; file "
-          f"{built['file_bytes'] / 1e9:.3f} GB; built in {built['wall_s']:.1f}s", flush=True)
+    print(
+        f"checkpoint: {built['params'] / 1e6:.1f}M parameters ({built['n_params']} tensors: vocab "
+        f"{built['vocab']} x {D_MODEL} embedding, {built['n_layers']} layers, d_ff {D_FF}), Adam after "
+        f"1 step; {built['n_tensors']} tensors, {tb / 1e9:.3f} GB of tensor data; file "
+        f"{built['file_bytes'] / 1e9:.3f} GB; built in {built['wall_s']:.1f}s",
+        flush=True,
+    )
     cmds = commands(args, src, work)
     if "orbax-mem" in cmds and 2.2 * tb > _meminfo()["MemAvailable"] * 1024:
         del cmds["orbax-mem"]
-        print("orbax-mem skipped: it holds the arrays and Orbax's copy of them, about twice the checkpoint, "
-              "more memory than this machine has available", flush=True)
+        print(
+            "orbax-mem skipped: it holds the arrays and Orbax's copy of them, about twice the checkpoint, "
+            "more memory than this machine has available",
+            flush=True,
+        )
     if "to-torch" in cmds:
         run_measured(commands(argparse.Namespace(paths=["optstate"]), src, work)["optstate"][0], logs, "prepare")
         os.rename(work / "out.safetensors", work / "input.safetensors")
@@ -413,12 +481,17 @@ def run_size(args: argparse.Namespace, params_millions: float, work: Path) -> in
             finally:
                 remove(out)
             results.setdefault(name, []).append(r)
-            print(f"  [{rep + 1}/{args.repeats}] {name:<14} {r['wall_s']:7.2f}s, peak RSS "
-                  f"{r['maxrss_mib']:.0f} MiB (anon {r['anon_mib']:.0f}, file {r['file_mib']:.0f})", flush=True)
+            print(
+                f"  [{rep + 1}/{args.repeats}] {name:<14} {r['wall_s']:7.2f}s, peak RSS "
+                f"{r['maxrss_mib']:.0f} MiB (anon {r['anon_mib']:.0f}, file {r['file_mib']:.0f})",
+                flush=True,
+            )
     os.sync()
     print()
-    print(f"results: {built['params'] / 1e6:.1f}M params, {tb / 1e9:.3f} GB tensor data, {args.repeats} repeat(s), "
-          "median; page cache warm")
+    print(
+        f"results: {built['params'] / 1e6:.1f}M params, {tb / 1e9:.3f} GB tensor data, {args.repeats} repeat(s), "
+        "median; page cache warm"
+    )
     print("wall s = whole process (interpreter start and imports included); GB/s = tensor bytes / wall s;")
     print("x cp, x cp+fs, x naive = wall / median wall of that baseline in this run; peak RSS = ru_maxrss")
     print("(includes file-backed mmap pages), peak anon = sampled RssAnon; max over the repeats.")
@@ -431,9 +504,19 @@ def run_size(args: argparse.Namespace, params_millions: float, work: Path) -> in
         print(f"\nFAILED {name}: {msg}")
     if args.json:
         with open(args.json, "a") as f:
-            f.write(json.dumps({"built": built, "results": {
-                k: [{kk: vv for kk, vv in r.items() if kk != "stderr"} for r in v] for k, v in results.items()},
-                "failures": failures}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "built": built,
+                        "results": {
+                            k: [{kk: vv for kk, vv in r.items() if kk != "stderr"} for r in v]
+                            for k, v in results.items()
+                        },
+                        "failures": failures,
+                    }
+                )
+                + "\n"
+            )
     return 1 if failures else 0
 
 
@@ -442,10 +525,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_child"]:
         child_main(argv[1:])
         return 0
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gb", default="3", help="checkpoint sizes in GB of tensor data, comma-separated (default 3; "
-                   "the issue's pair is 3,12); Adam in float32 is 12 bytes a parameter")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--gb",
+        default="3",
+        help="checkpoint sizes in GB of tensor data, comma-separated (default 3; "
+        "the issue's pair is 3,12); Adam in float32 is 12 bytes a parameter",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per path; the median is reported (default 3)")
     p.add_argument("--tmpdir", default="/tmp", help="where the temporary directory goes (default /tmp)")
     p.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))

@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and jax_device.platform != "gpu":
         print(f"JAX has no GPU (its first device is {jax_device}); install jax[cuda12]", file=sys.stderr)
         return 2
-    print(f"torch {torch.__version__} on {args.device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}; "
-          f"jax {jax.__version__} on {jax_device}")
+    print(
+        f"torch {torch.__version__} on {args.device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}; "
+        f"jax {jax.__version__} on {jax_device}"
+    )
     model, opt, nbytes = build(args.gb, args.device)
     tensors = [*model.state_dict().values(), *(t for s in opt.state.values() for k, t in s.items() if k != "step")]
     print(f"state: {len(tensors)} tensors, {nbytes / 1e9:.2f} GB")
@@ -93,11 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         return lambda: optstate.to_optax(optstate.from_torch(opt, model=model, copy=copy), tx, params)
 
     zero = np.float32(0)
-    target = {name: {"kernel": np.broadcast_to(zero, (WIDTH, WIDTH)), "bias": np.broadcast_to(zero, (WIDTH,))}
-              for name, _ in model.named_children()}
+    target = {
+        name: {"kernel": np.broadcast_to(zero, (WIDTH, WIDTH)), "bias": np.broadcast_to(zero, (WIDTH,))}
+        for name, _ in model.named_children()
+    }
     flax_tx = optstate.optax_transform(relayout(optstate.from_torch(opt, model=model, copy=False), target=target))
-    flax_params = {name: {"kernel": jax.numpy.transpose(params[name]["weight"]), "bias": params[name]["bias"]}
-                   for name in target}
+    flax_params = {
+        name: {"kernel": jax.numpy.transpose(params[name]["weight"]), "bias": params[name]["bias"]} for name in target
+    }
 
     def migrate_to_flax():
         state = relayout(optstate.from_torch(opt, model=model, copy=False), target=target)
@@ -108,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     rows["borrow + DLPack"], borrowed = timed(migrate(False), args.device, args.repeats)
     rows["copy + DLPack"], copied = timed(migrate(True), args.device, args.repeats)
     rows["borrow + Flax"], flax = timed(migrate_to_flax, args.device, args.repeats)
-    rows["host round trip"], _ = timed(lambda: [jax.device_put(t.cpu().numpy(), jax_device) for t in tensors],
-                                       args.device, args.repeats)
+    rows["host round trip"], _ = timed(
+        lambda: [jax.device_put(t.cpu().numpy(), jax_device) for t in tensors], args.device, args.repeats
+    )
 
     live = opt.state[model[0].weight]["exp_avg"]
     for opt_state in (borrowed, copied):

@@ -57,6 +57,7 @@ def layout(gb: float) -> list[tuple[str, int]]:
 
 # ----------------------------------------------------------------------------- children
 
+
 def child_build(src: str, gb: float) -> dict:
     import numpy as np
 
@@ -86,9 +87,12 @@ def child_save(src: str, dst: str, gb: float, path: str) -> dict:
         else:
             arrays[name] = np.memmap(src, dtype="<f4", mode="r", offset=offset, shape=(n,))
         offset += 4 * n
-    state = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
-                           tuple(ParamInfo((name,), a.shape, "float32", 0) for name, a in arrays.items()),
-                           {("momentum", (name,)): a for name, a in arrays.items()})
+    state = OptimizerState(
+        "sgd",
+        ({"lr": 0.1, "momentum": 0.9},),
+        tuple(ParamInfo((name,), a.shape, "float32", 0) for name, a in arrays.items()),
+        {("momentum", (name,)): a for name, a in arrays.items()},
+    )
     before = _rss_anon_kib()
     peak = [before]
     done = threading.Event()
@@ -116,10 +120,13 @@ def child_main(argv: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- the benchmark
 
+
 def commands(paths: list[str], src: Path, work: Path, gb: float) -> dict[str, tuple[list[str], Path]]:
     out = {name: work / f"{name.replace('+', '_')}.out" for name in paths}
-    cmds = {"cp": ["cp", str(src), str(out.get("cp", ""))],
-            "cp+fsync": ["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(src), str(out.get("cp+fsync", ""))]}
+    cmds = {
+        "cp": ["cp", str(src), str(out.get("cp", ""))],
+        "cp+fsync": ["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(src), str(out.get("cp+fsync", ""))],
+    }
     for name in PATHS[2:]:
         cmds[name] = [sys.executable, str(HERE), "_child", name, str(src), str(out.get(name, "")), str(gb)]
     return {name: (cmds[name], out[name]) for name in paths}
@@ -136,17 +143,21 @@ def report(results: dict[str, list[dict]], tensor_bytes: int) -> str:
     def best(name: str) -> float:
         return min(map(seconds, results[name])) if results.get(name) else math.nan
 
-    head = (f"{'path':<15} {'s':>7} {'min-max s':>11} {'GB/s':>6} {'x cp':>6} {'x cp+fs':>7} {'min x cp':>8} "
-            f"{'min x cp+fs':>11} {'peak anon MiB':>13} {'anon in save MiB':>16}")
+    head = (
+        f"{'path':<15} {'s':>7} {'min-max s':>11} {'GB/s':>6} {'x cp':>6} {'x cp+fs':>7} {'min x cp':>8} "
+        f"{'min x cp+fs':>11} {'peak anon MiB':>13} {'anon in save MiB':>16}"
+    )
     lines = [head, "-" * len(head)]
     for name, runs in results.items():
         s = med(name)
         during = max((r["anon_during_save_mib"] for r in runs if "anon_during_save_mib" in r), default=None)
         during_text = "-" if during is None else f"{during:.0f}"
-        lines.append(f"{name:<15} {s:>7.2f} {f'{best(name):.2f}-{max(map(seconds, runs)):.2f}':>11} "
-                     f"{tensor_bytes / 1e9 / s:>6.2f} {s / med('cp'):>6.2f} {s / med('cp+fsync'):>7.2f} "
-                     f"{best(name) / best('cp'):>8.2f} {best(name) / best('cp+fsync'):>11.2f} "
-                     f"{max(r['anon_mib'] for r in runs):>13.0f} {during_text:>16}")
+        lines.append(
+            f"{name:<15} {s:>7.2f} {f'{best(name):.2f}-{max(map(seconds, runs)):.2f}':>11} "
+            f"{tensor_bytes / 1e9 / s:>6.2f} {s / med('cp'):>6.2f} {s / med('cp+fsync'):>7.2f} "
+            f"{best(name) / best('cp'):>8.2f} {best(name) / best('cp+fsync'):>11.2f} "
+            f"{max(r['anon_mib'] for r in runs):>13.0f} {during_text:>16}"
+        )
     return "\n".join(lines)
 
 
@@ -155,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_child"]:
         child_main(argv[1:])
         return 0
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--gb", type=float, default=2.0, help="GB of float32 tensor data (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per path; the median is reported (default 3)")
     p.add_argument("--tmpdir", default="/tmp", help="where the temporary directory goes (needs ~3x --gb free)")
@@ -181,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         built = run_measured([sys.executable, str(HERE), "_child", "build", str(src), "-", str(args.gb)], logs, "build")
         tb = built["tensor_bytes"]
         os.sync()
-        print(f"source: {built['n_tensors']} float32 tensors, {tb / 1e9:.3f} GB, built in {built['wall_s']:.1f}s; "
-              f"page cache warmed: read once in {warm(src):.2f}s", flush=True)
+        print(
+            f"source: {built['n_tensors']} float32 tensors, {tb / 1e9:.3f} GB, built in {built['wall_s']:.1f}s; "
+            f"page cache warmed: read once in {warm(src):.2f}s",
+            flush=True,
+        )
         cmds = commands(paths, src, work, args.gb)
         results: dict[str, list[dict]] = {}
         kept: dict[str, Path] = {}
@@ -196,14 +211,18 @@ def main(argv: list[str] | None = None) -> int:
                     kept[name] = out.rename(out.with_suffix(".first"))
                 else:
                     remove(out)
-                print(f"  [{rep + 1}/{args.repeats}] {name:<15} {seconds(r):6.2f}s, peak anon {r['anon_mib']:.0f} MiB"
-                      + (f", in save +{r['anon_during_save_mib']:.0f} MiB" if "anon_during_save_mib" in r else ""),
-                      flush=True)
+                print(
+                    f"  [{rep + 1}/{args.repeats}] {name:<15} {seconds(r):6.2f}s, peak anon {r['anon_mib']:.0f} MiB"
+                    + (f", in save +{r['anon_during_save_mib']:.0f} MiB" if "anon_during_save_mib" in r else ""),
+                    flush=True,
+                )
         saved = list(kept.values())
         same = all(filecmp.cmp(saved[0], out, shallow=False) for out in saved[1:])
         print()
-        print(f"results: {tb / 1e9:.3f} GB in {built['n_tensors']} float32 tensors, {args.repeats} repeat(s), median; "
-              "page cache warm")
+        print(
+            f"results: {tb / 1e9:.3f} GB in {built['n_tensors']} float32 tensors, {args.repeats} repeat(s), median; "
+            "page cache warm"
+        )
         print("s = inside optstate.save (cp, cp+fsync: the whole process); x cp, x cp+fs = s / median s of cp,")
         print("cp+fsync in this run; min x = the same with the fastest run of each (a noisy machine slows runs down,")
         print("it never speeds them up); peak anon = the child's peak RssAnon (imports, the state, plain: its arrays);")

@@ -43,15 +43,18 @@ torch.save({"model": {f"layers.{i}.weight": p.detach() for i, p in enumerate(par
 
 WHOLE = {
     "torch": "import sys, optstate; s = optstate.from_torch(sys.argv[1])",
-    "ptfile": "import sys; from optstate.converters.torch.state_dict import from_torch_file; s = from_torch_file(sys.argv[1])",
+    "ptfile": "import sys; from optstate.converters.torch.state_dict import from_torch_file; "
+    "s = from_torch_file(sys.argv[1])",
 }
-TOUCH = "\nimport numpy as np\nfor a in [*s.slots.values(), *s.weights.values()]: np.add.reduce(a.reshape(-1).view(np.uint8), dtype=np.uint64)"
+TOUCH = (
+    "\nimport numpy as np\n"
+    "for a in [*s.slots.values(), *s.weights.values()]: np.add.reduce(a.reshape(-1).view(np.uint8), dtype=np.uint64)"
+)
 
 
 def touch(arrays) -> int:
     """Read every byte (the sum is returned so that nothing is optimised away)."""
-    return sum(int(np.add.reduce(np.ascontiguousarray(a).reshape(-1).view(np.uint8), dtype=np.uint64))
-               for a in arrays)
+    return sum(int(np.add.reduce(np.ascontiguousarray(a).reshape(-1).view(np.uint8), dtype=np.uint64)) for a in arrays)
 
 
 def leaves(obj):
@@ -65,6 +68,7 @@ def leaves(obj):
         yield obj
     elif type(obj).__name__ == "Tensor":
         from optstate.converters.torch.live import tensor_to_numpy
+
         yield tensor_to_numpy(obj, copy=False)
 
 
@@ -108,8 +112,10 @@ def main() -> None:
         size = path.stat().st_size
         print(f"{path.name}: {count} Adam parameters [1024, 1024] float32, {size / 1e6:.0f} MB")
         runs = in_process(path)
-        whole = {name: lambda code=code: subprocess.run([sys.executable, "-c", code + TOUCH, path], check=True)
-                 for name, code in WHOLE.items()}
+        whole = {
+            name: lambda code=code: subprocess.run([sys.executable, "-c", code + TOUCH, path], check=True)
+            for name, code in WHOLE.items()
+        }
         touch([np.fromfile(path, np.uint8)])  # warm the page cache
         times: dict[str, list[float]] = {name: [] for name in [*runs, *(f"process {n}" for n in whole)]}
         for _ in range(args.repeats):
@@ -120,9 +126,12 @@ def main() -> None:
         median = {name: statistics.median(t) for name, t in times.items()}
         for name, seconds in median.items():
             print(f"  {name:24s} {seconds:7.3f} s" + ("" if "open" in name else f"  {size / 1e9 / seconds:6.2f} GB/s"))
-        for torch_path, ours in (("torch.load, open only", "ptfile.load, open only"), ("torch.load", "ptfile.load"),
-                                 ("from_torch", "from_torch_file"),
-                                 ("process torch", "process ptfile")):
+        for torch_path, ours in (
+            ("torch.load, open only", "ptfile.load, open only"),
+            ("torch.load", "ptfile.load"),
+            ("from_torch", "from_torch_file"),
+            ("process torch", "process ptfile"),
+        ):
             print(f"  {torch_path} / {ours}: {median[torch_path] / median[ours]:.2f}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -68,7 +68,7 @@ def random_array(shape, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     count = int(np.prod(shape))
     words = np.random.default_rng(0).integers(0, 2**63, size=-(-count * dtype.itemsize // 8), dtype=np.uint64)
-    return words.view(np.uint8)[:count * dtype.itemsize].view(dtype).reshape(shape)
+    return words.view(np.uint8)[: count * dtype.itemsize].view(dtype).reshape(shape)
 
 
 def timed(function) -> tuple[float, float, np.ndarray]:
@@ -82,7 +82,7 @@ def run_case(name: str, repeats: int, naive: bool) -> None:
     shape, dtype, axes = CASES[name]
     array = random_array(shape, dtype)
     expected_shape = np.transpose(array, axes).shape
-    out = np.ones(expected_shape, array.dtype)      # touched once: no page faults when reused
+    out = np.ones(expected_shape, array.dtype)  # touched once: no page faults when reused
     flat_out = np.ones(array.shape, array.dtype)
     paths = {
         "np.copy": lambda: array.copy(),
@@ -107,23 +107,27 @@ def run_case(name: str, repeats: int, naive: bool) -> None:
                 assert np.array_equal(result.view(expected.dtype), expected), f"{path} differs from NumPy"
             del result
     gbps = {path: array.nbytes / statistics.median(times) / 1e9 for path, times in seconds.items()}
-    print(f"\n{name}: {shape} {np.dtype(dtype).name} axes {axes}, {array.nbytes / 1e9:.2f} GB, "
-          f"median of {repeats}")
+    print(f"\n{name}: {shape} {np.dtype(dtype).name} axes {axes}, {array.nbytes / 1e9:.2f} GB, median of {repeats}")
     print(f"{'path':<20} {'GB/s':>6} {'min-max GB/s':>14} {'x np.copy':>9} {'x ascontig':>10} {'GB/CPU-s':>9}")
     for path, times in seconds.items():
         spread = f"{array.nbytes / max(times) / 1e9:.2f}-{array.nbytes / min(times) / 1e9:.2f}"
         versus_naive = f"{gbps[path] / gbps['ascontiguousarray']:.1f}" if naive else "-"
         per_cpu = array.nbytes / statistics.median(cpu_seconds[path]) / 1e9
-        print(f"{path:<20} {gbps[path]:>6.2f} {spread:>14} {gbps[path] / gbps['np.copy']:>9.2f} {versus_naive:>10} "
-              f"{per_cpu:>9.2f}")
+        print(
+            f"{path:<20} {gbps[path]:>6.2f} {spread:>14} {gbps[path] / gbps['np.copy']:>9.2f} {versus_naive:>10} "
+            f"{per_cpu:>9.2f}"
+        )
 
 
 def sweep(repeats: int) -> None:
     """CPU seconds of one thread per block shape, for 1-, 2-, 4- and 8-byte elements."""
     runs, blocks = (64, 128, 512), (256 << 10, 1 << 20)
     saved = transpose._RUN_BYTES, transpose._LONG_RUN_BYTES, transpose._BLOCK_BYTES
-    cases = [("2d", (8192, 16384), (1, 0)), ("2d-odd", (8000, 12000), (1, 0)),
-             ("conv", (512, 1024, 3, 3), (2, 3, 1, 0))]
+    cases = [
+        ("2d", (8192, 16384), (1, 0)),
+        ("2d-odd", (8000, 12000), (1, 0)),
+        ("conv", (512, 1024, 3, 3), (2, 3, 1, 0)),
+    ]
     print(f"GB/s per CPU second of one thread (bytes read / thread_time), best of {repeats}")
     print(f"{'case':<8} {'itemsize':>8} {'run B':>6} " + " ".join(f"{f'block {size >> 10}K':>11}" for size in blocks))
     try:

@@ -20,8 +20,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-import optstate  # noqa: E402
-from gpt import flax_train, torch_train, train_and_checkpoint  # noqa: E402
+from gpt import flax_train, torch_train, train_and_checkpoint
+
+import optstate
 
 jax.config.update("jax_enable_x64", True)
 OUT = Path("demo-out")
@@ -41,8 +42,8 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (label, losses), style in zip(curves.items(), ({"lw": 4, "alpha": 0.4}, {"lw": 1.2, "ls": "--"},
-                                                        {"lw": 1.2})):
+    styles = ({"lw": 4, "alpha": 0.4}, {"lw": 1.2, "ls": "--"}, {"lw": 1.2})
+    for (label, losses), style in zip(curves.items(), styles, strict=True):
         ax.plot(list(AFTER), losses, label=label, **style)
     ax.set_xlabel("training step (converted at step 15)")
     ax.set_ylabel("cross-entropy loss")
@@ -58,8 +59,18 @@ def main() -> None:
     model, opt, scheduler = train_and_checkpoint(ckpt, BEFORE)
     torch_losses = torch_train(model, opt, scheduler, AFTER)
 
-    cli("convert", "--from", "torch", "--to", "optax", "--force", str(ckpt), str(OUT / "gpt-flax"),
-        "--target-params", "examples.gpt:flax_variables")
+    cli(
+        "convert",
+        "--from",
+        "torch",
+        "--to",
+        "optax",
+        "--force",
+        str(ckpt),
+        str(OUT / "gpt-flax"),
+        "--target-params",
+        "examples.gpt:flax_variables",
+    )
     params, opt_state, tx = optstate.load_optax(OUT / "gpt-flax")
     flax_losses, flax_params = flax_train(tx, params, opt_state, AFTER)
     fresh_losses, _ = flax_train(tx, params, tx.init(params), AFTER)
@@ -69,13 +80,21 @@ def main() -> None:
         print(f"{AFTER[i]:>5} {torch_losses[i]:>10.6f} {flax_losses[i]:>16.6f} {fresh_losses[i]:>18.6f}")
     kernel = np.asarray(flax_params["blocks_1"]["fc"]["kernel"])
     param_diff = float(np.max(np.abs(kernel - model.blocks[1].fc.weight.detach().numpy().T)))
-    loss_diff = max(abs(a - b) for a, b in zip(torch_losses, flax_losses))
-    gap = max(abs(f - t) for f, t in zip(fresh_losses, torch_losses))
-    print(f"\nafter {len(AFTER)} more steps: max |Flax - torch| over losses {loss_diff:.1e}, "
-          f"over blocks_1/fc/kernel {param_diff:.1e}")
+    loss_diff = max(abs(a - b) for a, b in zip(torch_losses, flax_losses, strict=True))
+    gap = max(abs(f - t) for f, t in zip(fresh_losses, torch_losses, strict=True))
+    print(
+        f"\nafter {len(AFTER)} more steps: max |Flax - torch| over losses {loss_diff:.1e}, "
+        f"over blocks_1/fc/kernel {param_diff:.1e}"
+    )
     print(f"fresh optimizer state instead: losses off torch's by up to {gap:.3f} (the restart optstate removes)")
-    plot({"torch (stays)": torch_losses, "Flax, converted state": flax_losses,
-          "Flax, fresh optimizer state": fresh_losses}, OUT / "gpt_loss.png")
+    plot(
+        {
+            "torch (stays)": torch_losses,
+            "Flax, converted state": flax_losses,
+            "Flax, fresh optimizer state": fresh_losses,
+        },
+        OUT / "gpt_loss.png",
+    )
     print(f"plot: {OUT / 'gpt_loss.png'}")
     if loss_diff > 1e-10 or param_diff > 1e-10:
         raise SystemExit("demo FAILED: the conversion did not continue exactly")

@@ -31,12 +31,13 @@ def batch(step: int) -> tuple[np.ndarray, np.ndarray]:
     """The inputs and next-character targets of training step ``step``, the same in both frameworks."""
     data = tokens()
     starts = np.random.default_rng(step).integers(0, len(data) - CONTEXT - 1, size=BATCH)
-    x = np.stack([data[s:s + CONTEXT] for s in starts])
-    y = np.stack([data[s + 1:s + CONTEXT + 1] for s in starts])
+    x = np.stack([data[s : s + CONTEXT] for s in starts])
+    y = np.stack([data[s + 1 : s + CONTEXT + 1] for s in starts])
     return x, y
 
 
 # ----------------------------------------------------------------------------- torch
+
 
 class Block(torch.nn.Module):
     def __init__(self):
@@ -74,8 +75,9 @@ def torch_optimizer(model: TorchGPT) -> tuple[torch.optim.Optimizer, torch.optim
     """AdamW, no weight decay on biases, norms and embeddings (as nanoGPT), with a linear warm-up."""
     decay = [(n, p) for n, p in model.named_parameters() if p.ndim == 2 and "tok" not in n and "pos" not in n]
     rest = [(n, p) for n, p in model.named_parameters() if (n, p) not in decay]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=3e-3, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.95)
+    )
     return opt, torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.05, total_iters=40)
 
 
@@ -99,12 +101,14 @@ def train_and_checkpoint(path, steps: range = range(15)) -> tuple[TorchGPT, torc
     model = TorchGPT()
     opt, scheduler = torch_optimizer(model)
     torch_train(model, opt, scheduler, steps)
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": scheduler.state_dict()},
-               path)
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": scheduler.state_dict()}, path
+    )
     return model, opt, scheduler
 
 
 # ----------------------------------------------------------------------------- Flax
+
 
 class FlaxBlock(fnn.Module):
     @fnn.compact
@@ -136,6 +140,7 @@ def flax_loss_and_grads(params, x, y):
     def loss(p):
         logits = FlaxGPT().apply({"params": p}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     return jax.value_and_grad(loss)(params)
 
 

@@ -8,17 +8,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model import batches, dataset, torch_model  # noqa: E402
+from model import batches, dataset, torch_model
 
 STEPS = 30
 
 
 def optimizer(model):
     named = list(model.named_parameters())
-    return torch.optim.AdamW([
-        {"params": [(n, p) for n, p in named if not n.endswith("bias")], "weight_decay": 0.05},
-        {"params": [(n, p) for n, p in named if n.endswith("bias")], "weight_decay": 0.0},
-    ], lr=3e-2, betas=(0.9, 0.99))
+    return torch.optim.AdamW(
+        [
+            {"params": [(n, p) for n, p in named if not n.endswith("bias")], "weight_decay": 0.05},
+            {"params": [(n, p) for n, p in named if n.endswith("bias")], "weight_decay": 0.0},
+        ],
+        lr=3e-2,
+        betas=(0.9, 0.99),
+    )
 
 
 def train(model, opt, steps: range) -> list[float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 LAYERS = ("encoder", "hidden", "head")
@@ -27,7 +29,7 @@ def torch_model():
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
-            for name, (a, b) in zip(LAYERS, zip(SIZES, SIZES[1:])):
+            for name, (a, b) in zip(LAYERS, itertools.pairwise(SIZES), strict=True):
                 setattr(self, name, torch.nn.Linear(a, b, dtype=torch.float64))
 
         def forward(self, x):

@@ -10,6 +10,8 @@ The framework functions (``from_torch``, ``to_optax``, ...) load their adapter o
 
 from __future__ import annotations
 
+from typing import Any
+
 from .api import convert
 from .converters.layout.targets import relayout
 from .errors import FormatError, MappingError, MissingDependencyError, OptstateError, UnsupportedError
@@ -19,14 +21,20 @@ from .schema import OPTIMIZERS, OptimizerState, ParamInfo, load, save
 __version__ = "0.1.0"
 
 _ADAPTER_OF = {
-    "from_torch": "torch", "to_torch": "torch", "to_torch_state_dict": "torch",
-    "optax_transform": "optax", "to_optax": "optax", "from_optax": "optax",
-    "load_optax": "orbax", "load_flax": "orbax",
-    "to_nnx": "flax", "from_nnx": "flax",
+    "from_torch": "torch",
+    "to_torch": "torch",
+    "to_torch_state_dict": "torch",
+    "optax_transform": "optax",
+    "to_optax": "optax",
+    "from_optax": "optax",
+    "load_optax": "orbax",
+    "load_flax": "orbax",
+    "to_nnx": "flax",
+    "from_nnx": "flax",
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "from_torch_file":  # torch-free: NumPy and the standard library read torch's zip files
         from .converters.torch.state_dict import from_torch_file
 
@@ -42,6 +50,20 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_ADAPTER_OF, "from_torch_file"])
 
 
-__all__ = ["FormatError", "MappingError", "MissingDependencyError", "OPTIMIZERS", "OptimizerState",
-           "OptstateError", "ParamInfo", "UnsupportedError", "convert", "inspect", "load", "relayout", "save",
-           "from_torch_file", *_ADAPTER_OF]
+__all__ = [  # noqa: PLE0604 (*_ADAPTER_OF: the lazily loaded names, strings)
+    "FormatError",
+    "MappingError",
+    "MissingDependencyError",
+    "OPTIMIZERS",
+    "OptimizerState",
+    "OptstateError",
+    "ParamInfo",
+    "UnsupportedError",
+    "convert",
+    "inspect",
+    "load",
+    "relayout",
+    "save",
+    "from_torch_file",
+    *_ADAPTER_OF,
+]

@@ -10,8 +10,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from .errors import OptstateError
 
@@ -54,8 +54,9 @@ def _replace(tmp: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_files(paths: Sequence[str | os.PathLike], *, force: bool = False,
-                 fsync: bool = True) -> Iterator[list[Path]]:
+def atomic_files(
+    paths: Sequence[str | os.PathLike], *, force: bool = False, fsync: bool = True
+) -> Iterator[list[Path]]:
     """Yield temporary paths beside ``paths``; on success fsync them, then rename them in order.
 
     The last path is the commit point: it is renamed only once the others are in place (and, with
@@ -69,12 +70,12 @@ def atomic_files(paths: Sequence[str | os.PathLike], *, force: bool = False,
     >>> sorted(p.name for p in d.iterdir())
     ['index', 'part']
     """
-    paths = [Path(p) for p in paths]
-    for path in paths:
+    targets = [Path(p) for p in paths]
+    for path in targets:
         _prepare(path, force)
     tmps: list[Path] = []
     try:
-        for path in paths:
+        for path in targets:
             fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.close(fd)
             tmps.append(Path(name))
@@ -82,7 +83,7 @@ def atomic_files(paths: Sequence[str | os.PathLike], *, force: bool = False,
         if fsync:
             for tmp in tmps:
                 _fsync_file(tmp)
-        *parts, last = zip(tmps, paths)
+        *parts, last = zip(tmps, targets, strict=True)
         for tmp, path in parts:
             _replace(tmp, path)
         if fsync:

@@ -7,15 +7,17 @@ import json
 import sys
 import traceback
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import api
-from .converters import adapter
+from .converters import formats
+from .converters.formats import ReadOptions
 from .errors import OptstateError
-from .schema import OPTIMIZERS
 from .progress import Progress
 from .report import format_report, inspect
+from .schema import OPTIMIZERS
 
 
 def _hparams(text: str | None) -> Any:
@@ -33,7 +35,7 @@ def _size(text: str) -> int:
     """``5GB``, ``500MB``, ``1.5GiB`` or a number of bytes."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     number = text.upper().rstrip("BIKMG")
-    unit = text.upper()[len(number):]
+    unit = text.upper()[len(number) :]
     try:
         return int(float(number) * units[unit])
     except (KeyError, ValueError):
@@ -42,28 +44,44 @@ def _size(text: str) -> int:
 
 def _summary(state: Any) -> str:
     steps = sorted({p.step for p in state.params if p.step is not None})
-    return (f"{state.spec.torch_class}, {len(state.params)} parameters in {len(state.param_groups)} group(s)"
-            + (f", step {', '.join(map(str, steps))}" if steps else "")
-            + (", with model weights" if state.weights is not None else ""))
+    return (
+        f"{state.spec.torch_class}, {len(state.params)} parameters in {len(state.param_groups)} group(s)"
+        + (f", step {', '.join(map(str, steps))}" if steps else "")
+        + (", with model weights" if state.weights is not None else "")
+    )
 
 
 def _convert(args: argparse.Namespace) -> int:
-    if (args.src_format or api.detect_format(args.src)) == "optax":
-        # Converting is this process's whole job: float64 stays float64.
-        adapter("optax").jax.config.update("jax_enable_x64", True)
+    # Converting is this process's whole job: the input's format may set the process up (Orbax: float64 stays).
+    formats.get(args.src_format or formats.detect(args.src)).set_up_process()
     bars: list[Progress] = []
 
     def progress(state: Any) -> Progress:
         arrays = [*state.slots.values(), *(state.weights or {}).values()]
         bars.append(Progress(sum(a.nbytes for a in arrays), len(arrays), enabled=None if not args.quiet else False))
         return bars[-1]
+
     try:
-        state = api.convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format,
-                            force=args.force, optimizer=args.optimizer, hyperparams=_hparams(args.hparams),
-                            reset=args.reset, horizon=args.horizon, allow_approximate=args.allow_approximate,
-                            optstate_transform=args.optstate_transform, target_params=args.target_params,
-                            mapping=args.mapping, fsync=not args.no_fsync, max_shard_bytes=args.max_shard_size,
-                            progress=progress)
+        state = api.convert(
+            args.src,
+            args.dst,
+            src_format=args.src_format,
+            dst_format=args.dst_format,
+            force=args.force,
+            optimizer=args.optimizer,
+            hyperparams=_hparams(args.hparams),
+            model=args.model,
+            reset=args.reset,
+            horizon=args.horizon,
+            constant_lr=args.constant_lr,
+            allow_approximate=args.allow_approximate,
+            optstate_transform=args.optstate_transform,
+            target_params=args.target_params,
+            mapping=args.mapping,
+            fsync=not args.no_fsync,
+            max_shard_bytes=args.max_shard_size,
+            progress=progress,
+        )
     finally:
         for bar in bars:
             bar.close()
@@ -76,14 +94,19 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
-    state = api.read(args.src, args.src_format)
+    options = _read_options(args)
+    state = api.read(
+        args.src, args.src_format, optimizer=options.optimizer, hyperparams=options.hyperparams, model=options.model
+    )
     from .converters.layout.targets import plan
 
     layout, problems = plan(state, args.target_params)
     width = max((len(".".join(m.source)) for m in layout.moves), default=0)
     for m in layout.moves:
-        print(f"{'.'.join(m.source):<{width}}  {str(list(m.source_shape)):<14} -> {'/'.join(m.target)} "
-              f"{list(m.shape)}  {m.describe}")
+        print(
+            f"{'.'.join(m.source):<{width}}  {list(m.source_shape)!s:<14} -> {'/'.join(m.target)} "
+            f"{list(m.shape)}  {m.describe}"
+        )
     for path in layout.dropped:
         print(f"{'.'.join(path):<{width}}  dropped (no Flax counterpart; kept as a buffer)")
     if args.output:
@@ -100,59 +123,123 @@ def _map(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    report = inspect(args.path, args.src_format)
+    report = inspect(args.path, args.src_format, options=_read_options(args))
     print(report.to_json() if args.json else format_report(report))
     return 0
 
 
+def _formats_described() -> str:
+    """The registered formats, one clause each, for ``convert --help``."""
+    return "Formats: " + ", ".join(f"{name} ({formats.get(name).description})" for name in formats.names()) + "."
+
+
+def _add_reading_arguments(command: argparse.ArgumentParser) -> None:
+    """What every command that reads a checkpoint may be told about it where the checkpoint does not say."""
+    command.add_argument(
+        "--from", dest="src_format", choices=formats.names(), help="input format (default: from the name)"
+    )
+    command.add_argument(
+        "--optimizer",
+        help="optimizer family when the input does not record it (an Optax state): " + ", ".join(OPTIMIZERS),
+    )
+    command.add_argument(
+        "--hparams",
+        help="hyperparameters as JSON (torch names), a dict or a list of param groups "
+        "each with a 'params' list of names; @FILE reads it from a file",
+    )
+    command.add_argument(
+        "--model",
+        help="the torch model, to name parameters the checkpoint does not: module:function returning it, "
+        "or a Hugging Face model directory (config.json; built without weights)",
+    )
+
+
+def _read_options(args: argparse.Namespace) -> ReadOptions:
+    return ReadOptions(optimizer=args.optimizer, hyperparams=_hparams(args.hparams), model=args.model)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="optstate", description="Move optimizer state between PyTorch and "
-                                "JAX/Optax exactly, or refuse and say why.")
+    p = argparse.ArgumentParser(
+        prog="optstate",
+        description="Move optimizer state between PyTorch and JAX/Optax exactly, or refuse and say why.",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
-    formats = dict(choices=api.FORMATS, default=None)
-    c = sub.add_parser("convert", help="convert a checkpoint", description="Formats: torch (torch.save file), "
-                       "optax (Orbax checkpoint directory), optstate (canonical safetensors file), dcp "
-                       "(torch.distributed.checkpoint directory, as FSDP and torchtitan write).")
+    c = sub.add_parser("convert", help="convert a checkpoint", description=_formats_described())
     c.add_argument("src", help="the checkpoint to read")
     c.add_argument("dst", help="where to write (refused if it exists, unless --force)")
-    c.add_argument("--from", dest="src_format", **formats, help="input format (default: from the name)")
-    c.add_argument("--to", dest="dst_format", **formats, help="output format (default: from the name)")
-    c.add_argument("--optimizer", help="optimizer family when the input does not record it (an Optax state): "
-                   + ", ".join(OPTIMIZERS))
-    c.add_argument("--hparams", help="hyperparameters as JSON (torch names), a dict or a list of param groups "
-                   "each with a 'params' list of names; @FILE reads it from a file")
-    c.add_argument("--reset", action="append", default=[], metavar="SLOT",
-                   help="restart this slot (exp_avg, momentum_buffer, ..., or step) from its initial value on the "
-                   "way; repeatable")
-    c.add_argument("--horizon", type=int, help="the largest step count training will reach: needed to carry an LR "
-                   "schedule that never settles (cosine, step, exponential) to Optax exactly")
-    c.add_argument("--allow-approximate", action="store_true", help="convert what continues only approximately "
-                   "(Muon; stock Optax states whose formula is not torch's), recording why in the output")
-    c.add_argument("--optstate-transform", action="store_true", help="the Optax input was trained with "
-                   "optstate.optax_transform (its torch-exact states look like stock Optax ones on disk)")
-    c.add_argument("--target-params", metavar="PARAMS", help="move parameters and optimizer slots to this model's "
-                   "layout: a Flax parameter tree (msgpack file, Orbax directory, or module:function returning it or "
-                   "an nnx.Module); on the way back, the torch model (.pt state_dict or module:function)")
+    _add_reading_arguments(c)
+    c.add_argument("--to", dest="dst_format", choices=formats.writable(), help="output format (default: from the name)")
+    c.add_argument(
+        "--reset",
+        action="append",
+        default=[],
+        metavar="SLOT",
+        help="restart this slot (exp_avg, momentum_buffer, ..., or step) from its initial value on the way; repeatable",
+    )
+    c.add_argument(
+        "--horizon",
+        type=int,
+        help="the largest step count training will reach: needed to carry an LR "
+        "schedule that never settles (cosine, step, exponential) to Optax exactly",
+    )
+    c.add_argument(
+        "--constant-lr",
+        action="store_true",
+        help="the checkpoint's LR scheduler is not in it (its param groups show one was attached): "
+        "continue at the groups' current learning rates, on your word",
+    )
+    c.add_argument(
+        "--allow-approximate",
+        action="store_true",
+        help="convert what continues only approximately "
+        "(Muon; stock Optax states whose formula is not torch's), recording why in the output",
+    )
+    c.add_argument(
+        "--optstate-transform",
+        action="store_true",
+        help="the Optax input was trained with "
+        "optstate.optax_transform (its torch-exact states look like stock Optax ones on disk)",
+    )
+    c.add_argument(
+        "--target-params",
+        metavar="PARAMS",
+        help="move parameters and optimizer slots to this model's "
+        "layout: a Flax parameter tree (msgpack file, Orbax directory, or module:function returning it or "
+        "an nnx.Module); on the way back, the torch model (.pt state_dict or module:function)",
+    )
     c.add_argument("--mapping", metavar="FILE", help="move tensors as this mapping file says (optstate map -o)")
-    c.add_argument("--max-shard-size", type=_size, metavar="SIZE", help="shard a canonical file into pieces of at "
-                   "most SIZE (e.g. 5GB) plus an index JSON, as Hugging Face shards weights")
-    c.add_argument("--no-fsync", action="store_true", help="skip the fsyncs (faster; the output is still renamed "
-                   "into place whole, but a power cut right after may lose it)")
-    c.add_argument("--quiet", action="store_true", help="no progress line (it appears only on a terminal, and only "
-                   "for conversions that take more than a couple of seconds)")
+    c.add_argument(
+        "--max-shard-size",
+        type=_size,
+        metavar="SIZE",
+        help="shard a canonical file into pieces of at "
+        "most SIZE (e.g. 5GB) plus an index JSON, as Hugging Face shards weights",
+    )
+    c.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="skip the fsyncs (faster; the output is still renamed "
+        "into place whole, but a power cut right after may lose it)",
+    )
+    c.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress line (it appears only on a terminal, and only "
+        "for conversions that take more than a couple of seconds)",
+    )
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.set_defaults(run=_convert)
     m = sub.add_parser("map", help="show (and save) how a checkpoint's tensors map onto a Flax model")
     m.add_argument("src")
     m.add_argument("--target-params", metavar="PARAMS", required=True, help="the Flax model (as for convert)")
-    m.add_argument("--from", dest="src_format", **formats, help="input format (default: from the name)")
+    _add_reading_arguments(m)
     m.add_argument("-o", "--output", metavar="FILE", help="save the mapping as editable JSON (for --mapping)")
     m.add_argument("--force", action="store_true", help="replace an existing mapping file")
     m.set_defaults(run=_map)
     i = sub.add_parser("inspect", help="show what a checkpoint holds and what a restore would lose")
     i.add_argument("path")
-    i.add_argument("--from", dest="src_format", **formats, help="input format (default: from the name)")
+    _add_reading_arguments(i)
     i.add_argument("--json", action="store_true", help="print the facts as JSON")
     i.set_defaults(run=_inspect)
     return p

@@ -21,4 +21,3 @@ class MappingError(OptstateError):
 
 class MissingDependencyError(OptstateError, ImportError):
     """A framework adapter was used without its framework installed."""
-

@@ -27,8 +27,15 @@ class Progress:
     '2/2 tensors  2.0 KB/2.0 KB  100%'
     """
 
-    def __init__(self, total_bytes: int, total_tensors: int, *, stream: TextIO | None = None, delay: float = 2.0,
-                 enabled: bool | None = None):
+    def __init__(
+        self,
+        total_bytes: int,
+        total_tensors: int,
+        *,
+        stream: TextIO | None = None,
+        delay: float = 2.0,
+        enabled: bool | None = None,
+    ):
         self.total_bytes, self.total_tensors = total_bytes, total_tensors
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
@@ -49,8 +56,7 @@ class Progress:
         """The progress line, without terminal control characters."""
         elapsed = (now or time.monotonic()) - self.start
         done = self.bytes / self.total_bytes if self.total_bytes else 1.0
-        text = (f"{self.tensors}/{self.total_tensors} tensors  {_size(self.bytes)}/{_size(self.total_bytes)}  "
-                f"{done:.0%}")
+        text = f"{self.tensors}/{self.total_tensors} tensors  {_size(self.bytes)}/{_size(self.total_bytes)}  {done:.0%}"
         if elapsed > 0 and self.bytes and done < 1:
             rate = self.bytes / elapsed
             text += f"  {_size(rate)}/s  {(self.total_bytes - self.bytes) / rate:.0f} s left"

@@ -8,9 +8,12 @@ import math
 import os
 import warnings
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
+from .converters import formats
+from .converters.formats import ReadOptions
 from .errors import MissingDependencyError, OptstateError
 from .schema.families import BOOKKEEPING_KEYS, OPTIMIZERS, optimizer_spec
 from .schema.state import OptimizerState, path_to_name
@@ -49,16 +52,28 @@ class Report:
 def _weights_facts(shapes: Mapping[str, tuple[tuple[int, ...], bool]] | None) -> dict[str, int] | None:
     if shapes is None:
         return None
-    return {"tensors": len(shapes), "elements": sum(math.prod(s) for s, _ in shapes.values()),
-            "buffers": sum(is_buffer for _, is_buffer in shapes.values())}
+    return {
+        "tensors": len(shapes),
+        "elements": sum(math.prod(s) for s, _ in shapes.values()),
+        "buffers": sum(is_buffer for _, is_buffer in shapes.values()),
+    }
 
 
-def _notes(optimizer: str | None, groups: Sequence[Mapping[str, Any]], params: Sequence[ParamFacts],
-           weights: Mapping[str, int] | None, lr_scheduler: bool, names: str, frozen: Sequence[str]) -> list[str]:
+def _notes(
+    optimizer: str | None,
+    groups: Sequence[Mapping[str, Any]],
+    params: Sequence[ParamFacts],
+    weights: Mapping[str, int] | None,
+    lr_scheduler: bool,
+    names: str,
+    frozen: Sequence[str],
+) -> list[str]:
     notes = []
     if optimizer is None:
-        return ["no optimizer state: restoring from this file restarts momentum buffers, Adam moments and the "
-                "step count from zero (save optimizer.state_dict() beside the model)"]
+        return [
+            "no optimizer state: restoring from this file restarts momentum buffers, Adam moments and the "
+            "step count from zero (save optimizer.state_dict() beside the model)"
+        ]
     without = [p.name for p in params if not p.keys]
     if params and len(without) == len(params):
         spec = OPTIMIZERS.get(optimizer.lower())
@@ -67,20 +82,28 @@ def _notes(optimizer: str | None, groups: Sequence[Mapping[str, Any]], params: S
         else:
             notes.append("the optimizer never stepped: its state is empty")
     elif without:
-        notes.append(f"{len(without)} of {len(params)} parameters have no state (no gradient yet, or frozen), "
-                     f"e.g. {', '.join(without[:3])}: they start from zero state on their first step")
+        notes.append(
+            f"{len(without)} of {len(params)} parameters have no state (no gradient yet, or frozen), "
+            f"e.g. {', '.join(without[:3])}: they start from zero state on their first step"
+        )
     steps = Counter(p.step for p in params if p.step is not None)
     if len(steps) > 1:
-        notes.append("parameters have taken different numbers of steps: "
-                     + ", ".join(f"{n} at step {s}" for s, n in sorted(steps.items())))
+        notes.append(
+            "parameters have taken different numbers of steps: "
+            + ", ".join(f"{n} at step {s}" for s, n in sorted(steps.items()))
+        )
     if weights is None:
         notes.append("no model weights in this file")
     if frozen:
-        notes.append(f"{len(frozen)} model parameter(s) not tracked by the optimizer (frozen): "
-                     f"{', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}")
+        notes.append(
+            f"{len(frozen)} model parameter(s) not tracked by the optimizer (frozen): "
+            f"{', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}"
+        )
     if any("initial_lr" in g for g in groups) and not lr_scheduler:
-        notes.append("param groups carry 'initial_lr' (an LR scheduler was attached) but the file holds no "
-                     "scheduler state: a resumed schedule would restart")
+        notes.append(
+            "param groups carry 'initial_lr' (an LR scheduler was attached) but the file holds no "
+            "scheduler state: a resumed schedule would restart"
+        )
     if names != "param_names":
         notes.append(f"parameter names: {names}")
     return notes
@@ -111,71 +134,160 @@ def _optax_verdict(state: OptimizerState | None, error: Exception | None) -> str
     return f"approximate, with --allow-approximate: {approximate}" if approximate else verdict
 
 
-def _report(path: str, fmt: str, state: OptimizerState | None, *, optimizer: str | None = None,
-            groups: Sequence[Mapping[str, Any]] = (), params: Sequence[ParamFacts] = (),
-            weights: dict[str, int] | None = None, lr_scheduler: bool = False, names: str = "param_names",
-            frozen: Sequence[str] = (), error: Exception | None = None) -> Report:
-    groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
-              | {"params": sum(p.group == gi for p in params)} for gi, g in enumerate(groups)]
+def _report(
+    path: str,
+    fmt: str,
+    state: OptimizerState | None,
+    *,
+    optimizer: str | None = None,
+    groups: Sequence[Mapping[str, Any]] = (),
+    params: Sequence[ParamFacts] = (),
+    weights: dict[str, int] | None = None,
+    lr_scheduler: bool = False,
+    names: str = "param_names",
+    frozen: Sequence[str] = (),
+    error: Exception | None = None,
+) -> Report:
+    groups = [
+        {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        | {"params": sum(p.group == gi for p in params)}
+        for gi, g in enumerate(groups)
+    ]
     notes = _notes(optimizer, groups, params, weights, lr_scheduler, names, frozen)
-    return Report(path, fmt, weights, optimizer, tuple(groups), tuple(params), names, tuple(frozen), lr_scheduler,
-                  _optax_verdict(state, error), tuple(notes))
+    return Report(
+        path,
+        fmt,
+        weights,
+        optimizer,
+        tuple(groups),
+        tuple(params),
+        names,
+        tuple(frozen),
+        lr_scheduler,
+        _optax_verdict(state, error),
+        tuple(notes),
+    )
 
 
 def _inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
     spec = state.spec
-    params = [ParamFacts(path_to_name(p.path), p.group,
-                         (("step",) if p.step is not None and state.has_state(p.path) else ())
-                         + tuple(s.torch_key for s in spec.slots if (s.name, p.path) in state.slots), p.step)
-              for p in state.params]
-    weights = None if state.weights is None else _weights_facts(
-        {path_to_name(p): (a.shape, p in state.buffers) for p, a in state.weights.items()})
-    return _report(path, fmt, state, optimizer=spec.torch_class, groups=state.param_groups, params=params,
-                   weights=weights, lr_scheduler=state.metadata.lr_scheduler is not None,
-                   frozen=[path_to_name(p) for p in state.frozen_paths()])
+    params = [
+        ParamFacts(
+            path_to_name(p.path),
+            p.group,
+            (("step",) if p.step is not None and state.has_state(p.path) else ())
+            + tuple(s.torch_key for s in spec.slots if (s.name, p.path) in state.slots),
+            p.step,
+        )
+        for p in state.params
+    ]
+    weights = (
+        None
+        if state.weights is None
+        else _weights_facts({path_to_name(p): (a.shape, p in state.buffers) for p, a in state.weights.items()})
+    )
+    return _report(
+        path,
+        fmt,
+        state,
+        optimizer=spec.torch_class,
+        groups=state.param_groups,
+        params=params,
+        weights=weights,
+        lr_scheduler=state.metadata.lr_scheduler is not None,
+        frozen=[path_to_name(p) for p in state.frozen_paths()],
+    )
 
 
-def _inspect_torch(path: str) -> Report:
-    from . import api
+def inspect_torch_file(path: str, fmt: str = "torch", options: ReadOptions = ReadOptions()) -> Report:
+    """The report of a ``torch.save`` file (the ``torch`` format's inspector), read once: what its
+    optimizer state_dict holds is reported even where the state does not convert.
+
+    >>> import tempfile, numpy as np
+    >>> from optstate.converters.torch.state_dict import save_torch_file
+    >>> from optstate.schema import ParamInfo
+    >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+    ...     (ParamInfo(("w",), (2,), "float64", 0),), {("momentum", ("w",)): np.ones(2)})
+    >>> path = tempfile.mkdtemp() + "/c.pt"; save_torch_file(s, path)
+    >>> report = inspect_torch_file(path)
+    >>> report.optimizer, report.params[0].keys, report.notes
+    ('SGD', ('momentum_buffer',), ('no model weights in this file',))
+    """
     from .converters.torch import state_dict as torch_dict
 
-    sd, model_sd, scheduler_sd = torch_dict.split_checkpoint(torch_dict.read_torch_file(path), path)
-    weights = None if model_sd is None else _weights_facts(
-        {n: (tuple(t.shape), torch_dict.is_buffer(n, t)) for n, t in model_sd.items()})
+    checkpoint = torch_dict.read_torch_file(path)
+    sd, model_sd, scheduler_sd = torch_dict.split_checkpoint(checkpoint, path)
+    weights = (
+        None
+        if model_sd is None
+        else _weights_facts({n: (tuple(t.shape), torch_dict.is_buffer(n, t)) for n, t in model_sd.items()})
+    )
     if sd is None:
-        return _report(path, "torch", None, weights=weights)
+        return _report(path, fmt, None, weights=weights)
     torch_dict.check_state_dict(sd, path)
     groups = sd["param_groups"]
+    model = torch_dict.torch_model(options.model)
     optimizer = None
     try:
-        optimizer = torch_dict.torch_class_of(groups[0])
+        hint = optimizer_spec(options.optimizer).torch_class if options.optimizer else None
+        optimizer = torch_dict.torch_class_of(groups[0], hint)
         spec = optimizer_spec(optimizer)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            names = torch_dict.param_names(sd, spec, weights=model_sd, source=path)
-        origin = "param_names" if all("param_names" in g for g in groups) else \
-            "aligned by position with the model weights" if model_sd is not None else "positional (no names saved)"
+            names = torch_dict.param_names(sd, spec, model=model, weights=model_sd, source=path)
+        origin = (
+            "param_names"
+            if all("param_names" in g for g in groups)
+            else "aligned by position with the model given (--model)"
+            if model is not None
+            else "aligned by position with the model weights"
+            if model_sd is not None
+            else "positional (no names saved)"
+        )
     except OptstateError as exc:
         names, origin = [str(i) for g in groups for i in g["params"]], f"positional ({exc})"
     state, error = None, None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            state = api.read(path, "torch")
+            state = torch_dict.state_from_checkpoint(  # as the reader does
+                checkpoint, path, origin="torch", optimizer=options.optimizer, model=model
+            )
     except OptstateError as exc:
         error = exc
     indices = [(gi, i) for gi, g in enumerate(groups) for i in g["params"]]
-    params = [ParamFacts(name, gi, tuple(sorted(k for k, v in sd["state"].get(i, {}).items() if v is not None)),
-                         int(float(sd["state"][i]["step"])) if "step" in sd["state"].get(i, {}) else None)
-              for name, (gi, i) in zip(names, indices)]
+    params = [
+        ParamFacts(
+            name,
+            gi,
+            tuple(sorted(k for k, v in sd["state"].get(i, {}).items() if v is not None)),
+            int(float(sd["state"][i]["step"])) if "step" in sd["state"].get(i, {}) else None,
+        )
+        for name, (gi, i) in zip(names, indices, strict=True)
+    ]
     tracked = set(names)
     frozen = [n for n, t in (model_sd or {}).items() if n not in tracked and not torch_dict.is_buffer(n, t)]
-    return _report(path, "torch", state, optimizer=optimizer or "unknown", groups=groups, params=params,
-                   weights=weights, lr_scheduler=scheduler_sd is not None, names=origin, frozen=frozen, error=error)
+    return _report(
+        path,
+        fmt,
+        state,
+        optimizer=optimizer or "unknown",
+        groups=groups,
+        params=params,
+        weights=weights,
+        lr_scheduler=scheduler_sd is not None,
+        names=origin,
+        frozen=frozen,
+        error=error,
+    )
 
 
-def inspect(path: str | os.PathLike, fmt: str | None = None) -> Report:
+def inspect(path: str | os.PathLike, fmt: str | None = None, *, options: ReadOptions = ReadOptions()) -> Report:
     """What a checkpoint holds: weights, optimizer state, slots per parameter, what a restore would lose.
+
+    The format (``fmt``, else guessed from the path) reads the state, or its inspector, where it
+    has one, reports on the file itself (:class:`optstate.converters.formats.Format`). ``options`` say
+    what the checkpoint does not (the optimizer of an Optax state, the model that names parameters).
 
     >>> import tempfile, torch, optstate
     >>> d = tempfile.mkdtemp(); net = torch.nn.Linear(2, 1)
@@ -186,27 +298,33 @@ def inspect(path: str | os.PathLike, fmt: str | None = None) -> Report:
     >>> report.optimizer, report.optax, report.notes
     ('AdamW', 'exact', ('no model weights in this file',))
     """
-    from .api import detect_format, read
-
     path = os.fspath(path)
-    fmt = fmt or detect_format(path)
-    if fmt == "torch":
-        return _inspect_torch(path)
-    return _inspect_state(path, fmt, read(path, fmt, allow_approximate=True))
+    row = formats.get(fmt or formats.detect(path))
+    if row.inspector is not None:
+        inspector: Callable[[str, str, ReadOptions], Report] = row.function(row.inspector)
+        return inspector(path, row.name, options)
+    return _inspect_state(path, row.name, row.read(path, dataclasses.replace(options, allow_approximate=True)))
 
 
 def format_report(report: Report) -> str:
     """The report as people read it."""
     lines = [f"{report.path} ({report.format})"]
     w = report.weights
-    lines.append(f"  model weights: {w['tensors']} tensors, {w['elements']:,} values"
-                 + (f", {w['buffers']} buffers" if w["buffers"] else "") if w else "  model weights: none")
+    lines.append(
+        f"  model weights: {w['tensors']} tensors, {w['elements']:,} values"
+        + (f", {w['buffers']} buffers" if w["buffers"] else "")
+        if w
+        else "  model weights: none"
+    )
     if report.optimizer is None:
         lines.append("  optimizer state: none")
     else:
         stepped = Counter(p.step for p in report.params if p.step is not None)
-        step = ", ".join(f"{s} ({n} params)" for s, n in sorted(stepped.items())) if len(stepped) > 1 else \
-            (str(next(iter(stepped))) if stepped else "-")
+        step = (
+            ", ".join(f"{s} ({n} params)" for s, n in sorted(stepped.items()))
+            if len(stepped) > 1
+            else (str(next(iter(stepped))) if stepped else "-")
+        )
         lines.append(f"  optimizer: {report.optimizer}, {len(report.params)} parameters, step {step}")
         for gi, group in enumerate(report.param_groups):
             hp = ", ".join(f"{k}={v}" for k, v in group.items() if k != "params" and k not in BOOKKEEPING_KEYS)

@@ -42,8 +42,7 @@ def jax_params() -> dict:
 
 def jax_train(tx, params, opt_state, steps: range, frozen: tuple[str, ...] = ()):
     for step in steps:
-        grads = nested({n: np.zeros_like(v) if n in frozen else gradient(step, n, v)
-                        for n, v in flat(params).items()})
+        grads = nested({n: np.zeros_like(v) if n in frozen else gradient(step, n, v) for n, v in flat(params).items()})
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
     return params, opt_state

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
+from hypothesis import strategies as st
+
+import optstate
+from optstate.schema import OptimizerState, ParamInfo
 
 SHAPES = {"fc1.weight": (5, 3), "fc1.bias": (5,), "fc2.weight": (2, 5), "fc2.bias": (2,)}
 TOL = 1e-12
@@ -44,3 +49,36 @@ def nested(named: dict[str, np.ndarray]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return root
+
+
+# ----------------------------------------------------------------------------- canonical states (property-based)
+
+DTYPES = [np.dtype(d) for d in ("float64", "float32", "float16")] + [np.dtype(ml_dtypes.bfloat16)]
+names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="."), min_size=1, max_size=8)
+
+
+@st.composite
+def states(draw):
+    family = draw(st.sampled_from(["sgd", "adam", "adamw"]))
+    spec = optstate.OPTIMIZERS[family]
+    paths = draw(st.lists(st.tuples(names, names), min_size=1, max_size=4, unique=True))
+    groups = draw(st.integers(1, 2))
+    params, slots = [], {}
+    for i, path in enumerate(paths):
+        shape = tuple(draw(st.lists(st.integers(0, 3), max_size=3)))
+        dtype = draw(st.sampled_from(DTYPES))
+        step = draw(st.integers(0, 2**40)) if spec.has_step else None
+        params.append(ParamInfo(path, shape, str(dtype), i % groups, step))
+        if draw(st.booleans()):
+            for slot in spec.slots:
+                bits = draw(
+                    st.binary(
+                        min_size=dtype.itemsize * int(np.prod(shape)), max_size=dtype.itemsize * int(np.prod(shape))
+                    )
+                )
+                array = np.frombuffer(bits, dtype=np.dtype(f"u{dtype.itemsize}")).copy().reshape(shape)
+                # Any finite bit pattern: clear the exponent's top bit so no NaN or inf sneaks in.
+                top = 1 << (8 * dtype.itemsize - 2)
+                slots[(slot.name, path)] = (array & ~np.array(top, array.dtype)).view(dtype)
+    hp = [{"lr": draw(st.floats(1e-6, 1.0)), "note": draw(names)} for _ in range(groups)]
+    return OptimizerState(family, tuple(hp), tuple(params), slots)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted_update(tx: optax.GradientTransformation):
     # Compiling dominates the run time; each chain is compiled once for all tests that use it.
     return jax.jit(tx.update)
@@ -29,4 +29,4 @@ def run_optax(tx, params, gradients, steps: range, state=None) -> list[np.ndarra
 
 
 def max_diff(a, b) -> float:
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b, strict=True))

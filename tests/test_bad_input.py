@@ -12,6 +12,7 @@ import torch
 
 import optstate
 from optstate.errors import FormatError, MappingError, UnsupportedError
+
 from frameworks import TinyNet, torch_train
 
 
@@ -46,7 +47,7 @@ def test_truncated_torch_file(tmp_path, keep):
 
 
 def _canonical(tmp_path):
-    path, _, opt = _checkpoint(tmp_path)
+    path, _, _opt = _checkpoint(tmp_path)
     out = tmp_path / "s.safetensors"
     optstate.convert(path, out, src_format="torch", dst_format="optstate")
     return out
@@ -63,11 +64,11 @@ def test_truncated_canonical_file(tmp_path, cut):
 def _rewrite_header(path, edit):
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     edit(header)
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n :])
 
 
 def test_unknown_format_version_names_both(tmp_path):
@@ -76,8 +77,9 @@ def test_unknown_format_version_names_both(tmp_path):
     def bump(header):
         meta = json.loads(header["__metadata__"]["optstate"])
         header["__metadata__"]["optstate"] = json.dumps({**meta, "format_version": 7})
+
     _rewrite_header(out, bump)
-    with pytest.raises(FormatError, match="format_version 7 is not supported.*format_version 1"):
+    with pytest.raises(FormatError, match=r"format_version 7 is not supported.*format_version 1"):
         optstate.load(out)
 
 
@@ -87,6 +89,7 @@ def test_tensor_whose_shape_disagrees_with_its_parameter(tmp_path):
     def reshape(header):
         entry = header["first_moment/fc1/weight"]
         entry["shape"] = [3, 5]
+
     _rewrite_header(out, reshape)
     with pytest.raises(FormatError, match=r"fc1\.weight: slot 'first_moment' has shape \[3, 5\], expected .*\[5, 3\]"):
         optstate.load(out)
@@ -113,7 +116,9 @@ def test_state_shape_disagrees_with_model_weight(tmp_path):
     sd = opt.state_dict()
     sd["state"][0]["exp_avg"] = torch.zeros(3, 5, dtype=torch.float64)
     torch.save({"model": model.state_dict(), "optimizer": sd}, path)
-    with pytest.raises(FormatError, match=r"ckpt\.pt: fc1\.weight: slot 'first_moment' has shape \[3, 5\], expected \[5, 3\]"):
+    with pytest.raises(
+        FormatError, match=r"ckpt\.pt: fc1\.weight: slot 'first_moment' has shape \[3, 5\], expected \[5, 3\]"
+    ):
         optstate.from_torch(path)
 
 
@@ -130,7 +135,7 @@ def test_parameter_count_mismatch_without_names(tmp_path):
     opt = torch.optim.Adam(list(model.parameters())[:3], lr=0.01)
     torch_train(model, opt, range(1))
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
-    with pytest.raises(MappingError, match="tracks 3 tensors and .*model weights has 4 trainable tensors"):
+    with pytest.raises(MappingError, match=r"tracks 3 tensors and .*model weights has 4 trainable tensors"):
         optstate.from_torch(tmp_path / "ckpt.pt")
 
 
@@ -144,8 +149,9 @@ def test_names_are_aligned_with_checkpoint_weights_when_unambiguous(tmp_path):
 
 def test_several_groups_without_names_are_refused(tmp_path):
     model = TinyNet()
-    opt = torch.optim.Adam([{"params": [model.fc1.bias]}, {"params": [model.fc1.weight, model.fc2.weight,
-                                                                      model.fc2.bias]}], lr=0.01)
+    opt = torch.optim.Adam(
+        [{"params": [model.fc1.bias]}, {"params": [model.fc1.weight, model.fc2.weight, model.fc2.bias]}], lr=0.01
+    )
     torch_train(model, opt, range(1))
     with pytest.raises(MappingError, match="2 param groups and no param_names"):
         optstate.from_torch({"model": model.state_dict(), "optimizer": opt.state_dict()})
@@ -160,10 +166,13 @@ def test_positional_names_warn(tmp_path):
     assert [p.path for p in state.params] == [("0",), ("1",), ("2",), ("3",)]
 
 
-@pytest.mark.parametrize("make, feature", [
-    (lambda m: torch.optim.Rprop(m.parameters(), lr=0.01), "Rprop"),
-    (lambda m: torch.optim.ASGD(m.named_parameters(), lr=0.01), "ASGD"),
-])
+@pytest.mark.parametrize(
+    "make, feature",
+    [
+        (lambda m: torch.optim.Rprop(m.parameters(), lr=0.01), "Rprop"),
+        (lambda m: torch.optim.ASGD(m.named_parameters(), lr=0.01), "ASGD"),
+    ],
+)
 def test_unsupported_optimizers_are_refused_by_name(tmp_path, make, feature):
     path, _, _ = _checkpoint(tmp_path, make)
     with pytest.raises(UnsupportedError, match=feature):
@@ -178,9 +187,11 @@ def test_scheduler_that_never_settles_needs_a_horizon_and_is_kept_for_torch(tmp_
     torch_train(model, opt, range(3))
     for _ in range(3):
         sched.step()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()},
-               tmp_path / "ckpt.pt")
-    with pytest.raises(UnsupportedError, match="StepLR: its learning rate never stops changing.*horizon"):
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()},
+        tmp_path / "ckpt.pt",
+    )
+    with pytest.raises(UnsupportedError, match=r"StepLR: its learning rate never stops changing.*horizon"):
         optstate.convert(tmp_path / "ckpt.pt", tmp_path / "out", src_format="torch", dst_format="optax")
     optstate.convert(tmp_path / "ckpt.pt", tmp_path / "s.safetensors", src_format="torch", dst_format="optstate")
     optstate.convert(tmp_path / "s.safetensors", tmp_path / "b.pt", src_format="optstate", dst_format="torch")
@@ -201,7 +212,7 @@ def test_scheduler_stepped_per_epoch_is_refused(tmp_path):
 def test_lambda_scheduler_is_refused_by_name(tmp_path):
     model = TinyNet()
     opt = torch.optim.Adam(model.named_parameters(), lr=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.9 ** epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.9**epoch)
     torch_train(model, opt, range(2))
     sched.step()
     sched.step()
@@ -235,6 +246,7 @@ def test_failed_conversion_leaves_no_partial_output(tmp_path, monkeypatch):
 
     def broken(*args):
         raise OSError("disk full")
+
     monkeypatch.setattr(ff, "_write_tensor", broken)
     with pytest.raises(OSError, match="disk full"):
         optstate.convert(path, tmp_path / "s.safetensors", src_format="torch", dst_format="optstate")
@@ -243,6 +255,7 @@ def test_failed_conversion_leaves_no_partial_output(tmp_path, monkeypatch):
 
 def test_optax_hyperparameters_with_different_defaults_must_be_given(tmp_path):
     import optax
+
     params = {"w": np.zeros(3)}
     opt_state = optax.adamw(0.1).init(params)
     with pytest.raises(UnsupportedError, match=r"give \['weight_decay'\] explicitly"):
@@ -253,6 +266,7 @@ def test_optax_hyperparameters_with_different_defaults_must_be_given(tmp_path):
 
 def test_unknown_optax_state_is_refused_by_type(tmp_path):
     import optax
+
     params = {"w": np.zeros(3)}
     tx = optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=3)
     with pytest.raises(UnsupportedError, match="ApplyIfFiniteState"):
@@ -261,6 +275,7 @@ def test_unknown_optax_state_is_refused_by_type(tmp_path):
 
 def test_multisteps_mid_accumulation_is_refused():
     import optax
+
     params = {"w": np.zeros(3)}
     tx = optax.MultiSteps(optax.adam(0.1), every_k_schedule=2)
     opt_state = tx.init(params)
@@ -271,8 +286,10 @@ def test_multisteps_mid_accumulation_is_refused():
 
 def test_stock_rmsprop_momentum_trace_is_refused():
     import optax
+
     params = {"w": np.zeros(3)}
     opt_state = optax.rmsprop(0.1, eps_in_sqrt=False, momentum=0.9).init(params)
     with pytest.raises(UnsupportedError, match=r"-lr \* torch's momentum_buffer"):
-        optstate.from_optax(opt_state, params, optimizer="rmsprop", hyperparams={"lr": 0.1, "alpha": 0.9,
-                                                                                 "momentum": 0.9})
+        optstate.from_optax(
+            opt_state, params, optimizer="rmsprop", hyperparams={"lr": 0.1, "alpha": 0.9, "momentum": 0.9}
+        )

@@ -12,6 +12,7 @@ import torch
 
 import optstate
 from optstate.cli import main
+
 from frameworks import TinyNet, jax_train, torch_params, torch_train
 from helpers import TOL, flat, max_abs_diff
 
@@ -48,6 +49,7 @@ def test_plain_orbax_restores_what_convert_writes(ckpt, tmp_path):
     """The output is an ordinary Orbax checkpoint (written without Orbax's copies and compression, which
     cost memory): Orbax's own StandardCheckpointer restores it onto the target DESIGN.md names."""
     import orbax.checkpoint as ocp
+
     path, model, _ = ckpt
     assert main(["convert", "--to", "optax", str(path), str(tmp_path / "out")]) == 0
     params, opt_state, _ = optstate.load_optax(tmp_path / "out")
@@ -70,14 +72,31 @@ def test_existing_output_needs_force(ckpt, tmp_path, capsys):
 def test_optax_input_needs_optimizer_and_hparams(tmp_path, capsys):
     import optax
     import orbax.checkpoint as ocp
+
     params = {"w": jax.numpy.ones(3)}
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp_path / "ck", {"params": params, "opt_state": optax.adam(0.1).init(params)})
     checkpointer.wait_until_finished()
     assert main(["convert", "--from", "optax", "--to", "torch", str(tmp_path / "ck"), str(tmp_path / "o.pt")]) == 1
     assert "pass optimizer=" in capsys.readouterr().err
-    assert main(["convert", "--from", "optax", "--to", "torch", str(tmp_path / "ck"), str(tmp_path / "o.pt"),
-                 "--optimizer", "adam", "--hparams", '{"lr": 0.1}']) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "optax",
+                "--to",
+                "torch",
+                str(tmp_path / "ck"),
+                str(tmp_path / "o.pt"),
+                "--optimizer",
+                "adam",
+                "--hparams",
+                '{"lr": 0.1}',
+            ]
+        )
+        == 0
+    )
     assert torch.load(tmp_path / "o.pt", weights_only=True)["optimizer"]["param_groups"][0]["param_names"] == ["w"]
 
 
@@ -128,12 +147,27 @@ def test_usage_error_exits_2(capsys):
 
 def test_real_process(ckpt, tmp_path):
     path, _, _ = ckpt
-    run = subprocess.run([sys.executable, "-m", "optstate", "convert", "--from", "torch", "--to", "optstate",
-                          str(path), str(tmp_path / "s.safetensors")], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optstate",
+            "convert",
+            "--from",
+            "torch",
+            "--to",
+            "optstate",
+            str(path),
+            str(tmp_path / "s.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert optstate.load(tmp_path / "s.safetensors").optimizer == "sgd"
-    run = subprocess.run([sys.executable, "-m", "optstate", "inspect", str(tmp_path / "missing.pt")],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "optstate", "inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True
+    )
     assert run.returncode == 1 and "missing.pt: no such file" in run.stderr and "Traceback" not in run.stderr
 
 
@@ -164,6 +198,7 @@ def test_progress_line_on_a_terminal(ckpt, tmp_path):
     def progress(state):
         bars.append(Progress(1, 1, stream=Terminal(), delay=0))
         return bars[-1]
+
     state = optstate.convert(path, tmp_path / "s.safetensors", progress=progress)
     bars[0].close()
     assert "tensors" in bars[0].stream.getvalue()

@@ -11,6 +11,7 @@ import torch
 
 import optstate
 from optstate.converters.jax.optax import group_transform
+
 from frameworks import TinyNet, jax_params, jax_train, torch_params, torch_train
 from helpers import SHAPES, TOL, flat, gradient, initial_params, max_abs_diff, nested
 
@@ -19,8 +20,10 @@ K, N = range(0, 5), range(5, 10)
 
 def _no_decay_on_bias(model, **decay):
     named = list(model.named_parameters())
-    return [dict(params=[(n, p) for n, p in named if not n.endswith("bias")], **decay),
-            dict(params=[(n, p) for n, p in named if n.endswith("bias")], weight_decay=0.0)]
+    return [
+        dict(params=[(n, p) for n, p in named if not n.endswith("bias")], **decay),
+        dict(params=[(n, p) for n, p in named if n.endswith("bias")], weight_decay=0.0),
+    ]
 
 
 TORCH_CASES = {
@@ -33,39 +36,60 @@ TORCH_CASES = {
     "adam": lambda m: torch.optim.Adam(m.named_parameters(), lr=0.02, betas=(0.8, 0.95), eps=1e-6),
     "adam-weight-decay": lambda m: torch.optim.Adam(m.named_parameters(), lr=0.02, weight_decay=0.1),
     "adam-maximize": lambda m: torch.optim.Adam(m.named_parameters(), lr=0.02, weight_decay=0.1, maximize=True),
-    "adam-decoupled": lambda m: torch.optim.Adam(m.named_parameters(), lr=0.02, weight_decay=0.1,
-                                                 decoupled_weight_decay=True),
+    "adam-decoupled": lambda m: torch.optim.Adam(
+        m.named_parameters(), lr=0.02, weight_decay=0.1, decoupled_weight_decay=True
+    ),
     "adamw": lambda m: torch.optim.AdamW(m.named_parameters(), lr=0.02, weight_decay=0.1),
     "adamw-groups": lambda m: torch.optim.AdamW(_no_decay_on_bias(m, weight_decay=0.2, lr=0.03), lr=0.02),
     "adamax": lambda m: torch.optim.Adamax(m.named_parameters(), lr=0.02, betas=(0.8, 0.95), weight_decay=0.1),
     "rmsprop": lambda m: torch.optim.RMSprop(m.named_parameters(), lr=0.01, alpha=0.9),
     "rmsprop-centered": lambda m: torch.optim.RMSprop(m.named_parameters(), lr=0.01, centered=True),
     "rmsprop-momentum": lambda m: torch.optim.RMSprop(m.named_parameters(), lr=0.01, momentum=0.8),
-    "rmsprop-all": lambda m: torch.optim.RMSprop(m.named_parameters(), lr=0.01, alpha=0.95, eps=1e-4, momentum=0.8,
-                                                 centered=True, weight_decay=0.1, maximize=True),
+    "rmsprop-all": lambda m: torch.optim.RMSprop(
+        m.named_parameters(),
+        lr=0.01,
+        alpha=0.95,
+        eps=1e-4,
+        momentum=0.8,
+        centered=True,
+        weight_decay=0.1,
+        maximize=True,
+    ),
     "adadelta": lambda m: torch.optim.Adadelta(m.named_parameters(), lr=0.5, rho=0.8, weight_decay=0.05),
     "adam-amsgrad": lambda m: torch.optim.Adam(m.named_parameters(), lr=0.02, amsgrad=True, weight_decay=0.1),
     "adamw-amsgrad": lambda m: torch.optim.AdamW(m.named_parameters(), lr=0.02, amsgrad=True),
     "nadam": lambda m: torch.optim.NAdam(m.named_parameters(), lr=0.02),
-    "nadam-decoupled": lambda m: torch.optim.NAdam(m.named_parameters(), lr=0.02, momentum_decay=0.1,
-                                                   weight_decay=0.1, decoupled_weight_decay=True),
+    "nadam-decoupled": lambda m: torch.optim.NAdam(
+        m.named_parameters(), lr=0.02, momentum_decay=0.1, weight_decay=0.1, decoupled_weight_decay=True
+    ),
     "radam": lambda m: torch.optim.RAdam(m.named_parameters(), lr=0.02, eps=1e-3, weight_decay=0.1),
-    "radam-decoupled": lambda m: torch.optim.RAdam(m.named_parameters(), lr=0.02, betas=(0.9, 0.9),
-                                                   weight_decay=0.1, decoupled_weight_decay=True),
+    "radam-decoupled": lambda m: torch.optim.RAdam(
+        m.named_parameters(), lr=0.02, betas=(0.9, 0.9), weight_decay=0.1, decoupled_weight_decay=True
+    ),
     "adagrad": lambda m: torch.optim.Adagrad(m.named_parameters(), lr=0.05),
-    "adagrad-all": lambda m: torch.optim.Adagrad(m.named_parameters(), lr=0.05, lr_decay=0.1, eps=1e-3,
-                                                 initial_accumulator_value=0.2, weight_decay=0.1, maximize=True),
+    "adagrad-all": lambda m: torch.optim.Adagrad(
+        m.named_parameters(),
+        lr=0.05,
+        lr_decay=0.1,
+        eps=1e-3,
+        initial_accumulator_value=0.2,
+        weight_decay=0.1,
+        maximize=True,
+    ),
     "adafactor": lambda m: torch.optim.Adafactor(m.named_parameters(), lr=0.05),
-    "adafactor-all": lambda m: torch.optim.Adafactor(m.named_parameters(), lr=0.5, beta2_decay=-0.5, eps=(0.3, 1e-3),
-                                                     weight_decay=0.1, maximize=True),
+    "adafactor-all": lambda m: torch.optim.Adafactor(
+        m.named_parameters(), lr=0.5, beta2_decay=-0.5, eps=(0.3, 1e-3), weight_decay=0.1, maximize=True
+    ),
     "adamax-maximize": lambda m: torch.optim.Adamax(m.named_parameters(), lr=0.02, maximize=True),
     "nadam-maximize": lambda m: torch.optim.NAdam(m.named_parameters(), lr=0.02, weight_decay=0.1, maximize=True),
     "radam-maximize": lambda m: torch.optim.RAdam(m.named_parameters(), lr=0.02, maximize=True),
     "adadelta-maximize": lambda m: torch.optim.Adadelta(m.named_parameters(), lr=0.5, maximize=True),
-    "rmsprop-groups": lambda m: torch.optim.RMSprop(_no_decay_on_bias(m, weight_decay=0.1, momentum=0.5), lr=0.01,
-                                                    centered=True),
-    "sgd-groups": lambda m: torch.optim.SGD(_no_decay_on_bias(m, weight_decay=0.1, momentum=0.5), lr=0.05,
-                                            momentum=0.9),
+    "rmsprop-groups": lambda m: torch.optim.RMSprop(
+        _no_decay_on_bias(m, weight_decay=0.1, momentum=0.5), lr=0.01, centered=True
+    ),
+    "sgd-groups": lambda m: torch.optim.SGD(
+        _no_decay_on_bias(m, weight_decay=0.1, momentum=0.5), lr=0.05, momentum=0.9
+    ),
 }
 
 
@@ -107,8 +131,13 @@ def _train_skipping(model, opt, steps, skipped="fc2.bias"):
         opt.step()
 
 
-@pytest.mark.parametrize("make", [lambda m: torch.optim.AdamW(m.named_parameters(), lr=0.02),
-                                  lambda m: torch.optim.Adamax(m.named_parameters(), lr=0.02)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: torch.optim.AdamW(m.named_parameters(), lr=0.02),
+        lambda m: torch.optim.Adamax(m.named_parameters(), lr=0.02),
+    ],
+)
 def test_parameters_at_different_steps_partition_by_step(make, tmp_path):
     model = TinyNet()
     opt = make(model)
@@ -124,10 +153,15 @@ def test_parameters_at_different_steps_partition_by_step(make, tmp_path):
     torch_train(model, opt, N)
     assert max_abs_diff(flat(params), torch_params(model)) < TOL
 
-    back = optstate.from_optax(opt_state, params, optimizer=state.optimizer,
-                               hyperparams=[dict(state.param_groups[0], params=list(SHAPES))])
+    back = optstate.from_optax(
+        opt_state, params, optimizer=state.optimizer, hyperparams=[dict(state.param_groups[0], params=list(SHAPES))]
+    )
     assert {".".join(p.path): p.step for p in back.params} == {
-        "fc1.weight": 10, "fc1.bias": 10, "fc2.weight": 10, "fc2.bias": 7}
+        "fc1.weight": 10,
+        "fc1.bias": 10,
+        "fc2.weight": 10,
+        "fc2.bias": 7,
+    }
 
 
 def test_live_optimizer_in_memory(tmp_path):
@@ -144,6 +178,7 @@ def test_live_optimizer_in_memory(tmp_path):
 
 # ----------------------------------------------------------------------------- Optax -> torch
 
+
 def _labels(params):
     return {layer: {"weight": "decay", "bias": "no_decay"} for layer in params}
 
@@ -152,39 +187,73 @@ OPTAX_CASES = {
     # name: (stock Optax transform, --optimizer, --hparams, torch optimizer class)
     "sgd": (optax.sgd(0.05), "sgd", {"lr": 0.05}),
     "sgd-momentum": (optax.sgd(0.05, momentum=0.9), "sgd", {"lr": 0.05, "momentum": 0.9}),
-    "sgd-nesterov": (optax.sgd(0.05, momentum=0.9, nesterov=True), "sgd",
-                     {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
-    "sgd-weight-decay": (optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.05, momentum=0.9)), "sgd",
-                         {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.1}),
-    "sgd-dampening": (optax.chain(optax.scale(0.7), optax.trace(decay=0.8), optax.scale_by_learning_rate(0.05)),
-                      "sgd", {"lr": 0.05, "momentum": 0.8, "dampening": 0.3}),
+    "sgd-nesterov": (
+        optax.sgd(0.05, momentum=0.9, nesterov=True),
+        "sgd",
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True},
+    ),
+    "sgd-weight-decay": (
+        optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.05, momentum=0.9)),
+        "sgd",
+        {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.1},
+    ),
+    "sgd-dampening": (
+        optax.chain(optax.scale(0.7), optax.trace(decay=0.8), optax.scale_by_learning_rate(0.05)),
+        "sgd",
+        {"lr": 0.05, "momentum": 0.8, "dampening": 0.3},
+    ),
     "adam": (optax.adam(0.02, b1=0.8, b2=0.95, eps=1e-6), "adam", {"lr": 0.02, "betas": [0.8, 0.95], "eps": 1e-6}),
-    "adam-weight-decay": (optax.chain(optax.add_decayed_weights(0.1), optax.adam(0.02)), "adam",
-                          {"lr": 0.02, "weight_decay": 0.1}),
+    "adam-weight-decay": (
+        optax.chain(optax.add_decayed_weights(0.1), optax.adam(0.02)),
+        "adam",
+        {"lr": 0.02, "weight_decay": 0.1},
+    ),
     "adamw": (optax.adamw(0.02, weight_decay=0.1), "adamw", {"lr": 0.02, "weight_decay": 0.1}),
     "adamax": (optax.adamax(0.02, b1=0.8, b2=0.95), "adamax", {"lr": 0.02, "betas": [0.8, 0.95]}),
     # optax.rmsprop's state type is also that of eps inside the square root: optstate's chain says which.
-    **{f"rmsprop{suffix}-optstate": (group_transform(optstate.OPTIMIZERS["rmsprop"], hp), "rmsprop", hp) for suffix, hp in [
-        ("", {"lr": 0.01, "alpha": 0.9}),
-        ("-centered", {"lr": 0.01, "alpha": 0.9, "centered": True}),
-        ("-momentum", {"lr": 0.01, "alpha": 0.9, "momentum": 0.8, "weight_decay": 0.1}),
-    ]},
-    "adadelta": (optax.adadelta(0.5, rho=0.8, weight_decay=0.05), "adadelta",
-                 {"lr": 0.5, "rho": 0.8, "weight_decay": 0.05}),
+    **{
+        f"rmsprop{suffix}-optstate": (group_transform(optstate.OPTIMIZERS["rmsprop"], hp), "rmsprop", hp)
+        for suffix, hp in [
+            ("", {"lr": 0.01, "alpha": 0.9}),
+            ("-centered", {"lr": 0.01, "alpha": 0.9, "centered": True}),
+            ("-momentum", {"lr": 0.01, "alpha": 0.9, "momentum": 0.8, "weight_decay": 0.1}),
+        ]
+    },
+    "adadelta": (
+        optax.adadelta(0.5, rho=0.8, weight_decay=0.05),
+        "adadelta",
+        {"lr": 0.5, "rho": 0.8, "weight_decay": 0.05},
+    ),
     # torch's load_state_dict casts NAdam's mu_product to the parameter dtype: float64 here.
-    **{f"{name}-optstate": (group_transform(optstate.OPTIMIZERS[family], hp, {"momentum_product": np.float64}),
-                            family, hp) for name, family, hp in [
-        ("amsgrad", "adam", {"lr": 0.02, "amsgrad": True, "weight_decay": 0.1}),
-        ("nadam", "nadam", {"lr": 0.02, "momentum_decay": 0.1, "weight_decay": 0.1, "decoupled_weight_decay": True}),
-        ("radam", "radam", {"lr": 0.02, "eps": 1e-3}),
-        ("adagrad", "adagrad", {"lr": 0.05, "lr_decay": 0.1, "eps": 1e-3, "initial_accumulator_value": 0.2}),
-        ("adagrad-constant-lr", "adagrad", {"lr": 0.05, "eps": 1e-10}),
-        ("adafactor", "adafactor", {"lr": 0.5, "weight_decay": 0.1}),
-    ]},
-    "adamw-groups": (optax.partition({"decay": optax.adamw(0.03, weight_decay=0.2),
-                                      "no_decay": optax.adamw(0.02, weight_decay=0.0)}, _labels),
-                     "adamw", [{"lr": 0.03, "weight_decay": 0.2, "params": ["fc1.weight", "fc2.weight"]},
-                               {"lr": 0.02, "weight_decay": 0.0, "params": ["fc1.bias", "fc2.bias"]}]),
+    **{
+        f"{name}-optstate": (
+            group_transform(optstate.OPTIMIZERS[family], hp, {"momentum_product": np.float64}),
+            family,
+            hp,
+        )
+        for name, family, hp in [
+            ("amsgrad", "adam", {"lr": 0.02, "amsgrad": True, "weight_decay": 0.1}),
+            (
+                "nadam",
+                "nadam",
+                {"lr": 0.02, "momentum_decay": 0.1, "weight_decay": 0.1, "decoupled_weight_decay": True},
+            ),
+            ("radam", "radam", {"lr": 0.02, "eps": 1e-3}),
+            ("adagrad", "adagrad", {"lr": 0.05, "lr_decay": 0.1, "eps": 1e-3, "initial_accumulator_value": 0.2}),
+            ("adagrad-constant-lr", "adagrad", {"lr": 0.05, "eps": 1e-10}),
+            ("adafactor", "adafactor", {"lr": 0.5, "weight_decay": 0.1}),
+        ]
+    },
+    "adamw-groups": (
+        optax.partition(
+            {"decay": optax.adamw(0.03, weight_decay=0.2), "no_decay": optax.adamw(0.02, weight_decay=0.0)}, _labels
+        ),
+        "adamw",
+        [
+            {"lr": 0.03, "weight_decay": 0.2, "params": ["fc1.weight", "fc2.weight"]},
+            {"lr": 0.02, "weight_decay": 0.0, "params": ["fc1.bias", "fc2.bias"]},
+        ],
+    ),
 }
 
 
@@ -202,15 +271,27 @@ def test_optax_to_torch_continues_exactly(case, load, tmp_path):
     params, opt_state = jax_train(tx, params, tx.init(params), K)
     _save_orbax(tmp_path / "ckpt", params, opt_state)
 
-    groups = hparams if isinstance(hparams, list) else [
-        dict(hparams, params=["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"])]  # torch's order
-    optstate.convert(tmp_path / "ckpt", tmp_path / "out.pt", src_format="optax", dst_format="torch",
-                     optimizer=family, hyperparams=groups, optstate_transform=case.endswith("optstate"))
+    groups = (
+        hparams
+        if isinstance(hparams, list)
+        else [dict(hparams, params=["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"])]
+    )  # torch's order
+    optstate.convert(
+        tmp_path / "ckpt",
+        tmp_path / "out.pt",
+        src_format="optax",
+        dst_format="torch",
+        optimizer=family,
+        hyperparams=groups,
+        optstate_transform=case.endswith("optstate"),
+    )
     ckpt = torch.load(tmp_path / "out.pt", weights_only=True)
     model = TinyNet()
     model.load_state_dict(ckpt["model"])
     named = dict(model.named_parameters())
-    opt = getattr(torch.optim, optstate.OPTIMIZERS[family].torch_class)([{"params": [(n, named[n]) for n in g["params"]]} for g in groups], lr=1.0)
+    opt = getattr(torch.optim, optstate.OPTIMIZERS[family].torch_class)(
+        [{"params": [(n, named[n]) for n in g["params"]]} for g in groups], lr=1.0
+    )
     if load == "load_state_dict":
         opt.load_state_dict(ckpt["optimizer"])
     else:
@@ -243,6 +324,7 @@ def test_optax_default_order_loads_by_name_into_torch(tmp_path):
 
 # ----------------------------------------------------------------------------- LR schedulers
 
+
 def _train_with_scheduler(model, opt, sched, steps):
     for step in steps:
         torch_train(model, opt, range(step, step + 1))
@@ -250,12 +332,16 @@ def _train_with_scheduler(model, opt, sched, steps):
 
 
 SCHEDULERS = {
-    "warmup-cosine": lambda opt: torch.optim.lr_scheduler.SequentialLR(opt, [
-        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3),
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)], milestones=[3]),
+    "warmup-cosine": lambda opt: torch.optim.lr_scheduler.SequentialLR(
+        opt,
+        [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3),
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8),
+        ],
+        milestones=[3],
+    ),
     "multistep": lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 6, 7], gamma=0.5),
-    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=12,
-                                                                cycle_momentum=False),
+    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=12, cycle_momentum=False),
 }
 
 
@@ -265,8 +351,10 @@ def test_lr_scheduler_continues_exactly_in_optax(name, tmp_path):
     opt = torch.optim.AdamW(_no_decay_on_bias(model, weight_decay=0.2, lr=0.03), lr=0.02)
     sched = SCHEDULERS[name](opt)
     _train_with_scheduler(model, opt, sched, K)
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()},
-               tmp_path / "ckpt.pt")
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()},
+        tmp_path / "ckpt.pt",
+    )
     optstate.convert(tmp_path / "ckpt.pt", tmp_path / "out", src_format="torch", dst_format="optax", horizon=10)
     params, opt_state, tx = optstate.load_optax(tmp_path / "out")
     params, _ = jax_train(tx, params, opt_state, N)
@@ -275,11 +363,12 @@ def test_lr_scheduler_continues_exactly_in_optax(name, tmp_path):
 
 
 def test_optax_schedule_restores_a_torch_scheduler(tmp_path):
-    tx = optax.adamw(lambda count: 0.02 * 0.9 ** count, weight_decay=0.1)
+    tx = optax.adamw(lambda count: 0.02 * 0.9**count, weight_decay=0.1)
     params = jax_params()
     params, opt_state = jax_train(tx, params, tx.init(params), K)
-    state = optstate.from_optax(opt_state, params, optimizer="adamw",
-                                hyperparams=[{"lr": 0.02, "weight_decay": 0.1, "params": list(SHAPES)}])
+    state = optstate.from_optax(
+        opt_state, params, optimizer="adamw", hyperparams=[{"lr": 0.02, "weight_decay": 0.1, "params": list(SHAPES)}]
+    )
     model = TinyNet()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -287,13 +376,14 @@ def test_optax_schedule_restores_a_torch_scheduler(tmp_path):
     opt = torch.optim.AdamW(model.named_parameters(), lr=0.02)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
     optstate.to_torch(state, opt, scheduler=sched)
-    assert sched.last_epoch == 5 and opt.param_groups[0]["lr"] == pytest.approx(0.02 * 0.9 ** 5, rel=1e-15)
+    assert sched.last_epoch == 5 and opt.param_groups[0]["lr"] == pytest.approx(0.02 * 0.9**5, rel=1e-15)
     _train_with_scheduler(model, opt, sched, N)
     params, _ = jax_train(tx, params, opt_state, N)
     assert max_abs_diff(flat(params), torch_params(model)) < TOL
 
 
 # ----------------------------------------------------------------------------- inject_hyperparams, MultiSteps
+
 
 def test_inject_hyperparams_template_takes_torch_values(tmp_path):
     model = TinyNet()
@@ -314,8 +404,9 @@ def test_injected_hyperparameters_travel_to_torch():
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=0.02, b1=0.8, b2=0.95, eps=1e-6)
     params = jax_params()
     params, opt_state = jax_train(tx, params, tx.init(params), K)
-    state = optstate.from_optax(opt_state, params, optimizer="adam",
-                                hyperparams=[{"params": list(SHAPES)}])  # the rest is in the state
+    state = optstate.from_optax(
+        opt_state, params, optimizer="adam", hyperparams=[{"params": list(SHAPES)}]
+    )  # the rest is in the state
     assert state.param_groups[0]["betas"] == (0.8, 0.95) and state.param_groups[0]["lr"] == 0.02
     model = TinyNet()
     model.load_state_dict({n: torch.from_numpy(np.array(v)) for n, v in flat(params).items()})
@@ -354,8 +445,13 @@ def test_multisteps_at_a_boundary_both_ways():
     assert max_abs_diff(flat(params), torch_params(model)) < TOL
 
 
-@pytest.mark.parametrize("family, tx", [("lion", optax.lion(0.01, b1=0.8, b2=0.95, weight_decay=0.1)),
-                                        ("lamb", optax.lamb(0.01, b1=0.8, b2=0.95, weight_decay=0.1))])
+@pytest.mark.parametrize(
+    "family, tx",
+    [
+        ("lion", optax.lion(0.01, b1=0.8, b2=0.95, weight_decay=0.1)),
+        ("lamb", optax.lamb(0.01, b1=0.8, b2=0.95, weight_decay=0.1)),
+    ],
+)
 def test_optax_native_optimizers_round_trip_through_the_canonical_file(family, tx, tmp_path):
     params = jax_params()
     params, opt_state = jax_train(tx, params, tx.init(params), K)
@@ -368,11 +464,12 @@ def test_optax_native_optimizers_round_trip_through_the_canonical_file(family, t
     mine, _ = jax_train(ours, params, restored, N)
     stock, _ = jax_train(tx, params, opt_state, N)
     assert max_abs_diff(flat(mine), flat(stock)) < TOL
-    with pytest.raises(optstate.UnsupportedError, match="is an Optax optimizer with no torch.optim counterpart"):
+    with pytest.raises(optstate.UnsupportedError, match=r"is an Optax optimizer with no torch.optim counterpart"):
         optstate.to_torch_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- Muon (approximate by nature)
+
 
 class TwoMatrices(torch.nn.Module):
     """Muon takes 2-D parameters only."""
@@ -393,8 +490,9 @@ def test_muon_needs_allow_approximate_and_then_continues(tmp_path):
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
     with pytest.raises(optstate.UnsupportedError, match="Muon: torch's bfloat16 Newton-Schulz is not reproducible"):
         optstate.convert(tmp_path / "ckpt.pt", tmp_path / "out", src_format="torch", dst_format="optax")
-    optstate.convert(tmp_path / "ckpt.pt", tmp_path / "out", src_format="torch", dst_format="optax",
-                     allow_approximate=True)
+    optstate.convert(
+        tmp_path / "ckpt.pt", tmp_path / "out", src_format="torch", dst_format="optax", allow_approximate=True
+    )
     params, opt_state, tx = optstate.load_optax(tmp_path / "out")
     params, _ = jax_train(tx, params, opt_state, N)
     torch_train(model, opt, N)
@@ -402,21 +500,25 @@ def test_muon_needs_allow_approximate_and_then_continues(tmp_path):
     assert max_abs_diff(flat(params), torch_params(model)) < TOL
 
 
-@pytest.mark.parametrize("stock, family, hparams, gap", [
-    (optax.rmsprop(0.01, decay=0.9, eps_in_sqrt=False), "rmsprop", {"lr": 0.01, "alpha": 0.9}, 0.0),
-    (optax.rmsprop(0.01, decay=0.9), "rmsprop", {"lr": 0.01, "alpha": 0.9}, 1e-9),
-    (optax.amsgrad(0.02), "adam", {"lr": 0.02, "amsgrad": True}, 1e-3),
-])
+@pytest.mark.parametrize(
+    "stock, family, hparams, gap",
+    [
+        (optax.rmsprop(0.01, decay=0.9, eps_in_sqrt=False), "rmsprop", {"lr": 0.01, "alpha": 0.9}, 0.0),
+        (optax.rmsprop(0.01, decay=0.9), "rmsprop", {"lr": 0.01, "alpha": 0.9}, 1e-9),
+        (optax.amsgrad(0.02), "adam", {"lr": 0.02, "amsgrad": True}, 1e-3),
+    ],
+)
 def test_stock_optax_states_need_allow_approximate(stock, family, hparams, gap, tmp_path):
     """A stock state cannot say whether its formula was torch's; with the flag it converts and is recorded."""
     params = jax_params()
     params, opt_state = jax_train(stock, params, stock.init(params), K)
     _save_orbax(tmp_path / "ckpt", params, opt_state)
     groups = [dict(hparams, params=list(SHAPES))]
-    with pytest.raises(optstate.UnsupportedError, match="is a stock Scale.*pass --allow-approximate"):
+    with pytest.raises(optstate.UnsupportedError, match=r"is a stock Scale.*pass --allow-approximate"):
         optstate.convert(tmp_path / "ckpt", tmp_path / "out.pt", optimizer=family, hyperparams=groups)
-    state = optstate.convert(tmp_path / "ckpt", tmp_path / "out.pt", optimizer=family, hyperparams=groups,
-                             allow_approximate=True)
+    state = optstate.convert(
+        tmp_path / "ckpt", tmp_path / "out.pt", optimizer=family, hyperparams=groups, allow_approximate=True
+    )
     assert "stock Optax" in state.metadata.approximate
     model = TinyNet()
     model.load_state_dict(torch.load(tmp_path / "out.pt", weights_only=True)["model"])

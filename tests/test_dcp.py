@@ -18,12 +18,18 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, get_state_dict, set_model_state_dict,
-    set_optimizer_state_dict)
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 import optstate
 from optstate.converters.torch.dcp import read_dcp, read_metadata, write_dcp
 from optstate.errors import FormatError, MappingError, OptstateError
+
 from helpers import gradient
 
 LAYOUTS = ("nested", "torchtitan", "optimizer-only", "positional")
@@ -48,8 +54,12 @@ MAKERS = {
     "sgd-momentum": lambda m: torch.optim.SGD(m.named_parameters(), lr=0.1, momentum=0.9, nesterov=True),
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=0.01),  # no param_names: DCP names them
     "adamw-groups": lambda m: torch.optim.AdamW(
-        [{"params": [m[0].weight, m[2].weight], "weight_decay": 0.1},
-         {"params": [m[0].bias, m[2].bias], "weight_decay": 0.0, "lr": 0.02}], lr=0.01),
+        [
+            {"params": [m[0].weight, m[2].weight], "weight_decay": 0.1},
+            {"params": [m[0].bias, m[2].bias], "weight_decay": 0.0, "lr": 0.02},
+        ],
+        lr=0.01,
+    ),
 }
 
 
@@ -69,9 +79,12 @@ def _save(directory, model, opt, layout="nested", scheduler=None):
     """What a training job writes: FSDP's documented layout, torchtitan's, the optimizer alone, or the
     plain ``state_dict()``s saved with DCP."""
     osd = get_optimizer_state_dict(model, opt, options=_options(layout))
-    sd = {"optimizer-only": osd, "nested": {"model": get_model_state_dict(model), "optimizer": osd},
-          "torchtitan": {**get_model_state_dict(model), "optimizer": osd},
-          "positional": {"model": model.state_dict(), "optimizer": opt.state_dict()}}[layout]
+    sd = {
+        "optimizer-only": osd,
+        "nested": {"model": get_model_state_dict(model), "optimizer": osd},
+        "torchtitan": {**get_model_state_dict(model), "optimizer": osd},
+        "positional": {"model": model.state_dict(), "optimizer": opt.state_dict()},
+    }[layout]
     if scheduler is not None:
         sd["lr_scheduler"] = scheduler.state_dict()
     with warnings.catch_warnings():
@@ -107,6 +120,7 @@ def _assert_same_state(a, b):
 
 
 # ----------------------------------------------------------------------------- reading
+
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", sorted(MAKERS))
@@ -148,24 +162,25 @@ def _shards(rank, world, directory, store):
     dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=f"{directory}/sharded")
     full = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        torch.save(dict(zip(("model", "optimizer"), full)), f"{directory}/full.pt")
+        torch.save(dict(zip(("model", "optimizer"), full, strict=True)), f"{directory}/full.pt")
         write_dcp(read_dcp(f"{directory}/sharded"), f"{directory}/converted")
     dist.barrier()
     fresh, fresh_opt = sharded(seed=1)
     _restore(f"{directory}/converted", fresh, fresh_opt)
     train(model, opt, range(3, 6))
     train(fresh, fresh_opt, range(3, 6))
-    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters(), strict=True):
         assert torch.equal(a.to_local(), b.to_local()), name
-    for a, b in zip(opt.state.values(), fresh_opt.state.values()):
+    for a, b in zip(opt.state.values(), fresh_opt.state.values(), strict=True):
         assert all(torch.equal(getattr(a[k], "_local_tensor", a[k]), getattr(b[k], "_local_tensor", b[k])) for k in a)
     dist.destroy_process_group()
 
 
 def test_two_process_fsdp2_checkpoint_is_assembled_and_our_output_restores_sharded(tmp_path):
     # fork, not spawn: the children need no fresh interpreter, and start in well under a second.
-    context = mp.start_processes(_shards, args=(2, tmp_path, tmp_path / "store"), nprocs=2, join=False,
-                                 start_method="fork")
+    context = mp.start_processes(
+        _shards, args=(2, tmp_path, tmp_path / "store"), nprocs=2, join=False, start_method="fork"
+    )
     deadline = time.monotonic() + 60
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -194,9 +209,13 @@ def test_two_process_fsdp2_checkpoint_is_assembled_and_our_output_restores_shard
 
 # ----------------------------------------------------------------------------- writing
 
+
 @pytest.mark.parametrize("layout", ["nested", "torchtitan"])
-@pytest.mark.parametrize("case,dtype", [(c, torch.float64) for c in sorted(MAKERS)] + [("adam", torch.bfloat16)],
-                         ids=[*sorted(MAKERS), "adam-bfloat16"])
+@pytest.mark.parametrize(
+    "case,dtype",
+    [(c, torch.float64) for c in sorted(MAKERS)] + [("adam", torch.bfloat16)],
+    ids=[*sorted(MAKERS), "adam-bfloat16"],
+)
 def test_canonical_to_dcp_to_canonical_is_bit_exact(case, dtype, layout, tmp_path):
     model, opt, sched = _trained(case, dtype=dtype, scheduler=True)
     state = optstate.from_torch(opt, model=model, scheduler=sched)
@@ -217,14 +236,15 @@ def test_training_continues_exactly_after_dcp_canonical_dcp(case, layout, tmp_pa
     _restore(tmp_path / "back", fresh, fresh_opt, layout)
     _train(model, opt, range(3, 6))
     _train(fresh, fresh_opt, range(3, 6))
-    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     before, after = opt.state_dict(), fresh_opt.state_dict()
     assert before["param_groups"] == after["param_groups"]
     for index, entry in before["state"].items():
-        assert all(torch.equal(t, after["state"][index][k]) and t.dtype == after["state"][index][k].dtype
-                   for k, t in entry.items()), index
-
+        assert all(
+            torch.equal(t, after["state"][index][k]) and t.dtype == after["state"][index][k].dtype
+            for k, t in entry.items()
+        ), index
 
 
 def test_writing_from_a_memory_mapped_file_copies_no_array(tmp_path):
@@ -232,11 +252,15 @@ def test_writing_from_a_memory_mapped_file_copies_no_array(tmp_path):
     state would hold all of it in memory: they view the memory-mapped arrays instead. NumPy reports
     its allocations to tracemalloc; 48 MB of moments must not show up there."""
     import tracemalloc
+
     rng = np.random.default_rng(0)
     shapes = {f"layer{i}.weight": (1024, 1024) for i in range(6)}
     params = tuple(optstate.ParamInfo(tuple(n.split(".")), s, "float32", 0, 1) for n, s in shapes.items())
-    slots = {(slot, p.path): rng.standard_normal(p.shape, dtype=np.float32)
-             for p in params for slot in ("first_moment", "second_moment")}
+    slots = {
+        (slot, p.path): rng.standard_normal(p.shape, dtype=np.float32)
+        for p in params
+        for slot in ("first_moment", "second_moment")
+    }
     optstate.save(optstate.OptimizerState("adam", ({"lr": 1e-3},), params, slots), tmp_path / "s.safetensors")
     state = optstate.load(tmp_path / "s.safetensors")
     tracemalloc.start()
@@ -255,13 +279,20 @@ def test_lazy_arrays_are_made_one_at_a_time_on_the_way_to_dcp(tmp_path):
     """A layout move back to torch's layout (or a tensor on an accelerator) is an array made when it is
     read; DCP would hold all of them, so they go through a memory-mapped file one at a time."""
     import tracemalloc
+
     from optstate.schema.state import Deferred
+
     rng = np.random.default_rng(0)
     params = tuple(optstate.ParamInfo((f"layer{i}", "weight"), (512, 1024), "float32", 0, 1) for i in range(8))
-    sources = {(slot, p.path): rng.standard_normal((1024, 512), dtype=np.float32)
-               for p in params for slot in ("first_moment", "second_moment")}
-    slots = {k: Deferred((512, 1024), np.dtype(np.float32), lambda a=a: np.ascontiguousarray(a.T))
-             for k, a in sources.items()}
+    sources = {
+        (slot, p.path): rng.standard_normal((1024, 512), dtype=np.float32)
+        for p in params
+        for slot in ("first_moment", "second_moment")
+    }
+    slots = {
+        k: Deferred((512, 1024), np.dtype(np.float32), lambda a=a: np.ascontiguousarray(a.T))
+        for k, a in sources.items()
+    }
     state = optstate.OptimizerState("adam", ({"lr": 1e-3},), params, slots)
     out = tmp_path / "staged.safetensors"  # a name the staged file must not take
     tracemalloc.start()
@@ -274,6 +305,7 @@ def test_lazy_arrays_are_made_one_at_a_time_on_the_way_to_dcp(tmp_path):
     back = read_dcp(out)
     assert all(np.array_equal(back.slots[k], a.T) for k, a in sources.items())
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the staged file went with the temporary
+
 
 def test_existing_output_is_replaced_only_with_force(tmp_path):
     model, opt, _ = _trained("sgd-momentum")
@@ -289,6 +321,7 @@ def test_existing_output_is_replaced_only_with_force(tmp_path):
 
 
 # ----------------------------------------------------------------------------- refusals
+
 
 @pytest.fixture
 def ckpt(tmp_path):
@@ -314,8 +347,9 @@ def test_value_that_would_run_code_is_refused_and_not_run(tmp_path):
     Boom.marker = tmp_path / "ran"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"optimizer": {"param_groups": [{"lr": Boom(), "params": []}]}}, checkpoint_id=tmp_path / "c",
-                 no_dist=True)
+        dcp.save(
+            {"optimizer": {"param_groups": [{"lr": Boom(), "params": []}]}}, checkpoint_id=tmp_path / "c", no_dist=True
+        )
     global_name = rf"{os.system.__module__}\.system"
     with pytest.raises(FormatError, match=rf"optimizer\.param_groups\.0\.lr .*refused: .*{global_name}"):
         read_dcp(tmp_path / "c")
@@ -338,7 +372,7 @@ def test_truncated_data_file(ckpt):
 def test_corrupted_data_blob(ckpt):
     data = ckpt / "__0_0.distcp"
     data.write_bytes(b"\0" * data.stat().st_size)
-    with pytest.raises(FormatError, match="not a readable torch.save blob"):
+    with pytest.raises(FormatError, match=r"not a readable torch.save blob"):
         read_dcp(ckpt)
 
 
@@ -349,15 +383,20 @@ def _edit_metadata(directory, edit):
     (directory / ".metadata").write_bytes(pickle.dumps(metadata))
 
 
-@pytest.mark.parametrize("chunks,message", [
-    ([([0, 0], [5, 3]), ([3, 0], [2, 3])], r"chunks at \[0, 0\] and \[3, 0\] overlap"),
-    ([([0, 0], [4, 3])], r"chunks cover 12 of the tensor's 15 elements"),
-    ([([0, 0], [6, 3])], r"chunk at \[0, 0\] of shape \[6, 3\] lies outside the tensor's shape \[5, 3\]"),
-])
+@pytest.mark.parametrize(
+    "chunks,message",
+    [
+        ([([0, 0], [5, 3]), ([3, 0], [2, 3])], r"chunks at \[0, 0\] and \[3, 0\] overlap"),
+        ([([0, 0], [4, 3])], r"chunks cover 12 of the tensor's 15 elements"),
+        ([([0, 0], [6, 3])], r"chunk at \[0, 0\] of shape \[6, 3\] lies outside the tensor's shape \[5, 3\]"),
+    ],
+)
 def test_chunks_must_cover_the_tensor_once(ckpt, chunks, message):
     def edit(metadata):
         metadata.state_dict_metadata["optimizer.state.0.weight.exp_avg"].chunks = [
-            ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in chunks]
+            ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in chunks
+        ]
+
     _edit_metadata(ckpt, edit)
     with pytest.raises(FormatError, match=rf"optimizer\.state\.0\.weight\.exp_avg: {message}"):
         read_dcp(ckpt)
@@ -367,9 +406,13 @@ def test_chunk_whose_bytes_disagree_with_metadata(ckpt):
     def edit(metadata):
         meta = metadata.state_dict_metadata["optimizer.state.0.weight.exp_avg"]
         meta.properties.dtype = torch.float32
+
     _edit_metadata(ckpt, edit)
-    with pytest.raises(FormatError, match=r"exp_avg chunk at \[0, 0\] holds torch.float64 \[5, 3\], "
-                                          r"\.metadata says torch.float32 \[5, 3\]"):
+    with pytest.raises(
+        FormatError,
+        match=r"exp_avg chunk at \[0, 0\] holds torch.float64 \[5, 3\], "
+        r"\.metadata says torch.float32 \[5, 3\]",
+    ):
         read_dcp(ckpt)
 
 
@@ -377,6 +420,7 @@ def test_data_file_outside_the_directory_is_refused(ckpt):
     def edit(metadata):
         for info in metadata.storage_data.values():
             info.relative_path = "../__0_0.distcp"
+
     _edit_metadata(ckpt, edit)
     with pytest.raises(FormatError, match="not a file of the checkpoint directory"):
         read_dcp(ckpt)
@@ -386,7 +430,7 @@ def test_data_file_outside_the_directory_is_refused(ckpt):
 def test_not_a_dcp_directory(tmp_path, content):
     if content is not None:
         (tmp_path / ".metadata").write_bytes(content)
-    with pytest.raises(FormatError, match="not a DCP checkpoint directory|not readable DCP metadata|not DCP Metadata"):
+    with pytest.raises(FormatError, match=r"not a DCP checkpoint directory|not readable DCP metadata|not DCP Metadata"):
         read_dcp(tmp_path)
 
 
@@ -396,7 +440,6 @@ def test_model_only_checkpoint_names_what_is_missing(tmp_path):
         dcp.save({"model": _net().state_dict()}, checkpoint_id=tmp_path / "c", no_dist=True)
     with pytest.raises(FormatError, match=r"no optimizer state .* top-level keys: \['model'\]"):
         read_dcp(tmp_path / "c")
-
 
 
 def test_cli_torch_to_dcp_and_back(tmp_path):

@@ -13,9 +13,10 @@ import optstate
 from optstate.converters.torch import live as torch_adapter
 from optstate.errors import FormatError
 from optstate.schema.state import Deferred
+
 from frameworks import TinyNet, jax_train, torch_params, torch_train
 from helpers import TOL, flat, max_abs_diff, nested
-from test_continuation import K, N, TORCH_CASES
+from test_continuation import TORCH_CASES, K, N
 
 
 @pytest.fixture
@@ -85,14 +86,19 @@ def _adam_state_and_params():
     model = TinyNet()
     opt = TORCH_CASES["adam"](model)
     torch_train(model, opt, K)
-    return model, opt, optstate.from_torch(opt, model=model), nested(
-        {n: jax.numpy.asarray(v) for n, v in torch_params(model).items()})
+    return (
+        model,
+        opt,
+        optstate.from_torch(opt, model=model),
+        nested({n: jax.numpy.asarray(v) for n, v in torch_params(model).items()}),
+    )
 
 
 def test_to_optax_allocates_no_template_moments():
     """tx.init would allocate every moment only for to_optax to replace it: on an accelerator, as much
     memory again as the state. The template comes from jax.eval_shape instead."""
     import optax
+
     _, _, state, params = _adam_state_and_params()
     inner = optstate.optax_transform(state)
     calls = []
@@ -101,14 +107,15 @@ def test_to_optax_allocates_no_template_moments():
     assert calls and all(isinstance(leaf, jax.core.Tracer) for p in calls for leaf in jax.tree.leaves(p))
 
 
-
 @pytest.mark.parametrize("kind", ["linear", "conv2d", "attention", "embedding"])
 def test_layout_moves_of_device_tensors_happen_in_jax_bit_exact(kind, monkeypatch):
     """Moved to a Flax model (transposes, q/k/v split), device tensors are moved by JAX on the device:
     no copy to the host, and the same bits as NumPy's moves on the host."""
-    from test_layout import Case
     from optstate.converters.jax.optax import nest
     from optstate.converters.layout.targets import relayout
+
+    from test_layout import Case
+
     case = Case(kind, torch.optim.Adam, lr=1e-2)
     case.torch_steps(case.torch_model, case.opt, case.inputs[:2])
     target = case.target()
@@ -135,6 +142,7 @@ def test_no_room_on_the_device_for_the_copy_means_a_copy_on_the_host(on_device, 
 
     def no_room(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
     monkeypatch.setattr(torch.Tensor, "clone", no_room)
     state = optstate.from_torch(opt, model=model)
     assert not _leaves_with_device(state) and all(isinstance(a, np.ndarray) for a in state.slots.values())
@@ -149,26 +157,34 @@ def test_an_init_jax_cannot_trace_is_run_as_it_is():
     """to_optax reads the template's shapes by tracing tx.init; an init that reads its inputs with
     NumPy cannot be traced, and is then run for real, as before."""
     import optax
+
     _, _, state, params = _adam_state_and_params()
     inner = optstate.optax_transform(state)
-    host_init = optax.GradientTransformation(lambda p: (np.asarray(jax.tree.leaves(p)[0]), inner.init(p))[1],
-                                             inner.update)
-    for a, b in zip(jax.tree.leaves(optstate.to_optax(state, inner, params)),
-                    jax.tree.leaves(optstate.to_optax(state, host_init, params)), strict=True):
+    host_init = optax.GradientTransformation(
+        lambda p: (np.asarray(jax.tree.leaves(p)[0]), inner.init(p))[1], inner.update
+    )
+    for a, b in zip(
+        jax.tree.leaves(optstate.to_optax(state, inner, params)),
+        jax.tree.leaves(optstate.to_optax(state, host_init, params)),
+        strict=True,
+    ):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
 def test_what_dlpack_gives_must_match_the_declared_array():
     """A device tensor whose shape or dtype disagrees with what the state declares is not taken as is."""
     from optstate.converters.jax.optax import to_jax
-    declared = Deferred((2,), np.dtype(np.float32), lambda: np.array([1.0, 2.0], np.float32),
-                        dlpack=torch.zeros(3, dtype=torch.float64))
+
+    declared = Deferred(
+        (2,), np.dtype(np.float32), lambda: np.array([1.0, 2.0], np.float32), dlpack=torch.zeros(3, dtype=torch.float64)
+    )
     assert to_jax(declared).tolist() == [1.0, 2.0]
 
 
 def test_non_finite_complex_moments_on_the_device_are_refused():
     from optstate.converters.torch.live import _check_finite_on_device, device_array
     from optstate.schema.state import OptimizerState, ParamInfo
+
     moment = torch.tensor([1 + 1j, complex(float("nan"), 0)], dtype=torch.complex64)
     slots = {(slot, ("w",)): device_array(moment, copy=True) for slot in ("first_moment", "second_moment")}
     state = OptimizerState("adam", ({"lr": 1e-3},), (ParamInfo(("w",), (2,), "complex64", 0, 1),), slots)

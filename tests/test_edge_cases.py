@@ -11,6 +11,7 @@ import torch
 import optstate
 from optstate.cli import main
 from optstate.errors import FormatError, MappingError, UnsupportedError
+
 from frameworks import TinyNet, torch_params, torch_train
 
 
@@ -77,7 +78,7 @@ def test_tied_weights_are_refused():
     opt = torch.optim.Adam(model.named_parameters(), lr=0.01)
     model.head(model.emb(torch.tensor([1, 2]))).sum().backward()
     opt.step()
-    with pytest.raises(UnsupportedError, match="'head.weight' is tied to 'emb.weight'"):
+    with pytest.raises(UnsupportedError, match=r"'head.weight' is tied to 'emb.weight'"):
         optstate.from_torch({"model": model.state_dict(), "optimizer": opt.state_dict()})
 
 
@@ -100,7 +101,7 @@ def test_layer_order_follows_registration_not_string_sorting():
 def test_prefixed_names_are_named_in_the_error():
     model, opt = _stepped()
     weights = {f"module.{k}": v for k, v in model.state_dict().items()}
-    with pytest.raises(MappingError, match="'fc1.weight' is not among the model weights .*'module.fc1.weight'"):
+    with pytest.raises(MappingError, match=r"'fc1.weight' is not among the model weights .*'module.fc1.weight'"):
         optstate.from_torch({"model": weights, "optimizer": opt.state_dict()})
 
 
@@ -130,18 +131,22 @@ def test_lightning_checkpoint_layout():
 def test_dotted_keys_in_optax_trees():
     params = {"fc1.weight": jax.numpy.ones((2, 2)), "fc1.bias": jax.numpy.ones(2)}
     opt_state = optax.adam(0.1).init(params)
-    state = optstate.from_optax(opt_state, params, optimizer="adam",
-                                hyperparams=[{"lr": 0.1, "params": ["fc1.weight", "fc1.bias"]}])
+    state = optstate.from_optax(
+        opt_state, params, optimizer="adam", hyperparams=[{"lr": 0.1, "params": ["fc1.weight", "fc1.bias"]}]
+    )
     assert [p.path for p in state.params] == [("fc1.weight",), ("fc1.bias",)]
     sd = optstate.to_torch_state_dict(state)
     assert sd["param_groups"][0]["param_names"] == ["fc1.weight", "fc1.bias"]
 
 
-@pytest.mark.parametrize("sd, message", [
-    ({"state": {}, "param_groups": []}, "non-empty 'param_groups'"),
-    ({"state": {}, "param_groups": [{"lr": 0.1}]}, "param group 0 has no 'params' list"),
-    ({"state": {5: {}}, "param_groups": [{"lr": 0.1, "params": [0]}]}, r"indices \[5\] that no param group holds"),
-])
+@pytest.mark.parametrize(
+    "sd, message",
+    [
+        ({"state": {}, "param_groups": []}, "non-empty 'param_groups'"),
+        ({"state": {}, "param_groups": [{"lr": 0.1}]}, "param group 0 has no 'params' list"),
+        ({"state": {5: {}}, "param_groups": [{"lr": 0.1, "params": [0]}]}, r"indices \[5\] that no param group holds"),
+    ],
+)
 def test_malformed_state_dicts(tmp_path, sd, message):
     torch.save({"optimizer": sd}, tmp_path / "bad.pt")
     with pytest.raises(FormatError, match=message):
@@ -149,38 +154,86 @@ def test_malformed_state_dicts(tmp_path, sd, message):
     assert main(["inspect", str(tmp_path / "bad.pt")]) == 1
 
 
-@pytest.mark.parametrize("hparams, message", [('[1]', "must be a dict or a list of dicts"),
-                                              ('{"lr": "abc"}', "lr='abc' is not of the type torch takes")])
+@pytest.mark.parametrize(
+    "hparams, message",
+    [("[1]", "must be a dict or a list of dicts"), ('{"lr": "abc"}', "lr='abc' is not of the type torch takes")],
+)
 def test_bad_hparams_on_the_command_line(tmp_path, capsys, hparams, message):
     import orbax.checkpoint as ocp
+
     params = {"w": jax.numpy.ones(3)}
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp_path / "ck", {"params": params, "opt_state": optax.adam(0.1).init(params)})
     checkpointer.wait_until_finished()
-    assert main(["convert", "--from", "optax", "--to", "torch", "--optimizer", "adam", "--hparams", hparams,
-                 str(tmp_path / "ck"), str(tmp_path / "o.pt")]) == 1
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "optax",
+                "--to",
+                "torch",
+                "--optimizer",
+                "adam",
+                "--hparams",
+                hparams,
+                str(tmp_path / "ck"),
+                str(tmp_path / "o.pt"),
+            ]
+        )
+        == 1
+    )
     assert message in capsys.readouterr().err
 
 
 def test_empty_directory_is_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert main(["convert", "--from", "optax", "--to", "torch", "--optimizer", "adam", "--hparams", '{"lr": 1}',
-                 str(tmp_path / "empty"), str(tmp_path / "o.pt")]) == 1
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "optax",
+                "--to",
+                "torch",
+                "--optimizer",
+                "adam",
+                "--hparams",
+                '{"lr": 1}',
+                str(tmp_path / "empty"),
+                str(tmp_path / "o.pt"),
+            ]
+        )
+        == 1
+    )
     assert "not an Orbax checkpoint" in capsys.readouterr().err
 
 
 def test_from_format_is_honoured_whatever_the_suffix(tmp_path):
-    model, opt = _stepped()
+    _model, opt = _stepped()
     torch.save({"optimizer": opt.state_dict()}, tmp_path / "ckpt.tar")
-    assert main(["convert", "--from", "torch", "--to", "optstate", str(tmp_path / "ckpt.tar"),
-                 str(tmp_path / "s.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "torch",
+                "--to",
+                "optstate",
+                str(tmp_path / "ckpt.tar"),
+                str(tmp_path / "s.safetensors"),
+            ]
+        )
+        == 0
+    )
 
 
 # ----------------------------------------------------------------------------- combinations (second review)
 
+from optstate.converters.jax.optax import group_transform  # noqa: E402
+
 from frameworks import jax_params, jax_train  # noqa: E402
 from helpers import SHAPES, TOL, flat, gradient, max_abs_diff, nested  # noqa: E402
-from optstate.converters.jax.optax import group_transform  # noqa: E402
 
 K, N = range(0, 5), range(5, 10)
 
@@ -214,9 +267,13 @@ def test_adagrad_lr_decay_with_scheduler_and_skipped_steps():
 
 def test_adafactor_group_at_lr_zero_stays_put():
     model = TinyNet()
-    opt = torch.optim.Adafactor([{"params": [("fc1.weight", model.fc1.weight), ("fc1.bias", model.fc1.bias)]},
-                                 {"params": [("fc2.weight", model.fc2.weight), ("fc2.bias", model.fc2.bias)],
-                                  "lr": 0.0}], lr=0.05)
+    opt = torch.optim.Adafactor(
+        [
+            {"params": [("fc1.weight", model.fc1.weight), ("fc1.bias", model.fc1.bias)]},
+            {"params": [("fc2.weight", model.fc2.weight), ("fc2.bias", model.fc2.bias)], "lr": 0.0},
+        ],
+        lr=0.05,
+    )
     torch_train(model, opt, K)
     params = _continue_in_jax(optstate.from_torch(opt), model)
     torch_train(model, opt, N)
@@ -255,9 +312,12 @@ def test_nadam_that_never_stepped_converts():
 def test_chained_scheduler_continues_in_optax():
     model = TinyNet()
     opt = torch.optim.Adam(model.named_parameters(), lr=0.02)
-    sched = torch.optim.lr_scheduler.ChainedScheduler([
-        torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=3),
-        torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[4, 7])])
+    sched = torch.optim.lr_scheduler.ChainedScheduler(
+        [
+            torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=3),
+            torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[4, 7]),
+        ]
+    )
     _skipping(model, opt, K, sched, skipped=None)
     params = _continue_in_jax(optstate.from_torch(opt, scheduler=sched), model)
     _skipping(model, opt, N, sched, skipped=None)
@@ -281,8 +341,9 @@ def test_injected_b1_completes_the_users_betas():
     tx = optax.inject_hyperparams(optax.adam, static_args=("b2",))(learning_rate=0.02, b1=0.8, b2=0.95)
     params = jax_params()
     params, opt_state = jax_train(tx, params, tx.init(params), K)
-    state = optstate.from_optax(opt_state, params, optimizer="adam",
-                                hyperparams=[{"betas": [0.8, 0.95], "params": list(SHAPES)}])
+    state = optstate.from_optax(
+        opt_state, params, optimizer="adam", hyperparams=[{"betas": [0.8, 0.95], "params": list(SHAPES)}]
+    )
     assert state.param_groups[0]["betas"] == (0.8, 0.95) and state.param_groups[0]["lr"] == 0.02
 
 
@@ -291,8 +352,10 @@ def test_round_trip_keeps_steps_optax_has_no_count_for_and_the_scheduler(tmp_pat
     opt = torch.optim.RMSprop(model.named_parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3])
     _skipping(model, opt, K, sched, skipped=None)
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()},
-               tmp_path / "a.pt")
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()},
+        tmp_path / "a.pt",
+    )
     optstate.convert(tmp_path / "a.pt", tmp_path / "out", src_format="torch", dst_format="optax")
     optstate.convert(tmp_path / "out", tmp_path / "b.pt", src_format="optax", dst_format="torch")
     back = torch.load(tmp_path / "b.pt", weights_only=True)
@@ -310,18 +373,22 @@ def test_reset_restores_initial_values():
 
 # ----------------------------------------------------------------------------- third review
 
+
 def test_adagrad_steps_and_schedule_survive_an_optax_directory(tmp_path):
     model = TinyNet()
     opt = torch.optim.Adagrad(model.named_parameters(), lr=0.05, lr_decay=0.01)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2])
     _skipping(model, opt, K, sched)
-    torch.save({"optimizer": opt.state_dict(), "model": model.state_dict(), "lr_scheduler": sched.state_dict()},
-               tmp_path / "a.pt")
+    torch.save(
+        {"optimizer": opt.state_dict(), "model": model.state_dict(), "lr_scheduler": sched.state_dict()},
+        tmp_path / "a.pt",
+    )
     optstate.convert(tmp_path / "a.pt", tmp_path / "out", src_format="torch", dst_format="optax")
     optstate.convert(tmp_path / "out", tmp_path / "b.pt", src_format="optax", dst_format="torch")
     before, after = (torch.load(tmp_path / f, weights_only=True) for f in ("a.pt", "b.pt"))
-    assert {i: float(s["step"]) for i, s in after["optimizer"]["state"].items()} == \
-        {i: float(s["step"]) for i, s in before["optimizer"]["state"].items()}
+    assert {i: float(s["step"]) for i, s in after["optimizer"]["state"].items()} == {
+        i: float(s["step"]) for i, s in before["optimizer"]["state"].items()
+    }
     assert after["lr_scheduler"] == before["lr_scheduler"]
 
 
@@ -338,6 +405,7 @@ def test_too_small_a_horizon_is_one_line(tmp_path, capsys):
 
 def test_sidecar_of_another_version_is_named(tmp_path):
     import json
+
     model, opt = _stepped()
     torch.save({"optimizer": opt.state_dict(), "model": model.state_dict()}, tmp_path / "a.pt")
     optstate.convert(tmp_path / "a.pt", tmp_path / "out", src_format="torch", dst_format="optax")
@@ -348,7 +416,7 @@ def test_sidecar_of_another_version_is_named(tmp_path):
 
 
 def test_inspect_of_a_state_entry_that_is_not_a_dict(tmp_path):
-    model, opt = _stepped()
+    _model, opt = _stepped()
     sd = opt.state_dict()
     sd["state"][0] = [1, 2]
     torch.save({"optimizer": sd}, tmp_path / "bad.pt")
@@ -356,13 +424,13 @@ def test_inspect_of_a_state_entry_that_is_not_a_dict(tmp_path):
 
 
 def test_reset_takes_any_iterable():
-    model, opt = _stepped(lambda m: torch.optim.SGD(m.named_parameters(), lr=0.1, momentum=0.9))
+    _model, opt = _stepped(lambda m: torch.optim.SGD(m.named_parameters(), lr=0.1, momentum=0.9))
     state = optstate.from_torch(opt).reset(name for name in ["momentum_buffer"])
     assert all(not a.any() for a in state.slots.values())
 
 
 def test_adam_and_adamw_from_before_torch_2_6_are_told_apart_or_refused():
-    model, opt = _stepped(lambda m: torch.optim.AdamW(m.named_parameters(), lr=0.01, weight_decay=0.1))
+    _model, opt = _stepped(lambda m: torch.optim.AdamW(m.named_parameters(), lr=0.01, weight_decay=0.1))
     sd = opt.state_dict()
     for group in sd["param_groups"]:
         del group["decoupled_weight_decay"]  # as torch < 2.6 saved them

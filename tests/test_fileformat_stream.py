@@ -9,6 +9,7 @@ import mmap
 import os
 import tracemalloc
 import weakref
+from typing import ClassVar
 
 import ml_dtypes
 import numpy as np
@@ -21,14 +22,19 @@ import optstate
 from optstate.errors import FormatError, OptstateError
 from optstate.schema import OptimizerState, ParamInfo
 from optstate.schema import fileformat as ff
-from test_roundtrip import states
+
+from helpers import states
 
 
 def _sgd(arrays: dict[str, np.ndarray], weights: dict[str, np.ndarray] | None = None) -> OptimizerState:
     params = tuple(ParamInfo((name,), a.shape, str(a.dtype), 0) for name, a in arrays.items())
-    return OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},), params,
-                          {("momentum", (name,)): a for name, a in arrays.items()},
-                          weights=None if weights is None else {(n,): w for n, w in weights.items()})
+    return OptimizerState(
+        "sgd",
+        ({"lr": 0.1, "momentum": 0.9},),
+        params,
+        {("momentum", (name,)): a for name, a in arrays.items()},
+        weights=None if weights is None else {(n,): w for n, w in weights.items()},
+    )
 
 
 def _assert_same_state(a: OptimizerState, b: OptimizerState) -> None:
@@ -50,8 +56,10 @@ def _mapped(tmp_path, arrays: dict[str, np.ndarray]) -> dict[str, np.memmap]:
             offsets[name] = offset
             f.write(a.tobytes())
             offset += a.nbytes
-    return {name: np.memmap(path, dtype=a.dtype, mode="r", offset=offsets[name], shape=a.shape)
-            for name, a in arrays.items()}
+    return {
+        name: np.memmap(path, dtype=a.dtype, mode="r", offset=offsets[name], shape=a.shape)
+        for name, a in arrays.items()
+    }
 
 
 def _rng_arrays(sizes: dict[str, tuple[int, ...]], dtype="<f4") -> dict[str, np.ndarray]:
@@ -71,6 +79,7 @@ class Spy:
 
 
 # ----------------------------------------------------------------------------- round trips
+
 
 @settings(max_examples=40, deadline=None)
 @given(state=states(), shard_bytes=st.one_of(st.none(), st.integers(1, 64)))
@@ -92,10 +101,12 @@ def test_sharded_files_are_cut_by_size_and_each_is_a_safetensors_file(tmp_path):
     arrays = _rng_arrays({"a": (100,), "b": (10, 10), "c": (1000,)})
     weights = _rng_arrays({"a": (100,), "d": (10,)}, "<f4")
     state = _sgd(arrays, weights)
-    expected = {1: [["a"], ["b"], ["c"], ["wa"], ["wd"]],
-                800: [["a", "b"], ["c"], ["wa", "wd"]],
-                1000: [["a", "b"], ["c"], ["wa", "wd"]],
-                5240: [["a", "b", "c", "wa", "wd"]]}
+    expected = {
+        1: [["a"], ["b"], ["c"], ["wa"], ["wd"]],
+        800: [["a", "b"], ["c"], ["wa", "wd"]],
+        1000: [["a", "b"], ["c"], ["wa", "wd"]],
+        5240: [["a", "b", "c", "wa", "wd"]],
+    }
     key = {"a": "momentum/a", "b": "momentum/b", "c": "momentum/c", "wa": "model/a", "wd": "model/d"}
     for shard_bytes, cut in expected.items():
         d = tmp_path / str(shard_bytes)
@@ -104,10 +115,10 @@ def test_sharded_files_are_cut_by_size_and_each_is_a_safetensors_file(tmp_path):
         names = [f"opt-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
         assert sorted(p.name for p in d.iterdir()) == sorted([*names, "opt.safetensors.index.json"])
         document = json.loads(index.read_text())
-        assert document["weight_map"] == {key[k]: name for name, keys in zip(names, cut) for k in keys}
+        assert document["weight_map"] == {key[k]: name for name, keys in zip(names, cut, strict=True) for k in keys}
         assert document["metadata"]["total_size"] == 5240
         assert document["metadata"]["optstate"]["format_version"] == 1
-        for k, (name, keys) in enumerate(zip(names, cut), 1):
+        for k, (name, keys) in enumerate(zip(names, cut, strict=True), 1):
             tensors = safetensors.numpy.load_file(d / name)
             assert sorted(tensors) == sorted(key[k] for k in keys)
             for short in keys:
@@ -144,6 +155,7 @@ def test_force_replaces_a_sharded_save_whole(tmp_path):
 
 # ----------------------------------------------------------------------------- file_span
 
+
 def test_file_span_finds_the_bytes_of_memmap_views(tmp_path):
     path = tmp_path / "a.bin"
     np.arange(40_000, dtype="<i4").tofile(path)
@@ -151,17 +163,30 @@ def test_file_span_finds_the_bytes_of_memmap_views(tmp_path):
     m = np.memmap(path, dtype="<i4", mode="r", offset=offset, shape=(100, 50))
     data = path.read_bytes()
 
-    views = {"whole": m, "rows": m[7:9], "row": m[3], "element": m[5, 6:7], "flat": m.reshape(-1)[123:4567],
-             "bytes": m.view(np.uint8).reshape(-1)[3:1001], "plain ndarray": np.asarray(m[10:]),
-             "frombuffer": np.frombuffer(m._mmap, np.uint8)[offset % mmap.ALLOCATIONGRANULARITY:][8:16]}
+    views = {
+        "whole": m,
+        "rows": m[7:9],
+        "row": m[3],
+        "element": m[5, 6:7],
+        "flat": m.reshape(-1)[123:4567],
+        "bytes": m.view(np.uint8).reshape(-1)[3:1001],
+        "plain ndarray": np.asarray(m[10:]),
+        "frombuffer": np.frombuffer(m._mmap, np.uint8)[offset % mmap.ALLOCATIONGRANULARITY :][8:16],
+    }
     for name, view in views.items():
         span = ff.file_span(view)
         assert span is not None and span.path == str(path), name
-        assert data[span.offset:span.offset + view.nbytes] == view.tobytes(), name
+        assert data[span.offset : span.offset + view.nbytes] == view.tobytes(), name
     assert m[7:9].offset == offset  # what a slice of a memmap says: its parent's offset
     assert ff.file_span(m[7:9]).offset == offset + 7 * 50 * 4
-    for name, view in {"column": m[:, 3], "strided": m[::2], "transposed": m.T, "empty": m[3:3],
-                       "copy": np.array(m[1]), "anonymous": np.arange(10)}.items():
+    for name, view in {
+        "column": m[:, 3],
+        "strided": m[::2],
+        "transposed": m.T,
+        "empty": m[3:3],
+        "copy": np.array(m[1]),
+        "anonymous": np.arange(10),
+    }.items():
         assert ff.file_span(view) is None, name
 
 
@@ -182,6 +207,7 @@ def test_file_span_refuses_private_and_replaced_mappings(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the file-to-file copy
+
 
 @pytest.fixture
 def mapped_state(tmp_path):
@@ -245,10 +271,11 @@ def test_fsync_false_skips_the_fsyncs_only(tmp_path, monkeypatch, mapped_state):
 
 # ----------------------------------------------------------------------------- streaming
 
+
 class Lazy:
     """An array-like computed on demand; checks that at most one other (the one being written) is alive."""
 
-    live: list = []
+    live: ClassVar[list] = []
 
     def __init__(self, array, shape=None, dtype=None):
         self.array = array
@@ -298,8 +325,11 @@ def test_a_lazy_entry_that_is_not_what_it_declared_is_refused(tmp_path, shape, d
     good = Lazy(np.ones(3, np.float32))
     liar = Lazy(np.zeros((4, 7), np.float32), shape=shape, dtype=dtype)
     Lazy.live = []
-    with pytest.raises(FormatError, match=r"tensor 'liar': the array has shape \[4, 7\] and dtype float32, "
-                                          r"the header declared shape \[\d+(, \d+)?\] and dtype"):
+    with pytest.raises(
+        FormatError,
+        match=r"tensor 'liar': the array has shape \[4, 7\] and dtype float32, "
+        r"the header declared shape \[\d+(, \d+)?\] and dtype",
+    ):
         ff.write_safetensors(tmp_path / "l.safetensors", [("good", good), ("liar", liar)], {})
     assert list(tmp_path.iterdir()) == []
 
@@ -324,8 +354,13 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, sharded):
 def test_big_endian_arrays_are_swapped_in_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(ff, "_CHUNK_BYTES", 64)  # so every array below takes several chunks
     values = np.arange(3 * 50, dtype=np.float64).reshape(3, 50) / 7
-    tensors = {"be": values.astype(">f8"), "be_transposed": values.astype(">f4").T, "be_scalar": np.array(3, ">i2"),
-               "le_strided": values[:, ::3], "be_broadcast": np.broadcast_to(np.array(2.5, ">f4"), (5, 40))}
+    tensors = {
+        "be": values.astype(">f8"),
+        "be_transposed": values.astype(">f4").T,
+        "be_scalar": np.array(3, ">i2"),
+        "le_strided": values[:, ::3],
+        "be_broadcast": np.broadcast_to(np.array(2.5, ">f4"), (5, 40)),
+    }
     ff.write_safetensors(tmp_path / "b.safetensors", tensors.items(), {})
     back = safetensors.numpy.load_file(tmp_path / "b.safetensors")
     for key, array in tensors.items():
@@ -350,6 +385,7 @@ def test_swapping_and_gathering_copy_one_chunk_at_a_time(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- strict reading of a sharded save
 
+
 @pytest.fixture
 def sharded(tmp_path):
     state = _sgd(_rng_arrays({"a": (10,), "b": (10,), "c": (10,)}))
@@ -361,13 +397,19 @@ def _rewrite(index, document):
     index.write_text(json.dumps(document))
 
 
-@pytest.mark.parametrize("shard, match", [
-    ("../s-00001-of-00002.safetensors", r"tensor 'momentum/a': shard '\.\./s-00001-of-00002\.safetensors' is not "
-                                        r"a file name beside the index"),
-    ("/etc/passwd", "is not a file name beside the index"),
-    ("..", "is not a file name beside the index"),
-    ("other.safetensors", r"shard other\.safetensors \(holding 'momentum/a'\) is missing"),
-])
+@pytest.mark.parametrize(
+    "shard, match",
+    [
+        (
+            "../s-00001-of-00002.safetensors",
+            r"tensor 'momentum/a': shard '\.\./s-00001-of-00002\.safetensors' is not "
+            r"a file name beside the index",
+        ),
+        ("/etc/passwd", "is not a file name beside the index"),
+        ("..", "is not a file name beside the index"),
+        ("other.safetensors", r"shard other\.safetensors \(holding 'momentum/a'\) is missing"),
+    ],
+)
 def test_an_index_naming_a_shard_it_may_not_or_that_is_missing_is_refused(sharded, shard, match):
     index, document = sharded
     document["weight_map"]["momentum/a"] = shard
@@ -388,8 +430,11 @@ def test_a_key_in_another_shard_than_the_index_says_is_refused(sharded):
     assert document["weight_map"]["momentum/c"] == "s-00002-of-00002.safetensors"
     document["weight_map"]["momentum/c"] = "s-00001-of-00002.safetensors"
     _rewrite(index, document)
-    with pytest.raises(FormatError, match=r"s-00001-of-00002\.safetensors: tensor 'momentum/c' is missing; the "
-                                          r"index s\.safetensors\.index\.json places it in this shard"):
+    with pytest.raises(
+        FormatError,
+        match=r"s-00001-of-00002\.safetensors: tensor 'momentum/c' is missing; the "
+        r"index s\.safetensors\.index\.json places it in this shard",
+    ):
         optstate.load(index)
 
 
@@ -397,8 +442,11 @@ def test_a_tensor_the_index_does_not_list_is_refused(sharded):
     index, document = sharded
     del document["weight_map"]["momentum/b"]
     _rewrite(index, document)
-    with pytest.raises(FormatError, match=r"s-00001-of-00002\.safetensors: holds tensor 'momentum/b', which the "
-                                          r"index s\.safetensors\.index\.json does not list"):
+    with pytest.raises(
+        FormatError,
+        match=r"s-00001-of-00002\.safetensors: holds tensor 'momentum/b', which the "
+        r"index s\.safetensors\.index\.json does not list",
+    ):
         optstate.load(index)
 
 

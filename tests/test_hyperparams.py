@@ -7,6 +7,7 @@ import torch
 
 import optstate
 from optstate.cli import main
+
 from frameworks import TinyNet, torch_train
 
 

@@ -20,9 +20,10 @@ from flax import nnx
 
 import optstate
 from optstate.converters.jax.flax import from_nnx, to_nnx
-from optstate.converters.layout.targets import relayout
 from optstate.converters.jax.optax import nest
-from optstate.converters.layout.moves import Move, match_layout
+from optstate.converters.layout.moves import Move
+from optstate.converters.layout.rules import match_layout
+from optstate.converters.layout.targets import relayout
 from optstate.schema.state import name_to_path
 
 jax.config.update("jax_enable_x64", True)
@@ -62,26 +63,56 @@ def _mha(layer, x):
 LAYERS = {
     "linear": (lambda: torch.nn.Linear(4, 3, dtype=D), lambda **k: fnn.Dense(3, **k), (5, 4), None),
     "square_linear": (lambda: torch.nn.Linear(4, 4, dtype=D), lambda **k: fnn.Dense(4, **k), (5, 4), None),
-    "conv1d": (lambda: torch.nn.Conv1d(2, 3, 3, dtype=D), lambda **k: fnn.Conv(3, (3,), padding="VALID", **k),
-               (2, 2, 7), channels_last),
-    "conv2d": (lambda: torch.nn.Conv2d(2, 3, (3, 2), dtype=D),
-               lambda **k: fnn.Conv(3, (3, 2), padding="VALID", **k), (2, 2, 6, 5), channels_last),
-    "conv3d": (lambda: torch.nn.Conv3d(2, 2, 2, dtype=D), lambda **k: fnn.Conv(2, (2, 2, 2), padding="VALID", **k),
-               (2, 2, 4, 3, 3), channels_last),
-    "conv_transpose2d": (lambda: torch.nn.ConvTranspose2d(2, 3, 2, dtype=D),
-                         lambda **k: fnn.ConvTranspose(3, (2, 2), padding="VALID", transpose_kernel=True, **k),
-                         (2, 2, 4, 4), channels_last),
+    "conv1d": (
+        lambda: torch.nn.Conv1d(2, 3, 3, dtype=D),
+        lambda **k: fnn.Conv(3, (3,), padding="VALID", **k),
+        (2, 2, 7),
+        channels_last,
+    ),
+    "conv2d": (
+        lambda: torch.nn.Conv2d(2, 3, (3, 2), dtype=D),
+        lambda **k: fnn.Conv(3, (3, 2), padding="VALID", **k),
+        (2, 2, 6, 5),
+        channels_last,
+    ),
+    "conv3d": (
+        lambda: torch.nn.Conv3d(2, 2, 2, dtype=D),
+        lambda **k: fnn.Conv(2, (2, 2, 2), padding="VALID", **k),
+        (2, 2, 4, 3, 3),
+        channels_last,
+    ),
+    "conv_transpose2d": (
+        lambda: torch.nn.ConvTranspose2d(2, 3, 2, dtype=D),
+        lambda **k: fnn.ConvTranspose(3, (2, 2), padding="VALID", transpose_kernel=True, **k),
+        (2, 2, 4, 4),
+        channels_last,
+    ),
     "embedding": (lambda: torch.nn.Embedding(7, 3, dtype=D), lambda **k: fnn.Embed(7, 3, **k), "tokens", None),
     "layernorm": (lambda: torch.nn.LayerNorm(4, dtype=D), lambda **k: fnn.LayerNorm(epsilon=1e-5, **k), (5, 4), None),
-    "rmsnorm": (lambda: torch.nn.RMSNorm(4, eps=1e-6, dtype=D), lambda **k: fnn.RMSNorm(epsilon=1e-6, **k), (5, 4),
-                None),
-    "groupnorm": (lambda: torch.nn.GroupNorm(2, 4, dtype=D), lambda **k: fnn.GroupNorm(2, epsilon=1e-5, **k),
-                  (3, 4, 5), channels_last),
-    "batchnorm": (lambda: torch.nn.BatchNorm1d(4, dtype=D),
-                  lambda **k: fnn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, **k), (6, 4),
-                  None),
-    "attention": (lambda: torch.nn.MultiheadAttention(4, 2, batch_first=True, dtype=D),
-                  lambda **k: fnn.MultiHeadDotProductAttention(num_heads=2, **k), (2, 3, 4), None),
+    "rmsnorm": (
+        lambda: torch.nn.RMSNorm(4, eps=1e-6, dtype=D),
+        lambda **k: fnn.RMSNorm(epsilon=1e-6, **k),
+        (5, 4),
+        None,
+    ),
+    "groupnorm": (
+        lambda: torch.nn.GroupNorm(2, 4, dtype=D),
+        lambda **k: fnn.GroupNorm(2, epsilon=1e-5, **k),
+        (3, 4, 5),
+        channels_last,
+    ),
+    "batchnorm": (
+        lambda: torch.nn.BatchNorm1d(4, dtype=D),
+        lambda **k: fnn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, **k),
+        (6, 4),
+        None,
+    ),
+    "attention": (
+        lambda: torch.nn.MultiheadAttention(4, 2, batch_first=True, dtype=D),
+        lambda **k: fnn.MultiHeadDotProductAttention(num_heads=2, **k),
+        (2, 3, 4),
+        None,
+    ),
 }
 
 
@@ -134,9 +165,13 @@ class Case:
     def value_and_grad(self):
         def loss(params, extra, x):
             variables = {"params": params, **extra}
-            out = self.flax_model.apply(variables, x, mutable=["batch_stats"])[0] if self.stateful \
+            out = (
+                self.flax_model.apply(variables, x, mutable=["batch_stats"])[0]
+                if self.stateful
                 else self.flax_model.apply(variables, x)
+            )
             return _loss_jax(out)
+
         return jax.jit(jax.value_and_grad(loss))
 
     def target(self):
@@ -169,8 +204,9 @@ def test_continuation_torch_to_flax_and_back(kind):
     fstate = relayout(optstate.from_torch(ckpt), target=case.target())
     tx = optstate.optax_transform(fstate)
     params = _flax_params(fstate)
-    params, opt_state, moved = case.flax_steps(tx, params, optstate.to_optax(fstate, tx, params), case.inputs[3:6],
-                                               _extra(fstate))
+    params, opt_state, moved = case.flax_steps(
+        tx, params, optstate.to_optax(fstate, tx, params), case.inputs[3:6], _extra(fstate)
+    )
     assert np.max(np.abs(np.subtract(stay, moved))) < TOL
     layout = fstate.metadata.layout
     for m in layout["moves"]:  # parameters too, each at its place in the Flax tree
@@ -215,10 +251,13 @@ def test_adafactor_statistics_follow_the_transpose():
     assert np.max(np.abs(np.subtract(stay, moved))) < TOL
 
 
-@pytest.mark.parametrize("kind, optimizer, hp, feature", [
-    ("conv2d", torch.optim.Adafactor, {"lr": 1e-2}, "factored"),
-    ("attention", torch.optim.Adafactor, {"lr": 1e-2}, "factored"),
-])
+@pytest.mark.parametrize(
+    "kind, optimizer, hp, feature",
+    [
+        ("conv2d", torch.optim.Adafactor, {"lr": 1e-2}, "factored"),
+        ("attention", torch.optim.Adafactor, {"lr": 1e-2}, "factored"),
+    ],
+)
 def test_moves_that_change_the_update_are_refused(kind, optimizer, hp, feature):
     case = Case(kind, optimizer, **hp)
     case.torch_steps(case.torch_model, case.opt, case.inputs[:1])
@@ -248,8 +287,9 @@ def test_wrong_or_ambiguous_target_is_refused_with_the_names():
 
 class NnxNet(nnx.Module):
     def __init__(self, rngs):
-        self.layers = nnx.List([nnx.Linear(4, 5, rngs=rngs, param_dtype=jnp.float64),
-                                nnx.Linear(5, 3, rngs=rngs, param_dtype=jnp.float64)])
+        self.layers = nnx.List(
+            [nnx.Linear(4, 5, rngs=rngs, param_dtype=jnp.float64), nnx.Linear(5, 3, rngs=rngs, param_dtype=jnp.float64)]
+        )
         self.norm = nnx.LayerNorm(3, epsilon=1e-5, rngs=rngs, param_dtype=jnp.float64)
 
     def __call__(self, x):
@@ -277,6 +317,7 @@ def test_nnx_model_and_optimizer_both_ways():
             opt.zero_grad()
             _loss_torch(model(torch.from_numpy(x))).backward()
             opt.step()
+
     torch_steps(xs[:3])
     ckpt = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
     torch_steps(xs[3:6])
@@ -287,20 +328,26 @@ def test_nnx_model_and_optimizer_both_ways():
     nopt = nnx.Optimizer(net, optstate.optax_transform(state), wrt=nnx.Param)
     to_nnx(state, net, nopt)
     for x in xs[3:6]:
-        grads = nnx.grad(lambda m: _loss_jax(m(jnp.asarray(x))))(net)
+        grads = nnx.grad(lambda m, x=x: _loss_jax(m(jnp.asarray(x))))(net)
         nopt.update(net, grads)
-    np.testing.assert_allclose(np.asarray(net.layers[0].kernel[...]), model.layers[0].weight.detach().numpy().T,
-                               rtol=0, atol=TOL)
+    np.testing.assert_allclose(
+        np.asarray(net.layers[0].kernel[...]), model.layers[0].weight.detach().numpy().T, rtol=0, atol=TOL
+    )
 
-    back = relayout(from_nnx(net, nopt, optimizer="adamw", hyperparams={"lr": 1e-2, "weight_decay": 0.1,
-                                                                        "eps": 1e-6}), target=model)
+    back = relayout(
+        from_nnx(net, nopt, optimizer="adamw", hyperparams={"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-6}), target=model
+    )
     opt2 = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-6)
     optstate.to_torch(back, opt2, model=model)
     for key in ("exp_avg", "exp_avg_sq"):
-        np.testing.assert_allclose(opt2.state[model.layers[0].weight][key].numpy(),
-                                   np.asarray(nopt.opt_state[0].mu["layers"][0]["kernel"][...]).T
-                                   if key == "exp_avg" else
-                                   np.asarray(nopt.opt_state[0].nu["layers"][0]["kernel"][...]).T, rtol=0, atol=0)
+        np.testing.assert_allclose(
+            opt2.state[model.layers[0].weight][key].numpy(),
+            np.asarray(nopt.opt_state[0].mu["layers"][0]["kernel"][...]).T
+            if key == "exp_avg"
+            else np.asarray(nopt.opt_state[0].nu["layers"][0]["kernel"][...]).T,
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_names_that_meet_from_two_modules_are_ambiguous():
@@ -313,11 +360,17 @@ def test_the_way_back_refuses_what_the_way_there_would():
     sources = {("layer", "weight"): (3, 2, 2, 2)}
     layout = match_layout(sources, {("layer", "kernel"): (2, 2, 2, 3)})
     flax_side = optstate.OptimizerState(
-        "adafactor", ({"lr": 1e-2},), (optstate.ParamInfo(("layer", "kernel"), (2, 2, 2, 3), "float64", 0, 1),),
-        {("row_variance", ("layer", "kernel")): np.ones((2, 2, 2, 1)),
-         ("column_variance", ("layer", "kernel")): np.ones((2, 2, 1, 3))})
+        "adafactor",
+        ({"lr": 1e-2},),
+        (optstate.ParamInfo(("layer", "kernel"), (2, 2, 2, 3), "float64", 0, 1),),
+        {
+            ("row_variance", ("layer", "kernel")): np.ones((2, 2, 2, 1)),
+            ("column_variance", ("layer", "kernel")): np.ones((2, 2, 1, 3)),
+        },
+    )
     with pytest.raises(optstate.UnsupportedError, match="factored"):
         from optstate.converters.layout.moves import revert_layout
+
         revert_layout(flax_side, layout)
 
 

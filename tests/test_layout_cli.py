@@ -76,14 +76,16 @@ def _targets(tmp_path):
 @pytest.mark.parametrize("kind", ["msgpack", "orbax", "function"])
 def test_convert_to_flax_layout_and_back_is_bit_exact(tmp_path, checkpoint, kind, monkeypatch):
     target = _targets(tmp_path)[kind]
-    code, out = run("convert", "--from", "torch", "--to", "optax", str(checkpoint), str(tmp_path / "out"),
-                    "--target-params", target)
+    code, out = run(
+        "convert", "--from", "torch", "--to", "optax", str(checkpoint), str(tmp_path / "out"), "--target-params", target
+    )
     assert code == 0, out
     jax.config.update("jax_enable_x64", True)
-    variables, opt_state, tx = optstate.load_flax(tmp_path / "out")
+    variables, _opt_state, _tx = optstate.load_flax(tmp_path / "out")
     original = torch.load(checkpoint, weights_only=True)
-    np.testing.assert_array_equal(variables["params"]["conv"]["kernel"],
-                                  original["model"]["conv.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        variables["params"]["conv"]["kernel"], original["model"]["conv.weight"].numpy().transpose(2, 3, 1, 0)
+    )
     np.testing.assert_array_equal(variables["batch_stats"]["bn"]["var"], original["model"]["bn.running_var"].numpy())
     assert set(variables["params"]) == {"conv", "bn", "head"}  # statistics are not parameters
     code, out = run("convert", "--from", "optax", "--to", "torch", str(tmp_path / "out"), str(tmp_path / "back.pt"))
@@ -95,9 +97,9 @@ def test_convert_to_flax_layout_and_back_is_bit_exact(tmp_path, checkpoint, kind
     registered = [n for n in original["model"] if "running" not in n and "num_batches" not in n]
     for i, name in enumerate(registered):
         j = names.index(name)
-        assert torch.equal(back["optimizer"]["state"][j]["momentum_buffer"],
-                           original["optimizer"]["state"][i]["momentum_buffer"]), name
-
+        assert torch.equal(
+            back["optimizer"]["state"][j]["momentum_buffer"], original["optimizer"]["state"][i]["momentum_buffer"]
+        ), name
 
 
 def test_flax_layout_goes_back_to_torch_layout_in_dcp(tmp_path, checkpoint):
@@ -113,6 +115,7 @@ def test_flax_layout_goes_back_to_torch_layout_in_dcp(tmp_path, checkpoint):
     for key, array in [*original.weights.items(), *original.slots.items()]:
         np.testing.assert_array_equal(back.weights[key] if key in back.weights else back.slots[key], array)
 
+
 def test_map_prints_saves_and_reads_an_edited_mapping(tmp_path, checkpoint):
     target = _targets(tmp_path)["msgpack"]
     code, out = run("map", str(checkpoint), "--target-params", target, "-o", str(tmp_path / "map.json"))
@@ -125,8 +128,9 @@ def test_map_prints_saves_and_reads_an_edited_mapping(tmp_path, checkpoint):
         if move["source"] == ["head", "weight"]:
             move["axes"] = []
     (tmp_path / "edited.json").write_text(json.dumps(mapping))
-    code, out = run("convert", "--to", "optax", str(checkpoint), str(tmp_path / "out"), "--mapping",
-                    str(tmp_path / "edited.json"))
+    code, out = run(
+        "convert", "--to", "optax", str(checkpoint), str(tmp_path / "out"), "--mapping", str(tmp_path / "edited.json")
+    )
     assert code == 0, out
     jax.config.update("jax_enable_x64", True)
     params, _, _ = optstate.load_optax(tmp_path / "out")
@@ -139,12 +143,20 @@ def test_map_refuses_a_model_that_does_not_fit_and_lists_the_names(tmp_path, che
     variables["params"]["head"]["kernel"] = np.zeros((4, 5), np.float32)
     variables["params"]["extra"] = {"kernel": np.zeros((2, 2), np.float32)}
     (tmp_path / "bad.msgpack").write_bytes(flax.serialization.to_bytes(variables))
-    code, out = run("map", str(checkpoint), "--target-params", str(tmp_path / "bad.msgpack"), "-o",
-                    str(tmp_path / "partial.json"))
+    code, out = run(
+        "map", str(checkpoint), "--target-params", str(tmp_path / "bad.msgpack"), "-o", str(tmp_path / "partial.json")
+    )
     assert code == 1
     assert "head.weight [4, 4]: target head/kernel has shape [4, 5], expected [4, 4]" in out
     assert "extra/kernel [2, 2]: no torch tensor" in out
     assert "incomplete" in out and (tmp_path / "partial.json").exists()
-    code, out = run("convert", "--to", "optax", str(checkpoint), str(tmp_path / "out"), "--target-params",
-                    str(tmp_path / "bad.msgpack"))
+    code, out = run(
+        "convert",
+        "--to",
+        "optax",
+        str(checkpoint),
+        str(tmp_path / "out"),
+        "--target-params",
+        str(tmp_path / "bad.msgpack"),
+    )
     assert code == 1 and not (tmp_path / "out").exists()

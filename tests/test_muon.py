@@ -22,8 +22,9 @@ import pytest
 import torch
 import torch.optim._muon as torch_muon
 
-import semantics_harness as harness
 from optstate.converters.jax import transforms as ts
+
+import semantics_harness as harness
 from semantics_harness import max_diff
 
 jax.config.update("jax_enable_x64", True)
@@ -40,7 +41,7 @@ NOISE = [[_rng.normal(size=s) for s in SHAPES] for _ in range(STEPS)]
 
 
 def gradients(step: int, params) -> list[np.ndarray]:
-    return [0.7 * (np.asarray(p) - t) + 0.3 * n for p, t, n in zip(params, TARGETS, NOISE[step])]
+    return [0.7 * (np.asarray(p) - t) + 0.3 * n for p, t, n in zip(params, TARGETS, NOISE[step], strict=True)]
 
 
 def _float64_newtonschulz():
@@ -77,16 +78,24 @@ class Case:
         return self.name
 
     def make_torch(self, params):
-        return torch.optim.Muon(params, lr=self.lr, weight_decay=self.weight_decay,
-                                momentum=self.momentum, nesterov=self.nesterov,
-                                adjust_lr_fn=self.adjust_lr_fn, **self.muon_kwargs)
+        return torch.optim.Muon(
+            params,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            adjust_lr_fn=self.adjust_lr_fn,
+            **self.muon_kwargs,
+        )
 
-    @functools.cache
+    # The cases live as long as the module: one tx per case and dtype lets jit reuse its compilation.
+    @functools.cache  # noqa: B019
     def tx(self, ns_dtype):
         """torch's order: Muon direction (lr ratio included), decoupled decay, -lr."""
         return optax.chain(
-            ts.scale_by_muon_torch(self.momentum, self.nesterov, adjust_lr_fn=self.adjust_lr_fn,
-                                   ns_dtype=ns_dtype, **self.muon_kwargs),
+            ts.scale_by_muon_torch(
+                self.momentum, self.nesterov, adjust_lr_fn=self.adjust_lr_fn, ns_dtype=ns_dtype, **self.muon_kwargs
+            ),
             *([optax.add_decayed_weights(self.weight_decay)] if self.weight_decay else []),
             optax.scale_by_learning_rate(self.lr),
         )
@@ -96,12 +105,15 @@ class Case:
 
 CASES = [
     Case("default-nesterov"),
-    Case("plain-momentum-original-wd", nesterov=False, momentum=0.9, adjust_lr_fn="original",
-         weight_decay=0.05),
+    Case("plain-momentum-original-wd", nesterov=False, momentum=0.9, adjust_lr_fn="original", weight_decay=0.05),
     Case("nesterov-match_rms_adamw-wd", adjust_lr_fn="match_rms_adamw", weight_decay=0.1),
     Case("plain-match_rms_adamw", nesterov=False, adjust_lr_fn="match_rms_adamw"),
-    Case("ns-steps-coeffs-eps", lr=0.05, momentum=0.8,
-         muon_kwargs=dict(ns_coefficients=(2.0, -1.5, 0.5), ns_steps=3, eps=1e-3)),
+    Case(
+        "ns-steps-coeffs-eps",
+        lr=0.05,
+        momentum=0.8,
+        muon_kwargs=dict(ns_coefficients=(2.0, -1.5, 0.5), ns_steps=3, eps=1e-3),
+    ),
 ]
 
 
@@ -114,18 +126,14 @@ def run_torch(case: Case):
             half_params = [p.detach().numpy().copy() for p in params]
             half_bufs = [opt.state[p]["momentum_buffer"].detach().numpy().copy() for p in params]
             assert all(set(opt.state[p]) == {"momentum_buffer"} for p in params)
-        for p, g in zip(params, gradients(step, [p.detach().numpy() for p in params])):
+        for p, g in zip(params, gradients(step, [p.detach().numpy() for p in params]), strict=True):
             p.grad = torch.from_numpy(g)
         opt.step()
     return [p.detach().numpy().copy() for p in params], half_params, half_bufs
 
 
-
-
 def run_optax(tx, params, start, state=None):
     return harness.run_optax(tx, params, gradients, range(start, STEPS), state)
-
-
 
 
 def load(state, bufs):
@@ -135,6 +143,7 @@ def load(state, bufs):
 
 
 # ----------------------------------------------------------------------------- exact (f64 NS)
+
 
 @pytest.mark.usefixtures("torch_ns_float64")
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -167,6 +176,7 @@ def test_patch_takes_effect(monkeypatch):
 
 # ----------------------------------------------------------------------------- stock torch (bf16)
 
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_bfloat16_close_to_stock_torch(case, record_property):
     """Documented non-reproducibility: bf16 kernels may round differently; the gap stays small.
@@ -190,22 +200,25 @@ def test_newtonschulz_bfloat16_large_matrix_close_not_guaranteed_exact(record_pr
     """On bigger matrices the bf16 products accumulate in a different order than torch's."""
     rng = np.random.default_rng(1)
     coeffs = (3.4445, -4.775, 2.0315)
-    ns = jax.jit(functools.partial(ts._zeropower_via_newtonschulz_torch, ns_coefficients=coeffs,
-                                   ns_steps=5, eps=1e-7, dtype=jnp.bfloat16))
+    ns = jax.jit(
+        functools.partial(
+            ts._zeropower_via_newtonschulz_torch, ns_coefficients=coeffs, ns_steps=5, eps=1e-7, dtype=jnp.bfloat16
+        )
+    )
     worst = 0.0
     for shape in [(128, 256), (256, 128)]:
         g = rng.normal(size=shape)
         ours = ns(jnp.asarray(g))
         theirs = torch_muon._zeropower_via_newtonschulz(torch.from_numpy(g), coeffs, 5, 1e-7)
         assert ours.dtype == jnp.bfloat16 and theirs.dtype == torch.bfloat16
-        worst = max(worst, float(np.max(np.abs(np.asarray(ours, np.float64)
-                                               - theirs.double().numpy()))))
+        worst = max(worst, float(np.max(np.abs(np.asarray(ours, np.float64) - theirs.double().numpy()))))
     record_property("bf16_ns_large_vs_torch", worst)
     # Entries are O(0.1-1); a few bf16 ulps at most.
     assert worst < 2e-2
 
 
 # ----------------------------------------------------------------------------- state and errors
+
 
 def test_state_is_the_momentum_buffer():
     params = [jnp.zeros(s) for s in SHAPES]
@@ -219,10 +232,8 @@ def test_state_is_the_momentum_buffer():
 def test_lr_ratio_is_in_the_direction():
     """One step from zero momentum on G = I-like rows: the direction is ratio * NS(G)."""
     g = jnp.asarray(np.eye(5)[:, :3] * 2.0)  # (5, 3): A/B = 5/3
-    ns = ts._zeropower_via_newtonschulz_torch(0.05 * g, (3.4445, -4.775, 2.0315), 5, 1e-7,
-                                              jnp.float64)
-    for fn, ratio in [(None, (5 / 3) ** 0.5), ("original", (5 / 3) ** 0.5),
-                      ("match_rms_adamw", 0.2 * 5 ** 0.5)]:
+    ns = ts._zeropower_via_newtonschulz_torch(0.05 * g, (3.4445, -4.775, 2.0315), 5, 1e-7, jnp.float64)
+    for fn, ratio in [(None, (5 / 3) ** 0.5), ("original", (5 / 3) ** 0.5), ("match_rms_adamw", 0.2 * 5**0.5)]:
         tx = ts.scale_by_muon_torch(nesterov=False, adjust_lr_fn=fn, ns_dtype=jnp.float64)
         updates, _ = tx.update(g, tx.init(g))
         np.testing.assert_allclose(updates, ratio * ns, rtol=1e-15)

@@ -27,8 +27,9 @@ def _lazy_state():
         alive.append(weakref.ref(result))
         return result
 
-    slots = {("momentum", p): Deferred((32, 64), np.dtype(np.float32), lambda s=s: transpose(s))
-             for p, s in sources.items()}
+    slots = {
+        ("momentum", p): Deferred((32, 64), np.dtype(np.float32), lambda s=s: transpose(s)) for p, s in sources.items()
+    }
     params = tuple(ParamInfo(p, (32, 64), "float32", 0, 1) for p in sources)
     weights = {p: np.zeros((32, 64), np.float32) for p in sources}
     state = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},), params, slots, weights)
@@ -43,7 +44,7 @@ def test_lazy_arrays_are_made_while_orbax_writes_a_few_at_a_time(tmp_path):
     assert max(made) <= _ArrayWriter.IN_FLIGHT, f"{max(made)} transposes alive at once"
     assert sum(written) == 2 * N * 32 * 64 * 4  # progress: the weights and the moments, as written
 
-    params, opt_state, _ = optstate.load_optax(tmp_path / "out")
+    _params, opt_state, _ = optstate.load_optax(tmp_path / "out")
     trace = jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "trace"))[0].trace
     for (module, leaf), source in sources.items():
         np.testing.assert_array_equal(trace[module][leaf], source.T)

@@ -4,7 +4,6 @@ everything else by name, running nothing."""
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import mmap
 import os
@@ -24,8 +23,8 @@ from optstate.converters.torch import ptfile
 from optstate.converters.torch.state_dict import from_torch_file
 from optstate.errors import FormatError, OptstateError, UnsupportedError
 
-
 # ----------------------------------------------------------------------------- fixtures, written with real torch
+
 
 class Net(torch.nn.Module):
     def __init__(self, dtype=torch.float32, norm=False):
@@ -58,28 +57,72 @@ def _checkpoint(make, **kw):
 
 
 def _training_checkpoint():
-    model, opt, sched = _trained(lambda p: torch.optim.Adam(p, lr=0.01), steps=3, norm=True, named=False,
-                                 schedule=lambda opt: lr_scheduler.MultiStepLR(opt, milestones=[2, 4], gamma=0.5))
-    return {"epoch": 3, "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
-            "lr_scheduler": sched.state_dict(), "note": "run 7", "loss": float("nan"), "shape": torch.Size([2, 3]),
-            "blob": b"\x00\xffab", "tags": {"a", "b"}, "z": 1 + 2j, "big": 2 ** 70, "neg": -5, "none": None}
+    model, opt, sched = _trained(
+        lambda p: torch.optim.Adam(p, lr=0.01),
+        steps=3,
+        norm=True,
+        named=False,
+        schedule=lambda opt: lr_scheduler.MultiStepLR(opt, milestones=[2, 4], gamma=0.5),
+    )
+    return {
+        "epoch": 3,
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": opt.state_dict(),
+        "lr_scheduler": sched.state_dict(),
+        "note": "run 7",
+        "loss": float("nan"),
+        "shape": torch.Size([2, 3]),
+        "blob": b"\x00\xffab",
+        "tags": {"a", "b"},
+        "z": 1 + 2j,
+        "big": 2**70,
+        "neg": -5,
+        "none": None,
+    }
 
 
 def _dtypes():
     values = torch.tensor([0.0, -1.5, 2.25, 448.0])
-    tensors = {str(d).removeprefix("torch."): values.to(d) for d in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.bool, torch.complex64,
-        torch.complex128)}
+    tensors = {
+        str(d).removeprefix("torch."): values.to(d)
+        for d in (
+            torch.float64,
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+            torch.float8_e4m3fn,
+            torch.float8_e5m2,
+            torch.int64,
+            torch.int32,
+            torch.int16,
+            torch.int8,
+            torch.uint8,
+            torch.uint16,
+            torch.bool,
+            torch.complex64,
+            torch.complex128,
+        )
+    }
     tensors["conj"] = torch.tensor([1 + 2j, 3 - 4j]).conj()
     return tensors
 
 
 def _views():
     x = torch.arange(24.0).reshape(4, 6)
-    return {"base": x, "t": x.t(), "row": x[2], "cols": x[:, 1::2], "block": x[1:3, 2:5], "flat_tail": x.view(-1)[7:],
-            "scalar": x[3, 5], "zero_d": torch.tensor(7.0), "empty": torch.empty(0, 3), "empty_view": x[:, 6:],
-            "other": torch.arange(5, dtype=torch.int64)[::2], "same_twice": [x[0], x[0]]}
+    return {
+        "base": x,
+        "t": x.t(),
+        "row": x[2],
+        "cols": x[:, 1::2],
+        "block": x[1:3, 2:5],
+        "flat_tail": x.view(-1)[7:],
+        "scalar": x[3, 5],
+        "zero_d": torch.tensor(7.0),
+        "empty": torch.empty(0, 3),
+        "empty_view": x[:, 6:],
+        "other": torch.arange(5, dtype=torch.int64)[::2],
+        "same_twice": [x[0], x[0]],
+    }
 
 
 class Tied(torch.nn.Module):
@@ -135,6 +178,7 @@ def saved(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- comparing with torch
 
+
 def _bytes(t: torch.Tensor) -> bytes:
     return t.resolve_conj().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
@@ -164,7 +208,7 @@ def _same(ours, theirs, where, tensors):
     elif isinstance(theirs, (list, tuple)):
         assert type(ours) is (tuple if isinstance(theirs, tuple) else list), where  # torch.Size is a tuple
         assert len(ours) == len(theirs), where
-        for i, (a, b) in enumerate(zip(ours, theirs)):
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
             _same(a, b, f"{where}[{i}]", tensors)
     elif isinstance(theirs, float) and math.isnan(theirs):
         assert isinstance(ours, float) and math.isnan(ours), where
@@ -207,9 +251,14 @@ def test_fixtures_cover_shared_storages_counters_and_0d(saved):
 
 # ----------------------------------------------------------------------------- the canonical state, both ways
 
+
 def _assert_same_state(ours, theirs):
-    assert (ours.optimizer, ours.param_groups, ours.params, ours.buffers) == \
-        (theirs.optimizer, theirs.param_groups, theirs.params, theirs.buffers)
+    assert (ours.optimizer, ours.param_groups, ours.params, ours.buffers) == (
+        theirs.optimizer,
+        theirs.param_groups,
+        theirs.params,
+        theirs.buffers,
+    )
     assert dataclasses.replace(ours.metadata, source=None) == dataclasses.replace(theirs.metadata, source=None)
     for ours_arrays, their_arrays in ((ours.slots, theirs.slots), (ours.weights or {}, theirs.weights or {})):
         assert list(ours_arrays) == list(their_arrays)
@@ -276,15 +325,36 @@ def test_reads_and_saves_without_torch(saved, tmp_path):
 
 # ----------------------------------------------------------------------------- byte order
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
-                                   torch.int16, torch.complex64, torch.bool, torch.uint8])
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        torch.float64,
+        torch.bfloat16,
+        torch.float16,
+        torch.int64,
+        torch.int16,
+        torch.complex64,
+        torch.bool,
+        torch.uint8,
+    ],
+)
 def test_big_endian_file(tmp_path, dtype):
     tensor = torch.tensor([[1.5, -2.0, 3.25], [0.0, 7.0, 1.0]]).to(dtype)
     torch.save({"t": tensor, "row": tensor[1]}, tmp_path / "little.pt")
     part = tensor.element_size() // (2 if tensor.is_complex() else 1)
-    _rewrite(tmp_path / "little.pt", tmp_path / "big.pt", lambda name, data: (
-        b"big" if name.endswith("/byteorder") else
-        np.frombuffer(data, f"u{part}").byteswap().tobytes() if "/data/" in name else data))
+    _rewrite(
+        tmp_path / "little.pt",
+        tmp_path / "big.pt",
+        lambda name, data: (
+            b"big"
+            if name.endswith("/byteorder")
+            else np.frombuffer(data, f"u{part}").byteswap().tobytes()
+            if "/data/" in name
+            else data
+        ),
+    )
     ours = ptfile.load(tmp_path / "big.pt")
     theirs = torch.load(tmp_path / "big.pt", weights_only=True)  # torch swaps a big-endian file's bytes too
     _same(ours, theirs, "big", [])
@@ -294,11 +364,15 @@ def test_big_endian_file(tmp_path, dtype):
 
 # ----------------------------------------------------------------------------- refusals
 
+
 def _rewrite(src, dst, edit, compress=zipfile.ZIP_STORED):
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for info in zin.infolist():
-            zout.writestr(info.filename, edit(info.filename, zin.read(info)),
-                          compress_type=compress if "/data/" in info.filename else zipfile.ZIP_STORED)
+            zout.writestr(
+                info.filename,
+                edit(info.filename, zin.read(info)),
+                compress_type=compress if "/data/" in info.filename else zipfile.ZIP_STORED,
+            )
 
 
 class Boom:
@@ -335,12 +409,33 @@ def _global(module, name):
 
 
 def _tensor_ops(numel, size, storage_class="FloatStorage", key="0"):
-    return b"".join([
-        _global("torch._utils", "_rebuild_tensor_v2"), pickle.MARK,
-        pickle.MARK, _s("storage"), _global("torch", storage_class), _s(key), _s("cpu"),
-        pickle.BININT1, bytes([numel]), pickle.TUPLE, pickle.BINPERSID,
-        pickle.BININT1, b"\x00", pickle.BININT1, bytes([size]), pickle.TUPLE1, pickle.BININT1, b"\x01",
-        pickle.TUPLE1, pickle.NEWFALSE, pickle.EMPTY_DICT, pickle.TUPLE, pickle.REDUCE])
+    return b"".join(
+        [
+            _global("torch._utils", "_rebuild_tensor_v2"),
+            pickle.MARK,
+            pickle.MARK,
+            _s("storage"),
+            _global("torch", storage_class),
+            _s(key),
+            _s("cpu"),
+            pickle.BININT1,
+            bytes([numel]),
+            pickle.TUPLE,
+            pickle.BINPERSID,
+            pickle.BININT1,
+            b"\x00",
+            pickle.BININT1,
+            bytes([size]),
+            pickle.TUPLE1,
+            pickle.BININT1,
+            b"\x01",
+            pickle.TUPLE1,
+            pickle.NEWFALSE,
+            pickle.EMPTY_DICT,
+            pickle.TUPLE,
+            pickle.REDUCE,
+        ]
+    )
 
 
 def test_hand_written_tensor_reads(tmp_path):
@@ -348,25 +443,47 @@ def test_hand_written_tensor_reads(tmp_path):
     assert ptfile.load(path).tolist() == [1.5, 2.0]
 
 
-@pytest.mark.parametrize("ops, storages, message", [
-    ([_global("builtins", "eval"), _s("1"), pickle.TUPLE1, pickle.REDUCE], None, "unsupported global builtins.eval"),
-    ([_global("numpy.core.multiarray", "_reconstruct")], None, "unsupported global numpy.core.multiarray"),
-    ([_global("torch", "FloatStorage"), pickle.EMPTY_TUPLE, pickle.REDUCE], None, "calls a _StorageType"),
-    ([pickle.EMPTY_DICT, pickle.EMPTY_DICT, pickle.BUILD], None, "sets attributes of a dict"),
-    ([_global("collections", "OrderedDict"), pickle.EMPTY_TUPLE, pickle.REDUCE, pickle.MARK, _s("items"),
-      pickle.BININT1, b"\x05", pickle.TUPLE, pickle.EMPTY_DICT, pickle.NONE, pickle.TUPLE2, pickle.BUILD],
-     None, "only a state_dict's _metadata"),
-    ([pickle.EMPTY_TUPLE, pickle.NONE, pickle.APPEND], None, "appends to a tuple"),
-    ([pickle.EMPTY_LIST, _s("x"), pickle.NONE, pickle.SETITEM], None, "sets items of a list"),
-    ([_s("x"), pickle.BINPERSID], None, "persistent id 'x' is not a tensor storage"),
-    ([pickle.FRAME + bytes(8)], None, "opcode FRAME"),
-    ([pickle.NONE, pickle.POP], None, "opcode POP"),
-    ([_tensor_ops(2, 5)], {"0": bytes(8)}, "the view reaches element 4, the storage holds 2"),
-    ([_tensor_ops(3, 3)], {"0": bytes(8)}, "8 bytes stored, the storage says 3 float32"),
-    ([_tensor_ops(2, 2, key="9")], {"0": bytes(8)}, "record a/data/9 is missing"),
-    ([pickle.TUPLE2], None, "malformed data.pkl"),
-    ([pickle.BINUNICODE, b"\xff\x00\x00\x00ab"], None, "data.pkl is truncated"),
-])
+@pytest.mark.parametrize(
+    "ops, storages, message",
+    [
+        (
+            [_global("builtins", "eval"), _s("1"), pickle.TUPLE1, pickle.REDUCE],
+            None,
+            "unsupported global builtins.eval",
+        ),
+        ([_global("numpy.core.multiarray", "_reconstruct")], None, "unsupported global numpy.core.multiarray"),
+        ([_global("torch", "FloatStorage"), pickle.EMPTY_TUPLE, pickle.REDUCE], None, "calls a _StorageType"),
+        ([pickle.EMPTY_DICT, pickle.EMPTY_DICT, pickle.BUILD], None, "sets attributes of a dict"),
+        (
+            [
+                _global("collections", "OrderedDict"),
+                pickle.EMPTY_TUPLE,
+                pickle.REDUCE,
+                pickle.MARK,
+                _s("items"),
+                pickle.BININT1,
+                b"\x05",
+                pickle.TUPLE,
+                pickle.EMPTY_DICT,
+                pickle.NONE,
+                pickle.TUPLE2,
+                pickle.BUILD,
+            ],
+            None,
+            "only a state_dict's _metadata",
+        ),
+        ([pickle.EMPTY_TUPLE, pickle.NONE, pickle.APPEND], None, "appends to a tuple"),
+        ([pickle.EMPTY_LIST, _s("x"), pickle.NONE, pickle.SETITEM], None, "sets items of a list"),
+        ([_s("x"), pickle.BINPERSID], None, "persistent id 'x' is not a tensor storage"),
+        ([pickle.FRAME + bytes(8)], None, "opcode FRAME"),
+        ([pickle.NONE, pickle.POP], None, "opcode POP"),
+        ([_tensor_ops(2, 5)], {"0": bytes(8)}, "the view reaches element 4, the storage holds 2"),
+        ([_tensor_ops(3, 3)], {"0": bytes(8)}, "8 bytes stored, the storage says 3 float32"),
+        ([_tensor_ops(2, 2, key="9")], {"0": bytes(8)}, "record a/data/9 is missing"),
+        ([pickle.TUPLE2], None, "malformed data.pkl"),
+        ([pickle.BINUNICODE, b"\xff\x00\x00\x00ab"], None, "data.pkl is truncated"),
+    ],
+)
 def test_pickles_outside_a_state_dict_are_refused(tmp_path, ops, storages, message):
     with pytest.raises(FormatError, match=message):
         ptfile.load(_archive(tmp_path / "bad.pt", *ops, storages=storages))
@@ -380,7 +497,7 @@ def test_compressed_member_is_refused(saved, tmp_path):
 
 def test_legacy_format_names_the_way_out(tmp_path):
     torch.save({"t": torch.ones(2)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
-    with pytest.raises(FormatError, match="legacy format.*re-save it with a newer torch or install torch"):
+    with pytest.raises(FormatError, match=r"legacy format.*re-save it with a newer torch or install torch"):
         ptfile.load(tmp_path / "old.pt")
 
 
@@ -405,7 +522,7 @@ def test_garbage_and_other_zips(saved, tmp_path):
         ptfile.load(tmp_path / "flipped.pt")
     with zipfile.ZipFile(tmp_path / "other.pt", "w") as z:
         z.writestr("readme.txt", "hello")
-    with pytest.raises(FormatError, match="not one torch.save writes"):
+    with pytest.raises(FormatError, match=r"not one torch.save writes"):
         ptfile.load(tmp_path / "other.pt")
     with pytest.raises(FormatError, match="no such file"):
         ptfile.load(tmp_path / "missing.pt")

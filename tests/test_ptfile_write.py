@@ -26,8 +26,8 @@ from optstate.errors import FormatError, OptstateError, UnsupportedError
 from optstate.schema import OptimizerState, ParamInfo, fileformat
 from optstate.schema.state import Deferred, path_to_name
 
-
 # ----------------------------------------------------------------------------- comparing what torch.load returns
+
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
@@ -47,7 +47,7 @@ def assert_same(got, want, where="checkpoint", ordered=True):
             assert_same(got[key], want[key], f"{where}[{key!r}]", ordered)
     elif isinstance(want, (list, tuple)):
         assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert_same(g, w, f"{where}[{i}]", ordered)
     elif isinstance(want, float):
         assert struct.pack("<d", got) == struct.pack("<d", want), where
@@ -75,6 +75,7 @@ def old_save_checkpoint(state, path):
 
 
 # ----------------------------------------------------------------------------- real torch checkpoints
+
 
 class Net(torch.nn.Module):
     def __init__(self, dtype, big=False, empty=True):
@@ -132,7 +133,7 @@ def test_writes_what_torch_save_wrote_and_round_trips_bit_exact(case, tmp_path):
     assert_same(new, torch.load(tmp_path / "old.pt", weights_only=True))
     # and what torch itself saved comes back: every tensor, every group value, the weights
     assert_same(new["optimizer"]["state"], original["optimizer"]["state"], "state", ordered=False)  # NAdam's keys
-    for got, want in zip(new["optimizer"]["param_groups"], original["optimizer"]["param_groups"]):
+    for got, want in zip(new["optimizer"]["param_groups"], original["optimizer"]["param_groups"], strict=True):
         assert_same({k: got[k] for k in want}, want, "param_groups")
     assert_same(new["model"], dict(original["model"]), "model")
     assert new["lr_scheduler"]["milestones"] == original["lr_scheduler"]["milestones"] == Counter({1: 1, 3: 1})
@@ -151,11 +152,19 @@ def test_round_trip_through_the_canonical_file_is_bit_exact(tmp_path):
 
 # ----------------------------------------------------------------------------- the pickle and the zip
 
+
 def test_plain_values_load_as_torch_save_writes_them(tmp_path):
-    values = {"none": None, "flags": [True, False], "ints": [0, 255, 256, 65535, 65536, -1, -2**31, 2**31, 2**70,
-                                                                -2**70],
-              "floats": (0.1, -0.0, math.inf, math.nan, 1e308), "text": "héllo ∂", "tuples": ((), (1,), (1, 2, 3, 4)),
-              "counter": Counter({2: 1, 4: 3}), "ordered": OrderedDict(b=1, a=2), 7: {"nested": [[]]}}
+    values = {
+        "none": None,
+        "flags": [True, False],
+        "ints": [0, 255, 256, 65535, 65536, -1, -(2**31), 2**31, 2**70, -(2**70)],
+        "floats": (0.1, -0.0, math.inf, math.nan, 1e308),
+        "text": "héllo ∂",
+        "tuples": ((), (1,), (1, 2, 3, 4)),
+        "counter": Counter({2: 1, 4: 3}),
+        "ordered": OrderedDict(b=1, a=2),
+        7: {"nested": [[]]},
+    }
     ptfile.save(values, tmp_path / "ours.pt")
     torch.save(values, tmp_path / "torch.pt")
     assert_same(load_both_ways(tmp_path / "ours.pt"), torch.load(tmp_path / "torch.pt", weights_only=True))
@@ -163,12 +172,35 @@ def test_plain_values_load_as_torch_save_writes_them(tmp_path):
 
 def test_every_dtype_shape_and_layout_loads_as_torch_save_writes_it(tmp_path):
     values = np.array([0.0, -1.5, 2.25, 448.0])
-    arrays = {np.dtype(d).name: values.astype(d) for d in (
-        np.float64, np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2,
-        np.int64, np.int32, np.int16, np.int8, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_, np.complex64,
-        np.complex128)}
-    arrays |= {"big_endian": np.arange(6, dtype=">f8").reshape(2, 3), "transposed": np.arange(6.0).reshape(2, 3).T,
-               "zero_d": np.array(7, np.int64), "empty": np.zeros((2, 0, 3), np.float32), "strided": np.arange(10.0)[::3]}
+    arrays = {
+        np.dtype(d).name: values.astype(d)
+        for d in (
+            np.float64,
+            np.float32,
+            np.float16,
+            ml_dtypes.bfloat16,
+            ml_dtypes.float8_e4m3fn,
+            ml_dtypes.float8_e5m2,
+            np.int64,
+            np.int32,
+            np.int16,
+            np.int8,
+            np.uint8,
+            np.uint16,
+            np.uint32,
+            np.uint64,
+            np.bool_,
+            np.complex64,
+            np.complex128,
+        )
+    }
+    arrays |= {
+        "big_endian": np.arange(6, dtype=">f8").reshape(2, 3),
+        "transposed": np.arange(6.0).reshape(2, 3).T,
+        "zero_d": np.array(7, np.int64),
+        "empty": np.zeros((2, 0, 3), np.float32),
+        "strided": np.arange(10.0)[::3],
+    }
     ptfile.save({"arrays": arrays}, tmp_path / "ours.pt")
     native = {k: a.astype(a.dtype.newbyteorder("="), copy=False) for k, a in arrays.items()}
     torch.save({"arrays": {k: numpy_to_tensor(a) for k, a in native.items()}}, tmp_path / "torch.pt")
@@ -176,8 +208,12 @@ def test_every_dtype_shape_and_layout_loads_as_torch_save_writes_it(tmp_path):
     assert_same(ours, torch.load(tmp_path / "torch.pt", weights_only=True))
     assert ours["arrays"]["empty"].stride() == torch.zeros(2, 0, 3).stride()
     back = ptfile.load(tmp_path / "ours.pt")["arrays"]
-    assert all(np.array_equal(back[k].reshape(-1).view(np.uint8), a.astype(a.dtype.newbyteorder("<")).reshape(-1)
-                              .view(np.uint8)) for k, a in arrays.items())
+    assert all(
+        np.array_equal(
+            back[k].reshape(-1).view(np.uint8), a.astype(a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+        )
+        for k, a in arrays.items()
+    )
 
 
 def test_storage_offsets_are_where_torch_computes_them(tmp_path, monkeypatch):
@@ -209,8 +245,10 @@ def test_zip64_records_load(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- streaming
 
+
 def _lazy_state(calls, refs, fail_at=None):
     """An Adam state whose slots are lazy; each checks, when made, that the one made before is gone."""
+
     def lazy(i, shape):
         def compute():
             if i == fail_at:
@@ -220,20 +258,25 @@ def _lazy_state(calls, refs, fail_at=None):
             array = np.full(shape, i, np.float32)
             refs.append(weakref.ref(array))
             return array
+
         return Deferred(shape, np.dtype(np.float32), compute)
 
     shapes = {("w",): (64, 32), ("b",): (32,)}
     params = tuple(ParamInfo(p, s, "float32", 0, 5) for p, s in shapes.items())
-    slots = {(slot, p): lazy(2 * k + j, s) for k, (p, s) in enumerate(shapes.items())
-             for j, slot in enumerate(("first_moment", "second_moment"))}
-    return OptimizerState("adam", ({"lr": 1e-3},), params, slots, weights={p: lazy(4 + k, s) for k, (p, s) in
-                                                                             enumerate(shapes.items())})
+    slots = {
+        (slot, p): lazy(2 * k + j, s)
+        for k, (p, s) in enumerate(shapes.items())
+        for j, slot in enumerate(("first_moment", "second_moment"))
+    }
+    return OptimizerState(
+        "adam", ({"lr": 1e-3},), params, slots, weights={p: lazy(4 + k, s) for k, (p, s) in enumerate(shapes.items())}
+    )
 
 
 def test_lazy_arrays_are_made_once_each_and_released_before_the_next(tmp_path):
     calls, refs, sizes = {}, [], []
     save_torch_file(_lazy_state(calls, refs), tmp_path / "c.pt", progress=sizes.append)
-    assert calls == {i: 1 for i in range(6)} and all(ref() is None for ref in refs)
+    assert calls == dict.fromkeys(range(6), 1) and all(ref() is None for ref in refs)
     assert sizes == [4, 64 * 32 * 4, 64 * 32 * 4, 4, 32 * 4, 32 * 4, 64 * 32 * 4, 32 * 4]  # a step: 0-d float32
     loaded = load_both_ways(tmp_path / "c.pt")
     assert loaded["optimizer"]["state"][1]["exp_avg_sq"].eq(3).all() and loaded["model"]["b"].eq(5).all()
@@ -271,11 +314,13 @@ def test_writes_without_torch(tmp_path):
     torch_checkpoint("nadam", tmp_path / "a.pt")
     state = from_torch_file(tmp_path / "a.pt")
     fileformat.save(state, tmp_path / "s.safetensors")
-    script = ("import sys; sys.modules['torch'] = None\n"
-              "from optstate.schema import fileformat\n"
-              "from optstate.converters.torch.state_dict import save_torch_file\n"
-              "save_torch_file(fileformat.load(sys.argv[1]), sys.argv[2])\n"
-              "assert sys.modules['torch'] is None\n")
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from optstate.schema import fileformat\n"
+        "from optstate.converters.torch.state_dict import save_torch_file\n"
+        "save_torch_file(fileformat.load(sys.argv[1]), sys.argv[2])\n"
+        "assert sys.modules['torch'] is None\n"
+    )
     subprocess.run([sys.executable, "-c", script, tmp_path / "s.safetensors", tmp_path / "b.pt"], check=True)
     old_save_checkpoint(state, tmp_path / "old.pt")
     assert_same(load_both_ways(tmp_path / "b.pt"), torch.load(tmp_path / "old.pt", weights_only=True))

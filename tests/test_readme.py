@@ -9,6 +9,8 @@ import shlex
 import shutil
 from pathlib import Path
 
+import pytest
+
 from optstate.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -16,6 +18,8 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_readme_examples_run(tmp_path, monkeypatch):
+    for framework in ("torch", "jax", "optax", "flax", "orbax"):  # the examples use them all
+        pytest.importorskip(framework)
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
     commands = re.findall(r"^\$ optstate (.+)$", README, flags=re.M)
@@ -34,6 +38,9 @@ def test_readme_examples_run(tmp_path, monkeypatch):
 
 
 def test_support_matrix_is_current():
+    pytest.importorskip("optax")  # the matrix says what Optax continues: optstate/converters/jax/ knows
     from optstate.support import support_matrix
 
-    assert (ROOT / "docs" / "support.md").read_text() == support_matrix(), "run: python -m optstate.support > docs/support.md"
+    assert (ROOT / "docs" / "support.md").read_text() == support_matrix(), (
+        "run: python -m optstate.support > docs/support.md"
+    )

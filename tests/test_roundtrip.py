@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 
-import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import optstate
-from optstate.schema import OptimizerState, ParamInfo
 from optstate.schema.fileformat import METADATA_KEY, state_metadata, tensor_key
+
 from frameworks import TinyNet, torch_train
+from helpers import states
 
 
 def _trained(make, steps=3):
@@ -37,8 +36,12 @@ def _assert_state_dicts_equal(a, b):
 
 MAKERS = {
     "adamw-groups": lambda m: torch.optim.AdamW(
-        [{"params": [("fc1.weight", m.fc1.weight), ("fc2.weight", m.fc2.weight)], "weight_decay": 0.1},
-         {"params": [("fc1.bias", m.fc1.bias), ("fc2.bias", m.fc2.bias)], "weight_decay": 0.0}], lr=0.01),
+        [
+            {"params": [("fc1.weight", m.fc1.weight), ("fc2.weight", m.fc2.weight)], "weight_decay": 0.1},
+            {"params": [("fc1.bias", m.fc1.bias), ("fc2.bias", m.fc2.bias)], "weight_decay": 0.0},
+        ],
+        lr=0.01,
+    ),
     "sgd-momentum": lambda m: torch.optim.SGD(m.named_parameters(), lr=0.1, momentum=0.9),
     "adam": lambda m: torch.optim.Adam(m.named_parameters(), lr=0.1),
 }
@@ -75,33 +78,6 @@ def test_bfloat16_state_survives_the_canonical_file(tmp_path):
 
 # ----------------------------------------------------------------------------- the canonical file (property-based)
 
-DTYPES = [np.dtype(d) for d in ("float64", "float32", "float16")] + [np.dtype(ml_dtypes.bfloat16)]
-names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="."), min_size=1, max_size=8)
-
-
-@st.composite
-def states(draw):
-    family = draw(st.sampled_from(["sgd", "adam", "adamw"]))
-    spec = optstate.OPTIMIZERS[family]
-    paths = draw(st.lists(st.tuples(names, names), min_size=1, max_size=4, unique=True))
-    groups = draw(st.integers(1, 2))
-    params, slots = [], {}
-    for i, path in enumerate(paths):
-        shape = tuple(draw(st.lists(st.integers(0, 3), max_size=3)))
-        dtype = draw(st.sampled_from(DTYPES))
-        step = draw(st.integers(0, 2**40)) if spec.has_step else None
-        params.append(ParamInfo(path, shape, str(dtype), i % groups, step))
-        if draw(st.booleans()):
-            for slot in spec.slots:
-                bits = draw(st.binary(min_size=dtype.itemsize * int(np.prod(shape)),
-                                      max_size=dtype.itemsize * int(np.prod(shape))))
-                array = np.frombuffer(bits, dtype=np.dtype(f"u{dtype.itemsize}")).copy().reshape(shape)
-                # Any finite bit pattern: clear the exponent's top bit so no NaN or inf sneaks in.
-                top = 1 << (8 * dtype.itemsize - 2)
-                slots[(slot.name, path)] = (array & ~np.array(top, array.dtype)).view(dtype)
-    hp = [{"lr": draw(st.floats(1e-6, 1.0)), "note": draw(names)} for _ in range(groups)]
-    return OptimizerState(family, tuple(hp), tuple(params), slots)
-
 
 @settings(max_examples=60, deadline=None)
 @given(state=states())
@@ -131,11 +107,12 @@ def test_official_safetensors_reads_our_file(tmp_path):
 
 
 def test_we_read_a_file_the_official_writer_wrote(tmp_path):
-    model, opt = _trained(MAKERS["adam"])
+    _model, opt = _trained(MAKERS["adam"])
     state = optstate.from_torch(opt)
     tensors = {tensor_key(slot, path): np.ascontiguousarray(a) for (slot, path), a in state.slots.items()}
-    safetensors.numpy.save_file(tensors, tmp_path / "s.safetensors",
-                                metadata={METADATA_KEY: json.dumps(state_metadata(state))})
+    safetensors.numpy.save_file(
+        tensors, tmp_path / "s.safetensors", metadata={METADATA_KEY: json.dumps(state_metadata(state))}
+    )
     back = optstate.load(tmp_path / "s.safetensors")
     assert back.params == state.params
     for key, array in state.slots.items():

@@ -13,14 +13,23 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as L
 
-from optstate.converters.schedules.torch_schedulers import (LAMBDA, TorchLRSchedule, group_lrs, optax_schedules,
-                                           restore_torch_scheduler_state, scheduler_class)
+from optstate.converters.schedules.history import advance
+from optstate.converters.schedules.parse import parse
+from optstate.converters.schedules.replay import replayer
+from optstate.converters.schedules.torch_schedulers import (
+    LAMBDA,
+    TorchLRSchedule,
+    group_lrs,
+    optax_schedules,
+    restore_torch_scheduler_state,
+    scheduler_class,
+)
 from optstate.errors import UnsupportedError
 
 jax.config.update("jax_enable_x64", True)
 
-K = 7        # torch steps taken before the state dict is read
-LAST = 30    # compare counts K..LAST (and 0..K-1)
+K = 7  # torch steps taken before the state dict is read
+LAST = 30  # compare counts K..LAST (and 0..K-1)
 LRS = (0.1, 0.03)
 RTOL = 1e-12
 
@@ -41,32 +50,67 @@ CASES = [
     ("PolynomialLR", lambda o: L.PolynomialLR(o, total_iters=12, power=2.0)),
     ("PolynomialLR-sqrt", lambda o: L.PolynomialLR(o, total_iters=5, power=0.5)),
     ("OneCycleLR", lambda o: L.OneCycleLR(o, max_lr=[1.0, 0.3], total_steps=LAST, cycle_momentum=False)),
-    ("OneCycleLR-3phase-linear", lambda o: L.OneCycleLR(o, max_lr=0.5, total_steps=40, anneal_strategy="linear",
-                                                        three_phase=True, cycle_momentum=False)),
+    (
+        "OneCycleLR-3phase-linear",
+        lambda o: L.OneCycleLR(
+            o, max_lr=0.5, total_steps=40, anneal_strategy="linear", three_phase=True, cycle_momentum=False
+        ),
+    ),
     ("CosineAnnealingWarmRestarts", lambda o: L.CosineAnnealingWarmRestarts(o, T_0=4, T_mult=2, eta_min=1e-3)),
     ("CosineAnnealingWarmRestarts-1", lambda o: L.CosineAnnealingWarmRestarts(o, T_0=6)),
-    ("SequentialLR-warmup-cosine", lambda o: L.SequentialLR(
-        o, [L.LinearLR(o, start_factor=0.01, total_iters=5), L.CosineAnnealingLR(o, T_max=20)], milestones=[5])),
-    ("SequentialLR-warmup-crossed-later", lambda o: L.SequentialLR(
-        o, [L.LinearLR(o, start_factor=0.01, total_iters=10),
-            L.CosineAnnealingLR(o, T_max=15, eta_min=1e-4)], milestones=[10])),
-    ("SequentialLR-3", lambda o: L.SequentialLR(
-        o, [L.ConstantLR(o, factor=0.1, total_iters=3), L.ExponentialLR(o, gamma=0.9),
-            L.StepLR(o, step_size=2, gamma=0.5)], milestones=[4, 12])),
-    ("SequentialLR-warmup-linear-decay", lambda o: L.SequentialLR(
-        o, [L.LinearLR(o, start_factor=0.1, total_iters=4),
-            L.LinearLR(o, start_factor=1.0, end_factor=0.0, total_iters=16)], milestones=[4])),
-    ("ChainedScheduler", lambda o: L.ChainedScheduler(
-        [L.LinearLR(o, start_factor=0.1, total_iters=6), L.ExponentialLR(o, gamma=0.95)])),
+    (
+        "SequentialLR-warmup-cosine",
+        lambda o: L.SequentialLR(
+            o, [L.LinearLR(o, start_factor=0.01, total_iters=5), L.CosineAnnealingLR(o, T_max=20)], milestones=[5]
+        ),
+    ),
+    (
+        "SequentialLR-warmup-crossed-later",
+        lambda o: L.SequentialLR(
+            o,
+            [L.LinearLR(o, start_factor=0.01, total_iters=10), L.CosineAnnealingLR(o, T_max=15, eta_min=1e-4)],
+            milestones=[10],
+        ),
+    ),
+    (
+        "SequentialLR-3",
+        lambda o: L.SequentialLR(
+            o,
+            [
+                L.ConstantLR(o, factor=0.1, total_iters=3),
+                L.ExponentialLR(o, gamma=0.9),
+                L.StepLR(o, step_size=2, gamma=0.5),
+            ],
+            milestones=[4, 12],
+        ),
+    ),
+    (
+        "SequentialLR-warmup-linear-decay",
+        lambda o: L.SequentialLR(
+            o,
+            [
+                L.LinearLR(o, start_factor=0.1, total_iters=4),
+                L.LinearLR(o, start_factor=1.0, end_factor=0.0, total_iters=16),
+            ],
+            milestones=[4],
+        ),
+    ),
+    (
+        "ChainedScheduler",
+        lambda o: L.ChainedScheduler([L.LinearLR(o, start_factor=0.1, total_iters=6), L.ExponentialLR(o, gamma=0.95)]),
+    ),
 ]
 IDS = [c[0] for c in CASES]
 
 
 def _optimizer(momentum=0.0, lrs=LRS):
-    params = [torch.zeros(2, dtype=torch.float64, requires_grad=True),
-              torch.zeros(3, dtype=torch.float64, requires_grad=True)]
-    return torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, lrs)], lr=lrs[0],
-                           momentum=momentum)
+    params = [
+        torch.zeros(2, dtype=torch.float64, requires_grad=True),
+        torch.zeros(3, dtype=torch.float64, requires_grad=True),
+    ]
+    return torch.optim.SGD(
+        [{"params": [p], "lr": lr} for p, lr in zip(params, lrs, strict=True)], lr=lrs[0], momentum=momentum
+    )
 
 
 def _torch_lrs(factory, steps=LAST, keep=K):
@@ -119,7 +163,7 @@ def test_restored_torch_scheduler_continues_like_the_real_one(factory):
         opt = _optimizer()
         sched = factory(opt)
         sched.load_state_dict(copy.deepcopy(restored))
-        for g, lr in zip(opt.param_groups, group_lrs(sd0, K, param_groups=groups)):
+        for g, lr in zip(opt.param_groups, group_lrs(sd0, K, param_groups=groups), strict=True):
             g["lr"] = lr
         got = [[g["lr"] for g in opt.param_groups]]
         for _ in range(K, LAST):
@@ -148,12 +192,18 @@ def _assert_same_state(got, want):
 def test_scheduler_class_names_every_torch_scheduler():
     opt = _optimizer(momentum=0.9)
     made = {
-        "StepLR": L.StepLR(opt, 2), "MultiStepLR": L.MultiStepLR(opt, [2]), "ExponentialLR": L.ExponentialLR(opt, 0.9),
-        "CosineAnnealingLR": L.CosineAnnealingLR(opt, 5), "LinearLR": L.LinearLR(opt),
-        "ConstantLR": L.ConstantLR(opt), "PolynomialLR": L.PolynomialLR(opt),
-        "OneCycleLR": L.OneCycleLR(opt, 1.0, total_steps=10), "LambdaLR": L.LambdaLR(opt, lambda e: 1.0),
+        "StepLR": L.StepLR(opt, 2),
+        "MultiStepLR": L.MultiStepLR(opt, [2]),
+        "ExponentialLR": L.ExponentialLR(opt, 0.9),
+        "CosineAnnealingLR": L.CosineAnnealingLR(opt, 5),
+        "LinearLR": L.LinearLR(opt),
+        "ConstantLR": L.ConstantLR(opt),
+        "PolynomialLR": L.PolynomialLR(opt),
+        "OneCycleLR": L.OneCycleLR(opt, 1.0, total_steps=10),
+        "LambdaLR": L.LambdaLR(opt, lambda e: 1.0),
         "MultiplicativeLR": L.MultiplicativeLR(opt, lambda e: 1.0),
-        "CosineAnnealingWarmRestarts": L.CosineAnnealingWarmRestarts(opt, 3), "CyclicLR": L.CyclicLR(opt, 0.01, 0.1),
+        "CosineAnnealingWarmRestarts": L.CosineAnnealingWarmRestarts(opt, 3),
+        "CyclicLR": L.CyclicLR(opt, 0.01, 0.1),
         "ReduceLROnPlateau": L.ReduceLROnPlateau(opt),
         "SequentialLR": L.SequentialLR(opt, [L.StepLR(opt, 2), L.StepLR(opt, 3)], milestones=[2]),
         "ChainedScheduler": L.ChainedScheduler([L.StepLR(opt, 2), L.ExponentialLR(opt, 0.9)]),
@@ -167,7 +217,7 @@ def test_unknown_state_dict_names_its_keys():
     with pytest.raises(UnsupportedError, match="'warmup_steps'"):
         scheduler_class({"warmup_steps": 5, "base_lrs": [0.1], "last_epoch": 0})
     sd = L.StepLR(_optimizer(), 2).state_dict()
-    with pytest.raises(UnsupportedError, match="StepLR.*'my_extra'"):
+    with pytest.raises(UnsupportedError, match=r"StepLR.*'my_extra'"):
         scheduler_class({**sd, "my_extra": 1})
 
 
@@ -177,14 +227,18 @@ def _gradient(step, p):
 
 def test_optax_chain_continues_torch_sgd_momentum_run():
     def factory(o):
-        return L.SequentialLR(o, [L.LinearLR(o, start_factor=0.01, total_iters=5),
-                                  L.CosineAnnealingLR(o, T_max=12, eta_min=1e-3)], milestones=[5])
+        return L.SequentialLR(
+            o,
+            [L.LinearLR(o, start_factor=0.01, total_iters=5), L.CosineAnnealingLR(o, T_max=12, eta_min=1e-3)],
+            milestones=[5],
+        )
 
     rng = np.random.default_rng(0)
     init = [rng.normal(size=(3, 2)), rng.normal(size=4)]
     params = [torch.tensor(v, requires_grad=True) for v in init]
-    opt = torch.optim.SGD([{"params": [params[0]], "lr": 0.1}, {"params": [params[1]], "lr": 0.03}],
-                          lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(
+        [{"params": [params[0]], "lr": 0.1}, {"params": [params[1]], "lr": 0.03}], lr=0.1, momentum=0.9
+    )
     sched = factory(opt)
 
     def torch_step(step):
@@ -205,8 +259,10 @@ def test_optax_chain_continues_torch_sgd_momentum_run():
     for i, schedule in enumerate(schedules):
         tx = optax.chain(optax.trace(0.9), optax.scale_by_learning_rate(schedule))
         trace, sched_state = tx.init(jparams[i])
-        state = (trace._replace(trace=jnp.asarray(bufs[i])),
-                 sched_state._replace(count=jnp.asarray(sd["last_epoch"], dtype=jnp.int32)))
+        state = (
+            trace._replace(trace=jnp.asarray(bufs[i])),
+            sched_state._replace(count=jnp.asarray(sd["last_epoch"], dtype=jnp.int32)),
+        )
         update = jax.jit(tx.update)
         p = jparams[i]
         for step in range(K, K + 10):
@@ -218,21 +274,28 @@ def test_optax_chain_continues_torch_sgd_momentum_run():
 
 # ----------------------------------------------------------------------------- refusals
 
+
 def _sd(factory, momentum=0.9):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return factory(_optimizer(momentum=momentum)).state_dict()
 
 
-@pytest.mark.parametrize("factory, names", [
-    (lambda o: L.LambdaLR(o, lambda e: 0.9 ** e), ("LambdaLR", "build the equivalent Optax schedule yourself")),
-    (lambda o: L.MultiplicativeLR(o, lambda e: 0.9), ("MultiplicativeLR", "not in the state dict")),
-    (lambda o: L.ReduceLROnPlateau(o), ("ReduceLROnPlateau", "metric")),
-    (lambda o: L.CyclicLR(o, 0.01, 0.1, cycle_momentum=False), ("CyclicLR", "scale_fn")),
-    (lambda o: L.OneCycleLR(o, 1.0, total_steps=10), ("OneCycleLR", "cycle_momentum")),
-    (lambda o: L.SequentialLR(o, [L.LinearLR(o), L.LambdaLR(o, lambda e: 1.0)], milestones=[3]),
-     ("SequentialLR child 1", "LambdaLR")),
-], ids=["LambdaLR", "MultiplicativeLR", "ReduceLROnPlateau", "CyclicLR", "OneCycleLR-momentum", "SequentialLR-lambda"])
+@pytest.mark.parametrize(
+    "factory, names",
+    [
+        (lambda o: L.LambdaLR(o, lambda e: 0.9**e), ("LambdaLR", "build the equivalent Optax schedule yourself")),
+        (lambda o: L.MultiplicativeLR(o, lambda e: 0.9), ("MultiplicativeLR", "not in the state dict")),
+        (lambda o: L.ReduceLROnPlateau(o), ("ReduceLROnPlateau", "metric")),
+        (lambda o: L.CyclicLR(o, 0.01, 0.1, cycle_momentum=False), ("CyclicLR", "scale_fn")),
+        (lambda o: L.OneCycleLR(o, 1.0, total_steps=10), ("OneCycleLR", "cycle_momentum")),
+        (
+            lambda o: L.SequentialLR(o, [L.LinearLR(o), L.LambdaLR(o, lambda e: 1.0)], milestones=[3]),
+            ("SequentialLR child 1", "LambdaLR"),
+        ),
+    ],
+    ids=["LambdaLR", "MultiplicativeLR", "ReduceLROnPlateau", "CyclicLR", "OneCycleLR-momentum", "SequentialLR-lambda"],
+)
 def test_refusals_name_the_scheduler(factory, names):
     sd = _sd(factory)
     for call in (lambda: optax_schedules(sd, horizon=10), lambda: restore_torch_scheduler_state(sd, 3)):
@@ -244,10 +307,10 @@ def test_refusals_name_the_scheduler(factory, names):
 
 def test_never_settling_schedule_needs_a_horizon():
     sd = _sd(lambda o: L.ExponentialLR(o, 0.9))
-    with pytest.raises(UnsupportedError, match="ExponentialLR.*horizon="):
+    with pytest.raises(UnsupportedError, match=r"ExponentialLR.*horizon="):
         optax_schedules(sd)
     settles = optax_schedules(_sd(lambda o: L.LinearLR(o, 0.1, total_iters=4)))  # no horizon needed
-    assert settles[0].horizon is None and float(settles[0](10 ** 6)) == float(settles[0](4))
+    assert settles[0].horizon is None and float(settles[0](10**6)) == float(settles[0](4))
 
 
 def test_counts_beyond_the_horizon_raise_or_give_nan():
@@ -263,7 +326,7 @@ def test_counts_beyond_the_horizon_raise_or_give_nan():
 
 def test_onecycle_needs_param_groups_and_stops_at_total_steps():
     _, _, sd, groups = _torch_lrs(CASES[IDS.index("OneCycleLR")][1])
-    with pytest.raises(UnsupportedError, match="OneCycleLR.*param_groups"):
+    with pytest.raises(UnsupportedError, match=r"OneCycleLR.*param_groups"):
         optax_schedules(sd)
     assert optax_schedules(sd, param_groups=groups)[0].horizon == LAST
     with pytest.raises(ValueError, match="total_steps"):
@@ -280,12 +343,29 @@ def test_lr_changed_outside_the_scheduler_is_refused():
             opt.step()
             warmup.step()
             decay.step()
-    with pytest.raises(UnsupportedError, match="ExponentialLR.*changed outside"):
+    with pytest.raises(UnsupportedError, match=r"ExponentialLR.*changed outside"):
         optax_schedules(decay.state_dict(), horizon=20)
-    with pytest.raises(UnsupportedError, match="LinearLR.*changed outside"):
+    with pytest.raises(UnsupportedError, match=r"LinearLR.*changed outside"):
         optax_schedules(warmup.state_dict())
     groups = opt.state_dict()["param_groups"]
     groups[0]["lr"] *= 0.5
     sd = _sd(lambda o: L.StepLR(o, 3))
-    with pytest.raises(UnsupportedError, match="StepLR.*param_groups\\[0\\]"):
+    with pytest.raises(UnsupportedError, match=r"StepLR.*param_groups\[0\]"):
         optax_schedules(sd, horizon=10, param_groups=groups)
+
+
+@pytest.mark.parametrize("factory", [c[1] for c in CASES], ids=IDS)
+def test_conversions_leave_the_state_dict_and_its_parse_as_they_were(factory):
+    _, sd0, sd, groups = _torch_lrs(factory)
+    before, before0 = copy.deepcopy(sd), copy.deepcopy(sd0)
+    optax_schedules(sd, horizon=LAST, param_groups=groups)
+    restore_torch_scheduler_state(sd, 3, param_groups=groups)
+    restore_torch_scheduler_state(sd0, K, param_groups=groups)
+    _assert_same_state(sd, before)
+    _assert_same_state(sd0, before0)
+    tree = parse(sd, groups)  # parsed once, replayed many times: each replay steps a copy of its own
+    state = copy.deepcopy(dict(tree.state))
+    node = replayer(tree)
+    advance(node, tree.last_lrs, LAST - K)
+    assert node.epoch == LAST and tree.epoch == K
+    assert set(tree.state) == set(state) and all(tree.state[k] == state[k] for k in state if k != "anneal_func")

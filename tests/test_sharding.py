@@ -8,6 +8,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+for _framework in ("torch", "jax", "orbax"):  # the script below runs them in a subprocess
+    pytest.importorskip(_framework)
+
 SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np, torch
@@ -39,7 +44,13 @@ SCRIPT = textwrap.dedent("""
 
 def test_restore_with_a_sharding_onto_eight_devices(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "ckpt")], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "ckpt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok")

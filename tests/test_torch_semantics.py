@@ -9,8 +9,8 @@ is why each custom transform exists.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +19,9 @@ import optax
 import pytest
 import torch
 
-import semantics_harness as harness
 from optstate.converters.jax import transforms as ts
+
+import semantics_harness as harness
 from semantics_harness import max_diff
 
 jax.config.update("jax_enable_x64", True)
@@ -36,7 +37,7 @@ NOISE = [[_rng.normal(size=s) for s in SHAPES] for _ in range(STEPS)]
 
 
 def gradients(step: int, params) -> list[np.ndarray]:
-    return [0.7 * (np.asarray(p) - t) + 0.3 * n for p, t, n in zip(params, TARGETS, NOISE[step])]
+    return [0.7 * (np.asarray(p) - t) + 0.3 * n for p, t, n in zip(params, TARGETS, NOISE[step], strict=True)]
 
 
 @contextlib.contextmanager
@@ -58,18 +59,14 @@ def run_torch(make, default_dtype=torch.float32, foreach=False):
             if step == HALF:
                 half_params = [p.detach().numpy().copy() for p in params]
                 half_state = [{k: v.detach().clone() for k, v in opt.state[p].items()} for p in params]
-            for p, g in zip(params, gradients(step, [p.detach().numpy() for p in params])):
+            for p, g in zip(params, gradients(step, [p.detach().numpy() for p in params]), strict=True):
                 p.grad = torch.from_numpy(g)
             opt.step()
     return [p.detach().numpy().copy() for p in params], half_params, half_state
 
 
-
-
 def run_optax(tx, params, start, state=None):
     return harness.run_optax(tx, params, gradients, range(start, STEPS), state)
-
-
 
 
 def fill(state, cls, **fields):
@@ -114,17 +111,24 @@ def lr_chain(scaler, lr, *, wd=0.0, decoupled=False, maximize=False):
 
 # ----------------------------------------------------------------------------- cases
 
+
 def amsgrad_case(name, lr=0.05, betas=(0.9, 0.999), eps=1e-8, wd=0.0, decoupled=False, maximize=False):
     torch_cls = torch.optim.AdamW if decoupled else torch.optim.Adam
 
     def make(params, foreach):
-        return torch_cls(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, amsgrad=True,
-                         maximize=maximize, foreach=foreach)
+        return torch_cls(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=wd, amsgrad=True, maximize=maximize, foreach=foreach
+        )
 
     def load(state, half):
-        return fill(state, ts.ScaleByAmsgradTorchState, count=count(half[0]["step"].item()),
-                    mu=arrays(half, "exp_avg"), nu=arrays(half, "exp_avg_sq"),
-                    nu_max=arrays(half, "max_exp_avg_sq"))
+        return fill(
+            state,
+            ts.ScaleByAmsgradTorchState,
+            count=count(half[0]["step"].item()),
+            mu=arrays(half, "exp_avg"),
+            nu=arrays(half, "exp_avg_sq"),
+            nu_max=arrays(half, "max_exp_avg_sq"),
+        )
 
     tx = lr_chain(ts.scale_by_amsgrad_torch(*betas, eps), lr, wd=wd, decoupled=decoupled, maximize=maximize)
     return Case(name, make, tx, load)
@@ -132,9 +136,16 @@ def amsgrad_case(name, lr=0.05, betas=(0.9, 0.999), eps=1e-8, wd=0.0, decoupled=
 
 def adagrad_case(name, lr=0.1, lr_decay=0.0, iav=0.0, eps=1e-10, wd=0.0, maximize=False):
     def make(params, foreach):
-        return torch.optim.Adagrad(params, lr=lr, lr_decay=lr_decay, weight_decay=wd,
-                                   initial_accumulator_value=iav, eps=eps, maximize=maximize,
-                                   foreach=foreach)
+        return torch.optim.Adagrad(
+            params,
+            lr=lr,
+            lr_decay=lr_decay,
+            weight_decay=wd,
+            initial_accumulator_value=iav,
+            eps=eps,
+            maximize=maximize,
+            foreach=foreach,
+        )
 
     def load(state, half):
         state = fill(state, ts.ScaleByRssTorchState, sum_of_squares=arrays(half, "sum"))
@@ -146,21 +157,41 @@ def adagrad_case(name, lr=0.1, lr_decay=0.0, iav=0.0, eps=1e-10, wd=0.0, maximiz
     return Case(name, make, tx, load)
 
 
-def nadam_case(name, lr=0.05, betas=(0.9, 0.999), eps=1e-8, momentum_decay=4e-3, wd=0.0,
-               decoupled=False, default_dtype=torch.float32):
+def nadam_case(
+    name,
+    lr=0.05,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    momentum_decay=4e-3,
+    wd=0.0,
+    decoupled=False,
+    default_dtype=torch.float32,
+):
     def make(params, foreach):
-        return torch.optim.NAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=wd,
-                                 momentum_decay=momentum_decay, decoupled_weight_decay=decoupled,
-                                 foreach=foreach)
+        return torch.optim.NAdam(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=wd,
+            momentum_decay=momentum_decay,
+            decoupled_weight_decay=decoupled,
+            foreach=foreach,
+        )
 
     mu_product_dtype = jnp.float32 if default_dtype == torch.float32 else jnp.float64
 
     def load(state, half):
         products = {s["mu_product"].item() for s in half}
         assert len(products) == 1, "torch keeps one mu_product per param, equal for equal steps"
-        return fill(state, ts.ScaleByNadamTorchState, count=count(half[0]["step"].item()),
-                    mu_product=jnp.asarray(half[0]["mu_product"].numpy()),
-                    mu=arrays(half, "exp_avg"), nu=arrays(half, "exp_avg_sq"))
+        return fill(
+            state,
+            ts.ScaleByNadamTorchState,
+            count=count(half[0]["step"].item()),
+            mu_product=jnp.asarray(half[0]["mu_product"].numpy()),
+            mu=arrays(half, "exp_avg"),
+            nu=arrays(half, "exp_avg_sq"),
+        )
 
     scaler = ts.scale_by_nadam_torch(*betas, eps, momentum_decay, mu_product_dtype=mu_product_dtype)
     tx = lr_chain(scaler, lr, wd=wd, decoupled=decoupled)
@@ -169,12 +200,18 @@ def nadam_case(name, lr=0.05, betas=(0.9, 0.999), eps=1e-8, momentum_decay=4e-3,
 
 def radam_case(name, lr=0.05, betas=(0.9, 0.999), eps=1e-8, wd=0.0, decoupled=False):
     def make(params, foreach):
-        return torch.optim.RAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=wd,
-                                 decoupled_weight_decay=decoupled, foreach=foreach)
+        return torch.optim.RAdam(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=wd, decoupled_weight_decay=decoupled, foreach=foreach
+        )
 
     def load(state, half):
-        return fill(state, ts.ScaleByRAdamTorchState, count=count(half[0]["step"].item()),
-                    mu=arrays(half, "exp_avg"), nu=arrays(half, "exp_avg_sq"))
+        return fill(
+            state,
+            ts.ScaleByRAdamTorchState,
+            count=count(half[0]["step"].item()),
+            mu=arrays(half, "exp_avg"),
+            nu=arrays(half, "exp_avg_sq"),
+        )
 
     tx = lr_chain(ts.scale_by_radam_torch(*betas, eps), lr, wd=wd, decoupled=decoupled)
     return Case(name, make, tx, load)
@@ -193,8 +230,9 @@ def adafactor_chain(lr, beta2_decay, eps, d, wd, maximize):
 
 def adafactor_case(name, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=0.0, maximize=False):
     def make(params, foreach):
-        return torch.optim.Adafactor(params, lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
-                                     weight_decay=wd, maximize=maximize, foreach=foreach)
+        return torch.optim.Adafactor(
+            params, lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=wd, maximize=maximize, foreach=foreach
+        )
 
     def load(state, half):
         placeholder = jnp.zeros((1,), jnp.float64)
@@ -203,11 +241,15 @@ def adafactor_case(name, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=
             fill(state, optax.ScaleByScheduleState, count=count(half[0]["step"].item())),
             ts.FactoredTorchState,
             count=count(half[0]["step"].item()),
-            v_row=[jnp.asarray(s["row_var"].squeeze(-1).numpy()) if f else placeholder
-                   for s, f in zip(half, factored)],
-            v_col=[jnp.asarray(s["col_var"].squeeze(-2).numpy()) if f else placeholder
-                   for s, f in zip(half, factored)],
-            v=[placeholder if f else jnp.asarray(s["variance"].numpy()) for s, f in zip(half, factored)],
+            v_row=[
+                jnp.asarray(s["row_var"].squeeze(-1).numpy()) if f else placeholder
+                for s, f in zip(half, factored, strict=True)
+            ],
+            v_col=[
+                jnp.asarray(s["col_var"].squeeze(-2).numpy()) if f else placeholder
+                for s, f in zip(half, factored, strict=True)
+            ],
+            v=[placeholder if f else jnp.asarray(s["variance"].numpy()) for s, f in zip(half, factored, strict=True)],
         )
 
     return Case(name, make, adafactor_chain(lr, beta2_decay, eps, d, wd, maximize), load)
@@ -253,15 +295,22 @@ def test_continues_from_torch_state(case):
 CASE = {c.name: c for c in CASES}
 STOCK = [  # (case, the stock Optax chain for the same torch optimizer, gap it must exceed)
     (CASE["amsgrad"], lr_chain(optax.scale_by_amsgrad(0.9, 0.999, 1e-8), 0.05), 1e-6),
-    (CASE["adagrad-lr_decay-init-eps"],
-     lr_chain(optax.scale_by_rss(0.1, 1e-3), lambda c: 0.1 / (1 + c * 0.05)), 1e-6),
+    (CASE["adagrad-lr_decay-init-eps"], lr_chain(optax.scale_by_rss(0.1, 1e-3), lambda c: 0.1 / (1 + c * 0.05)), 1e-6),
     (CASE["nadam"], lr_chain(optax.scale_by_adam(0.9, 0.999, 1e-8, nesterov=True), 0.05), 1e-6),
     (CASE["radam-eps-l2"], lr_chain(optax.scale_by_radam(0.9, 0.999, 1e-3), 0.05, wd=0.1), 1e-6),
     # At torch's default eps the gap is small but still 1e3 times the tolerance.
     (CASE["radam"], lr_chain(optax.scale_by_radam(0.9, 0.999, 1e-8), 0.05), 1e-9),
-    (CASE["adafactor-relstep-wd"],
-     optax.adafactor(lambda c: jnp.minimum(0.5, 1.0 / jnp.sqrt(c + 1.0)), min_dim_size_to_factor=1,
-                     decay_rate=0.8, clipping_threshold=1.0, weight_decay_rate=0.5 * 0.1), 1e-9),
+    (
+        CASE["adafactor-relstep-wd"],
+        optax.adafactor(
+            lambda c: jnp.minimum(0.5, 1.0 / jnp.sqrt(c + 1.0)),
+            min_dim_size_to_factor=1,
+            decay_rate=0.8,
+            clipping_threshold=1.0,
+            weight_decay_rate=0.5 * 0.1,
+        ),
+        1e-9,
+    ),
 ]
 
 

@@ -12,9 +12,24 @@ from hypothesis import strategies as st
 from optstate.converters.layout import transpose
 from optstate.converters.layout.transpose import permute
 
-DTYPES = [np.dtype(t) for t in (np.bool_, np.uint8, ml_dtypes.float8_e4m3fn, np.int16, ml_dtypes.bfloat16,
-                                np.float16, np.float32, ">f4", np.complex64, np.float64, np.complex128, "V3",
-                                [("a", "<i2"), ("b", "u1")])]
+DTYPES = [
+    np.dtype(t)
+    for t in (
+        np.bool_,
+        np.uint8,
+        ml_dtypes.float8_e4m3fn,
+        np.int16,
+        ml_dtypes.bfloat16,
+        np.float16,
+        np.float32,
+        ">f4",
+        np.complex64,
+        np.float64,
+        np.complex128,
+        "V3",
+        [("a", "<i2"), ("b", "u1")],
+    )
+]
 
 
 def random_array(shape, dtype, seed=0) -> np.ndarray:
@@ -40,12 +55,12 @@ def tiny_blocks(run_bytes, block_bytes):
     """Block and thread even tiny arrays, so that small cases cover every edge of the blocking."""
     names = ("_THREAD_MIN_BYTES", "_L1_LINES", "_RUN_BYTES", "_LONG_RUN_BYTES", "_BLOCK_BYTES")
     saved = [getattr(transpose, name) for name in names]
-    for name, value in zip(names, (0, 0, run_bytes, 2 * run_bytes, block_bytes)):
+    for name, value in zip(names, (0, 0, run_bytes, 2 * run_bytes, block_bytes), strict=True):
         setattr(transpose, name, value)
     try:
         yield
     finally:
-        for name, value in zip(names, saved):
+        for name, value in zip(names, saved, strict=True):
             setattr(transpose, name, value)
 
 
@@ -59,7 +74,7 @@ def cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
     axes = tuple(draw(st.permutations(range(ndim))))
     steps = tuple(draw(st.sampled_from([1, 1, 2, -1, -2])) for _ in range(ndim))
-    array = random_array(tuple(size * abs(step) for size, step in zip(shape, steps)), dtype)
+    array = random_array(tuple(size * abs(step) for size, step in zip(shape, steps, strict=True)), dtype)
     array = array[tuple(slice(None, None, step) for step in steps)]  # non-contiguous when a step is not 1
     blocking = draw(st.sampled_from([1, 8, 64])), draw(st.sampled_from([64, 1024, 1 << 20]))
     return array, axes, draw(st.integers(1, 3)), blocking
@@ -82,28 +97,34 @@ def test_matrix_transpose_torch_linear_to_flax_dense(shape):
     assert_permuted(permute(weight, (1, 0)), weight, (1, 0))
 
 
-
-@pytest.mark.parametrize("shape, dtype", [
-    ((600, 8000), np.float32),              # rows wider than one tile; 19 MB: two threads
-    ((520, 9000), ml_dtypes.float8_e4m3fn),  # 1-byte elements: taller tiles
-    ((1500, 2999), np.float64),              # 36 MB: split between threads, odd sizes
-    ((4099, 257), np.complex128),            # 16-byte elements
-])
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        ((600, 8000), np.float32),  # rows wider than one tile; 19 MB: two threads
+        ((520, 9000), ml_dtypes.float8_e4m3fn),  # 1-byte elements: taller tiles
+        ((1500, 2999), np.float64),  # 36 MB: split between threads, odd sizes
+        ((4099, 257), np.complex128),  # 16-byte elements
+    ],
+)
 def test_matrix_transposes_tile_by_tile(shape, dtype):
     array = random_array(shape, np.dtype(dtype))
     for threads in (1, 2):
         assert_permuted(permute(array, (1, 0), threads=threads), array, (1, 0))
         assert_permuted(permute(array.T, (1, 0), threads=threads), array.T, (1, 0))
 
+
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float64], ids=["bfloat16", "float64"])
-@pytest.mark.parametrize("shape, axes", [
-    ((256, 256, 3, 3), (2, 3, 1, 0)),      # conv2d [O, I, H, W] -> Flax [H, W, I, O]
-    ((600, 200, 7), (2, 1, 0)),            # conv1d [O, I, W] -> [W, I, O]
-    ((256, 96, 3, 3, 3), (2, 3, 4, 1, 0)),  # conv3d [O, I, D, H, W] -> [D, H, W, I, O]
-    ((1400, 389), (1, 0)),
-    ((33, 1, 257, 1, 65), (4, 2, 1, 0, 3)),  # size-1 axes and odd sizes
-    ((3, 5, 131, 257), (0, 1, 3, 2)),      # a batch of small transposes: NumPy's own order
-])
+@pytest.mark.parametrize(
+    "shape, axes",
+    [
+        ((256, 256, 3, 3), (2, 3, 1, 0)),  # conv2d [O, I, H, W] -> Flax [H, W, I, O]
+        ((600, 200, 7), (2, 1, 0)),  # conv1d [O, I, W] -> [W, I, O]
+        ((256, 96, 3, 3, 3), (2, 3, 4, 1, 0)),  # conv3d [O, I, D, H, W] -> [D, H, W, I, O]
+        ((1400, 389), (1, 0)),
+        ((33, 1, 257, 1, 65), (4, 2, 1, 0, 3)),  # size-1 axes and odd sizes
+        ((3, 5, 131, 257), (0, 1, 3, 2)),  # a batch of small transposes: NumPy's own order
+    ],
+)
 def test_layout_permutations(shape, axes, dtype):
     array = random_array(shape, np.dtype(dtype))
     for threads in (1, 2):
@@ -173,15 +194,18 @@ def test_out_receives_the_result():
     assert_permuted(out, array, (2, 0, 1))
 
 
-@pytest.mark.parametrize("out, message", [
-    (np.empty((3, 4), np.float32), r"out has shape \(3, 4\), expected \(4, 3\)"),
-    (np.empty((4, 3), np.float64), "out has dtype float64, expected float32"),
-    (np.empty((4, 3), ">f4"), "out has dtype >f4, expected float32"),
-    (np.empty((3, 4), np.float32).T, "out must be C-contiguous"),
-    (np.empty((4, 6), np.float32)[:, ::2], "out must be C-contiguous"),
-    (np.broadcast_to(np.zeros((4, 3), np.float32), (4, 3)), "out is read-only"),
-    ([[0.0] * 3] * 4, "out must be a NumPy array, got list"),
-])
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        (np.empty((3, 4), np.float32), r"out has shape \(3, 4\), expected \(4, 3\)"),
+        (np.empty((4, 3), np.float64), "out has dtype float64, expected float32"),
+        (np.empty((4, 3), ">f4"), "out has dtype >f4, expected float32"),
+        (np.empty((3, 4), np.float32).T, "out must be C-contiguous"),
+        (np.empty((4, 6), np.float32)[:, ::2], "out must be C-contiguous"),
+        (np.broadcast_to(np.zeros((4, 3), np.float32), (4, 3)), "out is read-only"),
+        ([[0.0] * 3] * 4, "out must be a NumPy array, got list"),
+    ],
+)
 def test_bad_out(out, message):
     with pytest.raises(ValueError, match=message):
         permute(np.zeros((3, 4), np.float32), (1, 0), out=out)

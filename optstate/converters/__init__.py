@@ -1,20 +1,61 @@
 """Framework adapters, one module each; each imports its framework at the top.
 
 ``import optstate`` imports none of them: they load on first use, and a missing framework raises
-:class:`optstate.errors.MissingDependencyError` naming the ``pip install`` extra.
+:class:`optstate.errors.MissingDependencyError` naming the ``pip install`` extra. The frameworks
+are declared once, here (:class:`Framework`); the adapters (:func:`adapter`) and the checkpoint
+formats (:mod:`optstate.converters.formats`) name the one they need.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
-from ..errors import MissingDependencyError
+from ..errors import FormatError, MissingDependencyError
 
-# adapter name -> (its module under this package, the framework it imports, the pip extra that installs it)
-_ADAPTERS = {"torch": ("torch.live", "torch", "torch"), "optax": ("jax.optax", "optax", "jax"),
-             "orbax": ("jax.orbax", "orbax.checkpoint", "jax"), "flax": ("jax.flax", "flax", "jax"),
-             "dcp": ("torch.dcp", "torch.distributed.checkpoint", "torch")}
+
+@dataclass(frozen=True)
+class Framework:
+    """A module optstate imports only on demand, and the pip extra of optstate that installs it."""
+
+    module: str
+    extra: str
+
+    def require(self, user: str) -> None:
+        """Import the module, or raise :class:`MissingDependencyError` saying that ``user`` needs it and how to
+        install it.
+
+        >>> Framework("numpy", "numpy").require("it")
+        >>> Framework("absent", "x").require("it")
+        Traceback (most recent call last):
+        optstate.errors.MissingDependencyError: it needs absent, which is not installed: pip install 'optstate[x]'
+        """
+        try:
+            importlib.import_module(self.module)
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"{user} needs {self.module}, which is not installed: pip install 'optstate[{self.extra}]'"
+            ) from exc
+
+
+TORCH = Framework("torch", "torch")
+TORCH_DCP = Framework("torch.distributed.checkpoint", "torch")
+OPTAX = Framework("optax", "jax")
+ORBAX = Framework("orbax.checkpoint", "jax")
+FLAX = Framework("flax", "jax")
+
+# adapter name -> (its module under this package, the framework it imports)
+_ADAPTERS = {
+    "torch": ("torch.live", TORCH),
+    "optax": ("jax.optax", OPTAX),
+    "orbax": ("jax.orbax", ORBAX),
+    "flax": ("jax.flax", FLAX),
+    "dcp": ("torch.dcp", TORCH_DCP),
+}
 
 
 def adapter(name: str) -> ModuleType:
@@ -23,11 +64,27 @@ def adapter(name: str) -> ModuleType:
     >>> adapter("torch").__name__  # doctest: +SKIP
     'optstate.converters.torch.live'
     """
-    module, framework, extra = _ADAPTERS[name]
-    try:
-        importlib.import_module(framework)
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"the {name} adapter needs {framework}, which is not installed: pip install 'optstate[{extra}]'"
-        ) from exc
+    module, framework = _ADAPTERS[name]
+    framework.require(f"the {name} adapter")
     return importlib.import_module(f"{__name__}.{module}")
+
+
+def call_user_function(spec: str) -> Any:
+    """Call the function a ``module:function`` string names, the working directory importable (it is the
+    user's own code, named on the command line; never a checkpoint's).
+
+    >>> call_user_function("math:pi")
+    Traceback (most recent call last):
+    optstate.errors.FormatError: math:pi: math.pi is not a function
+    """
+    module_name, _, function = spec.partition(":")
+    sys.path.insert(0, os.getcwd())
+    try:
+        found = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as exc:
+        raise FormatError(f"{spec}: cannot call {function}() of module {module_name} ({exc})") from None
+    finally:
+        sys.path.remove(os.getcwd())
+    if not callable(found):
+        raise FormatError(f"{spec}: {module_name}.{function} is not a function")
+    return found()

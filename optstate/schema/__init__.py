@@ -1,8 +1,21 @@
 """The canonical model: state record, optimizer table, file format. Imports NumPy and ml_dtypes only."""
 
-from .fileformat import FORMAT_VERSION, load, save
 from .families import OPTIMIZERS, OptimizerSpec, Slot, optimizer_spec
+from .fileformat import FORMAT_VERSION, load, save
 from .state import Metadata, OptimizerState, ParamInfo, Path, name_to_path, path_to_name
 
-__all__ = ["FORMAT_VERSION", "Metadata", "OPTIMIZERS", "OptimizerSpec", "OptimizerState", "ParamInfo", "Path", "Slot",
-           "load", "name_to_path", "optimizer_spec", "path_to_name", "save"]
+__all__ = [
+    "FORMAT_VERSION",
+    "OPTIMIZERS",
+    "Metadata",
+    "OptimizerSpec",
+    "OptimizerState",
+    "ParamInfo",
+    "Path",
+    "Slot",
+    "load",
+    "name_to_path",
+    "optimizer_spec",
+    "path_to_name",
+    "save",
+]

@@ -1,37 +1,55 @@
-"""The optimizer table: one row per optimizer family.
+"""The optimizer table: one row per optimizer family, its framework-neutral half.
 
 Each row names the family's slots (by meaning, with the torch state key and the Optax state field
 that hold them), its hyperparameters with torch's defaults, and the hyperparameter values that
 have no exact Optax counterpart. Adapters read this table instead of branching on the family.
+
+This module imports NumPy only, so that ``import optstate`` does; the Optax half of each row, which
+holds real Optax types and transforms, is ``optstate.converters.jax.families``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import UnsupportedError
 
-
 # Param-group keys that choose torch's implementation, or that LR schedulers keep there; the
 # optimizer's own numerics do not read them.
-BOOKKEEPING_KEYS = frozenset({"foreach", "capturable", "differentiable", "fused", "initial_lr", "max_lr", "min_lr",
-                              "base_momentum", "max_momentum"})
+BOOKKEEPING_KEYS = frozenset(
+    {
+        "foreach",
+        "capturable",
+        "differentiable",
+        "fused",
+        "initial_lr",
+        "max_lr",
+        "min_lr",
+        "base_momentum",
+        "max_momentum",
+    }
+)
 
 
 @dataclass(frozen=True)
 class Slot:
     """One per-parameter state array: its canonical name and where each framework keeps it.
 
-    ``optax_states`` are the Optax NamedTuple types whose field ``optax_field`` holds it (RMSprop's
-    ``square_avg`` is ``ScaleByRmsState.nu``, or ``ScaleByRStdDevState.nu`` when centered).
-    ``needs`` names the hyperparameter that must be truthy for torch to keep the slot at all.
+    ``torch_key`` is its key in torch's per-parameter state; ``optax_field`` the field of the Optax
+    state that holds it (RMSprop's ``square_avg`` is ``nu``, centered or not). Which Optax state
+    types those are is the Optax half of the table (``optstate.converters.jax.families``): real
+    types, which this module cannot import. ``needs`` names the hyperparameter that must be truthy
+    for torch to keep the slot at all.
+
+    >>> Slot("row_variance", "row_var", "v_row", shape="rows").torch_shape((4, 3))
+    (4, 1)
     """
 
     name: str
     torch_key: str
-    optax_states: tuple[str, ...]
     optax_field: str
     needs: str | None = None
     # "param": the parameter's shape. "scalar": one value per parameter (NAdam's mu_product), one per
@@ -45,14 +63,28 @@ class Slot:
 
     @property
     def scalar(self) -> bool:
+        """Whether the slot is one value per parameter (NAdam's ``mu_product``) rather than an array like it.
+
+        >>> optimizer_spec("nadam").slot("momentum_product").scalar
+        True
+        """
         return self.shape == "scalar"
 
     @property
     def optax_axis(self) -> int | None:
-        """The size-1 axis Optax leaves out, for factored statistics."""
+        """The size-1 axis Optax leaves out, for factored statistics.
+
+        >>> optimizer_spec("adafactor").slot("column_variance").optax_axis
+        -2
+        """
         return {"rows": -1, "cols": -2}.get(self.shape)
 
     def applies(self, param_shape: tuple[int, ...]) -> bool:
+        """Whether torch keeps this slot for a parameter of ``param_shape`` (Muon's only for matrices).
+
+        >>> optimizer_spec("muon").slot("momentum").applies((3,))
+        False
+        """
         return self.min_ndim <= len(param_shape) <= self.max_ndim
 
     def torch_shape(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -77,14 +109,20 @@ class Refusal:
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """Everything the adapters need to know about one optimizer family."""
+    """The framework-neutral half of one optimizer family's row: what torch keeps and takes.
+
+    The Optax half (the transform, and the state types that hold each slot) is
+    ``optstate.converters.jax.families``, one row per family of this table.
+
+    >>> optimizer_spec("rmsprop").active_slots({"centered": True})[1].torch_key
+    'grad_avg'
+    """
 
     name: str
     torch_class: str
     hyperparams: Mapping[str, Any]  # torch constructor arguments and their defaults
     slots: tuple[Slot, ...]
     has_step: bool  # torch keeps a per-parameter `step`
-    count_states: tuple[str, ...]  # Optax NamedTuple types whose `count` is torch's step
     decoupled_weight_decay: bool  # AdamW-style decay (after the scaler) versus L2 on the gradient
     must_give: tuple[str, ...] = ("lr",)  # no default shared by torch and Optax: never assumed
     moment_hyperparams: tuple[str, ...] = ()  # changing these changes what the stored slots mean
@@ -97,12 +135,6 @@ class OptimizerSpec:
     in_torch: bool = True  # False for Optax-native families: canonical file and Optax only
     decay_in_scaler: bool = False  # the scaler applies weight decay itself (LAMB: before its trust ratio)
     lr_in_scaler: bool = False  # the scaler takes its own step size (Adafactor's relative step)
-    # Stock Optax state types whose formula differs from torch's, by the torch-exact type they mimic:
-    # read only with --allow-approximate.
-    stock_states: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    # torch_semantics transforms used where stock Optax only approximates torch: by the option that
-    # calls for one (None: always), the transform's name.
-    custom_transforms: Mapping[str | None, str] = field(default_factory=lambda: MappingProxyType({}))
     approximate: str | None = None  # why a move between frameworks is not bit-exact; None when it is
     # Which layout moves (transpose, reshape, split of a packed tensor) keep the update exact:
     # "elementwise" all of them; "per_tensor" (a trust ratio over the whole tensor) all but a split;
@@ -111,12 +143,22 @@ class OptimizerSpec:
     layout: str = "elementwise"
 
     def check_exact(self, allowed: bool) -> None:
-        """Refuse a family whose cross-framework continuation is only approximate, unless ``allowed``."""
+        """Refuse a family whose cross-framework continuation is only approximate, unless ``allowed``.
+
+        >>> optimizer_spec("muon").check_exact(allowed=True)
+        """
         if self.approximate and not allowed:
-            raise UnsupportedError(f"{self.torch_class}: {self.approximate}; pass --allow-approximate "
-                                   "(allow_approximate=True) to convert anyway, recorded in the output")
+            raise UnsupportedError(
+                f"{self.torch_class}: {self.approximate}; pass --allow-approximate "
+                "(allow_approximate=True) to convert anyway, recorded in the output"
+            )
 
     def slot(self, name: str) -> Slot:
+        """The slot of this family named ``name``.
+
+        >>> optimizer_spec("adam").slot("second_moment").torch_key
+        'exp_avg_sq'
+        """
         return {s.name: s for s in self.slots}[name]
 
     def active_slots(self, hyperparams: Mapping[str, Any]) -> tuple[Slot, ...]:
@@ -124,14 +166,16 @@ class OptimizerSpec:
         hp = self.with_defaults(hyperparams)
         return tuple(s for s in self.slots if s.needs is None or hp[s.needs])
 
-    def optax_state_types(self) -> frozenset[str]:
-        return frozenset(t for s in self.slots for t in s.optax_states) | frozenset(self.count_states)
-
     def injected_value(self, optax_name: str, hyperparams: Mapping[str, Any]) -> Any:
-        """The value torch's hyperparameters give an ``inject_hyperparams`` entry; UnsupportedError if none."""
+        """The value torch's hyperparameters give an ``inject_hyperparams`` entry; UnsupportedError if none.
+
+        >>> optimizer_spec("adam").injected_value("b2", {"betas": (0.9, 0.95)})
+        0.95
+        """
         if optax_name not in self.optax_hyperparams:
-            raise UnsupportedError(f"{self.torch_class} has no counterpart of the injected Optax hyperparameter "
-                                   f"{optax_name!r}")
+            raise UnsupportedError(
+                f"{self.torch_class} has no counterpart of the injected Optax hyperparameter {optax_name!r}"
+            )
         torch_name, index = self.optax_hyperparams[optax_name]
         if torch_name is None:
             return 0.0
@@ -139,11 +183,22 @@ class OptimizerSpec:
         return value if index is None else value[index]
 
     def with_defaults(self, hyperparams: Mapping[str, Any]) -> dict[str, Any]:
-        """Torch's defaults overlaid with ``hyperparams``; extra keys are kept."""
+        """Torch's defaults overlaid with ``hyperparams``; extra keys are kept.
+
+        >>> optimizer_spec("sgd").with_defaults({"lr": 0.1})["momentum"]
+        0.0
+        """
         return {**self.hyperparams, **hyperparams}
 
     def check_supported(self, hyperparams: Mapping[str, Any], where: str, *, all_stepped: bool = True) -> None:
-        """Raise UnsupportedError naming the first feature without an exact counterpart."""
+        """Raise UnsupportedError naming the first feature without an exact counterpart.
+
+        >>> optimizer_spec("sgd").check_supported({"dampening": 0.1}, "g0")
+        >>> optimizer_spec("sgd").check_supported({"dampening": 0.1}, "g0", all_stepped=False)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        optstate.errors.UnsupportedError: g0: SGD(dampening=0.1) uses dampening on a parameter ...
+        """
         refusals = self.refusals if all_stepped else self.refusals + self.refusals_before_first_step
         for refusal in refusals:
             value = hyperparams.get(refusal.hyperparam, self.hyperparams.get(refusal.hyperparam))
@@ -158,34 +213,43 @@ def _table(*specs: OptimizerSpec) -> Mapping[str, OptimizerSpec]:
     return MappingProxyType({spec.name: spec for spec in specs})
 
 
-_ADAM = ("ScaleByAdamState", "ScaleByAmsgradTorchState")
 _ADAM_SLOTS = (
-    Slot("first_moment", "exp_avg", _ADAM, "mu"),
-    Slot("second_moment", "exp_avg_sq", _ADAM, "nu"),
-    Slot("max_second_moment", "max_exp_avg_sq", ("ScaleByAmsgradTorchState",), "nu_max", needs="amsgrad"),
+    Slot("first_moment", "exp_avg", "mu"),
+    Slot("second_moment", "exp_avg_sq", "nu"),
+    Slot("max_second_moment", "max_exp_avg_sq", "nu_max", needs="amsgrad"),
 )
-_AMSGRAD_STOCK = MappingProxyType({"ScaleByAmsgradState": "ScaleByAmsgradTorchState"})
 _ADAM_HYPERPARAMS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximize": False}
-_RMS = ("ScaleByRmsTorchState", "ScaleByRStdDevTorchState")
-_ADAM_INJECTED = MappingProxyType({"learning_rate": ("lr", None), "b1": ("betas", 0), "b2": ("betas", 1),
-                                             "eps": ("eps", None), "eps_root": (None, None),
-                                             "weight_decay": ("weight_decay", None)})
+_ADAM_INJECTED = MappingProxyType(
+    {
+        "learning_rate": ("lr", None),
+        "b1": ("betas", 0),
+        "b2": ("betas", 1),
+        "eps": ("eps", None),
+        "eps_root": (None, None),
+        "weight_decay": ("weight_decay", None),
+    }
+)
 
 OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
     OptimizerSpec(
         name="sgd",
         torch_class="SGD",
-        hyperparams=MappingProxyType({"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
-                                      "nesterov": False, "maximize": False}),
-        slots=(Slot("momentum", "momentum_buffer", ("TraceState",), "trace", needs="momentum"),),
+        hyperparams=MappingProxyType(
+            {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False}
+        ),
+        slots=(Slot("momentum", "momentum_buffer", "trace", needs="momentum"),),
         optax_hyperparams=MappingProxyType({"learning_rate": ("lr", None), "momentum": ("momentum", None)}),
         has_step=False,
-        count_states=(),
         decoupled_weight_decay=False,
         moment_hyperparams=("momentum", "dampening"),
-        refusals_before_first_step=(Refusal(
-            "dampening", 0.0, "dampening on a parameter without a momentum buffer (torch's first step "
-            "stores the undampened gradient)"),),
+        refusals_before_first_step=(
+            Refusal(
+                "dampening",
+                0.0,
+                "dampening on a parameter without a momentum buffer (torch's first step "
+                "stores the undampened gradient)",
+            ),
+        ),
     ),
     OptimizerSpec(
         name="adam",
@@ -193,12 +257,9 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         hyperparams=MappingProxyType({**_ADAM_HYPERPARAMS, "weight_decay": 0.0, "decoupled_weight_decay": False}),
         slots=_ADAM_SLOTS,
         has_step=True,
-        count_states=_ADAM,
         decoupled_weight_decay=False,
         moment_hyperparams=("betas", "amsgrad"),
         optax_hyperparams=_ADAM_INJECTED,
-        custom_transforms=MappingProxyType({"amsgrad": "scale_by_amsgrad_torch"}),
-        stock_states=_AMSGRAD_STOCK,
     ),
     OptimizerSpec(
         name="adamw",
@@ -206,23 +267,19 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         hyperparams=MappingProxyType({**_ADAM_HYPERPARAMS, "weight_decay": 1e-2, "decoupled_weight_decay": True}),
         slots=_ADAM_SLOTS,
         has_step=True,
-        count_states=_ADAM,
         decoupled_weight_decay=True,
         must_give=("lr", "weight_decay"),
         moment_hyperparams=("betas", "amsgrad"),
         optax_hyperparams=_ADAM_INJECTED,
-        custom_transforms=MappingProxyType({"amsgrad": "scale_by_amsgrad_torch"}),
-        stock_states=_AMSGRAD_STOCK,
     ),
     OptimizerSpec(
         name="adamax",
         torch_class="Adamax",
-        hyperparams=MappingProxyType({"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
-                                      "maximize": False}),
-        slots=(Slot("first_moment", "exp_avg", ("ScaleByAdamState",), "mu"),
-               Slot("infinity_norm", "exp_inf", ("ScaleByAdamState",), "nu")),
+        hyperparams=MappingProxyType(
+            {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "maximize": False}
+        ),
+        slots=(Slot("first_moment", "exp_avg", "mu"), Slot("infinity_norm", "exp_inf", "nu")),
         has_step=True,
-        count_states=("ScaleByAdamState",),
         decoupled_weight_decay=False,
         moment_hyperparams=("betas", "eps"),  # eps enters the stored infinity norm
         optax_hyperparams=_ADAM_INJECTED,
@@ -230,72 +287,89 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
     OptimizerSpec(
         name="nadam",
         torch_class="NAdam",
-        hyperparams=MappingProxyType({"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
-                                      "momentum_decay": 4e-3, "decoupled_weight_decay": False, "maximize": False}),
-        slots=(Slot("first_moment", "exp_avg", ("ScaleByNadamTorchState",), "mu"),
-               Slot("second_moment", "exp_avg_sq", ("ScaleByNadamTorchState",), "nu"),
-               Slot("momentum_product", "mu_product", ("ScaleByNadamTorchState",), "mu_product", shape="scalar",
-                    initial=1.0)),
+        hyperparams=MappingProxyType(
+            {
+                "lr": 2e-3,
+                "betas": (0.9, 0.999),
+                "eps": 1e-8,
+                "weight_decay": 0.0,
+                "momentum_decay": 4e-3,
+                "decoupled_weight_decay": False,
+                "maximize": False,
+            }
+        ),
+        slots=(
+            Slot("first_moment", "exp_avg", "mu"),
+            Slot("second_moment", "exp_avg_sq", "nu"),
+            Slot("momentum_product", "mu_product", "mu_product", shape="scalar", initial=1.0),
+        ),
         has_step=True,
-        count_states=("ScaleByNadamTorchState",),
         decoupled_weight_decay=False,
         must_give=("lr", "momentum_decay"),
         moment_hyperparams=("betas", "momentum_decay"),
-        custom_transforms=MappingProxyType({None: "scale_by_nadam_torch"}),
     ),
     OptimizerSpec(
         name="radam",
         torch_class="RAdam",
-        hyperparams=MappingProxyType({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
-                                      "decoupled_weight_decay": False, "maximize": False}),
-        slots=(Slot("first_moment", "exp_avg", ("ScaleByRAdamTorchState",), "mu"),
-               Slot("second_moment", "exp_avg_sq", ("ScaleByRAdamTorchState",), "nu")),
+        hyperparams=MappingProxyType(
+            {
+                "lr": 1e-3,
+                "betas": (0.9, 0.999),
+                "eps": 1e-8,
+                "weight_decay": 0.0,
+                "decoupled_weight_decay": False,
+                "maximize": False,
+            }
+        ),
+        slots=(Slot("first_moment", "exp_avg", "mu"), Slot("second_moment", "exp_avg_sq", "nu")),
         has_step=True,
-        count_states=("ScaleByRAdamTorchState",),
         decoupled_weight_decay=False,
         moment_hyperparams=("betas",),
-        custom_transforms=MappingProxyType({None: "scale_by_radam_torch"}),
-        stock_states=MappingProxyType({"ScaleByAdamState": "ScaleByRAdamTorchState"}),
     ),
     OptimizerSpec(
         name="adafactor",
         torch_class="Adafactor",
-        hyperparams=MappingProxyType({"lr": 1e-2, "beta2_decay": -0.8, "eps": (None, 1e-3), "d": 1.0,
-                                      "weight_decay": 0.0, "maximize": False}),
-        slots=(Slot("row_variance", "row_var", ("FactoredTorchState",), "v_row", shape="rows", min_ndim=2),
-               Slot("column_variance", "col_var", ("FactoredTorchState",), "v_col", shape="cols", min_ndim=2),
-               Slot("second_moment", "variance", ("FactoredTorchState",), "v", max_ndim=1)),
+        hyperparams=MappingProxyType(
+            {"lr": 1e-2, "beta2_decay": -0.8, "eps": (None, 1e-3), "d": 1.0, "weight_decay": 0.0, "maximize": False}
+        ),
+        slots=(
+            Slot("row_variance", "row_var", "v_row", shape="rows", min_ndim=2),
+            Slot("column_variance", "col_var", "v_col", shape="cols", min_ndim=2),
+            Slot("second_moment", "variance", "v", max_ndim=1),
+        ),
         has_step=True,
-        count_states=("FactoredTorchState", "ScaleByRelativeStepTorchState"),
         decoupled_weight_decay=True,
         lr_in_scaler=True,
-        stock_states=MappingProxyType({"FactoredState": "FactoredTorchState"}),
         moment_hyperparams=("beta2_decay", "eps"),
-        custom_transforms=MappingProxyType({None: "scale_by_adafactor_torch", "lr": "scale_by_relative_step_torch"}),
         layout="factored",
     ),
     OptimizerSpec(
         name="lion",
         torch_class="Lion",  # Optax's; torch.optim has none
         hyperparams=MappingProxyType({"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 1e-3, "maximize": False}),
-        slots=(Slot("first_moment", "exp_avg", ("ScaleByLionState",), "mu"),),
+        slots=(Slot("first_moment", "exp_avg", "mu"),),
         has_step=True,
-        count_states=("ScaleByLionState",),
         decoupled_weight_decay=True,
         must_give=("lr", "weight_decay"),
         moment_hyperparams=("betas",),
-        optax_hyperparams=MappingProxyType({"learning_rate": ("lr", None), "b1": ("betas", 0), "b2": ("betas", 1),
-                                            "weight_decay": ("weight_decay", None)}),
+        optax_hyperparams=MappingProxyType(
+            {
+                "learning_rate": ("lr", None),
+                "b1": ("betas", 0),
+                "b2": ("betas", 1),
+                "weight_decay": ("weight_decay", None),
+            }
+        ),
         in_torch=False,
     ),
     OptimizerSpec(
         name="lamb",
         torch_class="LAMB",  # Optax's; torch.optim has none
-        hyperparams=MappingProxyType({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0,
-                                      "maximize": False}),
+        hyperparams=MappingProxyType(
+            {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "maximize": False}
+        ),
         slots=_ADAM_SLOTS[:2],
         has_step=True,
-        count_states=("ScaleByAdamState",),
         decoupled_weight_decay=True,
         must_give=("lr",),
         moment_hyperparams=("betas",),
@@ -307,68 +381,97 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
     OptimizerSpec(
         name="muon",
         torch_class="Muon",
-        hyperparams=MappingProxyType({"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True,
-                                      "ns_coefficients": (3.4445, -4.775, 2.0315), "eps": 1e-7, "ns_steps": 5,
-                                      "adjust_lr_fn": None}),
-        slots=(Slot("momentum", "momentum_buffer", ("ScaleByMuonTorchState",), "momentum_buffer",
-                    min_ndim=2, max_ndim=2),),
+        hyperparams=MappingProxyType(
+            {
+                "lr": 1e-3,
+                "weight_decay": 0.1,
+                "momentum": 0.95,
+                "nesterov": True,
+                "ns_coefficients": (3.4445, -4.775, 2.0315),
+                "eps": 1e-7,
+                "ns_steps": 5,
+                "adjust_lr_fn": None,
+            }
+        ),
+        slots=(Slot("momentum", "momentum_buffer", "momentum_buffer", min_ndim=2, max_ndim=2),),
         has_step=False,
-        count_states=(),
         decoupled_weight_decay=True,
         must_give=("lr", "weight_decay"),
         moment_hyperparams=("momentum",),
-        custom_transforms=MappingProxyType({None: "scale_by_muon_torch"}),
-        approximate=("torch's bfloat16 Newton-Schulz is not reproducible bit for bit (bit-identical on small "
-                     "matrices on CPU; a few bfloat16 ulps, ~3e-3 per step, on 128x256)"),
+        approximate=(
+            "torch's bfloat16 Newton-Schulz is not reproducible bit for bit (bit-identical on small "
+            "matrices on CPU; a few bfloat16 ulps, ~3e-3 per step, on 128x256)"
+        ),
         layout="matrix",
     ),
     OptimizerSpec(
         name="rmsprop",
         torch_class="RMSprop",
-        hyperparams=MappingProxyType({"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0,
-                                      "momentum": 0.0, "centered": False, "maximize": False}),
-        slots=(Slot("second_moment", "square_avg", _RMS, "nu"),
-               Slot("first_moment", "grad_avg", ("ScaleByRStdDevTorchState",), "mu", needs="centered"),
-               Slot("momentum", "momentum_buffer", ("TraceState",), "trace", needs="momentum")),
+        hyperparams=MappingProxyType(
+            {
+                "lr": 1e-2,
+                "alpha": 0.99,
+                "eps": 1e-8,
+                "weight_decay": 0.0,
+                "momentum": 0.0,
+                "centered": False,
+                "maximize": False,
+            }
+        ),
+        slots=(
+            Slot("second_moment", "square_avg", "nu"),
+            Slot("first_moment", "grad_avg", "mu", needs="centered"),
+            Slot("momentum", "momentum_buffer", "trace", needs="momentum"),
+        ),
         has_step=True,  # torch counts it but never reads it; Optax keeps no count
-        count_states=(),
         decoupled_weight_decay=False,
         must_give=("lr", "alpha"),
         moment_hyperparams=("alpha", "centered", "momentum"),
-        custom_transforms=MappingProxyType({None: "scale_by_rms_torch"}),
-        stock_states=MappingProxyType({"ScaleByRmsState": "ScaleByRmsTorchState",
-                                       "ScaleByRStdDevState": "ScaleByRStdDevTorchState"}),
-        optax_hyperparams=MappingProxyType({"learning_rate": ("lr", None), "decay": ("alpha", None),
-                                            "eps": ("eps", None), "initial_scale": (None, None),
-                                            "momentum": ("momentum", None)}),
+        optax_hyperparams=MappingProxyType(
+            {
+                "learning_rate": ("lr", None),
+                "decay": ("alpha", None),
+                "eps": ("eps", None),
+                "initial_scale": (None, None),
+                "momentum": ("momentum", None),
+            }
+        ),
     ),
     OptimizerSpec(
         name="adagrad",
         torch_class="Adagrad",
-        hyperparams=MappingProxyType({"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0,
-                                      "initial_accumulator_value": 0.0, "eps": 1e-10, "maximize": False}),
-        slots=(Slot("sum_of_squares", "sum", ("ScaleByRssTorchState",), "sum_of_squares",
-                    initial_from="initial_accumulator_value"),),
+        hyperparams=MappingProxyType(
+            {
+                "lr": 1e-2,
+                "lr_decay": 0.0,
+                "weight_decay": 0.0,
+                "initial_accumulator_value": 0.0,
+                "eps": 1e-10,
+                "maximize": False,
+            }
+        ),
+        slots=(Slot("sum_of_squares", "sum", "sum_of_squares", initial_from="initial_accumulator_value"),),
         has_step=True,
-        count_states=("ScaleByLrDecayTorchState",),  # absent without lr_decay
         decoupled_weight_decay=False,
         must_give=("lr", "eps"),
         moment_hyperparams=("initial_accumulator_value",),
-        custom_transforms=MappingProxyType({None: "scale_by_rss_torch", "lr_decay": "scale_by_lr_decay_torch"}),
-        stock_states=MappingProxyType({"ScaleByRssState": "ScaleByRssTorchState"}),
     ),
     OptimizerSpec(
         name="adadelta",
         torch_class="Adadelta",
         hyperparams=MappingProxyType({"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0, "maximize": False}),
-        slots=(Slot("second_moment", "square_avg", ("ScaleByAdaDeltaState",), "e_g"),
-               Slot("update_second_moment", "acc_delta", ("ScaleByAdaDeltaState",), "e_x")),
+        slots=(Slot("second_moment", "square_avg", "e_g"), Slot("update_second_moment", "acc_delta", "e_x")),
         has_step=True,  # torch counts it but never reads it; Optax keeps no count
-        count_states=(),
         decoupled_weight_decay=False,
         moment_hyperparams=("rho", "eps"),  # eps enters the stored update moment
-        optax_hyperparams=MappingProxyType({"learning_rate": ("lr", None), "rho": ("rho", None),
-                                            "eps": ("eps", None), "weight_decay": ("weight_decay", None)}),
+        optax_hyperparams=MappingProxyType(
+            {
+                "learning_rate": ("lr", None),
+                "rho": ("rho", None),
+                "eps": ("eps", None),
+                "weight_decay": ("weight_decay", None),
+            }
+        ),
     ),
 )
 
@@ -387,5 +490,9 @@ def optimizer_spec(name: str) -> OptimizerSpec:
 
 
 def is_decoupled(spec: OptimizerSpec, hyperparams: Mapping[str, Any]) -> bool:
-    """Whether weight decay is decoupled (AdamW-style) for this group."""
+    """Whether weight decay is decoupled (AdamW-style) for this group.
+
+    >>> is_decoupled(optimizer_spec("adam"), {"decoupled_weight_decay": True})
+    True
+    """
     return bool(hyperparams.get("decoupled_weight_decay", spec.decoupled_weight_decay))

@@ -16,7 +16,6 @@ memory map) is copied file to file inside the kernel (``copy_file_range``). Read
 from __future__ import annotations
 
 import bisect
-from concurrent.futures import ThreadPoolExecutor
 import errno
 import json
 import math
@@ -27,8 +26,10 @@ import re
 import struct
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -36,6 +37,9 @@ import numpy as np
 from ..atomic import atomic_file, atomic_files
 from ..errors import FormatError
 from .state import Metadata, OptimizerState, ParamInfo, Path
+
+if TYPE_CHECKING:  # the format registry's option records; at run time the schema imports no converter
+    from ..converters.formats import ReadOptions, WriteOptions
 
 FORMAT_VERSION = 1
 METADATA_KEY = "optstate"
@@ -52,11 +56,20 @@ _MAX_SYSCALL_BYTES = 1 << 30
 _NOT_SUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOTSOCK}
 
 DTYPES: Mapping[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
     "BOOL": np.dtype("bool"),
 }
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
@@ -98,6 +111,7 @@ def parse_tensor_key(key: str) -> tuple[str, Path]:
 
 # ----------------------------------------------------------------------------- metadata
 
+
 def encode_extra(value: Any) -> Any:
     """Free-form metadata (a torch scheduler's state) as JSON: Counters tagged, tuples as lists."""
     if isinstance(value, Counter):
@@ -138,8 +152,9 @@ def state_metadata(state: OptimizerState) -> dict[str, Any]:
             {"path": list(p.path), "shape": list(p.shape), "dtype": p.dtype, "group": p.group, "step": p.step}
             for p in state.params
         ],
-        "weights": None if state.weights is None else [
-            {"path": list(path), "shape": list(a.shape), "dtype": str(a.dtype)} for path, a in state.weights.items()],
+        "weights": None
+        if state.weights is None
+        else [{"path": list(path), "shape": list(a.shape), "dtype": str(a.dtype)} for path, a in state.weights.items()],
         "buffers": [list(p) for p in state.buffers],
         "slots": [{"slot": slot, "path": list(path), "dtype": str(a.dtype)} for (slot, path), a in state.slots.items()],
         "metadata": encode_extra(state.metadata.to_json()),
@@ -149,20 +164,27 @@ def state_metadata(state: OptimizerState) -> dict[str, Any]:
 def check_format_version(meta: Mapping[str, Any], source: str) -> None:
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise FormatError(f"{source}: format_version {version!r} is not supported; "
-                          f"this optstate reads format_version {FORMAT_VERSION}")
+        raise FormatError(
+            f"{source}: format_version {version!r} is not supported; "
+            f"this optstate reads format_version {FORMAT_VERSION}"
+        )
 
 
-def state_from_metadata(meta: Mapping[str, Any], arrays: Mapping[tuple[str, Path], np.ndarray],
-                        source: str) -> OptimizerState:
+def state_from_metadata(
+    meta: Mapping[str, Any], arrays: Mapping[tuple[str, Path], np.ndarray], source: str
+) -> OptimizerState:
     """Rebuild an OptimizerState from its JSON document and ``(kind, path) -> array``."""
     check_format_version(meta, source)
     try:
-        params = tuple(ParamInfo(tuple(p["path"]), tuple(p["shape"]), p["dtype"], p["group"], p["step"])
-                       for p in meta["params"])
+        params = tuple(
+            ParamInfo(tuple(p["path"]), tuple(p["shape"]), p["dtype"], p["group"], p["step"]) for p in meta["params"]
+        )
         slots = {(s["slot"], tuple(s["path"])): arrays[(s["slot"], tuple(s["path"]))] for s in meta["slots"]}
-        weights = None if meta["weights"] is None else {
-            tuple(w["path"]): arrays[("model", tuple(w["path"]))] for w in meta["weights"]}
+        weights = (
+            None
+            if meta["weights"] is None
+            else {tuple(w["path"]): arrays[("model", tuple(w["path"]))] for w in meta["weights"]}
+        )
         return OptimizerState(
             optimizer=meta["optimizer"],
             param_groups=tuple({k: _from_json(v) for k, v in g.items()} for g in meta["param_groups"]),
@@ -177,6 +199,7 @@ def state_from_metadata(meta: Mapping[str, Any], arrays: Mapping[tuple[str, Path
 
 
 # ----------------------------------------------------------------------------- where an array's bytes lie in a file
+
 
 @dataclass(frozen=True)
 class FileSpan:
@@ -213,13 +236,14 @@ def _shared_file_mappings() -> list[_Mapping]:
             addresses, _, offset, device, inode, path = fields
             start, end = (int(a, 16) for a in addresses.split(b"-"))
             major, minor = (int(d, 16) for d in device.split(b":"))
-            mappings.append(_Mapping(start, end, int(offset, 16), (os.makedev(major, minor), int(inode)),
-                                     os.fsdecode(path)))
+            mappings.append(
+                _Mapping(start, end, int(offset, 16), (os.makedev(major, minor), int(inode)), os.fsdecode(path))
+            )
     return mappings
 
 
 def _views_an_mmap(array: np.ndarray) -> bool:
-    base = array
+    base: Any = array
     while isinstance(base, np.ndarray):
         base = base.base
     return isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
@@ -259,6 +283,7 @@ def file_span(array: np.ndarray, mappings: Sequence[_Mapping] | None = None) -> 
 
 # ----------------------------------------------------------------------------- writing
 
+
 class _Entry(NamedTuple):
     key: str
     value: Any  # an ndarray, or a lazy array-like: .shape, .dtype, __array__()
@@ -282,8 +307,11 @@ def _header(entries: Sequence[_Entry], metadata: Mapping[str, str]) -> bytes:
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for e in entries:
-        header[e.key] = {"dtype": dtype_code(e.dtype), "shape": list(e.shape),
-                         "data_offsets": [offset, offset + e.nbytes]}
+        header[e.key] = {
+            "dtype": dtype_code(e.dtype),
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
         offset += e.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # safetensors aligns the data to 8 bytes
@@ -301,20 +329,34 @@ def _c_order_blocks(array: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
     else:
         rows = _CHUNK_BYTES // row_bytes
         for i in range(0, len(array), rows):
-            yield np.ascontiguousarray(array[i:i + rows], dtype=dtype)
+            yield np.ascontiguousarray(array[i : i + rows], dtype=dtype)
 
 
-def _little_endian(array: np.ndarray) -> Iterator[np.ndarray]:
+def little_endian_bytes(array: np.ndarray) -> Iterator[np.ndarray]:
     """``array``'s bytes in C order and little-endian, as uint8 arrays: one view when it is both
-    already, else copies of at most ``_CHUNK_BYTES`` (byte-swapped, gathered from strides)."""
+    already, else copies of at most 16 MiB (byte-swapped, gathered from strides). The torch file
+    writer (:mod:`optstate.converters.torch.ptfile`) lays tensors out the same way.
+
+    >>> [block.tolist() for block in little_endian_bytes(np.array([1, 2], dtype=">u2"))]
+    [[1, 0, 2, 0]]
+    """
     for block in _c_order_blocks(array, array.dtype.newbyteorder("<")):
         yield block.reshape(-1).view(np.uint8)
 
 
-def _write_all(fd: int, data: np.ndarray) -> None:
-    view = memoryview(data)
+def write_all(fd: int, data: np.ndarray) -> None:
+    """Write all of ``data``'s bytes at ``fd``'s position, however many ``os.write`` calls that takes (one
+    writes at most 1 GiB here; Linux writes at most about 2 GiB a call).
+
+    >>> import tempfile
+    >>> fd, name = tempfile.mkstemp()
+    >>> write_all(fd, np.frombuffer(b"abc", np.uint8)); os.close(fd)
+    >>> pathlib.Path(name).read_bytes()
+    b'abc'
+    """
+    view = data.data
     while view:
-        view = view[os.write(fd, view[:_MAX_SYSCALL_BYTES]):]
+        view = view[os.write(fd, view[:_MAX_SYSCALL_BYTES]) :]
 
 
 def _copy_file_range(src: int, out: int, offset: int, count: int) -> int:
@@ -342,8 +384,10 @@ def _copy_span(span: FileSpan, out: int, nbytes: int) -> int:
                 while done < nbytes:
                     copied = copy(src, out, span.offset + done, nbytes - done)
                     if copied == 0:
-                        raise FormatError(f"{span.path}: ends before byte {span.offset + nbytes} of an array "
-                                          "mapped from it (the file shrank while mapped)")
+                        raise FormatError(
+                            f"{span.path}: ends before byte {span.offset + nbytes} of an array "
+                            "mapped from it (the file shrank while mapped)"
+                        )
                     done += copied
                 return done
             except (OSError, AttributeError) as exc:  # AttributeError: no os.copy_file_range here
@@ -357,32 +401,39 @@ def _copy_span(span: FileSpan, out: int, nbytes: int) -> int:
 def _write_tensor(fd: int, entry: _Entry, array: np.ndarray, mappings: Sequence[_Mapping] | None) -> None:
     """Write one entry's materialised ``array`` at ``fd``'s position."""
     if array.shape != entry.shape or array.dtype.newbyteorder("<") != entry.dtype:
-        raise FormatError(f"tensor {entry.key!r}: the array has shape {list(array.shape)} and dtype {array.dtype}, "
-                          f"the header declared shape {list(entry.shape)} and dtype {entry.dtype}")
+        raise FormatError(
+            f"tensor {entry.key!r}: the array has shape {list(array.shape)} and dtype {array.dtype}, "
+            f"the header declared shape {list(entry.shape)} and dtype {entry.dtype}"
+        )
     done = 0
     if array.nbytes >= _COPY_MIN_BYTES and array.dtype == entry.dtype:
         span = file_span(array, mappings)
         done = _copy_span(span, fd, array.nbytes) if span else 0
     if done:
-        _write_all(fd, array.reshape(-1).view(np.uint8)[done:])
+        write_all(fd, array.reshape(-1).view(np.uint8)[done:])
     else:
-        for block in _little_endian(array):
-            _write_all(fd, block)
+        for block in little_endian_bytes(array):
+            write_all(fd, block)
 
 
-def _write_file(path: str | os.PathLike, entries: Sequence[_Entry], metadata: Mapping[str, str],
-                progress: Callable[[int], Any] | None) -> None:
+def _write_file(
+    path: str | os.PathLike,
+    entries: Sequence[_Entry],
+    metadata: Mapping[str, str],
+    progress: Callable[[int], Any] | None,
+) -> None:
     """Write a safetensors file into ``path``, an empty file (a fresh temporary)."""
     # Arrays that exist now keep their mappings alive for the whole write, so one snapshot serves
     # them all; a lazy entry's array may be mapped later, at an address an old mapping had: read anew.
     mappings = _shared_file_mappings()
     # Not "wb": ext4 starts writing back, on close, a file that was truncated to zero and rewritten.
     with open(path, "r+b", buffering=0) as f, ThreadPoolExecutor(1) as ahead:
-        _write_all(f.fileno(), np.frombuffer(_header(entries, metadata), np.uint8))
+        write_all(f.fileno(), np.frombuffer(_header(entries, metadata), np.uint8))
         # The next lazy entry (a layout move: a transpose) is computed while this one is written; two
         # tensors in memory at most, and both cores busy.
         pending = ahead.submit(np.asarray, entries[0].value) if entries else None
         for i, entry in enumerate(entries):
+            assert pending is not None  # one is submitted for each entry
             array = pending.result()
             pending = ahead.submit(np.asarray, entries[i + 1].value) if i + 1 < len(entries) else None
             _write_tensor(f.fileno(), entry, array, mappings if isinstance(entry.value, np.ndarray) else None)
@@ -391,8 +442,15 @@ def _write_file(path: str | os.PathLike, entries: Sequence[_Entry], metadata: Ma
                 progress(entry.nbytes)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, Any]], metadata: Mapping[str, str],
-                      *, force: bool = False, fsync: bool = True, progress: Callable[[int], Any] | None = None) -> None:
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Iterable[tuple[str, Any]],
+    metadata: Mapping[str, str],
+    *,
+    force: bool = False,
+    fsync: bool = True,
+    progress: Callable[[int], Any] | None = None,
+) -> None:
     """Write ``(key, array)`` pairs in the safetensors layout, atomically, streaming one tensor at a time.
 
     An array may be lazy: any object with ``.shape``, ``.dtype`` and ``__array__()``; the header is
@@ -413,7 +471,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, Any]
 def _shard_stem(path: pathlib.Path) -> str:
     for suffix in (INDEX_SUFFIX, ".safetensors"):
         if path.name.endswith(suffix) and len(path.name) > len(suffix):
-            return path.name[:-len(suffix)]
+            return path.name[: -len(suffix)]
     return path.name
 
 
@@ -432,8 +490,13 @@ def _plan_shards(entries: Sequence[_Entry], max_bytes: int) -> list[list[_Entry]
 
 def _is_file_name(name: Any) -> bool:
     """A plain file name: no directory part, no ``..``: a shard lies beside its index."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
-            and "\0" not in name and "\\" not in name)
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and os.path.basename(name) == name
+        and "\0" not in name
+        and "\\" not in name
+    )
 
 
 def _shard_name(stem: str, k: int, n: int) -> str:
@@ -450,9 +513,16 @@ def _indexed_shards(index: pathlib.Path, stem: str) -> set[str]:
         return set()
 
 
-def write_sharded(path: str | os.PathLike, tensors: Iterable[tuple[str, Any]], document: Mapping[str, Any], *,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False, fsync: bool = True,
-                  progress: Callable[[int], Any] | None = None) -> pathlib.Path:
+def write_sharded(
+    path: str | os.PathLike,
+    tensors: Iterable[tuple[str, Any]],
+    document: Mapping[str, Any],
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+    fsync: bool = True,
+    progress: Callable[[int], Any] | None = None,
+) -> pathlib.Path:
     """Write the tensors as ``<stem>-0000k-of-0000N.safetensors`` shards plus ``<stem>.safetensors.index.json``.
 
     ``path`` names the index or ends in ``.safetensors`` (the stem). All files go to temporary names
@@ -477,11 +547,16 @@ def write_sharded(path: str | os.PathLike, tensors: Iterable[tuple[str, Any]], d
     names = [_shard_name(stem, k, len(shards)) for k in range(1, len(shards) + 1)]
     save_id = uuid.uuid4().hex
     stale = _indexed_shards(index, stem) - set(names) if force else set()
-    document = {"metadata": {"total_size": sum(e.nbytes for shard in shards for e in shard), SAVE_KEY: save_id,
-                             METADATA_KEY: dict(document)},
-                "weight_map": {e.key: name for name, shard in zip(names, shards) for e in shard}}
+    document = {
+        "metadata": {
+            "total_size": sum(e.nbytes for shard in shards for e in shard),
+            SAVE_KEY: save_id,
+            METADATA_KEY: dict(document),
+        },
+        "weight_map": {e.key: name for name, shard in zip(names, shards, strict=True) for e in shard},
+    }
     with atomic_files([*(index.with_name(n) for n in names), index], force=force, fsync=fsync) as tmps:
-        for k, (tmp, shard) in enumerate(zip(tmps, shards), 1):
+        for k, (tmp, shard) in enumerate(zip(tmps, shards, strict=False), 1):  # the last tmp is the index's
             _write_file(tmp, shard, {SHARD_KEY: f"{k}/{len(shards)}", SAVE_KEY: save_id}, progress)
         tmps[-1].write_text(json.dumps(document, indent=2))
     for name in stale:
@@ -489,8 +564,15 @@ def write_sharded(path: str | os.PathLike, tensors: Iterable[tuple[str, Any]], d
     return index
 
 
-def save(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
-         max_shard_bytes: int | None = None, progress: Callable[[int], Any] | None = None) -> pathlib.Path:
+def save(
+    state: OptimizerState,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    fsync: bool = True,
+    max_shard_bytes: int | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> pathlib.Path:
     """Write ``state`` as a canonical file, atomically, one tensor at a time; returns the path to :func:`load`.
 
     With ``max_shard_bytes``, or a ``path`` ending in ``.safetensors.index.json``, the tensors go to
@@ -510,13 +592,23 @@ def save(state: OptimizerState, path: str | os.PathLike, *, force: bool = False,
     path = pathlib.Path(path)
     tensors = ((tensor_key(kind, p), a) for kind, p, a in state.iter_tensors())
     if max_shard_bytes is not None or path.name.endswith(INDEX_SUFFIX):
-        return write_sharded(path, tensors, state_metadata(state), force=force, fsync=fsync, progress=progress,
-                             max_shard_bytes=DEFAULT_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
-    write_safetensors(path, tensors, {METADATA_KEY: json.dumps(state_metadata(state))}, force=force, fsync=fsync,
-                      progress=progress)
+        return write_sharded(
+            path,
+            tensors,
+            state_metadata(state),
+            force=force,
+            fsync=fsync,
+            progress=progress,
+            max_shard_bytes=DEFAULT_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes,
+        )
+    write_safetensors(
+        path, tensors, {METADATA_KEY: json.dumps(state_metadata(state))}, force=force, fsync=fsync, progress=progress
+    )
     return path
 
+
 # ----------------------------------------------------------------------------- reading
+
 
 def _header_entry(key: str, entry: Any, source: str) -> tuple[np.dtype, tuple[int, ...], int, int]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
@@ -531,8 +623,10 @@ def _header_entry(key: str, entry: Any, source: str) -> tuple[np.dtype, tuple[in
         raise FormatError(f"{source}: tensor {key!r}: malformed data_offsets {offsets!r}")
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
-        raise FormatError(f"{source}: tensor {key!r}: shape {shape} of {entry['dtype']} needs "
-                          f"{math.prod(shape) * dtype.itemsize} bytes, data_offsets span {end - begin}")
+        raise FormatError(
+            f"{source}: tensor {key!r}: shape {shape} of {entry['dtype']} needs "
+            f"{math.prod(shape) * dtype.itemsize} bytes, data_offsets span {end - begin}"
+        )
     return dtype, tuple(shape), begin, end
 
 
@@ -545,8 +639,10 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise FormatError(f"{source}: header length {header_len} does not fit a file of {size} bytes "
-                              "(truncated or not a safetensors file)")
+            raise FormatError(
+                f"{source}: header length {header_len} does not fit a file of {size} bytes "
+                "(truncated or not a safetensors file)"
+            )
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -561,12 +657,15 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     expected = 0
     for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
         if begin != expected:
-            raise FormatError(f"{source}: tensor {key!r} starts at byte {begin}, expected {expected} "
-                              "(overlapping or non-contiguous data)")
+            raise FormatError(
+                f"{source}: tensor {key!r} starts at byte {begin}, expected {expected} "
+                "(overlapping or non-contiguous data)"
+            )
         expected = end
     if expected != data_len:
-        raise FormatError(f"{source}: tensors cover {expected} bytes of data, the file holds {data_len} "
-                          "(truncated or trailing bytes)")
+        raise FormatError(
+            f"{source}: tensors cover {expected} bytes of data, the file holds {data_len} (truncated or trailing bytes)"
+        )
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if data_len else np.empty(0, np.uint8)
     arrays = {key: data[begin:end].view(dtype).reshape(shape) for key, (dtype, shape, begin, end) in entries.items()}
     return arrays, metadata
@@ -599,8 +698,11 @@ def _read_index(index: pathlib.Path) -> tuple[dict[str, Any], dict[str, str]]:
         document = json.loads(index.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{source}: not valid JSON ({exc})") from exc
-    if not (isinstance(document, dict) and isinstance(document.get("metadata"), dict)
-            and isinstance(document.get("weight_map"), dict)):
+    if not (
+        isinstance(document, dict)
+        and isinstance(document.get("metadata"), dict)
+        and isinstance(document.get("weight_map"), dict)
+    ):
         raise FormatError(f"{source}: not a safetensors index (a JSON object with 'metadata' and 'weight_map')")
     for key, shard in document["weight_map"].items():
         if not _is_file_name(shard):
@@ -608,23 +710,28 @@ def _read_index(index: pathlib.Path) -> tuple[dict[str, Any], dict[str, str]]:
     return document["metadata"], document["weight_map"]
 
 
-def _read_shard(index: pathlib.Path, shard: str, keys: set[str], save_id: Any,
-                weight_map: Mapping[str, str]) -> dict[str, np.ndarray]:
+def _read_shard(
+    index: pathlib.Path, shard: str, keys: set[str], save_id: Any, weight_map: Mapping[str, str]
+) -> dict[str, np.ndarray]:
     """One shard's arrays, which must be exactly the tensors the index places in it, of the same save."""
     path = index.with_name(shard)
     if not path.is_file():
         raise FormatError(f"{index}: shard {shard} (holding {sorted(keys)[0]!r}) is missing")
     arrays, metadata = read_safetensors(path)
     if metadata.get(SAVE_KEY) != save_id:
-        raise FormatError(f"{path}: written by another save than {index} ({SAVE_KEY} {metadata.get(SAVE_KEY)!r}, "
-                          f"the index has {save_id!r})")
+        raise FormatError(
+            f"{path}: written by another save than {index} ({SAVE_KEY} {metadata.get(SAVE_KEY)!r}, "
+            f"the index has {save_id!r})"
+        )
     missing, extra = sorted(keys - arrays.keys()), sorted(arrays.keys() - keys)
     if missing:
         raise FormatError(f"{path}: tensor {missing[0]!r} is missing; the index {index.name} places it in this shard")
     if extra:
         elsewhere = weight_map.get(extra[0])
-        raise FormatError(f"{path}: holds tensor {extra[0]!r}, which the index {index.name} "
-                          + (f"places in {elsewhere}" if elsewhere else "does not list"))
+        raise FormatError(
+            f"{path}: holds tensor {extra[0]!r}, which the index {index.name} "
+            + (f"places in {elsewhere}" if elsewhere else "does not list")
+        )
     return arrays
 
 
@@ -653,11 +760,46 @@ def load(path: str | os.PathLike) -> OptimizerState:
     arrays, metadata = read_safetensors(path)
     if METADATA_KEY not in metadata:
         if SHARD_KEY in metadata:
-            raise FormatError(f"{source}: shard {metadata[SHARD_KEY]} of a sharded save; load its "
-                              f"{INDEX_SUFFIX} file")
+            raise FormatError(f"{source}: shard {metadata[SHARD_KEY]} of a sharded save; load its {INDEX_SUFFIX} file")
         raise FormatError(f"{source}: a safetensors file without optstate metadata (model weights only?)")
     try:
         meta = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise FormatError(f"{source}: optstate metadata is not valid JSON ({exc})") from exc
     return _state_from_tensors(meta, arrays, source)
+
+
+# ----------------------------------------------------------------------------- the "optstate" format's entries
+
+
+def read(path: str | os.PathLike, options: ReadOptions) -> OptimizerState:
+    """The reader of the ``optstate`` format (:mod:`optstate.converters.formats`): :func:`load`. The file
+    records everything the options could say, so they are not needed.
+
+    >>> import tempfile
+    >>> from optstate.converters.formats import ReadOptions
+    >>> s = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float64", 0),), {})
+    >>> read(save(s, tempfile.mkdtemp() + "/s.safetensors"), ReadOptions()).optimizer
+    'sgd'
+    """
+    return load(path)
+
+
+def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
+    """The writer of the ``optstate`` format: :func:`save`, sharded when ``options.max_shard_bytes`` says so.
+
+    >>> import tempfile
+    >>> from optstate.converters.formats import WriteOptions
+    >>> s = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float64", 0),), {})
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> write(s, d / "s.safetensors", WriteOptions(max_shard_bytes=2**20)); sorted(p.name for p in d.iterdir())
+    ['s-00001-of-00001.safetensors', 's.safetensors.index.json']
+    """
+    save(
+        state,
+        path,
+        force=options.force,
+        fsync=options.fsync,
+        max_shard_bytes=options.max_shard_bytes,
+        progress=options.progress,
+    )

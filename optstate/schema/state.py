@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -43,7 +44,6 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(getattr(ml_dtypes, name, None) or name)
 
 
-
 def all_finite(array: np.ndarray, chunk: int = 1 << 24) -> bool:
     """Whether every value is finite, in bounded memory (a block at a time; one value of a broadcast).
 
@@ -55,7 +55,7 @@ def all_finite(array: np.ndarray, chunk: int = 1 << 24) -> bool:
     if array.ndim == 0 or not array.flags.c_contiguous:
         return bool(np.isfinite(array).all())
     flat = array.reshape(-1)
-    return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
+    return all(np.isfinite(flat[i : i + chunk]).all() for i in range(0, flat.size, chunk))
 
 
 def non_finite_slot(path: Path, slot: str) -> FormatError:
@@ -64,8 +64,10 @@ def non_finite_slot(path: Path, slot: str) -> FormatError:
     >>> str(non_finite_slot(("fc", "weight"), "first_moment"))[:50]
     "fc.weight: slot 'first_moment' holds non-finite va"
     """
-    return FormatError(f"{path_to_name(path)}: slot {slot!r} holds non-finite values (NaN or inf); "
-                       "the run diverged or the file is corrupt")
+    return FormatError(
+        f"{path_to_name(path)}: slot {slot!r} holds non-finite values (NaN or inf); "
+        "the run diverged or the file is corrupt"
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,8 +107,10 @@ class Deferred:
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         array = self.compute()
         if array.shape != self.shape or array.dtype != self.dtype:
-            raise FormatError(f"a deferred array computed as {list(array.shape)} {array.dtype}, "
-                              f"declared {list(self.shape)} {self.dtype}")
+            raise FormatError(
+                f"a deferred array computed as {list(array.shape)} {array.dtype}, "
+                f"declared {list(self.shape)} {self.dtype}"
+            )
         if dtype is not None:
             array = array.astype(dtype, copy=bool(copy))
         elif copy:  # NumPy trusts __array__ with copy=True: a view of the source would alias it
@@ -137,7 +141,9 @@ class Metadata:
     is a torch LR scheduler's state_dict as read (plain values; converted to an Optax schedule
     exactly or refused). ``schedule_count`` is an Optax LR schedule's count where it is not the
     optimizer's own. ``lr_horizon`` is the last step a schedule that never settles is asked for.
-    ``layout`` is the layout moves applied (``Layout.to_json()``), so the way back can undo them.
+    ``constant_lr`` is the user's word that the learning rate stays at the param groups' values where a
+    scheduler was attached but its state is not carried. ``layout`` is the layout moves applied
+    (``Layout.to_json()``), so the way back can undo them.
     ``approximate`` says why this state's continuation is not bit-exact; ``None`` when it is.
 
     >>> m = Metadata(source="torch", lr_horizon=100)
@@ -149,6 +155,7 @@ class Metadata:
     lr_scheduler: Mapping[str, Any] | None = None
     schedule_count: int | None = None
     lr_horizon: int | None = None
+    constant_lr: bool | None = None
     layout: Mapping[str, Any] | None = None
     approximate: str | None = None
 
@@ -157,7 +164,7 @@ class Metadata:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
     @classmethod
-    def from_json(cls, document: Mapping[str, Any]) -> "Metadata":
+    def from_json(cls, document: Mapping[str, Any]) -> Metadata:
         """The record from :meth:`to_json`'s document; an unknown key is refused by name."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(document) - known)
@@ -204,12 +211,14 @@ class OptimizerState:
             if info is None:
                 raise FormatError(f"{path_to_name(path)}: slot {slot!r} for a parameter the optimizer does not track")
             if not slots[slot].applies(info.shape):
-                raise FormatError(f"{path_to_name(path)}: slot {slot!r} is not kept for a parameter of shape "
-                                  f"{list(info.shape)}")
+                raise FormatError(
+                    f"{path_to_name(path)}: slot {slot!r} is not kept for a parameter of shape {list(info.shape)}"
+                )
             expected = slots[slot].torch_shape(info.shape)
             if tuple(array.shape) != expected:
-                raise FormatError(f"{path_to_name(path)}: slot {slot!r} has shape {list(array.shape)}, "
-                                  f"expected {list(expected)}")
+                raise FormatError(
+                    f"{path_to_name(path)}: slot {slot!r} has shape {list(array.shape)}, expected {list(expected)}"
+                )
             if not isinstance(array, Deferred) and not all_finite(array):  # a Deferred's source was checked
                 raise non_finite_slot(path, slot)
         for info in self.params:
@@ -218,8 +227,10 @@ class OptimizerState:
             if self.weights is not None and info.path in self.weights:
                 w = self.weights[info.path]
                 if tuple(w.shape) != info.shape:
-                    raise FormatError(f"{path_to_name(info.path)}: weight has shape {list(w.shape)}, "
-                                      f"the optimizer state {list(info.shape)}")
+                    raise FormatError(
+                        f"{path_to_name(info.path)}: weight has shape {list(w.shape)}, "
+                        f"the optimizer state {list(info.shape)}"
+                    )
 
     @property
     def spec(self) -> OptimizerSpec:
@@ -258,18 +269,20 @@ class OptimizerState:
         distinct = sorted(set(steps.values()))
         if len(distinct) > 1:
             examples = ", ".join(
-                f"{path_to_name(next(p for p, s in steps.items() if s == v))} at step {v}" for v in distinct[:4])
+                f"{path_to_name(next(p for p, s in steps.items() if s == v))} at step {v}" for v in distinct[:4]
+            )
             raise UnsupportedError(
                 f"parameters have taken different numbers of steps ({examples}); torch skips a parameter "
                 "whose gradient is None, Optax keeps one count per transform, so this state has no exact "
-                "Optax counterpart yet")
+                "Optax counterpart yet"
+            )
         return distinct[0] if distinct else 0
 
-    def with_metadata(self, **fields: Any) -> "OptimizerState":
+    def with_metadata(self, **fields: Any) -> OptimizerState:
         """This state with the named metadata fields replaced (``None`` clears one)."""
         return dataclasses.replace(self, metadata=dataclasses.replace(self.metadata, **fields))
 
-    def reset(self, names: Iterable[str]) -> "OptimizerState":
+    def reset(self, names: Iterable[str]) -> OptimizerState:
         """This state with the named slots back at their initial values (``"step"`` zeroes the steps).
 
         Slots are named canonically (``first_moment``) or by their torch key (``exp_avg``).
@@ -285,19 +298,28 @@ class OptimizerState:
         by_name = {s.name: s.name for s in spec.slots} | {s.torch_key: s.name for s in spec.slots}
         unknown = [n for n in names if n not in by_name and n != "step"]
         if unknown:
-            raise UnsupportedError(f"{spec.torch_class} has no slot {unknown[0]!r} "
-                                   f"(its slots: {', '.join(sorted(by_name))}, and step)")
+            raise UnsupportedError(
+                f"{spec.torch_class} has no slot {unknown[0]!r} (its slots: {', '.join(sorted(by_name))}, and step)"
+            )
         zeroed = {by_name[n] for n in names if n != "step"}
 
         def initial(slot: str, path: Path) -> float:
             s = spec.slot(slot)
-            return spec.with_defaults(self.param_groups[self.param(path).group])[s.initial_from] \
-                if s.initial_from else s.initial
+            return (
+                spec.with_defaults(self.param_groups[self.param(path).group])[s.initial_from]
+                if s.initial_from
+                else s.initial
+            )
 
-        slots = {(slot, path): np.full_like(a, initial(slot, path)) if slot in zeroed else a
-                 for (slot, path), a in self.slots.items()}
-        params = tuple(dataclasses.replace(p, step=0 if p.step is not None else None) for p in self.params) \
-            if "step" in names else self.params
+        slots = {
+            (slot, path): np.full_like(a, initial(slot, path)) if slot in zeroed else a
+            for (slot, path), a in self.slots.items()
+        }
+        params = (
+            tuple(dataclasses.replace(p, step=0 if p.step is not None else None) for p in self.params)
+            if "step" in names
+            else self.params
+        )
         return dataclasses.replace(self, slots=slots, params=params)
 
     def iter_tensors(self) -> Iterator[tuple[str, Path, np.ndarray]]:

@@ -12,8 +12,9 @@ import asyncio
 import dataclasses
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path as FsPath
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -21,13 +22,30 @@ import orbax.checkpoint as ocp
 
 from ...atomic import atomic_directory
 from ...errors import FormatError, UnsupportedError
-from ...schema.fileformat import (check_format_version, parse_tensor_key, read_safetensors, state_from_metadata,
-                                  state_metadata, tensor_key, write_safetensors)
 from ...schema.families import optimizer_spec
+from ...schema.fileformat import (
+    check_format_version,
+    parse_tensor_key,
+    read_safetensors,
+    state_from_metadata,
+    state_metadata,
+    tensor_key,
+    write_safetensors,
+)
 from ...schema.state import Deferred, OptimizerState, Path, numpy_dtype, path_to_name
-from .optax import (fill_state, from_optax, key_path_to_path, named_optimizer, nest, param_shapes, recorded_types,
-                    restored_types, template)
+from ..formats import ReadOptions, WriteOptions
 from ..schedules.torch_schedulers import last_epoch, restore_torch_scheduler_state
+from .optax import (
+    fill_state,
+    from_optax,
+    key_path_to_path,
+    named_optimizer,
+    nest,
+    param_shapes,
+    recorded_types,
+    restored_types,
+    template,
+)
 
 SIDECAR = "optstate.json"
 BUFFERS = "buffers.safetensors"
@@ -68,8 +86,13 @@ def _checkpointer(progress: Callable[[int], None] | None) -> ocp.Checkpointer:
     every compressed chunk until the end, and optimizer moments hardly compress."""
     arrays, scalar = _ArrayWriter(progress), ocp.type_handlers.ScalarHandler()
     registry = ocp.type_handlers.create_type_handler_registry(
-        (int, scalar), (float, scalar), (np.number, scalar), (np.ndarray, arrays), (Deferred, arrays),
-        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+        (int, scalar),
+        (float, scalar),
+        (np.number, scalar),
+        (np.ndarray, arrays),
+        (Deferred, arrays),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+    )
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
 
 
@@ -78,18 +101,25 @@ def _leaf(array: Any) -> Any:
     return array if isinstance(array, Deferred) else np.asarray(array)
 
 
-def save_optax_dir(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
-                   progress: Callable[[int], None] | None = None) -> None:
+def save_optax_dir(
+    state: OptimizerState,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    fsync: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """Write ``state`` as an Orbax checkpoint directory plus ``optstate.json``, atomically, holding a few
     arrays in memory at a time (``progress(nbytes)`` as each array is written)."""
     _, _, opt_state = template(state)
     tree = {"opt_state": fill_state(state, opt_state, _leaf)}
+    weights = state.weights or {}  # buffers are weights: none without them
     if state.weights is not None:
-        tree["params"] = nest({p: _leaf(state.weights[p]) for p in param_shapes(state)})
-    stats = {p[1:]: _leaf(state.weights[p]) for p in state.buffers if p[0] == BATCH_STATS}
+        tree["params"] = nest({p: _leaf(weights[p]) for p in param_shapes(state)})
+    stats = {p[1:]: _leaf(weights[p]) for p in state.buffers if p[0] == BATCH_STATS}
     if stats:  # BatchNorm statistics in a Flax layout: the linen collection, beside params
         tree[BATCH_STATS] = nest(stats)
-    buffers = [(tensor_key("model", p), state.weights[p]) for p in state.buffers if p[0] != BATCH_STATS]
+    buffers = [(tensor_key("model", p), weights[p]) for p in state.buffers if p[0] != BATCH_STATS]
     with atomic_directory(path, force=force, fsync=fsync) as tmp:
         _checkpointer(progress).save(os.path.abspath(tmp), args=ocp.args.PyTreeSave(tree))
         sidecar = {**state_metadata(state), "optax_types": recorded_types(opt_state)}
@@ -104,10 +134,15 @@ def _skeleton(meta: Mapping[str, Any], source: str) -> OptimizerState:
     try:
         shapes = {tuple(p["path"]): p["shape"] for p in meta["params"]}
         spec = optimizer_spec(meta["optimizer"])
-        arrays = {("model", tuple(w["path"])): _placeholder(w["shape"], w["dtype"])
-                  for w in meta.get("weights") or []}
-        arrays.update({(s["slot"], tuple(s["path"])): _placeholder(
-            spec.slot(s["slot"]).torch_shape(tuple(shapes[tuple(s["path"])])), s["dtype"]) for s in meta["slots"]})
+        arrays = {("model", tuple(w["path"])): _placeholder(w["shape"], w["dtype"]) for w in meta.get("weights") or []}
+        arrays.update(
+            {
+                (s["slot"], tuple(s["path"])): _placeholder(
+                    spec.slot(s["slot"]).torch_shape(tuple(shapes[tuple(s["path"])])), s["dtype"]
+                )
+                for s in meta["slots"]
+            }
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{source}: malformed optstate metadata ({type(exc).__name__}: {exc})") from None
     return state_from_metadata(meta, arrays, source)
@@ -142,6 +177,7 @@ def _with_shardings(target: Any, sharding: jax.sharding.Sharding | Sharder | Non
 
     def place(key_path: Any, leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=pick(key_path_to_path(key_path), leaf))
+
     return jax.tree_util.tree_map_with_path(place, target)
 
 
@@ -149,27 +185,33 @@ def _restore(path: str | os.PathLike, sharding: Any = None) -> tuple[Any, Any, A
     directory = FsPath(path)
     meta = _read_sidecar(directory)
     if meta is None:
-        raise FormatError(f"{directory}: no {SIDECAR}; not written by optstate convert --to optax "
-                          "(read it with optstate.from_optax and your own tx)")
+        raise FormatError(
+            f"{directory}: no {SIDECAR}; not written by optstate convert --to optax "
+            "(read it with optstate.from_optax and your own tx)"
+        )
     state = _skeleton(meta, str(directory / SIDECAR))
     if not (directory / "_CHECKPOINT_METADATA").exists() and not (directory / "_METADATA").exists():
         raise FormatError(f"{directory}: {SIDECAR} but no Orbax checkpoint beside it")
-    if _needs_x64(param_shapes(state)) and not jax.config.jax_enable_x64:
-        raise UnsupportedError(f"{directory} holds 64-bit arrays, which JAX would silently round to 32 bits; "
-                               "call jax.config.update('jax_enable_x64', True) first (or set JAX_ENABLE_X64=1)")
+    if _needs_x64(param_shapes(state)) and not jax.config.jax_enable_x64:  # type: ignore[attr-defined]
+        raise UnsupportedError(
+            f"{directory} holds 64-bit arrays, which JAX would silently round to 32 bits; "
+            "call jax.config.update('jax_enable_x64', True) first (or set JAX_ENABLE_X64=1)"
+        )
     tx, params, opt_state = template(state)
     target = {"opt_state": opt_state}
     if state.weights is not None:
         target["params"] = params
-    stats = {p[1:]: state.weights[p] for p in state.buffers if p[0] == BATCH_STATS}
+    weights = state.weights or {}  # buffers are weights: none without them
+    stats = {p[1:]: weights[p] for p in state.buffers if p[0] == BATCH_STATS}
     if stats:
         target[BATCH_STATS] = nest({p: jax.ShapeDtypeStruct(a.shape, a.dtype) for p, a in stats.items()})
     restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), _with_shardings(target, sharding))
     return restored.get("params"), restored["opt_state"], tx, restored.get(BATCH_STATS)
 
 
-def load_optax(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | Sharder | None = None
-               ) -> tuple[Any, Any, Any]:
+def load_optax(
+    path: str | os.PathLike, *, sharding: jax.sharding.Sharding | Sharder | None = None
+) -> tuple[Any, Any, Any]:
     """``(params, opt_state, tx)`` from a directory that ``optstate convert --to optax`` wrote.
 
     ``params`` is ``None`` when the converted checkpoint held no model weights. Float64 state
@@ -184,8 +226,9 @@ def load_optax(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | Sha
     return _restore(path, sharding)[:3]
 
 
-def load_flax(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | Sharder | None = None
-              ) -> tuple[Any, Any, Any]:
+def load_flax(
+    path: str | os.PathLike, *, sharding: jax.sharding.Sharding | Sharder | None = None
+) -> tuple[Any, Any, Any]:
     """``(variables, opt_state, tx)`` from a directory that ``convert --to optax --target-params`` wrote
     for a Flax linen model: ``variables`` is ``{"params": ..., "batch_stats": ...}`` (the latter when
     the model has BatchNorm), ready for ``model.apply``. ``sharding`` as for :func:`load_optax`.
@@ -208,8 +251,9 @@ def _with_sidecar(state: OptimizerState, written: OptimizerState) -> OptimizerSt
         count = last_epoch(scheduler) if metadata.schedule_count is None else metadata.schedule_count
         if count != last_epoch(scheduler):
             scheduler = restore_torch_scheduler_state(scheduler, count, param_groups=written.param_groups)
-        metadata = dataclasses.replace(metadata, lr_scheduler=scheduler, schedule_count=None,
-                                       lr_horizon=written.metadata.lr_horizon)
+        metadata = dataclasses.replace(
+            metadata, lr_scheduler=scheduler, schedule_count=None, lr_horizon=written.metadata.lr_horizon
+        )
     return dataclasses.replace(state, params=params, metadata=metadata)
 
 
@@ -224,9 +268,14 @@ def _restore_as_numpy(directory: FsPath) -> Any:
     return ocp.PyTreeCheckpointer().restore(os.path.abspath(directory), restore_args=restore_args)
 
 
-def read_optax_dir(path: str | os.PathLike, *, optimizer: str | None = None,
-                   hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-                   allow_approximate: bool = False, optstate_transform: bool = False) -> OptimizerState:
+def read_optax_dir(
+    path: str | os.PathLike,
+    *,
+    optimizer: str | None = None,
+    hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    allow_approximate: bool = False,
+    optstate_transform: bool = False,
+) -> OptimizerState:
     """The canonical state of an Orbax checkpoint of ``{"params": ..., "opt_state": ...}``.
 
     Optimizer and hyperparameters come from the arguments, else from ``optstate.json`` when the
@@ -249,25 +298,86 @@ def read_optax_dir(path: str | os.PathLike, *, optimizer: str | None = None,
     skeleton = None if meta is None else _skeleton(meta, str(directory / SIDECAR))
     if optimizer is None and skeleton is not None:
         optimizer = skeleton.optimizer
-        hyperparams = [dict(hp, params=[path_to_name(p.path) for p in skeleton.group_params(gi)])
-                       for gi, hp in enumerate(skeleton.param_groups)]
+        hyperparams = [
+            dict(hp, params=[path_to_name(p.path) for p in skeleton.group_params(gi)])
+            for gi, hp in enumerate(skeleton.param_groups)
+        ]
     params = tree.get("params")
     if params is None:
         if skeleton is None:
             raise FormatError(f"{directory}: no 'params' in the checkpoint, so parameter shapes are unknown")
         params = nest(param_shapes(skeleton))
-    opt_state = restored_types(tree["opt_state"], named_optimizer(optimizer),
-                               optstate_transform=optstate_transform or meta is not None,
-                               recorded=None if meta is None else meta.get("optax_types"))
-    state = from_optax(opt_state, params, optimizer=optimizer, hyperparams=hyperparams,
-                       allow_approximate=allow_approximate)
+    opt_state = restored_types(
+        tree["opt_state"],
+        named_optimizer(optimizer),
+        optstate_transform=optstate_transform or meta is not None,
+        recorded=None if meta is None else meta.get("optax_types"),
+    )
+    state = from_optax(
+        opt_state, params, optimizer=optimizer, hyperparams=hyperparams, allow_approximate=allow_approximate
+    )
     if skeleton is not None:
         state = _with_sidecar(state, skeleton)
     buffers_file = directory / BUFFERS
-    buffers = {(BATCH_STATS, *key_path_to_path(kp)): np.asarray(leaf)
-               for kp, leaf in jax.tree_util.tree_flatten_with_path(tree.get(BATCH_STATS, {}))[0]}
+    buffers = {
+        (BATCH_STATS, *key_path_to_path(kp)): np.asarray(leaf)
+        for kp, leaf in jax.tree_util.tree_flatten_with_path(tree.get(BATCH_STATS, {}))[0]
+    }
     if buffers_file.is_file():
         buffers.update({parse_tensor_key(key)[1]: array for key, array in read_safetensors(buffers_file)[0].items()})
     if state.weights is None or not buffers:
         return state
     return dataclasses.replace(state, weights={**state.weights, **buffers}, buffers=tuple(buffers))
+
+
+# ----------------------------------------------------------------------------- the "optax" format's entries
+
+
+def enable_x64() -> None:
+    """Turn on JAX's 64-bit mode, so that float64 state stays float64 (else JAX rounds it to float32).
+
+    The switch is global to the process: the command line turns it on before it reads an Orbax
+    checkpoint (converting is that process's whole job); a library caller decides for itself.
+
+    >>> before = jax.config.jax_enable_x64
+    >>> enable_x64(); jax.numpy.zeros(1, "float64").dtype
+    dtype('float64')
+    >>> jax.config.update("jax_enable_x64", before)
+    """
+    jax.config.update("jax_enable_x64", True)
+
+
+def read(path: str | os.PathLike, options: ReadOptions) -> OptimizerState:
+    """The reader of the ``optax`` format (:mod:`optstate.converters.formats`): :func:`read_optax_dir`, with
+    every option (an Orbax checkpoint does not record what optimizer made its state).
+
+    >>> import tempfile, optstate
+    >>> s = optstate.OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+    ...     (optstate.ParamInfo(("w",), (2,), "float32", 0),), {("momentum", ("w",)): np.ones(2, np.float32)})
+    >>> d = tempfile.mkdtemp() + "/out"
+    >>> save_optax_dir(s, d)
+    >>> read(d, ReadOptions()).slots[("momentum", ("w",))].tolist()
+    [1.0, 1.0]
+    """
+    return read_optax_dir(
+        path,
+        optimizer=options.optimizer,
+        hyperparams=options.hyperparams,
+        allow_approximate=options.allow_approximate,
+        optstate_transform=options.optstate_transform,
+    )
+
+
+def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
+    """The writer of the ``optax`` format: :func:`save_optax_dir` (Orbax chunks arrays itself: never sharded by
+    size).
+
+    >>> import tempfile, optstate
+    >>> s = optstate.OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+    ...     (optstate.ParamInfo(("w",), (2,), "float32", 0),), {("momentum", ("w",)): np.ones(2, np.float32)})
+    >>> d = tempfile.mkdtemp() + "/out"
+    >>> write(s, d, WriteOptions())
+    >>> read_optax_dir(d).optimizer
+    'sgd'
+    """
+    save_optax_dir(state, path, force=options.force, fsync=options.fsync, progress=options.progress)

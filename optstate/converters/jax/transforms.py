@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,21 +39,21 @@ __all__ = [
     "FactoredTorchState",
     "ScaleByAmsgradTorchState",
     "ScaleByLrDecayTorchState",
+    "ScaleByMuonTorchState",
+    "ScaleByNadamTorchState",
     "ScaleByRAdamTorchState",
     "ScaleByRStdDevTorchState",
     "ScaleByRelativeStepTorchState",
     "ScaleByRmsTorchState",
     "ScaleByRssTorchState",
-    "ScaleByMuonTorchState",
-    "ScaleByNadamTorchState",
     "scale_by_adafactor_torch",
     "scale_by_amsgrad_torch",
     "scale_by_lr_decay_torch",
-    "scale_by_relative_step_torch",
-    "scale_by_rms_torch",
     "scale_by_muon_torch",
     "scale_by_nadam_torch",
     "scale_by_radam_torch",
+    "scale_by_relative_step_torch",
+    "scale_by_rms_torch",
     "scale_by_rss_torch",
 ]
 
@@ -61,7 +62,7 @@ __all__ = [
 # mirrors: a converter finds states by type, so a stock state (a different formula) is never taken
 # for a torch-exact one.
 class ScaleByAmsgradTorchState(NamedTuple):
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in Optax's states
     mu: optax.Updates
     nu: optax.Updates
     nu_max: optax.Updates  # max of the raw second moment (torch's max_exp_avg_sq)
@@ -72,13 +73,23 @@ class ScaleByRssTorchState(NamedTuple):
 
 
 class ScaleByRAdamTorchState(NamedTuple):
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in Optax's states
     mu: optax.Updates
     nu: optax.Updates
 
 
 class FactoredTorchState(NamedTuple):
-    count: jax.Array
+    """State of :func:`scale_by_adafactor_torch`, laid out as stock Optax's ``FactoredState``.
+
+    For a parameter with ``ndim >= 2`` of shape ``[..., n, m]``: ``v_row`` = torch ``row_var``
+    squeezed on its last axis (shape ``[..., n]``), ``v_col`` = torch ``col_var`` squeezed on its
+    second-last axis (shape ``[..., m]``), and ``v`` is a ``(1,)`` zero placeholder. For
+    ``ndim <= 1``: ``v`` = torch ``variance`` (the parameter's shape), and ``v_row`` and ``v_col``
+    are ``(1,)`` zero placeholders, as in Optax. ``count`` = torch ``step``; the schedule's
+    ``ScaleByScheduleState.count`` must equal it too.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in Optax's states
     v_row: optax.Updates
     v_col: optax.Updates
     v: optax.Updates
@@ -109,20 +120,26 @@ def scale_by_rms_torch(alpha: float = 0.99, eps: float = 1e-8, centered: bool = 
     Stock :func:`optax.scale_by_rms` / :func:`optax.scale_by_stddev` compute this with
     ``eps_in_sqrt=False, bias_correction=False, initial_scale=0`` (their default puts eps inside the
     square root, 3.7e-5 off torch); this wraps them so the state says which formula made it.
+
+    >>> type(scale_by_rms_torch(centered=True).init(jnp.zeros(2))).__name__
+    'ScaleByRStdDevTorchState'
     """
     kwargs = dict(decay=alpha, eps=eps, initial_scale=0.0, eps_in_sqrt=False, bias_correction=False)
     inner = optax.scale_by_stddev(**kwargs) if centered else optax.scale_by_rms(**kwargs)
-    wrap = (lambda st: ScaleByRStdDevTorchState(st.mu, st.nu)) if centered else (lambda st: ScaleByRmsTorchState(st.nu))
-    unwrap = (lambda st: optax.ScaleByRStdDevState(st.mu, st.nu)) if centered else (lambda st: optax.ScaleByRmsState(st.nu))
+    stock, exact = (
+        (optax.ScaleByRStdDevState, ScaleByRStdDevTorchState)
+        if centered
+        else (optax.ScaleByRmsState, ScaleByRmsTorchState)
+    )
 
     def update_fn(updates, state, params=None):
-        updates, inner_state = inner.update(updates, unwrap(state), params)
-        return updates, wrap(inner_state)
+        updates, inner_state = inner.update(updates, stock(**state._asdict()), params)
+        return updates, exact(**inner_state._asdict())
 
-    return optax.GradientTransformation(lambda params: wrap(inner.init(params)), update_fn)
+    return optax.GradientTransformation(lambda params: exact(**inner.init(params)._asdict()), update_fn)
 
 
-def _scale_by_count(factor, state_type) -> optax.GradientTransformation:
+def _scale_by_count(factor: Callable[[jax.Array], jax.Array], state_type: type) -> optax.GradientTransformation:
     """Multiply updates by ``factor(count)`` (count = updates taken so far), then count one more."""
 
     def update_fn(updates, state, params=None):
@@ -138,14 +155,25 @@ def scale_by_lr_decay_torch(lr_decay: float) -> optax.GradientTransformation:
     """torch Adagrad's ``clr = lr / (1 + (step - 1) * lr_decay)``, without the lr.
 
     Its own count: an LR scheduler's count is the optimizer's, this one is the parameter's step.
+
+    >>> tx = scale_by_lr_decay_torch(1.0)
+    >>> updates, state = tx.update(jnp.ones(2), tx.init(jnp.ones(2)))  # step 1: lr / (1 + 0)
+    >>> tx.update(jnp.ones(2), state)[0].tolist()  # step 2: lr / (1 + 1)
+    [0.5, 0.5]
     """
     return _scale_by_count(lambda count: 1 / (1 + _step(count) * lr_decay), ScaleByLrDecayTorchState)
 
 
 def scale_by_relative_step_torch(lr: float) -> optax.GradientTransformation:
-    """torch Adafactor's step size ``min(lr, 1 / sqrt(step))``; use it in place of the learning rate."""
-    return _scale_by_count(lambda count: -jnp.minimum(lr, 1 / jnp.sqrt(_step(count) + 1)),
-                           ScaleByRelativeStepTorchState)
+    """torch Adafactor's step size ``min(lr, 1 / sqrt(step))``; use it in place of the learning rate.
+
+    >>> tx = scale_by_relative_step_torch(lr=0.5)
+    >>> tx.update(jnp.ones(2), tx.init(jnp.ones(2)))[0].tolist()  # step 1: -min(0.5, 1)
+    [-0.5, -0.5]
+    """
+    return _scale_by_count(
+        lambda count: -jnp.minimum(lr, 1 / jnp.sqrt(_step(count) + 1)), ScaleByRelativeStepTorchState
+    )
 
 
 def _step(count: jax.Array) -> jax.Array:
@@ -198,6 +226,10 @@ def scale_by_amsgrad_torch(
 
     Returns:
       A :class:`optax.GradientTransformation`.
+
+    >>> state = scale_by_amsgrad_torch().init({"w": jnp.zeros(2)})
+    >>> int(state.count), state.nu_max["w"].shape
+    (0, (2,))
     """
 
     def init_fn(params):
@@ -248,12 +280,15 @@ def scale_by_rss_torch(
 
     Returns:
       A :class:`optax.GradientTransformation`.
+
+    >>> tx = scale_by_rss_torch(eps=0.0)
+    >>> updates, state = tx.update(jnp.full(2, 2.0), tx.init(jnp.zeros(2)))
+    >>> updates.tolist(), state.sum_of_squares.tolist()
+    ([1.0, 1.0], [4.0, 4.0])
     """
 
     def init_fn(params):
-        return ScaleByRssTorchState(
-            sum_of_squares=optax.tree.full_like(params, initial_accumulator_value)
-        )
+        return ScaleByRssTorchState(sum_of_squares=optax.tree.full_like(params, initial_accumulator_value))
 
     def update_fn(updates, state, params=None):
         del params
@@ -267,7 +302,7 @@ def scale_by_rss_torch(
 class ScaleByNadamTorchState(NamedTuple):
     """State of :func:`scale_by_nadam_torch`, field for field torch NAdam's per-parameter state."""
 
-    count: jax.Array  # torch `step`; int32 scalar like every Optax count.
+    count: jax.Array  # type: ignore[assignment]  # torch `step`; an int32 scalar, like every Optax count
     mu_product: jax.Array  # torch `mu_product`, the product of mu_1..mu_t; scalar.
     mu: optax.Updates  # torch `exp_avg`.
     nu: optax.Updates  # torch `exp_avg_sq`.
@@ -278,7 +313,7 @@ def scale_by_nadam_torch(
     b2: float = 0.999,
     eps: float = 1e-8,
     momentum_decay: float = 4e-3,
-    mu_product_dtype: Optional[Any] = jnp.float64,
+    mu_product_dtype: Any | None = jnp.float64,
 ) -> optax.GradientTransformation:
     """Rescale updates as ``torch.optim.NAdam`` does, momentum schedule included.
 
@@ -313,6 +348,10 @@ def scale_by_nadam_torch(
 
     Returns:
       A :class:`optax.GradientTransformation` with state :class:`ScaleByNadamTorchState`.
+
+    >>> state = scale_by_nadam_torch(mu_product_dtype=jnp.float32).init(jnp.zeros(2))
+    >>> float(state.mu_product), state.mu_product.dtype.name
+    (1.0, 'float32')
     """
     mu_product_dtype = jax.dtypes.canonicalize_dtype(mu_product_dtype)
 
@@ -329,14 +368,7 @@ def scale_by_nadam_torch(
         count = optax.safe_increment(state.count)
         step = _step(count)
         bias_correction2 = 1 - b2**step
-        mu_t = b1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
-        mu_next = b1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
-        # torch multiplies its stored tensor in place by a Python float, which rounds mu_t to the
-        # tensor's dtype first.
-        mu_product = state.mu_product * mu_t.astype(state.mu_product.dtype)
-        mu_product_value = mu_product.astype(step.dtype)
-        coef_grad = (1.0 - mu_t) / (1.0 - mu_product_value)
-        coef_mu = mu_next / (1.0 - mu_product_value * mu_next)
+        mu_product, coef_grad, coef_mu = _nadam_momentum_schedule(step, state.mu_product, b1, momentum_decay)
         mu, nu = _update_moments(updates, state.mu, state.nu, b1, b2)
 
         def direction(g, m, v):
@@ -347,6 +379,22 @@ def scale_by_nadam_torch(
         return updates, ScaleByNadamTorchState(count=count, mu_product=mu_product, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _nadam_momentum_schedule(
+    step: jax.Array, mu_product: jax.Array, b1: float, momentum_decay: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """torch NAdam's momentum schedule at ``step``: the new ``mu_product``, and the coefficients of the
+    gradient and of the first moment in the update."""
+    mu_t = b1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = b1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    # torch multiplies its stored tensor in place by a Python float, which rounds mu_t to the
+    # tensor's dtype first.
+    mu_product = mu_product * mu_t.astype(mu_product.dtype)
+    mu_product_value = mu_product.astype(step.dtype)
+    coef_grad = (1.0 - mu_t) / (1.0 - mu_product_value)
+    coef_mu = mu_next / (1.0 - mu_product_value * mu_next)
+    return mu_product, coef_grad, coef_mu
 
 
 def scale_by_radam_torch(
@@ -381,6 +429,10 @@ def scale_by_radam_torch(
 
     Returns:
       A :class:`optax.GradientTransformation`.
+
+    >>> tx = scale_by_radam_torch(b1=0.5)
+    >>> tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))[0].tolist()  # rho_1 <= 5: the bias-corrected mean
+    [1.0, 1.0]
     """
     rho_inf = 2 / (1 - b2) - 1
 
@@ -397,13 +449,7 @@ def scale_by_radam_torch(
         step = _step(count)
         bias_correction1 = 1 - b1**step
         bias_correction2 = 1 - b2**step
-        rho_t = rho_inf - 2 * step * (b2**step) / bias_correction2
-        rectify = rho_t > 5.0
-        # The unselected branch is still evaluated; keep its sqrt argument finite and positive.
-        rho_safe = jnp.where(rectify, rho_t, rho_inf)
-        rect = jnp.sqrt(
-            (rho_safe - 4) * (rho_safe - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_safe)
-        )
+        rectify, rect = _radam_rectification(step, bias_correction2, b2, rho_inf)
         adaptive_numerator = jnp.sqrt(bias_correction2)
         mu, nu = _update_moments(updates, state.mu, state.nu, b1, b2)
 
@@ -418,6 +464,18 @@ def scale_by_radam_torch(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _radam_rectification(
+    step: jax.Array, bias_correction2: jax.Array, b2: float, rho_inf: float
+) -> tuple[jax.Array, jax.Array]:
+    """torch RAdam's variance rectification at ``step``: whether it applies (``rho_t > 5``), and its factor."""
+    rho_t = rho_inf - 2 * step * (b2**step) / bias_correction2
+    rectify = rho_t > 5.0
+    # The unselected branch is still evaluated; keep its sqrt argument finite and positive.
+    rho_safe = jnp.where(rectify, rho_t, rho_inf)
+    rect = jnp.sqrt((rho_safe - 4) * (rho_safe - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_safe))
+    return rectify, rect
+
+
 @dataclasses.dataclass
 class _AdafactorLeaf:
     """Per-parameter result; a plain dataclass so that ``jax.tree.map`` does not descend into it."""
@@ -430,7 +488,7 @@ class _AdafactorLeaf:
 
 def scale_by_adafactor_torch(
     beta2_decay: float = -0.8,
-    eps1: Optional[float] = None,
+    eps1: float | None = None,
     eps2: float = 1e-3,
     d: float = 1.0,
 ) -> optax.GradientTransformation:
@@ -466,13 +524,6 @@ def scale_by_adafactor_torch(
     the first parameter of the group and reuses it for the rest, which differs only when a group
     mixes dtypes.
 
-    The state is :class:`FactoredTorchState`. For a parameter with ``ndim >= 2`` of shape
-    ``[..., n, m]``: ``v_row`` = torch ``row_var`` squeezed on its last axis (shape ``[..., n]``),
-    ``v_col`` = torch ``col_var`` squeezed on its second-last axis (shape ``[..., m]``), and ``v``
-    is a ``(1,)`` zero placeholder. For ``ndim <= 1``: ``v`` = torch ``variance`` (the
-    parameter's shape), and ``v_row`` and ``v_col`` are ``(1,)`` zero placeholders, as in Optax.
-    ``count`` = torch ``step``; the schedule's ``ScaleByScheduleState.count`` must equal it too.
-
     Args:
       beta2_decay: torch ``beta2_decay`` (negative; Optax's ``decay_rate`` is its negation).
       eps1: torch ``eps[0]``, clamp for the variance estimate; ``None`` is the dtype's eps.
@@ -480,65 +531,96 @@ def scale_by_adafactor_torch(
       d: torch ``d``, the clipping threshold on the RMS of the unscaled update.
 
     Returns:
-      A :class:`optax.GradientTransformation` that requires ``params``.
+      A :class:`optax.GradientTransformation` that requires ``params``, with state
+      :class:`FactoredTorchState`.
+
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    >>> state = scale_by_adafactor_torch().init(params)
+    >>> state.v_row["w"].shape, state.v_col["w"].shape, state.v["b"].shape
+    ((4,), (3,), (3,))
     """
 
-    def init_leaf(param):
-        placeholder = jnp.zeros((1,), param.dtype)
-        if param.ndim > 1:
-            return _AdafactorLeaf(
-                update=placeholder,
-                v_row=jnp.zeros(param.shape[:-1], param.dtype),
-                v_col=jnp.zeros(param.shape[:-2] + param.shape[-1:], param.dtype),
-                v=placeholder,
-            )
-        return _AdafactorLeaf(placeholder, placeholder, placeholder, jnp.zeros_like(param))
-
-    def to_state(count, leaves):
-        return FactoredTorchState(
-            count=count,
-            v_row=jax.tree.map(lambda o: o.v_row, leaves),
-            v_col=jax.tree.map(lambda o: o.v_col, leaves),
-            v=jax.tree.map(lambda o: o.v, leaves),
-        )
-
     def init_fn(params):
-        return to_state(jnp.zeros([], jnp.int32), jax.tree.map(init_leaf, params))
+        return _factored_state(jnp.zeros([], jnp.int32), jax.tree.map(_adafactor_init_leaf, params))
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError(
-                "scale_by_adafactor_torch needs `params` in update(): torch scales by the parameter RMS"
-            )
+            raise ValueError("scale_by_adafactor_torch needs `params` in update(): torch scales by the parameter RMS")
         count = optax.safe_increment(state.count)
         beta2_t = _step(count) ** beta2_decay
 
         def update_leaf(g, v_row, v_col, v, param):
-            dtype = param.dtype
-            floor = jnp.finfo(dtype).eps if eps1 is None else eps1
-            weight = beta2_t.astype(dtype)
-            # torch reduces through .item(), i.e. in float64 from the parameter-dtype norm.
-            param_rms = jnp.linalg.norm(param).astype(beta2_t.dtype) / param.size**0.5
-            scale = jnp.maximum(eps2, param_rms)
-            if g.ndim > 1:
-                # torch squares a norm rather than averaging g*g; keep its rounding.
-                v_row = _lerp(v_row, jnp.square(jnp.linalg.norm(g, axis=-1)) / g.shape[-1], weight)
-                v_col = _lerp(v_col, jnp.square(jnp.linalg.norm(g, axis=-2)) / g.shape[-2], weight)
-                row_mean = jnp.maximum(jnp.mean(v_row, axis=-1), floor)[..., None, None]
-                var = v_row[..., :, None] * v_col[..., None, :] / row_mean
-            else:
-                v = _lerp(v, g * g, weight)
-                var = v
-            # torch's rsqrt_ is 1 / sqrt, which jax.lax.rsqrt need not round the same way.
-            u = g * (1.0 / jnp.sqrt(jnp.maximum(var, floor * floor)))
-            u_rms = jnp.linalg.norm(u).astype(beta2_t.dtype) / (u.size**0.5 * d)
-            clip = jnp.maximum(1.0, u_rms)
-            return _AdafactorLeaf((scale / clip).astype(dtype) * u, v_row, v_col, v)
+            return _adafactor_update_leaf(g, v_row, v_col, v, param, beta2_t, eps1, eps2, d)
 
         leaves = jax.tree.map(update_leaf, updates, state.v_row, state.v_col, state.v, params)
-        return jax.tree.map(lambda o: o.update, leaves), to_state(count, leaves)
+        return jax.tree.map(lambda o: o.update, leaves), _factored_state(count, leaves)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _adafactor_init_leaf(param: jax.Array) -> _AdafactorLeaf:
+    """One parameter's statistics before the first step: factored for a matrix (or a stack of them),
+    whole for a vector, with Optax's ``(1,)`` placeholder in the fields it does not use."""
+    placeholder = jnp.zeros((1,), param.dtype)
+    if param.ndim > 1:
+        return _AdafactorLeaf(
+            update=placeholder,
+            v_row=jnp.zeros(param.shape[:-1], param.dtype),
+            v_col=jnp.zeros(param.shape[:-2] + param.shape[-1:], param.dtype),
+            v=placeholder,
+        )
+    return _AdafactorLeaf(placeholder, placeholder, placeholder, jnp.zeros_like(param))
+
+
+def _factored_state(count: jax.Array, leaves: Any) -> FactoredTorchState:
+    """The state of a tree of per-parameter results."""
+    return FactoredTorchState(
+        count=count,
+        v_row=jax.tree.map(lambda o: o.v_row, leaves),
+        v_col=jax.tree.map(lambda o: o.v_col, leaves),
+        v=jax.tree.map(lambda o: o.v, leaves),
+    )
+
+
+def _adafactor_update_leaf(
+    g: jax.Array,
+    v_row: jax.Array,
+    v_col: jax.Array,
+    v: jax.Array,
+    param: jax.Array,
+    beta2_t: jax.Array,
+    eps1: float | None,
+    eps2: float,
+    d: float,
+) -> _AdafactorLeaf:
+    """One parameter's step: its statistics updated, and ``max(eps2, rms(param)) * u / max(1, rms(u) / d)``."""
+    dtype = param.dtype
+    floor = jnp.finfo(dtype).eps if eps1 is None else eps1
+    v_row, v_col, v, var = _adafactor_variance(g, v_row, v_col, v, beta2_t.astype(dtype), floor)
+    # torch reduces through .item(), i.e. in float64 from the parameter-dtype norm.
+    param_rms = jnp.linalg.norm(param).astype(beta2_t.dtype) / param.size**0.5
+    scale = jnp.maximum(eps2, param_rms)
+    # torch's rsqrt_ is 1 / sqrt, which jax.lax.rsqrt need not round the same way.
+    u = g * (1.0 / jnp.sqrt(jnp.maximum(var, floor * floor)))
+    u_rms = jnp.linalg.norm(u).astype(beta2_t.dtype) / (u.size**0.5 * d)
+    clip = jnp.maximum(1.0, u_rms)
+    return _AdafactorLeaf((scale / clip).astype(dtype) * u, v_row, v_col, v)
+
+
+def _adafactor_variance(
+    g: jax.Array, v_row: jax.Array, v_col: jax.Array, v: jax.Array, weight: jax.Array, floor: Any
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The statistics ``(v_row, v_col, v)`` moved towards ``g * g`` by ``weight``, and the variance
+    estimate they give: for a matrix, the outer product of the row and column means over the mean
+    of the rows; for a vector, the statistic itself."""
+    if g.ndim > 1:
+        # torch squares a norm rather than averaging g*g; keep its rounding.
+        v_row = _lerp(v_row, jnp.square(jnp.linalg.norm(g, axis=-1)) / g.shape[-1], weight)
+        v_col = _lerp(v_col, jnp.square(jnp.linalg.norm(g, axis=-2)) / g.shape[-2], weight)
+        row_mean = jnp.maximum(jnp.mean(v_row, axis=-1), floor)[..., None, None]
+        return v_row, v_col, v, v_row[..., :, None] * v_col[..., None, :] / row_mean
+    v = _lerp(v, g * g, weight)
+    return v_row, v_col, v, v
 
 
 class ScaleByMuonTorchState(NamedTuple):
@@ -553,7 +635,27 @@ class ScaleByMuonTorchState(NamedTuple):
 _MUON_ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
 
-def _muon_lr_ratio(adjust_lr_fn: Optional[str], shape) -> float:
+def _check_muon_arguments(
+    momentum: float, ns_coefficients: tuple[float, ...], ns_steps: int, adjust_lr_fn: str | None
+) -> None:
+    """Refuse what ``torch.optim.Muon`` refuses, with torch's messages."""
+    if adjust_lr_fn not in _MUON_ADJUST_LR_FNS:
+        raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+    if not momentum >= 0.0:
+        raise ValueError(f"momentum should be >= 0 but is: {momentum}")
+    if ns_steps >= 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+    if len(ns_coefficients) != 3:
+        raise ValueError("Coefficients must be a tuple of exactly 3 values")
+
+
+def _check_matrix(x: jax.Array) -> None:
+    """Refuse a parameter that is not 2-D, as torch's Muon does."""
+    if x.ndim != 2:
+        raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: {x.shape}")
+
+
+def _muon_lr_ratio(adjust_lr_fn: str | None, shape: tuple[int, ...]) -> float:
     """torch ``_adjust_lr(lr, adjust_lr_fn, shape) / lr``, a Python float from the static shape."""
     a, b = shape[:2]
     if adjust_lr_fn is None or adjust_lr_fn == "original":
@@ -602,8 +704,8 @@ def scale_by_muon_torch(
     ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315),
     eps: float = 1e-7,
     ns_steps: int = 5,
-    adjust_lr_fn: Optional[str] = None,
-    ns_dtype: Optional[Any] = None,
+    adjust_lr_fn: str | None = None,
+    ns_dtype: Any | None = None,
 ) -> optax.GradientTransformation:
     """Rescale updates as ``torch.optim.Muon`` does, learning-rate adjustment included.
 
@@ -668,31 +770,22 @@ def scale_by_muon_torch(
 
     Returns:
       A :class:`optax.GradientTransformation` with state :class:`ScaleByMuonTorchState`.
+
+    >>> tx = scale_by_muon_torch(ns_dtype=jnp.float32)
+    >>> updates, state = tx.update(jnp.eye(2), tx.init(jnp.zeros((2, 2))))
+    >>> updates.shape, state.momentum_buffer.shape
+    ((2, 2), (2, 2))
     """
-    if adjust_lr_fn not in _MUON_ADJUST_LR_FNS:
-        raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
-    if not 0.0 <= momentum:
-        raise ValueError(f"momentum should be >= 0 but is: {momentum}")
-    if ns_steps >= 100:
-        raise ValueError("Number of steps must be less than 100 for computational efficiency")
-    if len(ns_coefficients) != 3:
-        raise ValueError("Coefficients must be a tuple of exactly 3 values")
+    _check_muon_arguments(momentum, ns_coefficients, ns_steps, adjust_lr_fn)
     dtype = jnp.bfloat16 if ns_dtype is None else jax.dtypes.canonicalize_dtype(ns_dtype)
 
-    def check(x):
-        if x.ndim != 2:
-            raise ValueError(
-                "Muon only supports 2D parameters whereas we found a parameter with size: "
-                f"{x.shape}"
-            )
-
     def init_fn(params):
-        jax.tree.map(check, params)
+        jax.tree.map(_check_matrix, params)
         return ScaleByMuonTorchState(momentum_buffer=optax.tree.zeros_like(params))
 
     def update_fn(updates, state, params=None):
         del params
-        jax.tree.map(check, updates)
+        jax.tree.map(_check_matrix, updates)
         buf = jax.tree.map(lambda g, m: _lerp(m, g, 1 - momentum), updates, state.momentum_buffer)
 
         def direction(g, m):

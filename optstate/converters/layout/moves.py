@@ -1,11 +1,11 @@
-"""Model layouts: where each tensor of a torch model goes in a Flax model, and how it moves there.
+"""Model layouts: where each tensor of a torch model goes in a Flax model, and moving a state there and back.
 
-A torch ``nn.Linear`` weight ``[out, in]`` is a Flax ``Dense`` kernel ``[in, out]``; a ``Conv2d``
-weight ``[O, I, H, W]`` a ``Conv`` kernel ``[H, W, I, O]``; a LayerNorm ``weight`` a ``scale``;
-``layers.0`` is ``layers_0`` (linen) or ``layers/0`` (NNX); BatchNorm's running statistics are
-``batch_stats``, never optimizer state. Every optimizer slot moves exactly as its parameter does: a
-reshape instead of a transpose is silently wrong, and a square layer passes every shape check, so
-the rules below choose the move by the kind of layer (the leaf's name), and shapes only confirm it.
+A :class:`Move` takes one torch tensor (or one piece of it) to one Flax leaf; a :class:`Layout` is a
+whole model's moves, which ``optstate map -o`` writes as an editable JSON file. :func:`apply_layout`
+moves an optimizer state by a layout and :func:`revert_layout` moves it back. Every optimizer slot
+moves exactly as its parameter does, and a move that would change what the optimizer computes (a
+statistic that depends on the tensor's shape) is refused. Which move each tensor gets is chosen by
+the rules in :mod:`.rules`.
 """
 
 from __future__ import annotations
@@ -15,21 +15,21 @@ import functools
 import json
 import math
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ...errors import MappingError, UnsupportedError
+from ...schema.families import Slot
 from ...schema.state import Deferred, OptimizerState, ParamInfo, Path, path_to_name
 from .transpose import permute
 
-Shape = tuple[int, ...]
+__all__ = ["Layout", "Move", "Shape", "apply_layout", "problem_list", "revert_layout"]
 
-# Leaves of a torch module that have no Flax counterpart and hold nothing a Flax model reads.
-DROPPED_LEAVES = ("num_batches_tracked",)
-# torch nn.MultiheadAttention packs q, k, v along axis 0 of one tensor; Flax keeps three modules.
-QKV = ("query", "key", "value")
+#: A tensor's shape.
+Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,14 @@ class Move:
 
     def __post_init__(self) -> None:
         where = f"{path_to_name(self.source)} -> {'/'.join(self.target)}"
-        if self.source_shape and self.source_shape[0] % self.parts or not 0 <= self.part < self.parts:
-            raise MappingError(f"{where}: part {self.part} of {self.parts} of a tensor of shape "
-                               f"{list(self.source_shape)}")
+        if (self.source_shape and self.source_shape[0] % self.parts) or not 0 <= self.part < self.parts:
+            raise MappingError(
+                f"{where}: part {self.part} of {self.parts} of a tensor of shape {list(self.source_shape)}"
+            )
         if self.axes and sorted(self.axes) != list(range(len(self.source_shape))):
-            raise MappingError(f"{where}: axes {list(self.axes)} are not a permutation of a "
-                               f"{len(self.source_shape)}-d tensor's")
+            raise MappingError(
+                f"{where}: axes {list(self.axes)} are not a permutation of a {len(self.source_shape)}-d tensor's"
+            )
         if math.prod(self.moved_shape) != math.prod(self.shape):
             raise MappingError(f"{where}: a {list(self.moved_shape)} tensor cannot become {list(self.shape)}")
 
@@ -78,6 +80,7 @@ class Move:
 
     @property
     def reshapes(self) -> bool:
+        """Whether the piece is reshaped after the permutation (an axis split into heads, or merged)."""
         return self.moved_shape != self.shape
 
     @property
@@ -103,7 +106,7 @@ class Move:
             array, transpose = np.asarray(array), permute
         if self.parts > 1:
             size = self.source_shape[0] // self.parts
-            array = array[self.part * size:(self.part + 1) * size]
+            array = array[self.part * size : (self.part + 1) * size]
         return (transpose(array, self.axes) if self.axes else array).reshape(self.shape)
 
     def revert(self, array: Any) -> np.ndarray:
@@ -112,22 +115,43 @@ class Move:
         return permute(array, tuple(np.argsort(self.axes))) if self.axes else array
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": list(self.source), "target": list(self.target), "source_shape": list(self.source_shape),
-                "shape": list(self.shape), "axes": list(self.axes), "part": self.part, "parts": self.parts}
+        """The move as an entry of the mapping file (:meth:`Layout.to_json`)."""
+        return {
+            "source": list(self.source),
+            "target": list(self.target),
+            "source_shape": list(self.source_shape),
+            "shape": list(self.shape),
+            "axes": list(self.axes),
+            "part": self.part,
+            "parts": self.parts,
+        }
 
     @classmethod
-    def from_json(cls, entry: Mapping[str, Any]) -> "Move":
+    def from_json(cls, entry: Mapping[str, Any]) -> Move:
+        """The move an entry of the mapping file describes, checked; ``axes``, ``part``, ``parts`` optional."""
         try:
-            return cls(tuple(entry["source"]), tuple(entry["target"]), tuple(entry["source_shape"]),
-                       tuple(entry["shape"]), tuple(entry.get("axes", ())), entry.get("part", 0),
-                       entry.get("parts", 1))
+            return cls(
+                tuple(entry["source"]),
+                tuple(entry["target"]),
+                tuple(entry["source_shape"]),
+                tuple(entry["shape"]),
+                tuple(entry.get("axes", ())),
+                entry.get("part", 0),
+                entry.get("parts", 1),
+            )
         except (KeyError, TypeError) as exc:
             raise MappingError(f"malformed mapping entry {entry!r} ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A whole model's moves, plus the source tensors that have no target (kept under their own path)."""
+    """A whole model's moves, plus the source tensors that have no target (kept under their own path).
+
+    >>> layout = Layout((Move(("fc", "weight"), ("fc", "kernel"), (3, 2), (2, 3), axes=(1, 0)),),
+    ...                 dropped=(("bn", "num_batches_tracked"),))
+    >>> layout.moves_of(("fc", "weight"))[0].target, Layout.from_json(layout.to_json()) == layout
+    (('fc', 'kernel'), True)
+    """
 
     moves: tuple[Move, ...]
     dropped: tuple[Path, ...] = ()
@@ -138,6 +162,7 @@ class Layout:
             raise MappingError("mapping sends several tensors to " + ", ".join("/".join(t) for t in twice[:5]))
 
     def moves_of(self, source: Path) -> tuple[Move, ...]:
+        """The moves of the tensor ``source``, in the order of its parts; none when it is not moved."""
         return self._by_source.get(source, ())
 
     @functools.cached_property  # looked up once per tensor and slot: built once, not each time
@@ -152,167 +177,144 @@ class Layout:
         return {"moves": [m.to_json() for m in self.moves], "dropped": [list(p) for p in self.dropped]}
 
     @classmethod
-    def from_json(cls, doc: Any) -> "Layout":
+    def from_json(cls, doc: Any) -> Layout:
+        """The layout a mapping file's content describes, checked."""
         if not isinstance(doc, Mapping) or not isinstance(doc.get("moves"), list):
             raise MappingError("a mapping is a JSON object with a 'moves' list (write one with optstate map -o)")
         return cls(tuple(Move.from_json(e) for e in doc["moves"]), tuple(tuple(p) for p in doc.get("dropped", ())))
 
     @classmethod
-    def read(cls, path: str) -> "Layout":
+    def read(cls, filename: str) -> Layout:
+        """The layout in a mapping file (JSON, as ``optstate map -o`` writes it)."""
         try:
-            with open(path) as f:
+            with open(filename) as f:
                 return cls.from_json(json.load(f))
         except (OSError, json.JSONDecodeError) as exc:
-            raise MappingError(f"{path}: not a readable mapping file ({exc})") from None
-
-
-# ----------------------------------------------------------------------------- matching by rules
-
-def _module_key(module: Path) -> str:
-    """``layers.0.attn`` (torch), ``layers_0/attn`` (linen) and ``layers/0/attn`` (NNX) meet here."""
-    return "_".join(module).lower()
-
-
-def _index(leaves: Mapping[Path, Shape]) -> dict[str, dict[str, list[tuple[Path, Shape]]]]:
-    """Target leaves by module key and leaf name; two modules whose names meet are both kept (ambiguous)."""
-    index: dict[str, dict[str, list[tuple[Path, Shape]]]] = {}
-    for path, shape in leaves.items():
-        module = path[1:-1] if path[0] == "batch_stats" else path[:-1]  # linen's collection is not a module
-        index.setdefault(_module_key(module), {}).setdefault(path[-1], []).append((path, tuple(shape)))
-    return index
-
-
-def _kernel_axes(ndim: int) -> tuple[int, ...]:
-    """torch ``[out, in]`` -> ``[in, out]``; ``[O, I, *spatial]`` -> ``[*spatial, I, O]`` (Conv, and
-    ConvTranspose with ``transpose_kernel=True``, whose torch weight is ``[in, out, *spatial]``)."""
-    return (1, 0) if ndim == 2 else (*range(2, ndim), 1, 0)
-
-
-class _Matcher:
-    """Applies the rules to one model; collects moves and every problem, so the user sees them all."""
-
-    def __init__(self, params: Mapping[Path, Shape], stats: Mapping[Path, Shape]):
-        self.params, self.stats = _index(params), _index(stats)
-        self.targets = {**{p: tuple(s) for p, s in params.items()}, **{p: tuple(s) for p, s in stats.items()}}
-        self.moves: list[Move] = []
-        self.dropped: list[Path] = []
-        self.problems: list[str] = []
-
-    def leaf(self, index: Mapping[str, Mapping[str, list[tuple[Path, Shape]]]], module: Path,
-             names: Sequence[str]) -> list[tuple[Path, Shape]]:
-        leaves = index.get(_module_key(module))
-        if leaves is None and module and module[-1] == "out_proj":  # nn.MultiheadAttention's output Linear
-            leaves = index.get(_module_key((*module[:-1], "out")))
-        return [found for n in names for found in (leaves or {}).get(n, ())]
-
-    def add(self, source: Path, shape: Shape, found: list[tuple[Path, Shape]], axes: tuple[int, ...] = (),
-            part: int = 0, parts: int = 1, reshape: bool = False) -> None:
-        name = f"{path_to_name(source)} {list(shape)}"
-        if not found:
-            self.problems.append(f"{name}: no target leaf")
-            return
-        if len(found) > 1:
-            self.problems.append(f"{name}: ambiguous, fits " + ", ".join("/".join(p) for p, _ in found))
-            return
-        (target, target_shape), = found
-        piece = (shape[0] // parts, *shape[1:]) if parts > 1 else shape
-        moved = tuple(piece[a] for a in axes) if axes else piece
-        # A reshape splits one axis into heads (Flax's DenseGeneral): the other axis must stay in place.
-        fits = moved == target_shape or (reshape and math.prod(moved) == math.prod(target_shape) and (
-            len(moved) == 1 or moved[0] == target_shape[0] or moved[-1] == target_shape[-1]))
-        if not fits:
-            how = f" after transpose {axes}" if axes else ""
-            self.problems.append(f"{name}: target {'/'.join(target)} has shape {list(target_shape)}, expected "
-                                 f"{list(moved)}{how}")
-            return
-        self.moves.append(Move(source, target, shape, target_shape, axes, part, parts))
-
-    def match(self, source: Path, shape: Shape) -> None:
-        module, leaf = source[:-1], source[-1]
-        if leaf in DROPPED_LEAVES:
-            self.dropped.append(source)
-        elif leaf in ("running_mean", "running_var"):
-            self.add(source, shape, self.leaf(self.stats, module, (leaf.removeprefix("running_"),)))
-        elif leaf == "weight":
-            kernel = self.leaf(self.params, module, ("kernel",))
-            if kernel and len(shape) >= 2:
-                self.add(source, shape, kernel, _kernel_axes(len(shape)), reshape=len(shape) == 2)
-            else:
-                self.add(source, shape, self.leaf(self.params, module, ("scale", "embedding", "weight")))
-        elif leaf == "bias":
-            self.add(source, shape, self.leaf(self.params, module, ("bias",)), reshape=True)
-        elif leaf in ("in_proj_weight", "in_proj_bias"):
-            kind = leaf.removeprefix("in_proj_").replace("weight", "kernel")
-            for part, name in enumerate(QKV):
-                self.add(source, shape, self.leaf(self.params, (*module, name), (kind,)),
-                         (1, 0) if kind == "kernel" else (), part, 3, reshape=True)
-        elif leaf in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
-            name = QKV["qkv".index(leaf[0])]
-            self.add(source, shape, self.leaf(self.params, (*module, name), ("kernel",)), (1, 0), reshape=True)
-        elif leaf in ("bias_k", "bias_v"):
-            self.problems.append(f"{path_to_name(source)}: nn.MultiheadAttention(add_bias_kv=True) has no Flax "
-                                 "counterpart")
-        else:
-            self.add(source, shape, self.leaf(self.params, module, (leaf,)))
-
-    def unmatched_targets(self) -> list[str]:
-        hit = {m.target for m in self.moves}
-        return [f"{'/'.join(p)} {list(s)}: no torch tensor" for p, s in self.targets.items() if p not in hit]
-
-
-def plan_layout(sources: Mapping[Path, Shape], params: Mapping[Path, Shape],
-                stats: Mapping[Path, Shape] | None = None) -> tuple[Layout, list[str]]:
-    """The moves the rules choose from torch tensors (``sources``: path -> shape) to a Flax model's
-    ``params`` (and ``stats``: BatchNorm's ``batch_stats``), and every problem found: a tensor with no
-    target or several, a shape that does not fit, a target no tensor reaches.
-
-    >>> layout, problems = plan_layout({("fc", "weight"): (3, 2), ("fc", "bias"): (3,)},
-    ...                                {("fc", "kernel"): (2, 3), ("fc", "bias"): (3,)})
-    >>> [(m.describe, m.target) for m in layout.moves], problems
-    ([('transpose (1, 0)', ('fc', 'kernel')), ('as is', ('fc', 'bias'))], [])
-    """
-    matcher = _Matcher(params, stats or {})
-    for source, shape in sources.items():
-        matcher.match(source, tuple(shape))
-    return Layout(tuple(matcher.moves), tuple(matcher.dropped)), matcher.problems + matcher.unmatched_targets()
-
-
-def match_layout(sources: Mapping[Path, Shape], params: Mapping[Path, Shape],
-                 stats: Mapping[Path, Shape] | None = None) -> Layout:
-    """:func:`plan_layout`, refusing with the list of problems rather than guessing.
-
-    >>> match_layout({("fc", "weight"): (2, 2)}, {("fc", "kernel"): (2, 2)}).moves[0].axes  # square: transposed
-    (1, 0)
-    """
-    layout, problems = plan_layout(sources, params, stats)
-    if problems:
-        raise MappingError(problem_list(problems))
-    return layout
+            raise MappingError(f"{filename}: not a readable mapping file ({exc})") from None
 
 
 def problem_list(problems: Sequence[str], limit: int = 20) -> str:
+    """The message refusing a mapping: the first ``limit`` problems, one a line, and how to fix them.
+
+    >>> print(problem_list(["fc.weight [3, 2]: no target leaf"]))  # doctest: +ELLIPSIS
+    no exact mapping to the target model (1 problem; fix the names, or edit the file ... and pass --mapping):
+      fc.weight [3, 2]: no target leaf
+    """
     more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-    return (f"no exact mapping to the target model ({len(problems)} problem{'s' * (len(problems) > 1)}; fix the "
-            "names, or edit the file `optstate map -o mapping.json` writes and pass --mapping):\n  "
-            + "\n  ".join(problems[:limit]) + more)
+    return (
+        f"no exact mapping to the target model ({len(problems)} problem{'s' * (len(problems) > 1)}; fix the "
+        "names, or edit the file `optstate map -o mapping.json` writes and pass --mapping):\n  "
+        + "\n  ".join(problems[:limit])
+        + more
+    )
 
 
 # ----------------------------------------------------------------------------- moving a state
+
+
+def apply_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
+    """``state`` with every tensor moved as ``layout`` says: parameters, optimizer slots and weights.
+
+    Arrays move when they are read (:class:`Deferred`), one at a time. The layout is recorded in the
+    metadata, so :func:`revert_layout` (and ``convert --to torch``) can undo it.
+
+    >>> s = OptimizerState("adam", ({"lr": 1e-3},), (ParamInfo(("fc", "weight"), (3, 2), "float32", 0, 1),),
+    ...     {("first_moment", ("fc", "weight")): np.arange(6, dtype=np.float32).reshape(3, 2),
+    ...      ("second_moment", ("fc", "weight")): np.ones((3, 2), np.float32)})
+    >>> moved = apply_layout(s, Layout((Move(("fc", "weight"), ("fc", "kernel"), (3, 2), (2, 3), axes=(1, 0)),)))
+    >>> np.asarray(moved.slots[("first_moment", ("fc", "kernel"))]).tolist()
+    [[0.0, 2.0, 4.0], [1.0, 3.0, 5.0]]
+    """
+    if state.metadata.layout is not None:
+        raise MappingError("this state was already moved to another layout; convert it back first")
+    _check_layout_fits(state, layout)
+    params = _moved_params(state, layout)
+    slots = _moved_slots(state, layout)
+    weights, buffers = _moved_weights(state, layout)
+    return dataclasses.replace(
+        state,
+        params=params,
+        slots=slots,
+        weights=weights,
+        buffers=buffers,
+        metadata=dataclasses.replace(state.metadata, layout=layout.to_json()),
+    )
+
+
+def _check_layout_fits(state: OptimizerState, layout: Layout) -> None:
+    """Refuse a layout that misses a tensor of the state, moves one it does not hold, or expects another shape."""
+    shapes = {info.path: info.shape for info in state.params}
+    shapes.update({p: tuple(a.shape) for p, a in (state.weights or {}).items() if p not in shapes})
+    dropped = set(layout.dropped)
+    unplaced = [path_to_name(p) for p in shapes if not layout.moves_of(p) and p not in dropped]
+    if unplaced:
+        raise MappingError(problem_list([f"{n}: not in the mapping" for n in unplaced]))
+    stray = [m for m in layout.moves if m.source not in shapes]
+    if stray:
+        raise MappingError(
+            problem_list([f"{path_to_name(m.source)}: in the mapping, not in the checkpoint" for m in stray])
+        )
+    for path, shape in shapes.items():
+        for move in layout.moves_of(path):
+            if tuple(shape) != move.source_shape:
+                raise MappingError(
+                    f"{path_to_name(path)}: the mapping expects shape {list(move.source_shape)}, the "
+                    f"checkpoint holds {list(shape)}"
+                )
+
+
+def _moved_params(state: OptimizerState, layout: Layout) -> tuple[ParamInfo, ...]:
+    params = []
+    for info in state.params:
+        for move in layout.moves_of(info.path):
+            _check_move(state, move)
+            params.append(dataclasses.replace(info, path=move.target, shape=move.shape))
+    return tuple(params)
+
+
+def _moved_slots(state: OptimizerState, layout: Layout) -> dict[tuple[str, Path], Any]:
+    slots: dict[tuple[str, Path], Any] = {}
+    for (slot, path), array in state.slots.items():
+        for move in layout.moves_of(path):
+            name, moved = _moved_slot(state, slot, array, move)
+            slots[(name, move.target)] = moved
+    return slots
+
+
+def _moved_weights(state: OptimizerState, layout: Layout) -> tuple[dict[Path, Any] | None, tuple[Path, ...]]:
+    """The model's tensors moved (a dropped one kept as it is), and which of them are buffers."""
+    dropped = set(layout.dropped)
+    buffers = tuple(p for p in state.buffers if p in dropped)
+    if state.weights is None:
+        return None, buffers
+    weights: dict[Path, Any] = {}
+    for path, array in state.weights.items():
+        if path in dropped:
+            weights[path] = array
+        for move in layout.moves_of(path):
+            weights[move.target] = _moved(array, move)
+            if path in state.buffers:
+                buffers += (move.target,)
+    return weights, buffers
+
 
 def _check_move(state: OptimizerState, move: Move) -> None:
     """Refuse a move that changes what the optimizer computes."""
     kind = state.spec.layout
     n = len(move.source_shape)
     keeps_last_two = not move.axes or sorted(move.axes[-2:]) == [n - 2, n - 1]
-    ok = {"elementwise": True,
-          "per_tensor": move.parts == 1,
-          "factored": move.parts == 1 and not move.reshapes and (n < 2 or keeps_last_two),
-          "matrix": move.parts == 1 and not move.axes and not move.reshapes}[kind]
+    ok = {
+        "elementwise": True,
+        "per_tensor": move.parts == 1,
+        "factored": move.parts == 1 and not move.reshapes and (n < 2 or keeps_last_two),
+        "matrix": move.parts == 1 and not move.axes and not move.reshapes,
+    }[kind]
     if not ok:
         raise UnsupportedError(
             f"{path_to_name(move.source)}: {state.spec.torch_class} keeps state that depends on the tensor's shape "
             f"({kind.replace('_', ' ')}), so the move to {'/'.join(move.target)} ({move.describe}) has no exact "
-            "counterpart")
+            "counterpart"
+        )
 
 
 def _factored_name(state: OptimizerState, slot: str, move: Move) -> str:
@@ -324,7 +326,7 @@ def _factored_name(state: OptimizerState, slot: str, move: Move) -> str:
     return pair[other[state.spec.slot(slot).shape]] if swapped else slot
 
 
-def _lazy(shape: Shape, dtype: Any, compute: Any) -> Deferred:
+def _lazy(shape: Shape, dtype: Any, compute: Callable[[], np.ndarray]) -> Deferred:
     return Deferred(tuple(shape), np.dtype(dtype), compute)
 
 
@@ -344,72 +346,131 @@ def _moved_slot(state: OptimizerState, slot: str, array: Any, move: Move) -> tup
         if not move.axes:
             return slot, array
         shape = tuple(array.shape[a] for a in move.axes)
-        return _factored_name(state, slot, move), _lazy(shape, array.dtype,
-                                                        lambda: permute(np.asarray(array), move.axes))
+        return _factored_name(state, slot, move), _lazy(
+            shape, array.dtype, lambda: permute(np.asarray(array), move.axes)
+        )
     return slot, _moved(array, move)
 
 
-def apply_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
-    """``state`` with every tensor moved as ``layout`` says: parameters, optimizer slots and weights.
+# ----------------------------------------------------------------------------- moving it back
 
-    Arrays move when they are read (:class:`Deferred`), one at a time. The layout is recorded in the
-    metadata, so :func:`revert_layout` (and ``convert --to torch``) can undo it.
 
-    >>> s = OptimizerState("adam", ({"lr": 1e-3},), (ParamInfo(("fc", "weight"), (3, 2), "float32", 0, 1),),
-    ...     {("first_moment", ("fc", "weight")): np.arange(6, dtype=np.float32).reshape(3, 2),
-    ...      ("second_moment", ("fc", "weight")): np.ones((3, 2), np.float32)})
-    >>> moved = apply_layout(s, match_layout({("fc", "weight"): (3, 2)}, {("fc", "kernel"): (2, 3)}))
-    >>> np.asarray(moved.slots[("first_moment", ("fc", "kernel"))]).tolist()
-    [[0.0, 2.0, 4.0], [1.0, 3.0, 5.0]]
+def revert_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
+    """Undo :func:`apply_layout`: every tensor back at its source path and shape, packed pieces
+    joined (their steps, groups and scalar slots must agree).
+
+    >>> s = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("fc", "weight"), (3, 2), "float32", 0),), {})
+    >>> layout = Layout((Move(("fc", "weight"), ("fc", "kernel"), (3, 2), (2, 3), axes=(1, 0)),))
+    >>> revert_layout(apply_layout(s, layout), layout).params[0].path
+    ('fc', 'weight')
     """
-    if state.metadata.layout is not None:
-        raise MappingError("this state was already moved to another layout; convert it back first")
-    tensors = [p.path for p in state.params] + [p for p in (state.weights or {}) if p not in state._by_path]
-    dropped = set(layout.dropped)
-    unplaced = [path_to_name(p) for p in tensors if not layout.moves_of(p) and p not in dropped]
-    if unplaced:
-        raise MappingError(problem_list([f"{n}: not in the mapping" for n in unplaced]))
-    known = set(tensors)
-    stray = [m for m in layout.moves if m.source not in known]
+    _check_all_mapped(state, layout)
+    tracked = {info.path: info for info in state.params}
+    params: list[ParamInfo] = []
+    slots: dict[tuple[str, Path], Any] = {}
+    weights: dict[Path, Any] = {}
+    buffers: list[Path] = []
+    for source, moves in layout._by_source.items():
+        where = f"{path_to_name(source)} (from {', '.join('/'.join(m.target) for m in moves)})"
+        info = _reverted_param(state, tracked, source, moves, where)
+        if info is not None:
+            params.append(info)
+            slots.update(_reverted_slots(state, source, moves, where))
+        weight = _reverted_weight(state, moves, where)
+        if weight is not None:
+            weights[source] = weight
+            if any(m.target in state.buffers for m in moves):
+                buffers.append(source)
+    weights.update({p: state.weights[p] for p in layout.dropped if state.weights is not None and p in state.weights})
+    buffers += [p for p in layout.dropped if p in state.buffers]
+    return dataclasses.replace(
+        state,
+        params=tuple(params),
+        slots=slots,
+        weights=weights if state.weights is not None else None,
+        buffers=tuple(buffers),
+        metadata=dataclasses.replace(state.metadata, layout=None),
+    )
+
+
+def _check_all_mapped(state: OptimizerState, layout: Layout) -> None:
+    """Refuse a state holding a tensor the layout did not put there (and so cannot move back)."""
+    targets = {m.target for m in layout.moves}
+    held = [*(info.path for info in state.params), *(state.weights or {})]
+    stray = [p for p in held if p not in targets and p not in layout.dropped]
     if stray:
-        raise MappingError(problem_list([f"{path_to_name(m.source)}: in the mapping, not in the checkpoint"
-                                         for m in stray]))
-    for p in tensors:
-        for move in layout.moves_of(p):
-            actual = tuple(state._by_path[p].shape if p in state._by_path else state.weights[p].shape)
-            if actual != move.source_shape:
-                raise MappingError(f"{path_to_name(p)}: the mapping expects shape {list(move.source_shape)}, the "
-                                   f"checkpoint holds {list(actual)}")
-    params = []
-    for info in state.params:
-        for move in layout.moves_of(info.path):
-            _check_move(state, move)
-            params.append(dataclasses.replace(info, path=move.target, shape=move.shape))
-    slots = {}
-    for (slot, path), array in state.slots.items():
-        for move in layout.moves_of(path):
-            name, moved = _moved_slot(state, slot, array, move)
-            slots[(name, move.target)] = moved
-    weights = None
-    buffers = tuple(p for p in state.buffers if p in dropped)
-    if state.weights is not None:
-        weights = {}
-        for path, array in state.weights.items():
-            if path in dropped:
-                weights[path] = array
-            for move in layout.moves_of(path):
-                weights[move.target] = _moved(array, move)
-                if path in state.buffers:
-                    buffers += (move.target,)
-    return dataclasses.replace(state, params=tuple(params), slots=slots, weights=weights, buffers=buffers,
-                               metadata=dataclasses.replace(state.metadata, layout=layout.to_json()))
+        raise MappingError(problem_list([f"{'/'.join(p)}: not in the mapping" for p in stray]))
+
+
+def _reverted_param(
+    state: OptimizerState, tracked: Mapping[Path, ParamInfo], source: Path, moves: Sequence[Move], where: str
+) -> ParamInfo | None:
+    """The parameter ``source`` from the ``tracked`` ones at its moves' targets; None when none is tracked."""
+    infos = [tracked[m.target] for m in moves if m.target in tracked]
+    if not infos:
+        return None
+    if len(infos) != len(moves):
+        raise MappingError(f"{where}: the optimizer tracks some of its pieces, not all")
+    for move in moves:
+        _check_move(state, move)
+    return ParamInfo(
+        source,
+        moves[0].source_shape,
+        _same((i.dtype for i in infos), f"{where}: dtypes"),
+        _same((i.group for i in infos), f"{where}: param groups"),
+        _same((i.step for i in infos), f"{where}: steps"),
+    )
+
+
+def _reverted_slots(
+    state: OptimizerState, source: Path, moves: Sequence[Move], where: str
+) -> dict[tuple[str, Path], Any]:
+    """Every slot of the parameter ``source``, from its pieces at the moves' targets."""
+    slots: dict[tuple[str, Path], Any] = {}
+    for slot in state.spec.slots:
+        names = [_factored_name(state, slot.name, m) if slot.shape in ("rows", "cols") else slot.name for m in moves]
+        arrays: list[Any] = [state.slots.get((n, m.target)) for n, m in zip(names, moves, strict=True)]
+        if all(a is None for a in arrays):
+            continue
+        if any(a is None for a in arrays):
+            raise MappingError(f"{where}: {slot.name} is kept for some of its pieces, not all")
+        if slot.shape == "scalar":
+            _same((np.asarray(a).item() for a in arrays), f"{where}: {slot.name} values")
+            slots[(slot.name, source)] = arrays[0]
+        elif slot.shape in ("rows", "cols"):
+            slots[(slot.name, source)] = _reverted_factored(slot, moves, arrays)
+        else:
+            slots[(slot.name, source)] = _joined(moves, arrays, arrays[0].dtype)
+    return slots
+
+
+def _reverted_factored(slot: Slot, moves: Sequence[Move], arrays: Sequence[Any]) -> Any:
+    """A row or column statistic (never of a packed tensor) with its axes permuted back."""
+    (move,), (array,) = moves, arrays
+    if not move.axes:
+        return array
+    back = tuple(int(a) for a in np.argsort(move.axes))
+    return _lazy(slot.torch_shape(move.source_shape), array.dtype, lambda: permute(np.asarray(array), back))
+
+
+def _reverted_weight(state: OptimizerState, moves: Sequence[Move], where: str) -> Deferred | None:
+    """The model tensor the moves came from, joined from its pieces; None when the weights hold none."""
+    weights = state.weights or {}
+    pieces: list[Any] = [weights.get(m.target) for m in moves]
+    if all(p is None for p in pieces):
+        return None
+    if any(p is None for p in pieces):
+        raise MappingError(f"{where}: the weights hold some of its pieces, not all")
+    return _joined(moves, pieces, _same((p.dtype for p in pieces), f"{where}: dtypes"))
 
 
 def _joined(moves: Sequence[Move], arrays: Sequence[Any], dtype: Any) -> Deferred:
     """The source tensor from its moved pieces."""
+
     def compute() -> np.ndarray:
-        pieces = [m.revert(a) for m, a in zip(moves, arrays)]
+        pieces = [m.revert(a) for m, a in zip(moves, arrays, strict=True)]
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
     return _lazy(moves[0].source_shape, dtype, compute)
 
 
@@ -418,62 +479,3 @@ def _same(values: Iterable[Any], what: str) -> Any:
     if any(v != values[0] for v in values[1:]):
         raise UnsupportedError(f"{what} differ ({values}); torch keeps one tensor for them")
     return values[0]
-
-
-def revert_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
-    """Undo :func:`apply_layout`: every tensor back at its source path and shape, packed pieces
-    joined (their steps, groups and scalar slots must agree).
-
-    >>> s = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("fc", "weight"), (3, 2), "float32", 0),), {})
-    >>> layout = match_layout({("fc", "weight"): (3, 2)}, {("fc", "kernel"): (2, 3)})
-    >>> revert_layout(apply_layout(s, layout), layout).params[0].path
-    ('fc', 'weight')
-    """
-    by_target = {m.target: m for m in layout.moves}
-    weights = state.weights or {}
-    stray = [p for p in [*state._by_path, *weights] if p not in by_target and p not in layout.dropped]
-    if stray:
-        raise MappingError(problem_list([f"{'/'.join(p)}: not in the mapping" for p in stray]))
-    params, slots, moved_weights, buffers = [], {}, {}, []
-    for source, moves in layout._by_source.items():
-        infos = [state._by_path.get(m.target) for m in moves]
-        where = f"{path_to_name(source)} (from {', '.join('/'.join(m.target) for m in moves)})"
-        if any(infos) and not all(infos):
-            raise MappingError(f"{where}: the optimizer tracks some of its pieces, not all")
-        if all(infos):
-            for move in moves:
-                _check_move(state, move)
-            params.append(ParamInfo(source, moves[0].source_shape, _same((i.dtype for i in infos), f"{where}: dtypes"),
-                                    _same((i.group for i in infos), f"{where}: param groups"),
-                                    _same((i.step for i in infos), f"{where}: steps")))
-            for slot in state.spec.slots:
-                names = [_factored_name(state, slot.name, m) if slot.shape in ("rows", "cols") else slot.name
-                         for m in moves]
-                arrays = [state.slots.get((n, m.target)) for n, m in zip(names, moves)]
-                if all(a is None for a in arrays):
-                    continue
-                if any(a is None for a in arrays):
-                    raise MappingError(f"{where}: {slot.name} is kept for some of its pieces, not all")
-                if slot.shape == "scalar":
-                    _same((np.asarray(a).item() for a in arrays), f"{where}: {slot.name} values")
-                    slots[(slot.name, source)] = arrays[0]
-                elif slot.shape in ("rows", "cols"):
-                    (move,), (array,) = moves, arrays
-                    shape = slot.torch_shape(move.source_shape)
-                    slots[(slot.name, source)] = array if not move.axes else _lazy(
-                        shape, array.dtype, lambda a=array, m=move: permute(np.asarray(a), tuple(np.argsort(m.axes))))
-                else:
-                    slots[(slot.name, source)] = _joined(moves, arrays, arrays[0].dtype)
-        pieces = [weights.get(m.target) for m in moves]
-        if any(p is not None for p in pieces):
-            if any(p is None for p in pieces):
-                raise MappingError(f"{where}: the weights hold some of its pieces, not all")
-            moved_weights[source] = _joined(moves, pieces, _same((p.dtype for p in pieces), f"{where}: dtypes"))
-            if any(m.target in state.buffers for m in moves):
-                buffers.append(source)
-    moved_weights.update({p: weights[p] for p in layout.dropped if p in weights})
-    buffers += [p for p in layout.dropped if p in state.buffers]
-    metadata = dataclasses.replace(state.metadata, layout=None)
-    return dataclasses.replace(state, params=tuple(params), slots=slots,
-                               weights=moved_weights if state.weights is not None else None,
-                               buffers=tuple(buffers), metadata=metadata)

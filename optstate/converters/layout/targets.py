@@ -9,20 +9,20 @@ A plain dict of arrays needs neither framework; each kind of model loads its own
 
 from __future__ import annotations
 
-import importlib
 import os
+import pathlib
 import sys
-from pathlib import Path as FsPath
-from typing import Any, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
-from .. import adapter
 from ...errors import FormatError, MappingError
-from .moves import DROPPED_LEAVES, Layout, apply_layout, match_layout, plan_layout, revert_layout
 from ...schema.state import OptimizerState, Path
+from .. import adapter, call_user_function
+from .moves import Layout, Shape, apply_layout, revert_layout
+from .rules import DROPPED_LEAVES, match_layout, plan_layout
 
-Shape = tuple[int, ...]
 # linen's variable collections; a tree whose top level is made of these is `model.init(...)`'s output.
 COLLECTIONS = frozenset({"params", "batch_stats", "cache", "intermediates", "losses", "constants"})
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -35,6 +35,7 @@ def tree_shapes(tree: Any, prefix: Path = ()) -> dict[Path, Shape]:
     >>> tree_shapes({"layers": [{"kernel": np.zeros((2, 3))}], "scale": np.zeros(3)})
     {('layers', '0', 'kernel'): (2, 3), ('scale',): (3,)}
     """
+    items: Iterable[tuple[Any, Any]]
     if isinstance(tree, Mapping):
         items = tree.items()
     elif isinstance(tree, (list, tuple)):
@@ -45,17 +46,6 @@ def tree_shapes(tree: Any, prefix: Path = ()) -> dict[Path, Shape]:
     for key, value in items:
         shapes.update(tree_shapes(value, (*prefix, str(key))))
     return shapes
-
-
-def _call(spec: str) -> Any:
-    module_name, _, function = spec.partition(":")
-    sys.path.insert(0, os.getcwd())  # the user's own model module, named on the command line
-    try:
-        return getattr(importlib.import_module(module_name), function)()
-    except (ImportError, AttributeError) as exc:
-        raise FormatError(f"{spec}: cannot call {function}() of module {module_name} ({exc})") from None
-    finally:
-        sys.path.remove(os.getcwd())
 
 
 def _torch_shapes(obj: Any, source: str) -> dict[Path, Shape]:
@@ -104,9 +94,9 @@ def target_model(spec: Any) -> tuple[str, dict[Path, Shape], dict[Path, Shape]]:
     """
     if isinstance(spec, (str, os.PathLike)):
         name = os.fspath(spec)
-        if ":" in name and not FsPath(name).exists():
-            return target_model(_call(name))
-        if FsPath(name).suffix in TORCH_SUFFIXES:
+        if ":" in name and not pathlib.Path(name).exists():
+            return target_model(call_user_function(name))
+        if pathlib.Path(name).suffix in TORCH_SUFFIXES:
             return "torch", _torch_shapes(name, name), {}
         return ("flax", *_flax_shapes(adapter("flax").read_tree(name)))
     if _is_torch(spec):
@@ -115,8 +105,9 @@ def target_model(spec: Any) -> tuple[str, dict[Path, Shape], dict[Path, Shape]]:
     if nnx is not None and isinstance(spec, (nnx.Module, nnx.State)):
         return ("flax", *adapter("flax").nnx_shapes(spec))
     if not isinstance(spec, Mapping):
-        raise FormatError(f"expected a parameter tree (a dict), an nnx.Module or a torch model, found "
-                          f"{type(spec).__name__}")
+        raise FormatError(
+            f"expected a parameter tree (a dict), an nnx.Module or a torch model, found {type(spec).__name__}"
+        )
     return ("flax", *_flax_shapes(spec))
 
 
@@ -145,13 +136,21 @@ def relayout(state: OptimizerState, *, target: Any = None, mapping: str | None =
     ours = _tensors(state)
     if not buffers:  # an Optax state alone has no BatchNorm statistics: nothing to put back
         params = {p: s for p, s in params.items() if p[-1] not in ("running_mean", "running_var", *DROPPED_LEAVES)}
-    layout = match_layout(params, {p: s for p, s in ours.items() if p not in buffers},
-                          {p: s for p, s in ours.items() if p in buffers})
+    layout = match_layout(
+        params, {p: s for p, s in ours.items() if p not in buffers}, {p: s for p, s in ours.items() if p in buffers}
+    )
     return revert_layout(state, layout)
 
 
 def plan(state: OptimizerState, target: Any) -> tuple[Layout, list[str]]:
-    """The layout :func:`relayout` would use for ``target``, with every problem it would refuse over."""
+    """The layout :func:`relayout` would use for ``target``, with every problem it would refuse over.
+
+    >>> from optstate.schema.state import ParamInfo
+    >>> state = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("fc", "weight"), (3, 2), "float32", 0),), {})
+    >>> layout, problems = plan(state, {"params": {"fc": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}}})
+    >>> [m.describe for m in layout.moves], problems
+    (['transpose (1, 0)'], ['fc/bias [3]: no torch tensor'])
+    """
     framework, params, stats = target_model(target)
     if framework != "flax":
         raise MappingError(f"{target}: a torch model; optstate map maps a torch checkpoint to a Flax model")

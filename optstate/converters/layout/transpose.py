@@ -31,8 +31,10 @@ import itertools
 import math
 import operator
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from types import EllipsisType
+from typing import TypeVar
 
 import numpy as np
 
@@ -62,11 +64,13 @@ _THREAD_MIN_BYTES = 16 * 1024 * 1024
 # element whatever its size): 2x faster for bfloat16 than element by element.
 _WORD = 8
 
-Block = tuple[slice, ...]
+Block = tuple[slice | EllipsisType, ...]  # a 0-d array's one block is (...,)
+_Share = TypeVar("_Share")  # one thread's part of a copy
 
 
-def permute(array: np.ndarray, axes: Sequence[int], *, out: np.ndarray | None = None,
-            threads: int | None = None) -> np.ndarray:
+def permute(
+    array: np.ndarray, axes: Sequence[int], *, out: np.ndarray | None = None, threads: int | None = None
+) -> np.ndarray:
     """``np.ascontiguousarray(np.transpose(array, axes))``, bit for bit, cache-blocked and threaded.
 
     Always returns ``out`` or a new C-contiguous array, never a view of ``array``, so the caller
@@ -101,18 +105,23 @@ def permute(array: np.ndarray, axes: Sequence[int], *, out: np.ndarray | None = 
     tiled = _tiling_pays(src)
     threads = threads if dst.nbytes >= _THREAD_MIN_BYTES else 1
     if tiled and src.ndim == 2:  # a matrix transpose (a Linear kernel): the common case
-        per_thread = [[part] for part in _split(src.shape[1], threads)]
-        copy = functools.partial(_copy_by_tiles, src, dst)
+        _in_threads(functools.partial(_copy_by_tiles, src, dst), [[part] for part in _split(src.shape[1], threads)])
     else:
         per_axis = _axis_blocks(src.shape, src.strides, src.itemsize) if tiled else [[slice(None)]] * src.ndim
-        per_thread = _blocks(src.shape, per_axis, threads)
-        copy = functools.partial(_copy_blocks, src, dst, in_words=tiled and _in_words(src.itemsize))
-    if len(per_thread) == 1:
-        copy(per_thread[0])
-    else:
-        with ThreadPoolExecutor(len(per_thread)) as pool:
-            list(pool.map(copy, per_thread))
+        _in_threads(
+            functools.partial(_copy_blocks, src, dst, in_words=tiled and _in_words(src.itemsize)),
+            _blocks(src.shape, per_axis, threads),
+        )
     return out
+
+
+def _in_threads(copy: Callable[[_Share], None], shares: Sequence[_Share]) -> None:
+    """``copy(share)`` for each thread's share of the work; in this thread when there is one share."""
+    if len(shares) == 1:
+        copy(shares[0])
+    else:
+        with ThreadPoolExecutor(len(shares)) as pool:
+            list(pool.map(copy, shares))
 
 
 def _checked_axes(axes: Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -174,7 +183,7 @@ def _merged_axes(shape: Sequence[int], strides: Sequence[int]) -> list[tuple[int
     [(4, 4), (3, 16), (4, 48)]
     """
     axes: list[tuple[int, int]] = []
-    for size, stride in zip(shape, strides):
+    for size, stride in zip(shape, strides, strict=True):
         if size == 1:
             continue
         if axes and axes[-1][1] == size * stride:
@@ -275,8 +284,8 @@ def _blocks(shape: Sequence[int], per_axis: list[list[slice]], threads: int) -> 
         return [[(Ellipsis,)]]
     shared = max(range(max(1, len(shape) - 1)), key=lambda axis: (len(per_axis[axis]), shape[axis]))
     slices = _split(shape[shared], threads * -(-len(per_axis[shared]) // threads))
-    groups = [slices[k * len(slices) // threads:(k + 1) * len(slices) // threads] for k in range(threads)]
-    return [list(itertools.product(*per_axis[:shared], group, *per_axis[shared + 1:])) for group in groups if group]
+    groups = [slices[k * len(slices) // threads : (k + 1) * len(slices) // threads] for k in range(threads)]
+    return [list(itertools.product(*per_axis[:shared], group, *per_axis[shared + 1 :])) for group in groups if group]
 
 
 def _copy_blocks(src: np.ndarray, dst: np.ndarray, blocks: list[Block], in_words: bool = False) -> None:
@@ -317,9 +326,9 @@ def _copy_by_tiles(src: np.ndarray, dst: np.ndarray, columns: list[slice]) -> No
         for j in range(0, rows.shape[1], width):
             w = min(width, rows.shape[1] - j)
             for i in range(part.start, part.stop, height):
-                tile = scratch[:min(height, part.stop - i), :w]
-                tile[...] = rows[i:i + tile.shape[0], j:j + w]
-                dst[j:j + w, i:i + tile.shape[0]] = tile.T
+                tile = scratch[: min(height, part.stop - i), :w]
+                tile[...] = rows[i : i + tile.shape[0], j : j + w]
+                dst[j : j + w, i : i + tile.shape[0]] = tile.T
 
 
 def _in_words(itemsize: int) -> bool:
@@ -337,9 +346,9 @@ def _copy_in_words(src: np.ndarray, dst: np.ndarray, scratch: np.ndarray) -> Non
     [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
     """
     k = _WORD // src.itemsize
-    src = src.reshape(*src.shape[:-1], src.shape[-1] // k, k)   # splitting an axis: a view
+    src = src.reshape(*src.shape[:-1], src.shape[-1] // k, k)  # splitting an axis: a view
     order = sorted(range(src.ndim - 1), key=lambda axis: -abs(src.strides[axis]))
-    gathered = scratch[:src.size].reshape([src.shape[axis] for axis in order] + [k])
+    gathered = scratch[: src.size].reshape([src.shape[axis] for axis in order] + [k])
     back = [int(position) for position in np.argsort(order)]
     in_dst_order = gathered.transpose(*back, len(order))
     for lane in range(k):

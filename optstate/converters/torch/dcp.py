@@ -22,8 +22,9 @@ import os
 import pathlib
 import pickle
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -34,9 +35,18 @@ from ...atomic import atomic_directory
 from ...errors import FormatError, OptstateError, UnsupportedError
 from ...schema import fileformat
 from ...schema.state import Deferred, OptimizerState, path_to_name
+from ..formats import ReadOptions, WriteOptions
 from . import state_dict as torch_dict
-from .live import (MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, from_torch, numpy_to_tensor, step_dtype, tensor_to_numpy,
-                   unpickler_detail)
+from .live import (
+    MODEL_KEYS,
+    OPTIMIZER_KEYS,
+    SCHEDULER_KEYS,
+    from_torch,
+    numpy_to_tensor,
+    step_dtype,
+    tensor_to_numpy,
+    unpickler_detail,
+)
 
 METADATA_FILE = ".metadata"
 LAYOUTS = ("nested", "torchtitan")
@@ -45,9 +55,19 @@ LAYOUTS = ("nested", "torchtitan")
 # and nothing else: the dataclasses, torch.Size, layouts by name, the memory-format enum. Paths
 # (StorageMeta.checkpoint_id) come back as pure paths, which never touch the file system.
 _METADATA_GLOBALS: Mapping[tuple[str, str], Any] = {
-    **{("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name) for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")},
+    **{
+        ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    },
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): dcp_filesystem._StorageInfo,
     ("torch", "Size"): torch.Size,
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
@@ -85,11 +105,14 @@ def read_metadata(directory: str | os.PathLike) -> dcp_metadata.Metadata:
         try:
             metadata = _MetadataUnpickler(f).load()
         except _RefusedGlobal as exc:
-            raise FormatError(f"{path}: refused: global {exc} is not DCP metadata; unpickling it would run code "
-                              "from the file, which optstate never does") from None
+            raise FormatError(
+                f"{path}: refused: global {exc} is not DCP metadata; unpickling it would run code "
+                "from the file, which optstate never does"
+            ) from None
         except Exception as exc:  # unpickling arbitrary bytes fails in arbitrary ways
-            raise FormatError(f"{path}: not readable DCP metadata (truncated or corrupted?): "
-                              f"{type(exc).__name__}: {exc}") from None
+            raise FormatError(
+                f"{path}: not readable DCP metadata (truncated or corrupted?): {type(exc).__name__}: {exc}"
+            ) from None
     if not isinstance(metadata, dcp_metadata.Metadata):
         raise FormatError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
     _check_metadata(metadata, path)
@@ -98,6 +121,7 @@ def read_metadata(directory: str | os.PathLike) -> dcp_metadata.Metadata:
 
 def _check_metadata(metadata: dcp_metadata.Metadata, path: pathlib.Path) -> None:
     """Refuse fields of other types than DCP writes: the unpickler admits the classes, not their nesting."""
+
     def require(ok: bool, what: str) -> None:
         if not ok:
             raise FormatError(f"{path}: malformed DCP metadata: {what}")
@@ -108,21 +132,42 @@ def _check_metadata(metadata: dcp_metadata.Metadata, path: pathlib.Path) -> None
     for fqn, meta in metadata.state_dict_metadata.items():
         require(isinstance(fqn, str), f"entry key {fqn!r} is not a string")
         if isinstance(meta, dcp_metadata.TensorStorageMetadata):
-            require(isinstance(meta.properties, dcp_metadata.TensorProperties)
-                    and isinstance(meta.properties.dtype, torch.dtype), f"{fqn}: no dtype")
-            require(isinstance(meta.size, size) and isinstance(meta.chunks, list) and all(
-                isinstance(c, dcp_metadata.ChunkStorageMetadata) and isinstance(c.offsets, size)
-                and isinstance(c.sizes, size) for c in meta.chunks), f"{fqn}: malformed shape or chunks")
+            require(
+                isinstance(meta.properties, dcp_metadata.TensorProperties)
+                and isinstance(meta.properties.dtype, torch.dtype),
+                f"{fqn}: no dtype",
+            )
+            require(
+                isinstance(meta.size, size)
+                and isinstance(meta.chunks, list)
+                and all(
+                    isinstance(c, dcp_metadata.ChunkStorageMetadata)
+                    and isinstance(c.offsets, size)
+                    and isinstance(c.sizes, size)
+                    for c in meta.chunks
+                ),
+                f"{fqn}: malformed shape or chunks",
+            )
         else:
             require(isinstance(meta, dcp_metadata.BytesStorageMetadata), f"{fqn}: described by a {type(meta).__name__}")
     for index, info in metadata.storage_data.items():
-        require(isinstance(index, dcp_metadata.MetadataIndex) and isinstance(index.fqn, str)
-                and (index.offset is None or isinstance(index.offset, size)), f"storage key {index!r}")
-        require(isinstance(info, dcp_filesystem._StorageInfo) and isinstance(info.relative_path, str)
-                and type(info.offset) is int and type(info.length) is int, f"storage of {index.fqn}: {info!r}")
+        require(
+            isinstance(index, dcp_metadata.MetadataIndex)
+            and isinstance(index.fqn, str)
+            and (index.offset is None or isinstance(index.offset, size)),
+            f"storage key {index!r}",
+        )
+        require(
+            isinstance(info, dcp_filesystem._StorageInfo)
+            and isinstance(info.relative_path, str)
+            and type(info.offset) is int
+            and type(info.length) is int,
+            f"storage of {index.fqn}: {info!r}",
+        )
 
 
 # ----------------------------------------------------------------------------- entries and their bytes
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -174,26 +219,29 @@ TensorStorageMetadata
     boxes = []
     for chunk in meta.chunks:
         lo, extent = tuple(chunk.offsets), tuple(chunk.sizes)
-        if len(lo) != len(size) or len(extent) != len(size) or any(
-                o < 0 or n < 0 or o + n > s for o, n, s in zip(lo, extent, size)):
-            raise FormatError(f"{fqn}: chunk at {list(lo)} of shape {list(extent)} lies outside the tensor's "
-                              f"shape {list(size)}")
+        if (
+            len(lo) != len(size)
+            or len(extent) != len(size)
+            or any(o < 0 or n < 0 or o + n > s for o, n, s in zip(lo, extent, size, strict=True))
+        ):
+            raise FormatError(
+                f"{fqn}: chunk at {list(lo)} of shape {list(extent)} lies outside the tensor's shape {list(size)}"
+            )
         if all(extent):  # an empty chunk covers nothing and overlaps nothing
-            boxes.append((lo, tuple(o + n for o, n in zip(lo, extent))))
+            boxes.append((lo, tuple(o + n for o, n in zip(lo, extent, strict=True))))
     # Sweep along the first axis so only chunks whose rows overlap are compared: near-linear for
     # the row-sharded layouts FSDP writes.
     boxes.sort()
     for i, (lo, hi) in enumerate(boxes):
-        for other_lo, other_hi in boxes[i + 1:]:
+        for other_lo, other_hi in boxes[i + 1 :]:
             if size and other_lo[0] >= hi[0]:
                 break
-            if all(a < d and c < b for a, b, c, d in zip(lo, hi, other_lo, other_hi)):
+            if all(a < d and c < b for a, b, c, d in zip(lo, hi, other_lo, other_hi, strict=True)):
                 raise FormatError(f"{fqn}: chunks at {list(lo)} and {list(other_lo)} overlap")
-    covered = sum(math.prod(b - a for a, b in zip(lo, hi)) for lo, hi in boxes)
+    covered = sum(math.prod(b - a for a, b in zip(lo, hi, strict=True)) for lo, hi in boxes)
     expected = math.prod(size)
     if covered != expected:
-        raise FormatError(f"{fqn}: chunks cover {covered} of the tensor's {expected} elements "
-                          f"(shape {list(size)})")
+        raise FormatError(f"{fqn}: chunks cover {covered} of the tensor's {expected} elements (shape {list(size)})")
 
 
 class _Blobs(contextlib.ExitStack):
@@ -202,20 +250,23 @@ class _Blobs(contextlib.ExitStack):
     def __init__(self, directory: pathlib.Path, metadata: dcp_metadata.Metadata):
         super().__init__()
         self.directory = directory
-        self.storage = {(index.fqn, None if index.offset is None else tuple(index.offset)): info
-                        for index, info in metadata.storage_data.items()}
+        self.storage = {
+            (index.fqn, None if index.offset is None else tuple(index.offset)): info
+            for index, info in metadata.storage_data.items()
+        }
         self.files: dict[str, tuple[BinaryIO, int]] = {}
 
     def _file(self, name: str, fqn: str) -> tuple[BinaryIO, int]:
         if name not in self.files:
             # Data files sit in the directory itself; a path elsewhere is refused, not followed.
             if pathlib.PurePath(name).name != name or name in ("", ".", ".."):
-                raise FormatError(f"{self.directory}: {fqn} is stored in {name!r}, which is not a file of the "
-                                  "checkpoint directory")
+                raise FormatError(
+                    f"{self.directory}: {fqn} is stored in {name!r}, which is not a file of the checkpoint directory"
+                )
             path = self.directory / name
             if not path.is_file():
                 raise FormatError(f"{path}: missing; .metadata stores {fqn} in it")
-            f = self.enter_context(open(path, "rb"))
+            f = self.enter_context(open(path, "rb"))  # noqa: SIM115 (this ExitStack closes it)
             self.files[name] = (f, os.fstat(f.fileno()).st_size)
         return self.files[name]
 
@@ -225,8 +276,10 @@ class _Blobs(contextlib.ExitStack):
         if info is None:
             raise FormatError(f"{self.directory}: .metadata lists {what} but says nowhere where its bytes are")
         if getattr(info, "transform_descriptors", None):
-            raise UnsupportedError(f"{self.directory}: {what} was written through the DCP extension(s) "
-                                   f"{list(info.transform_descriptors)}; optstate reads plain FileSystemWriter output")
+            raise UnsupportedError(
+                f"{self.directory}: {what} was written through the DCP extension(s) "
+                f"{list(info.transform_descriptors)}; optstate reads plain FileSystemWriter output"
+            )
         f, size = self._file(info.relative_path, fqn)
         where = f"{self.directory / info.relative_path}: {what} (bytes {info.offset}..{info.offset + info.length})"
         if info.offset < 0 or info.length < 0 or info.offset + info.length > size:
@@ -238,16 +291,20 @@ class _Blobs(contextlib.ExitStack):
         except pickle.UnpicklingError as exc:
             detail = unpickler_detail(str(exc))
             if "global" in detail.lower():
-                raise FormatError(f"{where}: refused: loading it would run code from the file, which optstate "
-                                  f"never does ({detail})") from None
+                raise FormatError(
+                    f"{where}: refused: loading it would run code from the file, which optstate never does ({detail})"
+                ) from None
             raise FormatError(f"{where}: not a readable torch.save blob (corrupted?): {detail}") from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise FormatError(f"{where}: not a readable torch.save blob (corrupted?): "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise FormatError(
+                f"{where}: not a readable torch.save blob (corrupted?): "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
 
     def tensor(self, entry: _Entry) -> torch.Tensor:
         """The whole tensor, its chunks placed where ``.metadata`` says."""
         meta = entry.meta
+        assert isinstance(meta, dcp_metadata.TensorStorageMetadata)  # value() sends tensors only
         check_chunks(entry.fqn, meta)
         dtype, size = meta.properties.dtype, tuple(meta.size)
         out = None
@@ -262,13 +319,16 @@ class _Blobs(contextlib.ExitStack):
                 return part
             if out is None:
                 out = torch.empty(size, dtype=dtype)
-            out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))] = part
+            out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))] = part
         return out if out is not None else torch.empty(size, dtype=dtype)
 
     def value(self, entry: _Entry) -> Any:
         # A tensor becomes a NumPy view of its own memory at once: nothing else holds it, so no copy is needed.
-        return tensor_to_numpy(self.tensor(entry), copy=False) if entry.is_tensor else \
-            self.load(entry.fqn, None, entry.fqn)
+        return (
+            tensor_to_numpy(self.tensor(entry), copy=False)
+            if entry.is_tensor
+            else self.load(entry.fqn, None, entry.fqn)
+        )
 
 
 def _read_tree(node: Any, blobs: _Blobs) -> Any:
@@ -292,8 +352,11 @@ def _is_nested_optimizer(node: Any) -> bool:
 
 
 def _is_flat_optimizer(node: Any) -> bool:
-    return isinstance(node, dict) and any(str(k).startswith("param_groups.") for k in node) and all(
-        str(k).startswith(_OPTIMIZER_PREFIXES) for k in node)
+    return (
+        isinstance(node, dict)
+        and any(str(k).startswith("param_groups.") for k in node)
+        and all(str(k).startswith(_OPTIMIZER_PREFIXES) for k in node)
+    )
 
 
 def _optimizer_node(tree: dict) -> tuple[Any, set]:
@@ -330,13 +393,16 @@ def unflatten_optimizer_state_dict(flat: Mapping[str, Any], source: str = "optim
         section, _, rest = str(key).partition(".")
         fqn, _, name = rest.rpartition(".")
         if not fqn or section not in ("state", "param_groups"):
-            raise FormatError(f"{source}: key {key!r} is not 'state.<parameter>.<key>' or "
-                              "'param_groups.<parameter>.<key>'")
+            raise FormatError(
+                f"{source}: key {key!r} is not 'state.<parameter>.<key>' or 'param_groups.<parameter>.<key>'"
+            )
         (hyperparams if section == "param_groups" else state).setdefault(fqn, {})[name] = value
     stray = sorted(set(state) - set(hyperparams))
     if stray:
-        raise FormatError(f"{source}: state for {stray[:5]}, which no param group lists (state nested deeper than "
-                          "one key per parameter is not supported)")
+        raise FormatError(
+            f"{source}: state for {stray[:5]}, which no param group lists (state nested deeper than "
+            "one key per parameter is not supported)"
+        )
     groups: dict[str, dict[str, Any]] = {}
     for fqn, hp in hyperparams.items():
         groups.setdefault(repr(sorted(hp.items())), dict(hp, params=[]))["params"].append(fqn)
@@ -350,15 +416,23 @@ def flatten_optimizer_state_dict(osd: Mapping[str, Any]) -> dict[str, Any]:
     {'state.w.step': 1, 'param_groups.w.lr': 0.1}
     """
     flat = {f"state.{fqn}.{key}": value for fqn, entry in osd["state"].items() for key, value in entry.items()}
-    flat.update({f"param_groups.{fqn}.{key}": value for group in osd["param_groups"] for fqn in group["params"]
-                 for key, value in group.items() if key != "params"})
+    flat.update(
+        {
+            f"param_groups.{fqn}.{key}": value
+            for group in osd["param_groups"]
+            for fqn in group["params"]
+            for key, value in group.items()
+            if key != "params"
+        }
+    )
     return flat
 
 
 def _indexed(osd: Any, source: str) -> dict[str, Any]:
     """A name-keyed optimizer state_dict as ``Optimizer.state_dict()``'s, with the names as ``param_names``."""
     if not isinstance(osd.get("param_groups"), list) or not all(
-            isinstance(g, dict) and isinstance(g.get("params"), list) for g in osd["param_groups"]):
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in osd["param_groups"]
+    ):
         raise FormatError(f"{source}: param_groups is not a list of groups with 'params'")
     state = osd.get("state", {})
     groups = osd["param_groups"]
@@ -373,9 +447,12 @@ def _indexed(osd: Any, source: str) -> dict[str, Any]:
     unknown = sorted(set(state) - set(position))
     if unknown:
         raise FormatError(f"{source}: state for {unknown[:5]}, which no param group lists")
-    return {"state": {position[n]: entry for n, entry in state.items()},
-            "param_groups": [dict(g, params=[position[n] for n in g["params"]], param_names=list(g["params"]))
-                             for g in groups]}
+    return {
+        "state": {position[n]: entry for n, entry in state.items()},
+        "param_groups": [
+            dict(g, params=[position[n] for n in g["params"]], param_names=list(g["params"])) for g in groups
+        ],
+    }
 
 
 def _checkpoint(directory: pathlib.Path) -> dict[str, Any]:
@@ -385,8 +462,10 @@ def _checkpoint(directory: pathlib.Path) -> dict[str, Any]:
     tree = _entry_tree(metadata, source)
     optimizer, taken = _optimizer_node(tree)
     if optimizer is None:
-        raise FormatError(f"{source}: no optimizer state (keys {', '.join(OPTIMIZER_KEYS)}, or 'state' and "
-                          f"'param_groups' at the top); top-level keys: {sorted(map(str, tree))}")
+        raise FormatError(
+            f"{source}: no optimizer state (keys {', '.join(OPTIMIZER_KEYS)}, or 'state' and "
+            f"'param_groups' at the top); top-level keys: {sorted(map(str, tree))}"
+        )
     model = _model_entries(tree, taken)
     scheduler = next((tree[k] for k in SCHEDULER_KEYS if isinstance(tree.get(k), dict)), None)
     with _Blobs(directory, metadata) as blobs:
@@ -407,11 +486,16 @@ def _milestones_as_counters(value: Any) -> Any:
         return [_milestones_as_counters(v) for v in value]
     if not isinstance(value, dict):
         return value
-    return {k: collections.Counter({int(e): n for e, n in v.items()}) if k == "milestones" and isinstance(v, dict)
-            else _milestones_as_counters(v) for k, v in value.items()}
+    return {
+        k: collections.Counter({int(e): n for e, n in v.items()})
+        if k == "milestones" and isinstance(v, dict)
+        else _milestones_as_counters(v)
+        for k, v in value.items()
+    }
 
 
 # ----------------------------------------------------------------------------- public
+
 
 def read_dcp(path: str | os.PathLike, *, optimizer: str | None = None) -> OptimizerState:
     """Read a DCP checkpoint directory into the canonical state.
@@ -442,8 +526,9 @@ def read_dcp(path: str | os.PathLike, *, optimizer: str | None = None) -> Optimi
         raise type(exc)(f"{os.fspath(directory)}: {exc}") from None
 
 
-def write_dcp(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
-              layout: str = "nested") -> None:
+def write_dcp(
+    state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True, layout: str = "nested"
+) -> None:
     """Write ``state`` as a DCP checkpoint directory, atomically, for ``dcp.load`` in any number of processes.
 
     ``layout="nested"`` saves ``{"model": weights, "optimizer": optim_sd, "lr_scheduler": ...}``
@@ -478,9 +563,12 @@ def _save_dcp(state: OptimizerState, directory: pathlib.Path, layout: str) -> No
     # DCP's writer keeps every tensor of a file until the file is done.
     sd = torch_dict.state_dict_arrays(state, step_dtype=step_dtype())
     names = [n for g in sd["param_groups"] for n in g["param_names"]]
-    optim_sd = {"state": {names[i]: {k: numpy_to_tensor(a, copy=False) for k, a in entry.items()}
-                          for i, entry in sd["state"].items()},
-                "param_groups": [dict(g, params=list(g["param_names"])) for g in sd["param_groups"]]}
+    optim_sd = {
+        "state": {
+            names[i]: {k: numpy_to_tensor(a, copy=False) for k, a in entry.items()} for i, entry in sd["state"].items()
+        },
+        "param_groups": [dict(g, params=list(g["param_names"])) for g in sd["param_groups"]],
+    }
     weights = {path_to_name(p): numpy_to_tensor(a, copy=False) for p, a in (state.weights or {}).items()}
     if layout == "torchtitan":
         ckpt: dict[str, Any] = {**weights, "optimizer": flatten_optimizer_state_dict(optim_sd)}
@@ -493,3 +581,36 @@ def _save_dcp(state: OptimizerState, directory: pathlib.Path, layout: str) -> No
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         # atomic_directory fsyncs the whole tree before the rename, so the writer need not.
         dcp.save(ckpt, storage_writer=dcp.FileSystemWriter(directory, sync_files=False), no_dist=True)
+
+
+# ----------------------------------------------------------------------------- the "dcp" format's entries
+
+
+def read(path: str | os.PathLike, options: ReadOptions) -> OptimizerState:
+    """The reader of the ``dcp`` format (:mod:`optstate.converters.formats`): :func:`read_dcp`;
+    ``options.optimizer`` names the optimizer where the param groups cannot tell.
+
+    >>> import tempfile, numpy as np, optstate
+    >>> s = optstate.OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+    ...     (optstate.ParamInfo(("w",), (2,), "float32", 0),), {("momentum", ("w",)): np.ones(2, np.float32)})
+    >>> d = tempfile.mkdtemp() + "/ckpt"
+    >>> write_dcp(s, d)
+    >>> read(d, ReadOptions()).slots[("momentum", ("w",))].tolist()
+    [1.0, 1.0]
+    """
+    return read_dcp(path, optimizer=options.optimizer)
+
+
+def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
+    """The writer of the ``dcp`` format: :func:`write_dcp` in the nested layout (never sharded by size: DCP
+    splits by rank).
+
+    >>> import tempfile, numpy as np, optstate
+    >>> s = optstate.OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+    ...     (optstate.ParamInfo(("w",), (2,), "float32", 0),), {("momentum", ("w",)): np.ones(2, np.float32)})
+    >>> d = tempfile.mkdtemp() + "/ckpt"
+    >>> write(s, d, WriteOptions())
+    >>> read_dcp(d).optimizer
+    'sgd'
+    """
+    write_dcp(state, path, force=options.force, fsync=options.fsync)

@@ -6,7 +6,8 @@ import os
 import pickle
 import warnings
 from collections import Counter
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -16,15 +17,49 @@ from ...errors import FormatError, MappingError, UnsupportedError
 from ...schema.families import BOOKKEEPING_KEYS, OptimizerSpec, optimizer_spec
 from ...schema.state import Deferred, OptimizerState, ParamInfo, non_finite_slot, numpy_dtype, path_to_name
 from . import state_dict as torch_dict
-# The torch-free part of the adapter, kept importable from here.
-from .state_dict import (BUFFER_NAMES, MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, TORCH_SIGNATURES, check_state_dict,
-                         from_torch_file, hyperparam_value, is_buffer, is_optimizer_state_dict, is_tensor_dict,
-                         param_names, refuse_optax_native, torch_class_of)
 
-__all__ = ["BUFFER_NAMES", "MODEL_KEYS", "OPTIMIZER_KEYS", "SCHEDULER_KEYS", "TORCH_SIGNATURES", "check_state_dict",
-           "from_torch", "from_torch_file", "is_buffer", "is_optimizer_state_dict", "is_tensor_dict",
-           "load_checkpoint", "numpy_to_tensor", "numpy_tree", "param_names", "save_checkpoint", "split_checkpoint",
-           "tensor_to_numpy", "to_torch", "to_torch_state_dict", "torch_class_of", "unpickler_detail"]
+# The torch-free part of the adapter, kept importable from here.
+from .state_dict import (
+    BUFFER_NAMES,
+    MODEL_KEYS,
+    OPTIMIZER_KEYS,
+    SCHEDULER_KEYS,
+    TORCH_SIGNATURES,
+    check_state_dict,
+    from_torch_file,
+    hyperparam_value,
+    is_buffer,
+    is_optimizer_state_dict,
+    is_tensor_dict,
+    param_names,
+    refuse_optax_native,
+    torch_class_of,
+)
+
+__all__ = [
+    "BUFFER_NAMES",
+    "MODEL_KEYS",
+    "OPTIMIZER_KEYS",
+    "SCHEDULER_KEYS",
+    "TORCH_SIGNATURES",
+    "check_state_dict",
+    "from_torch",
+    "from_torch_file",
+    "is_buffer",
+    "is_optimizer_state_dict",
+    "is_tensor_dict",
+    "load_checkpoint",
+    "numpy_to_tensor",
+    "numpy_tree",
+    "param_names",
+    "save_checkpoint",
+    "split_checkpoint",
+    "tensor_to_numpy",
+    "to_torch",
+    "to_torch_state_dict",
+    "torch_class_of",
+    "unpickler_detail",
+]
 
 # dtypes NumPy lacks travel as same-width integers: (torch integer dtype, NumPy integer dtype, ml_dtypes dtype).
 _VIA_INTEGER = {
@@ -36,6 +71,7 @@ _FROM_NUMPY = {np_dtype: (np_int, torch_dtype) for torch_dtype, (_, np_int, np_d
 
 
 # ----------------------------------------------------------------------------- tensors
+
 
 def tensor_to_numpy(tensor: torch.Tensor, *, copy: bool = True) -> np.ndarray:
     """The tensor's bits as a NumPy array on the host (bfloat16 and float8 through ml_dtypes).
@@ -101,16 +137,23 @@ def device_array(tensor: torch.Tensor, *, copy: bool) -> Deferred | np.ndarray:
         tensor = tensor.detach().clone() if copy else tensor.detach()
     except torch.OutOfMemoryError:
         return tensor_to_numpy(tensor, copy=True)
-    return Deferred(tuple(tensor.shape), numpy_dtype(_dtype_name(tensor.dtype)),
-                    lambda: tensor_to_numpy(tensor, copy=False), dlpack=tensor)
+    return Deferred(
+        tuple(tensor.shape),
+        numpy_dtype(_dtype_name(tensor.dtype)),
+        lambda: tensor_to_numpy(tensor, copy=False),
+        dlpack=tensor,
+    )
 
 
 def _check_finite_on_device(state: OptimizerState) -> None:
     """Refuse non-finite moments left on the device, checked there (the state checks those on the host)."""
     for (slot, path), array in state.slots.items():
         tensor = array.dlpack if isinstance(array, Deferred) else None
-        if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex()) and \
-                not bool(torch.isfinite(tensor).all()):
+        if (
+            isinstance(tensor, torch.Tensor)
+            and (tensor.is_floating_point() or tensor.is_complex())
+            and not bool(torch.isfinite(tensor).all())
+        ):
             raise non_finite_slot(path, slot)
 
 
@@ -125,15 +168,22 @@ def numpy_tree(obj: Any, *, copy: bool) -> Any:
     >>> tree["a"] is tree["b"][0], tree["b"][1]
     (True, 3)
     """
-    arrays: dict[tuple, np.ndarray] = {}
+    arrays: dict[tuple, np.ndarray | Deferred] = {}
 
     def convert(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
-                   value.stride(), value.dtype)
+            key = (
+                value.device,
+                value.untyped_storage().data_ptr(),
+                value.storage_offset(),
+                tuple(value.shape),
+                value.stride(),
+                value.dtype,
+            )
             if key not in arrays:
-                arrays[key] = device_array(value, copy=copy) if _stays_on_device(value) else \
-                    tensor_to_numpy(value, copy=copy)
+                arrays[key] = (
+                    device_array(value, copy=copy) if _stays_on_device(value) else tensor_to_numpy(value, copy=copy)
+                )
             return arrays[key]
         if isinstance(value, Counter):  # holds numbers only; a scheduler's milestones stay a Counter
             return value
@@ -149,6 +199,7 @@ def numpy_tree(obj: Any, *, copy: bool) -> Any:
 
 
 # ----------------------------------------------------------------------------- reading files
+
 
 def unpickler_detail(message: str) -> str:
     """The one line of torch's weights-only error that says what was refused."""
@@ -172,9 +223,12 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as exc:
         detail = unpickler_detail(str(exc))
         if "global" not in detail.lower():
-            raise FormatError(f"{source}: not a readable torch checkpoint (truncated or corrupted?): {detail}") from None
-        raise FormatError(f"{source}: refused: loading it would run code from the file, which optstate never "
-                          f"does ({detail})") from None
+            raise FormatError(
+                f"{source}: not a readable torch checkpoint (truncated or corrupted?): {detail}"
+            ) from None
+        raise FormatError(
+            f"{source}: refused: loading it would run code from the file, which optstate never does ({detail})"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FormatError(f"{source}: not a readable torch checkpoint (truncated or corrupted?): {first}") from None
@@ -188,18 +242,20 @@ def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | N
 
 # ----------------------------------------------------------------------------- torch -> canonical
 
+
 def _names_by_identity(optimizer: torch.optim.Optimizer, model: Any) -> list[list[str]]:
     """Each group's parameter names, found by tensor identity among ``model.named_parameters()``."""
     by_id = {id(p): n for n, p in model.named_parameters()}
-    names = [[by_id.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
-    missing = [i for i, n in enumerate(n for g in names for n in g) if n is None]
+    tensors = [p for g in optimizer.param_groups for p in g["params"]]
+    missing = [i for i, p in enumerate(tensors) if id(p) not in by_id]
     if missing:
         raise MappingError(f"optimizer tensors {missing[:5]} are not parameters of the model passed")
-    return names
+    return [[by_id[id(p)] for p in g["params"]] for g in optimizer.param_groups]
 
 
-def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
-               optimizer: str | None = None, copy: bool = True) -> OptimizerState:
+def from_torch(
+    obj: Any, *, model: Any = None, scheduler: Any = None, optimizer: str | None = None, copy: bool = True
+) -> OptimizerState:
     """Read torch optimizer state into the canonical form.
 
     ``obj`` is a ``torch.optim.Optimizer``, an optimizer ``state_dict``, a training-checkpoint
@@ -225,8 +281,13 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
     if isinstance(obj, torch.optim.Optimizer):
         sd = obj.state_dict()
         if model is not None and not all("param_names" in g for g in sd["param_groups"]):
-            sd = {"state": sd["state"], "param_groups": [
-                dict(g, param_names=names) for g, names in zip(sd["param_groups"], _names_by_identity(obj, model))]}
+            sd = {
+                "state": sd["state"],
+                "param_groups": [
+                    dict(g, param_names=names)
+                    for g, names in zip(sd["param_groups"], _names_by_identity(obj, model), strict=True)
+                ],
+            }
         live_class = type(obj).__name__
         shapes = [(tuple(p.shape), _dtype_name(p.dtype)) for g in obj.param_groups for p in g["params"]]
         checkpoint = numpy_tree(sd, copy=copy)  # the next step overwrites a live optimizer's tensors
@@ -241,14 +302,23 @@ def from_torch(obj: Any, *, model: Any = None, scheduler: Any = None,
         parameters = {n for n, _ in model.named_parameters()}
         buffers = [n for n in weights if n not in parameters]
     state = torch_dict.state_from_checkpoint(
-        checkpoint, source, origin=f"torch {torch.__version__}", optimizer=optimizer, model=model, weights=weights,
-        buffers=buffers, scheduler_state=None if scheduler is None else numpy_tree(scheduler.state_dict(), copy=True),
-        live_class=live_class, shapes=shapes)
+        checkpoint,
+        source,
+        origin=f"torch {torch.__version__}",
+        optimizer=optimizer,
+        model=model,
+        weights=weights,
+        buffers=buffers,
+        scheduler_state=None if scheduler is None else numpy_tree(scheduler.state_dict(), copy=True),
+        live_class=live_class,
+        shapes=shapes,
+    )
     _check_finite_on_device(state)
     return state
 
 
 # ----------------------------------------------------------------------------- canonical -> torch
+
 
 def step_dtype() -> type:
     """The NumPy type torch keeps ``step`` in: float64 under a float64 default dtype, else float32.
@@ -294,24 +364,35 @@ def _live_names(optimizer: torch.optim.Optimizer, model: Any) -> list[list[str]]
 def _saved_group_of(infos: Sequence[ParamInfo], live_group: int) -> int:
     saved = {info.group for info in infos}
     if len(saved) > 1:
-        raise MappingError(f"live param group {live_group} mixes parameters of saved groups {sorted(saved)}; "
-                           "group the parameters as they were saved")
+        raise MappingError(
+            f"live param group {live_group} mixes parameters of saved groups {sorted(saved)}; "
+            "group the parameters as they were saved"
+        )
     return saved.pop() if saved else 0
 
 
-def _warn_kept_hyperparams(spec: OptimizerSpec, live: Mapping[str, Any], saved: Mapping[str, Any],
-                           group: int) -> None:
+def _warn_kept_hyperparams(spec: OptimizerSpec, live: Mapping[str, Any], saved: Mapping[str, Any], group: int) -> None:
     for key in saved:
         value = hyperparam_value(numpy_tree(live.get(key), copy=True))
         if key in live and key not in BOOKKEEPING_KEYS and value != saved[key]:
-            meaning = (": the stored state was accumulated under the saved value, so it means something else "
-                       "now" if key in spec.moment_hyperparams else "")
-            warnings.warn(f"param group {group} keeps the live {key}={value!r} "
-                          f"(saved {saved[key]!r}){meaning}", stacklevel=3)
+            meaning = (
+                ": the stored state was accumulated under the saved value, so it means something else now"
+                if key in spec.moment_hyperparams
+                else ""
+            )
+            warnings.warn(
+                f"param group {group} keeps the live {key}={value!r} (saved {saved[key]!r}){meaning}", stacklevel=3
+            )
 
 
-def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: Any = None,
-             scheduler: Any = None, keep_hyperparams: bool = False) -> None:
+def to_torch(
+    state: OptimizerState,
+    optimizer: torch.optim.Optimizer,
+    *,
+    model: Any = None,
+    scheduler: Any = None,
+    keep_hyperparams: bool = False,
+) -> None:
     """Load ``state`` into a live optimizer, matching parameters by name.
 
     Names come from the optimizer's ``param_names`` or from ``model.named_parameters()``. The
@@ -331,19 +412,23 @@ def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: 
     refuse_optax_native(state.spec)
     live_family = optimizer_spec(torch_class_of(optimizer.param_groups[0], type(optimizer).__name__))
     if live_family.name != state.optimizer:
-        raise UnsupportedError(f"the state is {state.spec.torch_class}'s, the optimizer is {type(optimizer).__name__} "
-                               f"({live_family.torch_class} semantics)")
+        raise UnsupportedError(
+            f"the state is {state.spec.torch_class}'s, the optimizer is {type(optimizer).__name__} "
+            f"({live_family.torch_class} semantics)"
+        )
     live_names = _live_names(optimizer, model)
     by_name = {path_to_name(p.path): p for p in state.params}
     flat = [n for g in live_names for n in g]
     missing = [n for n in flat if n not in by_name]
     extra = sorted(set(by_name) - set(flat))
     if missing or extra:
-        raise MappingError(f"parameters do not match: in the optimizer but not the state: {missing[:10]}; "
-                           f"in the state but not the optimizer: {extra[:10]}")
-    sd = {"state": {}, "param_groups": []}
+        raise MappingError(
+            f"parameters do not match: in the optimizer but not the state: {missing[:10]}; "
+            f"in the state but not the optimizer: {extra[:10]}"
+        )
+    sd: dict[str, Any] = {"state": {}, "param_groups": []}
     index = 0
-    for gi, (group, names) in enumerate(zip(optimizer.param_groups, live_names)):
+    for gi, (group, names) in enumerate(zip(optimizer.param_groups, live_names, strict=True)):
         infos = [by_name[n] for n in names]
         saved_hp = state.param_groups[_saved_group_of(infos, gi)]
         live_hp = {k: v for k, v in group.items() if k not in ("params", "param_names")}
@@ -353,10 +438,12 @@ def to_torch(state: OptimizerState, optimizer: torch.optim.Optimizer, *, model: 
         else:
             hp = {**live_hp, **state.spec.with_defaults(saved_hp)}
         sd["param_groups"].append(dict(hp, params=list(range(index, index + len(names))), param_names=names))
-        for name, param, info in zip(names, group["params"], infos):
+        for name, param, info in zip(names, group["params"], infos, strict=True):
             if tuple(param.shape) != info.shape or _dtype_name(param.dtype) != info.dtype:
-                raise MappingError(f"{name}: the optimizer's parameter is {list(param.shape)} "
-                                   f"{_dtype_name(param.dtype)}, the state's {list(info.shape)} {info.dtype}")
+                raise MappingError(
+                    f"{name}: the optimizer's parameter is {list(param.shape)} "
+                    f"{_dtype_name(param.dtype)}, the state's {list(info.shape)} {info.dtype}"
+                )
             entry = _param_entry(state, info)
             if entry:
                 sd["state"][index] = entry
@@ -375,14 +462,15 @@ def _restore_scheduler(state: OptimizerState, optimizer: torch.optim.Optimizer, 
     if saved is None:
         known = state.spec.has_step and all(p.step is not None for p in state.params)
         count = state.metadata.schedule_count
-        if count is None:
-            count = max(p.step for p in state.params) if known else None
+        if count is None and known:
+            count = max(p.step or 0 for p in state.params)
         if count is None:
             raise UnsupportedError("the state records no step count, so the scheduler's position is unknown")
-        saved = restore_torch_scheduler_state(scheduler.state_dict(), count,
-                                              param_groups=optimizer.state_dict()["param_groups"])
+        saved = restore_torch_scheduler_state(
+            scheduler.state_dict(), count, param_groups=optimizer.state_dict()["param_groups"]
+        )
     scheduler.load_state_dict(saved)
-    for group, lr in zip(optimizer.param_groups, saved["_last_lr"]):
+    for group, lr in zip(optimizer.param_groups, saved["_last_lr"], strict=True):
         group["lr"] = lr  # chainable schedulers compute the next lr from it
 
 
@@ -396,8 +484,14 @@ def _restore_scalar_dtypes(optimizer: torch.optim.Optimizer, sd: Mapping, spec: 
                 optimizer.state[live[index]][slot.torch_key] = entry[slot.torch_key].to(live[index].device)
 
 
-def save_checkpoint(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
-                    progress: Callable[[int], Any] | None = None) -> None:
+def save_checkpoint(
+    state: OptimizerState,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    fsync: bool = True,
+    progress: Callable[[int], Any] | None = None,
+) -> None:
     """Write ``{"optimizer": state_dict, "model": weights}`` as a ``torch.save`` file, atomically, one tensor
     at a time: :func:`optstate.converters.torch.state_dict.save_torch_file`, ``step`` in torch's current dtype.
 

@@ -33,8 +33,9 @@ import uuid
 import zipfile
 import zlib
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -42,18 +43,45 @@ from numpy.lib.stride_tricks import as_strided
 
 from ...atomic import atomic_file
 from ...errors import FormatError, UnsupportedError
-from ...schema.fileformat import _little_endian, _write_all
+from ...schema.fileformat import little_endian_bytes, write_all
 
 # torch dtype name -> NumPy dtype (torch's names are NumPy's and ml_dtypes').
-DTYPES = {name: np.dtype(getattr(ml_dtypes, name, None) or name) for name in (
-    "float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
-    "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool", "complex128", "complex64")}
+DTYPES = {
+    name: np.dtype(getattr(ml_dtypes, name, None) or name)
+    for name in (
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint64",
+        "uint32",
+        "uint16",
+        "uint8",
+        "bool",
+        "complex128",
+        "complex64",
+    )
+}
 
 # The legacy typed storage classes that persistent ids name, by element dtype.
 _STORAGE_CLASSES = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
-    "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexDoubleStorage": "complex128",
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexDoubleStorage": "complex128",
     "ComplexFloatStorage": "complex64",
 }
 
@@ -85,6 +113,7 @@ class _Function:
 
 # ----------------------------------------------------------------------------- public
 
+
 def load(path: str | os.PathLike) -> Any:
     """The object a ``torch.save`` file holds, tensors as read-only NumPy arrays mapped from the file.
 
@@ -106,8 +135,14 @@ def load(path: str | os.PathLike) -> Any:
     return _Unpickler(archive).load()
 
 
-def save(obj: Any, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
-         progress: Callable[[int], Any] | None = None) -> None:
+def save(
+    obj: Any,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    fsync: bool = True,
+    progress: Callable[[int], Any] | None = None,
+) -> None:
     """Write ``obj`` as a ``torch.save`` file, atomically, one tensor at a time; no torch needed.
 
     ``obj`` nests dicts (``Counter`` and ``OrderedDict`` kept), lists and tuples of ``None``, bools,
@@ -129,8 +164,12 @@ def save(obj: Any, path: str | os.PathLike, *, force: bool = False, fsync: bool 
     # Not "wb": ext4 starts writing back, on close, a file that was truncated to zero and rewritten.
     with atomic_file(path, force=force, fsync=fsync) as tmp, open(tmp, "r+b", buffering=0) as f:
         archive = _ZipWriter(f.fileno())
-        for name, data in (("data.pkl", data_pkl), (".format_version", b"1"),
-                           (".storage_alignment", str(_ALIGNMENT).encode()), ("byteorder", b"little")):
+        for name, data in (
+            ("data.pkl", data_pkl),
+            (".format_version", b"1"),
+            (".storage_alignment", str(_ALIGNMENT).encode()),
+            ("byteorder", b"little"),
+        ):
             archive.write_bytes(name, data)
         for tensor in pickler.tensors:
             archive.write_tensor(tensor)
@@ -142,6 +181,7 @@ def save(obj: Any, path: str | os.PathLike, *, force: bool = False, fsync: bool 
 
 
 # ----------------------------------------------------------------------------- the zip archive
+
 
 def _unreadable(source: str, detail: str) -> FormatError:
     return FormatError(f"{source}: not a readable torch checkpoint (truncated or corrupted?): {detail}")
@@ -177,16 +217,20 @@ class _Archive:
         with open(self.source, "rb") as f:
             head = f.read(len(_LEGACY_MAGIC))
         if head == _LEGACY_MAGIC:
-            return FormatError(f"{self.source}: a checkpoint in torch's legacy format (torch < 1.6, or saved with "
-                               "_use_new_zipfile_serialization=False), which optstate reads only with torch "
-                               "installed; re-save it with a newer torch or install torch")
+            return FormatError(
+                f"{self.source}: a checkpoint in torch's legacy format (torch < 1.6, or saved with "
+                "_use_new_zipfile_serialization=False), which optstate reads only with torch "
+                "installed; re-save it with a newer torch or install torch"
+            )
         return _unreadable(self.source, f"not a zip archive ({exc})")
 
     def _prefix(self) -> str:
         pickles = [name for name in self.members if name.endswith("/data.pkl") and name.count("/") == 1]
         if len(pickles) != 1:
-            raise FormatError(f"{self.source}: a zip archive, but not one torch.save writes "
-                              f"({len(pickles)} records <archive>/data.pkl)")
+            raise FormatError(
+                f"{self.source}: a zip archive, but not one torch.save writes "
+                f"({len(pickles)} records <archive>/data.pkl)"
+            )
         return pickles[0].removesuffix("data.pkl")
 
     def storage_bytes(self, key: str) -> np.ndarray:
@@ -200,25 +244,29 @@ class _Archive:
         if info is None:
             raise _unreadable(self.source, f"record {name} is missing")
         if info.compress_type != zipfile.ZIP_STORED:
-            raise FormatError(f"{self.source}: record {name} is compressed (zip method {info.compress_type}); "
-                              "torch.save stores tensors uncompressed, so it cannot be mapped: re-save it "
-                              "with torch.save or unzip and re-zip it with no compression")
+            raise FormatError(
+                f"{self.source}: record {name} is compressed (zip method {info.compress_type}); "
+                "torch.save stores tensors uncompressed, so it cannot be mapped: re-save it "
+                "with torch.save or unzip and re-zip it with no compression"
+            )
         if info.file_size == 0:
             return np.empty(0, np.uint8)
         if self._file is None:
             self._file = np.memmap(self.source, np.uint8, mode="r")
-        header = bytes(self._file[info.header_offset:info.header_offset + _LOCAL_HEADER.size])
+        header = bytes(self._file[info.header_offset : info.header_offset + _LOCAL_HEADER.size])
         if len(header) < _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
             raise _unreadable(self.source, f"record {name} has no local header at byte {info.header_offset}")
         _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
         start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
         if start + info.file_size > self._file.size:
-            raise _unreadable(self.source, f"record {name} ends at byte {start + info.file_size}, "
-                                           f"the file at {self._file.size}")
-        return self._file[start:start + info.file_size]
+            raise _unreadable(
+                self.source, f"record {name} ends at byte {start + info.file_size}, the file at {self._file.size}"
+            )
+        return self._file[start : start + info.file_size]
 
 
 # ----------------------------------------------------------------------------- tensors
+
 
 def _swapped(array: np.ndarray) -> np.ndarray:
     """A copy with each element's bytes reversed (a complex number's two parts each)."""
@@ -277,15 +325,19 @@ class _Unpickler:
                 raise _unreadable(self.source, "data.pkl ends before its STOP opcode")
             op = ops.get(code)
             if op is None:
-                name = getattr(pickletools.code2op.get(code.decode("latin-1")), "name", repr(code))
-                raise FormatError(f"{self.source}: refused: pickle opcode {name} at byte {self.data.tell() - 1} of "
-                                  "data.pkl is not one torch.save writes for a state_dict")
+                known = pickletools.code2op  # type: ignore[attr-defined]  # undocumented, in every CPython
+                name = getattr(known.get(code.decode("latin-1")), "name", repr(code))
+                raise FormatError(
+                    f"{self.source}: refused: pickle opcode {name} at byte {self.data.tell() - 1} of "
+                    "data.pkl is not one torch.save writes for a state_dict"
+                )
             try:
                 if op() is _STOP:
                     return self.stack.pop()
             except (IndexError, KeyError, TypeError, ValueError, struct.error) as exc:
-                raise _unreadable(self.source, f"malformed data.pkl at byte {self.data.tell()} "
-                                               f"({type(exc).__name__}: {exc})") from None
+                raise _unreadable(
+                    self.source, f"malformed data.pkl at byte {self.data.tell()} ({type(exc).__name__}: {exc})"
+                ) from None
 
     def _opcodes(self) -> dict[bytes, Callable[[], Any]]:
         push = self._push
@@ -293,14 +345,21 @@ class _Unpickler:
             "PROTO": lambda: self._read(1),
             "STOP": lambda: _STOP,
             "MARK": self._mark,
-            "NONE": lambda: push(None), "NEWTRUE": lambda: push(True), "NEWFALSE": lambda: push(False),
-            "EMPTY_TUPLE": lambda: push(()), "EMPTY_LIST": lambda: push([]), "EMPTY_DICT": lambda: push({}),
-            "BININT": lambda: push(self._unpack("<i")), "BININT1": lambda: push(self._unpack("<B")),
-            "BININT2": lambda: push(self._unpack("<H")), "BINFLOAT": lambda: push(self._unpack(">d")),
+            "NONE": lambda: push(None),
+            "NEWTRUE": lambda: push(True),
+            "NEWFALSE": lambda: push(False),
+            "EMPTY_TUPLE": lambda: push(()),
+            "EMPTY_LIST": lambda: push([]),
+            "EMPTY_DICT": lambda: push({}),
+            "BININT": lambda: push(self._unpack("<i")),
+            "BININT1": lambda: push(self._unpack("<B")),
+            "BININT2": lambda: push(self._unpack("<H")),
+            "BINFLOAT": lambda: push(self._unpack(">d")),
             "LONG1": lambda: push(int.from_bytes(self._read(self._unpack("<B")), "little", signed=True)),
             "BINUNICODE": lambda: push(self._read(self._unpack("<I")).decode("utf-8", "surrogatepass")),
             "TUPLE": lambda: push(tuple(self._pop_mark())),
-            "TUPLE1": lambda: push(tuple(self._pop(1))), "TUPLE2": lambda: push(tuple(self._pop(2))),
+            "TUPLE1": lambda: push(tuple(self._pop(1))),
+            "TUPLE2": lambda: push(tuple(self._pop(2))),
             "TUPLE3": lambda: push(tuple(self._pop(3))),
             "APPEND": lambda: self._extend(self._pop(1)),
             "APPENDS": lambda: self._extend(self._pop_mark()),
@@ -332,8 +391,8 @@ class _Unpickler:
     def _pop(self, n: int) -> list[Any]:
         if len(self.stack) < n:
             raise IndexError(f"{n} values needed, the stack holds {len(self.stack)}")
-        items = self.stack[len(self.stack) - n:]
-        del self.stack[len(self.stack) - n:]
+        items = self.stack[len(self.stack) - n :]
+        del self.stack[len(self.stack) - n :]
         return items
 
     def _mark(self) -> None:
@@ -353,11 +412,10 @@ class _Unpickler:
     def _setitems(self, items: list[Any]) -> None:
         target = self.stack[-1]
         if type(target) not in (dict, OrderedDict, Counter):
-            raise FormatError(f"{self.source}: refused: data.pkl sets items of a {type(target).__name__}, "
-                              "not a dict")
+            raise FormatError(f"{self.source}: refused: data.pkl sets items of a {type(target).__name__}, not a dict")
         if len(items) % 2:
             raise IndexError(f"{len(items)} values for keys and values")
-        for key, value in zip(items[::2], items[1::2]):
+        for key, value in zip(items[::2], items[1::2], strict=True):
             target[key] = value
 
     def _global(self) -> None:
@@ -369,15 +427,19 @@ class _Unpickler:
         elif full in self.values:
             self.stack.append(self.values[full])
         else:
-            raise FormatError(f"{self.source}: refused: loading it would run code from the file, which optstate "
-                              f"never does (unsupported global {full})")
+            raise FormatError(
+                f"{self.source}: refused: loading it would run code from the file, which optstate "
+                f"never does (unsupported global {full})"
+            )
 
     def _reduce(self) -> None:
         args = self.stack.pop()
         function = self.stack[-1]
         if not isinstance(function, _Function) or not isinstance(args, tuple):
-            raise FormatError(f"{self.source}: refused: data.pkl calls a {type(function).__name__}, "
-                              "not a function a state_dict is built with")
+            raise FormatError(
+                f"{self.source}: refused: data.pkl calls a {type(function).__name__}, "
+                "not a function a state_dict is built with"
+            )
         self.stack[-1] = self.functions[function.name](*args)
 
     def _build(self) -> None:
@@ -385,31 +447,52 @@ class _Unpickler:
         target = self.stack[-1]
         # A module's state_dict() is an OrderedDict carrying its modules' versions as `_metadata`.
         if type(target) is not OrderedDict or not isinstance(state, dict) or set(state) != {"_metadata"}:
-            raise FormatError(f"{self.source}: refused: data.pkl sets attributes of a {type(target).__name__}; "
-                              "only a state_dict's _metadata is read")
-        target._metadata = state["_metadata"]
+            raise FormatError(
+                f"{self.source}: refused: data.pkl sets attributes of a {type(target).__name__}; "
+                "only a state_dict's _metadata is read"
+            )
+        target._metadata = state["_metadata"]  # type: ignore[attr-defined]  # as torch's own unpickling sets it
 
     # -------------------------------------------------------------- what the admitted globals build
 
     def _persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and type(pid[4]) is int):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and type(pid[4]) is int
+        ):
             raise FormatError(f"{self.source}: refused: persistent id {pid!r} is not a tensor storage")
         _, storage_type, key, _location, numel = pid
         return _Storage(key, storage_type.dtype, numel)
 
-    def _rebuild_tensor_v2(self, storage: Any, offset: Any, size: Any, stride: Any, _requires_grad: Any,
-                           _hooks: Any, metadata: Any = None) -> np.ndarray:
+    def _rebuild_tensor_v2(
+        self, storage: Any, offset: Any, size: Any, stride: Any, _requires_grad: Any, _hooks: Any, metadata: Any = None
+    ) -> np.ndarray:
         if not isinstance(storage, _Storage) or storage.dtype is None:
-            raise FormatError(f"{self.source}: refused: _rebuild_tensor_v2 of a {type(storage).__name__}, "
-                              "not a typed storage")
+            raise FormatError(
+                f"{self.source}: refused: _rebuild_tensor_v2 of a {type(storage).__name__}, not a typed storage"
+            )
         return self._tensor(storage, storage.dtype, offset, size, stride, metadata)
 
-    def _rebuild_tensor_v3(self, storage: Any, offset: Any, size: Any, stride: Any, _requires_grad: Any,
-                           _hooks: Any, dtype: Any, metadata: Any = None) -> np.ndarray:
+    def _rebuild_tensor_v3(
+        self,
+        storage: Any,
+        offset: Any,
+        size: Any,
+        stride: Any,
+        _requires_grad: Any,
+        _hooks: Any,
+        dtype: Any,
+        metadata: Any = None,
+    ) -> np.ndarray:
         if not isinstance(storage, _Storage) or storage.dtype is not None or not isinstance(dtype, np.dtype):
-            raise FormatError(f"{self.source}: refused: _rebuild_tensor_v3 of a {type(storage).__name__} "
-                              f"as {dtype!r}, not an untyped storage and a dtype")
+            raise FormatError(
+                f"{self.source}: refused: _rebuild_tensor_v3 of a {type(storage).__name__} "
+                f"as {dtype!r}, not an untyped storage and a dtype"
+            )
         return self._tensor(storage, dtype, offset, size, stride, metadata)
 
     def _rebuild_parameter(self, data: Any, _requires_grad: Any, _hooks: Any) -> np.ndarray:
@@ -417,14 +500,15 @@ class _Unpickler:
             raise FormatError(f"{self.source}: refused: a Parameter of a {type(data).__name__}, not a tensor")
         return data
 
-    def _tensor(self, storage: _Storage, dtype: np.dtype, offset: Any, size: Any, stride: Any,
-                metadata: Any) -> np.ndarray:
+    def _tensor(
+        self, storage: _Storage, dtype: np.dtype, offset: Any, size: Any, stride: Any, metadata: Any
+    ) -> np.ndarray:
         where = f"{self.source}: tensor of storage {storage.key}"
         size, stride = _check_ints(size, "size", where), _check_ints(stride, "stride", where)
         if type(offset) is not int or offset < 0 or len(size) != len(stride):
             raise FormatError(f"{where}: offset {offset!r}, size {size}, stride {stride} do not describe a view")
         elements = self._storage(storage, dtype, where)
-        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         if 0 not in size and last >= elements.size:  # an empty view reads nothing
             raise FormatError(f"{where}: the view reaches element {last}, the storage holds {elements.size}")
         # as_strided goes through __array_interface__, which cannot spell ml_dtypes' types: stride raw bytes.
@@ -438,8 +522,10 @@ class _Unpickler:
             raw = self.archive.storage_bytes(storage.key)
             nbytes = storage.numel * (1 if storage.dtype is None else dtype.itemsize)
             if raw.size != nbytes or nbytes % dtype.itemsize:
-                raise FormatError(f"{where}: {raw.size} bytes stored, the storage says {storage.numel} "
-                                  f"{'bytes' if storage.dtype is None else dtype.name}")
+                raise FormatError(
+                    f"{where}: {raw.size} bytes stored, the storage says {storage.numel} "
+                    f"{'bytes' if storage.dtype is None else dtype.name}"
+                )
             elements = raw.view(dtype)
             if self.archive.byteorder != sys.byteorder:
                 elements = _swapped(elements)
@@ -461,7 +547,7 @@ class _Unpickler:
         return array
 
     def _mapping_args(self, args: tuple, what: str) -> tuple:
-        if len(args) > 1 or args and type(args[0]) not in (dict, list):
+        if len(args) > 1 or (args and type(args[0]) not in (dict, list)):
             raise FormatError(f"{self.source}: refused: {what} built from {args!r}")
         return args
 
@@ -565,8 +651,10 @@ class _Pickler:
         elif _is_array(value):
             self._tensor(value, where)
         else:
-            raise UnsupportedError(f"{where}: a {type(value).__name__} cannot be written to a torch checkpoint "
-                                   "(it holds dicts, lists, tuples, None, bools, ints, floats, strings and arrays)")
+            raise UnsupportedError(
+                f"{where}: a {type(value).__name__} cannot be written to a torch checkpoint "
+                "(it holds dicts, lists, tuples, None, bools, ints, floats, strings and arrays)"
+            )
 
     def _int(self, value: int, where: str) -> None:
         if 0 <= value < 1 << 8:
@@ -667,10 +755,12 @@ class _Crc32(threading.Thread):
 
     def __init__(self, block: np.ndarray, crc: int):
         super().__init__(daemon=True)
-        self.block, self.value = block, crc
+        self.block: memoryview | None = block.data
+        self.value = crc
         self.start()
 
     def run(self) -> None:
+        assert self.block is not None  # dropped by result() only, once this has run
         self.value = zlib.crc32(self.block, self.value)
 
     def result(self) -> int:
@@ -690,7 +780,7 @@ class _ZipWriter:
         self.central: list[bytes] = []
 
     def _write(self, data: bytes) -> None:
-        _write_all(self.fd, np.frombuffer(data, np.uint8))
+        write_all(self.fd, np.frombuffer(data, np.uint8))
         self.offset += len(data)
 
     def _record(self, name: str, size: int, write_data: Callable[[], int]) -> None:
@@ -701,8 +791,24 @@ class _ZipWriter:
         pad = -(header_offset + 30 + len(name_bytes) + len(zip64) + 4) % _ALIGNMENT
         extra = zip64 + struct.pack("<HH", _PADDING_FIELD, pad) + b"Z" * pad
         large = 0xFFFFFFFF if size >= _ZIP64_LIMIT else 0  # the sizes follow in the data descriptor
-        self._write(struct.pack("<IHHHHHIIIHH", 0x04034B50, version, flags, 0, 0, _DOS_DATE, 0, large, large,
-                                len(name_bytes), len(extra)) + name_bytes + extra)
+        self._write(
+            struct.pack(
+                "<IHHHHHIIIHH",
+                0x04034B50,
+                version,
+                flags,
+                0,
+                0,
+                _DOS_DATE,
+                0,
+                large,
+                large,
+                len(name_bytes),
+                len(extra),
+            )
+            + name_bytes
+            + extra
+        )
         crc = write_data()
         self.offset += size
         if os.lseek(self.fd, 0, os.SEEK_CUR) != self.offset:  # the central directory would point amiss
@@ -710,13 +816,34 @@ class _ZipWriter:
         if size:
             self._write(struct.pack("<II" + ("QQ" if zip64 else "II"), 0x08074B50, crc, size, size))
         small_size, small_offset = (min(v, 0xFFFFFFFF) for v in (size, header_offset))
-        self.central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, version, version, flags, 0, 0, _DOS_DATE,
-                                        crc, small_size, small_size, len(name_bytes), len(zip64), 0, 0, 0, 0,
-                                        small_offset) + name_bytes + zip64)
+        self.central.append(
+            struct.pack(
+                "<IHHHHHHIIIHHHHHII",
+                0x02014B50,
+                version,
+                version,
+                flags,
+                0,
+                0,
+                _DOS_DATE,
+                crc,
+                small_size,
+                small_size,
+                len(name_bytes),
+                len(zip64),
+                0,
+                0,
+                0,
+                0,
+                small_offset,
+            )
+            + name_bytes
+            + zip64
+        )
 
     def write_bytes(self, name: str, data: bytes) -> None:
         def write() -> int:
-            _write_all(self.fd, np.frombuffer(data, np.uint8))
+            write_all(self.fd, np.frombuffer(data, np.uint8))
             return zlib.crc32(data)
 
         self._record(name, len(data), write)
@@ -725,8 +852,10 @@ class _ZipWriter:
         """Materialise one tensor's array (released on return) and write it as record ``data/<key>``."""
         array = np.asarray(tensor.value)
         if array.shape != tensor.shape or array.dtype.newbyteorder("=") != tensor.dtype:
-            raise FormatError(f"tensor {tensor.key}: the array has shape {list(array.shape)} and dtype {array.dtype}, "
-                              f"it declared shape {list(tensor.shape)} and dtype {tensor.dtype}")
+            raise FormatError(
+                f"tensor {tensor.key}: the array has shape {list(array.shape)} and dtype {array.dtype}, "
+                f"it declared shape {list(tensor.shape)} and dtype {tensor.dtype}"
+            )
         self._record(f"data/{tensor.key}", array.nbytes, lambda: self._write_array(array))
 
     def _write_array(self, array: np.ndarray) -> int:
@@ -737,19 +866,32 @@ class _ZipWriter:
         (``copy_file_range``): the CRC reads every byte anyway, and the two together took longer.
         """
         crc = 0
-        for block in _little_endian(array):  # the array itself when C-contiguous and little-endian
+        for block in little_endian_bytes(array):  # the array itself when C-contiguous and little-endian
             pending = _Crc32(block, crc) if block.nbytes >= _CRC_THREAD_BYTES else None
-            _write_all(self.fd, block)
-            crc = pending.result() if pending else zlib.crc32(block, crc)
+            write_all(self.fd, block)
+            crc = pending.result() if pending else zlib.crc32(block.data, crc)
         return crc
 
     def finish(self) -> None:
-        """The central directory, then zip64's end record and locator (as torch's writer, always), then the end record."""
+        """The central directory, then zip64's end record and locator (as torch's writer, always), then the
+        end record."""
         directory, directory_offset, count = b"".join(self.central), self.offset, len(self.central)
         self._write(directory)
         end64_offset = self.offset
-        self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(directory),
-                                directory_offset))
+        self._write(
+            struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(directory), directory_offset)
+        )
         self._write(struct.pack("<IIQI", 0x07064B50, 0, end64_offset, 1))
-        self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
-                                min(len(directory), 0xFFFFFFFF), min(directory_offset, 0xFFFFFFFF), 0))
+        self._write(
+            struct.pack(
+                "<IHHHHIIH",
+                0x06054B50,
+                0,
+                0,
+                min(count, 0xFFFF),
+                min(count, 0xFFFF),
+                min(len(directory), 0xFFFFFFFF),
+                min(directory_offset, 0xFFFFFFFF),
+                0,
+            )
+        )

@@ -12,7 +12,9 @@ import os
 import warnings
 import zipfile
 from collections import Counter
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import ModuleType
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -20,7 +22,7 @@ import numpy as np
 from ...errors import FormatError, MappingError, UnsupportedError
 from ...schema.families import OptimizerSpec, optimizer_spec
 from ...schema.state import Deferred, Metadata, OptimizerState, ParamInfo, name_to_path, path_to_name
-from .. import adapter
+from ..formats import ReadOptions, WriteOptions
 from . import ptfile
 
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "optimizer_state", "opt")
@@ -31,7 +33,8 @@ BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
 # Keys of a param group that identify the torch optimizer class, checked in order.
 TORCH_SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = tuple(
-    (cls, frozenset(keys)) for cls, keys in (
+    (cls, frozenset(keys))
+    for cls, keys in (
         ("SGD", ("momentum", "dampening", "nesterov")),
         ("Adam", ("betas", "amsgrad")),
         ("NAdam", ("momentum_decay",)),
@@ -64,6 +67,7 @@ def is_floating(dtype: np.dtype) -> bool:
 
 # ----------------------------------------------------------------------------- values
 
+
 def plain_scheduler_state(value: Any) -> Any:
     """A scheduler state dict with 0-d arrays as Python numbers, tuples as lists (Counters kept).
 
@@ -90,8 +94,10 @@ def hyperparam_value(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         # torch accepts a tensor lr and then computes in its dtype; only float64 survives as a Python float.
         if is_floating(value.dtype) and value.dtype != np.float64:
-            raise UnsupportedError(f"a {value.dtype} tensor hyperparameter ({value.item()!r}): torch "
-                                   "computes with it in that dtype, Optax and the canonical file in float64")
+            raise UnsupportedError(
+                f"a {value.dtype} tensor hyperparameter ({value.item()!r}): torch "
+                "computes with it in that dtype, Optax and the canonical file in float64"
+            )
         return value.item()
     if isinstance(value, (list, tuple)):
         return tuple(hyperparam_value(v) for v in value)
@@ -99,6 +105,7 @@ def hyperparam_value(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def is_optimizer_state_dict(obj: Any) -> bool:
     """Whether ``obj`` looks like ``Optimizer.state_dict()``.
@@ -142,18 +149,39 @@ def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | N
         held = "tensor" if isinstance(obj, np.ndarray) else type(obj).__name__
         raise FormatError(f"{source}: holds a {held}, not a state_dict or a checkpoint dict")
     optimizer = next((obj[k] for k in OPTIMIZER_KEYS if is_optimizer_state_dict(obj.get(k))), None)
-    states = obj.get("optimizer_states")  # PyTorch Lightning: one state_dict per optimizer
-    if optimizer is None and isinstance(states, (list, tuple)) and states:
-        if len(states) > 1 or not is_optimizer_state_dict(states[0]):
-            raise UnsupportedError(f"{source}: 'optimizer_states' holds {len(states)} optimizers; "
-                                   "optstate converts one")
-        optimizer = states[0]
+    if optimizer is None:
+        optimizer = _only_one(obj, "optimizer_states", "optimizers", source)
+        if optimizer is not None and not is_optimizer_state_dict(optimizer):
+            raise FormatError(
+                f"{source}: 'optimizer_states' holds a {type(optimizer).__name__} with keys "
+                f"{sorted(map(str, optimizer))}, not an optimizer state_dict"
+            )
     model = next((obj[k] for k in MODEL_KEYS if is_tensor_dict(obj.get(k))), None)
     scheduler = next((obj[k] for k in SCHEDULER_KEYS if isinstance(obj.get(k), Mapping)), None)
+    if scheduler is None:
+        scheduler = _only_one(obj, "lr_schedulers", "LR schedulers", source)
     if optimizer is None and model is None:
-        raise FormatError(f"{source}: no optimizer state_dict (keys {', '.join(OPTIMIZER_KEYS)}) and no model "
-                          f"weights (keys {', '.join(MODEL_KEYS)}); top-level keys: {sorted(map(str, obj))}")
+        raise FormatError(
+            f"{source}: no optimizer state_dict (keys {', '.join(OPTIMIZER_KEYS)}) and no model "
+            f"weights (keys {', '.join(MODEL_KEYS)}); top-level keys: {sorted(map(str, obj))}"
+        )
     return optimizer, model, scheduler
+
+
+def _only_one(checkpoint: Mapping, key: str, what: str, source: str) -> Mapping | None:
+    """The one state_dict in a list that PyTorch Lightning saves under ``key`` (``optimizer_states``,
+    ``lr_schedulers``: one entry per optimizer or scheduler), ``None`` where there is none.
+
+    >>> _only_one({"lr_schedulers": [{"last_epoch": 3}]}, "lr_schedulers", "LR schedulers", "run.ckpt")
+    {'last_epoch': 3}
+    """
+    entries = checkpoint.get(key)
+    if not isinstance(entries, (list, tuple)) or not entries:
+        return None
+    if len(entries) > 1 or not isinstance(entries[0], Mapping):
+        # Two schedulers on one optimizer both set its lr; two optimizers are two states.
+        raise UnsupportedError(f"{source}: {key!r} holds {len(entries)} {what}; optstate converts one")
+    return entries[0]
 
 
 def check_state_dict(sd: Any, source: str) -> None:
@@ -175,14 +203,17 @@ def check_state_dict(sd: Any, source: str) -> None:
         raise FormatError(f"{source}: a parameter index occurs in two param groups")
     bad = [i for i, entry in sd["state"].items() if not isinstance(entry, Mapping)]
     if bad:
-        raise FormatError(f"{source}: the state of parameter index {bad[0]} is a "
-                          f"{type(sd['state'][bad[0]]).__name__}, expected a dict")
+        raise FormatError(
+            f"{source}: the state of parameter index {bad[0]} is a "
+            f"{type(sd['state'][bad[0]]).__name__}, expected a dict"
+        )
     orphans = sorted(set(sd["state"]) - set(indices), key=str)
     if orphans:
         raise FormatError(f"{source}: state for parameter indices {orphans[:5]} that no param group holds")
 
 
 # ----------------------------------------------------------------------------- naming parameters
+
 
 def torch_class_of(group: Mapping[str, Any], hint: str | None = None) -> str:
     """The torch optimizer class whose param groups carry these keys (``hint``: the class, when known).
@@ -199,10 +230,14 @@ def torch_class_of(group: Mapping[str, Any], hint: str | None = None) -> str:
             # Before torch 2.6, Adam and AdamW groups had the same keys; only weight decay tells them apart.
             if hint in ("Adam", "AdamW") or not group.get("weight_decay"):
                 return hint or "Adam"
-            raise UnsupportedError("Adam and AdamW param groups look alike in checkpoints of torch before 2.6, and "
-                                   "they decay weights differently; name it (optimizer='adam'|'adamw', --optimizer)")
-    raise UnsupportedError(f"cannot tell which optimizer wrote a param group with keys {sorted(group)}; "
-                           "name it (optimizer=..., --optimizer)")
+            raise UnsupportedError(
+                "Adam and AdamW param groups look alike in checkpoints of torch before 2.6, and "
+                "they decay weights differently; name it (optimizer='adam'|'adamw', --optimizer)"
+            )
+    raise UnsupportedError(
+        f"cannot tell which optimizer wrote a param group with keys {sorted(group)}; "
+        "name it (optimizer=..., --optimizer)"
+    )
 
 
 def optimizer_family(sd: Mapping, optimizer: str | None, source: str, live_class: str | None = None) -> OptimizerSpec:
@@ -228,8 +263,9 @@ def is_buffer(name: str, array: np.ndarray) -> bool:
     return name.rsplit(".", 1)[-1] in BUFFER_NAMES or not is_floating(array.dtype)
 
 
-def _align_by_position(count: int, shapes: Sequence[tuple[int, ...] | None],
-                       candidates: Sequence[tuple[str, tuple[int, ...]]], origin: str) -> list[str]:
+def _align_by_position(
+    count: int, shapes: Sequence[tuple[int, ...] | None], candidates: Sequence[tuple[str, tuple[int, ...]]], origin: str
+) -> list[str]:
     """Names for the optimizer's tensors from the trainable tensors of the model, in registration order.
 
     The rule: the optimizer tracks exactly the candidates, in the same order (as
@@ -239,13 +275,15 @@ def _align_by_position(count: int, shapes: Sequence[tuple[int, ...] | None],
         raise MappingError(
             f"the optimizer tracks {count} tensors and {origin} has {len(candidates)} trainable tensors, so "
             "parameter names cannot be inferred by position; save the optimizer with param_names "
-            "(build it from model.named_parameters()) or pass model= with requires_grad set as in training")
-    for index, (shape, (name, expected)) in enumerate(zip(shapes, candidates)):
+            "(build it from model.named_parameters()) or pass model= with requires_grad set as in training"
+        )
+    for index, (shape, (name, expected)) in enumerate(zip(shapes, candidates, strict=True)):
         if shape is not None and shape != expected:
             raise MappingError(
                 f"optimizer tensor {index} has state of shape {list(shape)} but {origin}'s tensor {index} "
                 f"({name}) has shape {list(expected)}: the optimizer was not built from the model's parameters "
-                "in registration order; save it with param_names or pass model=")
+                "in registration order; save it with param_names or pass model="
+            )
     return [name for name, _ in candidates]
 
 
@@ -264,8 +302,14 @@ def _state_shapes(sd: Mapping, spec: OptimizerSpec) -> list[tuple[int, ...] | No
     return [(_shape_from_slots(spec, sd["state"].get(i, {})) or (None,))[0] for i in indices]
 
 
-def param_names(sd: Mapping, spec: OptimizerSpec, *, model: Any = None,
-                weights: Mapping[str, np.ndarray] | None = None, source: str = "state_dict") -> list[str]:
+def param_names(
+    sd: Mapping,
+    spec: OptimizerSpec,
+    *,
+    model: Any = None,
+    weights: Mapping[str, np.ndarray] | None = None,
+    source: str = "state_dict",
+) -> list[str]:
     """One name per tracked tensor, in the order of ``param_groups``.
 
     From ``param_names`` when saved; else aligned by position (single param group only) with
@@ -290,24 +334,29 @@ def param_names(sd: Mapping, spec: OptimizerSpec, *, model: Any = None,
         candidates = [(n, tuple(a.shape)) for n, a in weights.items() if not is_buffer(n, a)]
         origin = f"{source}'s model weights"
     else:
-        warnings.warn(f"{source}: the optimizer has no param_names and no model weights are known; parameters "
-                      "are named by position ('0', '1', ...); pass model= to name them", stacklevel=3)
+        warnings.warn(
+            f"{source}: the optimizer has no param_names and no model weights are known; parameters "
+            "are named by position ('0', '1', ...); pass model= to name them",
+            stacklevel=3,
+        )
         return [str(i) for i in range(count)]
     if len(groups) > 1:
         raise MappingError(
             f"{source}: the optimizer has {len(groups)} param groups and no param_names; the order of the "
             "groups' tensors cannot be matched to the model by position; save the optimizer with param_names "
-            "(build it from model.named_parameters()) or convert the live optimizer with model=")
+            "(build it from model.named_parameters()) or convert the live optimizer with model="
+        )
     return _align_by_position(count, _state_shapes(sd, spec), candidates, origin)
 
 
 # ----------------------------------------------------------------------------- state_dict -> canonical
 
+
 def _read_step(entry: Mapping[str, Any], where: str) -> int | None:
     if "step" not in entry:
         return None
     step = entry["step"]
-    if not (isinstance(step, (int, float)) or isinstance(step, np.ndarray) and step.size == 1):
+    if not (isinstance(step, (int, float)) or (isinstance(step, np.ndarray) and step.size == 1)):
         raise FormatError(f"{where}: step is {type(step).__name__}, expected a number")
     value = float(step.reshape(()) if isinstance(step, np.ndarray) else step)
     if not value.is_integer() or value < 0:
@@ -321,8 +370,9 @@ def _read_param(spec: OptimizerSpec, entry: Any, where: str) -> tuple[int | None
     known = {"step"} | {s.torch_key for s in spec.slots}
     unknown = sorted(set(entry) - known)
     if unknown:
-        raise UnsupportedError(f"{where}: state key(s) {unknown} are not part of {spec.torch_class} "
-                               "as optstate supports it")
+        raise UnsupportedError(
+            f"{where}: state key(s) {unknown} are not part of {spec.torch_class} as optstate supports it"
+        )
     slots = {}
     for slot in spec.slots:
         value = entry.get(slot.torch_key)
@@ -349,19 +399,29 @@ def _check_weights(names: Sequence[str], weights: Mapping[str, np.ndarray], sour
     missing = [n for n in names if n not in weights]
     if missing:
         example = next(iter(weights), "")
-        raise MappingError(f"{source}: the optimizer's parameter {missing[0]!r} is not among the model weights "
-                           f"(e.g. {example!r}); a prefix such as 'module.' or '_orig_mod.' differs?")
+        raise MappingError(
+            f"{source}: the optimizer's parameter {missing[0]!r} is not among the model weights "
+            f"(e.g. {example!r}); a prefix such as 'module.' or '_orig_mod.' differs?"
+        )
     tracked = set(names)
     for name, target in _tied(weights).items():
         if {name, target} & tracked:
-            raise UnsupportedError(f"{source}: {name!r} is tied to {target!r} (the same tensor); an Optax "
-                                   "parameter tree has no tied leaves, so training would untie them")
+            raise UnsupportedError(
+                f"{source}: {name!r} is tied to {target!r} (the same tensor); an Optax "
+                "parameter tree has no tied leaves, so training would untie them"
+            )
 
 
-def _state_from_state_dict(sd: Mapping, names: Sequence[str], spec: OptimizerSpec,
-                           weights: Mapping[str, np.ndarray] | None, buffers: Iterable[str], source: str,
-                           metadata: Metadata,
-                           shapes: Mapping[str, tuple[tuple[int, ...], str]] | None = None) -> OptimizerState:
+def _state_from_state_dict(
+    sd: Mapping,
+    names: Sequence[str],
+    spec: OptimizerSpec,
+    weights: Mapping[str, np.ndarray] | None,
+    buffers: Iterable[str],
+    source: str,
+    metadata: Metadata,
+    shapes: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
+) -> OptimizerState:
     """``shapes`` gives ``name -> (shape, dtype)`` for parameters that may have no state (a live optimizer)."""
     if weights is not None:
         _check_weights(names, weights, source)
@@ -384,8 +444,9 @@ def _state_from_state_dict(sd: Mapping, names: Sequence[str], spec: OptimizerSpe
             from_slots = _shape_from_slots(spec, {spec.slot(k).torch_key: a for k, a in param_slots.items()})
             weight = None if weights_np is None else weights_np.get(path)
             if from_slots is not None and weight is not None and weight.shape != from_slots[0]:
-                raise MappingError(f"{where}: state has shape {list(from_slots[0])}, "
-                                   f"the model weight {list(weight.shape)}")
+                raise MappingError(
+                    f"{where}: state has shape {list(from_slots[0])}, the model weight {list(weight.shape)}"
+                )
             if from_slots is None and weight is not None:
                 from_slots = weight.shape, weight.dtype
             if from_slots is not None:
@@ -393,22 +454,39 @@ def _state_from_state_dict(sd: Mapping, names: Sequence[str], spec: OptimizerSpe
             elif shapes is not None and name in shapes:
                 shape, dtype = shapes[name]
             else:
-                raise MappingError(f"{where}: no state and no weight, so its shape is unknown; "
-                                   "pass the model (model=) or a checkpoint holding the weights")
+                raise MappingError(
+                    f"{where}: no state and no weight, so its shape is unknown; "
+                    "pass the model (model=) or a checkpoint holding the weights"
+                )
             params.append(ParamInfo(path, shape, dtype, gi, step))
             slots.update({(slot, path): array for slot, array in param_slots.items()})
     try:
-        return OptimizerState(spec.name, tuple(hyperparams), tuple(params), slots, weights_np,
-                              tuple(name_to_path(b) for b in buffers), metadata)
+        return OptimizerState(
+            spec.name,
+            tuple(hyperparams),
+            tuple(params),
+            slots,
+            weights_np,
+            tuple(name_to_path(b) for b in buffers),
+            metadata,
+        )
     except FormatError as exc:
         raise FormatError(f"{source}: {exc}") from None
 
 
-def state_from_checkpoint(checkpoint: Any, source: str, *, origin: str, optimizer: str | None = None,
-                          model: Any = None, weights: Mapping[str, np.ndarray] | None = None,
-                          buffers: Sequence[str] | None = None, scheduler_state: Mapping | None = None,
-                          live_class: str | None = None,
-                          shapes: Sequence[tuple[tuple[int, ...], str]] | None = None) -> OptimizerState:
+def state_from_checkpoint(
+    checkpoint: Any,
+    source: str,
+    *,
+    origin: str,
+    optimizer: str | None = None,
+    model: Any = None,
+    weights: Mapping[str, np.ndarray] | None = None,
+    buffers: Sequence[str] | None = None,
+    scheduler_state: Mapping | None = None,
+    live_class: str | None = None,
+    shapes: Sequence[tuple[tuple[int, ...], str]] | None = None,
+) -> OptimizerState:
     """The canonical state of an optimizer ``state_dict`` or a training checkpoint holding one (arrays).
 
     What a live torch object knows overrides the checkpoint: ``weights`` and ``buffers`` (names) of
@@ -432,19 +510,29 @@ def state_from_checkpoint(checkpoint: Any, source: str, *, origin: str, optimize
         weights = saved_weights
         buffers = [n for n, a in (weights or {}).items() if is_buffer(n, a)]
     scheduler_state = saved_scheduler if scheduler_state is None else scheduler_state
-    metadata = Metadata(source=origin, lr_scheduler=None if scheduler_state is None
-                        else plain_scheduler_state(scheduler_state))
+    metadata = Metadata(
+        source=origin, lr_scheduler=None if scheduler_state is None else plain_scheduler_state(scheduler_state)
+    )
     spec = optimizer_family(sd, optimizer, source, live_class)
     names = param_names(sd, spec, model=model, weights=weights, source=source)
-    return _state_from_state_dict(sd, names, spec, weights, buffers or (), source, metadata,
-                                  shapes=None if shapes is None else dict(zip(names, shapes)))
+    return _state_from_state_dict(
+        sd,
+        names,
+        spec,
+        weights,
+        buffers or (),
+        source,
+        metadata,
+        shapes=None if shapes is None else dict(zip(names, shapes, strict=True)),
+    )
 
 
-def from_torch_file(path: str | os.PathLike, *, optimizer: str | None = None) -> OptimizerState:
+def from_torch_file(path: str | os.PathLike, *, optimizer: str | None = None, model: Any = None) -> OptimizerState:
     """Read a ``torch.save`` checkpoint into the canonical form without torch (:func:`read_torch_file`).
 
     The same as ``optstate.from_torch(path)``, through :func:`optstate.converters.torch.ptfile.load`:
-    arrays are mapped from the file, not read into memory.
+    arrays are mapped from the file, not read into memory. ``model`` (a torch module, a ``module:function``
+    or a Hugging Face model directory) names the parameters where the file does not.
 
     >>> import tempfile, torch
     >>> d = tempfile.mkdtemp(); net = torch.nn.Linear(3, 2)
@@ -456,7 +544,23 @@ def from_torch_file(path: str | os.PathLike, *, optimizer: str | None = None) ->
     ('adam', 1, 'float32')
     """
     source = os.fspath(path)
-    return state_from_checkpoint(read_torch_file(source), source, origin="torch", optimizer=optimizer)
+    return state_from_checkpoint(
+        read_torch_file(source), source, origin="torch", optimizer=optimizer, model=torch_model(model)
+    )
+
+
+def torch_model(spec: Any) -> Any:
+    """The torch model ``spec`` names (:func:`optstate.converters.torch.models.load_model`), ``None`` for
+    ``None``; torch is imported only when there is a model to build.
+
+    >>> torch_model(None) is None
+    True
+    """
+    if spec is None:
+        return None
+    from .models import load_model  # torch: only a caller that names a model needs it
+
+    return load_model(spec)
 
 
 def read_torch_file(path: str | os.PathLike) -> Any:
@@ -467,17 +571,32 @@ def read_torch_file(path: str | os.PathLike) -> Any:
     source = os.fspath(path)
     if zipfile.is_zipfile(source) or importlib.util.find_spec("torch") is None:
         return ptfile.load(source)
-    torch_adapter = adapter("torch")
+    torch_adapter = _legacy_format_reader()
     return torch_adapter.numpy_tree(torch_adapter.load_checkpoint(source), copy=False)
+
+
+def _legacy_format_reader() -> ModuleType:
+    """The torch adapter (:mod:`optstate.converters.torch.live`), the one use of torch in this module.
+
+    Imported here, lazily, not at the top: this module reads and writes torch files with NumPy alone,
+    and only the legacy format (torch < 1.6), a bare pickle stream whose storages only ``torch.load``
+    can lay out, needs torch itself.
+    """
+    from .. import adapter
+
+    return adapter("torch")
 
 
 # ----------------------------------------------------------------------------- canonical -> state_dict
 
+
 def refuse_optax_native(spec: OptimizerSpec) -> None:
     """Refuse an optimizer that torch.optim does not have (one of Optax's own)."""
     if not spec.in_torch:
-        raise UnsupportedError(f"{spec.torch_class} is an Optax optimizer with no torch.optim counterpart; "
-                               "it converts to the canonical file and back to Optax only")
+        raise UnsupportedError(
+            f"{spec.torch_class} is an Optax optimizer with no torch.optim counterpart; "
+            "it converts to the canonical file and back to Optax only"
+        )
 
 
 def param_entry(state: OptimizerState, info: ParamInfo, step_dtype: Any = np.float32) -> dict[str, Any]:
@@ -495,14 +614,19 @@ def param_entry(state: OptimizerState, info: ParamInfo, step_dtype: Any = np.flo
         if spec.has_step and info.step:
             raise FormatError(f"{path_to_name(info.path)}: step {info.step} but no slots")
         return {}
-    missing = [s.name for s in spec.active_slots(state.param_groups[info.group])
-               if s.applies(info.shape) and s.name not in present]
+    missing = [
+        s.name
+        for s in spec.active_slots(state.param_groups[info.group])
+        if s.applies(info.shape) and s.name not in present
+    ]
     if missing:
         raise FormatError(f"{path_to_name(info.path)}: slot(s) {missing} missing")
     narrow = [name for name, a in present.items() if not spec.slot(name).scalar and str(a.dtype) != info.dtype]
     if narrow:
-        raise UnsupportedError(f"{path_to_name(info.path)}: {narrow[0]} is {present[narrow[0]].dtype}, the parameter "
-                               f"{info.dtype}; torch keeps it in the parameter's dtype, so loading would cast it")
+        raise UnsupportedError(
+            f"{path_to_name(info.path)}: {narrow[0]} is {present[narrow[0]].dtype}, the parameter "
+            f"{info.dtype}; torch keeps it in the parameter's dtype, so loading would cast it"
+        )
     entry: dict[str, Any] = {}
     if spec.has_step:
         entry["step"] = np.array(float(info.step or 0), dtype=step_dtype)
@@ -510,8 +634,9 @@ def param_entry(state: OptimizerState, info: ParamInfo, step_dtype: Any = np.flo
     return entry
 
 
-def state_dict_arrays(state: OptimizerState, *, names: Sequence[str] | None = None,
-                      step_dtype: Any = np.float32) -> dict[str, Any]:
+def state_dict_arrays(
+    state: OptimizerState, *, names: Sequence[str] | None = None, step_dtype: Any = np.float32
+) -> dict[str, Any]:
     """The optimizer ``state_dict`` for ``state`` (see ``optstate.to_torch_state_dict``), arrays for tensors.
 
     Parameters are in the state's order unless ``names`` gives another (every tracked name once);
@@ -542,8 +667,15 @@ def state_dict_arrays(state: OptimizerState, *, names: Sequence[str] | None = No
     return {"state": sd_state, "param_groups": groups}
 
 
-def save_torch_file(state: OptimizerState, path: str | os.PathLike, *, force: bool = False, fsync: bool = True,
-                    progress: Callable[[int], Any] | None = None, step_dtype: Any = np.float32) -> None:
+def save_torch_file(
+    state: OptimizerState,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    fsync: bool = True,
+    progress: Callable[[int], Any] | None = None,
+    step_dtype: Any = np.float32,
+) -> None:
     """Write ``{"optimizer": state_dict, "model": weights, "lr_scheduler": ...}`` as a ``torch.save`` file,
     atomically, one tensor at a time, without torch (:func:`optstate.converters.torch.ptfile.save`).
 
@@ -565,7 +697,42 @@ def save_torch_file(state: OptimizerState, path: str | os.PathLike, *, force: bo
     if state.metadata.lr_scheduler is not None:
         checkpoint["lr_scheduler"] = dict(state.metadata.lr_scheduler)
     elif state.metadata.schedule_count is not None:
-        warnings.warn(f"the Optax state follows a schedule (count {state.metadata.schedule_count}) that is not "
-                      "saved; restore your torch scheduler with optstate.to_torch(state, optimizer, "
-                      "scheduler=...)", stacklevel=2)
+        warnings.warn(
+            f"the Optax state follows a schedule (count {state.metadata.schedule_count}) that is not "
+            "saved; restore your torch scheduler with optstate.to_torch(state, optimizer, "
+            "scheduler=...)",
+            stacklevel=2,
+        )
     ptfile.save(checkpoint, path, force=force, fsync=fsync, progress=progress)
+
+
+# ----------------------------------------------------------------------------- the "torch" format's entries
+
+
+def read(path: str | os.PathLike, options: ReadOptions) -> OptimizerState:
+    """The reader of the ``torch`` format (:mod:`optstate.converters.formats`): :func:`from_torch_file`;
+    ``options.optimizer`` names the optimizer where the param groups cannot tell.
+
+    >>> import tempfile
+    >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+    ...     (ParamInfo(("w",), (2,), "float64", 0),), {("momentum", ("w",)): np.ones(2)})
+    >>> path = tempfile.mkdtemp() + "/c.pt"
+    >>> save_torch_file(s, path)
+    >>> read(path, ReadOptions()).slots[("momentum", ("w",))].tolist()
+    [1.0, 1.0]
+    """
+    return from_torch_file(path, optimizer=options.optimizer, model=options.model)
+
+
+def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
+    """The writer of the ``torch`` format: :func:`save_torch_file` (a torch file is never sharded).
+
+    >>> import tempfile
+    >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+    ...     (ParamInfo(("w",), (2,), "float64", 0),), {("momentum", ("w",)): np.ones(2)})
+    >>> path = tempfile.mkdtemp() + "/c.pt"
+    >>> write(s, path, WriteOptions())
+    >>> sorted(ptfile.load(path))
+    ['optimizer']
+    """
+    save_torch_file(state, path, force=options.force, fsync=options.fsync, progress=options.progress)

@@ -1,0 +1,306 @@
+"""The checkpoint formats optstate reads and writes: a registry keyed by name, one :class:`Format` row each.
+
+In the manner of ``flax.serialization``'s type-keyed registry and Orbax's type handlers: a row says
+how a path of the format looks and which functions read and write it. Readers and writers are
+``"module:function"`` strings, imported on first use, so that the registry (and ``import
+optstate``) imports no framework; a missing one is named with the pip extra that installs it.
+
+Every reader is ``read(path, options: ReadOptions) -> OptimizerState`` and every writer
+``write(state, path, options: WriteOptions) -> None``: small functions at the end of the format's
+own module, over what that module does. Adding a format is its module plus one row of
+:data:`BUILTIN` (or a :func:`register` call, from outside optstate).
+
+>>> names()
+('torch', 'optax', 'optstate', 'dcp')
+>>> get("optstate").reader
+'optstate.schema.fileformat:read'
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import OptstateError
+from ..schema.state import OptimizerState
+from . import ORBAX, TORCH_DCP, Framework
+from .layout.moves import Layout, revert_layout
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """What a reader may need beyond the path; a format that records a value itself ignores the option.
+
+    ``optimizer`` names the optimizer family where the checkpoint cannot tell (an Optax state; Adam
+    and AdamW of torch before 2.6); ``hyperparams`` are its hyperparameters (torch names), a dict or
+    a list of param groups; ``allow_approximate`` reads a state whose continuation is not bit-exact;
+    ``optstate_transform``: an Optax state trained with ``optstate.optax_transform``. ``model`` names
+    the parameters where the checkpoint does not: a torch module, a ``module:function`` returning one,
+    or a Hugging Face model directory (its ``config.json``; see :mod:`optstate.converters.torch.models`).
+
+    >>> ReadOptions(optimizer="adamw").allow_approximate
+    False
+    """
+
+    optimizer: str | None = None
+    hyperparams: Any = None
+    allow_approximate: bool = False
+    optstate_transform: bool = False
+    model: Any = None
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How a writer writes: ``force`` replaces an existing output, ``fsync=False`` skips the fsyncs (still
+    atomic, not durable against a crash), ``max_shard_bytes`` shards a format that shards (the canonical
+    file), ``progress(nbytes)`` is called as each tensor is written.
+
+    >>> WriteOptions(force=True).fsync
+    True
+    """
+
+    force: bool = False
+    fsync: bool = True
+    max_shard_bytes: int | None = None
+    progress: Callable[[int], None] | None = None
+
+
+def resolve(target: str) -> Callable[..., Any]:
+    """The function a ``"module:function"`` string names, its module imported now.
+
+    >>> resolve("os.path:join")("a", "b")
+    'a/b'
+    """
+    module, _, function = target.partition(":")
+    found = getattr(importlib.import_module(module), function, None)
+    if not callable(found):
+        raise OptstateError(f"{target}: {module} has no function {function!r}")
+    return found
+
+
+@dataclass(frozen=True)
+class Format:
+    """One checkpoint format: its name, what it is, how a path of it looks, and the functions behind it.
+
+    A path is recognised (:func:`detect`) as a directory holding one of ``markers`` (files), else,
+    among the other directories (and names ending in the path separator), by ``any_directory``,
+    else among files by the name ending in one of ``suffixes``. ``reader``, ``writer`` (``None``: read
+    only), ``process_setup`` and ``inspector`` are ``"module:function"`` strings; ``framework`` is
+    imported before any of them, so that a missing one names its pip extra. ``torch_layout``: the
+    writer wants torch's tensor layout, so a state moved to a Flax layout goes back first.
+    ``process_setup`` is what a process whose whole job is converting from the format calls first
+    (the command line does; a library caller keeps its own settings). ``inspector(path, name)``
+    returns the :class:`optstate.report.Report` of a format that holds more than its canonical state
+    tells (a torch file's raw state_dict, described even where it does not convert).
+
+    >>> fmt = Format("npz", "NumPy archive", reader="m:read", suffixes=(".npz",))
+    >>> fmt.recognises_file("state.npz"), fmt.recognises_file(".npz"), fmt.writer
+    (True, False, None)
+    """
+
+    name: str
+    description: str
+    reader: str
+    writer: str | None = None
+    suffixes: tuple[str, ...] = ()
+    markers: tuple[str, ...] = ()
+    any_directory: bool = False
+    framework: Framework | None = None
+    torch_layout: bool = False
+    process_setup: str | None = None
+    inspector: str | None = None
+
+    def __post_init__(self) -> None:
+        for target in (self.reader, self.writer, self.process_setup, self.inspector):
+            if target is not None and target.count(":") != 1:
+                raise ValueError(f"format {self.name!r}: {target!r} is not 'module:function'")
+
+    def recognises_directory(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` is a directory holding one of this format's marker files.
+
+        >>> Format("dcp", "", reader="m:read", markers=(".metadata",)).recognises_directory(".")
+        False
+        """
+        return any((Path(path) / marker).is_file() for marker in self.markers)
+
+    def recognises_file(self, path: str | os.PathLike) -> bool:
+        """Whether the file name ends in one of this format's suffixes (and is more than the suffix).
+
+        >>> Format("optstate", "", reader="m:read", suffixes=(".safetensors",)).recognises_file("a/s.safetensors")
+        True
+        """
+        name = Path(path).name
+        return any(name.endswith(suffix) and len(name) > len(suffix) for suffix in self.suffixes)
+
+    def function(self, target: str) -> Callable[..., Any]:
+        """The function ``target`` names, after importing this format's framework (naming its extra if missing).
+
+        >>> get("optstate").function("optstate.schema.fileformat:load").__name__
+        'load'
+        """
+        if self.framework is not None:
+            self.framework.require(f"the {self.name} format")
+        return resolve(target)
+
+    def read(self, path: str | os.PathLike, options: ReadOptions = ReadOptions()) -> OptimizerState:
+        """Read ``path`` into the canonical state.
+
+        >>> import tempfile
+        >>> from optstate.schema import ParamInfo, save
+        >>> s = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float64", 0),), {})
+        >>> get("optstate").read(save(s, tempfile.mkdtemp() + "/s.safetensors")).optimizer
+        'sgd'
+        """
+        state: OptimizerState = self.function(self.reader)(path, options)
+        return state
+
+    def write(self, state: OptimizerState, path: str | os.PathLike, options: WriteOptions = WriteOptions()) -> None:
+        """Write ``state`` to ``path``, atomically, in torch's layout where the format wants it.
+
+        >>> import tempfile
+        >>> from optstate.schema import ParamInfo, load
+        >>> s = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float64", 0),), {})
+        >>> f = tempfile.mkdtemp() + "/s.safetensors"
+        >>> get("optstate").write(s, f); load(f).param_groups
+        ({'lr': 0.1},)
+        """
+        if self.writer is None:
+            raise OptstateError(f"the {self.name} format is read only (writable: {', '.join(writable())})")
+        if self.torch_layout and state.metadata.layout is not None:
+            state = revert_layout(state, Layout.from_json(state.metadata.layout))
+        self.function(self.writer)(state, path, options)
+
+    def set_up_process(self) -> None:
+        """Run :attr:`process_setup`, if the format has one (the command line, before it converts).
+
+        >>> get("optstate").set_up_process()
+        """
+        if self.process_setup is not None:
+            self.function(self.process_setup)()
+
+
+_REGISTRY: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    """Add a format; a name is registered once (a second registration is refused, as
+    ``flax.serialization.register_serialization_state`` refuses one).
+
+    >>> register(get("torch"))
+    Traceback (most recent call last):
+    ValueError: a format named 'torch' is already registered
+    """
+    if fmt.name in _REGISTRY:
+        raise ValueError(f"a format named {fmt.name!r} is already registered")
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def names() -> tuple[str, ...]:
+    """The registered formats' names, in the order they were registered.
+
+    >>> "dcp" in names()
+    True
+    """
+    return tuple(_REGISTRY)
+
+
+def writable() -> tuple[str, ...]:
+    """The names of the formats that can be written.
+
+    >>> writable()
+    ('torch', 'optax', 'optstate', 'dcp')
+    """
+    return tuple(name for name, fmt in _REGISTRY.items() if fmt.writer is not None)
+
+
+def get(name: str) -> Format:
+    """The format registered as ``name``.
+
+    >>> get("torch").description
+    'torch.save file'
+    >>> get("keras")
+    Traceback (most recent call last):
+    optstate.errors.OptstateError: unknown format 'keras' (known: torch, optax, optstate, dcp)
+    """
+    fmt = _REGISTRY.get(name)
+    if fmt is None:
+        raise OptstateError(f"unknown format {name!r} (known: {', '.join(names())})")
+    return fmt
+
+
+def _recognising(path: str | os.PathLike) -> Iterator[Format]:
+    """The formats that recognise ``path``, the most specific first."""
+    rows = tuple(_REGISTRY.values())
+    yield from (fmt for fmt in rows if fmt.recognises_directory(path))
+    # A name ending in the separator is a directory still to be written.
+    if Path(path).is_dir() or os.fspath(path).endswith(os.sep):
+        yield from (fmt for fmt in rows if fmt.any_directory)
+    else:
+        yield from (fmt for fmt in rows if fmt.recognises_file(path))
+
+
+def detect(path: str | os.PathLike) -> str:
+    """Guess a format from a path: a directory with a ``.metadata`` file is torch.distributed.checkpoint
+    (DCP), another directory (or a name ending in ``/``) Optax (Orbax),
+    ``.safetensors`` optstate, ``.pt``/``.pth``/``.ckpt``/``.bin`` torch.
+
+    Formats are tried in the order they were registered: first by marker files, then (for a
+    directory) by ``any_directory``, else by suffix.
+
+    >>> detect("ckpt.pt"), detect("state.safetensors"), detect("out/")
+    ('torch', 'optstate', 'optax')
+    """
+    found = next(_recognising(path), None)
+    if found is None:
+        raise OptstateError(
+            f"{os.fspath(path)}: cannot tell its format from the name; name it (--from/--to {'|'.join(names())})"
+        )
+    return found.name
+
+
+# The built-in formats. Their order is the order of names() (the command line's choices) and of detect().
+BUILTIN = (
+    Format(
+        "torch",
+        "torch.save file",
+        suffixes=(".pt", ".pth", ".ckpt", ".bin"),
+        torch_layout=True,
+        # The zip format is read and written with NumPy alone; the legacy one (torch < 1.6) imports torch.
+        reader="optstate.converters.torch.state_dict:read",
+        writer="optstate.converters.torch.state_dict:write",
+        inspector="optstate.report:inspect_torch_file",
+    ),
+    Format(
+        "optax",
+        "Orbax checkpoint directory",
+        any_directory=True,
+        framework=ORBAX,
+        reader="optstate.converters.jax.orbax:read",
+        writer="optstate.converters.jax.orbax:write",
+        process_setup="optstate.converters.jax.orbax:enable_x64",
+    ),
+    Format(
+        "optstate",
+        "canonical safetensors file",
+        suffixes=(".safetensors", ".safetensors.index.json"),
+        reader="optstate.schema.fileformat:read",
+        writer="optstate.schema.fileformat:write",
+    ),
+    Format(
+        "dcp",
+        "torch.distributed.checkpoint directory, as FSDP and torchtitan write",
+        markers=(".metadata",),  # DCP's own; Orbax writes _METADATA
+        framework=TORCH_DCP,
+        torch_layout=True,
+        reader="optstate.converters.torch.dcp:read",
+        writer="optstate.converters.torch.dcp:write",
+    ),
+)
+
+for _fmt in BUILTIN:
+    register(_fmt)
