@@ -158,13 +158,7 @@ def _read_options(args: argparse.Namespace) -> ReadOptions:
     return ReadOptions(optimizer=args.optimizer, hyperparams=_hparams(args.hparams), model=args.model)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="optstate",
-        description="Move optimizer state between PyTorch and JAX/Optax exactly, or refuse and say why.",
-    )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+def _add_convert(sub: Any) -> None:
     c = sub.add_parser("convert", help="convert a checkpoint", description=_formats_described())
     c.add_argument("src", help="the checkpoint to read")
     c.add_argument("dst", help="where to write (refused if it exists, unless --force)")
@@ -201,6 +195,11 @@ def parser() -> argparse.ArgumentParser:
         help="the Optax input was trained with "
         "optstate.optax_transform (its torch-exact states look like stock Optax ones on disk)",
     )
+    _add_writing_arguments(c)
+    c.set_defaults(run=_convert)
+
+
+def _add_writing_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--target-params",
         metavar="PARAMS",
@@ -229,7 +228,9 @@ def parser() -> argparse.ArgumentParser:
         "for conversions that take more than a couple of seconds)",
     )
     c.add_argument("--force", action="store_true", help="replace an existing output")
-    c.set_defaults(run=_convert)
+
+
+def _add_map(sub: Any) -> None:
     m = sub.add_parser("map", help="show (and save) how a checkpoint's tensors map onto a Flax model")
     m.add_argument("src")
     m.add_argument("--target-params", metavar="PARAMS", required=True, help="the Flax model (as for convert)")
@@ -237,11 +238,30 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("-o", "--output", metavar="FILE", help="save the mapping as editable JSON (for --mapping)")
     m.add_argument("--force", action="store_true", help="replace an existing mapping file")
     m.set_defaults(run=_map)
+
+
+def _add_inspect(sub: Any) -> None:
     i = sub.add_parser("inspect", help="show what a checkpoint holds and what a restore would lose")
     i.add_argument("path")
     _add_reading_arguments(i)
     i.add_argument("--json", action="store_true", help="print the facts as JSON")
     i.set_defaults(run=_inspect)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's parser: ``convert``, ``map`` and ``inspect``.
+
+    >>> parser().parse_args(["inspect", "ckpt.pt", "--optimizer", "adam"]).optimizer
+    'adam'
+    """
+    p = argparse.ArgumentParser(
+        prog="optstate",
+        description="Move optimizer state between PyTorch and JAX/Optax exactly, or refuse and say why.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_convert, _add_map, _add_inspect):
+        add(sub)
     return p
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from .converters import formats
 from .converters.formats import ReadOptions
+from .converters.schedules.identify import attached_scheduler
 from .errors import MissingDependencyError, OptstateError
 from .schema.families import BOOKKEEPING_KEYS, OPTIMIZERS, optimizer_spec
 from .schema.state import OptimizerState, path_to_name
@@ -99,9 +100,10 @@ def _notes(
             f"{len(frozen)} model parameter(s) not tracked by the optimizer (frozen): "
             f"{', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}"
         )
-    if any("initial_lr" in g for g in groups) and not lr_scheduler:
+    attached = attached_scheduler(groups)
+    if attached is not None and not lr_scheduler:
         notes.append(
-            "param groups carry 'initial_lr' (an LR scheduler was attached) but the file holds no "
+            f"{attached} (an LR scheduler was attached) but the file holds no "
             "scheduler state: a resumed schedule would restart"
         )
     if names != "param_names":
@@ -169,7 +171,14 @@ def _report(
     )
 
 
-def _inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
+def inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
+    """The report of a state as read: what every format's inspector starts from, adding what its files say.
+
+    >>> from optstate.schema import ParamInfo
+    >>> s = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float64", 0),), {})
+    >>> inspect_state("s.safetensors", "optstate", s).params[0].name
+    'w'
+    """
     spec = state.spec
     params = [
         ParamFacts(
@@ -197,6 +206,43 @@ def _inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
         lr_scheduler=state.metadata.lr_scheduler is not None,
         frozen=[path_to_name(p) for p in state.frozen_paths()],
     )
+
+
+def _torch_names(
+    sd: Mapping[str, Any], model: Any, model_sd: Mapping[str, Any] | None, optimizer: str | None, path: str
+) -> tuple[str | None, list[str], str]:
+    """The torch optimizer class, one name per tracked tensor, and where the names came from; positions
+    (``"0"``, ``"1"``, ...) with the reason where the names cannot be had."""
+    from .converters.torch import state_dict as torch_dict
+
+    groups = sd["param_groups"]
+    found = None
+    try:
+        hint = optimizer_spec(optimizer).torch_class if optimizer else None
+        found = torch_dict.torch_class_of(groups[0], hint)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            names = torch_dict.param_names(sd, optimizer_spec(found), model=model, weights=model_sd, source=path)
+    except OptstateError as exc:
+        return found, [str(i) for g in groups for i in g["params"]], f"positional ({exc})"
+    if all("param_names" in g for g in groups):
+        return found, names, "param_names"
+    if model is not None:
+        return found, names, "aligned by position with the model given (--model)"
+    if model_sd is not None:
+        return found, names, "aligned by position with the model weights"
+    return found, names, "positional (no names saved)"
+
+
+def _torch_param_facts(sd: Mapping[str, Any], names: Sequence[str]) -> list[ParamFacts]:
+    """What the state_dict holds for each tracked tensor: its group, its state keys, its step."""
+    indices = [(gi, i) for gi, g in enumerate(sd["param_groups"]) for i in g["params"]]
+    facts = []
+    for name, (gi, i) in zip(names, indices, strict=True):
+        entry = sd["state"].get(i, {})
+        step = int(float(entry["step"])) if "step" in entry else None
+        facts.append(ParamFacts(name, gi, tuple(sorted(k for k, v in entry.items() if v is not None)), step))
+    return facts
 
 
 def inspect_torch_file(path: str, fmt: str = "torch", options: ReadOptions = ReadOptions()) -> Report:
@@ -227,25 +273,7 @@ def inspect_torch_file(path: str, fmt: str = "torch", options: ReadOptions = Rea
     torch_dict.check_state_dict(sd, path)
     groups = sd["param_groups"]
     model = torch_dict.torch_model(options.model)
-    optimizer = None
-    try:
-        hint = optimizer_spec(options.optimizer).torch_class if options.optimizer else None
-        optimizer = torch_dict.torch_class_of(groups[0], hint)
-        spec = optimizer_spec(optimizer)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            names = torch_dict.param_names(sd, spec, model=model, weights=model_sd, source=path)
-        origin = (
-            "param_names"
-            if all("param_names" in g for g in groups)
-            else "aligned by position with the model given (--model)"
-            if model is not None
-            else "aligned by position with the model weights"
-            if model_sd is not None
-            else "positional (no names saved)"
-        )
-    except OptstateError as exc:
-        names, origin = [str(i) for g in groups for i in g["params"]], f"positional ({exc})"
+    optimizer, names, origin = _torch_names(sd, model, model_sd, options.optimizer, path)
     state, error = None, None
     try:
         with warnings.catch_warnings():
@@ -255,16 +283,7 @@ def inspect_torch_file(path: str, fmt: str = "torch", options: ReadOptions = Rea
             )
     except OptstateError as exc:
         error = exc
-    indices = [(gi, i) for gi, g in enumerate(groups) for i in g["params"]]
-    params = [
-        ParamFacts(
-            name,
-            gi,
-            tuple(sorted(k for k, v in sd["state"].get(i, {}).items() if v is not None)),
-            int(float(sd["state"][i]["step"])) if "step" in sd["state"].get(i, {}) else None,
-        )
-        for name, (gi, i) in zip(names, indices, strict=True)
-    ]
+    params = _torch_param_facts(sd, names)
     tracked = set(names)
     frozen = [n for n, t in (model_sd or {}).items() if n not in tracked and not torch_dict.is_buffer(n, t)]
     return _report(
@@ -303,7 +322,7 @@ def inspect(path: str | os.PathLike, fmt: str | None = None, *, options: ReadOpt
     if row.inspector is not None:
         inspector: Callable[[str, str, ReadOptions], Report] = row.function(row.inspector)
         return inspector(path, row.name, options)
-    return _inspect_state(path, row.name, row.read(path, dataclasses.replace(options, allow_approximate=True)))
+    return inspect_state(path, row.name, row.read(path, dataclasses.replace(options, allow_approximate=True)))
 
 
 def format_report(report: Report) -> str:

@@ -30,7 +30,8 @@ import pytest
 
 import optstate
 
-FRAMEWORKS = ("torch", "jax", "optax", "flax", "orbax", "lightning")
+# The frameworks, then the trainers whose checkpoints the tests produce (the trainers extra).
+FRAMEWORKS = ("torch", "jax", "optax", "flax", "orbax", "lightning", "transformers", "accelerate", "deepspeed")
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
@@ -52,7 +53,10 @@ def installed(framework: str) -> bool:
 def pytest_configure(config):
     config.pluginmanager.register(FrameworkSkips(), "optstate-framework-skips")
     wanted = os.environ.get("OPTSTATE_TEST_FRAMEWORKS", "")
-    if wanted == "all" and (missing := [f for f in FRAMEWORKS if not installed(f)]):
+    # The parts of a framework that some tests need by their own name: a torch built without distributed,
+    # or orbax without orbax-checkpoint, is a broken install here, not a reason to skip.
+    needed = (*FRAMEWORKS, "torch.distributed.checkpoint", "orbax.checkpoint")
+    if wanted == "all" and (missing := [f for f in needed if not installed(f)]):
         raise pytest.UsageError(f"OPTSTATE_TEST_FRAMEWORKS=all, but not installed: {', '.join(missing)}")
     if wanted == "none" and (present := [f for f in FRAMEWORKS if installed(f)]):
         raise pytest.UsageError(f"OPTSTATE_TEST_FRAMEWORKS=none, but installed: {', '.join(present)}")

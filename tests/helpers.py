@@ -1,4 +1,5 @@
-"""The measurement protocol of SEMANTICS.md: one tiny model in both frameworks, gradients from NumPy."""
+"""The measurement protocol: one tiny model in both frameworks, the same gradients from NumPy for both, so
+that any difference after a step is the optimizers' and not the models'."""
 
 from __future__ import annotations
 

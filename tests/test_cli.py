@@ -47,7 +47,8 @@ def test_formats_are_guessed_from_names(ckpt, tmp_path):
 
 def test_plain_orbax_restores_what_convert_writes(ckpt, tmp_path):
     """The output is an ordinary Orbax checkpoint (written without Orbax's copies and compression, which
-    cost memory): Orbax's own StandardCheckpointer restores it onto the target DESIGN.md names."""
+    cost memory): Orbax's own StandardCheckpointer restores it onto the target
+    {"params": params, "opt_state": tx.init(params)}."""
     import orbax.checkpoint as ocp
 
     path, model, _ = ckpt

@@ -456,3 +456,20 @@ def test_in_memory_migration_hands_moments_to_jax_without_a_copy():
     np.testing.assert_array_equal(np.asarray(mu), opt.state[net.weight]["exp_avg"].numpy())
     copied = optstate.from_torch(opt)  # the default: a copy, safe against the next torch step
     assert copied.slots[("first_moment", ("weight",))].ctypes.data != opt.state[net.weight]["exp_avg"].data_ptr()
+
+
+def test_a_scheduler_restored_into_other_param_groups_is_refused():
+    """The saved scheduler has one lr per group: an optimizer built with other groups cannot take it."""
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    torch_train(model, opt, range(3))
+    for _ in range(3):
+        sched.step()
+    state = optstate.from_torch(opt, model=model, scheduler=sched)
+    fresh = TinyNet()
+    split = torch.optim.SGD(
+        [{"params": fresh.fc1.parameters()}, {"params": fresh.fc2.parameters()}], lr=0.1, momentum=0.9
+    )
+    with pytest.raises(UnsupportedError, match="1 param group"):
+        optstate.to_torch(state, split, model=fresh, scheduler=torch.optim.lr_scheduler.StepLR(split, step_size=2))

@@ -37,11 +37,14 @@ def registry(monkeypatch):
 def test_a_name_is_registered_once(registry):
     with pytest.raises(ValueError, match="a format named 'torch' is already registered"):
         formats.register(Format("torch", "another torch", reader="m:read"))
-    assert formats.names() == ("torch", "optax", "optstate", "dcp")
+    assert formats.names() == ("torch", "dcp", "hf-trainer", "accelerate", "deepspeed", "optax", "optstate")
 
 
 def test_an_unknown_name_lists_the_known_ones():
-    with pytest.raises(optstate.OptstateError, match=r"unknown format 'keras' \(known: torch, optax, optstate, dcp\)"):
+    with pytest.raises(
+        optstate.OptstateError,
+        match=r"unknown format 'keras' \(known: torch, dcp, hf-trainer, accelerate, deepspeed, optax, optstate\)",
+    ):
         formats.get("keras")
 
 
@@ -67,6 +70,11 @@ def test_directories(tmp_path):
     assert formats.detect(tmp_path / "c.pt") == "optax"  # a directory is not a file, whatever its name
     (tmp_path / ".metadata").write_bytes(b"")
     assert formats.detect(tmp_path) == "dcp"  # a marker file outranks "any directory"
+    for trainers_file in ("latest", "optimizer.bin", "trainer_state.json"):
+        (tmp_path / trainers_file).write_bytes(b"")
+    assert formats.detect(tmp_path) == "dcp"  # DCP inside a trainer's directory is DCP, as before trainers
+    (tmp_path / ".metadata").unlink()
+    assert formats.detect(tmp_path) == "hf-trainer"  # then the first trainer row that recognises it
 
 
 def test_a_name_that_says_nothing_is_refused_naming_the_formats(tmp_path):
@@ -74,7 +82,7 @@ def test_a_name_that_says_nothing_is_refused_naming_the_formats(tmp_path):
         with pytest.raises(
             optstate.OptstateError,
             match=r"cannot tell its format from the name; "
-            r"name it \(--from/--to torch\|optax\|optstate\|dcp\)",
+            r"name it \(--from/--to torch\|dcp\|hf-trainer\|accelerate\|deepspeed\|optax\|optstate\)",
         ):
             formats.detect(name)
 

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "optstate"
 FRAMEWORKS = ("torch", "jax", "optax", "flax", "orbax")
 JAX_SIDE = ("jax", "optax", "flax", "orbax")
-TORCH_FREE_TORCH_MODULES = ("state_dict.py", "ptfile.py")
+# The torch side's readers that work without torch: the .pt format and the trainers' directories.
+TORCH_FREE_TORCH_MODULES = ("state_dict.py", "ptfile.py", "hf_trainer.py", "accelerate.py", "deepspeed.py")
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -42,9 +43,7 @@ def numpy_only_files() -> list[Path]:
     files += files_in("schema") + files_in("converters/schedules") + files_in("converters/layout")
     files += [PACKAGE / "converters" / "__init__.py", PACKAGE / "converters" / "torch" / "__init__.py"]
     files += [PACKAGE / "converters" / "torch" / name for name in TORCH_FREE_TORCH_MODULES]
-    formats = PACKAGE / "converters" / "formats.py"  # the format registry, where the tree has it
-    if formats.exists():
-        files.append(formats)
+    files.append(PACKAGE / "converters" / "formats.py")  # the format registry
     return sorted(set(files))
 
 

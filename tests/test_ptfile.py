@@ -390,6 +390,57 @@ def test_code_in_the_file_is_refused_by_name_and_not_run(tmp_path):
     assert not Boom.marker.exists()
 
 
+def test_records_mode_keeps_other_libraries_objects_inert(tmp_path):
+    """A trainer's file pickles its own classes: with records=True they are read as records, their module
+    never imported and nothing in them called, a call to os.system included."""
+    Boom.marker = tmp_path / "pwned"
+    module = "optstate_never_imported_trainer"
+    ops = [
+        _global(module, "Arguments"),
+        pickle.EMPTY_TUPLE,
+        pickle.NEWOBJ,
+        pickle.EMPTY_DICT,
+        _s("warmup_steps"),
+        pickle.BININT1,
+        b"\x03",
+        pickle.SETITEM,
+        pickle.BUILD,
+    ]
+    path = _archive(tmp_path / "args.bin", *ops)
+    args = ptfile.load(path, records=True)
+    assert (args.module, args.name, args.get("warmup_steps")) == (module, "Arguments", 3)
+    assert module not in sys.modules
+    with pytest.raises(FormatError, match=rf"unsupported global {module}\.Arguments"):
+        ptfile.load(path)  # a plain state_dict reader still refuses it
+    torch.save({"scaler": Boom()}, tmp_path / "evil.pt")
+    scaler = ptfile.load(tmp_path / "evil.pt", records=True)["scaler"]
+    assert (scaler.name, scaler.args) == ("system", (f"touch {Boom.marker}",))
+    assert not Boom.marker.exists()
+
+
+class Tagged(torch.Tensor):
+    """A tensor subclass of another library, as DeepSpeed's ZeRO-3 parameters are."""
+
+
+def test_records_mode_reads_tensors_pickled_with_their_attributes(tmp_path):
+    """DeepSpeed's ZeRO-3 flat groups carry Python attributes (``ds_id``), so torch pickles them through
+    _rebuild_from_type_v2: records mode reads the array, a subclass's as a record; the strict mode refuses."""
+    flat = torch.arange(4.0)
+    flat.ds_id = "0_2"
+    torch.save({"flat": flat, "tagged": torch.ones(2).as_subclass(Tagged)}, tmp_path / "zero3.pt")
+    read = ptfile.load(tmp_path / "zero3.pt", records=True)
+    assert read["flat"].tolist() == [0.0, 1.0, 2.0, 3.0] and not read["flat"].flags.writeable
+    assert (read["tagged"].name, read["tagged"].args[0].tolist()) == ("Tagged", [1.0, 1.0])
+    with pytest.raises(FormatError, match=r"unsupported global torch\._tensor\._rebuild_from_type_v2"):
+        ptfile.load(tmp_path / "zero3.pt")
+    # Records mode rebuilds tensors only: another function in their place is refused, never called.
+    ops = [_global("torch._tensor", "_rebuild_from_type_v2"), _global("posix", "system"), _global("torch", "Tensor")]
+    ops += [_s("touch pwned"), pickle.TUPLE1, pickle.EMPTY_DICT, pickle.TUPLE, pickle.REDUCE]
+    path = _archive(tmp_path / "evil.pt", ops[0], pickle.MARK, *ops[1:])
+    with pytest.raises(FormatError, match=r"_rebuild_from_type_v2 of .*system.*, not of a tensor"):
+        ptfile.load(path, records=True)
+
+
 def _archive(path, *ops, storages=None):
     """A torch-style zip whose data.pkl is the pickle opcodes ``ops`` (bytes), with ``storages`` by key."""
     with zipfile.ZipFile(path, "w") as z:

@@ -369,3 +369,131 @@ def test_conversions_leave_the_state_dict_and_its_parse_as_they_were(factory):
     advance(node, tree.last_lrs, LAST - K)
     assert node.epoch == LAST and tree.epoch == K
     assert set(tree.state) == set(state) and all(tree.state[k] == state[k] for k in state if k != "anneal_func")
+
+
+# ----------------------------------------------------------------------------- transformers' LambdaLR schedules
+
+# (lr_scheduler_type, lr_scheduler_kwargs): every type reproduced, defaults and the kwargs that change the arithmetic.
+TRANSFORMERS_CASES = [
+    ("linear", {}),
+    ("cosine", {}),
+    ("cosine", {"num_cycles": 1.3}),
+    ("cosine_with_restarts", {"num_cycles": 3}),
+    ("polynomial", {"power": 2.0, "lr_end": 1e-4}),
+    ("constant", {}),
+    ("constant_with_warmup", {}),
+    ("inverse_sqrt", {}),
+    ("inverse_sqrt", {"timescale": 7}),
+    ("cosine_with_min_lr", {"min_lr": 1e-3}),
+    ("cosine_with_min_lr", {"min_lr_rate": 0.1}),
+    ("cosine_warmup_with_min_lr", {"min_lr_rate": 0.05}),
+    ("cosine_warmup_with_min_lr", {"min_lr_rate": 0.05, "warmup_lr_rate": 0.2}),
+    ("warmup_stable_decay", {"num_decay_steps": 6}),
+    (
+        "warmup_stable_decay",
+        {"num_decay_steps": 5, "warmup_type": "cosine", "decay_type": "1-sqrt", "min_lr_ratio": 0.1},
+    ),
+    ("warmup_stable_decay", {"num_decay_steps": 5, "warmup_type": "1-sqrt", "decay_type": "linear"}),
+]
+WARMUP, TOTAL = 4, 20  # LAST = 30 goes past num_training_steps: where a schedule settles, and where it does not
+
+
+def _transformers_run(name, kwargs):
+    """transformers' own scheduler on two param groups (as the Trainer builds it: the optimizer's default lr is
+    the first group's): every group["lr"] for last_epoch 0..LAST, the state dict at K, and the schedule."""
+    transformers = pytest.importorskip("transformers")
+    from optstate.converters.schedules.transformers import schedule_from_arguments
+
+    opt = _optimizer()
+    sched = transformers.get_scheduler(
+        name, opt, num_warmup_steps=WARMUP, num_training_steps=TOTAL, scheduler_specific_kwargs=dict(kwargs)
+    )
+    lrs, sd = [[g["lr"] for g in opt.param_groups]], None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for c in range(1, LAST + 1):
+            opt.step()
+            sched.step()
+            lrs.append([g["lr"] for g in opt.param_groups])
+            if c == K:
+                sd = copy.deepcopy(sched.state_dict())
+    schedule = schedule_from_arguments(
+        name, num_warmup_steps=WARMUP, num_training_steps=TOTAL, learning_rate=LRS[0], lr_scheduler_kwargs=kwargs
+    )
+    return np.asarray(lrs), sd, schedule
+
+
+@pytest.mark.parametrize(("name", "kwargs"), TRANSFORMERS_CASES, ids=[f"{n}{k or ''}" for n, k in TRANSFORMERS_CASES])
+def test_transformers_schedules_are_bit_identical(name, kwargs):
+    from optstate.converters.schedules.transformers import attach
+
+    want, sd, schedule = _transformers_run(name, kwargs)
+    assert scheduler_class(sd) == LAMBDA  # torch saved the function as nothing
+    carried = attach(sd, schedule)
+    schedules = optax_schedules(carried, horizon=LAST)
+    counts = jnp.arange(LAST + 1, dtype=jnp.int32)
+    for i, s in enumerate(schedules):
+        np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(s))(counts)), want[:, i], err_msg=f"group {i}")
+    # where the schedule settles (linear, polynomial, ...), the table ends there and every count is exact
+    assert schedules[0].clamped == (schedule.settles_at() is not None and schedule.settles_at() <= LAST)
+    # and back to torch: the state transformers' scheduler holds at LAST, and its lr
+    restored = restore_torch_scheduler_state(carried, LAST)
+    assert restored["_last_lr"] == list(want[LAST]) and restored["last_epoch"] == LAST
+    assert group_lrs(carried, 2) == list(want[2])
+
+
+def test_transformers_schedule_that_does_not_give_the_saved_lr_is_refused():
+    from optstate.converters.schedules.transformers import attach, schedule_from_arguments
+
+    _, sd, _ = _transformers_run("cosine", {})
+    linear = schedule_from_arguments("linear", num_warmup_steps=WARMUP, num_training_steps=TOTAL, learning_rate=LRS[0])
+    with pytest.raises(UnsupportedError, match=r"linear schedule gives lr .* do not describe this scheduler"):
+        attach(sd, linear)
+    longer = schedule_from_arguments(
+        "cosine", num_warmup_steps=WARMUP, num_training_steps=TOTAL + 1, learning_rate=LRS[0]
+    )
+    with pytest.raises(UnsupportedError, match="num_training_steps=21"):
+        attach(sd, longer)
+
+
+def test_transformers_types_not_reproduced_are_refused_by_name():
+    from optstate.converters.schedules.transformers import SCHEDULE_TYPES, TransformersSchedule, schedule_from_arguments
+
+    for name in ("reduce_lr_on_plateau", "greedy", "my_schedule"):
+        with pytest.raises(UnsupportedError, match=repr(name)):
+            schedule_from_arguments(name, num_warmup_steps=0, num_training_steps=10, learning_rate=0.1)
+    with pytest.raises(UnsupportedError, match="'num_cycle'"):  # transformers raises a TypeError on it
+        schedule_from_arguments(
+            "cosine", num_warmup_steps=0, num_training_steps=10, learning_rate=0.1, lr_scheduler_kwargs={"num_cycle": 2}
+        )
+    # a state dict carrying an unknown type (a newer transformers, a hand edit) is refused when parsed
+    sd = {
+        "base_lrs": [0.1],
+        "last_epoch": 0,
+        "_step_count": 1,
+        "_last_lr": [0.1],
+        "lr_lambdas": [{}],
+        "transformers_schedule": {"type": "cosine_v2", "kwargs": {}},
+    }
+    with pytest.raises(UnsupportedError, match=r"LambdaLR\[transformers\].*'cosine_v2'"):
+        parse(sd)
+    assert "cosine_v2" not in SCHEDULE_TYPES
+    with pytest.raises(UnsupportedError, match="warmup_type 'sqrt' is not one of linear, cosine, 1-sqrt"):
+        TransformersSchedule(
+            "warmup_stable_decay",
+            {
+                "num_warmup_steps": 1,
+                "num_stable_steps": 1,
+                "num_decay_steps": 1,
+                "warmup_type": "sqrt",
+                "decay_type": "linear",
+                "min_lr_ratio": 0.0,
+                "num_cycles": 0.5,
+            },
+        )
+
+
+def test_a_lambda_lr_without_its_schedule_still_points_at_the_trainer_directory():
+    sd = L.LambdaLR(_optimizer(), lambda e: 1.0).state_dict()
+    with pytest.raises(UnsupportedError, match="checkpoint-N directory"):
+        parse(sd)

@@ -134,5 +134,27 @@ def test_a_scheduler_attached_but_not_saved_is_never_exact(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "initial_lr" in err and "scheduler" in err
     assert not (tmp_path / "out").exists()
-    # Said by the user, the lr stays where it is: the conversion goes through and says so.
+    # Said by the user, the lr stays where it is: the conversion goes through, and the output keeps the
+    # user's word, so that reading it back (inspect, a conversion onwards) is not refused again.
     assert main(["convert", "--to", "optax", "--constant-lr", str(path), str(tmp_path / "out")]) == 0
+    assert optstate.inspect(tmp_path / "out").optax == "exact"
+    assert main(["convert", str(tmp_path / "out"), str(tmp_path / "again.safetensors")]) == 0
+    assert optstate.load(tmp_path / "again.safetensors").metadata.constant_lr
+
+
+class TwoSchedulers(Regression):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return [opt], [_step_lr(opt), torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)]
+
+
+def test_two_schedulers_on_one_optimizer_are_shown_and_refused(tmp_path, capsys):
+    """Two schedulers both set the lr: inspect shows the checkpoint, a conversion refuses by name."""
+    module = TwoSchedulers("StepLR")
+    _trainer(STEPS).fit(module)
+    path = tmp_path / "two.ckpt"
+    module.trainer.save_checkpoint(path)
+    report = optstate.inspect(path)
+    assert report.optimizer == "SGD" and report.optax.startswith("refused") and "2 LR schedulers" in report.optax
+    assert main(["convert", "--to", "optax", str(path), str(tmp_path / "out")]) == 1
+    assert "'lr_schedulers' holds 2 LR schedulers" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -59,7 +60,8 @@ _ADAPTERS = {
 
 
 def adapter(name: str) -> ModuleType:
-    """Import the adapter module ``optstate.converters.<name>``, naming the extra if its framework is missing.
+    """Import the adapter module ``name`` names (``"torch"``: ``optstate.converters.torch.live``), naming the
+    extra if its framework is missing.
 
     >>> adapter("torch").__name__  # doctest: +SKIP
     'optstate.converters.torch.live'
@@ -69,22 +71,36 @@ def adapter(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{module}")
 
 
+def import_function(target: str) -> Callable[..., Any]:
+    """The function a ``"module:function"`` string names, its module imported now; an error that names the
+    string where either is missing.
+
+    >>> import_function("os.path:join")("a", "b")
+    'a/b'
+    >>> import_function("os.path:nothing")
+    Traceback (most recent call last):
+    optstate.errors.FormatError: os.path:nothing: module os.path has no function 'nothing'
+    """
+    module, _, function = target.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), function, None)
+    except ImportError as exc:
+        raise FormatError(f"{target}: cannot import module {module} ({exc})") from None
+    if not callable(found):
+        raise FormatError(f"{target}: module {module} has no function {function!r}")
+    return found
+
+
 def call_user_function(spec: str) -> Any:
     """Call the function a ``module:function`` string names, the working directory importable (it is the
     user's own code, named on the command line; never a checkpoint's).
 
-    >>> call_user_function("math:pi")
-    Traceback (most recent call last):
-    optstate.errors.FormatError: math:pi: math.pi is not a function
+    >>> call_user_function("builtins:dict")
+    {}
     """
-    module_name, _, function = spec.partition(":")
     sys.path.insert(0, os.getcwd())
     try:
-        found = getattr(importlib.import_module(module_name), function)
-    except (ImportError, AttributeError) as exc:
-        raise FormatError(f"{spec}: cannot call {function}() of module {module_name} ({exc})") from None
+        function = import_function(spec)
     finally:
         sys.path.remove(os.getcwd())
-    if not callable(found):
-        raise FormatError(f"{spec}: {module_name}.{function} is not a function")
-    return found()
+    return function()

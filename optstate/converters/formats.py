@@ -11,14 +11,13 @@ own module, over what that module does. Adding a format is its module plus one r
 :data:`BUILTIN` (or a :func:`register` call, from outside optstate).
 
 >>> names()
-('torch', 'optax', 'optstate', 'dcp')
+('torch', 'dcp', 'hf-trainer', 'accelerate', 'deepspeed', 'optax', 'optstate')
 >>> get("optstate").reader
 'optstate.schema.fileformat:read'
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any
 
 from ..errors import OptstateError
 from ..schema.state import OptimizerState
-from . import ORBAX, TORCH_DCP, Framework
+from . import ORBAX, TORCH_DCP, Framework, import_function
 from .layout.moves import Layout, revert_layout
 
 
@@ -75,11 +74,7 @@ def resolve(target: str) -> Callable[..., Any]:
     >>> resolve("os.path:join")("a", "b")
     'a/b'
     """
-    module, _, function = target.partition(":")
-    found = getattr(importlib.import_module(module), function, None)
-    if not callable(found):
-        raise OptstateError(f"{target}: {module} has no function {function!r}")
-    return found
+    return import_function(target)
 
 
 @dataclass(frozen=True)
@@ -93,7 +88,7 @@ class Format:
     imported before any of them, so that a missing one names its pip extra. ``torch_layout``: the
     writer wants torch's tensor layout, so a state moved to a Flax layout goes back first.
     ``process_setup`` is what a process whose whole job is converting from the format calls first
-    (the command line does; a library caller keeps its own settings). ``inspector(path, name)``
+    (the command line does; a library caller keeps its own settings). ``inspector(path, name, options)``
     returns the :class:`optstate.report.Report` of a format that holds more than its canonical state
     tells (a torch file's raw state_dict, described even where it does not convert).
 
@@ -213,7 +208,7 @@ def writable() -> tuple[str, ...]:
     """The names of the formats that can be written.
 
     >>> writable()
-    ('torch', 'optax', 'optstate', 'dcp')
+    ('torch', 'dcp', 'optax', 'optstate')
     """
     return tuple(name for name, fmt in _REGISTRY.items() if fmt.writer is not None)
 
@@ -223,9 +218,9 @@ def get(name: str) -> Format:
 
     >>> get("torch").description
     'torch.save file'
-    >>> get("keras")
+    >>> get("keras")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    optstate.errors.OptstateError: unknown format 'keras' (known: torch, optax, optstate, dcp)
+    optstate.errors.OptstateError: unknown format 'keras' (known: torch, dcp, ..., optstate)
     """
     fmt = _REGISTRY.get(name)
     if fmt is None:
@@ -245,12 +240,10 @@ def _recognising(path: str | os.PathLike) -> Iterator[Format]:
 
 
 def detect(path: str | os.PathLike) -> str:
-    """Guess a format from a path: a directory with a ``.metadata`` file is torch.distributed.checkpoint
-    (DCP), another directory (or a name ending in ``/``) Optax (Orbax),
-    ``.safetensors`` optstate, ``.pt``/``.pth``/``.ckpt``/``.bin`` torch.
-
-    Formats are tried in the order they were registered: first by marker files, then (for a
-    directory) by ``any_directory``, else by suffix.
+    """Guess a format from a path: a directory by a marker file inside it (``.metadata``: DCP;
+    ``trainer_state.json``: a Hugging Face Trainer checkpoint; ...), another directory (or a name
+    ending in ``/``) is Optax (Orbax); a file by its suffix (``.safetensors``: optstate; ``.pt``,
+    ``.pth``, ``.ckpt``, ``.bin``: torch). Rows are tried in the order they were registered.
 
     >>> detect("ckpt.pt"), detect("state.safetensors"), detect("out/")
     ('torch', 'optstate', 'optax')
@@ -263,7 +256,8 @@ def detect(path: str | os.PathLike) -> str:
     return found.name
 
 
-# The built-in formats. Their order is the order of names() (the command line's choices) and of detect().
+# The built-in formats. Their order is the order of names() (the command line's choices) and of detect():
+# among directories, the first row whose marker file is there wins.
 BUILTIN = (
     Format(
         "torch",
@@ -274,6 +268,41 @@ BUILTIN = (
         reader="optstate.converters.torch.state_dict:read",
         writer="optstate.converters.torch.state_dict:write",
         inspector="optstate.report:inspect_torch_file",
+    ),
+    Format(
+        "dcp",
+        "torch.distributed.checkpoint directory, as FSDP and torchtitan write",
+        # DCP's own (Orbax writes _METADATA); first among the markers, as a DCP directory may sit in a
+        # trainer's checkpoint directory beside the trainer's own files.
+        markers=(".metadata",),
+        framework=TORCH_DCP,
+        torch_layout=True,
+        reader="optstate.converters.torch.dcp:read",
+        writer="optstate.converters.torch.dcp:write",
+    ),
+    # Trainers' checkpoint directories, recognised by a file only they write; read without torch.
+    Format(
+        "hf-trainer",
+        "Hugging Face Trainer checkpoint-N directory",
+        markers=("trainer_state.json",),
+        reader="optstate.converters.torch.hf_trainer:read",
+        inspector="optstate.converters.torch.hf_trainer:inspect",
+    ),
+    Format(
+        "accelerate",
+        "accelerate save_state directory",
+        markers=("optimizer.bin",),
+        reader="optstate.converters.torch.accelerate:read",
+        inspector="optstate.converters.torch.accelerate:inspect",
+    ),
+    Format(
+        "deepspeed",
+        "DeepSpeed ZeRO checkpoint (a root with 'latest', or one global_stepN directory)",
+        # A root names its step folder in `latest`; in a step folder, ZeRO 1/2 write mp_rank_00_model_states.pt,
+        # ZeRO-3 one zero_pp_rank_*_mp_rank_00_model_states.pt per rank.
+        markers=("latest", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+        reader="optstate.converters.torch.deepspeed:read",
+        inspector="optstate.converters.torch.deepspeed:inspect",
     ),
     Format(
         "optax",
@@ -290,15 +319,6 @@ BUILTIN = (
         suffixes=(".safetensors", ".safetensors.index.json"),
         reader="optstate.schema.fileformat:read",
         writer="optstate.schema.fileformat:write",
-    ),
-    Format(
-        "dcp",
-        "torch.distributed.checkpoint directory, as FSDP and torchtitan write",
-        markers=(".metadata",),  # DCP's own; Orbax writes _METADATA
-        framework=TORCH_DCP,
-        torch_layout=True,
-        reader="optstate.converters.torch.dcp:read",
-        writer="optstate.converters.torch.dcp:write",
     ),
 )
 

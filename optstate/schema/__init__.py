@@ -2,7 +2,7 @@
 
 from .families import OPTIMIZERS, OptimizerSpec, Slot, optimizer_spec
 from .fileformat import FORMAT_VERSION, load, save
-from .state import Metadata, OptimizerState, ParamInfo, Path, name_to_path, path_to_name
+from .state import Metadata, OptimizerState, ParamInfo, ParamPath, name_to_path, path_to_name
 
 __all__ = [
     "FORMAT_VERSION",
@@ -11,7 +11,7 @@ __all__ = [
     "OptimizerSpec",
     "OptimizerState",
     "ParamInfo",
-    "Path",
+    "ParamPath",
     "Slot",
     "load",
     "name_to_path",

@@ -136,11 +136,12 @@ class OptimizerSpec:
     decay_in_scaler: bool = False  # the scaler applies weight decay itself (LAMB: before its trust ratio)
     lr_in_scaler: bool = False  # the scaler takes its own step size (Adafactor's relative step)
     approximate: str | None = None  # why a move between frameworks is not bit-exact; None when it is
-    # Which layout moves (transpose, reshape, split of a packed tensor) keep the update exact:
-    # "elementwise" all of them; "per_tensor" (a trust ratio over the whole tensor) all but a split;
+    # What one update reads beyond the element it updates, and so which layout moves (transpose, reshape,
+    # split of a packed tensor) and which partitions (ZeRO's flat shards) keep it exact: "elementwise" all;
+    # "per_tensor" (a trust ratio over the whole tensor) all moves but a split;
     # "factored" (statistics of the last two axes) a permutation that keeps those axes last;
     # "matrix" (an update that depends on the matrix's orientation) none.
-    layout: str = "elementwise"
+    update_scope: str = "elementwise"
 
     def check_exact(self, allowed: bool) -> None:
         """Refuse a family whose cross-framework continuation is only approximate, unless ``allowed``.
@@ -341,7 +342,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         decoupled_weight_decay=True,
         lr_in_scaler=True,
         moment_hyperparams=("beta2_decay", "eps"),
-        layout="factored",
+        update_scope="factored",
     ),
     OptimizerSpec(
         name="lion",
@@ -376,7 +377,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
         optax_hyperparams=_ADAM_INJECTED,
         in_torch=False,
         decay_in_scaler=True,
-        layout="per_tensor",
+        update_scope="per_tensor",
     ),
     OptimizerSpec(
         name="muon",
@@ -402,7 +403,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _table(
             "torch's bfloat16 Newton-Schulz is not reproducible bit for bit (bit-identical on small "
             "matrices on CPU; a few bfloat16 ulps, ~3e-3 per step, on 128x256)"
         ),
-        layout="matrix",
+        update_scope="matrix",
     ),
     OptimizerSpec(
         name="rmsprop",

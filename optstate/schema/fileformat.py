@@ -36,7 +36,7 @@ import numpy as np
 
 from ..atomic import atomic_file, atomic_files
 from ..errors import FormatError
-from .state import Metadata, OptimizerState, ParamInfo, Path
+from .state import Metadata, OptimizerState, ParamInfo, ParamPath
 
 if TYPE_CHECKING:  # the format registry's option records; at run time the schema imports no converter
     from ..converters.formats import ReadOptions, WriteOptions
@@ -55,7 +55,7 @@ _MAX_SYSCALL_BYTES = 1 << 30
 # errno values with which copy_file_range/sendfile say "not between these files", not "failed"
 _NOT_SUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOTSOCK}
 
-DTYPES: Mapping[str, np.dtype] = {
+SAFETENSORS_DTYPES: Mapping[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
@@ -72,7 +72,7 @@ DTYPES: Mapping[str, np.dtype] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("bool"),
 }
-_CODES = {dtype: code for code, dtype in DTYPES.items()}
+_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def dtype_code(dtype: np.dtype) -> str:
@@ -95,7 +95,7 @@ def _unescape(component: str) -> str:
     return component.replace("%2F", "/").replace("%25", "%")
 
 
-def tensor_key(kind: str, path: Path) -> str:
+def tensor_key(kind: str, path: ParamPath) -> str:
     """The key of one tensor in the file.
 
     >>> tensor_key("first_moment", ("layers", "0", "a/b"))
@@ -104,7 +104,12 @@ def tensor_key(kind: str, path: Path) -> str:
     return "/".join((kind, *map(_escape, path)))
 
 
-def parse_tensor_key(key: str) -> tuple[str, Path]:
+def parse_tensor_key(key: str) -> tuple[str, ParamPath]:
+    """A tensor key's kind (slot name, or ``"model"``) and parameter path: :func:`tensor_key` undone.
+
+    >>> parse_tensor_key(tensor_key("first_moment", ("fc", "w/b")))
+    ('first_moment', ('fc', 'w/b'))
+    """
     kind, *rest = key.split("/")
     return kind, tuple(map(_unescape, rest))
 
@@ -113,7 +118,11 @@ def parse_tensor_key(key: str) -> tuple[str, Path]:
 
 
 def encode_extra(value: Any) -> Any:
-    """Free-form metadata (a torch scheduler's state) as JSON: Counters tagged, tuples as lists."""
+    """Free-form metadata (a torch scheduler's state) as JSON: Counters tagged, tuples as lists.
+
+    >>> encode_extra({"milestones": Counter({2: 1}), "betas": (0.9, 0.99)})
+    {'milestones': {'__counter__': [[2, 1]]}, 'betas': [0.9, 0.99]}
+    """
     if isinstance(value, Counter):
         return {"__counter__": [[encode_extra(k), v] for k, v in value.items()]}
     if isinstance(value, Mapping):
@@ -128,6 +137,11 @@ def encode_extra(value: Any) -> Any:
 
 
 def decode_extra(value: Any) -> Any:
+    """:func:`encode_extra` undone: tagged Counters back (lists stay lists; param groups turn them to tuples).
+
+    >>> decode_extra({"milestones": {"__counter__": [[2, 1]]}})
+    {'milestones': Counter({2: 1})}
+    """
     if isinstance(value, dict):
         if set(value) == {"__counter__"}:
             return Counter({decode_extra(k): v for k, v in value["__counter__"]})
@@ -162,6 +176,12 @@ def state_metadata(state: OptimizerState) -> dict[str, Any]:
 
 
 def check_format_version(meta: Mapping[str, Any], source: str) -> None:
+    """Refuse a document of another format version, naming both.
+
+    >>> check_format_version({"format_version": 2}, "s.safetensors")
+    Traceback (most recent call last):
+    optstate.errors.FormatError: s.safetensors: format_version 2 is not supported; this optstate reads format_version 1
+    """
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise FormatError(
@@ -171,7 +191,7 @@ def check_format_version(meta: Mapping[str, Any], source: str) -> None:
 
 
 def state_from_metadata(
-    meta: Mapping[str, Any], arrays: Mapping[tuple[str, Path], np.ndarray], source: str
+    meta: Mapping[str, Any], arrays: Mapping[tuple[str, ParamPath], np.ndarray], source: str
 ) -> OptimizerState:
     """Rebuild an OptimizerState from its JSON document and ``(kind, path) -> array``."""
     check_format_version(meta, source)
@@ -298,7 +318,7 @@ def _entries(tensors: Iterable[tuple[str, Any]]) -> list[_Entry]:
         if key in seen or key == "__metadata__":
             raise FormatError(f"tensor key {key!r} occurs twice (or is reserved)")
         seen.add(key)
-        dtype, shape = DTYPES[dtype_code(np.dtype(value.dtype))], tuple(int(d) for d in value.shape)
+        dtype, shape = SAFETENSORS_DTYPES[dtype_code(np.dtype(value.dtype))], tuple(int(d) for d in value.shape)
         entries.append(_Entry(key, value, dtype, shape, math.prod(shape) * dtype.itemsize))
     return entries
 
@@ -613,7 +633,7 @@ def save(
 def _header_entry(key: str, entry: Any, source: str) -> tuple[np.dtype, tuple[int, ...], int, int]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(f"{source}: tensor {key!r}: malformed header entry")
-    dtype = DTYPES.get(entry["dtype"])
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
     shape, offsets = entry["shape"], entry["data_offsets"]
     if dtype is None:
         raise FormatError(f"{source}: tensor {key!r}: unknown dtype {entry['dtype']!r}")

@@ -14,10 +14,10 @@ import numpy as np
 from ..errors import FormatError, UnsupportedError
 from .families import OptimizerSpec, optimizer_spec
 
-Path = tuple[str, ...]
+ParamPath = tuple[str, ...]
 
 
-def name_to_path(name: str) -> Path:
+def name_to_path(name: str) -> ParamPath:
     """A torch parameter name as a path.
 
     >>> name_to_path("layers.0.weight")
@@ -26,7 +26,7 @@ def name_to_path(name: str) -> Path:
     return tuple(name.split("."))
 
 
-def path_to_name(path: Path) -> str:
+def path_to_name(path: ParamPath) -> str:
     """A path as a torch parameter name.
 
     >>> path_to_name(("layers", "0", "weight"))
@@ -58,7 +58,7 @@ def all_finite(array: np.ndarray, chunk: int = 1 << 24) -> bool:
     return all(np.isfinite(flat[i : i + chunk]).all() for i in range(0, flat.size, chunk))
 
 
-def non_finite_slot(path: Path, slot: str) -> FormatError:
+def non_finite_slot(path: ParamPath, slot: str) -> FormatError:
     """The error for a slot holding NaN or inf.
 
     >>> str(non_finite_slot(("fc", "weight"), "first_moment"))[:50]
@@ -126,7 +126,7 @@ class ParamInfo:
     optimizer keeps no step (SGD) or the parameter has no state yet.
     """
 
-    path: Path
+    path: ParamPath
     shape: tuple[int, ...]
     dtype: str
     group: int
@@ -193,9 +193,9 @@ class OptimizerState:
     optimizer: str
     param_groups: tuple[Mapping[str, Any], ...]
     params: tuple[ParamInfo, ...]
-    slots: Mapping[tuple[str, Path], np.ndarray]
-    weights: Mapping[Path, np.ndarray] | None = None
-    buffers: tuple[Path, ...] = ()
+    slots: Mapping[tuple[str, ParamPath], np.ndarray]
+    weights: Mapping[ParamPath, np.ndarray] | None = None
+    buffers: tuple[ParamPath, ...] = ()
     metadata: Metadata = Metadata()
 
     def __post_init__(self) -> None:
@@ -237,19 +237,19 @@ class OptimizerState:
         return optimizer_spec(self.optimizer)
 
     @functools.cached_property
-    def _by_path(self) -> dict[Path, ParamInfo]:
+    def _by_path(self) -> dict[ParamPath, ParamInfo]:
         return {p.path: p for p in self.params}
 
-    def param(self, path: Path) -> ParamInfo:
+    def param(self, path: ParamPath) -> ParamInfo:
         return self._by_path[path]
 
-    def has_state(self, path: Path) -> bool:
+    def has_state(self, path: ParamPath) -> bool:
         return any((s.name, path) in self.slots for s in self.spec.slots)
 
     def group_params(self, group: int) -> tuple[ParamInfo, ...]:
         return tuple(p for p in self.params if p.group == group)
 
-    def frozen_paths(self) -> tuple[Path, ...]:
+    def frozen_paths(self) -> tuple[ParamPath, ...]:
         """Model parameters the optimizer does not track (buffers excluded)."""
         if self.weights is None:
             return ()
@@ -303,7 +303,7 @@ class OptimizerState:
             )
         zeroed = {by_name[n] for n in names if n != "step"}
 
-        def initial(slot: str, path: Path) -> float:
+        def initial(slot: str, path: ParamPath) -> float:
             s = spec.slot(slot)
             return (
                 spec.with_defaults(self.param_groups[self.param(path).group])[s.initial_from]
@@ -322,7 +322,7 @@ class OptimizerState:
         )
         return dataclasses.replace(self, slots=slots, params=params)
 
-    def iter_tensors(self) -> Iterator[tuple[str, Path, np.ndarray]]:
+    def iter_tensors(self) -> Iterator[tuple[str, ParamPath, np.ndarray]]:
         """``(kind, path, array)`` for every array: slots by slot name, then weights as ``"model"``."""
         for (slot, path), array in self.slots.items():
             yield slot, path, array

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path as FsPath
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -14,11 +14,10 @@ import numpy as np
 from flax import nnx, serialization
 
 from ...errors import FormatError, MappingError
-from ...schema.state import OptimizerState, Path
+from ...schema.state import OptimizerState, ParamPath
+from ..layout.moves import Shape
 from ..layout.targets import tree_shapes
 from .optax import from_optax, key_path_to_path, to_optax
-
-Shape = tuple[int, ...]
 
 
 def read_tree(path: str) -> Any:
@@ -31,7 +30,7 @@ def read_tree(path: str) -> Any:
     >>> read_tree(path)["dense"]["kernel"].shape
     (2, 3)
     """
-    p = FsPath(path)
+    p = Path(path)
     if p.is_dir():
         import orbax.checkpoint as ocp
 
@@ -48,7 +47,7 @@ def read_tree(path: str) -> Any:
         raise FormatError(f"{path}: not a Flax msgpack file ({type(exc).__name__}: {exc})") from None
 
 
-def nnx_shapes(obj: Any) -> tuple[dict[Path, Shape], dict[Path, Shape]]:
+def nnx_shapes(obj: Any) -> tuple[dict[ParamPath, Shape], dict[ParamPath, Shape]]:
     """Parameter and BatchNorm-statistics shapes of an ``nnx.Module`` (or the parameters of an ``nnx.State``).
 
     >>> nnx_shapes(nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
@@ -100,7 +99,7 @@ def to_nnx(state: OptimizerState, model: nnx.Module, opt: nnx.Optimizer | None =
         _assign(opt.opt_state, filled)
 
 
-def _nested(values: Mapping[Path, Any], like: Any) -> Any:
+def _nested(values: Mapping[ParamPath, Any], like: Any) -> Any:
     """``like`` (a pure dict, NNX's integer keys included) with the leaves ``values`` names replaced."""
 
     def leaf(kp, old):
@@ -123,7 +122,7 @@ def _assign(live: Any, filled: Any) -> None:
         var[...] = values[path]
 
 
-def _plain_path(key_path: Any) -> Path:
+def _plain_path(key_path: Any) -> ParamPath:
     path = key_path_to_path(key_path)
     return path[:-1] if path and path[-1] == "value" else path
 

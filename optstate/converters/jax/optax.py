@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - a later optax moved it: such states ar
 
 from ...errors import FormatError, MappingError, UnsupportedError
 from ...schema.families import BOOKKEEPING_KEYS, OPTIMIZERS, OptimizerSpec, Slot, is_decoupled, optimizer_spec
-from ...schema.state import Deferred, Metadata, OptimizerState, ParamInfo, Path, numpy_dtype, path_to_name
+from ...schema.state import Deferred, Metadata, OptimizerState, ParamInfo, ParamPath, numpy_dtype, path_to_name
 from ..schedules.identify import attached_scheduler
 from ..schedules.torch_schedulers import last_epoch, optax_schedules
 from .families import OptaxFamily, optax_family
@@ -73,7 +73,7 @@ def group_transform(
     return optax.chain(*parts)
 
 
-def key_path_to_path(key_path: Sequence[Any]) -> Path:
+def key_path_to_path(key_path: Sequence[Any]) -> ParamPath:
     """A JAX key path (dict keys, sequence indices, attributes) as an optstate path.
 
     >>> key_path_to_path(jax.tree_util.tree_flatten_with_path({"layers": [{"w": 0}]})[0][0][0])
@@ -90,7 +90,7 @@ def key_path_to_path(key_path: Sequence[Any]) -> Path:
     return tuple(parts)
 
 
-def param_labels(state: OptimizerState) -> dict[Path, str]:
+def param_labels(state: OptimizerState) -> dict[ParamPath, str]:
     """The ``optax.partition`` label of every parameter: its group, split by step where steps differ.
 
     torch skips a parameter whose gradient is ``None``, so parameters of one group can have taken
@@ -111,7 +111,7 @@ def param_labels(state: OptimizerState) -> dict[Path, str]:
     return labels
 
 
-def _labels(labels: Mapping[Path, str], params: Any) -> Any:
+def _labels(labels: Mapping[ParamPath, str], params: Any) -> Any:
     def label(key_path, _):
         path = key_path_to_path(key_path)
         if path not in labels:
@@ -157,9 +157,9 @@ def _refuse_unknown_schedule(state: OptimizerState) -> None:
     if attached is not None and not state.metadata.constant_lr:
         raise UnsupportedError(
             f"{attached}: an LR scheduler was attached, and its state is not in this checkpoint, so the "
-            "learning rate it sets next is unknown; convert the checkpoint that holds the scheduler "
-            "(keys 'lr_scheduler', 'scheduler', Lightning's 'lr_schedulers'), pass it (from_torch(..., "
-            "scheduler=)), or pass --constant-lr (constant_lr=True) if the lr stays at its current value"
+            "learning rate it sets next is unknown; convert from the checkpoint that holds the scheduler (or "
+            "pass the live one: from_torch(..., scheduler=)), or, if the lr stays at its current value, say "
+            "so: --constant-lr (state.with_metadata(constant_lr=True) in a script)"
         )
 
 
@@ -230,7 +230,9 @@ def optax_transform(state: OptimizerState, *, horizon: int | None = None) -> opt
 # ----------------------------------------------------------------------------- walking state trees
 
 
-def _map_states(tree: Any, state_types: tuple[type, ...], visit: Callable[[Any, Path], Any], path: Path = ()) -> Any:
+def _map_states(
+    tree: Any, state_types: tuple[type, ...], visit: Callable[[Any, ParamPath], Any], path: ParamPath = ()
+) -> Any:
     """Rebuild ``tree`` with every node of ``state_types`` replaced by ``visit(node, path)``.
 
     Chains (tuples), partitions and masks are walked; stateless nodes are kept; any other node
@@ -268,7 +270,9 @@ def _state_types(family: OptaxFamily) -> tuple[type, ...]:
     return (*found, *_WRAPPERS)
 
 
-def _typed(raw: Any, state_types: tuple[type, ...], choose: Callable[[list[type], Path], type], path: Path = ()) -> Any:
+def _typed(
+    raw: Any, state_types: tuple[type, ...], choose: Callable[[list[type], ParamPath], type], path: ParamPath = ()
+) -> Any:
     """A state tree restored by Orbax without a target (NamedTuples as dicts, tuples as lists), retyped;
     ``choose`` picks among the types whose fields a dict has, when more than one does."""
     if isinstance(raw, list):
@@ -284,7 +288,7 @@ def _typed(raw: Any, state_types: tuple[type, ...], choose: Callable[[list[type]
     return cls(**raw)  # slot trees stay as restored: their None leaves are masked parameters
 
 
-def recorded_types(tree: Any, path: Path = ()) -> dict[str, str]:
+def recorded_types(tree: Any, path: ParamPath = ()) -> dict[str, str]:
     """``{path: NamedTuple type name}`` of a state tree: what Orbax forgets, for ``optstate.json``.
 
     >>> recorded_types((optax.ScaleByAdamState(0, {"w": 1}, {"w": 1}), optax.EmptyState()))
@@ -299,7 +303,7 @@ def recorded_types(tree: Any, path: Path = ()) -> dict[str, str]:
     return {k: v for key, child in children for k, v in recorded_types(child, path + (str(key),)).items()}
 
 
-def _slot_leaves(node: Any, family: OptaxFamily) -> dict[str, dict[Path, Any]]:
+def _slot_leaves(node: Any, family: OptaxFamily) -> dict[str, dict[ParamPath, Any]]:
     """``{slot name: {param path: leaf}}`` of one state node; masked parameters have no leaf."""
     out = {}
     for slot in family.slots_in(node):
@@ -309,7 +313,7 @@ def _slot_leaves(node: Any, family: OptaxFamily) -> dict[str, dict[Path, Any]]:
     return out
 
 
-def _partition_prefix(path: Path) -> Path:
+def _partition_prefix(path: ParamPath) -> ParamPath:
     """The part of a state path that names its partition label (empty outside partitions)."""
     positions = [i for i, key in enumerate(path[:-1]) if key == "inner_states"]
     return path[: positions[-1] + 2] if positions else ()
@@ -356,12 +360,12 @@ class _Filling:
     family: OptaxFamily
     types: tuple[type, ...]  # the state types to fill: see _state_types
     as_array: Callable[[np.ndarray], Any]
-    partitions: Mapping[Path, set[Path]]  # partition prefix -> the parameters whose slots it holds
-    by_path: Mapping[Path, ParamInfo]
-    labels: Mapping[Path, str]  # param_labels(state)
-    filled: set[tuple[str, Path]] = field(default_factory=set)
+    partitions: Mapping[ParamPath, set[ParamPath]]  # partition prefix -> the parameters whose slots it holds
+    by_path: Mapping[ParamPath, ParamInfo]
+    labels: Mapping[ParamPath, str]  # param_labels(state)
+    filled: set[tuple[str, ParamPath]] = field(default_factory=set)
 
-    def visit(self, node: Any, where: Path) -> Any:
+    def visit(self, node: Any, where: ParamPath) -> Any:
         """``node`` with its slots and count taken from the state: the visitor of :func:`_map_states`."""
         if isinstance(node, _WRAPPERS):
             return self.wrapper(node, where)
@@ -371,7 +375,7 @@ class _Filling:
             fields[name] = self.as_array(_count(self.step_of(node, where), getattr(node, name)))
         return node._replace(**fields)
 
-    def slot_field(self, slot: Slot, node: Any, where: Path) -> Any:
+    def slot_field(self, slot: Slot, node: Any, where: ParamPath) -> Any:
         """``node``'s field for ``slot``: a tree of one array per parameter, or one scalar for all of them."""
         leaves = getattr(node, slot.optax_field)
         if slot.scalar:
@@ -380,7 +384,7 @@ class _Filling:
             lambda kp, leaf: self.slot_value(slot, key_path_to_path(kp), leaf), leaves
         )
 
-    def slot_value(self, slot: Slot, path: Path, leaf: Any) -> Any:
+    def slot_value(self, slot: Slot, path: ParamPath, leaf: Any) -> Any:
         """The state's ``slot`` of the parameter at ``path``, shaped as Optax keeps it, for the template's ``leaf``."""
         info = self.by_path.get(path)
         if info is None:
@@ -401,7 +405,7 @@ class _Filling:
         self.filled.add((slot.name, path))
         return self.as_array(array)
 
-    def scalar_value(self, slot: str, node: Any, where: Path, leaf: Any) -> Any:
+    def scalar_value(self, slot: str, node: Any, where: ParamPath, leaf: Any) -> Any:
         """The one value of a scalar slot (NAdam's ``mu_product``) that the parameters sharing ``node`` share."""
         covered = self.covered(node, where)
         values = {
@@ -422,7 +426,7 @@ class _Filling:
             )
         return self.as_array(array)
 
-    def covered(self, node: Any, where: Path) -> tuple[ParamInfo, ...]:
+    def covered(self, node: Any, where: ParamPath) -> tuple[ParamInfo, ...]:
         """The parameters a node's counts and scalars belong to: those in its slot trees, else its partition's."""
         in_trees = (
             {p for leaves in _slot_leaves(node, self.family).values() for p in leaves} if node is not None else ()
@@ -441,7 +445,7 @@ class _Filling:
             "keeps no slots and its label is not one of optstate's"
         )
 
-    def wrapper(self, node: Any, where: Path) -> Any:
+    def wrapper(self, node: Any, where: ParamPath) -> Any:
         """A state wrapping others (inject_hyperparams, MultiSteps, a schedule's): what it wraps filled, and
         its own counters and hyperparameters set."""
         inner = {
@@ -457,7 +461,7 @@ class _Filling:
             fields["hyperparams"] = self.injected(node, where)
         return node._replace(**fields)
 
-    def multi_steps(self, node: optax.MultiStepsState, where: Path, inner: Mapping[str, Any]) -> Any:
+    def multi_steps(self, node: optax.MultiStepsState, where: ParamPath, inner: Mapping[str, Any]) -> Any:
         """``optax.MultiSteps`` at an accumulation boundary, where a conversion happens: nothing accumulated."""
         zeros = jax.tree_util.tree_map(lambda leaf: self.as_array(np.zeros(leaf.shape, leaf.dtype)), node.acc_grads)
         # gradient_step counts optimizer steps: the most any parameter has taken.
@@ -469,7 +473,7 @@ class _Filling:
             **inner,
         )
 
-    def injected(self, node: Any, where: Path) -> dict[str, Any]:
+    def injected(self, node: Any, where: ParamPath) -> dict[str, Any]:
         """``inject_hyperparams``' values: the torch hyperparameters of the one param group it covers."""
         groups = {p.group for p in self.covered(None, where)}
         if len(groups) != 1:
@@ -481,7 +485,7 @@ class _Filling:
             for name, leaf in node.hyperparams.items()
         }
 
-    def step_of(self, node: Any, where: Path, unknown: int | None = None) -> int | None:
+    def step_of(self, node: Any, where: ParamPath, unknown: int | None = None) -> int | None:
         """The step a count in ``node`` stands for: the LR scheduler's where it counts, else its parameters'."""
         scheduler = self.state.metadata.lr_scheduler
         if scheduler is not None and (
@@ -509,7 +513,7 @@ class _Filling:
             )
 
 
-def _check_leaf_fits(slot: Slot, path: Path, leaf: Any, array: Any) -> None:
+def _check_leaf_fits(slot: Slot, path: ParamPath, leaf: Any, array: Any) -> None:
     """Refuse a slot array whose shape or dtype is not the template leaf's."""
     if tuple(leaf.shape) != tuple(array.shape) or np.dtype(leaf.dtype) != np.dtype(array.dtype):
         hint = (
@@ -522,11 +526,11 @@ def _check_leaf_fits(slot: Slot, path: Path, leaf: Any, array: Any) -> None:
         )
 
 
-def _partitions(template: Any, family: OptaxFamily, types: tuple[type, ...]) -> dict[Path, set[Path]]:
+def _partitions(template: Any, family: OptaxFamily, types: tuple[type, ...]) -> dict[ParamPath, set[ParamPath]]:
     """Partition prefix -> the parameters whose slots it holds, for a template of any labels."""
-    found: dict[Path, set[Path]] = {}
+    found: dict[ParamPath, set[ParamPath]] = {}
 
-    def visit(node: Any, where: Path) -> Any:
+    def visit(node: Any, where: ParamPath) -> Any:
         paths = {p for leaves in _slot_leaves(node, family).values() for p in leaves}
         found.setdefault(_partition_prefix(where), set()).update(paths)
         return node
@@ -544,7 +548,7 @@ def _count(value: int | None, leaf: Any) -> np.ndarray:
     return np.asarray(value, dtype)
 
 
-def nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
+def nest(flat: Mapping[ParamPath, Any]) -> dict[str, Any]:
     """A nested dict from ``{path: leaf}``.
 
     >>> nest({("a", "0", "w"): 1, ("a", "0", "b"): 2, ("c",): 3})
@@ -565,7 +569,7 @@ def nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
     return root
 
 
-def param_shapes(state: OptimizerState) -> dict[Path, jax.ShapeDtypeStruct]:
+def param_shapes(state: OptimizerState) -> dict[ParamPath, jax.ShapeDtypeStruct]:
     """Every parameter of the JAX side (tracked and frozen; buffers are not parameters), as shapes.
 
     >>> from optstate.schema import OptimizerState, ParamInfo
@@ -718,10 +722,10 @@ def _refuse_trace_after_learning_rate(tree: Any) -> None:
 
 
 class _Collected(NamedTuple):
-    slots: dict[tuple[str, Path], np.ndarray]
-    steps: dict[Path, int]  # by parameter
+    slots: dict[tuple[str, ParamPath], np.ndarray]
+    steps: dict[ParamPath, int]  # by parameter
     schedule_count: int | None  # an LR schedule's
-    injected: dict[Path, dict[str, float]]  # inject_hyperparams values, by parameter
+    injected: dict[ParamPath, dict[str, float]]  # inject_hyperparams values, by parameter
     stock: frozenset[str]  # stock Optax state types read as torch's (allow_approximate)
 
 
@@ -742,7 +746,7 @@ def restored_types(
     """
     family = optax_family(spec)
 
-    def choose(matches: list[type], path: Path) -> type:
+    def choose(matches: list[type], path: ParamPath) -> type:
         name = (recorded or {}).get("/".join(path))
         named = [cls for cls in matches if cls.__name__ == name]
         if named:
@@ -767,7 +771,7 @@ def _accept_stock(tree: Any, family: OptaxFamily, allowed: bool) -> tuple[Any, f
     if not stock:
         return tree, frozenset()
 
-    def visit(node: Any, where: Path) -> Any:
+    def visit(node: Any, where: ParamPath) -> Any:
         if type(node) not in stock:
             return node
         if not allowed:
@@ -798,13 +802,13 @@ class _Collecting:
 
     family: OptaxFamily
     types: tuple[type, ...]  # the state types to read: see _state_types
-    slots: dict[tuple[str, Path], np.ndarray] = field(default_factory=dict)
-    counts: dict[Path, int] = field(default_factory=dict)  # by partition prefix
-    injected: dict[Path, dict[str, float]] = field(default_factory=dict)  # by partition prefix
-    prefixes: dict[Path, Path] = field(default_factory=dict)  # param path -> its partition prefix
+    slots: dict[tuple[str, ParamPath], np.ndarray] = field(default_factory=dict)
+    counts: dict[ParamPath, int] = field(default_factory=dict)  # by partition prefix
+    injected: dict[ParamPath, dict[str, float]] = field(default_factory=dict)  # by partition prefix
+    prefixes: dict[ParamPath, ParamPath] = field(default_factory=dict)  # param path -> its partition prefix
     schedule_counts: set[int] = field(default_factory=set)
 
-    def visit(self, node: Any, where: Path) -> Any:
+    def visit(self, node: Any, where: ParamPath) -> Any:
         """Take what ``node`` holds: the visitor of :func:`_map_states`."""
         if isinstance(node, _WRAPPERS):
             return self.unwrap(node, where)
@@ -816,7 +820,7 @@ class _Collecting:
             self.schedule_counts.add(int(np.asarray(node.count)))
         return node
 
-    def take_slots(self, node: Any, where: Path) -> None:
+    def take_slots(self, node: Any, where: ParamPath) -> None:
         """``node``'s slots, by parameter; a scalar slot belongs to every parameter in the node's slot trees."""
         leaves_by_slot = _slot_leaves(node, self.family)
         for slot, leaves in leaves_by_slot.items():
@@ -829,7 +833,7 @@ class _Collecting:
         for scalar in (s for s in self.family.slots_in(node) if s.scalar):
             self.slots.update({(scalar.name, p): np.asarray(getattr(node, scalar.optax_field)) for p in covered})
 
-    def unwrap(self, node: Any, where: Path) -> Any:
+    def unwrap(self, node: Any, where: ParamPath) -> Any:
         """A state wrapping others: its injected hyperparameters and schedule count, then what it wraps."""
         if isinstance(node, optax.MultiStepsState):
             _refuse_partial_accumulation(node, where)
@@ -849,7 +853,7 @@ class _Collecting:
         return _Collected(self.slots, steps, max(self.schedule_counts, default=None), injected, stock)
 
 
-def _refuse_partial_accumulation(node: optax.MultiStepsState, where: Path) -> None:
+def _refuse_partial_accumulation(node: optax.MultiStepsState, where: ParamPath) -> None:
     """Refuse ``optax.MultiSteps`` between accumulation boundaries: torch holds no partial sums."""
     pending = int(np.asarray(node.mini_step))
     if pending or any(np.any(np.asarray(leaf)) for leaf in jax.tree_util.tree_leaves(node.acc_grads)):
@@ -891,8 +895,8 @@ def _merge_injected(
 
 
 def _torch_shaped(
-    spec: OptimizerSpec, slots: Mapping[tuple[str, Path], np.ndarray], weights: Mapping[Path, Any]
-) -> dict[tuple[str, Path], np.ndarray]:
+    spec: OptimizerSpec, slots: Mapping[tuple[str, ParamPath], np.ndarray], weights: Mapping[ParamPath, Any]
+) -> dict[tuple[str, ParamPath], np.ndarray]:
     """Slots as torch shapes them: factored statistics get their size-1 axis back, placeholders go."""
     out = {}
     for (name, path), array in slots.items():
@@ -916,9 +920,9 @@ def named_optimizer(optimizer: str | None) -> OptimizerSpec:
     return optimizer_spec(optimizer)
 
 
-def _names_of(weights: Mapping[Path, Any]) -> dict[str, Path]:
+def _names_of(weights: Mapping[ParamPath, Any]) -> dict[str, ParamPath]:
     """Parameter names (paths joined by dots) to paths; refuses two paths with one name."""
-    names: dict[str, Path] = {}
+    names: dict[str, ParamPath] = {}
     for path in weights:
         name = path_to_name(path)
         if name in names:
@@ -927,7 +931,7 @@ def _names_of(weights: Mapping[Path, Any]) -> dict[str, Path]:
     return names
 
 
-def _registration_order(path: Path) -> tuple:
+def _registration_order(path: ParamPath) -> tuple:
     # ModuleList/Sequential children are registered 0, 1, 2, ..., 10; JAX sorts keys as strings.
     return tuple((0, int(k), "") if k.isdigit() else (1, 0, k) for k in path)
 
@@ -1000,7 +1004,7 @@ def _given_groups(
     return [dict(g) for g in hyperparams]
 
 
-def _inferred_group(weights: Mapping[Path, Any], slots: Mapping[tuple[str, Path], Any]) -> list[str]:
+def _inferred_group(weights: Mapping[ParamPath, Any], slots: Mapping[tuple[str, ParamPath], Any]) -> list[str]:
     """The parameter names of the one group the caller did not list: those with state (all, if none has any),
     in the order torch would have registered them."""
     stateful = {p for _, p in slots}
@@ -1018,15 +1022,15 @@ def _inferred_group(weights: Mapping[Path, Any], slots: Mapping[tuple[str, Path]
 def _grouped_params(
     spec: OptimizerSpec,
     groups: list[dict[str, Any]],
-    by_name: Mapping[str, Path],
-    weights: Mapping[Path, Any],
-    slots: Mapping[tuple[str, Path], np.ndarray],
+    by_name: Mapping[str, ParamPath],
+    weights: Mapping[ParamPath, Any],
+    slots: Mapping[tuple[str, ParamPath], np.ndarray],
     collected: _Collected,
 ) -> list[ParamInfo]:
     """Every grouped parameter, group by group, each group's hyperparameters completed and checked; takes
     each group's ``"params"`` out of it."""
     params_info: list[ParamInfo] = []
-    taken: set[Path] = set()
+    taken: set[ParamPath] = set()
     for gi, group in enumerate(groups):
         members = _members(group.pop("params"), gi, by_name, taken)
         _merge_injected(
@@ -1043,7 +1047,7 @@ def _grouped_params(
     return params_info
 
 
-def _members(names: Sequence[str], gi: int, by_name: Mapping[str, Path], taken: set[Path]) -> list[Path]:
+def _members(names: Sequence[str], gi: int, by_name: Mapping[str, ParamPath], taken: set[ParamPath]) -> list[ParamPath]:
     """The paths of a group's parameter names, each added to ``taken``: a parameter is in one group at most."""
     members = []
     for name in names:
@@ -1060,7 +1064,7 @@ def _members(names: Sequence[str], gi: int, by_name: Mapping[str, Path], taken: 
 
 
 def _refuse_inactive_slots(
-    spec: OptimizerSpec, group: Mapping[str, Any], path: Path, slots: Mapping[tuple[str, Path], np.ndarray]
+    spec: OptimizerSpec, group: Mapping[str, Any], path: ParamPath, slots: Mapping[tuple[str, ParamPath], np.ndarray]
 ) -> None:
     """Refuse a slot that torch, with the group's hyperparameters, would not keep."""
     active = {s.name for s in spec.active_slots(group)}

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path as FsPath
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,7 +32,7 @@ from ...schema.fileformat import (
     tensor_key,
     write_safetensors,
 )
-from ...schema.state import Deferred, OptimizerState, Path, numpy_dtype, path_to_name
+from ...schema.state import Deferred, OptimizerState, ParamPath, numpy_dtype, path_to_name
 from ..formats import ReadOptions, WriteOptions
 from ..schedules.torch_schedulers import last_epoch, restore_torch_scheduler_state
 from .optax import (
@@ -52,7 +52,7 @@ BUFFERS = "buffers.safetensors"
 BATCH_STATS = "batch_stats"
 
 
-def _needs_x64(shapes: Mapping[Path, jax.ShapeDtypeStruct]) -> bool:
+def _needs_x64(shapes: Mapping[ParamPath, jax.ShapeDtypeStruct]) -> bool:
     return any(np.dtype(s.dtype).itemsize == 8 for s in shapes.values())
 
 
@@ -152,7 +152,7 @@ def _placeholder(shape: Sequence[int], dtype: str) -> np.ndarray:
     return np.broadcast_to(np.zeros((), numpy_dtype(dtype)), tuple(shape))
 
 
-def _read_sidecar(directory: FsPath) -> dict[str, Any] | None:
+def _read_sidecar(directory: Path) -> dict[str, Any] | None:
     sidecar = directory / SIDECAR
     if not sidecar.is_file():
         return None
@@ -165,7 +165,7 @@ def _read_sidecar(directory: FsPath) -> dict[str, Any] | None:
     return meta
 
 
-Sharder = Callable[[Path, jax.ShapeDtypeStruct], jax.sharding.Sharding]
+Sharder = Callable[[ParamPath, jax.ShapeDtypeStruct], jax.sharding.Sharding]
 
 
 def _with_shardings(target: Any, sharding: jax.sharding.Sharding | Sharder | None) -> Any:
@@ -182,7 +182,7 @@ def _with_shardings(target: Any, sharding: jax.sharding.Sharding | Sharder | Non
 
 
 def _restore(path: str | os.PathLike, sharding: Any = None) -> tuple[Any, Any, Any, Any]:
-    directory = FsPath(path)
+    directory = Path(path)
     meta = _read_sidecar(directory)
     if meta is None:
         raise FormatError(
@@ -245,7 +245,10 @@ def _with_sidecar(state: OptimizerState, written: OptimizerState) -> OptimizerSt
     Optax has no count (RMSprop, Adadelta), and the torch LR scheduler, moved to the schedule's count."""
     steps = {p.path: p.step for p in written.params}
     params = tuple(p if p.step is not None else dataclasses.replace(p, step=steps.get(p.path)) for p in state.params)
-    metadata = dataclasses.replace(state.metadata, layout=written.metadata.layout)  # the way back to torch's layout
+    # The way back to torch's layout, and the user's word on a scheduler that was not carried.
+    metadata = dataclasses.replace(
+        state.metadata, layout=written.metadata.layout, constant_lr=written.metadata.constant_lr
+    )
     scheduler = written.metadata.lr_scheduler
     if scheduler is not None:
         count = last_epoch(scheduler) if metadata.schedule_count is None else metadata.schedule_count
@@ -257,7 +260,7 @@ def _with_sidecar(state: OptimizerState, written: OptimizerState) -> OptimizerSt
     return dataclasses.replace(state, params=params, metadata=metadata)
 
 
-def _restore_as_numpy(directory: FsPath) -> Any:
+def _restore_as_numpy(directory: Path) -> Any:
     found = ocp.StandardCheckpointer().metadata(os.path.abspath(directory))
     metadata = None if found is None or found.item_metadata is None else found.item_metadata.tree
     if metadata is None:
@@ -284,7 +287,7 @@ def read_optax_dir(
     directory optstate wrote, or with ``optstate_transform=True`` (the training used
     ``optstate.optax_transform``).
     """
-    directory = FsPath(path)
+    directory = Path(path)
     if not directory.is_dir():
         raise FormatError(f"{directory}: not a directory (an Orbax checkpoint is one)")
     try:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ...errors import MappingError, UnsupportedError
 from ...schema.families import Slot
-from ...schema.state import Deferred, OptimizerState, ParamInfo, Path, path_to_name
+from ...schema.state import Deferred, OptimizerState, ParamInfo, ParamPath, path_to_name
 from .transpose import permute
 
 __all__ = ["Layout", "Move", "Shape", "apply_layout", "problem_list", "revert_layout"]
@@ -45,8 +45,8 @@ class Move:
     [[0, 2, 4], [1, 3, 5]]
     """
 
-    source: Path
-    target: Path
+    source: ParamPath
+    target: ParamPath
     source_shape: Shape
     shape: Shape
     axes: tuple[int, ...] = ()
@@ -154,20 +154,20 @@ class Layout:
     """
 
     moves: tuple[Move, ...]
-    dropped: tuple[Path, ...] = ()
+    dropped: tuple[ParamPath, ...] = ()
 
     def __post_init__(self) -> None:
         twice = sorted(t for t, n in Counter(m.target for m in self.moves).items() if n > 1)
         if twice:
             raise MappingError("mapping sends several tensors to " + ", ".join("/".join(t) for t in twice[:5]))
 
-    def moves_of(self, source: Path) -> tuple[Move, ...]:
+    def moves_of(self, source: ParamPath) -> tuple[Move, ...]:
         """The moves of the tensor ``source``, in the order of its parts; none when it is not moved."""
         return self._by_source.get(source, ())
 
     @functools.cached_property  # looked up once per tensor and slot: built once, not each time
-    def _by_source(self) -> dict[Path, tuple[Move, ...]]:
-        found: dict[Path, list[Move]] = {}
+    def _by_source(self) -> dict[ParamPath, tuple[Move, ...]]:
+        found: dict[ParamPath, list[Move]] = {}
         for m in self.moves:
             found.setdefault(m.source, []).append(m)
         return {s: tuple(sorted(ms, key=lambda m: m.part)) for s, ms in found.items()}
@@ -272,8 +272,8 @@ def _moved_params(state: OptimizerState, layout: Layout) -> tuple[ParamInfo, ...
     return tuple(params)
 
 
-def _moved_slots(state: OptimizerState, layout: Layout) -> dict[tuple[str, Path], Any]:
-    slots: dict[tuple[str, Path], Any] = {}
+def _moved_slots(state: OptimizerState, layout: Layout) -> dict[tuple[str, ParamPath], Any]:
+    slots: dict[tuple[str, ParamPath], Any] = {}
     for (slot, path), array in state.slots.items():
         for move in layout.moves_of(path):
             name, moved = _moved_slot(state, slot, array, move)
@@ -281,13 +281,13 @@ def _moved_slots(state: OptimizerState, layout: Layout) -> dict[tuple[str, Path]
     return slots
 
 
-def _moved_weights(state: OptimizerState, layout: Layout) -> tuple[dict[Path, Any] | None, tuple[Path, ...]]:
+def _moved_weights(state: OptimizerState, layout: Layout) -> tuple[dict[ParamPath, Any] | None, tuple[ParamPath, ...]]:
     """The model's tensors moved (a dropped one kept as it is), and which of them are buffers."""
     dropped = set(layout.dropped)
     buffers = tuple(p for p in state.buffers if p in dropped)
     if state.weights is None:
         return None, buffers
-    weights: dict[Path, Any] = {}
+    weights: dict[ParamPath, Any] = {}
     for path, array in state.weights.items():
         if path in dropped:
             weights[path] = array
@@ -300,7 +300,7 @@ def _moved_weights(state: OptimizerState, layout: Layout) -> tuple[dict[Path, An
 
 def _check_move(state: OptimizerState, move: Move) -> None:
     """Refuse a move that changes what the optimizer computes."""
-    kind = state.spec.layout
+    kind = state.spec.update_scope
     n = len(move.source_shape)
     keeps_last_two = not move.axes or sorted(move.axes[-2:]) == [n - 2, n - 1]
     ok = {
@@ -367,9 +367,9 @@ def revert_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
     _check_all_mapped(state, layout)
     tracked = {info.path: info for info in state.params}
     params: list[ParamInfo] = []
-    slots: dict[tuple[str, Path], Any] = {}
-    weights: dict[Path, Any] = {}
-    buffers: list[Path] = []
+    slots: dict[tuple[str, ParamPath], Any] = {}
+    weights: dict[ParamPath, Any] = {}
+    buffers: list[ParamPath] = []
     for source, moves in layout._by_source.items():
         where = f"{path_to_name(source)} (from {', '.join('/'.join(m.target) for m in moves)})"
         info = _reverted_param(state, tracked, source, moves, where)
@@ -403,7 +403,7 @@ def _check_all_mapped(state: OptimizerState, layout: Layout) -> None:
 
 
 def _reverted_param(
-    state: OptimizerState, tracked: Mapping[Path, ParamInfo], source: Path, moves: Sequence[Move], where: str
+    state: OptimizerState, tracked: Mapping[ParamPath, ParamInfo], source: ParamPath, moves: Sequence[Move], where: str
 ) -> ParamInfo | None:
     """The parameter ``source`` from the ``tracked`` ones at its moves' targets; None when none is tracked."""
     infos = [tracked[m.target] for m in moves if m.target in tracked]
@@ -423,10 +423,10 @@ def _reverted_param(
 
 
 def _reverted_slots(
-    state: OptimizerState, source: Path, moves: Sequence[Move], where: str
-) -> dict[tuple[str, Path], Any]:
+    state: OptimizerState, source: ParamPath, moves: Sequence[Move], where: str
+) -> dict[tuple[str, ParamPath], Any]:
     """Every slot of the parameter ``source``, from its pieces at the moves' targets."""
-    slots: dict[tuple[str, Path], Any] = {}
+    slots: dict[tuple[str, ParamPath], Any] = {}
     for slot in state.spec.slots:
         names = [_factored_name(state, slot.name, m) if slot.shape in ("rows", "cols") else slot.name for m in moves]
         arrays: list[Any] = [state.slots.get((n, m.target)) for n, m in zip(names, moves, strict=True)]

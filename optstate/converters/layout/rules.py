@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from ...errors import MappingError
-from ...schema.state import Path, path_to_name
+from ...schema.state import ParamPath, path_to_name
 from .moves import Layout, Move, Shape, problem_list
 
 __all__ = ["DROPPED_LEAVES", "QKV", "match_layout", "plan_layout"]
@@ -26,11 +26,13 @@ QKV = ("query", "key", "value")
 
 # A model's leaves by module key, then by leaf name: each a list, since two modules whose names
 # meet under one key (``a_b.c`` and ``a.b_c``) are both kept, so that the match is seen as ambiguous.
-_LeafIndex = Mapping[str, Mapping[str, list[tuple[Path, Shape]]]]
+_LeafIndex = Mapping[str, Mapping[str, list[tuple[ParamPath, Shape]]]]
 
 
 def plan_layout(
-    sources: Mapping[Path, Shape], params: Mapping[Path, Shape], stats: Mapping[Path, Shape] | None = None
+    sources: Mapping[ParamPath, Shape],
+    params: Mapping[ParamPath, Shape],
+    stats: Mapping[ParamPath, Shape] | None = None,
 ) -> tuple[Layout, list[str]]:
     """The moves the rules choose from torch tensors (``sources``: path -> shape) to a Flax model's
     ``params`` (and ``stats``: BatchNorm's ``batch_stats``), and every problem found: a tensor with no
@@ -48,7 +50,9 @@ def plan_layout(
 
 
 def match_layout(
-    sources: Mapping[Path, Shape], params: Mapping[Path, Shape], stats: Mapping[Path, Shape] | None = None
+    sources: Mapping[ParamPath, Shape],
+    params: Mapping[ParamPath, Shape],
+    stats: Mapping[ParamPath, Shape] | None = None,
 ) -> Layout:
     """:func:`plan_layout`, refusing with the list of problems rather than guessing.
 
@@ -61,14 +65,14 @@ def match_layout(
     return layout
 
 
-def _module_key(module: Path) -> str:
+def _module_key(module: ParamPath) -> str:
     """``layers.0.attn`` (torch), ``layers_0/attn`` (linen) and ``layers/0/attn`` (NNX) meet here."""
     return "_".join(module).lower()
 
 
-def _index(leaves: Mapping[Path, Shape]) -> dict[str, dict[str, list[tuple[Path, Shape]]]]:
+def _index(leaves: Mapping[ParamPath, Shape]) -> dict[str, dict[str, list[tuple[ParamPath, Shape]]]]:
     """Target leaves by module key and leaf name (see ``_LeafIndex``)."""
-    index: dict[str, dict[str, list[tuple[Path, Shape]]]] = {}
+    index: dict[str, dict[str, list[tuple[ParamPath, Shape]]]] = {}
     for path, shape in leaves.items():
         module = path[1:-1] if path[0] == "batch_stats" else path[:-1]  # linen's collection is not a module
         index.setdefault(_module_key(module), {}).setdefault(path[-1], []).append((path, tuple(shape)))
@@ -94,14 +98,14 @@ def _fits(moved: Shape, target: Shape, reshape: bool) -> bool:
 class _Matcher:
     """Applies the rules to one model; collects moves and every problem, so the user sees them all."""
 
-    def __init__(self, params: Mapping[Path, Shape], stats: Mapping[Path, Shape]):
+    def __init__(self, params: Mapping[ParamPath, Shape], stats: Mapping[ParamPath, Shape]):
         self.params, self.stats = _index(params), _index(stats)
         self.targets = {**{p: tuple(s) for p, s in params.items()}, **{p: tuple(s) for p, s in stats.items()}}
         self.moves: list[Move] = []
-        self.dropped: list[Path] = []
+        self.dropped: list[ParamPath] = []
         self.problems: list[str] = []
 
-    def leaf(self, index: _LeafIndex, module: Path, names: Sequence[str]) -> list[tuple[Path, Shape]]:
+    def leaf(self, index: _LeafIndex, module: ParamPath, names: Sequence[str]) -> list[tuple[ParamPath, Shape]]:
         """The target leaves named any of ``names`` in the module that ``module`` (a torch module path) is."""
         leaves = index.get(_module_key(module))
         if leaves is None and module and module[-1] == "out_proj":  # nn.MultiheadAttention's output Linear
@@ -110,9 +114,9 @@ class _Matcher:
 
     def add(
         self,
-        source: Path,
+        source: ParamPath,
         shape: Shape,
-        found: list[tuple[Path, Shape]],
+        found: list[tuple[ParamPath, Shape]],
         axes: tuple[int, ...] = (),
         part: int = 0,
         parts: int = 1,
@@ -137,7 +141,7 @@ class _Matcher:
             return
         self.moves.append(Move(source, target, shape, target_shape, axes, part, parts))
 
-    def match(self, source: Path, shape: Shape) -> None:
+    def match(self, source: ParamPath, shape: Shape) -> None:
         """Apply the rule for the kind of leaf ``source`` is."""
         module, leaf = source[:-1], source[-1]
         if leaf in DROPPED_LEAVES:
@@ -157,7 +161,7 @@ class _Matcher:
         else:
             self.add(source, shape, self.leaf(self.params, module, (leaf,)))
 
-    def _match_weight(self, source: Path, shape: Shape) -> None:
+    def _match_weight(self, source: ParamPath, shape: Shape) -> None:
         """A kernel (Linear, Conv) where the module has one and the weight is a matrix or more; else a
         LayerNorm/BatchNorm ``scale``, an Embed ``embedding``, or a leaf named ``weight`` too."""
         module = source[:-1]
@@ -167,7 +171,7 @@ class _Matcher:
         else:
             self.add(source, shape, self.leaf(self.params, module, ("scale", "embedding", "weight")))
 
-    def _match_attention(self, source: Path, shape: Shape) -> None:
+    def _match_attention(self, source: ParamPath, shape: Shape) -> None:
         """nn.MultiheadAttention's projections: packed (``in_proj_*``, three parts) or one per q/k/v."""
         module, leaf = source[:-1], source[-1]
         if leaf in ("in_proj_weight", "in_proj_bias"):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import FormatError, MappingError
-from ...schema.state import OptimizerState, Path
+from ...schema.state import OptimizerState, ParamPath
 from .. import adapter, call_user_function
 from .moves import Layout, Shape, apply_layout, revert_layout
 from .rules import DROPPED_LEAVES, match_layout, plan_layout
@@ -28,7 +28,7 @@ COLLECTIONS = frozenset({"params", "batch_stats", "cache", "intermediates", "los
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-def tree_shapes(tree: Any, prefix: Path = ()) -> dict[Path, Shape]:
+def tree_shapes(tree: Any, prefix: ParamPath = ()) -> dict[ParamPath, Shape]:
     """``{path: shape}`` of a nested dict (or list) of arrays; list positions become ``"0"``, ``"1"``, ...
 
     >>> import numpy as np
@@ -42,13 +42,13 @@ def tree_shapes(tree: Any, prefix: Path = ()) -> dict[Path, Shape]:
         items = enumerate(tree)
     else:
         return {prefix: tuple(np.shape(tree))}  # arrays, jax.ShapeDtypeStructs (np.shape reads .shape), scalars
-    shapes: dict[Path, Shape] = {}
+    shapes: dict[ParamPath, Shape] = {}
     for key, value in items:
         shapes.update(tree_shapes(value, (*prefix, str(key))))
     return shapes
 
 
-def _torch_shapes(obj: Any, source: str) -> dict[Path, Shape]:
+def _torch_shapes(obj: Any, source: str) -> dict[ParamPath, Shape]:
     """Shapes of a torch model: a module, its ``state_dict``, a checkpoint holding one, or a file of these."""
     from ..torch import state_dict as torch_dict
 
@@ -76,14 +76,14 @@ def _is_torch(obj: Any) -> bool:
     return isinstance(obj, Mapping) and any(_is_torch(v) for v in list(obj.values())[:8])
 
 
-def _flax_shapes(tree: Any) -> tuple[dict[Path, Shape], dict[Path, Shape]]:
+def _flax_shapes(tree: Any) -> tuple[dict[ParamPath, Shape], dict[ParamPath, Shape]]:
     if isinstance(tree, Mapping) and "params" in tree and set(tree) <= COLLECTIONS:
         stats = {("batch_stats", *p): s for p, s in tree_shapes(tree.get("batch_stats", {})).items()}
         return tree_shapes(tree["params"]), stats
     return tree_shapes(tree), {}
 
 
-def target_model(spec: Any) -> tuple[str, dict[Path, Shape], dict[Path, Shape]]:
+def target_model(spec: Any) -> tuple[str, dict[ParamPath, Shape], dict[ParamPath, Shape]]:
     """``(framework, params, stats)`` of the model ``spec`` names (or is: a parameter tree, an
     ``nnx.Module``, a torch module or ``state_dict``): ``"flax"`` or ``"torch"``, parameter shapes by
     path, and the shapes of BatchNorm's statistics (linen: under ``batch_stats``).
@@ -111,7 +111,7 @@ def target_model(spec: Any) -> tuple[str, dict[Path, Shape], dict[Path, Shape]]:
     return ("flax", *_flax_shapes(spec))
 
 
-def _tensors(state: OptimizerState) -> dict[Path, Shape]:
+def _tensors(state: OptimizerState) -> dict[ParamPath, Shape]:
     shapes = {p.path: p.shape for p in state.params}
     shapes.update({p: tuple(a.shape) for p, a in (state.weights or {}).items()})
     return shapes

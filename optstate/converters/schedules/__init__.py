@@ -10,8 +10,11 @@
 - :mod:`.restore`: the state a torch scheduler holds after steps taken elsewhere (Optax → torch).
 
 Hugging Face transformers' schedules (``get_linear_schedule_with_warmup`` and the like) are
-LambdaLRs: torch saves their function as ``None``, so :mod:`.identify` refuses them. Reproducing
-them belongs in a module of its own beside these: the caller names the transformers function and
-its arguments (the state dict cannot tell them), and that module supplies the
-:class:`~.replay.LeafReplay` whose ``get_lr`` computes it as transformers does.
+LambdaLRs: torch saves their function as nothing, so :mod:`.identify` refuses a bare LambdaLR.
+:mod:`.transformers` holds transformers' functions and how a Trainer's arguments choose one; its
+``attach`` records the function and its arguments in the state dict (the caller, which knows them:
+:mod:`optstate.converters.torch.hf_trainer`), and from there the state dict converts as any other:
+:mod:`.identify` names it ``LambdaLR[transformers]``, :mod:`.parse` checks the record, and the
+:class:`~.replay.LeafReplay` of torch's LambdaLR in :mod:`.replay` steps ``base_lr * f(last_epoch)``
+with transformers' ``f``.
 """

@@ -8,6 +8,9 @@ dict whose attributes fit no class exactly (a subclass, or a newer torch), rathe
 (torch does not save the function), ReduceLROnPlateau (depends on metrics), CyclicLR (a custom
 ``scale_fn`` function is saved as ``None``, so the curve cannot be told from the state dict),
 OneCycleLR with ``cycle_momentum=True`` (it also cycles momentum / ``betas[0]``).
+
+A LambdaLR whose state dict also carries the transformers schedule it follows (recorded by
+:func:`.transformers.attach`, from a Trainer's arguments) is :data:`TRANSFORMERS_LAMBDA`, and converts.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ...errors import FormatError, UnsupportedError
+from .transformers import KEY as TRANSFORMERS_KEY
 
 __all__ = [
     "CONTAINER_SCHEDULERS",
@@ -23,6 +27,7 @@ __all__ = [
     "REFUSED",
     "SCHEDULER_GROUP_KEYS",
     "SUPPORTED",
+    "TRANSFORMERS_LAMBDA",
     "attached_scheduler",
     "key_list",
     "refusal",
@@ -32,6 +37,10 @@ __all__ = [
 #: What :func:`scheduler_class` returns for LambdaLR and MultiplicativeLR: their state dicts hold
 #: the same keys (``lr_lambdas`` and the base attributes), so they cannot be told apart.
 LAMBDA = "LambdaLR/MultiplicativeLR"
+
+#: A LambdaLR built by a transformers ``get_*_schedule`` function, its state dict carrying that function
+#: and its arguments under :data:`.transformers.KEY` (torch saves the function as nothing).
+TRANSFORMERS_LAMBDA = "LambdaLR[transformers]"
 
 #: Schedulers converted exactly.
 SUPPORTED = (
@@ -46,6 +55,7 @@ SUPPORTED = (
     "CosineAnnealingWarmRestarts",
     "SequentialLR",
     "ChainedScheduler",
+    TRANSFORMERS_LAMBDA,
 )
 #: Schedulers refused, always.
 REFUSED = (LAMBDA, "ReduceLROnPlateau", "CyclicLR")
@@ -114,6 +124,7 @@ _SIGNATURES: tuple[tuple[str, frozenset[str], frozenset[str]], ...] = tuple(
         ),
         ("CosineAnnealingWarmRestarts", {"T_0", "T_i", "T_mult", "T_cur"}, {"eta_min"}, True),
         ("CosineAnnealingLR", {"T_max", "eta_min"}, set(), True),
+        (TRANSFORMERS_LAMBDA, {"lr_lambdas", TRANSFORMERS_KEY}, set(), True),
         (LAMBDA, {"lr_lambdas"}, set(), True),
         ("StepLR", {"step_size", "gamma"}, set(), True),
         ("MultiStepLR", {"milestones", "gamma"}, set(), True),
@@ -215,7 +226,8 @@ def _lambda_refusal(sd: Mapping[str, Any]) -> str:
         f"LambdaLR or MultiplicativeLR (their state dicts look alike): the lr_lambda function is not "
         f"in the state dict ({how}), so the schedule cannot be recovered from it; build the equivalent "
         f"Optax schedule yourself (a function of the step count; LambdaLR: base_lr * f(count), "
-        f"MultiplicativeLR: the running product of f) and pass it explicitly"
+        f"MultiplicativeLR: the running product of f) and pass it explicitly. A Hugging Face Trainer's "
+        f"scheduler.pt converts with its checkpoint-N directory, whose training_args.bin names the schedule"
     )
 
 

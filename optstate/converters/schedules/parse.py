@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import FormatError, UnsupportedError
-from .identify import CONTAINER_SCHEDULERS, key_list, refusal, scheduler_class
+from .identify import CONTAINER_SCHEDULERS, TRANSFORMERS_LAMBDA, key_list, refusal, scheduler_class
+from .transformers import KEY as TRANSFORMERS_KEY
+from .transformers import TransformersSchedule
 
 __all__ = ["ParsedScheduler", "check_param_groups", "floats", "last_epoch", "parse"]
 
@@ -35,6 +37,7 @@ _INTS = {
     "CosineAnnealingWarmRestarts": ("T_0", "T_i", "T_mult"),
     "MultiStepLR": (),
     "ExponentialLR": (),
+    TRANSFORMERS_LAMBDA: (),  # its schedule's arguments are checked by TransformersSchedule
 }
 _REALS = {
     "StepLR": ("gamma",),
@@ -46,6 +49,7 @@ _REALS = {
     "CosineAnnealingLR": ("T_max", "eta_min"),
     "OneCycleLR": (),
     "CosineAnnealingWarmRestarts": ("eta_min", "T_cur"),
+    TRANSFORMERS_LAMBDA: (),
 }
 
 
@@ -190,6 +194,8 @@ def _parse_leaf(
         )
     if name == "MultiStepLR":
         st["milestones"] = _milestone_counts(st["milestones"], where)
+    if name == TRANSFORMERS_LAMBDA:
+        st[TRANSFORMERS_KEY] = _transformers_schedule(st, where)
     groups = None
     if name == "OneCycleLR":
         groups = _one_cycle_groups(st, param_groups, where)
@@ -210,6 +216,18 @@ def _milestone_counts(ms: Any, where: str) -> Counter[int]:
     if not isinstance(ms, Mapping) or any(not isinstance(m, numbers.Integral) or isinstance(m, bool) for m in ms):
         raise FormatError(f"{where}MultiStepLR: milestones must be a Counter of integer epochs, got {ms!r}")
     return Counter(ms) if not isinstance(ms, Counter) else ms
+
+
+def _transformers_schedule(st: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The transformers schedule a LambdaLR carries, checked (an unknown type or argument is refused by name)."""
+    if len(st["lr_lambdas"]) != len(st["base_lrs"]):
+        raise FormatError(
+            f"{where}{TRANSFORMERS_LAMBDA}: {len(st['lr_lambdas'])} lr_lambdas for {len(st['base_lrs'])} base_lrs"
+        )
+    try:
+        return TransformersSchedule.from_json(st[TRANSFORMERS_KEY]).to_json()
+    except (FormatError, UnsupportedError) as exc:
+        raise type(exc)(f"{where}{TRANSFORMERS_LAMBDA}: {exc}") from None
 
 
 def _one_cycle_groups(

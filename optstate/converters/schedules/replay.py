@@ -32,7 +32,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from ...errors import FormatError, UnsupportedError
+from .identify import TRANSFORMERS_LAMBDA
 from .parse import ParsedScheduler
+from .transformers import KEY as TRANSFORMERS_KEY
+from .transformers import TransformersSchedule
 
 __all__ = ["LEAF_REPLAYS", "LeafReplay", "ScheduleRangeError", "SchedulerReplay", "replayer"]
 
@@ -437,6 +440,35 @@ class _CosineAnnealingWarmRestarts(LeafReplay):
         self.initial_step(lrs)
 
 
+class _TransformersLambdaLR(LeafReplay):
+    """torch's LambdaLR, its function being the transformers schedule the state dict carries
+    (:mod:`.transformers`): ``get_lr`` is ``base_lr * lr_lambda(last_epoch)``, no closed form.
+
+    >>> sd = {"base_lrs": [0.1], "last_epoch": 0, "_step_count": 1, "_last_lr": [0.0], "lr_lambdas": [{}],
+    ...       "transformers_schedule": {"type": "linear", "kwargs": {"num_warmup_steps": 2, "num_training_steps": 4}}}
+    >>> node = LEAF_REPLAYS[TRANSFORMERS_LAMBDA](sd)
+    >>> lrs = [0.0]; [node.step(lrs) or lrs[0] for _ in range(4)], node.frozen()
+    ([0.05, 0.1, 0.05, 0.0], True)
+    """
+
+    name = TRANSFORMERS_LAMBDA
+    has_closed_form = False  # LambdaLR has no _get_closed_form_lr: stepped to an epoch, it calls get_lr
+
+    def __init__(self, st: dict[str, Any], groups: Sequence[dict[str, float]] | None = None):
+        super().__init__(st, groups)
+        self.schedule = TransformersSchedule.from_json(st[TRANSFORMERS_KEY])
+
+    def get_lr(self, lrs: list[float], initial: bool) -> list[float]:
+        return [b * self.schedule.factor(self.st["last_epoch"]) for b in self.base]
+
+    def frozen(self) -> bool:
+        settles = self.schedule.settles_at()
+        return settles is not None and self.epoch >= settles
+
+    def freezes(self) -> bool:
+        return self.schedule.settles_at() is not None
+
+
 #: The replay of each leaf class, by the name :func:`~.identify.scheduler_class` gives.
 LEAF_REPLAYS: dict[str, type[LeafReplay]] = {
     cls.name: cls
@@ -450,6 +482,7 @@ LEAF_REPLAYS: dict[str, type[LeafReplay]] = {
         _CosineAnnealingLR,
         _OneCycleLR,
         _CosineAnnealingWarmRestarts,
+        _TransformersLambdaLR,
     )
 }
 

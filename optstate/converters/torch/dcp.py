@@ -170,7 +170,7 @@ def _check_metadata(metadata: dcp_metadata.Metadata, path: pathlib.Path) -> None
 
 
 @dataclass(frozen=True)
-class _Entry:
+class _Stored:
     """One value of the saved state dict, not yet read: its DCP key and what ``.metadata`` says of it."""
 
     fqn: str
@@ -182,7 +182,7 @@ class _Entry:
 
 
 def _entry_tree(metadata: dcp_metadata.Metadata, source: str) -> dict:
-    """The saved state dict as nested dicts of ``_Entry`` leaves (integer keys are list positions).
+    """The saved state dict as nested dicts of ``_Stored`` leaves (integer keys are list positions).
 
     DCP stores entries flat under dotted keys; ``planner_data`` keeps each key's path in the
     original nesting, which the dots cannot tell (parameter names have dots of their own).
@@ -200,7 +200,7 @@ def _entry_tree(metadata: dcp_metadata.Metadata, source: str) -> dict:
                 raise FormatError(f"{source}: entry {fqn!r} lies under another entry")
         if path[-1] in node:
             raise FormatError(f"{source}: two entries at {'.'.join(map(str, path))}")
-        node[path[-1]] = _Entry(fqn, meta)
+        node[path[-1]] = _Stored(fqn, meta)
     return tree
 
 
@@ -301,7 +301,7 @@ class _Blobs(contextlib.ExitStack):
                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from None
 
-    def tensor(self, entry: _Entry) -> torch.Tensor:
+    def tensor(self, entry: _Stored) -> torch.Tensor:
         """The whole tensor, its chunks placed where ``.metadata`` says."""
         meta = entry.meta
         assert isinstance(meta, dcp_metadata.TensorStorageMetadata)  # value() sends tensors only
@@ -322,7 +322,7 @@ class _Blobs(contextlib.ExitStack):
             out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))] = part
         return out if out is not None else torch.empty(size, dtype=dtype)
 
-    def value(self, entry: _Entry) -> Any:
+    def value(self, entry: _Stored) -> Any:
         # A tensor becomes a NumPy view of its own memory at once: nothing else holds it, so no copy is needed.
         return (
             tensor_to_numpy(self.tensor(entry), copy=False)
@@ -333,7 +333,7 @@ class _Blobs(contextlib.ExitStack):
 
 def _read_tree(node: Any, blobs: _Blobs) -> Any:
     """Read every entry under ``node``, one at a time; keys 0..n-1 become a list again, as DCP saved lists."""
-    if isinstance(node, _Entry):
+    if isinstance(node, _Stored):
         return blobs.value(node)
     values = {key: _read_tree(child, blobs) for key, child in node.items()}
     if values and all(type(k) is int for k in values) and sorted(values) == list(range(len(values))):
@@ -370,13 +370,13 @@ def _optimizer_node(tree: dict) -> tuple[Any, set]:
     return None, set()
 
 
-def _model_entries(tree: dict, taken: set) -> dict[str, _Entry]:
+def _model_entries(tree: dict, taken: set) -> dict[str, _Stored]:
     """The model's tensors: under a known key, else the tensors at the top level (torchtitan's layout)."""
     for key in MODEL_KEYS:
         node = tree.get(key)
-        if isinstance(node, dict) and any(isinstance(v, _Entry) and v.is_tensor for v in node.values()):
-            return {k: v for k, v in node.items() if isinstance(v, _Entry) and v.is_tensor}
-    return {k: v for k, v in tree.items() if k not in taken and isinstance(v, _Entry) and v.is_tensor}
+        if isinstance(node, dict) and any(isinstance(v, _Stored) and v.is_tensor for v in node.values()):
+            return {k: v for k, v in node.items() if isinstance(v, _Stored) and v.is_tensor}
+    return {k: v for k, v in tree.items() if k not in taken and isinstance(v, _Stored) and v.is_tensor}
 
 
 def unflatten_optimizer_state_dict(flat: Mapping[str, Any], source: str = "optimizer") -> dict[str, Any]:

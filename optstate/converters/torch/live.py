@@ -234,7 +234,7 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         raise FormatError(f"{source}: not a readable torch checkpoint (truncated or corrupted?): {first}") from None
 
 
-def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | None, Mapping | None]:
+def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | None, Mapping | list | None]:
     """``(optimizer state_dict, model state_dict, scheduler state_dict)`` found in a checkpoint, tensors as
     NumPy arrays viewing their memory (see :func:`optstate.converters.torch.state_dict.split_checkpoint`)."""
     return torch_dict.split_checkpoint(numpy_tree(obj, copy=False), source)
@@ -468,6 +468,11 @@ def _restore_scheduler(state: OptimizerState, optimizer: torch.optim.Optimizer, 
             raise UnsupportedError("the state records no step count, so the scheduler's position is unknown")
         saved = restore_torch_scheduler_state(
             scheduler.state_dict(), count, param_groups=optimizer.state_dict()["param_groups"]
+        )
+    if len(saved["_last_lr"]) != len(optimizer.param_groups):
+        raise UnsupportedError(
+            f"the LR scheduler's state has {len(saved['_last_lr'])} param group(s), the optimizer "
+            f"{len(optimizer.param_groups)}: build the optimizer with the groups it was saved with"
         )
     scheduler.load_state_dict(saved)
     for group, lr in zip(optimizer.param_groups, saved["_last_lr"], strict=True):

@@ -111,15 +111,53 @@ class _Function:
     name: str
 
 
+@dataclass(frozen=True)
+class _Class:
+    """A global of another library, named but never imported (``load(records=True)``)."""
+
+    module: str
+    name: str
+
+
+@dataclass(eq=False)
+class Record:
+    """An object of a class optstate does not import (a trainer's arguments, a loss scaler, an enum), as its
+    pickle describes it: the class's ``module`` and ``name``, the ``args`` it was built from (``REDUCE``,
+    ``NEWOBJ``) and the ``state`` it was given (``BUILD``: usually its ``__dict__``). Nothing of the class
+    is imported or run; a reader takes the fields it knows. Not frozen: the pickle may refer to the
+    object (memo) before its state arrives.
+
+    >>> r = Record("transformers.trainer_utils", "SchedulerType", ("cosine",))
+    >>> r.value, r.get("warmup_steps", 0)
+    ('cosine', 0)
+    """
+
+    module: str
+    name: str
+    args: tuple = ()
+    state: Any = None
+
+    @property
+    def value(self) -> Any:
+        """An enum member's value (its one constructor argument)."""
+        return self.args[0] if len(self.args) == 1 else None
+
+    def get(self, field: str, default: Any = None) -> Any:
+        """The field ``field`` of the object's state (its ``__dict__``), or ``default``."""
+        return self.state.get(field, default) if isinstance(self.state, dict) else default
+
+
 # ----------------------------------------------------------------------------- public
 
 
-def load(path: str | os.PathLike) -> Any:
+def load(path: str | os.PathLike, *, records: bool = False) -> Any:
     """The object a ``torch.save`` file holds, tensors as read-only NumPy arrays mapped from the file.
 
     ``torch.nn.Parameter`` and ``torch.Tensor`` become ``np.ndarray`` (bfloat16 and float8 through
     ml_dtypes), views of one storage share memory, ``torch.Size`` becomes a tuple. A global that a
-    ``state_dict`` does not hold is refused with a :class:`FormatError` naming it, before anything runs.
+    ``state_dict`` does not hold is refused with a :class:`FormatError` naming it, before anything runs;
+    with ``records=True`` (for trainers' files, which pickle their own classes) an object of such a
+    class becomes an inert :class:`Record` instead, its class neither imported nor run.
 
     >>> import tempfile, torch
     >>> path = tempfile.mkdtemp() + "/t.pt"
@@ -132,7 +170,7 @@ def load(path: str | os.PathLike) -> Any:
     if not os.path.isfile(source):
         raise FormatError(f"{source}: no such file")
     archive = _Archive(source)
-    return _Unpickler(archive).load()
+    return _Unpickler(archive, records=records).load()
 
 
 def save(
@@ -285,13 +323,21 @@ def _check_ints(value: Any, what: str, where: str) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- the unpickler
 
 _BUILTINS = ("builtins", "__builtin__")  # protocol 2 writes Python 2's name
+# What _rebuild_from_type_v2 may rebuild (records mode), and the classes whose instances are plain arrays.
+_TENSOR_REBUILDERS = (
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor_v3",
+    "torch._utils._rebuild_parameter",
+)
+_PLAIN_TENSOR_CLASSES = frozenset({("torch", "Tensor"), ("torch.nn.parameter", "Parameter")})
 
 
 class _Unpickler:
     """A pickle interpreter for the opcodes ``torch.save`` writes and the globals of a ``state_dict``."""
 
-    def __init__(self, archive: _Archive):
+    def __init__(self, archive: _Archive, *, records: bool = False):
         self.archive = archive
+        self.records = records
         self.source = archive.source
         self.storages: dict[tuple[str, np.dtype], np.ndarray] = {}
         self.functions: dict[str, Callable[..., Any]] = {
@@ -305,6 +351,10 @@ class _Unpickler:
             **{f"{m}.set": self._set for m in _BUILTINS},
             **{f"{m}.complex": self._complex for m in _BUILTINS},
         }
+        if records:
+            # A tensor carrying Python attributes (DeepSpeed's ZeRO-3 flat groups carry `ds_id`) is pickled
+            # through _rebuild_from_type_v2. A state_dict's tensors never are, so the strict mode keeps refusing it.
+            self.functions["torch._tensor._rebuild_from_type_v2"] = self._rebuild_from_type_v2
         self.values: dict[str, Any] = {
             "torch.storage.UntypedStorage": _StorageType(None),
             **{f"torch.{cls}": _StorageType(DTYPES[name]) for cls, name in _STORAGE_CLASSES.items()},
@@ -372,6 +422,7 @@ class _Unpickler:
             "GLOBAL": self._global,
             "REDUCE": self._reduce,
             "BUILD": self._build,
+            "NEWOBJ": self._newobj,
             "BINPERSID": lambda: push(self._persistent_load(self._pop(1)[0])),
         }
         return {getattr(pickle, name): op for name, op in ops.items()}
@@ -426,6 +477,8 @@ class _Unpickler:
             self.stack.append(_Function(full))
         elif full in self.values:
             self.stack.append(self.values[full])
+        elif self.records:
+            self.stack.append(_Class(module, name))
         else:
             raise FormatError(
                 f"{self.source}: refused: loading it would run code from the file, which optstate "
@@ -435,6 +488,9 @@ class _Unpickler:
     def _reduce(self) -> None:
         args = self.stack.pop()
         function = self.stack[-1]
+        if isinstance(function, _Class) and isinstance(args, tuple):
+            self.stack[-1] = Record(function.module, function.name, args)
+            return
         if not isinstance(function, _Function) or not isinstance(args, tuple):
             raise FormatError(
                 f"{self.source}: refused: data.pkl calls a {type(function).__name__}, "
@@ -442,9 +498,19 @@ class _Unpickler:
             )
         self.stack[-1] = self.functions[function.name](*args)
 
+    def _newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack[-1]
+        if not isinstance(cls, _Class) or not isinstance(args, tuple):
+            raise FormatError(f"{self.source}: refused: data.pkl creates a {type(cls).__name__}, not a recorded class")
+        self.stack[-1] = Record(cls.module, cls.name, args)
+
     def _build(self) -> None:
         state = self.stack.pop()
         target = self.stack[-1]
+        if isinstance(target, Record):
+            target.state = state  # (state, slots) as pickled, where the class has __slots__
+            return
         # A module's state_dict() is an OrderedDict carrying its modules' versions as `_metadata`.
         if type(target) is not OrderedDict or not isinstance(state, dict) or set(state) != {"_metadata"}:
             raise FormatError(
@@ -500,6 +566,18 @@ class _Unpickler:
             raise FormatError(f"{self.source}: refused: a Parameter of a {type(data).__name__}, not a tensor")
         return data
 
+    def _rebuild_from_type_v2(self, function: Any, new_type: Any, args: Any, state: Any) -> Any:
+        """A tensor pickled with its Python attributes (``records=True`` only): the array, the attributes
+        (``state``) dropped; a tensor subclass of another library becomes a :class:`Record` holding the array."""
+        if not (isinstance(function, _Function) and function.name in _TENSOR_REBUILDERS and isinstance(args, tuple)):
+            raise FormatError(f"{self.source}: refused: _rebuild_from_type_v2 of {function!r}, not of a tensor")
+        if not isinstance(new_type, _Class):
+            raise FormatError(f"{self.source}: refused: a tensor rebuilt as a {type(new_type).__name__}, not a class")
+        array = self.functions[function.name](*args)
+        if (new_type.module, new_type.name) in _PLAIN_TENSOR_CLASSES:
+            return array
+        return Record(new_type.module, new_type.name, (array,), state)
+
     def _tensor(
         self, storage: _Storage, dtype: np.dtype, offset: Any, size: Any, stride: Any, metadata: Any
     ) -> np.ndarray:
@@ -511,9 +589,14 @@ class _Unpickler:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         if 0 not in size and last >= elements.size:  # an empty view reads nothing
             raise FormatError(f"{where}: the view reaches element {last}, the storage holds {elements.size}")
-        # as_strided goes through __array_interface__, which cannot spell ml_dtypes' types: stride raw bytes.
-        raw = elements[offset:].view(np.dtype((np.void, dtype.itemsize)))
-        array = as_strided(raw, size, [s * dtype.itemsize for s in stride], writeable=False).view(dtype)
+        if stride == _contiguous_strides(size):
+            # A slice of the mapped file, whose bases lead to the mapping: a writer can copy it file to file.
+            array = elements[offset : offset + math.prod(size)].reshape(size)
+            array.flags.writeable = False
+        else:
+            # as_strided goes through __array_interface__, which cannot spell ml_dtypes' types: stride raw bytes.
+            raw = elements[offset:].view(np.dtype((np.void, dtype.itemsize)))
+            array = as_strided(raw, size, [s * dtype.itemsize for s in stride], writeable=False).view(dtype)
         return self._apply_metadata(array, metadata, where)
 
     def _storage(self, storage: _Storage, dtype: np.dtype, where: str) -> np.ndarray:

@@ -134,8 +134,9 @@ def is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(k, str) and is_array(v) for k, v in obj.items())
 
 
-def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | None, Mapping | None]:
-    """``(optimizer state_dict, model state_dict, scheduler state_dict)`` found in a checkpoint.
+def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | None, Mapping | list | None]:
+    """``(optimizer state_dict, model state_dict, scheduler state_dict)`` found in a checkpoint (a list of
+    scheduler state_dicts where Lightning saved several).
 
     >>> sd = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}
     >>> split_checkpoint({"optimizer": sd, "model": {"w": np.zeros(2)}}, "ckpt.pt")[1]
@@ -159,7 +160,7 @@ def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | N
     model = next((obj[k] for k in MODEL_KEYS if is_tensor_dict(obj.get(k))), None)
     scheduler = next((obj[k] for k in SCHEDULER_KEYS if isinstance(obj.get(k), Mapping)), None)
     if scheduler is None:
-        scheduler = _only_one(obj, "lr_schedulers", "LR schedulers", source)
+        scheduler = _lightning_schedulers(obj)
     if optimizer is None and model is None:
         raise FormatError(
             f"{source}: no optimizer state_dict (keys {', '.join(OPTIMIZER_KEYS)}) and no model "
@@ -169,19 +170,32 @@ def split_checkpoint(obj: Any, source: str) -> tuple[Mapping | None, Mapping | N
 
 
 def _only_one(checkpoint: Mapping, key: str, what: str, source: str) -> Mapping | None:
-    """The one state_dict in a list that PyTorch Lightning saves under ``key`` (``optimizer_states``,
-    ``lr_schedulers``: one entry per optimizer or scheduler), ``None`` where there is none.
+    """The one state_dict in a list that PyTorch Lightning saves under ``key`` (``optimizer_states``: one
+    entry per optimizer), ``None`` where there is none; two optimizers are two states, refused.
 
-    >>> _only_one({"lr_schedulers": [{"last_epoch": 3}]}, "lr_schedulers", "LR schedulers", "run.ckpt")
-    {'last_epoch': 3}
+    >>> _only_one({"optimizer_states": [{"state": {}}]}, "optimizer_states", "optimizers", "run.ckpt")
+    {'state': {}}
     """
     entries = checkpoint.get(key)
     if not isinstance(entries, (list, tuple)) or not entries:
         return None
     if len(entries) > 1 or not isinstance(entries[0], Mapping):
-        # Two schedulers on one optimizer both set its lr; two optimizers are two states.
         raise UnsupportedError(f"{source}: {key!r} holds {len(entries)} {what}; optstate converts one")
     return entries[0]
+
+
+def _lightning_schedulers(checkpoint: Mapping) -> Mapping | list | None:
+    """The scheduler state PyTorch Lightning saves under ``lr_schedulers`` (one per scheduler): the one
+    state_dict, or the list where there are several (refused where a conversion needs the schedule,
+    :func:`state_from_checkpoint`, but still shown by ``inspect``).
+
+    >>> _lightning_schedulers({"lr_schedulers": [{"last_epoch": 3}]}), _lightning_schedulers({})
+    ({'last_epoch': 3}, None)
+    """
+    entries = checkpoint.get("lr_schedulers")
+    if not isinstance(entries, (list, tuple)) or not entries:
+        return None
+    return entries[0] if len(entries) == 1 and isinstance(entries[0], Mapping) else list(entries)
 
 
 def check_state_dict(sd: Any, source: str) -> None:
@@ -509,7 +523,14 @@ def state_from_checkpoint(
     if weights is None:
         weights = saved_weights
         buffers = [n for n, a in (weights or {}).items() if is_buffer(n, a)]
-    scheduler_state = saved_scheduler if scheduler_state is None else scheduler_state
+    if scheduler_state is None and isinstance(saved_scheduler, list):
+        # Two schedulers on one optimizer both set its lr: no one schedule says what it does next.
+        raise UnsupportedError(
+            f"{source}: 'lr_schedulers' holds {len(saved_scheduler)} LR schedulers; "
+            "optstate converts an optimizer driven by one"
+        )
+    if scheduler_state is None and isinstance(saved_scheduler, Mapping):
+        scheduler_state = saved_scheduler
     metadata = Metadata(
         source=origin, lr_scheduler=None if scheduler_state is None else plain_scheduler_state(scheduler_state)
     )
