@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import textwrap
 import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import api
+from . import __version__, api
 from .converters import formats
 from .converters.formats import ReadOptions
 from .errors import OptstateError
@@ -57,10 +59,12 @@ def _convert(args: argparse.Namespace) -> int:
     bars: list[Progress] = []
 
     def progress(state: Any) -> Progress:
+        # An estimate: writers add what they need (step counters, parameters); the bar follows what they write.
         arrays = [*state.slots.values(), *(state.weights or {}).values()]
         bars.append(Progress(sum(a.nbytes for a in arrays), len(arrays), enabled=None if not args.quiet else False))
         return bars[-1]
 
+    finished = False
     try:
         state = api.convert(
             args.src,
@@ -82,9 +86,10 @@ def _convert(args: argparse.Namespace) -> int:
             max_shard_bytes=args.max_shard_size,
             progress=progress,
         )
+        finished = True
     finally:
         for bar in bars:
-            bar.close()
+            bar.close(finished=finished)  # a failed conversion's bar stays where it stopped, not at 100%
     print(f"{args.src} -> {args.dst}: {_summary(state)}")
     if state.metadata.approximate is not None:
         print(f"approximate: {state.metadata.approximate}")
@@ -130,7 +135,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _formats_described() -> str:
     """The registered formats, one clause each, for ``convert --help``."""
-    return "Formats: " + ", ".join(f"{name} ({formats.get(name).description})" for name in formats.names()) + "."
+    text = "Formats: " + ", ".join(f"{name} ({formats.get(name).description})" for name in formats.names()) + "."
+    return textwrap.fill(text, width=100)  # wrapped here: the raw formatter that keeps the examples keeps this too
 
 
 def _add_reading_arguments(command: argparse.ArgumentParser) -> None:
@@ -158,8 +164,47 @@ def _read_options(args: argparse.Namespace) -> ReadOptions:
     return ReadOptions(optimizer=args.optimizer, hyperparams=_hparams(args.hparams), model=args.model)
 
 
+CONVERT_EXAMPLES = """examples:
+  optstate convert --from torch --to optax examples/mlp_adamw.pt out/
+  optstate convert --from optax --to torch out/ back.pt
+  optstate convert --from torch --to optstate examples/mlp_adamw.pt state.safetensors
+  optstate convert --from optax --to torch jax/ out.pt --optimizer adamw --hparams '{"lr": 3e-4, "weight_decay": 0.1}'
+  optstate convert --to optax output/checkpoint-500 out/                 # a Hugging Face Trainer checkpoint
+  optstate convert --to optax --model train:make_model ckpt/ out/        # accelerate save_state
+  optstate convert --to optax --horizon 1000 epoch=3-step=500.ckpt out/  # PyTorch Lightning
+  optstate convert --to optax examples/gpt_adamw.pt gpt/ --target-params examples.gpt:flax_variables
+"""
+
+MAP_EXAMPLES = """examples:
+  optstate map examples/gpt_adamw.pt --target-params examples.gpt:flax_variables
+  optstate map examples/gpt_adamw.pt --target-params examples.gpt:flax_variables -o mapping.json
+  optstate convert --to optax examples/gpt_adamw.pt gpt/ --mapping mapping.json
+"""
+
+INSPECT_EXAMPLES = """examples:
+  optstate inspect examples/mlp_adamw.pt
+  optstate inspect --json state.safetensors
+  optstate inspect output/checkpoint-500                                 # a Hugging Face Trainer checkpoint
+"""
+
+
+def _subcommand(sub: Any, name: str, help: str, examples: str, description: str | None = None) -> Any:
+    """A subcommand's parser, with its examples under ``--help`` (kept as written) and ``--debug``
+    accepted after the subcommand too, where people put it."""
+    command = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # SUPPRESS: without the flag here, the value given before the subcommand (or its default) stands.
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return command
+
+
 def _add_convert(sub: Any) -> None:
-    c = sub.add_parser("convert", help="convert a checkpoint", description=_formats_described())
+    c = _subcommand(sub, "convert", "convert a checkpoint", CONVERT_EXAMPLES, description=_formats_described())
     c.add_argument("src", help="the checkpoint to read")
     c.add_argument("dst", help="where to write (refused if it exists, unless --force)")
     _add_reading_arguments(c)
@@ -224,14 +269,14 @@ def _add_writing_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--quiet",
         action="store_true",
-        help="no progress line (it appears only on a terminal, and only "
+        help="no progress bar (it appears only on a terminal, and only "
         "for conversions that take more than a couple of seconds)",
     )
     c.add_argument("--force", action="store_true", help="replace an existing output")
 
 
 def _add_map(sub: Any) -> None:
-    m = sub.add_parser("map", help="show (and save) how a checkpoint's tensors map onto a Flax model")
+    m = _subcommand(sub, "map", "show (and save) how a checkpoint's tensors map onto a Flax model", MAP_EXAMPLES)
     m.add_argument("src")
     m.add_argument("--target-params", metavar="PARAMS", required=True, help="the Flax model (as for convert)")
     _add_reading_arguments(m)
@@ -241,7 +286,7 @@ def _add_map(sub: Any) -> None:
 
 
 def _add_inspect(sub: Any) -> None:
-    i = sub.add_parser("inspect", help="show what a checkpoint holds and what a restore would lose")
+    i = _subcommand(sub, "inspect", "show what a checkpoint holds and what a restore would lose", INSPECT_EXAMPLES)
     i.add_argument("path")
     _add_reading_arguments(i)
     i.add_argument("--json", action="store_true", help="print the facts as JSON")
@@ -253,16 +298,44 @@ def parser() -> argparse.ArgumentParser:
 
     >>> parser().parse_args(["inspect", "ckpt.pt", "--optimizer", "adam"]).optimizer
     'adam'
+    >>> parser().parse_args(["convert", "a.pt", "b/", "--debug"]).debug  # after the command, where people put it
+    True
+    >>> parser().parse_args(["--debug", "inspect", "a"]).debug, parser().parse_args(["inspect", "a"]).debug
+    (True, False)
     """
     p = argparse.ArgumentParser(
         prog="optstate",
         description="Move optimizer state between PyTorch and JAX/Optax exactly, or refuse and say why.",
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"optstate {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also accepted after the command)")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_convert, _add_map, _add_inspect):
         add(sub)
     return p
+
+
+def _silence_library_logging() -> None:
+    """Keep Orbax's absl warnings (``Metadata file does not exist``, ...) off the terminal: the command
+    says what went wrong in one line of its own. The command line's process only; ``--debug`` keeps them.
+    Orbax logs through absl, whose Python logger is ``logging.getLogger("absl")``. A filter, not a level:
+    absl sets that logger's level itself when it is imported (its ``--verbosity`` flag), after this runs.
+
+    """
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _BelowError) for f in absl.filters):
+        absl.addFilter(_BelowError())
+
+
+class _BelowError(logging.Filter):
+    """Drops records below ERROR.
+
+    >>> _BelowError().filter(logging.makeLogRecord({"levelno": logging.WARNING}))
+    False
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -272,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     1
     """
     args = parser().parse_args(argv)
+    if not args.debug:
+        _silence_library_logging()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

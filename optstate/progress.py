@@ -1,30 +1,30 @@
-"""A progress line for long conversions: tensors and bytes done, rate, time left. Terminal only."""
+"""A progress bar for long conversions (``rich.progress``): bytes written, rate, time left. Terminal only.
+
+``rich`` is imported only when a bar is drawn, so ``import optstate`` stays NumPy only.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    raise AssertionError
+# Quick conversions print nothing: the bar appears once the work has taken this long.
+SHOW_AFTER_S = 2.0
 
 
 class Progress:
-    """Call it with each tensor's byte count as it is written; it redraws one line on ``stream``.
+    """Call it with each tensor's byte count as it is written; it draws one ``rich`` bar on ``stream``.
 
-    Silent unless ``stream`` is a terminal (so logs and pipes stay clean) and until the work has
-    taken ``delay`` seconds (so quick conversions print nothing).
+    Silent unless ``stream`` is a terminal (so logs and pipes stay clean) and until the work has taken
+    ``delay`` seconds. ``total_bytes`` and ``total_tensors`` are the caller's estimate: a writer may
+    write more (step counters, parameters) or less, so the bar's total grows to what was written
+    rather than passing 100%, and :meth:`close` ends it at exactly what was written.
 
     >>> import io
     >>> p = Progress(total_bytes=2000, total_tensors=2, stream=io.StringIO(), delay=0)
-    >>> p(1000); p(1000); p.close(); p.line()
-    '2/2 tensors  2.0 KB/2.0 KB  100%'
+    >>> p(1000); p(1000); p(24); p.close(); p.line()
+    '3 tensors  2.0 KB/2.0 KB  100%'
     """
 
     def __init__(
@@ -33,36 +33,93 @@ class Progress:
         total_tensors: int,
         *,
         stream: TextIO | None = None,
-        delay: float = 2.0,
+        delay: float | None = None,
         enabled: bool | None = None,
     ):
         self.total_bytes, self.total_tensors = total_bytes, total_tensors
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.delay, self.start, self.drawn_at = delay, time.monotonic(), 0.0
+        self.delay = SHOW_AFTER_S if delay is None else delay
+        self.start = time.monotonic()
         self.bytes = self.tensors = 0
-        self.shown = False
+        self.closed = False
+        self._bar: Any = None  # the rich.progress.Progress, once shown
+        self._task: Any = None
+
+    @property
+    def shown(self) -> bool:
+        """Whether the bar was drawn (on a terminal, after ``delay`` seconds)."""
+        return self._bar is not None
 
     def __call__(self, nbytes: int) -> None:
         self.bytes += nbytes
         self.tensors += 1
-        now = time.monotonic()
-        if self.enabled and now - self.start >= self.delay and now - self.drawn_at >= 0.1:
-            self.drawn_at, self.shown = now, True
-            self.stream.write("\r" + self.line(now) + "\033[K")
-            self.stream.flush()
+        if self.enabled and not self.closed:
+            if self._bar is None and time.monotonic() - self.start >= self.delay:
+                self._show()
+            if self._bar is not None:
+                self._bar.update(self._task, completed=self.bytes, total=self._total(), tensors=self.tensors)
 
-    def line(self, now: float | None = None) -> str:
-        """The progress line, without terminal control characters."""
-        elapsed = (now or time.monotonic()) - self.start
-        done = self.bytes / self.total_bytes if self.total_bytes else 1.0
-        text = f"{self.tensors}/{self.total_tensors} tensors  {_size(self.bytes)}/{_size(self.total_bytes)}  {done:.0%}"
-        if elapsed > 0 and self.bytes and done < 1:
-            rate = self.bytes / elapsed
-            text += f"  {_size(rate)}/s  {(self.total_bytes - self.bytes) / rate:.0f} s left"
-        return text
+    def _total(self) -> int:
+        """The estimate, or what was written where a writer wrote more: the bar never passes 100%."""
+        return max(self.total_bytes, self.bytes)
 
-    def close(self) -> None:
-        if self.shown:
-            self.stream.write("\r" + self.line() + "\033[K\n")
-            self.stream.flush()
+    def _show(self) -> None:
+        from rich.console import Console  # here, not at the top: only a terminal conversion needs rich
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("converting"),
+            BarColumn(),
+            TaskProgressColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[tensors]} tensors"),
+            console=Console(file=self.stream),
+        )
+        # No time left is shown until two updates give a rate (rich's own rule), so no wild first estimate.
+        self._task = self._bar.add_task("convert", total=self._total(), tensors=0)
+        self._bar.start()
+
+    def line(self) -> str:
+        """What the bar says, as plain text (for logs and tests).
+
+        >>> Progress(3000, 3, enabled=False).line()
+        '0 tensors  0 B/3.0 KB  0%'
+        """
+        total = self._total()
+        done = self.bytes / total if total else 1.0
+        return f"{self.tensors} tensors  {_size(self.bytes)}/{_size(total)}  {done:.0%}"
+
+    def close(self, finished: bool = True) -> None:
+        """End the bar, once: at exactly what was written when ``finished``, else where it stopped."""
+        if self.closed:
+            return
+        self.closed = True
+        if finished:
+            self.total_bytes = self.bytes  # what was written is the total, whatever the estimate said
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.bytes, total=self._total(), tensors=self.tensors)
+            self._bar.stop()
+
+
+def _size(nbytes: float) -> str:
+    """``nbytes`` in decimal units.
+
+    >>> _size(999), _size(1500), _size(2.5e9)
+    ('999 B', '1.5 KB', '2.5 GB')
+    """
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError

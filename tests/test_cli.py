@@ -204,3 +204,48 @@ def test_progress_line_on_a_terminal(ckpt, tmp_path):
     bars[0].close()
     assert "tensors" in bars[0].stream.getvalue()
     assert bars[0].tensors == len(state.slots) + len(state.weights)  # one call per tensor written
+
+
+def run_optstate(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """``python -m optstate ARGS`` as a real process, its output captured (a pipe: no terminal)."""
+    return subprocess.run([sys.executable, "-m", "optstate", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_version():
+    run = run_optstate("--version")
+    assert run.returncode == 0 and run.stdout == f"optstate {optstate.__version__}\n"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_before_or_after_the_command(tmp_path, where):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    args = ["inspect", str(tmp_path / "junk.pt")]
+    run = run_optstate(*(["--debug", *args] if where == "before" else [*args, "--debug"]))
+    assert run.returncode == 1 and "Traceback" in run.stderr
+    assert run.stderr.splitlines()[-1].startswith("optstate: error: ")
+
+
+@pytest.mark.parametrize("command", ["convert", "map", "inspect"])
+def test_help_shows_examples_as_written(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    examples = out[out.index("\nexamples:\n") + 1 :].splitlines()[1:]
+    assert examples and all(line.startswith("  optstate ") for line in examples if line)
+
+
+def test_a_text_file_named_pt_is_one_line(tmp_path):
+    (tmp_path / "x.pt").write_text("hello, not a checkpoint\n" * 20)
+    run = run_optstate("inspect", str(tmp_path / "x.pt"))
+    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"optstate: error: {tmp_path / 'x.pt'}: ") and "not a zip archive" in run.stderr
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hello")
+    run = run_optstate("inspect", str(tmp_path / "notes"))
+    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr  # no absl WARNING lines from Orbax
+    assert run.stderr.startswith("optstate: error: ") and "notes" in run.stderr
+    assert "WARNING:absl" in run_optstate("inspect", str(tmp_path / "notes"), "--debug").stderr

@@ -590,10 +590,32 @@ def read_torch_file(path: str | os.PathLike) -> Any:
     ``torch.load(weights_only=True)`` where torch is installed, else refused with the way out.
     """
     source = os.fspath(path)
-    if zipfile.is_zipfile(source) or importlib.util.find_spec("torch") is None:
+    # Only a file that starts like torch's legacy format goes to torch.load: anything else (a text file
+    # named x.pt) would end in an unpickler's KeyError there; ptfile names the file and what is wrong.
+    if (
+        zipfile.is_zipfile(source)
+        or not _starts_like_legacy_format(source)
+        or importlib.util.find_spec("torch") is None
+    ):
         return ptfile.load(source)
     torch_adapter = _legacy_format_reader()
     return torch_adapter.numpy_tree(torch_adapter.load_checkpoint(source), copy=False)
+
+
+def _starts_like_legacy_format(source: str) -> bool:
+    """Whether the file at ``source`` begins with the bytes every torch < 1.6 ``torch.save`` file begins with.
+
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile(suffix=".pt") as f:
+    ...     _ = f.write(b"hello"); f.flush()
+    ...     _starts_like_legacy_format(f.name)
+    False
+    """
+    try:
+        with open(source, "rb") as f:
+            return f.read(len(ptfile._LEGACY_MAGIC)) == ptfile._LEGACY_MAGIC
+    except OSError:
+        return False  # missing or unreadable: ptfile.load says which, naming the file
 
 
 def _legacy_format_reader() -> ModuleType:
