@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .converters import formats
 from .converters.formats import ReadOptions, WriteOptions
 from .converters.layout.targets import relayout
+from .errors import OptstateError
 from .schema import OptimizerState
+from .schema.fileformat import INDEX_SUFFIX
 
 # The registry's detect() under the public name it had before there was a registry.
 detect_format = formats.detect
@@ -76,6 +82,87 @@ def write(
     )
 
 
+def _sharded_stem(path: Path) -> str:
+    """The stem a sharded canonical save names its index and shards after (``fileformat.write_sharded``'s)."""
+    for suffix in (INDEX_SUFFIX, ".safetensors"):
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+def _input_paths(src: Path) -> list[Path]:
+    """What a conversion reads: ``src`` (a file or a directory) and, for a sharded index, the shards it lists."""
+    paths = [src]
+    if src.name.endswith(INDEX_SUFFIX) and src.is_file():
+        try:  # best effort: a malformed index is the reader's to refuse, with its own message
+            weight_map = json.loads(src.read_bytes())["weight_map"]
+            paths += [src.with_name(n) for n in set(weight_map.values()) if isinstance(n, str) and n]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass
+    return paths
+
+
+def _output_paths(dst: Path, dst_format: str | None, max_shard_bytes: int | None) -> list[Path]:
+    """Every existing path the writer may replace or remove: ``dst``; for a sharded canonical save also its
+    index and any shard of the same stem beside it (``force`` removes old shards the new save does not write)."""
+    paths = [dst]
+    if dst_format == "optstate" and (max_shard_bytes is not None or dst.name.endswith(INDEX_SUFFIX)):
+        stem = _sharded_stem(dst)
+        shard = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")
+        paths.append(dst.with_name(stem + INDEX_SUFFIX))
+        if dst.parent.is_dir():
+            paths += [p for p in dst.parent.iterdir() if shard.fullmatch(p.name)]
+    return paths
+
+
+def _how_output_hits_input(out: Path, inp: Path) -> str | None:
+    """How writing ``out`` would destroy ``inp`` (the same file, a hard link, a directory around or inside it),
+    else ``None``. Real paths catch symbolic links on either side; ``(st_dev, st_ino)`` catches hard links."""
+    real_out, real_in = os.path.realpath(out), os.path.realpath(inp)
+    if real_out == real_in:
+        return "is the input"
+    try:
+        out_stat, in_stat = os.stat(out), os.stat(inp)
+        if (out_stat.st_dev, out_stat.st_ino) == (in_stat.st_dev, in_stat.st_ino):
+            return "is a hard link to the input"
+    except OSError:
+        pass  # one of them does not exist (yet): nothing to share an inode with
+    if real_in.startswith(real_out.rstrip(os.sep) + os.sep):
+        return "is a directory holding the input"
+    if real_out.startswith(real_in.rstrip(os.sep) + os.sep):
+        return "lies inside the input directory"
+    return None
+
+
+def refuse_output_that_is_input(
+    src: str | os.PathLike, dst: str | os.PathLike, dst_format: str | None = None, max_shard_bytes: int | None = None
+) -> None:
+    """Refuse a destination whose writing would replace, remove or write into the input, whatever the flags:
+    the input may be the only copy of a training run, and a checkpoint holds more than the optimizer state.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "c.pt").write_bytes(b"x"); (d / "h.pt").hardlink_to(d / "c.pt")
+    >>> refuse_output_that_is_input(d / "c.pt", d / "h.pt")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.OptstateError: .../h.pt is a hard link to the input .../c.pt; optstate never replaces its input, ...
+    >>> refuse_output_that_is_input(d / "c.pt", d / "new.pt")  # a different path: fine
+    """
+    src, dst = Path(src), Path(dst)
+    if dst_format is None:
+        # An unknown destination format is the writer's to refuse, later; only the sharded layout adds paths.
+        with contextlib.suppress(OptstateError):
+            dst_format = formats.detect(dst)
+    for out in _output_paths(dst, dst_format, max_shard_bytes):
+        for inp in _input_paths(src):
+            how = _how_output_hits_input(out, inp)
+            if how is not None:
+                subject = f"{dst}" if out == dst else f"{dst} would replace {out}, which"
+                raise OptstateError(
+                    f"{subject} {how} {inp}; optstate never replaces its input, even with --force: "
+                    "name another output path"
+                )
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -121,6 +208,7 @@ def convert(
     ``mapping`` is a mapping file that ``optstate map -o`` wrote, edited or not. ``fsync``,
     ``max_shard_bytes``: see :func:`write`; ``progress(state)`` returns the callback it takes.
     """
+    refuse_output_that_is_input(src, dst, dst_format, max_shard_bytes)  # before anything is read or written
     state = read(
         src,
         src_format,

@@ -29,7 +29,25 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def refuse_symlink(path: Path) -> None:
+    """Refuse an output path that is a symbolic link, dangling or not: the rename would replace the link, not
+    what it names, and a user who pointed it at a file (the input, say) meant that file.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "link").symlink_to(d / "nowhere")
+    >>> refuse_symlink(d / "link")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.OptstateError: .../link is a symbolic link (to .../nowhere); optstate writes a new file, ...
+    """
+    if path.is_symlink():
+        raise OptstateError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); optstate writes a new file, never through a link: "
+            "remove it or name another path"
+        )
+
+
 def _prepare(path: Path, force: bool) -> None:
+    refuse_symlink(path)  # whatever the flags: --force replaces an existing output, never a link's target
     if path.exists() and not force:
         raise OptstateError(f"{path} exists; pass --force (force=True) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -630,6 +630,28 @@ def save(
 # ----------------------------------------------------------------------------- reading
 
 
+def strict_json_loads(text: str | bytes, source: str) -> Any:
+    """``json.loads`` that refuses a key repeated in one object, naming the key and ``source``: plain
+    ``json.loads`` keeps the last one silently, so an edited or corrupted file would read as another state.
+
+    >>> strict_json_loads('{"a": 1, "b": {"c": 2}}', "f.json")
+    {'a': 1, 'b': {'c': 2}}
+    >>> strict_json_loads('{"a": 1, "a": 2}', "f.json")
+    Traceback (most recent call last):
+    optstate.errors.FormatError: f.json: key 'a' appears twice in one JSON object (expected each key once)
+    """
+
+    def refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        document: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in document:
+                raise FormatError(f"{source}: key {key!r} appears twice in one JSON object (expected each key once)")
+            document[key] = value
+        return document
+
+    return json.loads(text, object_pairs_hook=refuse_repeated_keys)
+
+
 def _header_entry(key: str, entry: Any, source: str) -> tuple[np.dtype, tuple[int, ...], int, int]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(f"{source}: tensor {key!r}: malformed header entry")
@@ -664,7 +686,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
                 "(truncated or not a safetensors file)"
             )
         try:
-            header = json.loads(f.read(header_len))
+            header = strict_json_loads(f.read(header_len), f"{source}: header")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"{source}: header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
@@ -715,7 +737,7 @@ def _read_index(index: pathlib.Path) -> tuple[dict[str, Any], dict[str, str]]:
     if size > MAX_HEADER_BYTES:
         raise FormatError(f"{source}: {size} bytes, too large for an index")
     try:
-        document = json.loads(index.read_bytes())
+        document = strict_json_loads(index.read_bytes(), source)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{source}: not valid JSON ({exc})") from exc
     if not (
@@ -783,7 +805,7 @@ def load(path: str | os.PathLike) -> OptimizerState:
             raise FormatError(f"{source}: shard {metadata[SHARD_KEY]} of a sharded save; load its {INDEX_SUFFIX} file")
         raise FormatError(f"{source}: a safetensors file without optstate metadata (model weights only?)")
     try:
-        meta = json.loads(metadata[METADATA_KEY])
+        meta = strict_json_loads(metadata[METADATA_KEY], f"{source}: optstate metadata")
     except json.JSONDecodeError as exc:
         raise FormatError(f"{source}: optstate metadata is not valid JSON ({exc})") from exc
     return _state_from_tensors(meta, arrays, source)

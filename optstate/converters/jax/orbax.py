@@ -29,6 +29,7 @@ from ...schema.fileformat import (
     read_safetensors,
     state_from_metadata,
     state_metadata,
+    strict_json_loads,
     tensor_key,
     write_safetensors,
 )
@@ -157,7 +158,7 @@ def _read_sidecar(directory: Path) -> dict[str, Any] | None:
     if not sidecar.is_file():
         return None
     try:
-        meta = json.loads(sidecar.read_text())
+        meta = strict_json_loads(sidecar.read_text(), os.fspath(sidecar))
     except json.JSONDecodeError as exc:
         raise FormatError(f"{sidecar}: not valid JSON ({exc})") from exc
     if not isinstance(meta, dict):
