@@ -36,6 +36,7 @@ def read(
     allow_approximate: bool = False,
     optstate_transform: bool = False,
     model: Any = None,
+    step: int | None = None,
 ) -> OptimizerState:
     """Read ``src`` (of format ``fmt``, guessed when ``None``) into the canonical state; the options are
     :class:`optstate.converters.formats.ReadOptions`'s.
@@ -52,6 +53,7 @@ def read(
         allow_approximate=allow_approximate,
         optstate_transform=optstate_transform,
         model=model,
+        step=step,
     )
     return formats.get(fmt or formats.detect(src)).read(src, options)
 
@@ -173,6 +175,7 @@ def convert(
     optimizer: str | None = None,
     hyperparams: Any = None,
     model: Any = None,
+    step: int | None = None,
     reset: Sequence[str] = (),
     horizon: int | None = None,
     constant_lr: bool = False,
@@ -195,7 +198,8 @@ def convert(
     'sgd'
 
     ``model`` names the parameters where the checkpoint does not (see
-    :class:`optstate.converters.formats.ReadOptions`). ``reset`` names slots (or ``"step"``) to restart
+    :class:`optstate.converters.formats.ReadOptions`); ``step`` chooses a step of an Orbax
+    ``CheckpointManager``'s directory (default: the latest). ``reset`` names slots (or ``"step"``) to restart
     at their initial values, deliberately. ``horizon`` is the largest step count training will reach,
     for an LR schedule that never settles (cosine, ...).
     ``constant_lr`` says that the learning rate stays at the param groups' current values, for a state
@@ -217,6 +221,7 @@ def convert(
         allow_approximate=allow_approximate,
         optstate_transform=optstate_transform,
         model=model,
+        step=step,
     )
     if allow_approximate and state.spec.approximate:
         state = state.with_metadata(approximate=state.spec.approximate)

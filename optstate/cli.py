@@ -75,6 +75,7 @@ def _convert(args: argparse.Namespace) -> int:
             optimizer=args.optimizer,
             hyperparams=_hparams(args.hparams),
             model=args.model,
+            step=args.step,
             reset=args.reset,
             horizon=args.horizon,
             constant_lr=args.constant_lr,
@@ -101,7 +102,12 @@ def _convert(args: argparse.Namespace) -> int:
 def _map(args: argparse.Namespace) -> int:
     options = _read_options(args)
     state = api.read(
-        args.src, args.src_format, optimizer=options.optimizer, hyperparams=options.hyperparams, model=options.model
+        args.src,
+        args.src_format,
+        optimizer=options.optimizer,
+        hyperparams=options.hyperparams,
+        model=options.model,
+        step=options.step,
     )
     from .converters.layout.targets import plan
 
@@ -158,10 +164,15 @@ def _add_reading_arguments(command: argparse.ArgumentParser) -> None:
         help="the torch model, to name parameters the checkpoint does not: module:function returning it, "
         "or a Hugging Face model directory (config.json; built without weights)",
     )
+    command.add_argument(
+        "--step",
+        type=int,
+        help="the step to read from an Orbax CheckpointManager's directory (default: the latest)",
+    )
 
 
 def _read_options(args: argparse.Namespace) -> ReadOptions:
-    return ReadOptions(optimizer=args.optimizer, hyperparams=_hparams(args.hparams), model=args.model)
+    return ReadOptions(optimizer=args.optimizer, hyperparams=_hparams(args.hparams), model=args.model, step=args.step)
 
 
 CONVERT_EXAMPLES = """examples:

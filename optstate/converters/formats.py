@@ -40,6 +40,7 @@ class ReadOptions:
     ``optstate_transform``: an Optax state trained with ``optstate.optax_transform``. ``model`` names
     the parameters where the checkpoint does not: a torch module, a ``module:function`` returning one,
     or a Hugging Face model directory (its ``config.json``; see :mod:`optstate.converters.torch.models`).
+    ``step`` chooses a step of an Orbax ``CheckpointManager``'s directory (default: the latest).
 
     >>> ReadOptions(optimizer="adamw").allow_approximate
     False
@@ -50,6 +51,7 @@ class ReadOptions:
     allow_approximate: bool = False
     optstate_transform: bool = False
     model: Any = None
+    step: int | None = None
 
 
 @dataclass(frozen=True)

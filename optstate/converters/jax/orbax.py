@@ -272,6 +272,100 @@ def _restore_as_numpy(directory: Path) -> Any:
     return ocp.PyTreeCheckpointer().restore(os.path.abspath(directory), restore_args=restore_args)
 
 
+# ----------------------------------------------------------------------------- CheckpointManager directories
+
+STEP_METADATA = "_CHECKPOINT_METADATA"  # in every step of a CheckpointManager (and beside one PyTree); not in ROOT
+
+
+def manager_steps(root: str | os.PathLike) -> list[int]:
+    """The steps of a ``CheckpointManager`` directory, oldest first, as Orbax's own manager finds them
+    (finished steps only: a save cut short is not one); ``[]`` for any other directory.
+
+    >>> import tempfile
+    >>> manager_steps(tempfile.mkdtemp())
+    []
+    """
+    # create=False: a manager that saves nothing writes nothing (read_only=True would say so in three warnings).
+    manager = ocp.CheckpointManager(os.path.abspath(root), options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def _step_directory(root: Path, step: int) -> Path:
+    """Where the manager put ``step`` (its default name format: the number itself)."""
+    return Path(ocp.path.step.build_step_path(root, ocp.path.step.standard_name_format(), step))
+
+
+def _step_items(directory: Path) -> list[str] | None:
+    """The items of a CheckpointManager step (its metadata names a handler per item); ``None`` for a
+    checkpoint of one PyTree (one handler) or a directory without step metadata."""
+    if not (directory / STEP_METADATA).is_file():
+        return None
+    try:
+        handlers = ocp.metadata.get_step_metadata(os.path.abspath(directory)).item_handlers
+    except (ValueError, KeyError, TypeError):  # unreadable metadata: left to the PyTree reader's own error
+        return None
+    return sorted(handlers) if isinstance(handlers, dict) and handlers else None
+
+
+def _holds_opt_state(item: Path) -> bool:
+    """Whether the item is a PyTree with an ``opt_state`` at its top (read from its metadata alone)."""
+    try:
+        found = ocp.StandardCheckpointer().metadata(os.path.abspath(item))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # not a PyTree item (JSON metrics, ...)
+        return False
+    tree = None if found is None or found.item_metadata is None else found.item_metadata.tree
+    return isinstance(tree, Mapping) and "opt_state" in tree
+
+
+def _item_of_step(step_dir: Path, items: Sequence[str]) -> Path:
+    """The item of a step that holds the optimizer state: the only one, else the only one with an ``opt_state``."""
+    if len(items) == 1:
+        return step_dir / items[0]
+    holding = [name for name in items if _holds_opt_state(step_dir / name)]
+    if len(holding) == 1:
+        return step_dir / holding[0]
+    which = "several hold" if holding else "none holds"
+    raise FormatError(
+        f"{step_dir}: a CheckpointManager step of items {list(items)}, and {which} an 'opt_state'; "
+        f"name the item's directory ({step_dir / '<item>'})"
+    )
+
+
+def pytree_directory(path: str | os.PathLike, step: int | None = None) -> Path:
+    """The directory of the one PyTree that ``path`` names: ``path`` itself (a checkpoint of one PyTree),
+    the optimizer's item of a CheckpointManager step (``ROOT/5``), or that of the latest step of a
+    manager's ``ROOT`` (``step`` chooses another). Anything else is returned as it is, for the reader to
+    refuse.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> pytree_directory(d) == Path(d)
+    True
+    """
+    directory = Path(path)
+    if (directory / STEP_METADATA).is_file():  # one PyTree, or a step: ROOT has no metadata
+        if step is not None:
+            raise FormatError(
+                f"{directory}: --step {step} chooses among a CheckpointManager's steps; this is one checkpoint "
+                "(name the manager's directory with --step, or this one without it)"
+            )
+        items = _step_items(directory)
+        return directory if items is None else _item_of_step(directory, items)
+    steps = manager_steps(directory)
+    if not steps:
+        if step is not None:
+            raise FormatError(f"{directory}: --step {step}, but this is not a CheckpointManager directory (no steps)")
+        return directory
+    if step is not None and step not in steps:
+        raise FormatError(f"{directory}: no step {step}; the CheckpointManager's steps are {steps}")
+    step_dir = _step_directory(directory, steps[-1] if step is None else step)
+    step_items = _step_items(step_dir)
+    return step_dir if step_items is None else _item_of_step(step_dir, step_items)
+
+
 def read_optax_dir(
     path: str | os.PathLike,
     *,
@@ -279,6 +373,7 @@ def read_optax_dir(
     hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     allow_approximate: bool = False,
     optstate_transform: bool = False,
+    step: int | None = None,
 ) -> OptimizerState:
     """The canonical state of an Orbax checkpoint of ``{"params": ..., "opt_state": ...}``.
 
@@ -286,11 +381,13 @@ def read_optax_dir(
     directory was written by optstate. Orbax keeps no state type names, so a state whose fields fit
     both a stock Optax transform and optstate's torch-exact one counts as optstate's only in a
     directory optstate wrote, or with ``optstate_transform=True`` (the training used
-    ``optstate.optax_transform``).
+    ``optstate.optax_transform``). A ``CheckpointManager``'s directory reads its latest step (``step``
+    chooses one), a step directory its item (see :func:`pytree_directory`).
     """
     directory = Path(path)
     if not directory.is_dir():
         raise FormatError(f"{directory}: not a directory (an Orbax checkpoint is one)")
+    directory = pytree_directory(directory, step)
     try:
         tree = _restore_as_numpy(directory)
     except (FileNotFoundError, ValueError, KeyError) as exc:
@@ -369,6 +466,7 @@ def read(path: str | os.PathLike, options: ReadOptions) -> OptimizerState:
         hyperparams=options.hyperparams,
         allow_approximate=options.allow_approximate,
         optstate_transform=options.optstate_transform,
+        step=options.step,
     )
 
 

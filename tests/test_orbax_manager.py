@@ -1,0 +1,125 @@
+"""Orbax ``CheckpointManager`` directories (``ROOT/<step>/<item>``), written by Orbax itself, read by the ``optax``
+format: the latest step by default, ``--step`` to choose, a step directory given directly, a named item."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import optstate
+from optstate.api import read
+from optstate.cli import main
+
+HPARAMS = '{"lr": 0.1}'
+READING = ("--optimizer", "adam", "--hparams", HPARAMS)
+# The tree names parameters without an order; these tests read by name.
+pytestmark = pytest.mark.filterwarnings("ignore:parameter order is inferred")
+
+
+def _train_and_save(root, wrap) -> dict[int, dict]:
+    """Three Adam steps saved at steps 1, 2, 3 by a CheckpointManager; what each step saved, as NumPy."""
+    params = {"w": jnp.arange(6.0).reshape(3, 2), "b": jnp.zeros(2)}
+    tx = optax.adam(0.1)
+    opt_state = tx.init(params)
+    saved = {}
+    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(max_to_keep=3))
+    for step in (1, 2, 3):
+        grads = jax.tree.map(lambda p, s=step: jnp.full_like(p, s) + p, params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        tree = {"params": params, "opt_state": opt_state}
+        manager.save(step, args=wrap(tree))
+        saved[step] = jax.tree.map(np.asarray, tree)
+    manager.wait_until_finished()
+    manager.close()
+    return saved
+
+
+@pytest.fixture(scope="module")
+def default_item(tmp_path_factory):
+    root = tmp_path_factory.mktemp("default") / "ckpts"
+    return root, _train_and_save(root, ocp.args.StandardSave)
+
+
+@pytest.fixture(scope="module")
+def named_item(tmp_path_factory):
+    root = tmp_path_factory.mktemp("named") / "ckpts"
+    return root, _train_and_save(root, lambda tree: ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+
+
+def _inspect_json(path, *extra, capsys) -> dict:
+    assert main(["inspect", str(path), *READING, "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _read(path, step=None) -> optstate.OptimizerState:
+    return read(path, "optax", optimizer="adam", hyperparams=json.loads(HPARAMS), step=step)
+
+
+def test_the_root_reads_the_latest_step(default_item, capsys):
+    root, _ = default_item
+    facts = _inspect_json(root, capsys=capsys)
+    assert {p["step"] for p in facts["params"]} == {3}
+
+
+def test_step_chooses_a_step(default_item, capsys):
+    root, saved = default_item
+    facts = _inspect_json(root, "--step", "2", capsys=capsys)
+    assert {p["step"] for p in facts["params"]} == {2}
+    state = _read(root, step=2)
+    mu = saved[2]["opt_state"][0].mu
+    for name in ("w", "b"):
+        np.testing.assert_array_equal(
+            np.asarray(state.slots[("first_moment", (name,))]).reshape(mu[name].shape), mu[name]
+        )
+    assert not np.array_equal(saved[2]["opt_state"][0].mu["b"], saved[3]["opt_state"][0].mu["b"])
+
+
+def test_a_step_directory_converts(default_item, tmp_path, capsys):
+    root, saved = default_item
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(root / "3"), str(out), *READING]) == 0
+    state = read(out)
+    assert {p.step for p in state.params} == {3}
+    nu = saved[3]["opt_state"][0].nu["b"]
+    np.testing.assert_array_equal(np.asarray(state.slots[("second_moment", ("b",))]), nu)
+
+
+def test_a_named_item_is_found(named_item, capsys):
+    root, saved = named_item
+    assert {p["step"] for p in _inspect_json(root, capsys=capsys)["params"]} == {3}
+    state = _read(root / "2")
+    np.testing.assert_array_equal(np.asarray(state.slots[("first_moment", ("b",))]), saved[2]["opt_state"][0].mu["b"])
+
+
+def test_a_missing_step_is_refused_naming_the_steps(default_item, capsys):
+    root, _ = default_item
+    assert main(["inspect", str(root), *READING, "--step", "7"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("optstate: error: ") and err.count("\n") == 1
+    assert str(root) in err and "[1, 2, 3]" in err
+
+
+def test_step_on_one_checkpoint_is_refused(default_item, capsys):
+    root, _ = default_item
+    assert main(["inspect", str(root / "3"), *READING, "--step", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(root / "3") in err and "--step" in err
+
+
+def test_several_items_without_one_optimizer_item_are_refused_by_name(tmp_path, capsys):
+    root = tmp_path / "ckpts"
+    tree = {"w": np.ones(2, np.float32)}
+    manager = ocp.CheckpointManager(root)
+    manager.save(1, args=ocp.args.Composite(a=ocp.args.StandardSave(tree), b=ocp.args.StandardSave(tree)))
+    manager.wait_until_finished()
+    manager.close()
+    assert main(["inspect", str(root), *READING]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(root / "1") in err and "['a', 'b']" in err and "name the item" in err
