@@ -27,19 +27,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def read(
-    src: str | os.PathLike,
-    fmt: str | None = None,
-    *,
-    optimizer: str | None = None,
-    hyperparams: Any = None,
-    allow_approximate: bool = False,
-    optstate_transform: bool = False,
-    model: Any = None,
-    step: int | None = None,
-) -> OptimizerState:
-    """Read ``src`` (of format ``fmt``, guessed when ``None``) into the canonical state; the options are
-    :class:`optstate.converters.formats.ReadOptions`'s.
+def read(src: str | os.PathLike, fmt: str | None = None, **options: Any) -> OptimizerState:
+    """Read ``src`` (of format ``fmt``, guessed when ``None``) into the canonical state; ``options`` are the
+    fields of :class:`optstate.converters.formats.ReadOptions` (``optimizer=``, ``hyperparams=``, ``model=``,
+    ``step=``, ...).
 
     >>> import tempfile
     >>> from optstate.schema import ParamInfo, save
@@ -47,15 +38,7 @@ def read(
     >>> read(save(s, tempfile.mkdtemp() + "/s.safetensors")).param_groups
     ({'lr': 0.1},)
     """
-    options = ReadOptions(
-        optimizer=optimizer,
-        hyperparams=hyperparams,
-        allow_approximate=allow_approximate,
-        optstate_transform=optstate_transform,
-        model=model,
-        step=step,
-    )
-    return formats.get(fmt or formats.detect(src)).read(src, options)
+    return formats.get(fmt or formats.detect(src)).read(src, ReadOptions(**options))
 
 
 def write(

@@ -72,10 +72,7 @@ def _convert(args: argparse.Namespace) -> int:
             src_format=args.src_format,
             dst_format=args.dst_format,
             force=args.force,
-            optimizer=args.optimizer,
-            hyperparams=_hparams(args.hparams),
-            model=args.model,
-            step=args.step,
+            **_read_fields(args),
             reset=args.reset,
             horizon=args.horizon,
             constant_lr=args.constant_lr,
@@ -100,15 +97,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
-    options = _read_options(args)
-    state = api.read(
-        args.src,
-        args.src_format,
-        optimizer=options.optimizer,
-        hyperparams=options.hyperparams,
-        model=options.model,
-        step=options.step,
-    )
+    state = api.read(args.src, args.src_format, **_read_fields(args))
     from .converters.layout.targets import plan
 
     layout, problems = plan(state, args.target_params)
@@ -134,7 +123,7 @@ def _map(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    report = inspect(args.path, args.src_format, options=_read_options(args))
+    report = inspect(args.path, args.src_format, options=ReadOptions(**_read_fields(args)))
     print(report.to_json() if args.json else format_report(report))
     return 0
 
@@ -171,8 +160,9 @@ def _add_reading_arguments(command: argparse.ArgumentParser) -> None:
     )
 
 
-def _read_options(args: argparse.Namespace) -> ReadOptions:
-    return ReadOptions(optimizer=args.optimizer, hyperparams=_hparams(args.hparams), model=args.model, step=args.step)
+def _read_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """What the reading arguments (:func:`_add_reading_arguments`) tell a reader, by ReadOptions' field names."""
+    return {"optimizer": args.optimizer, "hyperparams": _hparams(args.hparams), "model": args.model, "step": args.step}
 
 
 CONVERT_EXAMPLES = """examples:

@@ -13,7 +13,7 @@ import pytest
 import optstate
 from optstate import api
 from optstate.cli import main
-from optstate.converters import formats
+from optstate.converters import formats, import_function
 from optstate.converters.formats import Format, ReadOptions, WriteOptions
 from optstate.converters.torch import state_dict as torch_dict
 from optstate.schema import OptimizerState, ParamInfo, fileformat
@@ -92,12 +92,12 @@ def test_every_row_names_real_functions_of_the_uniform_signature(name):
     fmt = formats.get(name)
     if fmt.framework is not None:
         pytest.importorskip(fmt.framework.module)
-    assert list(inspect.signature(formats.resolve(fmt.reader)).parameters) == ["path", "options"]
+    assert list(inspect.signature(import_function(fmt.reader)).parameters) == ["path", "options"]
     if fmt.writer is not None:
-        assert list(inspect.signature(formats.resolve(fmt.writer)).parameters) == ["state", "path", "options"]
+        assert list(inspect.signature(import_function(fmt.writer)).parameters) == ["state", "path", "options"]
     for hook in (fmt.process_setup, fmt.inspector):
         if hook is not None:
-            assert callable(formats.resolve(hook))
+            assert callable(import_function(hook))
 
 
 def test_formats_read_and_write_through_their_rows(tmp_path):

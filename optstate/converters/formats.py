@@ -70,15 +70,6 @@ class WriteOptions:
     progress: Callable[[int], None] | None = None
 
 
-def resolve(target: str) -> Callable[..., Any]:
-    """The function a ``"module:function"`` string names, its module imported now.
-
-    >>> resolve("os.path:join")("a", "b")
-    'a/b'
-    """
-    return import_function(target)
-
-
 @dataclass(frozen=True)
 class Format:
     """One checkpoint format: its name, what it is, how a path of it looks, and the functions behind it.
@@ -141,7 +132,7 @@ class Format:
         """
         if self.framework is not None:
             self.framework.require(f"the {self.name} format")
-        return resolve(target)
+        return import_function(target)
 
     def read(self, path: str | os.PathLike, options: ReadOptions = ReadOptions()) -> OptimizerState:
         """Read ``path`` into the canonical state.

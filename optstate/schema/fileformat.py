@@ -777,17 +777,41 @@ def _read_shard(
     return arrays
 
 
-def _load_sharded(index: pathlib.Path) -> OptimizerState:
-    metadata, weight_map = _read_index(index)
-    if METADATA_KEY not in metadata:
-        raise FormatError(f"{index}: a safetensors index without optstate metadata (model weights only?)")
+def _read_shards(index: pathlib.Path, metadata: Mapping[str, Any], weight_map: Mapping[str, str]) -> dict[str, Any]:
+    """Every tensor the index lists, each shard holding exactly those the index places in it."""
     keys_by_shard: dict[str, set[str]] = {}
     for key, shard in weight_map.items():
         keys_by_shard.setdefault(shard, set()).add(key)
     arrays: dict[str, np.ndarray] = {}
     for shard, keys in keys_by_shard.items():
         arrays.update(_read_shard(index, shard, keys, metadata.get(SAVE_KEY), weight_map))
-    return _state_from_tensors(metadata[METADATA_KEY], arrays, os.fspath(index))
+    return arrays
+
+
+def read_sharded_safetensors(index: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The tensors of a sharded safetensors save (``*.safetensors.index.json`` and its shards, as Hugging
+    Face writes them, or optstate) and the index's ``metadata``: :func:`read_safetensors` for each shard,
+    with the index read strictly (shard names are plain file names beside it) and every shard checked
+    to hold exactly what the index places in it.
+
+    >>> import tempfile, json
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> write_safetensors(d / "m-00001-of-00001.safetensors", [("w", np.ones(2))], {})
+    >>> _ = (d / "m.safetensors.index.json").write_text(json.dumps(
+    ...     {"metadata": {}, "weight_map": {"w": "m-00001-of-00001.safetensors"}}))
+    >>> read_sharded_safetensors(d / "m.safetensors.index.json")[0]["w"].tolist()
+    [1.0, 1.0]
+    """
+    index = pathlib.Path(index)
+    metadata, weight_map = _read_index(index)
+    return _read_shards(index, metadata, weight_map), metadata
+
+
+def _load_sharded(index: pathlib.Path) -> OptimizerState:
+    metadata, weight_map = _read_index(index)
+    if METADATA_KEY not in metadata:
+        raise FormatError(f"{index}: a safetensors index without optstate metadata (model weights only?)")
+    return _state_from_tensors(metadata[METADATA_KEY], _read_shards(index, metadata, weight_map), os.fspath(index))
 
 
 def load(path: str | os.PathLike) -> OptimizerState:

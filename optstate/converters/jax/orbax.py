@@ -352,8 +352,7 @@ def pytree_directory(path: str | os.PathLike, step: int | None = None) -> Path:
                 f"{directory}: --step {step} chooses among a CheckpointManager's steps; this is one checkpoint "
                 "(name the manager's directory with --step, or this one without it)"
             )
-        items = _step_items(directory)
-        return directory if items is None else _item_of_step(directory, items)
+        return _tree_of_step(directory)
     steps = manager_steps(directory)
     if not steps:
         if step is not None:
@@ -361,9 +360,13 @@ def pytree_directory(path: str | os.PathLike, step: int | None = None) -> Path:
         return directory
     if step is not None and step not in steps:
         raise FormatError(f"{directory}: no step {step}; the CheckpointManager's steps are {steps}")
-    step_dir = _step_directory(directory, steps[-1] if step is None else step)
-    step_items = _step_items(step_dir)
-    return step_dir if step_items is None else _item_of_step(step_dir, step_items)
+    return _tree_of_step(_step_directory(directory, steps[-1] if step is None else step))
+
+
+def _tree_of_step(directory: Path) -> Path:
+    """A step's one PyTree: the step itself when it has no items (a checkpoint of one PyTree), else its item."""
+    items = _step_items(directory)
+    return directory if items is None else _item_of_step(directory, items)
 
 
 def read_optax_dir(

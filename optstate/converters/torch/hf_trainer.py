@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import FormatError, MappingError, MissingDependencyError, OptstateError, UnsupportedError
-from ...schema.fileformat import read_safetensors
+from ...schema.fileformat import read_safetensors, read_sharded_safetensors
 from ...schema.state import OptimizerState
 from ..formats import ReadOptions
 from ..schedules.identify import LAMBDA, scheduler_class
@@ -217,7 +217,7 @@ def _weights(directory: Path) -> dict[str, np.ndarray]:
     if single.is_file():
         return read_safetensors(single)[0]
     if index.is_file():
-        return _sharded_weights(index)
+        return read_sharded_safetensors(index)[0]
     if (directory / "adapter_config.json").is_file():
         raise UnsupportedError(
             f"{directory}: a PEFT adapter checkpoint (adapter_config.json): its optimizer tracks the adapter's "
@@ -227,18 +227,6 @@ def _weights(directory: Path) -> dict[str, np.ndarray]:
         f"{directory}: no model.safetensors (or its index); the Trainer writes one unless save_safetensors=False "
         "(pytorch_model.bin, not read: it stores a tied weight twice)"
     )
-
-
-def _sharded_weights(index: Path) -> dict[str, np.ndarray]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise FormatError(f"{index}: not a safetensors index with a weight_map ({exc})") from None
-    weights: dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
-        arrays, _ = read_safetensors(index.parent / shard)
-        weights.update({name: arrays[name] for name, file in weight_map.items() if file == shard})
-    return weights
 
 
 # ----------------------------------------------------------------------------- names
