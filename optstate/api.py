@@ -50,10 +50,14 @@ def write(
     fsync: bool = True,
     max_shard_bytes: int | None = None,
     progress: Callable[[int], None] | None = None,
+    model: Any = None,
+    step: int | None = None,
+    world_size: int | None = None,
 ) -> None:
     """Write ``state`` to ``dst`` in format ``fmt``, atomically (durably unless ``fsync=False``); a state
     moved to a Flax layout goes back to torch's on the way to a format in torch's layout (torch, dcp).
-    ``max_shard_bytes`` shards a canonical file; ``progress(nbytes)`` is called as each tensor is written.
+    ``max_shard_bytes`` shards a canonical file; ``progress(nbytes)`` is called as each tensor is written;
+    ``model``, ``step`` and ``world_size``: see :class:`optstate.converters.formats.WriteOptions`.
 
     >>> import tempfile
     >>> from optstate.schema import ParamInfo, load
@@ -62,9 +66,16 @@ def write(
     >>> write(s, f, "optstate"); load(f).optimizer
     'sgd'
     """
-    formats.get(fmt).write(
-        state, dst, WriteOptions(force=force, fsync=fsync, max_shard_bytes=max_shard_bytes, progress=progress)
+    options = WriteOptions(
+        force=force,
+        fsync=fsync,
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
+        model=model,
+        step=step,
+        world_size=world_size,
     )
+    formats.get(fmt).write(state, dst, options)
 
 
 def _sharded_stem(path: Path) -> str:
@@ -159,6 +170,9 @@ def convert(
     hyperparams: Any = None,
     model: Any = None,
     step: int | None = None,
+    assume_step: int | None = None,
+    allow_nonfinite: bool = False,
+    world_size: int | None = None,
     reset: Sequence[str] = (),
     horizon: int | None = None,
     constant_lr: bool = False,
@@ -181,10 +195,12 @@ def convert(
     'sgd'
 
     ``model`` names the parameters where the checkpoint does not (see
-    :class:`optstate.converters.formats.ReadOptions`); ``step`` chooses a step of an Orbax
-    ``CheckpointManager``'s directory (default: the latest). ``reset`` names slots (or ``"step"``) to restart
-    at their initial values, deliberately. ``horizon`` is the largest step count training will reach,
-    for an LR schedule that never settles (cosine, ...).
+    :class:`optstate.converters.formats.ReadOptions`), and is the model a trainer's output is resumed with;
+    ``step`` chooses a step of an Orbax ``CheckpointManager``'s directory (default: the latest) and is the
+    step an Orbax output is written as (``DST/<step>/``). ``assume_step`` and ``allow_nonfinite``: see
+    ``ReadOptions``; ``world_size``: the ranks a DeepSpeed output is written for. ``reset`` names slots
+    (or ``"step"``) to restart at their initial values, deliberately. ``horizon`` is the largest step
+    count training will reach, for an LR schedule that never settles (cosine, ...).
     ``constant_lr`` says that the learning rate stays at the param groups' current values, for a state
     whose LR scheduler was attached (its ``initial_lr`` shows it) but is not carried.
     ``allow_approximate`` converts an optimizer whose continuation across frameworks is not
@@ -205,6 +221,8 @@ def convert(
         optstate_transform=optstate_transform,
         model=model,
         step=step,
+        assume_step=assume_step,
+        allow_nonfinite=allow_nonfinite,
     )
     if allow_approximate and state.spec.approximate:
         state = state.with_metadata(approximate=state.spec.approximate)
@@ -224,5 +242,8 @@ def convert(
         fsync=fsync,
         max_shard_bytes=max_shard_bytes,
         progress=None if progress is None else progress(state),
+        model=model,
+        step=step,
+        world_size=world_size,
     )
     return state

@@ -82,6 +82,7 @@ def _convert(args: argparse.Namespace) -> int:
             mapping=args.mapping,
             fsync=not args.no_fsync,
             max_shard_bytes=args.max_shard_size,
+            world_size=args.world_size,
             progress=progress,
         )
         finished = True
@@ -156,13 +157,33 @@ def _add_reading_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--step",
         type=int,
-        help="the step to read from an Orbax CheckpointManager's directory (default: the latest)",
+        help="the step to read from an Orbax CheckpointManager's directory (default: the latest); "
+        "on convert to an Orbax format, also the step directory DST/STEP/ to write",
+    )
+    command.add_argument(
+        "--assume-step",
+        type=int,
+        metavar="N",
+        help="the step count of a state that records none (torch Adam without 'step'), on your word",
+    )
+    command.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="read a state holding NaN, inf or a negative second moment (a diverged run), on purpose; "
+        "recorded in the output",
     )
 
 
 def _read_fields(args: argparse.Namespace) -> dict[str, Any]:
     """What the reading arguments (:func:`_add_reading_arguments`) tell a reader, by ReadOptions' field names."""
-    return {"optimizer": args.optimizer, "hyperparams": _hparams(args.hparams), "model": args.model, "step": args.step}
+    return {
+        "optimizer": args.optimizer,
+        "hyperparams": _hparams(args.hparams),
+        "model": args.model,
+        "step": args.step,
+        "assume_step": args.assume_step,
+        "allow_nonfinite": args.allow_nonfinite,
+    }
 
 
 CONVERT_EXAMPLES = """examples:
@@ -272,6 +293,12 @@ def _add_writing_arguments(c: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no progress bar (it appears only on a terminal, and only "
         "for conversions that take more than a couple of seconds)",
+    )
+    c.add_argument(
+        "--world-size",
+        type=int,
+        metavar="M",
+        help="write a DeepSpeed ZeRO checkpoint for M ranks (default: as many as the input had, else 1)",
     )
     c.add_argument("--force", action="store_true", help="replace an existing output")
 

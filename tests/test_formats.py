@@ -37,13 +37,25 @@ def registry(monkeypatch):
 def test_a_name_is_registered_once(registry):
     with pytest.raises(ValueError, match="a format named 'torch' is already registered"):
         formats.register(Format("torch", "another torch", reader="m:read"))
-    assert formats.names() == ("torch", "dcp", "hf-trainer", "accelerate", "deepspeed", "optax", "optstate")
+    assert formats.names() == (
+        "torch",
+        "dcp",
+        "hf-trainer",
+        "accelerate",
+        "deepspeed",
+        "lightning",
+        "optax",
+        "nnx",
+        "train-state",
+        "optstate",
+    )
 
 
 def test_an_unknown_name_lists_the_known_ones():
     with pytest.raises(
         optstate.OptstateError,
-        match=r"unknown format 'keras' \(known: torch, dcp, hf-trainer, accelerate, deepspeed, optax, optstate\)",
+        match=r"unknown format 'keras' \(known: torch, dcp, hf-trainer, accelerate, deepspeed, lightning, optax, "
+        r"nnx, train-state, optstate\)",
     ):
         formats.get("keras")
 
@@ -82,7 +94,8 @@ def test_a_name_that_says_nothing_is_refused_naming_the_formats(tmp_path):
         with pytest.raises(
             optstate.OptstateError,
             match=r"cannot tell its format from the name; "
-            r"name it \(--from/--to torch\|dcp\|hf-trainer\|accelerate\|deepspeed\|optax\|optstate\)",
+            r"name it \(--from/--to torch\|dcp\|hf-trainer\|accelerate\|deepspeed\|lightning\|optax\|nnx\|"
+            r"train-state\|optstate\)",
         ):
             formats.detect(name)
 

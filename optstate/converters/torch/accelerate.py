@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...errors import FormatError, UnsupportedError
+from ...errors import FormatError, OptstateError, UnsupportedError
 from ...schema.fileformat import read_safetensors
 from ...schema.state import OptimizerState
-from ..formats import ReadOptions
+from ..formats import ReadOptions, WriteOptions
 from . import ptfile
 from . import state_dict as torch_dict
 
@@ -336,3 +336,8 @@ def inspect(path: str | os.PathLike, fmt: str = "accelerate", options: ReadOptio
         names=names,
         notes=report.notes + (() if named else (f"parameter names: {names}",)) + not_carried_notes(files),
     )
+
+
+def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
+    """Not written yet (the writer lands with issue 17)."""
+    raise OptstateError(f"{os.fspath(path)}: writing the accelerate format is not implemented yet")

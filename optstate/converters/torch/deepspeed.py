@@ -47,9 +47,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...errors import FormatError, UnsupportedError
+from ...errors import FormatError, OptstateError, UnsupportedError
 from ...schema.state import Deferred, OptimizerState, all_finite, name_to_path, non_finite_slot
-from ..formats import ReadOptions
+from ..formats import ReadOptions, WriteOptions
 from . import ptfile
 from . import state_dict as torch_dict
 
@@ -866,3 +866,8 @@ def inspect(path: str | os.PathLike, fmt: str = "deepspeed", options: ReadOption
     report = inspect_state(os.fspath(path), fmt, state)
     notes = (f"read from {state.metadata.source}; the weights are the fp32 master weights",)
     return dataclasses.replace(report, notes=report.notes + notes + tuple(str(w.message) for w in caught))
+
+
+def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
+    """Not written yet (the writer lands with issue 17)."""
+    raise OptstateError(f"{os.fspath(path)}: writing the deepspeed format is not implemented yet")

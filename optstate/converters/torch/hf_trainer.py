@@ -35,7 +35,7 @@ import numpy as np
 from ...errors import FormatError, MappingError, MissingDependencyError, OptstateError, UnsupportedError
 from ...schema.fileformat import read_safetensors, read_sharded_safetensors
 from ...schema.state import OptimizerState
-from ..formats import ReadOptions
+from ..formats import ReadOptions, WriteOptions
 from ..schedules.identify import LAMBDA, scheduler_class
 from ..schedules.transformers import (
     REFUSED_TYPES,
@@ -499,3 +499,8 @@ def _schedule_note(checkpoint: TrainerCheckpoint) -> str:
         f"LR schedule: {schedule.describe()}, rebuilt from training_args.bin and max_steps (torch does not save "
         f"the LambdaLR's function); exact in Optax for {span}"
     )
+
+
+def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
+    """Not written yet (the writer lands with issue 17)."""
+    raise OptstateError(f"{os.fspath(path)}: writing the hf-trainer format is not implemented yet")
