@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark reading a DeepSpeed ZeRO-2 checkpoint: optstate against ``cp``, ``ds_to_universal`` and ``zero_to_fp32``.
+"""Benchmark a DeepSpeed ZeRO-2 checkpoint of 2 ranks read and rewritten for ``--world-size`` M ranks: optstate
+against ``cp``, ``ds_to_universal`` and ``zero_to_fp32``; and each rewrite then loaded by DeepSpeed on M ranks.
 
 One run:
 
@@ -12,9 +13,15 @@ One run:
    - ``cp``             ``cp -r global_step1 copy`` (no fsync), the baseline;
    - ``optstate``       what ``optstate convert --to optstate --no-fsync ckpt out.safetensors`` runs: the
                         canonical file (optimizer state, fp32 master weights, param groups), no fsync, as ``cp``;
+   - ``optstate_zero``  ``optstate convert --to deepspeed --world-size M --no-fsync``: a ZeRO-2 checkpoint
+                        for M ranks, which ``engine.load_checkpoint`` resumes on M ranks as it is;
+   - ``optstate_universal`` ``optstate convert --to deepspeed --no-fsync``: a universal checkpoint;
    - ``ds_to_universal`` DeepSpeed's ``ds_to_universal --inject_missing_state`` (its default workers);
    - ``zero_to_fp32``   DeepSpeed's ``zero_to_fp32`` (the fp32 weights only, no optimizer state);
-   The Python paths run in a child of this script that times its imports apart from the conversion.
+   The Python paths run in a child of this script that times its imports apart from the conversion. With
+   ``--load``, each output that DeepSpeed resumes (``optstate_zero``, ``optstate_universal``,
+   ``ds_to_universal``) is then loaded by a fresh ZeRO-2 engine on M ranks (torchrun, gloo;
+   ``load_universal`` for the universal ones), and ``engine.load_checkpoint`` is timed inside it;
 3. prints a table: whole-process wall seconds (median, min-max), the ratio to ``cp`` of the same repeat
    (median, min-max), peak RSS (``ru_maxrss`` of the child from ``wait4``: includes the pages of
    memory-mapped files), peak anonymous memory (``RssAnon`` of the process tree sampled every 20 ms:
@@ -45,7 +52,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 WIDTH = 3584  # Linear(WIDTH, WIDTH) layers: 12.85M parameters each
 MIB = 1024 * 1024
-PATHS = ("cp", "optstate", "ds_to_universal", "zero_to_fp32")
+PATHS = ("cp", "optstate", "optstate_zero", "optstate_universal", "ds_to_universal", "zero_to_fp32")
+# The outputs DeepSpeed resumes: whether it loads them as a universal checkpoint.
+LOADABLE = {"optstate_zero": False, "optstate_universal": True, "ds_to_universal": True}
 
 
 # ----------------------------------------------------------------------------- the checkpoint, by DeepSpeed
@@ -53,6 +62,16 @@ PATHS = ("cp", "optstate", "ds_to_universal", "zero_to_fp32")
 
 def build(out: Path, params_millions: float) -> None:
     """Under torchrun (2 ranks): one AdamW step of ZeRO-2 and ``engine.save_checkpoint(out)``."""
+    import torch
+
+    engine = _engine(params_millions)
+    engine.backward(engine(torch.randn(1, WIDTH)).square().mean())
+    engine.step()
+    engine.save_checkpoint(out)
+
+
+def _engine(params_millions: float, universal: bool = False):
+    """Under torchrun: the benchmark's ZeRO-2 engine (Linear layers, torch AdamW in two param groups)."""
     import importlib
 
     import deepspeed
@@ -72,11 +91,26 @@ def build(out: Path, params_millions: float) -> None:
         "zero_optimization": {"stage": 2},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
+        "checkpoint": {"load_universal": universal},
     }
     engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=config)
-    engine.backward(engine(torch.randn(1, WIDTH)).square().mean())
-    engine.step()
-    engine.save_checkpoint(out)
+    return engine
+
+
+def load(load_dir: Path, universal: bool, params_millions: float) -> None:
+    """Under torchrun (M ranks): a fresh engine, then ``engine.load_checkpoint`` timed; rank 0 prints it."""
+    import torch.distributed as dist
+
+    engine = _engine(params_millions, universal)
+    dist.barrier()
+    t0 = time.perf_counter()
+    path, _ = engine.load_checkpoint(load_dir)
+    dist.barrier()
+    seconds = time.perf_counter() - t0
+    if path is None:
+        raise SystemExit(f"DeepSpeed found no checkpoint in {load_dir}")
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps({"load_s": seconds}), flush=True)
 
 
 def checkpoint(args: argparse.Namespace) -> Path:
@@ -208,7 +242,7 @@ def run_measured(cmd: list[str], out: Path, logs: Path, label: str) -> dict:
     }
 
 
-def commands(root: Path, work: Path) -> dict[str, tuple[list[str], Path]]:
+def commands(root: Path, work: Path, world_size: int = 1) -> dict[str, tuple[list[str], Path]]:
     """Each path's command line and its output (alone in a folder of its own, so that its disk can be measured).
     The Python paths run in a child of this script, which times its imports apart from the conversion."""
     step = root / (root / "latest").read_text().strip()
@@ -216,6 +250,8 @@ def commands(root: Path, work: Path) -> dict[str, tuple[list[str], Path]]:
     paths = {
         "cp": (["cp", "-r", str(step)], "copy"),
         "optstate": ([*child, "optstate", str(root)], "s.safetensors"),
+        "optstate_zero": ([*child, f"optstate_zero:{world_size}", str(root)], "zero"),
+        "optstate_universal": ([*child, "optstate_universal", str(root)], "universal"),
         "ds_to_universal": ([*child, "ds_to_universal", str(step)], "universal"),
         "zero_to_fp32": ([*child, "zero_to_fp32", str(root)], "fp32"),
     }
@@ -231,6 +267,15 @@ def child(kind: str, src: str, out: str) -> None:
         t1 = time.perf_counter()
         # What `optstate convert --quiet --no-fsync --to optstate SRC OUT` runs (no fsync, as cp).
         code = optstate_main(["convert", "--quiet", "--no-fsync", "--to", "optstate", src, out])
+        if code:
+            raise SystemExit(code)
+    elif kind.startswith("optstate_"):
+        from optstate.cli import main as optstate_main
+
+        t1 = time.perf_counter()
+        # `optstate convert --to deepspeed [--world-size M]`: a ZeRO checkpoint for M ranks, or a universal one.
+        ranks = ["--world-size", kind.partition(":")[2]] if kind.startswith("optstate_zero") else []
+        code = optstate_main(["convert", "--quiet", "--no-fsync", "--to", "deepspeed", *ranks, src, out])
         if code:
             raise SystemExit(code)
     elif kind == "ds_to_universal":
@@ -291,7 +336,7 @@ def spread(values: list[float], spec: str = ".2f") -> str:
 def report(results: dict[str, list[dict]]) -> str:
     cp = results.get("cp", [])
     head = (
-        f"{'path':<16} {'wall s':>20} {'x cp':>18} {'peak RSS MiB':>12} {'peak anon MiB':>13} "
+        f"{'path':<20} {'wall s':>20} {'x cp':>18} {'peak RSS MiB':>12} {'peak anon MiB':>13} "
         f"{'temp MiB':>9} {'out MiB':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -301,7 +346,7 @@ def report(results: dict[str, list[dict]]) -> str:
             continue
         ratios = [r["wall_s"] / c["wall_s"] for r, c in zip(runs, cp, strict=False)]
         lines.append(
-            f"{name:<16} {spread([r['wall_s'] for r in runs]):>20} {spread(ratios) if ratios else '-':>18} "
+            f"{name:<20} {spread([r['wall_s'] for r in runs]):>20} {spread(ratios) if ratios else '-':>18} "
             f"{max(r['maxrss_mib'] for r in runs):>12.0f} {max(r['anon_mib'] for r in runs):>13.0f} "
             f"{max(r['temp_mib'] for r in runs):>9.0f} {statistics.median(r['out_mib'] for r in runs):>8.0f}"
         )
@@ -317,6 +362,36 @@ def report(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def load_measured(out: Path, universal: bool, args: argparse.Namespace, logs: Path, label: str) -> dict:
+    """DeepSpeed resuming an output on ``--world-size`` ranks: ``engine.load_checkpoint``'s seconds, timed in
+    the engine (its start-up apart). ds_to_universal writes ``latest_universal`` beside its output folder."""
+    load_dir = out.parent if (out.parent / "latest_universal").is_file() else out
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.world_size)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    cmd = [*launch, str(HERE), "_load", str(load_dir), str(int(universal)), str(args.params)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    (logs / f"{label}.err").write_text(done.stderr)
+    if done.returncode != 0:
+        raise Failed(f"{' '.join(cmd)} failed; stderr tail:\n" + "\n".join(done.stderr.splitlines()[-25:]))
+    return next(json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT "))
+
+
+def load_report(results: dict[str, list[dict]], world_size: int) -> str:
+    """Each loadable path: its conversion (whole process), DeepSpeed's load_checkpoint, and the two together."""
+    lines = [
+        f"then resumed by DeepSpeed on {world_size} rank(s) (median (min-max) s):",
+        f"{'path':<20} {'convert':>20} {'load_checkpoint':>20} {'convert + load':>20}",
+    ]
+    for name in LOADABLE:
+        runs = [r for r in results.get(name, []) if "load_s" in r]
+        if runs:
+            lines.append(
+                f"{name:<20} {spread([r['wall_s'] for r in runs]):>20} {spread([r['load_s'] for r in runs]):>20} "
+                f"{spread([r['wall_s'] + r['load_s'] for r in runs]):>20}"
+            )
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     root = checkpoint(args)
     print(describe(root), flush=True)
@@ -325,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         logs = work / "logs"
         logs.mkdir()
-        cmds = {k: v for k, v in commands(root, work).items() if k in args.paths}
+        cmds = {k: v for k, v in commands(root, work, args.world_size).items() if k in args.paths}
         print(f"page cache warmed: read the step folder in {warm(root / (root / 'latest').read_text().strip()):.2f}s")
         for rep in range(args.repeats):
             for name, (cmd, out) in cmds.items():
@@ -334,12 +409,15 @@ def run(args: argparse.Namespace) -> int:
                 os.sync()  # earlier runs' dirty pages are not written back during this one
                 try:
                     r = run_measured(cmd, out, logs, f"{name}-{rep}")
+                    if args.load and name in LOADABLE:
+                        r |= load_measured(out, LOADABLE[name], args, logs, f"{name}-load-{rep}")
                 finally:
                     shutil.rmtree(out.parent, ignore_errors=True)
                 results.setdefault(name, []).append(r)
                 print(
-                    f"  [{rep + 1}/{args.repeats}] {name:<16} {r['wall_s']:7.2f}s, peak RSS {r['maxrss_mib']:.0f} MiB "
-                    f"(anon {r['anon_mib']:.0f}), temporary {r['temp_mib']:.0f} MiB, output {r['out_mib']:.0f} MiB",
+                    f"  [{rep + 1}/{args.repeats}] {name:<20} {r['wall_s']:7.2f}s, peak RSS {r['maxrss_mib']:.0f} MiB "
+                    f"(anon {r['anon_mib']:.0f}), temporary {r['temp_mib']:.0f} MiB, output {r['out_mib']:.0f} MiB"
+                    + (f"; load_checkpoint {r['load_s']:.2f}s" if "load_s" in r else ""),
                     flush=True,
                 )
         os.sync()
@@ -349,6 +427,8 @@ def run(args: argparse.Namespace) -> int:
         print("of the process and its children; temp = the most the output folder held less its final size.")
         print("optstate and cp do not fsync; ds_to_universal and zero_to_fp32 write with torch.save (no fsync).\n")
         print(report(results))
+        if args.load:
+            print("\n" + load_report(results, args.world_size))
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"checkpoint": describe(root), "results": results}) + "\n")
@@ -362,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_build"]:
         build(Path(argv[1]), float(argv[2]))
         return 0
+    if argv[:1] == ["_load"]:
+        load(Path(argv[1]), argv[2] == "1", float(argv[3]))
+        return 0
     if argv[:1] == ["_child"]:
         child(*argv[1:4])
         return 0
@@ -374,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rebuild", action="store_true", help="build the checkpoint anew even where one is kept")
     p.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
     p.add_argument("--json", help="also append all measurements to this JSON-lines file")
+    p.add_argument("--world-size", type=int, default=1, help="the ranks optstate_zero writes for and --load uses")
+    p.add_argument("--load", action="store_true", help="also time DeepSpeed loading each resumable output")
     args = p.parse_args(argv)
     args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
 

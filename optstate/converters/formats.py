@@ -306,8 +306,15 @@ BUILTIN = (
         "deepspeed",
         "DeepSpeed ZeRO checkpoint (a root with 'latest', or one global_stepN directory)",
         # A root names its step folder in `latest`; in a step folder, ZeRO 1/2 write mp_rank_00_model_states.pt,
-        # ZeRO-3 one zero_pp_rank_*_mp_rank_00_model_states.pt per rank.
-        markers=("latest", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+        # ZeRO-3 one zero_pp_rank_*_mp_rank_00_model_states.pt per rank; a universal root (ds_to_universal's
+        # or optstate's) names its folder in latest_universal.
+        markers=(
+            "latest",
+            "latest_universal",
+            "mp_rank_00_model_states.pt",
+            "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        ),
+        torch_layout=True,
         reader="optstate.converters.torch.deepspeed:read",
         writer="optstate.converters.torch.deepspeed:write",
         inspector="optstate.converters.torch.deepspeed:inspect",

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...atomic import atomic_directory
 from ...errors import FormatError, OptstateError, UnsupportedError
 from ...schema.state import Deferred, OptimizerState, all_finite, name_to_path, non_finite_slot
 from ..formats import ReadOptions, WriteOptions
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     from ...report import Report
 
 LATEST = "latest"
+LATEST_UNIVERSAL = "latest_universal"  # where ds_to_universal names the universal folder
 MODEL_STATES = "mp_rank_00_model_states.pt"
 UNIVERSAL = "zero"  # ds_to_universal's folder of per-parameter files
 # One data-parallel rank's optimizer file; bf16_/fp16_ when the model trains in half precision.
@@ -200,8 +202,9 @@ def step_directory(path: str | os.PathLike) -> Path:
     root = Path(path)
     if not root.is_dir():
         raise FormatError(f"{root}: not a directory (a DeepSpeed checkpoint is one)")
-    latest = root / LATEST
-    if not latest.is_file():
+    # A root of ds_to_universal's (or optstate's) universal output names its folder in latest_universal.
+    latest = next((root / n for n in (LATEST, LATEST_UNIVERSAL) if (root / n).is_file()), None)
+    if latest is None:
         return root
     tag = latest.read_text().strip()
     if not tag or not (root / tag).is_dir():
@@ -868,6 +871,378 @@ def inspect(path: str | os.PathLike, fmt: str = "deepspeed", options: ReadOption
     return dataclasses.replace(report, notes=report.notes + notes + tuple(str(w.message) for w in caught))
 
 
+# ----------------------------------------------------------------------------- writing
+
+
+# The DeepSpeed release whose layout is written (``ds_version``: its ZeRO optimizer asserts one, and ZeRO-1
+# refuses a checkpoint older than 0.3.17). The files hold plain dicts, lists, numbers and tensors: DeepSpeed
+# reads its loss scaler, clip norm and overflow flag with its own values as the default, so none is written.
+WRITTEN_VERSION = "0.19.8"
+WRITTEN_STAGE = 2  # the rank files' zero_stage: ZeRO 1 and 2 save and load the same files
+NCCL_START_ALIGNMENT = 2  # stage_1_and_2.py's nccl_start_alignment_factor: a flat group pads to 2 x ranks values
+
+
+@dataclass(frozen=True)
+class FlatPartition:
+    """One rank's partition of a flat group, made when it is written (an array-like for :func:`.ptfile.save`):
+    ``pieces`` of parameters' values, each ``(array, start, count)`` of the array flattened, one after the
+    other, then zeros up to ``size`` (DeepSpeed's padding, which no parameter reads).
+
+    >>> part = FlatPartition(((np.arange(4.0), 2, 2), (np.ones((1, 1)), 0, 1)), 4, np.dtype("float64"))
+    >>> part.shape, np.asarray(part).tolist()
+    ((4,), [2.0, 3.0, 1.0, 0.0])
+    """
+
+    pieces: tuple[tuple[Any, int, int], ...]
+    size: int
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The partition's shape: flat."""
+        return (self.size,)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        flat = np.empty(self.size, self.dtype)
+        at = 0
+        for array, start, count in self.pieces:
+            flat[at : at + count] = np.asarray(array).reshape(-1)[start : start + count]
+            at += count
+        flat[at:] = 0
+        return flat if dtype is None else flat.astype(dtype)
+
+
+@dataclass(frozen=True)
+class WriteGroup:
+    """A param group as ZeRO flattens it: its hyperparameters (torch's defaults filled in), its trainable
+    parameters in flattening order, and their state as torch keeps it per parameter (``entries``, by name)."""
+
+    hyperparams: Mapping[str, Any]
+    params: tuple[Any, ...]  # ParamInfo, in the order the group's parameters are flattened
+    entries: Mapping[str, Mapping[str, Any]]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """``param_shapes``' entry of the group: each parameter's name and shape, in flattening order."""
+        return {_name(p): p.shape for p in self.params}
+
+    @property
+    def numel(self) -> int:
+        """How many values the group's parameters hold."""
+        return sum(math.prod(p.shape) for p in self.params)
+
+    @property
+    def step(self) -> Any:
+        """The group's ``step`` (one per flat partition under ZeRO), ``None`` where it keeps none."""
+        return next((e["step"] for e in self.entries.values() if "step" in e), None)
+
+    @property
+    def slot_keys(self) -> tuple[str, ...]:
+        """The torch keys of the group's tensor slots (``exp_avg``, ...), ``()`` before its first step."""
+        return tuple(k for k in next(iter(self.entries.values()), {}) if k != "step")
+
+
+def _name(info: Any) -> str:
+    return ".".join(info.path)
+
+
+def zero12_partition(numel: int, ranks: int) -> int:
+    """The values of each rank's partition of a flat group of ``numel`` values under ZeRO 1/2: the group padded
+    to a multiple of ``2 x ranks`` (``flatten_dense_tensors_aligned``), cut in ``ranks`` equal parts.
+
+    >>> zero12_partition(53, 2), zero12_partition(53, 1), zero12_partition(3, 4)
+    (28, 54, 2)
+    """
+    alignment = NCCL_START_ALIGNMENT * ranks
+    return -(-numel // alignment) * alignment // ranks
+
+
+def zero12_padding(numel: int, partition: int, rank: int) -> int:
+    """How many of rank ``rank``'s ``partition`` values are padding (``groups_padding``): the tail of the last
+    rank holding values, and the whole of a rank past it.
+
+    >>> [zero12_padding(3, 2, r) for r in range(4)]
+    [0, 1, 2, 2]
+    """
+    return partition - min(max(numel - rank * partition, 0), partition)
+
+
+def _refuse_unwritable(state: OptimizerState, where: str) -> None:
+    """What a ZeRO checkpoint cannot hold exactly: an optimizer DeepSpeed does not wrap per element, a slot of
+    one value per parameter (ZeRO keeps one per flat group), and anything but fp32 (ZeRO's master weights and
+    the optimizer's state over them are fp32: a float64 or bf16 state would be rounded or widened)."""
+    spec = state.spec
+    torch_dict.refuse_optax_native(spec)
+    if spec.update_scope != "elementwise":
+        raise UnsupportedError(
+            f"{where}: {spec.torch_class} keeps {spec.update_scope} statistics of each parameter; ZeRO steps the "
+            "ranks' flat partitions, so DeepSpeed would take them over a partition instead"
+        )
+    scalar = [s.name for s in spec.slots if s.scalar]
+    if scalar:
+        raise UnsupportedError(
+            f"{where}: {spec.torch_class} keeps {scalar[0]!r}, one value per parameter; ZeRO keeps one per flat "
+            "group, which the parameters of a group need not share"
+        )
+    if state.weights is None:
+        raise UnsupportedError(
+            f"{where}: the state holds no weights; a DeepSpeed checkpoint holds the fp32 master weights beside the "
+            "optimizer state (convert from a checkpoint that saved the model)"
+        )
+    for info in state.params:
+        weight = state.weights.get(info.path)
+        dtype = info.dtype if weight is None else str(weight.dtype)
+        if weight is None or info.dtype != "float32" or dtype != "float32":
+            held = "no weight" if weight is None else f"a {info.dtype} parameter with a {dtype} weight"
+            raise UnsupportedError(
+                f"{where}: {_name(info)} is {held}; DeepSpeed ZeRO keeps fp32 master weights and fp32 optimizer "
+                "state, so only an fp32 state is written exactly (expected float32)"
+            )
+
+
+def _model_order(model: Any) -> dict[str, int] | None:
+    """The position of each trainable parameter of the model the checkpoint will be resumed with (``--model``):
+    the order ZeRO flattens a param group in; ``None`` without a model (the state's own order)."""
+    if model is None:
+        return None
+    module = torch_dict.torch_model(model)
+    return {n: i for i, (n, p) in enumerate(module.named_parameters()) if p.requires_grad}
+
+
+def write_groups(state: OptimizerState, model: Any = None, where: str = "deepspeed") -> list[WriteGroup]:
+    """The state's param groups as ZeRO flattens them: trainable parameters with values (ZeRO leaves
+    zero-element ones to the frozen), in the state's order or, with ``model``, the model's; each group's
+    parameters checked to share one step (ZeRO keeps one per flat partition) and the same slots.
+
+    >>> from optstate.schema.state import ParamInfo
+    >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},), (ParamInfo(("w",), (2,), "float32", 0),),
+    ...     {("momentum", ("w",)): np.ones(2, np.float32)}, weights={("w",): np.zeros(2, np.float32)})
+    >>> [(g.shapes, g.slot_keys, g.hyperparams["momentum"]) for g in write_groups(s)]
+    [({'w': (2,)}, ('momentum_buffer',), 0.9)]
+    """
+    order = _model_order(model)
+    if order is not None:
+        missing = [_name(p) for p in state.params if _name(p) not in order]
+        if missing:
+            raise FormatError(f"{where}: {missing[0]} is not a trainable parameter of the model {model}")
+    groups = []
+    for g, hyperparams in enumerate(state.param_groups):
+        params = tuple(p for p in state.params if p.group == g and math.prod(p.shape) > 0)
+        if order is not None:
+            params = tuple(sorted(params, key=lambda p: order[_name(p)]))
+        if not params:
+            raise UnsupportedError(f"{where}: param group {g} holds no parameter with values; ZeRO flattens each group")
+        entries = {_name(p): torch_dict.param_entry(state, p) for p in params}
+        _check_one_partition_state(entries, g, where)
+        groups.append(WriteGroup(state.spec.with_defaults(hyperparams), params, entries))
+    return groups
+
+
+def _check_one_partition_state(entries: Mapping[str, Mapping[str, Any]], group: int, where: str) -> None:
+    first_name, first = next(iter(entries.items()))
+    for name, entry in entries.items():
+        if set(entry) != set(first) or _step(entry) != _step(first):
+            mine = f"step {_step(entry)} with {sorted(entry) or 'no state'}"
+            theirs = f"step {_step(first)} with {sorted(first) or 'no state'}"
+            raise UnsupportedError(
+                f"{where}: {name} is at {mine}, {first_name} of the same param group {group} at {theirs}; ZeRO "
+                "keeps one step and one state per param group's flat partition"
+            )
+
+
+def global_step(groups: Sequence[WriteGroup], where: str) -> int:
+    """The engine's ``global_steps``: the one step the groups share (0 before the first, or without a step).
+
+    >>> global_step([], "ckpt")
+    0
+    """
+    steps = {float(np.asarray(g.step)) for g in groups if g.step is not None}
+    if len(steps) > 1:
+        raise UnsupportedError(
+            f"{where}: the param groups are at steps {sorted(steps)}; a DeepSpeed engine counts one global step"
+        )
+    step = next(iter(steps), 0.0)
+    if not step.is_integer():
+        raise UnsupportedError(f"{where}: the step {step} is not a whole number of steps")
+    return int(step)
+
+
+def _ds_config(stage: int) -> dict[str, Any]:
+    return {"zero_optimization": {"stage": stage}}
+
+
+def model_states(
+    state: OptimizerState, groups: Sequence[WriteGroup], step: int, world_size: int, where: str
+) -> dict[str, Any]:
+    """``mp_rank_00_model_states.pt`` as ``engine.save_checkpoint`` writes it under ZeRO 2: the module's
+    ``state_dict`` (the fp32 weights), ``param_shapes``, the frozen parameters apart, the LR scheduler's
+    state, the step and the world size. Shapes are tuples (DeepSpeed saves ``torch.Size``; its loader reads
+    neither)."""
+    weights = state.weights or {}
+    trainable = {p.path for g in groups for p in g.params}
+    buffers = set(state.buffers)
+    frozen = {".".join(path): w for path, w in weights.items() if path not in trainable and path not in buffers}
+    return {
+        "module": {".".join(path): w for path, w in weights.items()},
+        "buffer_names": [".".join(path) for path in state.buffers],
+        "optimizer": None,
+        "param_shapes": [g.shapes for g in groups],
+        "frozen_param_shapes": {name: tuple(w.shape) for name, w in frozen.items()},
+        "shared_params": {},
+        "frozen_param_fragments": frozen,
+        "lr_scheduler": _scheduler(state, where),
+        "data_sampler": None,
+        "random_ltd": None,
+        "skipped_steps": 0,
+        "global_steps": step,
+        "dp_world_size": world_size,
+        "mp_world_size": 1,
+        "ds_config": _ds_config(WRITTEN_STAGE),
+        "ds_version": WRITTEN_VERSION,
+    }
+
+
+def _scheduler(state: OptimizerState, where: str) -> Mapping[str, Any] | None:
+    if state.metadata.lr_scheduler is None and state.metadata.schedule_count is not None:
+        warnings.warn(
+            f"{where}: the state follows a schedule (count {state.metadata.schedule_count}) that is not saved; "
+            "give deepspeed.initialize the torch scheduler that continues it (lr_scheduler=)",
+            stacklevel=4,
+        )
+    return None if state.metadata.lr_scheduler is None else dict(state.metadata.lr_scheduler)
+
+
+def _partitions(
+    group: WriteGroup, values: Callable[[str], Any], ranks: int, dtype: np.dtype, padded: bool
+) -> list[FlatPartition]:
+    """Each rank's partition of a flat group, from each parameter's array (``values(name)``); ``padded``:
+    the optimizer's state, whole, else the fp32 master weights, the padding cut off as DeepSpeed saves them."""
+    partition = zero12_partition(group.numel, ranks)
+    pieces: list[list[tuple[Any, int, int]]] = [[] for _ in range(ranks)]
+    for layout in zero12_layout(group.shapes, partition):
+        offset = 0
+        for piece in layout.pieces:
+            pieces[piece.rank].append((values(layout.name), offset, piece.count))
+            offset += piece.count
+    return [
+        FlatPartition(tuple(pieces[r]), partition - (0 if padded else zero12_padding(group.numel, partition, r)), dtype)
+        for r in range(ranks)
+    ]
+
+
+def _slot_of(group: WriteGroup, key: str) -> Callable[[str], Any]:
+    """A parameter's array of slot ``key`` by its name."""
+    return lambda name: group.entries[name][key]
+
+
+def optimizer_files(state: OptimizerState, groups: Sequence[WriteGroup], ranks: int) -> list[dict[str, Any]]:
+    """Each rank's ``zero_pp_rank_{r}_mp_rank_00_optim_states.pt`` under ZeRO 1/2, as DeepSpeed saves it
+    without ``elastic_checkpoint``: the wrapped torch optimizer's ``state_dict()`` over the rank's padded flat
+    partitions, the fp32 master partitions without their padding, the paddings and the world size."""
+    weights = state.weights or {}
+    fp32 = np.dtype(np.float32)
+    by_name = {_name(p): p.path for g in groups for p in g.params}
+    masters = [_partitions(g, lambda n: weights[by_name[n]], ranks, fp32, padded=False) for g in groups]
+    slots = [{key: _partitions(g, _slot_of(g, key), ranks, fp32, padded=True) for key in g.slot_keys} for g in groups]
+    files = []
+    for r in range(ranks):
+        base_state = {
+            index: ({"step": g.step} if g.step is not None else {}) | {k: parts[r] for k, parts in slots[index].items()}
+            for index, g in enumerate(groups)
+            if g.slot_keys
+        }
+        sd = {
+            "zero_stage": WRITTEN_STAGE,
+            "partition_count": [ranks] * len(groups),
+            "group_paddings": [zero12_padding(g.numel, zero12_partition(g.numel, ranks), r) for g in groups],
+            "param_alignment_paddings": [[0] * len(g.params) for g in groups],
+            "base_optimizer_state": {
+                "state": base_state,
+                "param_groups": [dict(g.hyperparams, params=[index]) for index, g in enumerate(groups)],
+            },
+            "single_partition_of_fp32_groups": [parts[r] for parts in masters],
+            "ds_version": WRITTEN_VERSION,
+        }
+        files.append(
+            {"optimizer_state_dict": sd, "ds_config": _ds_config(WRITTEN_STAGE), "ds_version": WRITTEN_VERSION}
+        )
+    return files
+
+
+def _save(obj: Any, path: Path, options: WriteOptions) -> None:
+    # Inside the output's temporary directory: atomic_directory fsyncs the tree once, then renames it.
+    ptfile.save(obj, path, fsync=False, progress=options.progress)
+
+
+def write_zero(state: OptimizerState, root: Path, ranks: int, options: WriteOptions) -> None:
+    """A ZeRO 1/2 checkpoint for ``ranks`` ranks at ``root`` (``latest``, ``global_stepN/``), written into
+    ``root`` as it is (the caller makes it a temporary directory)."""
+    where = os.fspath(root)
+    groups = write_groups(state, options.model, where)
+    step = global_step(groups, where)
+    tag = root / f"global_step{step}"
+    tag.mkdir(parents=True)
+    _save(model_states(state, groups, step, ranks, where), tag / MODEL_STATES, options)
+    for r, rank_file in enumerate(optimizer_files(state, groups, ranks)):
+        _save(rank_file, tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", options)
+    (root / LATEST).write_text(tag.name)
+
+
+def write_universal(state: OptimizerState, root: Path, options: WriteOptions) -> None:
+    """ds_to_universal's layout at ``root`` (``latest_universal``, ``global_stepN_universal/``): the model
+    states, and under ``zero/`` each parameter's whole tensors, ``{"param": tensor, "cat_dim": 0}`` per slot
+    (``fp32.pt`` the master weight) and its ``step.pt``, with the param groups in ``zero/optimizer_state.pt``."""
+    where = os.fspath(root)
+    groups = write_groups(state, options.model, where)
+    step = global_step(groups, where)
+    tag = root / f"global_step{step}_universal"
+    (tag / UNIVERSAL).mkdir(parents=True)
+    _save(model_states(state, groups, step, options.world_size or 1, where), tag / MODEL_STATES, options)
+    common = {
+        "param_groups": [dict(g.hyperparams, params=[index]) for index, g in enumerate(groups)],
+        "zero_stage": WRITTEN_STAGE,
+        "ds_version": WRITTEN_VERSION,
+    }
+    _save(common, tag / UNIVERSAL / "optimizer_state.pt", options)
+    weights = state.weights or {}
+    for g in groups:
+        for info in g.params:
+            folder = tag / UNIVERSAL / _name(info)
+            folder.mkdir()
+            _save({"param": weights[info.path], "cat_dim": 0}, folder / "fp32.pt", options)
+            for key, value in g.entries[_name(info)].items():
+                _save(value if key == "step" else {"param": value, "cat_dim": 0}, folder / f"{key}.pt", options)
+    (root / LATEST_UNIVERSAL).write_text(tag.name)
+
+
 def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
-    """Not written yet (the writer lands with issue 17)."""
-    raise OptstateError(f"{os.fspath(path)}: writing the deepspeed format is not implemented yet")
+    """The writer of the ``deepspeed`` format: with ``options.world_size`` M, a ZeRO 1/2 checkpoint for M ranks
+    that ``engine.load_checkpoint(path)`` resumes on M ranks; without, a universal checkpoint, which DeepSpeed
+    loads at any world size under ZeRO 1/2 with ``"checkpoint": {"load_universal": true}``. Written into a
+    temporary directory, fsynced, renamed to ``path``.
+
+    >>> import tempfile
+    >>> from optstate.schema.state import ParamInfo
+    >>> s = OptimizerState("adamw", ({"lr": 0.1},), (ParamInfo(("w",), (3,), "float32", 0, 2),),
+    ...     {("first_moment", ("w",)): np.ones(3, np.float32), ("second_moment", ("w",)): np.ones(3, np.float32)},
+    ...     weights={("w",): np.arange(3, dtype=np.float32)})
+    >>> out = Path(tempfile.mkdtemp()) / "ds"
+    >>> write(s, out, WriteOptions(world_size=2))
+    >>> sorted(p.name for p in (out / "global_step2").iterdir())  # doctest: +NORMALIZE_WHITESPACE
+    ['mp_rank_00_model_states.pt', 'zero_pp_rank_0_mp_rank_00_optim_states.pt',
+     'zero_pp_rank_1_mp_rank_00_optim_states.pt']
+    >>> back = read(out, ReadOptions())
+    >>> np.asarray(back.weights[("w",)]).tolist(), back.params[0].step
+    ([0.0, 1.0, 2.0], 2)
+    """
+    where = os.fspath(path)
+    _refuse_unwritable(state, where)
+    if options.world_size is not None and options.world_size < 1:
+        raise OptstateError(
+            f"{where}: --world-size {options.world_size}: a ZeRO checkpoint is written for 1 rank or more"
+        )
+    with atomic_directory(path, force=options.force, fsync=options.fsync) as tmp:
+        if options.world_size is None:
+            write_universal(state, tmp, options)
+        else:
+            write_zero(state, tmp, options.world_size, options)
