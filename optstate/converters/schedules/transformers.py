@@ -30,7 +30,7 @@ import numbers
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from ...errors import FormatError, UnsupportedError
 
@@ -40,8 +40,10 @@ __all__ = [
     "SCHEDULE_TYPES",
     "TransformersSchedule",
     "attach",
+    "lambda_lr_state",
     "num_warmup_steps",
     "schedule_from_arguments",
+    "trainer_arguments",
 ]
 
 #: The key under which a LambdaLR's state dict carries the transformers schedule it follows.
@@ -540,3 +542,79 @@ def attach(sd: Mapping[str, Any], schedule: TransformersSchedule, source: str = 
                 "describe this scheduler; refusing"
             )
     return {**sd, KEY: schedule.to_json()}
+
+
+# ----------------------------------------------------------------------------- the way back: a Trainer's scheduler
+
+
+def trainer_arguments(schedule: TransformersSchedule, *, learning_rate: float) -> dict[str, Any]:
+    """The ``TrainingArguments`` fields under which ``Trainer.create_scheduler`` builds ``schedule``:
+    ``lr_scheduler_type``, ``warmup_steps`` (whole steps), ``max_steps`` (where the schedule reads the number
+    of training steps), ``learning_rate`` and ``lr_scheduler_kwargs``. Checked the way round:
+    :func:`schedule_from_arguments` of them gives ``schedule`` back, else refused (``polynomial``'s
+    ``lr_init`` is the learning rate, say).
+
+    >>> s = schedule_from_arguments("cosine", num_warmup_steps=2, num_training_steps=10, learning_rate=0.1)
+    >>> trainer_arguments(s, learning_rate=0.1)  # doctest: +NORMALIZE_WHITESPACE
+    {'lr_scheduler_type': 'cosine', 'warmup_steps': 2, 'max_steps': 10, 'learning_rate': 0.1,
+     'lr_scheduler_kwargs': {'num_cycles': 0.5}}
+    >>> trainer_arguments(TransformersSchedule("constant", {}), learning_rate=0.1)
+    {'lr_scheduler_type': 'constant', 'warmup_steps': 0, 'learning_rate': 0.1, 'lr_scheduler_kwargs': {}}
+    >>> s = schedule_from_arguments("polynomial", num_warmup_steps=0, num_training_steps=5, learning_rate=0.1)
+    >>> trainer_arguments(s, learning_rate=0.2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.UnsupportedError: transformers schedule polynomial (..., lr_init=0.1): no TrainingArguments ...
+    """
+    kwargs = dict(schedule.kwargs)
+    warmup = int(kwargs.pop("num_warmup_steps", 0))
+    total = kwargs.pop("num_training_steps", None)
+    kwargs.pop("lr_init", None)  # get_polynomial_decay_schedule_with_warmup takes the optimizer's lr
+    try:
+        rebuilt = schedule_from_arguments(
+            schedule.type,
+            num_warmup_steps=num_warmup_steps(warmup, total or 0),
+            num_training_steps=total or 0,  # not read by the types without it
+            learning_rate=learning_rate,
+            lr_scheduler_kwargs=kwargs,
+        )
+    except (FormatError, UnsupportedError) as exc:
+        _refuse_arguments(schedule, learning_rate, str(exc))
+    if dict(rebuilt.kwargs) != dict(schedule.kwargs):
+        _refuse_arguments(schedule, learning_rate, f"they build {rebuilt.describe()}")
+    steps = {} if total is None else {"max_steps": int(total)}
+    return {
+        "lr_scheduler_type": schedule.type,
+        "warmup_steps": warmup,
+        **steps,
+        "learning_rate": learning_rate,
+        "lr_scheduler_kwargs": kwargs,
+    }
+
+
+def _refuse_arguments(schedule: TransformersSchedule, learning_rate: float, why: str) -> NoReturn:
+    raise UnsupportedError(
+        f"transformers schedule {schedule.describe()}: no TrainingArguments with learning_rate={learning_rate!r} "
+        f"build it ({why}); refusing"
+    )
+
+
+def lambda_lr_state(schedule: TransformersSchedule, base_lrs: Iterable[float], last_epoch: int) -> dict[str, Any]:
+    """The state dict of the Trainer's ``LambdaLR`` (torch 2.x's keys) after ``last_epoch`` steps of
+    ``schedule``, one entry per param group: what ``scheduler.load_state_dict`` continues from. The
+    function itself is not in it (torch saves a ``functools.partial`` as ``{}``): the Trainer rebuilds it.
+
+    >>> s = schedule_from_arguments("linear", num_warmup_steps=2, num_training_steps=10, learning_rate=0.1)
+    >>> sd = lambda_lr_state(s, [0.1, 0.1], 6)
+    >>> sd["last_epoch"], sd["_step_count"], sd["_last_lr"], sd["lr_lambdas"]
+    (6, 7, [0.05, 0.05], [{}, {}])
+    """
+    base = [float(b) for b in base_lrs]
+    return {
+        "base_lrs": base,
+        "last_epoch": last_epoch,
+        "_step_count": last_epoch + 1,
+        "_is_initial": False,
+        "_get_lr_called_within_step": False,
+        "_last_lr": [b * schedule.factor(last_epoch) for b in base],
+        "lr_lambdas": [{} for _ in base],
+    }

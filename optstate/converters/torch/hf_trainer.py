@@ -18,41 +18,70 @@ save), ``model.safetensors`` (keys sorted, a tied ``lm_head`` stored once), ``co
 
 Nothing from the checkpoint is run; the files are read by :mod:`.ptfile` and optstate's safetensors
 reader. torch and transformers are imported only to build the model on the meta device.
+
+The way back (:func:`write_checkpoint`, the format's writer) writes what ``Trainer.train(resume_from_checkpoint=)``
+loads, with NumPy (:func:`.ptfile.save`, optstate's safetensors writer): model.safetensors, optimizer.pt in
+the two groups ``Trainer.create_optimizer`` builds for the model given (``--model``), scheduler.pt (the
+LambdaLR's state at the step), trainer_state.json and config.json (from a model directory). The Trainer
+rebuilds its optimizer class and its schedule's function from its TrainingArguments, so the writer names
+the ones that continue the state (returned, warned, and kept in :data:`RESUME_ARGUMENTS`, from which this
+reader takes the schedule where there is no training_args.bin); a state whose groups or schedule no
+TrainingArguments rebuild is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+import types
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...atomic import atomic_directory
 from ...errors import FormatError, MappingError, MissingDependencyError, OptstateError, UnsupportedError
-from ...schema.fileformat import read_safetensors, read_sharded_safetensors
-from ...schema.state import OptimizerState
+from ...schema.fileformat import read_safetensors, read_sharded_safetensors, write_safetensors
+from ...schema.state import OptimizerState, path_to_name
 from ..formats import ReadOptions, WriteOptions
 from ..schedules.identify import LAMBDA, scheduler_class
 from ..schedules.transformers import (
+    KEY,
     REFUSED_TYPES,
     TransformersSchedule,
     attach,
+    lambda_lr_state,
     num_warmup_steps,
     schedule_from_arguments,
+    trainer_arguments,
 )
 from . import ptfile
-from .state_dict import state_from_checkpoint
+from .state_dict import state_dict_arrays, state_from_checkpoint
 
 if TYPE_CHECKING:
     import torch
 
     from ...report import Report
 
-__all__ = ["TrainerArguments", "TrainerCheckpoint", "decay_split", "inspect", "name_param_groups", "read"]
+__all__ = [
+    "RESUME_ARGUMENTS",
+    "TrainerArguments",
+    "TrainerBookkeeping",
+    "TrainerCheckpoint",
+    "decay_split",
+    "inspect",
+    "name_param_groups",
+    "read",
+    "trainer_state_document",
+    "write",
+    "write_checkpoint",
+]
 
 #: The Trainer's ``optim`` values whose optimizer is torch's own class (``torch.optim.AdamW``, ``SGD``, ...):
 #: the others are transformers', bitsandbytes' or another library's, whose state optstate does not read.
@@ -65,6 +94,10 @@ _NOT_CARRIED = {
 }
 
 _GROUPS = ("weight decay", "no weight decay")
+
+#: Written beside the Trainer's files: the TrainingArguments the checkpoint continues exactly under. The Trainer
+#: ignores it; optstate reads the schedule from it where there is no training_args.bin.
+RESUME_ARGUMENTS = "optstate_training_args.json"
 
 
 @dataclass(frozen=True)
@@ -111,6 +144,34 @@ class TrainerArguments:
             optim=str(field("optim")),
             max_grad_norm=record.get("max_grad_norm"),
         )
+
+    @classmethod
+    def from_json(cls, path: Path) -> TrainerArguments:
+        """The arguments optstate's writer recorded in :data:`RESUME_ARGUMENTS` (where no training_args.bin is).
+
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / RESUME_ARGUMENTS
+        >>> _ = f.write_text('{"TrainingArguments": {"optim": "sgd", "learning_rate": 0.1, "weight_decay": 0.0, '
+        ...     '"lr_scheduler_type": "constant", "warmup_steps": 0, "lr_scheduler_kwargs": {}}}')
+        >>> TrainerArguments.from_json(f).lr_scheduler_type
+        'constant'
+        """
+        try:
+            fields = json.loads(path.read_text(encoding="utf-8"))["TrainingArguments"]
+            return cls(
+                lr_scheduler_type=str(fields["lr_scheduler_type"]),
+                learning_rate=float(fields["learning_rate"]),
+                weight_decay=float(fields["weight_decay"]),
+                warmup_steps=float(fields["warmup_steps"]),
+                warmup_ratio=None,
+                lr_scheduler_kwargs=_kwargs(fields["lr_scheduler_kwargs"], str(path)),
+                optim=str(fields["optim"]),
+                max_grad_norm=None,
+            )
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise FormatError(
+                f"{path}: not the TrainingArguments optstate records ({type(exc).__name__}: {exc})"
+            ) from None
 
 
 def _enum_value(value: Any) -> Any:
@@ -162,10 +223,12 @@ class TrainerCheckpoint:
         global_step, max_steps = _trainer_state(directory / "trainer_state.json")
         optimizer = ptfile.load(_needed(directory, "optimizer.pt", "the optimizer state (save_only_model=True?)"))
         scheduler = ptfile.load(directory / "scheduler.pt") if (directory / "scheduler.pt").is_file() else None
-        arguments_file = directory / "training_args.bin"
+        arguments_file, resume_file = directory / "training_args.bin", directory / RESUME_ARGUMENTS
         arguments = (
             TrainerArguments.from_record(ptfile.load(arguments_file, records=True), str(arguments_file))
             if arguments_file.is_file()
+            else TrainerArguments.from_json(resume_file)
+            if resume_file.is_file()
             else None
         )
         return cls(
@@ -481,6 +544,10 @@ def _notes(checkpoint: TrainerCheckpoint, groups: Sequence[Mapping[str, Any]]) -
     return notes
 
 
+def _arguments_file(checkpoint: TrainerCheckpoint) -> str:
+    return "training_args.bin" if "training_args.bin" in checkpoint.files else RESUME_ARGUMENTS
+
+
 def _schedule_note(checkpoint: TrainerCheckpoint) -> str:
     sd = checkpoint.scheduler
     if sd is None:
@@ -496,11 +563,435 @@ def _schedule_note(checkpoint: TrainerCheckpoint) -> str:
         "every step" if settles is not None and settles <= checkpoint.max_steps else f"steps 0..{checkpoint.max_steps}"
     )
     return (
-        f"LR schedule: {schedule.describe()}, rebuilt from training_args.bin and max_steps (torch does not save "
-        f"the LambdaLR's function); exact in Optax for {span}"
+        f"LR schedule: {schedule.describe()}, rebuilt from the TrainingArguments ({_arguments_file(checkpoint)}) and "
+        f"max_steps (torch does not save the LambdaLR's function); exact in Optax for {span}"
     )
 
 
+# ----------------------------------------------------------------------------- writing a checkpoint-N/
+# The Trainer resumes by building its optimizer and LambdaLR from its TrainingArguments, then loading optimizer.pt
+# (whose param groups replace the built ones, hyperparameters included) and scheduler.pt (base_lrs, last_epoch)
+# into them; the LambdaLR's function stays the one the arguments name. So the written groups must be the
+# Trainer's (count, order, membership) and the schedule one the arguments can name.
+
+#: The ``optim`` under which the Trainer builds each family's torch class, the one optimizer.pt loads into.
+TRAINER_OPTIM = types.MappingProxyType(
+    {"adamw": "adamw_torch", "sgd": "sgd", "adagrad": "adagrad", "rmsprop": "rmsprop"}
+)
+
+_CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+
+# TrainerControl.state()'s arguments, all off between steps.
+_CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save", "should_evaluate", "should_log")
+
+
+@dataclass(frozen=True)
+class TrainerBookkeeping:
+    """trainer_state.json fields that no optimizer state holds; by default ``TrainingArguments``' own defaults.
+
+    The Trainer keeps the file's values when it resumes (transformers logs a warning where they differ from
+    the arguments): a resumed run logs, evaluates and saves every ``logging_steps``, ``eval_steps``,
+    ``save_steps`` written here, and with ``auto_find_batch_size`` starts from ``train_batch_size``. A
+    checkpoint of the run given as the model (``--model checkpoint-N/``) gives its own.
+
+    >>> TrainerBookkeeping().save_steps
+    500
+    """
+
+    train_batch_size: int = 8
+    logging_steps: int = 500
+    eval_steps: int = 500
+    save_steps: int = 500
+
+    @classmethod
+    def of_directory(cls, spec: Any) -> TrainerBookkeeping:
+        """The fields of a model directory that is a checkpoint of the run (its trainer_state.json), else the
+        defaults.
+
+        >>> TrainerBookkeeping.of_directory("torch.nn:Identity").train_batch_size
+        8
+        """
+        path = Path(spec) / "trainer_state.json" if isinstance(spec, (str, os.PathLike)) else None
+        if path is None or not path.is_file():
+            return cls()
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{path}: not readable as JSON ({exc})") from None
+        fields = {f.name: document.get(f.name) for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in fields.items() if isinstance(v, int) and not isinstance(v, bool) and v > 0})
+
+
+def trainer_state_document(global_step: int, max_steps: int, bookkeeping: TrainerBookkeeping) -> dict[str, Any]:
+    """trainer_state.json for a run at ``global_step``: fields ``TrainerState.load_from_json`` takes (it refuses
+    unknown ones), an empty log history, and ``TrainerControl``'s entry in ``stateful_callbacks``, which the
+    Trainer's next save updates in place (a KeyError without it). Another stateful callback of the resumed run
+    (EarlyStoppingCallback) needs its own entry, as in any checkpoint written without it.
+
+    >>> trainer_state_document(4, 10, TrainerBookkeeping())["global_step"]
+    4
+    """
+    return {
+        "global_step": global_step,
+        "max_steps": max_steps,
+        "log_history": [],
+        **dataclasses.asdict(bookkeeping),
+        "stateful_callbacks": {"TrainerControl": {"args": dict.fromkeys(_CONTROL_FLAGS, False), "attributes": {}}},
+    }
+
+
+def _trainer_optim(state: OptimizerState, source: str) -> str:
+    optim = TRAINER_OPTIM.get(state.optimizer)
+    if optim is None:
+        raise UnsupportedError(
+            f"{source}: optimizer {state.spec.torch_class}: the Trainer builds torch's own optimizers only for "
+            f"optim={', '.join(TORCH_OPTIMIZERS)} (AdamW, SGD, Adagrad, RMSprop); its optimizer.pt would not load "
+            "into the optimizer a Trainer builds (convert --to torch for your own loop)"
+        )
+    return optim
+
+
+def _global_step(state: OptimizerState, requested: int | None, source: str) -> int:
+    """The Trainer's global_step: the scheduler's last_epoch and ``requested`` (``--step``), those that are
+    known, agreeing; else the optimizer's step count. No parameter's step may be ahead of it (one that missed
+    gradients, or a step the fp16 scaler skipped, leaves the optimizer's behind: torch keeps one per parameter)."""
+    named: dict[str, int] = {}
+    scheduler = state.metadata.lr_scheduler
+    if scheduler is not None and isinstance(scheduler.get("last_epoch"), int):
+        named["the LR scheduler's last_epoch"] = scheduler["last_epoch"]
+    if requested is not None:
+        named["--step"] = requested
+    if len(set(named.values())) > 1:
+        raise MappingError(f"{source}: the steps disagree: {', '.join(f'{k} {v}' for k, v in named.items())}")
+    ahead = max((p.step or 0 for p in state.params), default=0) if state.spec.has_step else None
+    step = next(iter(named.values()), ahead)
+    if step is None:
+        raise FormatError(
+            f"{source}: the state records no step count ({state.spec.torch_class} keeps none): pass --step N, "
+            "the global step the Trainer resumes at"
+        )
+    if step < 0 or (ahead is not None and ahead > step):
+        raise MappingError(f"{source}: global step {step}, but a parameter has taken {ahead} optimizer steps")
+    return step
+
+
+def _check_directory_name(path: Path, step: int) -> None:
+    match = _CHECKPOINT_NAME.fullmatch(path.name)
+    if match is not None and int(match[1]) != step:
+        raise OptstateError(
+            f"{path}: the state is at global step {step}, and the Trainer names a checkpoint by its step "
+            f"(resume_from_checkpoint=True takes the highest): name it checkpoint-{step}"
+        )
+
+
+def _schedule(state: OptimizerState, step: int, source: str) -> tuple[TransformersSchedule, list[float]]:
+    """The transformers schedule the state follows and each of its groups' base lr: a Trainer's LambdaLR read
+    with its schedule, or (no scheduler) the groups' lr held constant; every group's lr checked against it."""
+    sd = state.metadata.lr_scheduler
+    if sd is not None:
+        if KEY not in sd:
+            raise UnsupportedError(
+                f"{source}: the state's LR scheduler is a {scheduler_class(sd)}; the Trainer continues a LambdaLR "
+                "whose function its TrainingArguments name (lr_scheduler_type), so only a transformers schedule "
+                "(from a Trainer checkpoint) or a constant lr is written (convert --to torch keeps this scheduler)"
+            )
+        schedule = TransformersSchedule.from_json(sd[KEY])
+        base = [float(b) for b in sd["base_lrs"]]
+        if len(base) != len(state.param_groups):
+            raise FormatError(
+                f"{source}: the scheduler has {len(base)} base_lrs, the state {len(state.param_groups)} groups"
+            )
+    else:
+        attached = next((g for g in state.param_groups if g.get("initial_lr", g.get("lr")) != g.get("lr")), None)
+        if (state.metadata.schedule_count is not None or attached is not None) and not state.metadata.constant_lr:
+            raise UnsupportedError(
+                f"{source}: the state followed an LR schedule that is not in it ("
+                + (
+                    f"count {state.metadata.schedule_count}"
+                    if attached is None
+                    else f"initial_lr {attached['initial_lr']}, lr {attached['lr']}"
+                )
+                + "), so the Trainer's schedule cannot be chosen to continue it; if the lr stays at the groups' "
+                "values from here: --constant-lr"
+            )
+        schedule = TransformersSchedule("constant", {})
+        base = [float(g["lr"]) for g in state.param_groups]
+    for gi, (group, b) in enumerate(zip(state.param_groups, base, strict=True)):
+        want = b * schedule.factor(step)
+        if not math.isclose(float(group["lr"]), want, rel_tol=1e-12, abs_tol=0.0):
+            raise UnsupportedError(
+                f"{source}: param group {gi} has lr {group['lr']!r}, where {schedule.describe()} from base lr {b!r} "
+                f"gives {want!r} at step {step}: the Trainer's scheduler would not continue it"
+            )
+    return schedule, base
+
+
+def _trainer_split(state: OptimizerState, model: torch.nn.Module, source: str) -> tuple[list[str], list[str]]:
+    """The Trainer's two groups of names (:func:`decay_split`), checked against what the state tracks."""
+    decay, no_decay = decay_split(model)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    tracked = {path_to_name(p.path): p for p in state.params}
+    unknown = [name for name in tracked if name not in shapes or name not in decay + no_decay]
+    if unknown:
+        raise MappingError(
+            f"{source}: the state tracks {unknown[0]!r}, which is not a trainable parameter of the model "
+            f"({len(unknown)} such; the model has e.g. {', '.join(list(shapes)[:3])}): not the model of the state"
+        )
+    untracked = [name for name in decay + no_decay if name not in tracked]
+    if untracked:
+        raise MappingError(
+            f"{source}: the model's trainable parameter {untracked[0]!r} ({len(untracked)} such) is not tracked by "
+            "the state; the Trainer would train it: if it was frozen, set requires_grad=False in the model (--model)"
+        )
+    for name, info in tracked.items():
+        if tuple(info.shape) != shapes[name]:
+            raise MappingError(
+                f"{source}: {name!r} has shape {list(shapes[name])} in the model, {list(info.shape)} in the state"
+            )
+    return decay, no_decay
+
+
+def _trainer_groups(
+    state: OptimizerState, split: tuple[list[str], list[str]], base_lrs: Sequence[float], source: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two param groups' hyperparameters. The Trainer builds both with one set of hyperparameters but for
+    weight_decay, which is 0.0 in its second group: a state whose groups cannot be those is refused."""
+    spec = state.spec
+    group_of = {path_to_name(p.path): p.group for p in state.params}
+
+    def hyperparams(name: str) -> dict[str, Any]:
+        gi = group_of[name]
+        hp = {k: v for k, v in spec.with_defaults(state.param_groups[gi]).items() if k not in ("params", "param_names")}
+        return {**hp, "initial_lr": base_lrs[gi]}
+
+    names = split[0] + split[1]
+    if not names:
+        raise MappingError(f"{source}: the model has no trainable parameters")
+    reference = {k: v for k, v in hyperparams(names[0]).items() if k != "weight_decay"}
+    decays: list[dict[float, str]] = [{}, {}]
+    for gi, group in enumerate(split):
+        for name in group:
+            hp = hyperparams(name)
+            decays[gi].setdefault(float(hp.pop("weight_decay", 0.0)), name)
+            differ = next((k for k in sorted(set(hp) | set(reference)) if hp.get(k) != reference.get(k)), None)
+            if differ is not None:
+                raise MappingError(
+                    f"{source}: {name!r} has {differ}={hp.get(differ)!r} where {names[0]!r} has "
+                    f"{reference.get(differ)!r}; the Trainer builds its param groups with one {differ}"
+                )
+        if len(decays[gi]) > 1:
+            (a, x), (b, y) = list(decays[gi].items())[:2]
+            raise MappingError(
+                f"{source}: the Trainer's param group {gi} ({_GROUPS[gi]}) would hold {x!r} at weight_decay {a} "
+                f"and {y!r} at {b}: the state was not trained with the Trainer's groups"
+            )
+    undecayed = next(((wd, name) for wd, name in decays[1].items() if wd != 0.0), None)
+    if undecayed is not None:
+        raise MappingError(
+            f"{source}: {undecayed[1]!r} has weight_decay {undecayed[0]}, but Trainer.get_decay_parameter_names "
+            "leaves it undecayed (the Trainer's param group 1 has weight_decay 0.0): the state was not trained "
+            "with the Trainer's groups"
+        )
+    decay = next(iter(decays[0]), 0.0)
+    return {**reference, "weight_decay": decay}, {**reference, "weight_decay": 0.0}
+
+
+def _model_weights(state: OptimizerState, model: torch.nn.Module, source: str) -> dict[str, Any]:
+    """model.safetensors' tensors: every tensor of ``model.state_dict()`` once (a tied weight under its first
+    name, as save_pretrained stores it), from the state's weights, keys sorted. The Trainer loads the file
+    non-strictly, keeping its own values for a missing tensor: a missing one is refused here."""
+    if state.weights is None:
+        raise UnsupportedError(
+            f"{source}: the state holds no model weights, and the Trainer resumes the model from model.safetensors: "
+            "convert from a checkpoint that holds them (an Orbax checkpoint with 'params', a Trainer checkpoint, a "
+            "torch file with 'model')"
+        )
+    weights = {path_to_name(p): a for p, a in state.weights.items()}
+    tensors = model.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    aliases = {name: first.setdefault(id(t), name) for name, t in tensors.items()}
+    names = [name for name, canonical in aliases.items() if name == canonical]
+    missing = [name for name in names if name not in weights]
+    if missing:
+        raise MappingError(
+            f"{source}: the model's {missing[0]!r} ({len(missing)} such) is not among the state's weights; the "
+            "Trainer would keep its own initial values for it"
+        )
+    unknown = [name for name in weights if name not in aliases]
+    if unknown:
+        raise MappingError(f"{source}: weight {unknown[0]!r} is not a tensor of the model ({len(unknown)} such)")
+    for name in names:
+        if tuple(weights[name].shape) != tuple(tensors[name].shape):
+            raise MappingError(
+                f"{source}: weight {name!r} has shape {list(weights[name].shape)}, "
+                f"the model's {list(tensors[name].shape)}"
+            )
+    return {name: weights[name] for name in sorted(names)}
+
+
+def _check_dtypes(state: OptimizerState, model: torch.nn.Module, spec: Any, source: str) -> None:
+    """The state's parameters in the model's dtype: torch's load_state_dict casts to it, which is not exact.
+    A model built from config.json (on the meta device, in the default dtype) is checked against its
+    ``dtype`` field, where it has one."""
+    if isinstance(spec, (str, os.PathLike)) and (Path(spec) / "config.json").is_file():
+        config = json.loads((Path(spec) / "config.json").read_text(encoding="utf-8"))
+        dtype = config.get("dtype") or config.get("torch_dtype")
+        expected = {path_to_name(p.path): dtype for p in state.params} if isinstance(dtype, str) else {}
+    else:
+        expected = {name: str(p.dtype).removeprefix("torch.") for name, p in model.named_parameters()}
+    for info in state.params:
+        want = expected.get(path_to_name(info.path))
+        if want is not None and want != info.dtype:
+            raise UnsupportedError(
+                f"{source}: {path_to_name(info.path)!r} is {info.dtype} in the state, {want} in the model: the "
+                "Trainer's load_state_dict would cast it and its optimizer state; build the model in the state's dtype"
+            )
+
+
+def _model_config(spec: Any) -> bytes | None:
+    """config.json of a model directory given as the model, to write beside the weights."""
+    if isinstance(spec, (str, os.PathLike)) and (Path(spec) / "config.json").is_file():
+        return (Path(spec) / "config.json").read_bytes()
+    return None
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """Everything a checkpoint-N/ holds, built and checked before anything is written."""
+
+    weights: Mapping[str, Any]
+    optimizer: Mapping[str, Any]
+    scheduler: Mapping[str, Any]
+    trainer_state: Mapping[str, Any]
+    arguments: Mapping[str, Any]
+    config: bytes | None
+
+
+def _build(
+    state: OptimizerState, path: Path, spec: Any, bookkeeping: TrainerBookkeeping | None, requested_step: int | None
+) -> _Checkpoint:
+    from .models import load_model  # torch, on the meta device
+
+    source = str(path)
+    optim = _trainer_optim(state, source)
+    step = _global_step(state, requested_step, source)
+    _check_directory_name(path, step)
+    schedule, base_lrs = _schedule(state, step, source)
+    model = load_model(spec)
+    split = _trainer_split(state, model, source)
+    _check_dtypes(state, model, spec, source)
+    weights = _model_weights(state, model, source)
+    groups = _trainer_groups(state, split, base_lrs, source)
+    decay = set(split[0])
+    regrouped = dataclasses.replace(
+        state,
+        param_groups=groups,
+        params=tuple(dataclasses.replace(p, group=0 if path_to_name(p.path) in decay else 1) for p in state.params),
+    )
+    sd = state_dict_arrays(regrouped, names=split[0] + split[1])
+    optimizer = {
+        "state": sd["state"],
+        # The Trainer's groups hold no param_names (it builds them from parameters, not named ones).
+        "param_groups": [{k: v for k, v in g.items() if k != "param_names"} for g in sd["param_groups"]],
+    }
+    base_lr = float(groups[0]["initial_lr"])
+    arguments = {
+        "optim": optim,
+        "weight_decay": groups[0]["weight_decay"],
+        **trainer_arguments(schedule, learning_rate=base_lr),
+    }
+    # The Trainer replaces max_steps with its own; optstate's reader takes it as the schedule's horizon.
+    max_steps = arguments.get("max_steps", state.metadata.lr_horizon or step)
+    return _Checkpoint(
+        weights,
+        optimizer,
+        lambda_lr_state(schedule, [base_lr, base_lr], step),
+        trainer_state_document(step, max_steps, bookkeeping or TrainerBookkeeping.of_directory(spec)),
+        arguments,
+        _model_config(spec),
+    )
+
+
+def write_checkpoint(
+    state: OptimizerState,
+    path: str | os.PathLike,
+    model: Any,
+    *,
+    step: int | None = None,
+    bookkeeping: TrainerBookkeeping | None = None,
+    force: bool = False,
+    fsync: bool = True,
+    progress: Callable[[int], Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``state`` as the ``checkpoint-N/`` directory ``path`` that ``Trainer.train(resume_from_checkpoint=path)``
+    continues exactly, atomically; return the ``TrainingArguments`` fields to resume with (also written to
+    :data:`RESUME_ARGUMENTS`): ``optim``, ``learning_rate``, ``weight_decay``, ``lr_scheduler_type``,
+    ``warmup_steps``, ``max_steps``, ``lr_scheduler_kwargs``.
+
+    ``model`` is the model the Trainer will train (a torch module, ``module:function`` or a Hugging Face model
+    directory, whose config.json is copied): its parameters' order and :func:`decay_split` make the param
+    groups. The files: model.safetensors (the state's weights), optimizer.pt (the Trainer's two groups),
+    scheduler.pt (its LambdaLR at ``last_epoch`` = the step), trainer_state.json (``global_step``; the rest
+    from ``bookkeeping``, by default :meth:`TrainerBookkeeping.of_directory` of the model). Not written:
+    rng_state.pth (the resumed run's dropout and data order follow the seed, not the stopped run's
+    generators) and training_args.bin (a pickle of objects; the Trainer does not read it to resume).
+    ``step`` is the global step where the state records none (SGD).
+
+    >>> import tempfile, torch
+    >>> from optstate.schema import ParamInfo
+    >>> net = torch.nn.Linear(2, 1, dtype=torch.float64)
+    >>> params = (ParamInfo(("weight",), (1, 2), "float64", 0, 3), ParamInfo(("bias",), (1,), "float64", 1, 3))
+    >>> slots = {(s, p.path): np.zeros(p.shape) for s in ("first_moment", "second_moment") for p in params}
+    >>> groups = ({"lr": 0.1, "weight_decay": 0.01}, {"lr": 0.1, "weight_decay": 0.0})
+    >>> weights = {("weight",): np.ones((1, 2)), ("bias",): np.zeros(1)}
+    >>> state = OptimizerState("adamw", groups, params, slots, weights)
+    >>> write_checkpoint(state, tempfile.mkdtemp() + "/checkpoint-3", net)  # doctest: +NORMALIZE_WHITESPACE
+    {'optim': 'adamw_torch', 'weight_decay': 0.01, 'lr_scheduler_type': 'constant', 'warmup_steps': 0,
+     'learning_rate': 0.1, 'lr_scheduler_kwargs': {}}
+    """
+    directory = Path(path)
+    built = _build(state, directory, model, bookkeeping, step)
+    with atomic_directory(directory, force=force, fsync=fsync) as tmp:
+        tmp.mkdir()
+        write_safetensors(
+            tmp / "model.safetensors", built.weights.items(), {"format": "pt"}, fsync=False, progress=progress
+        )
+        ptfile.save(built.optimizer, tmp / "optimizer.pt", fsync=False, progress=progress)
+        ptfile.save(built.scheduler, tmp / "scheduler.pt", fsync=False)
+        (tmp / "trainer_state.json").write_text(json.dumps(built.trainer_state, indent=2, sort_keys=True) + "\n")
+        (tmp / RESUME_ARGUMENTS).write_text(json.dumps({"TrainingArguments": built.arguments}, indent=2) + "\n")
+        if built.config is not None:
+            (tmp / "config.json").write_bytes(built.config)
+    return dict(built.arguments)
+
+
 def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
-    """Not written yet (the writer lands with issue 17)."""
-    raise OptstateError(f"{os.fspath(path)}: writing the hf-trainer format is not implemented yet")
+    """The writer of the ``hf-trainer`` format: :func:`write_checkpoint` with ``options.model`` (``--model``;
+    required) and ``options.step``, warning with the TrainingArguments to resume with (the Trainer rebuilds
+    its optimizer class and LR schedule from them: other ones would not continue the state).
+
+    >>> write(None, "out/checkpoint-500", WriteOptions())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.OptstateError: out/checkpoint-500: a Trainer checkpoint's param groups follow ... (--model ...)
+    """
+    if options.model is None:
+        raise OptstateError(
+            f"{os.fspath(path)}: a Trainer checkpoint's param groups follow the model's parameters: name the model "
+            "the Trainer will train (--model module:function or a Hugging Face model directory)"
+        )
+    arguments = write_checkpoint(
+        state,
+        path,
+        options.model,
+        step=options.step,
+        force=options.force,
+        fsync=options.fsync,
+        progress=options.progress,
+    )
+    warnings.warn(
+        f"{os.fspath(path)}: resume with TrainingArguments("
+        + ", ".join(f"{k}={v!r}" for k, v in arguments.items())
+        + ") and your run's batch size, data order and max_grad_norm; the Trainer rebuilds its optimizer and LR "
+        f"schedule from them (recorded in {RESUME_ARGUMENTS})",
+        stacklevel=2,
+    )
