@@ -4,6 +4,7 @@ format: the latest step by default, ``--step`` to choose, a step directory given
 from __future__ import annotations
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,6 @@ from optstate.cli import main
 
 HPARAMS = '{"lr": 0.1}'
 READING = ("--optimizer", "adam", "--hparams", HPARAMS)
-# The tree names parameters without an order; these tests read by name.
-pytestmark = pytest.mark.filterwarnings("ignore:parameter order is inferred")
 
 
 def _train_and_save(root, wrap) -> dict[int, dict]:
@@ -123,3 +122,26 @@ def test_several_items_without_one_optimizer_item_are_refused_by_name(tmp_path, 
     assert main(["inspect", str(root), *READING]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(root / "1") in err and "['a', 'b']" in err and "name the item" in err
+
+
+def test_one_dict_of_hyperparameters_reads_without_an_order_warning(default_item):
+    """One group: its membership does not depend on the order, and what a conversion writes names each parameter."""
+    root, _ = default_item
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _read(root)
+    assert not [w for w in caught if "order is inferred" in str(w.message)]
+
+
+def test_groups_given_by_position_warn_and_take_the_inferred_order(default_item):
+    root, _ = default_item
+    groups = [{"lr": 0.1, "params": [1]}, {"lr": 0.2, "params": [0]}]  # positions, as in a torch state_dict
+    with pytest.warns(UserWarning, match="param groups given by position take their members from it"):
+        state = read(root, "optax", optimizer="adam", hyperparams=groups)
+    assert [(p.path, p.group) for p in state.params] == [(("w",), 0), (("b",), 1)]  # registration order: b, w
+
+
+def test_several_groups_without_params_are_refused_in_one_line(default_item):
+    root, _ = default_item
+    with pytest.raises(optstate.OptstateError, match=r"param group 1 of 2 lists no 'params'"):
+        read(root, "optax", optimizer="adam", hyperparams=[{"lr": 0.1, "params": ["b"]}, {"lr": 0.2}])

@@ -7,4 +7,5 @@
   ``from_optax``); states are found by type and path, never by position.
 - :mod:`.orbax`: Orbax checkpoint directories (the ``optax`` format; ``load_optax``, ``load_flax``).
 - :mod:`.flax`: Flax NNX models and optimizers; parameter trees from msgpack and Orbax.
+- :mod:`.nnx`: the ``nnx`` and ``train-state`` formats' writers: the trees the Flax docs save and restore.
 """

@@ -113,6 +113,9 @@ def param_labels(state: OptimizerState) -> dict[ParamPath, str]:
 
 def _labels(labels: Mapping[ParamPath, str], params: Any) -> Any:
     def label(key_path, _):
+        # An nnx.Optimizer labels an nnx.State: each array is its Variable's attribute `value`.
+        if key_path and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and key_path[-1].name == "value":
+            key_path = key_path[:-1]
         path = key_path_to_path(key_path)
         if path not in labels:
             raise MappingError(f"{path_to_name(path)}: a parameter the optimizer state knows nothing of")
@@ -401,7 +404,7 @@ class _Filling:
             array = np.zeros(slot.torch_shape(info.shape), numpy_dtype(info.dtype))
         if slot.optax_axis is not None:
             array = np.asarray(array).squeeze(slot.optax_axis)
-        _check_leaf_fits(slot, path, leaf, array)
+        _check_leaf_fits(self.state.spec, slot, path, leaf, array)
         self.filled.add((slot.name, path))
         return self.as_array(array)
 
@@ -420,9 +423,11 @@ class _Filling:
             return leaf  # no parameter has stepped: the template's initial value is torch's too
         (array,) = values.values()
         if np.dtype(leaf.dtype) != array.dtype:
+            names = [path_to_name(p.path) for p in covered]
+            shared = f" (shared with {len(names) - 1} more, at {'/'.join(where)})" if len(names) > 1 else ""
             raise MappingError(
-                f"{'/'.join(where)}: the Optax template keeps {slot} as {np.dtype(leaf.dtype)}, "
-                f"the state holds {array.dtype}"
+                f"{self.state.spec.torch_class} {slot} of {names[0]}{shared}: the Optax template keeps it as "
+                f"{np.dtype(leaf.dtype)}, the state holds {array.dtype}{_x64_hint(array.dtype, leaf.dtype)}"
             )
         return self.as_array(array)
 
@@ -513,17 +518,29 @@ class _Filling:
             )
 
 
-def _check_leaf_fits(slot: Slot, path: ParamPath, leaf: Any, array: Any) -> None:
-    """Refuse a slot array whose shape or dtype is not the template leaf's."""
+def _check_leaf_fits(spec: OptimizerSpec, slot: Slot, path: ParamPath, leaf: Any, array: Any) -> None:
+    """Refuse a slot array whose shape or dtype is not the template leaf's, naming the family, slot and parameter."""
     if tuple(leaf.shape) != tuple(array.shape) or np.dtype(leaf.dtype) != np.dtype(array.dtype):
-        hint = (
-            " (enable float64 in JAX: jax.config.update('jax_enable_x64', True))" if array.dtype == np.float64 else ""
-        )
         raise MappingError(
-            f"{path_to_name(path)}: the Optax template expects {slot.name} of shape "
+            f"{spec.torch_class} {slot.name} of {path_to_name(path)}: the Optax template expects shape "
             f"{list(leaf.shape)} {np.dtype(leaf.dtype)}, the state holds {list(array.shape)} "
-            f"{array.dtype}{hint}"
+            f"{np.dtype(array.dtype)}{_x64_hint(array.dtype, leaf.dtype)}"
         )
+
+
+def _x64_hint(held: Any, expected: Any) -> str:
+    """Why a 64-bit array meets a 32-bit template, where JAX's 64-bit mode being off is the reason.
+
+    >>> _x64_hint(np.float32, np.float32)
+    ''
+    """
+    held, expected = np.dtype(held), np.dtype(expected)
+    if held.itemsize != 8 or expected.itemsize != 4 or jax.config.jax_enable_x64:  # type: ignore[attr-defined]
+        return ""
+    return (
+        "; JAX's 64-bit mode is off (jax_enable_x64), so the template was made in 32 bits: call "
+        "jax.config.update('jax_enable_x64', True) before building the params and tx"
+    )
 
 
 def _partitions(template: Any, family: OptaxFamily, types: tuple[type, ...]) -> dict[ParamPath, set[ParamPath]]:
@@ -796,6 +813,29 @@ def _collect(opt_state: Any, family: OptaxFamily, allow_approximate: bool = Fals
     return collecting.collected(stock)
 
 
+def collected_slots(
+    opt_state: Any, spec: OptimizerSpec, allow_approximate: bool = True
+) -> dict[tuple[str, ParamPath], np.ndarray]:
+    """The family's slot arrays in an Optax state, by ``(slot, parameter path)``, shaped as Optax keeps them.
+
+    >>> from optstate.schema import optimizer_spec
+    >>> sorted(collected_slots(optax.adam(0.1).init({"w": np.zeros(2)}), optimizer_spec("adam")))
+    [('first_moment', ('w',)), ('second_moment', ('w',))]
+    """
+    return _collect(opt_state, optax_family(spec), allow_approximate).slots
+
+
+def slot_paths(opt_state: Any, spec: OptimizerSpec, allow_approximate: bool = True) -> frozenset[ParamPath]:
+    """The parameters an Optax state keeps slots for.
+
+    >>> from optstate.schema import optimizer_spec
+    >>> sorted(slot_paths(optax.sgd(0.1, momentum=0.9).init({"w": np.zeros(2), "b": np.zeros(1)}),
+    ...                   optimizer_spec("sgd")))
+    [('b',), ('w',)]
+    """
+    return frozenset(path for _, path in collected_slots(opt_state, spec, allow_approximate))
+
+
 @dataclass(frozen=True)
 class _Collecting:
     """One :func:`_collect`: what the state nodes visited so far hold."""
@@ -943,6 +983,7 @@ def from_optax(
     optimizer: str | None = None,
     hyperparams: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     allow_approximate: bool = False,
+    order_warning: bool = True,
 ) -> OptimizerState:
     """Read an Optax state (live, or as Orbax restores it without a target) into the canonical form.
 
@@ -950,7 +991,14 @@ def from_optax(
     ``jax.ShapeDtypeStruct``s.
     ``hyperparams`` is one dict (one group) or a list of dicts, one per group, each with a
     ``"params"`` list of parameter names, as torch's ``param_groups``; names are the parameter
-    paths joined by dots. Parameters in no group are frozen.
+    paths joined by dots (or positions, as in a torch ``state_dict``: ``0`` is the first parameter in
+    the order inferred from the tree, see below). Parameters in no group are frozen.
+
+    A JAX tree does not record the order torch registered its parameters in: it is inferred (numeric
+    components sorted as numbers, others as strings), with a warning, since ``optimizer.load_state_dict``
+    matches by position. ``order_warning=False`` is for callers that match by name (the checkpoint
+    readers: what they write names every parameter); groups given by position warn regardless, as their
+    membership depends on that order.
 
     >>> import jax.numpy as jnp, optax, optstate
     >>> params = {"w": jnp.ones(2)}
@@ -971,8 +1019,12 @@ def from_optax(
     slots = _torch_shaped(spec, collected.slots, weights)
     groups = _given_groups(hyperparams, injected=bool(collected.injected))
     by_name = _names_of(weights)
+    order = _inferred_order(weights, slots)
     if len(groups) == 1 and "params" not in groups[0]:
-        groups[0]["params"] = _inferred_group(weights, slots)
+        groups[0]["params"] = [path_to_name(p) for p in order]
+        if order_warning and len(order) > 1:
+            _warn_inferred_order("optimizer.load_state_dict matches by position")
+    _resolve_positions(groups, order)
     params_info = _grouped_params(spec, groups, by_name, weights, slots, collected)
     return OptimizerState(
         spec.name,
@@ -1004,19 +1056,41 @@ def _given_groups(
     return [dict(g) for g in hyperparams]
 
 
-def _inferred_group(weights: Mapping[ParamPath, Any], slots: Mapping[tuple[str, ParamPath], Any]) -> list[str]:
-    """The parameter names of the one group the caller did not list: those with state (all, if none has any),
-    in the order torch would have registered them."""
+def _inferred_order(weights: Mapping[ParamPath, Any], slots: Mapping[tuple[str, ParamPath], Any]) -> list[ParamPath]:
+    """The parameters a group nobody listed holds: those with state (all, if none has any), in the order torch
+    would have registered them."""
     stateful = {p for _, p in slots}
-    order = sorted((p for p in weights if not slots or p in stateful), key=_registration_order)
-    if len(order) > 1:
-        warnings.warn(
-            "parameter order is inferred from the JAX tree (numeric components sorted as numbers); "
-            "optimizer.load_state_dict matches by position, so load with optstate.to_torch "
-            "(by name) or list the names in hyperparams' 'params'",
-            stacklevel=3,
-        )
-    return [path_to_name(p) for p in order]
+    return sorted((p for p in weights if not slots or p in stateful), key=_registration_order)
+
+
+def _warn_inferred_order(why: str) -> None:
+    warnings.warn(
+        f"parameter order is inferred from the JAX tree (numeric components sorted as numbers); {why}, "
+        "so load with optstate.to_torch (by name) or list the names in hyperparams' 'params'",
+        stacklevel=4,
+    )
+
+
+def _resolve_positions(groups: list[dict[str, Any]], order: Sequence[ParamPath]) -> None:
+    """Groups whose ``params`` are positions (a torch ``state_dict``'s way) get the names at those positions of
+    the inferred order; their membership depends on that order, so this warns."""
+    positional = [g for g in groups if any(isinstance(n, int) and not isinstance(n, bool) for n in g.get("params", ()))]
+    if not positional:
+        return
+    _warn_inferred_order("param groups given by position take their members from it")
+    for gi, group in enumerate(groups):
+        if "params" not in group:
+            continue  # refused by _grouped_params, with the other groups' errors
+        names = []
+        for entry in group["params"]:
+            if isinstance(entry, int) and not isinstance(entry, bool):
+                if not 0 <= entry < len(order):
+                    raise MappingError(
+                        f"param group {gi} names position {entry}, and the tree has {len(order)} parameters"
+                    )
+                entry = path_to_name(order[entry])
+            names.append(entry)
+        group["params"] = names
 
 
 def _grouped_params(
@@ -1032,6 +1106,11 @@ def _grouped_params(
     params_info: list[ParamInfo] = []
     taken: set[ParamPath] = set()
     for gi, group in enumerate(groups):
+        if "params" not in group:
+            raise MappingError(
+                f"param group {gi} of {len(groups)} lists no 'params': with several groups, each names its "
+                "parameters (dotted names, or positions as in a torch state_dict)"
+            )
         members = _members(group.pop("params"), gi, by_name, taken)
         _merge_injected(
             spec, group, [collected.injected[p] for p in members if p in collected.injected], f"param group {gi}"

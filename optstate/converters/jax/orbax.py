@@ -1,9 +1,12 @@
-"""Orbax checkpoint directories of ``{"params": params, "opt_state": opt_state}``.
+"""Orbax checkpoint directories of Optax states: ``{"params": params, "opt_state": opt_state}``, and, read
+by their structure alone, a linen ``TrainState`` and Flax NNX's ``{"model": ..., "optimizer": ...}`` or
+``nnx.state(optimizer)`` (:func:`recognise_tree`); a ``CheckpointManager``'s directory, or one of its steps,
+is read at the step and item the manager would restore (:func:`pytree_directory`).
 
-What ``convert --to optax`` writes: an Orbax checkpoint that plain Orbax restores with the target
-``{"params": params, "opt_state": tx.init(params)}``, plus ``optstate.json`` (the canonical
-metadata, so that :func:`load_optax` can rebuild ``tx``) and, when the model has buffers
-(BatchNorm statistics, ...), ``buffers.safetensors`` beside its items.
+What ``convert --to optax`` writes (with ``--step N``, as step ``DST/<N>/`` of a ``CheckpointManager``):
+an Orbax checkpoint that plain Orbax restores with the target ``{"params": params, "opt_state":
+tx.init(params)}``, plus ``optstate.json`` (the canonical metadata, so that :func:`load_optax` can rebuild
+``tx``) and, when the model has buffers (BatchNorm statistics, ...), ``buffers.safetensors`` beside its items.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import asyncio
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ from ...schema.state import Deferred, OptimizerState, ParamPath, numpy_dtype, pa
 from ..formats import ReadOptions, WriteOptions
 from ..schedules.torch_schedulers import last_epoch, restore_torch_scheduler_state
 from .optax import (
+    collected_slots,
     fill_state,
     from_optax,
     key_path_to_path,
@@ -45,6 +50,7 @@ from .optax import (
     param_shapes,
     recorded_types,
     restored_types,
+    slot_paths,
     template,
 )
 
@@ -85,6 +91,11 @@ class _ArrayWriter(ocp.type_handlers.NumpyHandler):
 def _checkpointer(progress: Callable[[int], None] | None) -> ocp.Checkpointer:
     """A PyTree checkpointer that writes arrays with :class:`_ArrayWriter`, uncompressed: zstd holds
     every compressed chunk until the end, and optimizer moments hardly compress."""
+    return ocp.Checkpointer(_tree_handler(progress))
+
+
+def _tree_handler(progress: Callable[[int], None] | None) -> ocp.PyTreeCheckpointHandler:
+    """The PyTree handler that writes arrays with :class:`_ArrayWriter`, uncompressed."""
     arrays, scalar = _ArrayWriter(progress), ocp.type_handlers.ScalarHandler()
     registry = ocp.type_handlers.create_type_handler_registry(
         (int, scalar),
@@ -94,7 +105,7 @@ def _checkpointer(progress: Callable[[int], None] | None) -> ocp.Checkpointer:
         (Deferred, arrays),
         (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
     )
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
 
 
 def _leaf(array: Any) -> Any:
@@ -109,9 +120,11 @@ def save_optax_dir(
     force: bool = False,
     fsync: bool = True,
     progress: Callable[[int], None] | None = None,
+    step: int | None = None,
 ) -> None:
     """Write ``state`` as an Orbax checkpoint directory plus ``optstate.json``, atomically, holding a few
-    arrays in memory at a time (``progress(nbytes)`` as each array is written)."""
+    arrays in memory at a time (``progress(nbytes)`` as each array is written); ``step``: as that step of a
+    ``CheckpointManager`` directory (see :func:`save_tree`)."""
     _, _, opt_state = template(state)
     tree = {"opt_state": fill_state(state, opt_state, _leaf)}
     weights = state.weights or {}  # buffers are weights: none without them
@@ -121,12 +134,71 @@ def save_optax_dir(
     if stats:  # BatchNorm statistics in a Flax layout: the linen collection, beside params
         tree[BATCH_STATS] = nest(stats)
     buffers = [(tensor_key("model", p), weights[p]) for p in state.buffers if p[0] != BATCH_STATS]
-    with atomic_directory(path, force=force, fsync=fsync) as tmp:
-        _checkpointer(progress).save(os.path.abspath(tmp), args=ocp.args.PyTreeSave(tree))
-        sidecar = {**state_metadata(state), "optax_types": recorded_types(opt_state)}
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
+
+    def beside(item: Path) -> None:
         if buffers:
-            write_safetensors(tmp / BUFFERS, buffers, {})
+            write_safetensors(item / BUFFERS, buffers, {})
+
+    save_tree(tree, path, state, opt_state, force=force, fsync=fsync, progress=progress, step=step, beside_items=beside)
+
+
+def save_tree(
+    tree: Any,
+    path: str | os.PathLike,
+    state: OptimizerState,
+    opt_state: Any,
+    *,
+    force: bool = False,
+    fsync: bool = True,
+    progress: Callable[[int], None] | None = None,
+    step: int | None = None,
+    beside_items: Callable[[Path], None] | None = None,
+) -> None:
+    """Write ``tree`` as an Orbax checkpoint of one PyTree at ``path``, with ``optstate.json`` (``state``'s
+    metadata, and the types of the Optax state ``opt_state`` that Orbax forgets) beside its items, atomically;
+    with ``step``, as step ``path/<step>/`` of a ``CheckpointManager`` (its item ``default``), written by a
+    ``CheckpointManager`` so that ``CheckpointManager(path).latest_step()`` finds it and its ``restore`` reads it.
+    ``beside_items(directory)`` writes more files beside the items.
+
+    >>> import tempfile, optstate
+    >>> s = optstate.OptimizerState("sgd", ({"lr": 0.1},), (optstate.ParamInfo(("w",), (2,), "float32", 0),), {})
+    >>> root = tempfile.mkdtemp() + "/ckpts"
+    >>> save_tree({"opt_state": (), "params": {"w": np.zeros(2, np.float32)}}, root, s, (), step=7)
+    >>> manager_steps(root)
+    [7]
+    """
+    sidecar = {**state_metadata(state), "optax_types": recorded_types(opt_state)}
+
+    def finish(item: Path) -> None:
+        (item / SIDECAR).write_text(json.dumps(sidecar, indent=1))
+        if beside_items is not None:
+            beside_items(item)
+
+    if step is None:
+        with atomic_directory(path, force=force, fsync=fsync) as tmp:
+            _checkpointer(progress).save(os.path.abspath(tmp), args=ocp.args.PyTreeSave(tree))
+            finish(tmp)
+        return
+    root = Path(path)
+    if (root / STEP_METADATA).is_file():
+        raise FormatError(
+            f"{root}: --step {step} writes a step of a CheckpointManager's directory, and this is one checkpoint"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(_step_directory(root, step), force=force, fsync=fsync) as tmp:
+        # The step's own CheckpointManager, in the temporary directory's parent: it writes tmp (step, metadata
+        # and item), which is then renamed into place beside the root's other steps.
+        manager = ocp.CheckpointManager(
+            os.path.abspath(tmp.parent), item_handlers=_tree_handler(progress), options=_MANAGER_OPTIONS
+        )
+        try:
+            manager.save(step, args=ocp.args.PyTreeSave(tree))
+            manager.wait_until_finished()
+        finally:
+            manager.close()
+        if tmp.name != str(step) or not (tmp / DEFAULT_ITEM).is_dir():
+            raise FormatError(f"{root}: Orbax did not write step {step} as {tmp.name}/{DEFAULT_ITEM}")
+        finish(tmp / DEFAULT_ITEM)
 
 
 def _skeleton(meta: Mapping[str, Any], source: str) -> OptimizerState:
@@ -275,6 +347,9 @@ def _restore_as_numpy(directory: Path) -> Any:
 # ----------------------------------------------------------------------------- CheckpointManager directories
 
 STEP_METADATA = "_CHECKPOINT_METADATA"  # in every step of a CheckpointManager (and beside one PyTree); not in ROOT
+DEFAULT_ITEM = "default"  # the item of a CheckpointManager that saves one PyTree without naming it
+# A manager that writes one step: it creates the step, and keeps whatever else is in its root.
+_MANAGER_OPTIONS = ocp.CheckpointManagerOptions(create=True, max_to_keep=None)
 
 
 def manager_steps(root: str | os.PathLike) -> list[int]:
@@ -317,7 +392,7 @@ def _holds_opt_state(item: Path) -> bool:
     except (FileNotFoundError, ValueError, KeyError, TypeError):  # not a PyTree item (JSON metrics, ...)
         return False
     tree = None if found is None or found.item_metadata is None else found.item_metadata.tree
-    return isinstance(tree, Mapping) and "opt_state" in tree
+    return _optimizer_part(tree) is not None
 
 
 def _item_of_step(step_dir: Path, items: Sequence[str]) -> Path:
@@ -378,7 +453,10 @@ def read_optax_dir(
     optstate_transform: bool = False,
     step: int | None = None,
 ) -> OptimizerState:
-    """The canonical state of an Orbax checkpoint of ``{"params": ..., "opt_state": ...}``.
+    """The canonical state of an Orbax checkpoint of an Optax state: ``{"params": ..., "opt_state": ...}``, a
+    linen ``TrainState``, Flax NNX's ``{"model": ..., "optimizer": ...}`` or ``nnx.state(optimizer)`` (see
+    :func:`recognise_tree`); the step a ``TrainState`` or an ``nnx.Optimizer`` records fills in the steps of
+    optimizers whose Optax state keeps no count (RMSprop, Adadelta).
 
     Optimizer and hyperparameters come from the arguments, else from ``optstate.json`` when the
     directory was written by optstate. Orbax keeps no state type names, so a state whose fields fit
@@ -395,9 +473,7 @@ def read_optax_dir(
         tree = _restore_as_numpy(directory)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise FormatError(f"{directory}: not a readable Orbax checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(tree, Mapping) or "opt_state" not in tree:
-        keys = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
-        raise FormatError(f"{directory}: expected a checkpoint of {{'params': ..., 'opt_state': ...}}, found {keys}")
+    found = recognise_tree(tree, directory)
     meta = _read_sidecar(directory)
     skeleton = None if meta is None else _skeleton(meta, str(directory / SIDECAR))
     if optimizer is None and skeleton is not None:
@@ -406,32 +482,203 @@ def read_optax_dir(
             dict(hp, params=[path_to_name(p.path) for p in skeleton.group_params(gi)])
             for gi, hp in enumerate(skeleton.param_groups)
         ]
-    params = tree.get("params")
-    if params is None:
-        if skeleton is None:
-            raise FormatError(f"{directory}: no 'params' in the checkpoint, so parameter shapes are unknown")
-        params = nest(param_shapes(skeleton))
+    spec = named_optimizer(optimizer)
     opt_state = restored_types(
-        tree["opt_state"],
-        named_optimizer(optimizer),
+        found.opt_state,
+        spec,
         optstate_transform=optstate_transform or meta is not None,
         recorded=None if meta is None else meta.get("optax_types"),
     )
+    parameters = slot_paths(opt_state, spec, allow_approximate)
+    if skeleton is not None:  # optstate wrote it: its frozen parameters are parameters, not buffers
+        parameters |= {p.path for p in skeleton.params} | set(skeleton.frozen_paths())
+    found = split_model(found, parameters)
+    params = found.params
+    if params is None:
+        params = (
+            nest(param_shapes(skeleton)) if skeleton is not None else _shapes_from_slots(opt_state, spec, directory)
+        )
     state = from_optax(
-        opt_state, params, optimizer=optimizer, hyperparams=hyperparams, allow_approximate=allow_approximate
+        opt_state,
+        params,
+        optimizer=optimizer,
+        hyperparams=hyperparams,
+        allow_approximate=allow_approximate,
+        order_warning=False,  # what a conversion writes names its parameters (torch files: param_names)
     )
+    state = _with_recorded_step(state, found.step)
     if skeleton is not None:
         state = _with_sidecar(state, skeleton)
+    buffers = dict(found.buffers)
     buffers_file = directory / BUFFERS
-    buffers = {
-        (BATCH_STATS, *key_path_to_path(kp)): np.asarray(leaf)
-        for kp, leaf in jax.tree_util.tree_flatten_with_path(tree.get(BATCH_STATS, {}))[0]
-    }
     if buffers_file.is_file():
         buffers.update({parse_tensor_key(key)[1]: array for key, array in read_safetensors(buffers_file)[0].items()})
     if state.weights is None or not buffers:
         return state
     return dataclasses.replace(state, weights={**state.weights, **buffers}, buffers=tuple(buffers))
+
+
+# ----------------------------------------------------------------------------- the trees Flax and Optax users save
+
+VALUE = "value"  # NNX saves every Variable as {"value": array}
+NNX_KIND = "Flax NNX's {'model', 'optimizer'}"  # a whole model's state beside the optimizer's
+
+
+@dataclass(frozen=True)
+class FoundTree:
+    """What a checkpoint's tree holds, whatever layout it was saved in: ``kind`` (for messages), the Optax
+    state as Orbax restored it, the parameters (``None`` where the tree has none), the model's other arrays
+    by path (BatchNorm statistics), and the step it records beside the optimizer state (``None``: none).
+
+    >>> FoundTree("an Optax checkpoint", (), {"w": np.zeros(2)}, {}, None).step is None
+    True
+    """
+
+    kind: str
+    opt_state: Any
+    params: Any
+    buffers: Mapping[ParamPath, np.ndarray]
+    step: int | None
+
+
+def _leaf_paths(tree: Any, prefix: ParamPath = ()) -> Iterator[ParamPath]:
+    children = tree.items() if isinstance(tree, Mapping) else enumerate(tree) if isinstance(tree, list) else None
+    if children is None:
+        yield prefix
+        return
+    for key, child in children:
+        yield from _leaf_paths(child, (*prefix, str(key)))
+
+
+def _is_variable(node: Any) -> bool:
+    return isinstance(node, Mapping) and set(node) == {VALUE} and not isinstance(node[VALUE], (Mapping, list))
+
+
+def without_variables(tree: Any) -> tuple[Any, bool]:
+    """An NNX state as Orbax restores it, every Variable's ``{"value": array}`` replaced by the array, and whether
+    it was one (every leaf ends in ``value``); any other tree comes back as it is.
+
+    >>> without_variables({"fc": {"kernel": {"value": 1}, "value": {"value": 2}}})
+    ({'fc': {'kernel': 1, 'value': 2}}, True)
+    >>> without_variables({"fc": {"kernel": 1}})
+    ({'fc': {'kernel': 1}}, False)
+    """
+    paths = list(_leaf_paths(tree))
+    if not paths or not all(p and p[-1] == VALUE for p in paths):
+        return tree, False
+
+    def strip(node: Any) -> Any:
+        if _is_variable(node):
+            return node[VALUE]
+        if isinstance(node, Mapping):
+            return {k: strip(v) for k, v in node.items()}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    return strip(tree), True
+
+
+def _optimizer_part(tree: Any) -> Any:
+    """The part of a tree that holds ``opt_state`` (the tree itself, or NNX's ``optimizer``), else ``None``."""
+    if not isinstance(tree, Mapping):
+        return None
+    if "opt_state" in tree:
+        return tree
+    optimizer = tree.get("optimizer")
+    return optimizer if isinstance(optimizer, Mapping) and "opt_state" in optimizer else None
+
+
+def _as_step(value: Any) -> int | None:
+    array = np.asarray(value)
+    return int(array) if array.shape == () and array.dtype.kind in "iu" else None
+
+
+def recognise_tree(tree: Any, source: str | os.PathLike) -> FoundTree:
+    """What ``tree`` (restored without a target) holds, by its structure alone:
+
+    - ``{"params", "opt_state"}`` (what ``convert --to optax`` writes, and many training loops), with
+      ``step`` a linen ``TrainState`` saved whole;
+    - Flax NNX's ``{"model": nnx.state(model), "optimizer": nnx.state(optimizer)}`` (and other top-level
+      entries, such as a ``step``), or ``nnx.state(optimizer)`` alone: its Variables as ``{"value": ...}``.
+
+    >>> found = recognise_tree({"optimizer": {"opt_state": {"0": {"count": {"value": 3}}}, "step": {"value": 3}}}, "c")
+    >>> found.kind, found.opt_state, found.step
+    ("Flax NNX's {'model', 'optimizer'}", {'0': {'count': 3}}, 3)
+    """
+    holder = _optimizer_part(tree)
+    if holder is None:
+        raise FormatError(f"{os.fspath(source)}: {_what_was_found(tree)}; {EXPECTED}")
+    part, nnx_state = without_variables(holder)
+    if holder is not tree:  # NNX's {"model": ..., "optimizer": ...}
+        model, _ = without_variables(tree.get("model")) if tree.get("model") is not None else (None, False)
+        step = _as_step(part.get("step")) if "step" in part else _top_level_step(tree)
+        return FoundTree(NNX_KIND, part["opt_state"], model, {}, step)
+    kind = "nnx.state(optimizer)" if nnx_state else "a linen TrainState" if "step" in part else "an Optax checkpoint"
+    stats = {
+        (BATCH_STATS, *key_path_to_path(kp)): np.asarray(leaf)
+        for kp, leaf in jax.tree_util.tree_flatten_with_path(part.get(BATCH_STATS, {}))[0]
+    }
+    step = _as_step(part["step"]) if "step" in part else None
+    return FoundTree(kind, part["opt_state"], part.get("params"), stats, step)
+
+
+def _top_level_step(tree: Mapping[str, Any]) -> int | None:
+    # The Flax examples save {"model": ..., "optimizer": ..., "step": step} as well.
+    return _as_step(tree["step"]) if "step" in tree and not isinstance(tree["step"], Mapping) else None
+
+
+EXPECTED = (
+    "expected {'params': ..., 'opt_state': ...} (convert --to optax, a linen TrainState), Flax NNX's "
+    "{'model': nnx.state(model), 'optimizer': nnx.state(optimizer)} or nnx.state(optimizer)"
+)
+
+
+def _what_was_found(tree: Any) -> str:
+    """The top of a tree that holds no optimizer state, in a few words."""
+    if not isinstance(tree, Mapping):
+        return f"found a {type(tree).__name__}, not a dict"
+    _, nnx_state = without_variables(tree)
+    what = "an NNX state without optimizer state" if nnx_state else "a tree"
+    return f"found {what} of {sorted(map(str, tree))[:8]} with no 'opt_state'"
+
+
+def split_model(found: FoundTree, stateful: frozenset[ParamPath]) -> FoundTree:
+    """An NNX model's state split: the arrays the optimizer keeps state for (``stateful``) are its parameters,
+    the others (BatchNorm statistics, counters) buffers; all are parameters where it keeps none (plain SGD).
+    Trees other than NNX's are returned as they are (their ``params`` are parameters, trained or frozen).
+
+    >>> model = {"bn": {"scale": np.ones(2), "mean": np.zeros(2)}}
+    >>> found = split_model(FoundTree(NNX_KIND, (), model, {}, 3), frozenset({("bn", "scale")}))
+    >>> found.params, sorted(found.buffers)
+    ({'bn': {'scale': array([1., 1.])}}, [('bn', 'mean')])
+    """
+    if found.params is None or found.kind != NNX_KIND or not stateful:
+        return found
+    leaves = {key_path_to_path(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(found.params)[0]}
+    params = {p: leaf for p, leaf in leaves.items() if p in stateful}
+    buffers = {p: np.asarray(leaf) for p, leaf in leaves.items() if p not in stateful}
+    return dataclasses.replace(found, params=nest(params), buffers={**found.buffers, **buffers})
+
+
+def _shapes_from_slots(opt_state: Any, spec: Any, source: Path) -> Any:
+    """The parameters' shapes (and dtypes) from an optimizer state saved without its model: those of a slot that
+    has each parameter's shape whatever its rank (Adam's ``mu``)."""
+    full = [s.name for s in spec.slots if s.shape == "param" and s.min_ndim == 0 and s.max_ndim >= 64 and not s.needs]
+    slots = collected_slots(opt_state, spec)
+    shapes = {path: slots[(name, path)] for name in full for (slot, path) in slots if slot == name}
+    if not shapes:
+        raise FormatError(
+            f"{source}: an optimizer state without the model, and {spec.torch_class}'s state does not show the "
+            "parameters' shapes; save the model beside it ({'model': nnx.state(model), 'optimizer': ...})"
+        )
+    return nest({path: jax.ShapeDtypeStruct(a.shape, a.dtype) for path, a in shapes.items()})
+
+
+def _with_recorded_step(state: OptimizerState, step: int | None) -> OptimizerState:
+    """Steps the Optax state does not count (RMSprop, Adadelta) from the step the checkpoint records beside it."""
+    if step is None or not state.spec.has_step or all(p.step is not None for p in state.params):
+        return state
+    params = tuple(p if p.step is not None else dataclasses.replace(p, step=step) for p in state.params)
+    return dataclasses.replace(state, params=params)
 
 
 # ----------------------------------------------------------------------------- the "optax" format's entries
@@ -475,7 +722,7 @@ def read(path: str | os.PathLike, options: ReadOptions) -> OptimizerState:
 
 def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
     """The writer of the ``optax`` format: :func:`save_optax_dir` (Orbax chunks arrays itself: never sharded by
-    size).
+    size); ``options.step`` writes that step of a ``CheckpointManager`` directory.
 
     >>> import tempfile, optstate
     >>> s = optstate.OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
@@ -485,4 +732,4 @@ def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions)
     >>> read_optax_dir(d).optimizer
     'sgd'
     """
-    save_optax_dir(state, path, force=options.force, fsync=options.fsync, progress=options.progress)
+    save_optax_dir(state, path, force=options.force, fsync=options.fsync, progress=options.progress, step=options.step)

@@ -343,8 +343,8 @@ def scale_by_nadam_torch(
       b2: torch ``betas[1]``.
       eps: torch ``eps``, added outside the square root.
       momentum_decay: torch ``momentum_decay`` (``psi``).
-      mu_product_dtype: dtype in which ``mu_product`` is kept (float64 by default; canonicalized,
-        so float32 when x64 is off).
+      mu_product_dtype: dtype in which ``mu_product`` is kept (float64 by default; canonicalized when
+        the state is initialized, so float32 where x64 is off then).
 
     Returns:
       A :class:`optax.GradientTransformation` with state :class:`ScaleByNadamTorchState`.
@@ -353,12 +353,13 @@ def scale_by_nadam_torch(
     >>> float(state.mu_product), state.mu_product.dtype.name
     (1.0, 'float32')
     """
-    mu_product_dtype = jax.dtypes.canonicalize_dtype(mu_product_dtype)
 
     def init_fn(params):
+        # Canonicalized when the state is made, not when the transform is: x64 may be turned on in between
+        # (optstate builds a float64 template under jax.enable_x64 from a transform made outside it).
         return ScaleByNadamTorchState(
             count=jnp.zeros([], jnp.int32),
-            mu_product=jnp.ones([], mu_product_dtype),
+            mu_product=jnp.ones([], jax.dtypes.canonicalize_dtype(mu_product_dtype)),
             mu=optax.tree.zeros_like(params),
             nu=optax.tree.zeros_like(params),
         )
