@@ -6,18 +6,28 @@ weight ``[O, I, H, W]`` a ``Conv`` kernel ``[H, W, I, O]``; a LayerNorm ``weight
 ``batch_stats``, never optimizer state. A reshape instead of a transpose is silently wrong, and a
 square layer passes every shape check, so the rules choose the move by the kind of layer (the
 leaf's name), and shapes only confirm it. The result is a :class:`~.moves.Layout`.
+
+Modules are matched by name first. linen names the modules it is not told the names of by class and
+order of definition within their parent (``Dense_0``, ``Dense_1``, ``Block_0/Dense_1``; a list in
+``setup`` ``layers_0``), which no torch name meets; those are paired with the torch modules left over
+at the same place, in the torch model's order of definition (its ``state_dict``'s), each numbered
+family in its own order, where exactly one such pairing makes every tensor fit. Where none does, or
+several do, the match is refused with every problem listed.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from ...errors import MappingError
 from ...schema.state import ParamPath, path_to_name
 from .moves import Layout, Move, Shape, problem_list
 
-__all__ = ["DROPPED_LEAVES", "QKV", "match_layout", "plan_layout"]
+__all__ = ["DROPPED_LEAVES", "QKV", "match_layout", "pair_modules", "plan_layout"]
 
 #: Leaves of a torch module that have no Flax counterpart and hold nothing a Flax model reads.
 DROPPED_LEAVES = ("num_batches_tracked",)
@@ -43,10 +53,20 @@ def plan_layout(
     >>> [(m.describe, m.target) for m in layout.moves], problems
     ([('transpose (1, 0)', ('fc', 'kernel')), ('as is', ('fc', 'bias'))], [])
     """
-    matcher = _Matcher(params, stats or {})
+    layout, problems, _renames = _plan(sources, params, stats or {})
+    return layout, problems
+
+
+def _plan(
+    sources: Mapping[ParamPath, Shape], params: Mapping[ParamPath, Shape], stats: Mapping[ParamPath, Shape]
+) -> tuple[Layout, list[str], dict[ParamPath, ParamPath]]:
+    """:func:`plan_layout`, and the torch modules paired with numbered Flax modules on the way."""
+    renames, notes = pair_modules(sources, params, stats)
+    matcher = _Matcher(params, stats, renames)
     for source, shape in sources.items():
         matcher.match(source, tuple(shape))
-    return Layout(tuple(matcher.moves), tuple(matcher.dropped)), matcher.problems + matcher.unmatched_targets()
+    problems = notes + matcher.problems + matcher.unmatched_targets()
+    return Layout(tuple(matcher.moves), tuple(matcher.dropped)), problems, renames
 
 
 def match_layout(
@@ -96,10 +116,19 @@ def _fits(moved: Shape, target: Shape, reshape: bool) -> bool:
 
 
 class _Matcher:
-    """Applies the rules to one model; collects moves and every problem, so the user sees them all."""
+    """Applies the rules to one model; collects moves and every problem, so the user sees them all.
 
-    def __init__(self, params: Mapping[ParamPath, Shape], stats: Mapping[ParamPath, Shape]):
+    ``renames`` are the torch modules paired with numbered Flax modules (:func:`pair_modules`).
+    """
+
+    def __init__(
+        self,
+        params: Mapping[ParamPath, Shape],
+        stats: Mapping[ParamPath, Shape],
+        renames: Mapping[ParamPath, ParamPath] | None = None,
+    ):
         self.params, self.stats = _index(params), _index(stats)
+        self.renames = renames or {}
         self.targets = {**{p: tuple(s) for p, s in params.items()}, **{p: tuple(s) for p, s in stats.items()}}
         self.moves: list[Move] = []
         self.dropped: list[ParamPath] = []
@@ -107,10 +136,18 @@ class _Matcher:
 
     def leaf(self, index: _LeafIndex, module: ParamPath, names: Sequence[str]) -> list[tuple[ParamPath, Shape]]:
         """The target leaves named any of ``names`` in the module that ``module`` (a torch module path) is."""
-        leaves = index.get(_module_key(module))
+        leaves = index.get(_module_key(self.flax_module(module)))
         if leaves is None and module and module[-1] == "out_proj":  # nn.MultiheadAttention's output Linear
-            leaves = index.get(_module_key((*module[:-1], "out")))
+            leaves = index.get(_module_key((*self.flax_module(module[:-1]), "out")))
         return [found for n in names for found in (leaves or {}).get(n, ())]
+
+    def flax_module(self, module: ParamPath) -> ParamPath:
+        """The Flax module a torch module path names: its longest paired prefix renamed, else itself."""
+        for n in range(len(module), 0, -1):
+            flax = self.renames.get(module[:n])
+            if flax is not None:
+                return (*flax, *module[n:])
+        return module
 
     def add(
         self,
@@ -193,3 +230,310 @@ class _Matcher:
     def unmatched_targets(self) -> list[str]:
         hit = {m.target for m in self.moves}
         return [f"{'/'.join(p)} {list(s)}: no torch tensor" for p, s in self.targets.items() if p not in hit]
+
+
+# ----------------------------------------------------------------------------- numbered Flax modules
+
+#: linen's names for the modules it numbers: ``Dense_0`` (by class), ``layers_0`` (a list in ``setup``).
+_NUMBERED = re.compile(r"(.+?)_(\d+)")
+#: The pairings of one place's modules tried before the match is refused as too ambiguous to check.
+_MAX_TRIES = 100_000
+#: The most (torch module, Flax module) pairs tried to say which torch modules fit none.
+_MAX_WHY = 10_000
+#: torch leaves of an attention module whose Flax counterparts are in its child modules ``query``, ...
+_QKV_LEAVES = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+#: A child module, by its path relative to its parent: a name, or a container's name and a position
+#: in it (torch's ModuleList and Sequential, NNX's lists: ``layers.0``), the container looked through.
+_Child = tuple[str, ...]
+
+
+def _children(leaves: Mapping[ParamPath, Any]) -> dict[_Child, dict[ParamPath, Any]]:
+    """The child modules of a place (``leaves`` by path relative to it), in order, each with its leaves by
+    path relative to it; a container holding numbered modules only is looked through.
+
+    >>> list(_children({("blocks", "0", "fc", "weight"): 1, ("blocks", "1", "fc", "weight"): 1, ("w",): 1}))
+    [('blocks', '0'), ('blocks', '1')]
+    """
+    groups: dict[str, dict[ParamPath, Any]] = {}
+    for path, value in leaves.items():
+        if len(path) > 1:
+            groups.setdefault(path[0], {})[path[1:]] = value
+    children: dict[_Child, dict[ParamPath, Any]] = {}
+    for name, inner in groups.items():
+        if all(len(p) > 1 and p[0].isdigit() for p in inner):
+            children.update({(name, *child): below for child, below in _children(inner).items()})
+        else:
+            children[(name,)] = inner
+    return children
+
+
+def _opened(
+    left: Sequence[_Child], children: Mapping[_Child, Mapping[ParamPath, Any]]
+) -> tuple[list[_Child], dict[_Child, Mapping[ParamPath, Any]]] | None:
+    """The torch modules ``left`` with every one that holds no tensor of its own replaced by its modules, in
+    order, down to modules that do, and the leaves of each; None when none is opened.
+
+    >>> _opened([("b",), ("head",)], {("b",): {("ln", "weight"): (2,), ("fc", "weight"): (2, 2)},
+    ...                               ("head",): {("weight",): (2, 2)}})[0]
+    [('b', 'ln'), ('b', 'fc'), ('head',)]
+    """
+    opened: dict[_Child, Mapping[ParamPath, Any]] = {}
+    for child in left:
+        below = children[child]
+        if any(len(p) == 1 for p in below):
+            opened[child] = below
+        else:
+            inner = _children(below)
+            deeper = _opened(list(inner), inner)
+            order, leaves = deeper if deeper else (list(inner), inner)
+            opened.update({child + c: leaves[c] for c in order})
+    return None if list(opened) == list(left) else (list(opened), {**children, **opened})
+
+
+def _opened_families(
+    families: Mapping[_Child, Sequence[tuple[tuple[int, ...], _Child]]],
+    children: Mapping[_Child, Mapping[ParamPath, Any]],
+) -> tuple[dict[_Child, list[tuple[tuple[int, ...], _Child]]], dict[_Child, Mapping[ParamPath, Any]]] | None:
+    """The numbered Flax modules with every one that holds no leaf of its own replaced by its modules: a
+    family for each path of family names (``Block/Dense``), its members in the order of their numbers along
+    the path (``Block_0/Dense_1`` before ``Block_1/Dense_0``), and the leaves of each; None when none is opened.
+
+    >>> opened, _ = _opened_families({("Block",): [((0,), ("Block_0",))]},
+    ...     {("Block_0",): {("Dense_0", "kernel"): (2, 2), ("Dense_1", "kernel"): (2, 2)}})
+    >>> opened
+    {('Block', 'Dense'): [((0, 0), ('Block_0', 'Dense_0')), ((0, 1), ('Block_0', 'Dense_1'))]}
+    """
+    opened: dict[_Child, list[tuple[tuple[int, ...], _Child]]] = {}
+    leaves: dict[_Child, Mapping[ParamPath, Any]] = {}
+    changed = False
+    for family, members in families.items():
+        for number, child in members:
+            below = children[child]
+            if any(len(p) == 1 for p in below):
+                opened.setdefault(family, []).append((number, child))
+                leaves[child] = below
+                continue
+            changed = True
+            inner = _children(below)
+            inner_families: dict[_Child, list[tuple[tuple[int, ...], _Child]]] = {}
+            for c in inner:
+                numbered = _family(c)
+                key, n = (numbered[0], (numbered[1],)) if numbered else (c, ())
+                inner_families.setdefault(key, []).append((n, c))
+            deeper = _opened_families(inner_families, inner)
+            for key, inner_members in (deeper[0] if deeper else inner_families).items():
+                opened.setdefault(family + key, []).extend((number + n, child + c) for n, c in inner_members)
+            leaves.update({child + c: b for c, b in (deeper[1] if deeper else inner).items()})
+    return (opened, {**children, **leaves}) if changed else None
+
+
+def _family(child: _Child) -> tuple[_Child, int] | None:
+    """A numbered module's family and number (``Dense_3``: ``Dense``, 3; NNX's ``layers/3``: ``layers``, 3).
+
+    >>> _family(("Dense_3",)), _family(("layers", "3")), _family(("head",))
+    ((('Dense',), 3), (('layers',), 3), None)
+    """
+    if child[-1].isdigit():
+        return child[:-1], int(child[-1])
+    numbered = _NUMBERED.fullmatch(child[-1]) if len(child) == 1 else None
+    return None if numbered is None else ((numbered[1],), int(numbered[2]))
+
+
+def _torch_keys(child: _Child, leaves: Mapping[ParamPath, Any]) -> set[str]:
+    """The module keys the rules look up for the torch tensors under ``child``, as :class:`_Matcher` does."""
+    keys = set()
+    for path in leaves:
+        module = (*child, *path[:-1])
+        keys.add(_module_key(module))
+        if path[-1] in _QKV_LEAVES:
+            keys.update(_module_key((*module, name)) for name in QKV)
+        if module[-1] == "out_proj":
+            keys.add(_module_key((*module[:-1], "out")))
+    return keys
+
+
+def _flax_keys(child: _Child, leaves: Mapping[ParamPath, Any]) -> set[str]:
+    return {_module_key((*child, *path[:-1])) for path in leaves}
+
+
+def pair_modules(
+    sources: Mapping[ParamPath, Shape],
+    params: Mapping[ParamPath, Shape],
+    stats: Mapping[ParamPath, Shape] | None = None,
+) -> tuple[dict[ParamPath, ParamPath], list[str]]:
+    """Which torch module (of ``sources``) each numbered Flax module (of ``params`` and ``stats``) is, where no
+    name says (torch path -> Flax path), and why any such module is left unpaired.
+
+    At each place of the model, the torch modules no Flax name meets are dealt, in the torch model's
+    order, to the numbered Flax families there, each family taking its members in number order; a
+    pairing is kept when it is the only one under which every tensor of each pair fits its leaf.
+
+    >>> pair_modules({("fc1", "weight"): (3, 2), ("fc2", "weight"): (1, 3)},
+    ...              {("Dense_0", "kernel"): (2, 3), ("Dense_1", "kernel"): (3, 1)})
+    ({('fc1',): ('Dense_0',), ('fc2',): ('Dense_1',)}, [])
+    """
+    flax = {p: (s, False) for p, s in params.items()}
+    flax.update({p[1:]: (s, True) for p, s in (stats or {}).items()})  # linen's collection is not a module
+    pairing = _Pairing()
+    pairing.pair((), (), {p: tuple(s) for p, s in sources.items()}, flax)
+    return pairing.renames, pairing.notes
+
+
+class _Pairing:
+    """Pairs one model's modules, place by place; collects the pairs and every reason a place is left unpaired."""
+
+    def __init__(self) -> None:
+        self.renames: dict[ParamPath, ParamPath] = {}
+        self.notes: list[str] = []
+
+    def pair(
+        self,
+        torch_at: ParamPath,
+        flax_at: ParamPath,
+        torch_leaves: Mapping[ParamPath, Shape],
+        flax_leaves: Mapping[ParamPath, tuple[Shape, bool]],
+    ) -> None:
+        """Pair the modules below ``torch_at`` and ``flax_at`` (a place the two models share)."""
+        torch_children, flax_children = _children(torch_leaves), _children(flax_leaves)
+        flax_keys = set().union(*(_flax_keys(c, below) for c, below in flax_children.items()))
+        torch_keys = set().union(*(_torch_keys(c, below) for c, below in torch_children.items()))
+        by_name = {_module_key(c): c for c in flax_children}
+        left = []
+        for child, below in torch_children.items():
+            if not _torch_keys(child, below) & flax_keys:
+                left.append(child)
+            elif _module_key(child) in by_name:  # the same module by name: pair what is numbered inside it
+                named = by_name[_module_key(child)]
+                self.pair((*torch_at, *child), (*flax_at, *named), below, flax_children[named])
+        families: dict[_Child, list[tuple[tuple[int, ...], _Child]]] = {}
+        for child, below in flax_children.items():
+            family = _family(child)
+            if family is not None and not _flax_keys(child, below) & torch_keys:
+                families.setdefault(family[0], []).append(((family[1],), child))
+        if not (left and families):
+            return
+        # A model written as one function numbers every layer in one place where the other groups them in
+        # blocks: where the modules do not come out even, the blocks holding no tensor of their own are
+        # looked into, on the torch side, the Flax side or both, and the first way that comes out even is dealt.
+        torch_sides = [(left, torch_children), _opened(left, torch_children)]
+        flax_sides = [(families, flax_children), _opened_families(families, flax_children)]
+        tries = [(t, f) for f in flax_sides for t in torch_sides if t is not None and f is not None]
+        even = [(t, f) for t, f in tries if len(t[0]) == sum(len(m) for m in f[0].values())]
+        (torch_left, torch_below), (flax_families, flax_below) = even[0] if even else tries[0]
+        ordered = [[c for _, c in sorted(members)] for _, members in sorted(flax_families.items())]
+        why = self._deal(torch_at, flax_at, list(torch_left), ordered, torch_below, flax_below)
+        if why is not None:
+            self.notes.append(why)
+
+    def _deal(
+        self,
+        torch_at: ParamPath,
+        flax_at: ParamPath,
+        left: Sequence[_Child],
+        families: Sequence[Sequence[_Child]],
+        torch_children: Mapping[_Child, Mapping[ParamPath, Any]],
+        flax_children: Mapping[_Child, Mapping[ParamPath, Any]],
+    ) -> str | None:
+        """Pair the torch modules ``left`` with the numbered Flax ``families`` where exactly one order fits;
+        else leave them and say why."""
+        fitted: dict[tuple[_Child, _Child], dict[ParamPath, ParamPath] | None] = {}
+
+        def fits(t: _Child, f: _Child) -> bool:
+            if (t, f) not in fitted:
+                fitted[(t, f)] = _fit(torch_children[t], flax_children[f])
+            return fitted[(t, f)] is not None
+
+        torch_names = ", ".join(path_to_name((*torch_at, *c)) for c in left)
+        flax_members = [f for family in families for f in family]
+        flax_names = ", ".join("/".join((*flax_at, *f)) for f in flax_members)
+        where = f"torch modules {torch_names} (in order of definition) against numbered Flax modules {flax_names}"
+        if len(left) != len(flax_members):
+            return f"{where}: {len(left)} against {len(flax_members)}, so no order pairs them"
+        try:
+            ways = self._ways(left, families, fits)
+        except (_TooMany, RecursionError):  # a place with more modules than are worth dealing one by one
+            return f"{where}: too many orders to check; name the modules in a mapping file"
+        if len(ways) != 1:
+            return f"{where}: " + self._why_not(torch_at, flax_at, left, families, ways, fits)
+        for t, f in ways[0]:
+            self.renames[torch_at + t] = flax_at + f
+            inner = fitted[(t, f)] or {}
+            self.renames.update({torch_at + t + tp: flax_at + f + fp for tp, fp in inner.items()})
+        return None
+
+    def _ways(
+        self, left: Sequence[_Child], families: Sequence[Sequence[_Child]], fits: Callable[[_Child, _Child], bool]
+    ) -> list[list[tuple[_Child, _Child]]]:
+        """Up to two ways to deal ``left`` in order to the families in their orders, every pair fitting."""
+
+        tries = iter(range(_MAX_TRIES))
+
+        @functools.cache
+        def ways(taken: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+            if next(tries, None) is None:
+                raise _TooMany
+            i = sum(taken)
+            if i == len(left):
+                return ((),)
+            found: list[tuple[int, ...]] = []
+            for k, family in enumerate(families):
+                if taken[k] < len(family) and fits(left[i], family[taken[k]]):
+                    after = (*taken[:k], taken[k] + 1, *taken[k + 1 :])
+                    found += [(k, *rest) for rest in ways(after)[: 2 - len(found)]]
+                    if len(found) == 2:
+                        break
+            return tuple(found)
+
+        dealt = []
+        for way in ways(tuple(0 for _ in families)):
+            taken = [0] * len(families)
+            pairs = []
+            for t, k in zip(left, way, strict=True):
+                pairs.append((t, families[k][taken[k]]))
+                taken[k] += 1
+            dealt.append(pairs)
+        return dealt
+
+    @staticmethod
+    def _why_not(
+        torch_at: ParamPath,
+        flax_at: ParamPath,
+        left: Sequence[_Child],
+        families: Sequence[Sequence[_Child]],
+        ways: Sequence[Sequence[tuple[_Child, _Child]]],
+        fits: Callable[[_Child, _Child], bool],
+    ) -> str:
+        """Why no pairing, or more than one, was found: the two pairings, or the misfits of the plain order."""
+
+        def pairs(way: Sequence[tuple[_Child, _Child]]) -> str:
+            return ", ".join(f"{path_to_name((*torch_at, *t))} -> {'/'.join((*flax_at, *f))}" for t, f in way)
+
+        if ways:
+            return f"more than one order fits ({pairs(ways[0])}; or {pairs(ways[1])}); name them in a mapping file"
+        if len(families) > 1:
+            members = [f for family in families for f in family]
+            if len(left) * len(members) > _MAX_WHY:
+                return "no order makes every tensor fit"
+            alone = [t for t in left if not any(fits(t, f) for f in members)]
+            return "no order makes every tensor fit" + (
+                f"; the tensors of {', '.join(path_to_name(torch_at + t) for t in alone)} fit none of them"
+                if alone
+                else ""
+            )
+        misfits = [(t, f) for t, f in zip(left, families[0], strict=True) if not fits(t, f)]
+        return "in order of definition, the tensors of " + pairs(misfits) + " do not fit"
+
+
+class _TooMany(Exception):
+    """More pairings of one place's modules than are worth trying."""
+
+
+def _fit(
+    torch_leaves: Mapping[ParamPath, Shape], flax_leaves: Mapping[ParamPath, tuple[Shape, bool]]
+) -> dict[ParamPath, ParamPath] | None:
+    """The pairs inside two modules when every tensor of the one fits a leaf of the other; None when not."""
+    params = {p: s for p, (s, stat) in flax_leaves.items() if not stat}
+    stats = {("batch_stats", *p): s for p, (s, stat) in flax_leaves.items() if stat}
+    _layout, problems, renames = _plan(torch_leaves, params, stats)
+    return None if problems else renames

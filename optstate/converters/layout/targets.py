@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import FormatError, MappingError
+from ...errors import FormatError
 from ...schema.state import OptimizerState, ParamPath
 from .. import adapter, call_user_function
 from .moves import Layout, Shape, apply_layout, revert_layout
@@ -112,8 +112,10 @@ def target_model(spec: Any) -> tuple[str, dict[ParamPath, Shape], dict[ParamPath
 
 
 def _tensors(state: OptimizerState) -> dict[ParamPath, Shape]:
-    shapes = {p.path: p.shape for p in state.params}
-    shapes.update({p: tuple(a.shape) for p, a in (state.weights or {}).items()})
+    """The state's tensors and their shapes; in the model's order where the state holds its weights (a
+    ``state_dict`` is in order of definition, which pairs numbered Flax modules), else the optimizer's."""
+    shapes = {p: tuple(a.shape) for p, a in (state.weights or {}).items()}
+    shapes.update({p.path: p.shape for p in state.params if p.path not in shapes})
     return shapes
 
 
@@ -132,26 +134,49 @@ def relayout(state: OptimizerState, *, target: Any = None, mapping: str | None =
         return apply_layout(state, match_layout(_tensors(state), params, stats))
     if state.metadata.layout is not None:
         return revert_layout(state, Layout.from_json(state.metadata.layout))
+    return revert_layout(state, match_layout(*_back_to_torch(state, params)))
+
+
+def _back_to_torch(
+    state: OptimizerState, torch_params: Mapping[ParamPath, Shape]
+) -> tuple[dict[ParamPath, Shape], dict[ParamPath, Shape], dict[ParamPath, Shape]]:
+    """What the rules match to move a state in a Flax layout to the torch model's: the torch model's
+    tensors (the sources), the state's parameters and its BatchNorm statistics (the targets)."""
     buffers = set(state.buffers)
     ours = _tensors(state)
+    sources = dict(torch_params)
     if not buffers:  # an Optax state alone has no BatchNorm statistics: nothing to put back
-        params = {p: s for p, s in params.items() if p[-1] not in ("running_mean", "running_var", *DROPPED_LEAVES)}
-    layout = match_layout(
-        params, {p: s for p, s in ours.items() if p not in buffers}, {p: s for p, s in ours.items() if p in buffers}
+        sources = {p: s for p, s in sources.items() if p[-1] not in ("running_mean", "running_var", *DROPPED_LEAVES)}
+    return (
+        sources,
+        {p: s for p, s in ours.items() if p not in buffers},
+        {p: s for p, s in ours.items() if p in buffers},
     )
-    return revert_layout(state, layout)
 
 
 def plan(state: OptimizerState, target: Any) -> tuple[Layout, list[str]]:
     """The layout :func:`relayout` would use for ``target``, with every problem it would refuse over.
+
+    For a Flax model, the moves take the state's torch tensors to its leaves; for a torch model, they
+    take the torch model's tensors to the state's Flax leaves, and the conversion runs them backwards
+    (a mapping file says the same either way). Modules that linen numbered (``Dense_0``) are paired
+    with the torch modules by order of definition where that is unambiguous (see :mod:`.rules`).
 
     >>> from optstate.schema.state import ParamInfo
     >>> state = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("fc", "weight"), (3, 2), "float32", 0),), {})
     >>> layout, problems = plan(state, {"params": {"fc": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}}})
     >>> [m.describe for m in layout.moves], problems
     (['transpose (1, 0)'], ['fc/bias [3]: no torch tensor'])
+    >>> import torch
+    >>> info = ParamInfo(("Dense_0", "kernel"), (2, 3), "float32", 0)
+    >>> flax_state = OptimizerState("sgd", ({"lr": 0.1},), (info,), {})
+    >>> layout, problems = plan(flax_state, {"fc1.weight": torch.zeros(3, 2)})  # a torch model's state_dict
+    >>> [(".".join(m.source), "/".join(m.target), m.describe) for m in layout.moves], problems
+    ([('fc1.weight', 'Dense_0/kernel', 'transpose (1, 0)')], [])
     """
     framework, params, stats = target_model(target)
-    if framework != "flax":
-        raise MappingError(f"{target}: a torch model; optstate map maps a torch checkpoint to a Flax model")
-    return plan_layout(_tensors(state), params, stats)
+    if framework == "flax":
+        return plan_layout(_tensors(state), params, stats)
+    if state.metadata.layout is not None:
+        return Layout.from_json(state.metadata.layout), []
+    return plan_layout(*_back_to_torch(state, params))
