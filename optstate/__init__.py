@@ -5,7 +5,9 @@
 'exp_avg'
 
 The framework functions (``from_torch``, ``to_optax``, ...) load their adapter on first use, so
-``import optstate`` imports neither torch nor jax.
+``import optstate`` imports neither torch nor jax; :func:`optstate.verify` imports each framework
+when it runs a checkpoint in it, and ``optstate.testing`` (``assert_continues``, for pytest) loads on
+first use.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from .converters.layout.targets import relayout
 from .errors import FormatError, MappingError, MissingDependencyError, OptstateError, UnsupportedError
 from .report import inspect
 from .schema import OPTIMIZERS, OptimizerState, ParamInfo, load, save
+
+# NumPy only, and imported here rather than on first use: the module's name is the function's, and a module
+# loaded later would replace the function on the package (the import system sets optstate.verify to it).
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -35,6 +41,10 @@ _ADAPTER_OF = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "testing":  # the pytest helpers: loaded on first use, like a framework's adapter
+        import importlib
+
+        return importlib.import_module(f"{__name__}.testing")
     if name == "from_torch_file":  # torch-free: NumPy and the standard library read torch's zip files
         from .converters.torch.state_dict import from_torch_file
 
@@ -47,7 +57,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_ADAPTER_OF, "from_torch_file"])
+    return sorted([*globals(), *_ADAPTER_OF, "from_torch_file", "testing"])
 
 
 __all__ = [  # noqa: PLE0604 (*_ADAPTER_OF: the lazily loaded names, strings)
@@ -65,5 +75,7 @@ __all__ = [  # noqa: PLE0604 (*_ADAPTER_OF: the lazily loaded names, strings)
     "relayout",
     "save",
     "from_torch_file",
+    "verify",
+    "VerifyReport",
     *_ADAPTER_OF,
 ]

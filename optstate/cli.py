@@ -1,4 +1,4 @@
-"""The ``optstate`` command: ``convert``, ``inspect`` and ``map``, thin over the library."""
+"""The ``optstate`` command: ``convert``, ``verify``, ``inspect`` and ``map``, thin over the library."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .errors import OptstateError
 from .progress import Progress
 from .report import format_report, inspect
 from .schema import OPTIMIZERS
+from .verify import verify
 
 
 def _hparams(text: str | None) -> Any:
@@ -94,7 +95,45 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"approximate: {state.metadata.approximate}")
     for name in args.reset:
         print(f"reset {name}: back to its initial value on every parameter, as asked")
+    if args.verify:
+        return _run_verify(args, args.src, args.dst, args.dst_format)
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    for path, fmt in ((args.src, args.src_format), (args.dst, args.dst_format)):
+        formats.get(fmt or formats.detect(path)).set_up_process()  # Orbax: float64 stays float64
+    return _run_verify(args, args.src, args.dst, args.dst_format)
+
+
+def _run_verify(args: argparse.Namespace, src: str, dst: str, dst_format: str | None) -> int:
+    """Run :func:`optstate.verify` as the arguments say, print its report; 0 when it agrees, else 1."""
+    bars: list[Progress] = []
+
+    def progress(total_bytes: int, total_count: int) -> Progress:
+        enabled = False if args.quiet or getattr(args, "json", False) else None
+        bars.append(Progress(total_bytes, total_count, enabled=enabled, label="verifying", unit="checks"))
+        return bars[-1]
+
+    finished = False
+    try:
+        report = verify(
+            src,
+            dst,
+            src_format=args.src_format,
+            dst_format=dst_format,
+            steps=args.verify_steps,
+            seed=args.seed,
+            model_data=args.model_data,
+            progress=progress,
+            **_read_fields(args),
+        )
+        finished = True
+    finally:
+        for bar in bars:
+            bar.close(finished=finished)
+    print(report.to_json() if getattr(args, "json", False) else report.format())
+    return 0 if report.agrees else 1
 
 
 def _map(args: argparse.Namespace) -> int:
@@ -195,12 +234,21 @@ CONVERT_EXAMPLES = """examples:
   optstate convert --to optax --model train:make_model ckpt/ out/        # accelerate save_state
   optstate convert --to optax --horizon 1000 epoch=3-step=500.ckpt out/  # PyTorch Lightning
   optstate convert --to optax examples/gpt_adamw.pt gpt/ --target-params examples.gpt:flax_variables
+  optstate convert --verify examples/mlp_adamw.pt out/                   # then run both and compare (verify)
 """
 
 MAP_EXAMPLES = """examples:
   optstate map examples/gpt_adamw.pt --target-params examples.gpt:flax_variables
   optstate map examples/gpt_adamw.pt --target-params examples.gpt:flax_variables -o mapping.json
   optstate convert --to optax examples/gpt_adamw.pt gpt/ --mapping mapping.json
+"""
+
+VERIFY_EXAMPLES = """examples:
+  optstate verify examples/mlp_adamw.pt out/                             # torch against its Optax conversion
+  optstate verify --steps 10 --seed 1 examples/mlp_adamw.pt state.safetensors
+  optstate verify --json examples/mlp_adamw.pt out/
+  optstate verify --model-data train:gradients ckpt.pt out/              # gradients(params, step) of a batch
+  optstate convert --verify examples/mlp_adamw.pt out/                   # convert, then verify
 """
 
 INSPECT_EXAMPLES = """examples:
@@ -263,7 +311,57 @@ def _add_convert(sub: Any) -> None:
         "optstate.optax_transform (its torch-exact states look like stock Optax ones on disk)",
     )
     _add_writing_arguments(c)
+    c.add_argument(
+        "--verify",
+        action="store_true",
+        help="after converting, run the input and the output side by side and compare them (optstate verify); "
+        "exit 1 if they disagree",
+    )
+    _add_verify_arguments(c, prefix="--verify-")
     c.set_defaults(run=_convert)
+
+
+def _add_verify_arguments(command: argparse.ArgumentParser, prefix: str = "--") -> None:
+    """How ``verify`` runs the two checkpoints (``convert --verify`` takes them as ``--verify-steps``, ...)."""
+    command.add_argument(
+        f"{prefix}steps",
+        dest="verify_steps",
+        type=int,
+        default=3,
+        metavar="N",
+        help="optimizer steps to run on both sides (default: 3)",
+    )
+    command.add_argument(
+        f"{prefix}seed", dest="seed", type=int, default=0, metavar="S", help="seed of the random gradients (default: 0)"
+    )
+    command.add_argument(
+        f"{prefix}model-data",
+        dest="model_data",
+        metavar="MODULE:FUNCTION",
+        help="gradients of real batches instead of random ones: a function returning gradients(params, step), "
+        "each parameter's gradient by torch name at those parameters (your code, from the working directory)",
+    )
+
+
+def _add_verify(sub: Any) -> None:
+    v = _subcommand(
+        sub,
+        "verify",
+        "run a checkpoint and its conversion side by side and compare them",
+        VERIFY_EXAMPLES,
+        description="Loads SRC in its framework and DST in the other (torch or Optax), feeds both the same "
+        "gradients for a few steps, and compares every parameter and optimizer slot after each step, to 1e-12 "
+        "for float64 (a few ulps of the update for float32 and bfloat16). Exit status 0 when every parameter "
+        "agrees, 1 otherwise, naming the worst parameters.",
+    )
+    v.add_argument("src", help="the original checkpoint")
+    v.add_argument("dst", help="its conversion")
+    _add_reading_arguments(v)
+    v.add_argument("--to", dest="dst_format", choices=formats.names(), help="DST's format (default: from the name)")
+    _add_verify_arguments(v)
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--quiet", action="store_true", help="no progress bar (it appears only on a terminal)")
+    v.set_defaults(run=_verify)
 
 
 def _add_writing_arguments(c: argparse.ArgumentParser) -> None:
@@ -322,7 +420,7 @@ def _add_inspect(sub: Any) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command line's parser: ``convert``, ``map`` and ``inspect``.
+    """The command line's parser: ``convert``, ``verify``, ``map`` and ``inspect``.
 
     >>> parser().parse_args(["inspect", "ckpt.pt", "--optimizer", "adam"]).optimizer
     'adam'
@@ -338,7 +436,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"optstate {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also accepted after the command)")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_convert, _add_map, _add_inspect):
+    for add in (_add_convert, _add_verify, _add_map, _add_inspect):
         add(sub)
     return p
 
@@ -367,7 +465,8 @@ class _BelowError(logging.Filter):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 1 input or conversion error, 2 usage).
+    """Run the command line; returns the exit code (0 ok, 1 input or conversion error or a verify that
+    disagrees, 2 usage).
 
     >>> main(["inspect", "missing.pt"])  # doctest: +SKIP
     1

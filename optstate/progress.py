@@ -1,4 +1,4 @@
-"""A progress bar for long conversions (``rich.progress``): bytes written, rate, time left. Terminal only.
+"""A progress bar for long conversions and verifications (``rich.progress``): bytes, rate, time left. Terminal only.
 
 ``rich`` is imported only when a bar is drawn, so ``import optstate`` stays NumPy only.
 """
@@ -14,7 +14,8 @@ SHOW_AFTER_S = 2.0
 
 
 class Progress:
-    """Call it with each tensor's byte count as it is written; it draws one ``rich`` bar on ``stream``.
+    """Call it with each tensor's byte count as it is written; it draws one ``rich`` bar on ``stream``,
+    headed ``label`` and counting calls in ``unit`` (``verify`` counts its checks: a parameter compared after a step).
 
     Silent unless ``stream`` is a terminal (so logs and pipes stay clean) and until the work has taken
     ``delay`` seconds. ``total_bytes`` and ``total_tensors`` are the caller's estimate: a writer may
@@ -35,8 +36,11 @@ class Progress:
         stream: TextIO | None = None,
         delay: float | None = None,
         enabled: bool | None = None,
+        label: str = "converting",
+        unit: str = "tensors",
     ):
         self.total_bytes, self.total_tensors = total_bytes, total_tensors
+        self.label, self.unit = label, unit
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.delay = SHOW_AFTER_S if delay is None else delay
@@ -77,17 +81,17 @@ class Progress:
         )
 
         self._bar = Progress(
-            TextColumn("converting"),
+            TextColumn(self.label),
             BarColumn(),
             TaskProgressColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[tensors]} tensors"),
+            TextColumn("{task.fields[tensors]} " + self.unit),
             console=Console(file=self.stream),
         )
         # No time left is shown until two updates give a rate (rich's own rule), so no wild first estimate.
-        self._task = self._bar.add_task("convert", total=self._total(), tensors=0)
+        self._task = self._bar.add_task(self.label, total=self._total(), tensors=0)
         self._bar.start()
 
     def line(self) -> str:
@@ -98,7 +102,7 @@ class Progress:
         """
         total = self._total()
         done = self.bytes / total if total else 1.0
-        return f"{self.tensors} tensors  {_size(self.bytes)}/{_size(total)}  {done:.0%}"
+        return f"{self.tensors} {self.unit}  {_size(self.bytes)}/{_size(total)}  {done:.0%}"
 
     def close(self, finished: bool = True) -> None:
         """End the bar, once: at exactly what was written when ``finished``, else where it stopped."""

@@ -263,6 +263,9 @@ def inspect_torch_file(path: str, fmt: str = "torch", options: ReadOptions = Rea
 
     checkpoint = torch_dict.read_torch_file(path)
     sd, model_sd, scheduler_sd = torch_dict.split_checkpoint(checkpoint, path)
+    tied = torch_dict._tied(model_sd) if model_sd is not None else {}
+    if model_sd is not None and tied:  # one tensor, two names (GPT-2's lm_head and wte): one parameter, named once
+        model_sd = {n: t for n, t in model_sd.items() if n not in tied}
     weights = (
         None
         if model_sd is None
@@ -286,7 +289,7 @@ def inspect_torch_file(path: str, fmt: str = "torch", options: ReadOptions = Rea
     params = _torch_param_facts(sd, names)
     tracked = set(names)
     frozen = [n for n, t in (model_sd or {}).items() if n not in tracked and not torch_dict.is_buffer(n, t)]
-    return _report(
+    report = _report(
         path,
         fmt,
         state,
@@ -299,6 +302,11 @@ def inspect_torch_file(path: str, fmt: str = "torch", options: ReadOptions = Rea
         frozen=frozen,
         error=error,
     )
+    if not tied:
+        return report
+    shared = ", ".join(f"{alias} is {name}" for alias, name in list(tied.items())[:3])
+    note = f"tied weights, counted and named once: {shared}{', ...' if len(tied) > 3 else ''}"
+    return dataclasses.replace(report, notes=(*report.notes, note))
 
 
 def inspect(path: str | os.PathLike, fmt: str | None = None, *, options: ReadOptions = ReadOptions()) -> Report:

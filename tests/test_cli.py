@@ -225,7 +225,7 @@ def test_debug_before_or_after_the_command(tmp_path, where):
     assert run.stderr.splitlines()[-1].startswith("optstate: error: ")
 
 
-@pytest.mark.parametrize("command", ["convert", "map", "inspect"])
+@pytest.mark.parametrize("command", ["convert", "verify", "map", "inspect"])
 def test_help_shows_examples_as_written(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])

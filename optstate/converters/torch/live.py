@@ -48,12 +48,14 @@ __all__ = [
     "is_buffer",
     "is_optimizer_state_dict",
     "is_tensor_dict",
+    "live_optimizer",
     "load_checkpoint",
     "numpy_to_tensor",
     "numpy_tree",
     "param_names",
     "save_checkpoint",
     "split_checkpoint",
+    "step_live",
     "tensor_to_numpy",
     "to_torch",
     "to_torch_state_dict",
@@ -503,3 +505,44 @@ def save_checkpoint(
     The file loads with ``torch.load(path, weights_only=True)``.
     """
     torch_dict.save_torch_file(state, path, force=force, fsync=fsync, progress=progress, step_dtype=step_dtype())
+
+
+# ----------------------------------------------------------------------------- live runs (optstate.verify)
+
+
+def live_optimizer(
+    state: OptimizerState, params: Mapping[Any, np.ndarray]
+) -> tuple[torch.optim.Optimizer, dict[Any, torch.Tensor]]:
+    """A ``torch.optim`` optimizer of the state's family over float tensors holding ``params`` (by parameter
+    path), built from the state's param groups (those with parameters; named, so that :func:`from_torch`
+    names them) and loaded with its state by :func:`to_torch`; and the tensors, by path.
+
+    >>> import optstate
+    >>> from optstate.schema import ParamInfo
+    >>> s = optstate.OptimizerState("sgd", ({"lr": 0.5, "momentum": 0.9},), (ParamInfo(("w",), (2,), "float64", 0),),
+    ...     {("momentum", ("w",)): np.ones(2)})
+    >>> opt, tensors = live_optimizer(s, {("w",): np.zeros(2)})
+    >>> step_live(opt, tensors, {("w",): np.ones(2)}); tensors[("w",)].tolist()
+    [-0.95, -0.95]
+    """
+    refuse_optax_native(state.spec)
+    optimizer_class = getattr(torch.optim, state.spec.torch_class)
+    tensors = {p.path: numpy_to_tensor(np.asarray(params[p.path])).requires_grad_(True) for p in state.params}
+    groups = [
+        {
+            "params": [(path_to_name(p.path), tensors[p.path]) for p in members],
+            **{k: v for k, v in state.spec.with_defaults(hp).items() if k not in BOOKKEEPING_KEYS},
+        }
+        for gi, hp in enumerate(state.param_groups)
+        if (members := state.group_params(gi))
+    ]
+    optimizer = optimizer_class(groups)
+    to_torch(state, optimizer)
+    return optimizer, tensors
+
+
+def step_live(optimizer: torch.optim.Optimizer, tensors: Mapping[Any, torch.Tensor], grads: Mapping[Any, Any]) -> None:
+    """One ``optimizer.step()`` with each tensor's gradient set to ``grads[path]`` (NumPy arrays)."""
+    for path, tensor in tensors.items():
+        tensor.grad = numpy_to_tensor(np.asarray(grads[path]))
+    optimizer.step()
