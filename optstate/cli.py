@@ -54,9 +54,15 @@ def _summary(state: Any) -> str:
     )
 
 
+def _set_up_process(*sides: tuple[str, str | None]) -> None:
+    """Converting or verifying is this process's whole job: each side's format may set the process up
+    (Orbax: float64 stays float64)."""
+    for path, fmt in sides:
+        formats.get(fmt or formats.detect(path)).set_up_process()
+
+
 def _convert(args: argparse.Namespace) -> int:
-    # Converting is this process's whole job: the input's format may set the process up (Orbax: float64 stays).
-    formats.get(args.src_format or formats.detect(args.src)).set_up_process()
+    _set_up_process((args.src, args.src_format), (args.dst, args.dst_format))
     bars: list[Progress] = []
 
     def progress(state: Any) -> Progress:
@@ -101,8 +107,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    for path, fmt in ((args.src, args.src_format), (args.dst, args.dst_format)):
-        formats.get(fmt or formats.detect(path)).set_up_process()  # Orbax: float64 stays float64
+    _set_up_process((args.src, args.src_format), (args.dst, args.dst_format))
     return _run_verify(args, args.src, args.dst, args.dst_format)
 
 
@@ -396,7 +401,8 @@ def _add_writing_arguments(c: argparse.ArgumentParser) -> None:
         "--world-size",
         type=int,
         metavar="M",
-        help="write a DeepSpeed ZeRO checkpoint for M ranks (default: as many as the input had, else 1)",
+        help="write a DeepSpeed ZeRO checkpoint for M ranks (default: a universal checkpoint, "
+        'loaded at any world size with "load_universal": true)',
     )
     c.add_argument("--force", action="store_true", help="replace an existing output")
 
@@ -404,7 +410,12 @@ def _add_writing_arguments(c: argparse.ArgumentParser) -> None:
 def _add_map(sub: Any) -> None:
     m = _subcommand(sub, "map", "show (and save) how a checkpoint's tensors map onto a Flax model", MAP_EXAMPLES)
     m.add_argument("src")
-    m.add_argument("--target-params", metavar="PARAMS", required=True, help="the Flax model (as for convert)")
+    m.add_argument(
+        "--target-params",
+        metavar="PARAMS",
+        required=True,
+        help="the Flax model (as for convert), or the torch model for a state in Flax's names",
+    )
     _add_reading_arguments(m)
     m.add_argument("-o", "--output", metavar="FILE", help="save the mapping as editable JSON (for --mapping)")
     m.add_argument("--force", action="store_true", help="replace an existing mapping file")
