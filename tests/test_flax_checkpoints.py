@@ -108,10 +108,36 @@ def torch_grads_for_flax(params: dict, step: int, names: dict[str, str] | None =
     return grads
 
 
-def nnx_train(model: NnxNet, optimizer: nnx.Optimizer, steps: range) -> None:
+class TorchLinear(nnx.Module):
+    """A Linear that keeps torch's names and layout (``weight`` is ``[out, in]``), as a model ported from torch may."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        self.weight, self.bias = nnx.Param(jnp.asarray(weight)), nnx.Param(jnp.asarray(bias))
+
+    def __call__(self, x):
+        return x @ self.weight[...].T + self.bias[...]
+
+
+class TorchNamedNnxNet(nnx.Module):
+    """TinyNet in NNX under torch's names and layout: what an NNX tree written without --target-params restores into."""
+
+    def __init__(self) -> None:
+        init = initial_params()
+        self.fc1 = TorchLinear(init["fc1.weight"], init["fc1.bias"])
+        self.fc2 = TorchLinear(init["fc2.weight"], init["fc2.bias"])
+
+
+def torch_grads_by_torch_names(params: dict, step: int) -> dict:
+    return {
+        layer: {name: gradient(step, f"{layer}.{name}", np.asarray(leaf)) for name, leaf in leaves.items()}
+        for layer, leaves in params.items()
+    }
+
+
+def nnx_train(model: nnx.Module, optimizer: nnx.Optimizer, steps: range, grads_of=torch_grads_for_flax) -> None:
     for step in steps:
         grads = nnx.state(model, nnx.Param)
-        nnx.replace_by_pure_dict(grads, torch_grads_for_flax(nnx.to_pure_dict(grads), step))
+        nnx.replace_by_pure_dict(grads, grads_of(nnx.to_pure_dict(grads), step))
         optimizer.update(model, grads)
 
 
@@ -309,11 +335,11 @@ def torch_run(tmp_path_factory):
     return path, torch_params(model)
 
 
-def _restored_as_the_flax_docs_do(path, manager_step=None, tx=None) -> tuple[NnxNet, nnx.Optimizer]:
+def _restored_as_the_flax_docs_do(path, manager_step=None, tx=None, net=NnxNet) -> tuple[nnx.Module, nnx.Optimizer]:
     """The Flax docs' restore: an abstract model and optimizer, Orbax's restore into them, nnx.update."""
     tx = adamw() if tx is None else tx
-    abstract_model = nnx.eval_shape(NnxNet)
-    abstract_optimizer = nnx.eval_shape(lambda: nnx.Optimizer(NnxNet(), tx, wrt=nnx.Param))
+    abstract_model = nnx.eval_shape(net)
+    abstract_optimizer = nnx.eval_shape(lambda: nnx.Optimizer(net(), tx, wrt=nnx.Param))
     target = {"model": nnx.state(abstract_model), "optimizer": nnx.state(abstract_optimizer)}
     if manager_step is None:
         restored = ocp.StandardCheckpointer().restore(path, target)
@@ -322,7 +348,7 @@ def _restored_as_the_flax_docs_do(path, manager_step=None, tx=None) -> tuple[Nnx
         assert manager.latest_step() == manager_step
         restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(target))
         manager.close()
-    model = NnxNet()
+    model = net()
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     nnx.update(model, restored["model"])
     nnx.update(optimizer, restored["optimizer"])
@@ -383,23 +409,97 @@ def test_torch_to_nnx_to_torch_is_bit_exact(torch_run, tmp_path, capsys):
             assert after["optimizer"]["param_groups"][0][key] == value, key
 
 
-def test_steps_are_added_to_a_checkpoint_manager_directory(torch_run, tmp_path, capsys):
-    src, _ = torch_run
-    target = ("--to", "nnx", "--target-params", "test_flax_checkpoints:nnx_net")
-    for step in (3, 5):
-        _convert(src, tmp_path / "ckpts", *target, "--step", str(step), capsys=capsys)
+@pytest.fixture(scope="module")
+def sgd_run(tmp_path_factory):
+    """torch SGD with momentum (no step count, no scheduler) trained K steps and saved; continued N more."""
+    path = tmp_path_factory.mktemp("sgd") / "ckpt.pt"
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    torch_train(model, opt, K)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    torch_train(model, opt, N)
+    return path, torch_params(model)
+
+
+TO_NNX = ("--to", "nnx", "--target-params", "test_flax_checkpoints:nnx_net")
+
+
+def test_steps_are_added_to_a_checkpoint_manager_directory(sgd_run, tmp_path, capsys):
+    src, _ = sgd_run
+    for step in (3, 5):  # SGD records no step: --step gives it
+        _convert(src, tmp_path / "ckpts", *TO_NNX, "--step", str(step), capsys=capsys)
     manager = ocp.CheckpointManager(tmp_path / "ckpts")
     assert manager.all_steps() == [3, 5]
     manager.close()
-    assert main(["convert", str(src), str(tmp_path / "ckpts"), *target, "--step", "5"]) == 1
+    assert main(["convert", str(src), str(tmp_path / "ckpts"), *TO_NNX, "--step", "5"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(tmp_path / "ckpts" / "5") in err and "--force" in err
 
 
-def test_torch_names_written_to_nnx_are_warned_about(torch_run, tmp_path, capsys):
-    src, _ = torch_run
+def test_sgd_to_nnx_takes_its_step_from_the_step_option_and_continues(sgd_run, tmp_path, capsys):
+    """SGD keeps no step count: the nnx.Optimizer's step is --step's, the CheckpointManager step it is written as."""
+    src, finished = sgd_run
+    _convert(src, tmp_path / "ckpts", *TO_NNX, "--step", "3", capsys=capsys)
+    tx = optax.sgd(LR, momentum=0.9)  # stock Optax SGD is torch's formula (dampening 0, no Nesterov)
+    model, optimizer = _restored_as_the_flax_docs_do(tmp_path / "ckpts", manager_step=3, tx=tx)
+    assert int(optimizer.step[...]) == 3
+    nnx_train(model, optimizer, N)
+    assert max_abs_diff(nnx_as_torch(model), finished) < TOL
+
+
+@pytest.mark.parametrize("fmt", ["nnx", "train-state"])
+def test_a_state_without_a_step_count_needs_the_step_option(sgd_run, fmt, tmp_path, capsys):
+    src, _ = sgd_run
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", fmt, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "out") in err
+    assert "SGD keeps no step count" in err and "--step N" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["nnx", "train-state"])
+def test_a_step_option_that_disagrees_with_the_state_is_refused(torch_run, fmt, tmp_path, capsys):
+    src, _ = torch_run  # AdamW at step 3
+    assert main(["convert", str(src), str(tmp_path / "ckpts"), "--to", fmt, "--step", "5", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "ckpts") in err
+    assert "--step 5" in err and "taken 3 optimizer steps" in err and "--step 3" in err
+    assert not (tmp_path / "ckpts").exists()
+
+
+def test_parameters_at_different_steps_are_refused_naming_them(tmp_path, capsys):
+    """torch skips a parameter whose gradient is None: its step falls behind, and an nnx.Optimizer has one step."""
+    model = TinyNet()
+    opt = torch_adamw(model)
+    model.fc2.bias.requires_grad_(False)  # no gradient at the first step
+    torch_train(model, opt, range(1))
+    model.fc2.bias.requires_grad_(True)
+    torch_train(model, opt, range(1, 3))
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    assert main(["convert", str(tmp_path / "ckpt.pt"), str(tmp_path / "nnx"), *TO_NNX, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "nnx") in err
+    assert "fc2.bias at step 2" in err and "at step 3" in err
+    assert not (tmp_path / "nnx").exists()
+
+
+def test_torch_names_written_to_nnx_are_warned_about_and_restore_into_a_model_of_those_names(
+    torch_run, tmp_path, capsys
+):
+    """The warning's promise: the Flax docs' restore reads the tree into an NNX model that keeps torch's names."""
+    src, finished = torch_run
     err = _convert(src, tmp_path / "nnx", "--to", "nnx", capsys=capsys)
     assert "torch's names and layout (fc1.weight [5, 3])" in err and "--target-params" in err
+    assert "a model whose parameters keep these names and shapes" in err
+    model, optimizer = _restored_as_the_flax_docs_do(tmp_path / "nnx", net=TorchNamedNnxNet)
+    assert int(optimizer.step[...]) == 3
+    nnx_train(model, optimizer, N, grads_of=torch_grads_by_torch_names)
+    assert max_abs_diff(flax_as_torch_names(model), finished) < TOL
+
+
+def flax_as_torch_names(model: nnx.Module) -> dict[str, np.ndarray]:
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {f"{layer}.{name}": np.asarray(leaf) for layer, leaves in params.items() for name, leaf in leaves.items()}
 
 
 def test_torch_to_train_state_restores_into_an_abstract_train_state(torch_run, tmp_path, capsys):

@@ -15,7 +15,9 @@ import pytest
 
 import optstate
 from optstate.api import read
+from optstate.atomic import checked_before_commit
 from optstate.cli import main
+from optstate.converters.jax.orbax import manager_steps, save_optax_dir
 
 HPARAMS = '{"lr": 0.1}'
 READING = ("--optimizer", "adam", "--hparams", HPARAMS)
@@ -145,3 +147,31 @@ def test_several_groups_without_params_are_refused_in_one_line(default_item):
     root, _ = default_item
     with pytest.raises(optstate.OptstateError, match=r"param group 1 of 2 lists no 'params'"):
         read(root, "optax", optimizer="adam", hyperparams=[{"lr": 0.1, "params": ["b"]}, {"lr": 0.2}])
+
+
+def _refuse() -> None:
+    raise optstate.OptstateError("the output did not verify")
+
+
+@pytest.mark.parametrize("step", [None, 7])
+def test_a_failed_write_leaves_no_directory_it_made(default_item, step, tmp_path):
+    """A write that fails at its end (a check before the commit, as convert --verify runs) leaves nothing behind,
+    not even the directories made to hold it."""
+    root, _ = default_item
+    state = _read(root)
+    out = tmp_path / "a" / "b" / "ckpts"
+    with checked_before_commit(_refuse), pytest.raises(optstate.OptstateError, match="did not verify"):
+        save_optax_dir(state, out, step=step)
+    assert list(tmp_path.iterdir()) == []
+    save_optax_dir(state, out, step=step)  # the same write, not refused, reads back
+    assert {p.step for p in _read(out, step=step).params} == {3}
+
+
+def test_a_failed_step_keeps_the_steps_already_there(default_item, tmp_path):
+    root, _ = default_item
+    state = _read(root)
+    save_optax_dir(state, tmp_path / "ckpts", step=3)
+    with checked_before_commit(_refuse), pytest.raises(optstate.OptstateError, match="did not verify"):
+        save_optax_dir(state, tmp_path / "ckpts", step=4)
+    assert manager_steps(tmp_path / "ckpts") == [3]
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["3"]

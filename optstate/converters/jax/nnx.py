@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -44,19 +44,63 @@ def _leaf(array: Any) -> Any:
     return array if isinstance(array, Deferred) else np.asarray(array)
 
 
-def optimizer_step(state: OptimizerState) -> int:
-    """The step an ``nnx.Optimizer`` or a ``TrainState`` counts for ``state``: its parameters' (the most any
-    took), else the LR scheduler's, else 0 (an optimizer that keeps no step, such as SGD).
+def recorded_step(state: OptimizerState, where: str = "the state") -> int | None:
+    """The optimizer step ``state`` records: its stepped parameters' common step (0 where a family that
+    counts steps has none stepped yet), else, for a family that keeps no count (SGD), its LR scheduler's, as
+    the Optax schedule counts it (:mod:`.optax` takes it as one scheduler step per optimizer step, and says
+    so); ``None`` where nothing records it. Parameters at different steps have no one count: refused.
 
     >>> from optstate.schema import ParamInfo
-    >>> optimizer_step(OptimizerState("adam", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float32", 0, 4),), {}))
+    >>> recorded_step(OptimizerState("adam", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float32", 0, 4),), {}))
     4
+    >>> recorded_step(OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float32", 0),), {})) is None
+    True
     """
-    steps = [p.step for p in state.params if p.step is not None]
-    if steps:
-        return max(steps)
+    steps = {p.path: p.step for p in state.params if p.step is not None}
+    distinct = sorted(set(steps.values()))
+    if len(distinct) > 1:
+        named = ", ".join(f"{path_to_name(next(p for p, s in steps.items() if s == v))} at step {v}" for v in distinct)
+        raise UnsupportedError(
+            f"{where}: parameters have taken different numbers of steps ({named}); an nnx.Optimizer or a "
+            "TrainState counts one step for all"
+        )
+    if distinct:
+        return distinct[0]
+    if state.spec.has_step:  # no parameter has state: none has stepped
+        return 0
     scheduler = state.metadata.lr_scheduler
-    return last_epoch(scheduler) if scheduler is not None else 0
+    return None if scheduler is None else last_epoch(scheduler)
+
+
+def optimizer_step(state: OptimizerState, step: int | None = None, where: str = "the output") -> int:
+    """The step an ``nnx.Optimizer`` or a ``TrainState`` counts for ``state`` (:func:`recorded_step`), which
+    ``step`` (``--step N``, the ``CheckpointManager`` step written) must equal; ``step`` itself where the state
+    records none (SGD without an LR scheduler). Refused where they differ, or where neither says: a
+    ``TrainState.step`` is the user's step count, and a wrong one would go unnoticed.
+
+    >>> from optstate.schema import ParamInfo
+    >>> sgd = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float32", 0),), {})
+    >>> optimizer_step(sgd, 7)
+    7
+    >>> optimizer_step(sgd, None, "out/")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.UnsupportedError: out/: SGD keeps no step count ...; pass --step N ...
+    """
+    recorded = recorded_step(state, where)
+    if recorded is None:
+        if step is not None:
+            return step
+        raise UnsupportedError(
+            f"{where}: {state.spec.torch_class} keeps no step count and the state has no LR scheduler, so the "
+            "step an nnx.Optimizer or TrainState counts is unknown; pass --step N (the optimizer steps taken; it "
+            "also writes DST/N/ as a CheckpointManager step)"
+        )
+    if step is not None and step != recorded:
+        raise FormatError(
+            f"{where}: --step {step}, and the state has taken {recorded} optimizer steps; an nnx.Optimizer's or "
+            f"TrainState's step in a CheckpointManager step folder must be the folder's (pass --step {recorded})"
+        )
+    return recorded
 
 
 class _Model(nnx.Module):
@@ -112,22 +156,31 @@ def _filled(abstract: nnx.State, values: Mapping[ParamPath, Any], what: str) -> 
 
 
 def _warn_torch_layout(state: OptimizerState, what: str) -> None:
-    """Warn where the state keeps torch's names and layout (no ``--target-params``): a Flax model names its
-    Linear's matrix ``kernel`` and keeps it transposed, so restoring into it would fail."""
+    """Warn where the state keeps torch's names and layout (no ``--target-params``). Not refused: the Flax docs'
+    restore reads the tree into a model whose Params have torch's names and shapes (an ``nnx.Param`` ``weight``
+    of ``[out, in]``), and ``optstate.api.read`` reads it; only a model of Flax's own layers (a ``kernel``, the
+    transpose) needs ``--target-params``, and the restore of one fails naming the difference, never silently."""
     torch_like = [p for p in state.params if len(p.shape) == 2 and p.path[-1] == "weight"]
     if state.metadata.layout is None and torch_like:
+        first = torch_like[0]
         warnings.warn(
-            f"writing {what} with torch's names and layout ({path_to_name(torch_like[0].path)} "
-            f"{list(torch_like[0].shape)}); to restore it into a Flax model, convert with --target-params naming "
-            "that model (its kernels are the transposes)",
-            stacklevel=3,
+            f"writing {what} with torch's names and layout ({path_to_name(first.path)} {list(first.shape)}): the "
+            "Flax docs' restore reads it into a model whose parameters keep these names and shapes; for Flax's "
+            "Linear/Dense layers (kernel = weight.T) convert with --target-params naming that model",
+            stacklevel=4,
         )
 
 
-def nnx_tree(state: OptimizerState) -> tuple[Any, Any]:
+def _optax_state(state: OptimizerState) -> tuple[Any, Any]:
+    """``(tx, opt_state)``: the transform a restore builds for ``state``, and its state filled from ``state``."""
+    tx, _, opt_template = template(state)
+    return tx, fill_state(state, opt_template, _leaf)
+
+
+def nnx_tree(state: OptimizerState, step: int | None = None) -> tuple[Any, Any]:
     """``(tree, opt_state)``: what the Flax docs save for ``state`` (``{"model": nnx.state(model), "optimizer":
     nnx.state(optimizer)}``, or ``nnx.state(optimizer)`` alone for a state without model weights), and the
-    Optax state inside it, for its recorded types.
+    Optax state inside it, for its recorded types; the optimizer's ``step`` as :func:`optimizer_step` says.
 
     >>> from optstate.schema import ParamInfo
     >>> s = OptimizerState("adam", ({"lr": 0.1},), (ParamInfo(("fc", "kernel"), (2, 3), "float32", 0, 5),),
@@ -137,12 +190,11 @@ def nnx_tree(state: OptimizerState) -> tuple[Any, Any]:
     >>> int(tree["step"][...]), tree["opt_state"][0]["mu"]["fc"]["kernel"][...].shape
     (5, (2, 3))
     """
-    tx, _, opt_template = template(state)
-    opt_state = fill_state(state, opt_template, _leaf)
+    tx, opt_state = _optax_state(state)
     model, optimizer = _abstract_nnx(state, tx)
     values = {key_path_to_path(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
     found = {("opt_state", *path): leaf for path, leaf in values.items()}
-    found[("step",)] = np.asarray(optimizer_step(state), np.uint32)
+    found[("step",)] = np.asarray(optimizer_step(state, step), np.uint32)
     filled_optimizer = _filled(optimizer, found, "the nnx.Optimizer")
     if state.weights is None:
         return filled_optimizer, opt_state
@@ -150,17 +202,17 @@ def nnx_tree(state: OptimizerState) -> tuple[Any, Any]:
     return {"model": _filled(model, weights, "the model"), "optimizer": filled_optimizer}, opt_state
 
 
-def train_state_tree(state: OptimizerState) -> tuple[dict[str, Any], Any]:
-    """``(tree, opt_state)``: a linen ``TrainState``'s fields for ``state`` (``step``, ``params``,
-    ``opt_state``; ``batch_stats`` too, for a model with BatchNorm, as the Flax docs' ``TrainState`` subclass
-    keeps them), and its Optax state.
+def train_state_tree(state: OptimizerState, step: int | None = None) -> tuple[dict[str, Any], Any]:
+    """``(tree, opt_state)``: a linen ``TrainState``'s fields for ``state`` (``step`` as :func:`optimizer_step`
+    says, ``params``, ``opt_state``; ``batch_stats`` too, for a model with BatchNorm, as the Flax docs'
+    ``TrainState`` subclass keeps them), and its Optax state.
 
     >>> from optstate.schema import ParamInfo
     >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},), (ParamInfo(("w",), (2,), "float32", 0),),
     ...     {("momentum", ("w",)): np.ones(2, np.float32)}, {("w",): np.zeros(2, np.float32)})
-    >>> tree, _ = train_state_tree(s)
+    >>> tree, _ = train_state_tree(s, step=4)
     >>> tree["step"], tree["opt_state"][0].trace["w"].tolist()
-    (0, [1.0, 1.0])
+    (4, [1.0, 1.0])
     """
     if state.weights is None:
         raise UnsupportedError(
@@ -173,11 +225,10 @@ def train_state_tree(state: OptimizerState) -> tuple[dict[str, Any], Any]:
             f"{path_to_name(others[0])}: a buffer a TrainState has no place for (only BatchNorm statistics, as "
             f"batch_stats); move them to a Flax layout with --target-params"
         )
-    _, _, opt_template = template(state)
-    opt_state = fill_state(state, opt_template, _leaf)
+    _, opt_state = _optax_state(state)
     weights = state.weights
     tree: dict[str, Any] = {
-        "step": optimizer_step(state),  # a Python int, as TrainState.apply_gradients counts it
+        "step": optimizer_step(state, step),  # a Python int, as TrainState.apply_gradients counts it
         "params": nest({p: _leaf(weights[p]) for p in param_shapes(state)}),
         "opt_state": opt_state,
     }
@@ -188,6 +239,28 @@ def train_state_tree(state: OptimizerState) -> tuple[dict[str, Any], Any]:
 
 
 # ----------------------------------------------------------------------------- the formats' entries
+
+TreeBuilder = Callable[[OptimizerState, int | None], tuple[Any, Any]]  # nnx_tree, train_state_tree
+
+
+def _write(
+    state: OptimizerState, path: str | os.PathLike, options: WriteOptions, build: TreeBuilder, what: str
+) -> None:
+    """``build``'s tree as an Orbax checkpoint at ``path`` (``options.step``: as that step of a
+    ``CheckpointManager`` directory, and the tree's step where the state records none), with ``optstate.json``."""
+    step = optimizer_step(state, options.step, os.fspath(path))  # refused before any warning about the rest
+    _warn_torch_layout(state, what)
+    tree, opt_state = build(state, step)
+    save_tree(
+        tree,
+        path,
+        state,
+        opt_state,
+        force=options.force,
+        fsync=options.fsync,
+        progress=options.progress,
+        step=options.step,
+    )
 
 
 def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
@@ -200,22 +273,11 @@ def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions)
     >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},), (ParamInfo(("w",), (2,), "float32", 0),),
     ...     {("momentum", ("w",)): np.ones(2, np.float32)})
     >>> d = tempfile.mkdtemp() + "/out"
-    >>> write(s, d, WriteOptions())
+    >>> write(s, d, WriteOptions(step=2))
     >>> read_optax_dir(d).slots[("momentum", ("w",))].tolist()
     [1.0, 1.0]
     """
-    _warn_torch_layout(state, "an NNX checkpoint")
-    tree, opt_state = nnx_tree(state)
-    save_tree(
-        tree,
-        path,
-        state,
-        opt_state,
-        force=options.force,
-        fsync=options.fsync,
-        progress=options.progress,
-        step=options.step,
-    )
+    _write(state, path, options, nnx_tree, "an NNX checkpoint")
 
 
 def write_train_state(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
@@ -233,15 +295,4 @@ def write_train_state(state: OptimizerState, path: str | os.PathLike, options: W
     >>> [p.step for p in read_optax_dir(d).params]
     [3]
     """
-    _warn_torch_layout(state, "a TrainState")
-    tree, opt_state = train_state_tree(state)
-    save_tree(
-        tree,
-        path,
-        state,
-        opt_state,
-        force=options.force,
-        fsync=options.fsync,
-        progress=options.progress,
-        step=options.step,
-    )
+    _write(state, path, options, train_state_tree, "a TrainState")

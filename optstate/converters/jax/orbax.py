@@ -12,6 +12,7 @@ tx.init(params)}``, plus ``optstate.json`` (the canonical metadata, so that :fun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -124,7 +125,18 @@ def save_optax_dir(
 ) -> None:
     """Write ``state`` as an Orbax checkpoint directory plus ``optstate.json``, atomically, holding a few
     arrays in memory at a time (``progress(nbytes)`` as each array is written); ``step``: as that step of a
-    ``CheckpointManager`` directory (see :func:`save_tree`)."""
+    ``CheckpointManager`` directory (see :func:`save_tree`).
+
+    >>> import tempfile, optstate
+    >>> s = optstate.OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+    ...     (optstate.ParamInfo(("w",), (2,), "float32", 0),), {("momentum", ("w",)): np.ones(2, np.float32)},
+    ...     {("w",): np.zeros(2, np.float32)})
+    >>> d = tempfile.mkdtemp() + "/out"
+    >>> save_optax_dir(s, d)
+    >>> restored = ocp.PyTreeCheckpointer().restore(d)  # plain Orbax reads it
+    >>> sorted(restored), restored["opt_state"][0]["trace"]["w"].tolist()
+    (['opt_state', 'params'], [1.0, 1.0])
+    """
     _, _, opt_state = template(state)
     tree = {"opt_state": fill_state(state, opt_state, _leaf)}
     weights = state.weights or {}  # buffers are weights: none without them
@@ -175,7 +187,7 @@ def save_tree(
             beside_items(item)
 
     if step is None:
-        with atomic_directory(path, force=force, fsync=fsync) as tmp:
+        with _removed_if_failed(Path(path).parent), atomic_directory(path, force=force, fsync=fsync) as tmp:
             _checkpointer(progress).save(os.path.abspath(tmp), args=ocp.args.PyTreeSave(tree))
             finish(tmp)
         return
@@ -184,8 +196,7 @@ def save_tree(
         raise FormatError(
             f"{root}: --step {step} writes a step of a CheckpointManager's directory, and this is one checkpoint"
         )
-    root.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(_step_directory(root, step), force=force, fsync=fsync) as tmp:
+    with _removed_if_failed(root), atomic_directory(_step_directory(root, step), force=force, fsync=fsync) as tmp:
         # The step's own CheckpointManager, in the temporary directory's parent: it writes tmp (step, metadata
         # and item), which is then renamed into place beside the root's other steps.
         manager = ocp.CheckpointManager(
@@ -199,6 +210,31 @@ def save_tree(
         if tmp.name != str(step) or not (tmp / DEFAULT_ITEM).is_dir():
             raise FormatError(f"{root}: Orbax did not write step {step} as {tmp.name}/{DEFAULT_ITEM}")
         finish(tmp / DEFAULT_ITEM)
+
+
+@contextlib.contextmanager
+def _removed_if_failed(directory: Path) -> Iterator[None]:
+    """Remove ``directory`` and the parents of it that the block created, if the block fails: an output
+    appears whole or not at all, and that includes the directories made to hold it. Only empty ones go
+    (another process may have written there meanwhile).
+
+    >>> import tempfile
+    >>> base = Path(tempfile.mkdtemp())
+    >>> with _removed_if_failed(base / "a" / "b"):
+    ...     (base / "a" / "b").mkdir(parents=True); raise FormatError("the write failed")
+    Traceback (most recent call last):
+    optstate.errors.FormatError: the write failed
+    >>> list(base.iterdir())
+    []
+    """
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for created in missing:
+            with contextlib.suppress(OSError):  # not empty, or already gone: left as it is
+                created.rmdir()
+        raise
 
 
 def _skeleton(meta: Mapping[str, Any], source: str) -> OptimizerState:
@@ -464,24 +500,24 @@ def read_optax_dir(
     directory optstate wrote, or with ``optstate_transform=True`` (the training used
     ``optstate.optax_transform``). A ``CheckpointManager``'s directory reads its latest step (``step``
     chooses one), a step directory its item (see :func:`pytree_directory`).
+
+    >>> import tempfile, optax
+    >>> params = {"w": np.arange(2.0, dtype=np.float32)}
+    >>> tx = optax.adam(0.1)
+    >>> _, opt_state = tx.update({"w": np.ones(2, np.float32)}, tx.init(params), params)
+    >>> d = tempfile.mkdtemp() + "/ckpt"
+    >>> ocp.PyTreeCheckpointer().save(d, {"params": params, "opt_state": opt_state})  # as a training loop saves
+    >>> state = read_optax_dir(d, optimizer="adam", hyperparams={"lr": 0.1})
+    >>> state.optimizer, [p.step for p in state.params], state.slots[("first_moment", ("w",))].tolist()
+    ('adam', [1], [0.10000000149011612, 0.10000000149011612])
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FormatError(f"{directory}: not a directory (an Orbax checkpoint is one)")
-    directory = pytree_directory(directory, step)
-    try:
-        tree = _restore_as_numpy(directory)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise FormatError(f"{directory}: not a readable Orbax checkpoint ({type(exc).__name__}: {exc})") from None
+    directory = _tree_directory(path, step)
+    tree = _restored_tree(directory)
     found = recognise_tree(tree, directory)
     meta = _read_sidecar(directory)
     skeleton = None if meta is None else _skeleton(meta, str(directory / SIDECAR))
     if optimizer is None and skeleton is not None:
-        optimizer = skeleton.optimizer
-        hyperparams = [
-            dict(hp, params=[path_to_name(p.path) for p in skeleton.group_params(gi)])
-            for gi, hp in enumerate(skeleton.param_groups)
-        ]
+        optimizer, hyperparams = skeleton.optimizer, _recorded_hyperparams(skeleton)
     spec = named_optimizer(optimizer)
     opt_state = restored_types(
         found.opt_state,
@@ -493,14 +529,9 @@ def read_optax_dir(
     if skeleton is not None:  # optstate wrote it: its frozen parameters are parameters, not buffers
         parameters |= {p.path for p in skeleton.params} | set(skeleton.frozen_paths())
     found = split_model(found, parameters)
-    params = found.params
-    if params is None:
-        params = (
-            nest(param_shapes(skeleton)) if skeleton is not None else _shapes_from_slots(opt_state, spec, directory)
-        )
     state = from_optax(
         opt_state,
-        params,
+        _params_or_shapes(found, skeleton, opt_state, spec, directory),
         optimizer=optimizer,
         hyperparams=hyperparams,
         allow_approximate=allow_approximate,
@@ -509,6 +540,46 @@ def read_optax_dir(
     state = _with_recorded_step(state, found.step)
     if skeleton is not None:
         state = _with_sidecar(state, skeleton)
+    return _with_buffers(state, found, directory)
+
+
+def _tree_directory(path: str | os.PathLike, step: int | None) -> Path:
+    """The directory of the one PyTree to read (:func:`pytree_directory`); refuses a path that is not a directory."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FormatError(f"{directory}: not a directory (an Orbax checkpoint is one)")
+    return pytree_directory(directory, step)
+
+
+def _restored_tree(directory: Path) -> Any:
+    """The tree in ``directory`` as NumPy arrays, read without a target; an unreadable one refused in one line."""
+    try:
+        return _restore_as_numpy(directory)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise FormatError(f"{directory}: not a readable Orbax checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _recorded_hyperparams(skeleton: OptimizerState) -> list[dict[str, Any]]:
+    """The param groups optstate recorded when it wrote the directory, each naming its parameters."""
+    return [
+        dict(hp, params=[path_to_name(p.path) for p in skeleton.group_params(gi)])
+        for gi, hp in enumerate(skeleton.param_groups)
+    ]
+
+
+def _params_or_shapes(
+    found: FoundTree, skeleton: OptimizerState | None, opt_state: Any, spec: Any, directory: Path
+) -> Any:
+    """The parameters the tree holds; else their shapes, recorded by optstate or shown by the optimizer state."""
+    if found.params is not None:
+        return found.params
+    if skeleton is not None:
+        return nest(param_shapes(skeleton))
+    return _shapes_from_slots(opt_state, spec, directory)
+
+
+def _with_buffers(state: OptimizerState, found: FoundTree, directory: Path) -> OptimizerState:
+    """``state`` with the model's other arrays: the tree's (BatchNorm statistics), ``buffers.safetensors``'s."""
     buffers = dict(found.buffers)
     buffers_file = directory / BUFFERS
     if buffers_file.is_file():
