@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import re
+import warnings
 
 import flax.linen as fnn
 import jax
@@ -217,6 +218,9 @@ def test_numbered_flax_modules_continue_in_torch(tmp_path, case):
         "--target-params", f"test_layout_autonames:{torch_model.__name__}",
     )  # fmt: skip
     assert code == 0, out
+    # Block_0 and Block_1 have the same shapes: only linen's order of construction says which is which.
+    assert ("optstate: warning: Block_0 and Block_1 have the same shapes" in out) == (case == "deep"), out
+    assert out.count("have the same shapes") == (case == "deep"), out
     ckpt = torch.load(tmp_path / "out.pt", weights_only=True)
     net = torch_model()
     net.load_state_dict(ckpt["model"])  # strict: every name the torch model's
@@ -428,7 +432,13 @@ def test_blocks_holding_no_tensor_are_looked_into():
     tx = optax.adamw(HP["lr"], eps=HP["eps"], weight_decay=HP["weight_decay"])
     state = optstate.from_optax(tx.init(params), params, optimizer="adamw", hyperparams=HP, order_warning=False)
     net = TorchBlockedTransformer()
-    layout, problems = plan(state, net)
+    with pytest.warns(UserWarning) as caught:
+        layout, problems = plan(state, net)
+    assert sorted(str(w.message).split(" have the same shapes")[0] for w in caught) == [
+        "Dense_0 and Dense_1",  # Dense_2 (the head) is [8, 10]
+        "LayerNorm_0, LayerNorm_1, LayerNorm_2 and LayerNorm_3",
+        "MultiHeadDotProductAttention_0 and MultiHeadDotProductAttention_1",
+    ]
     assert problems == []
     moves = {(".".join(m.source), "/".join(m.target)): m.describe for m in layout.moves}
     for b in (0, 1):
@@ -439,7 +449,9 @@ def test_blocks_holding_no_tensor_are_looked_into():
         assert moves[(f"blocks.{b}.mlp.weight", f"Dense_{b}/kernel")] == "transpose (1, 0)"
     assert moves[("head.weight", "Dense_2/kernel")] == "transpose (1, 0)"
     assert moves[("emb.weight", "Embed_0/embedding")] == "as is"
-    back = relayout(state, target=net)
+    with pytest.warns(UserWarning) as converting:
+        back = relayout(state, target=net)
+    assert [str(w.message) for w in converting] == [str(w.message) for w in caught]  # convert warns as map does
     assert [".".join(p.path) for p in back.params] == list(net.state_dict())
     net.load_state_dict({".".join(p): torch.from_numpy(np.array(a)) for p, a in back.weights.items()})
     np.testing.assert_array_equal(
@@ -457,13 +469,71 @@ def test_flax_blocks_holding_no_leaf_are_looked_into():
     """The other way round: Block_0/Dense_0, Block_0/Dense_1, Block_1/... against a torch Sequential of Linears."""
     state = _flax_state(FlaxTwoBlocks)
     net = torch.nn.Sequential(*(torch.nn.Linear(a, b, dtype=D) for a, b in ((8, 6), (6, 8), (8, 6), (6, 8))))
-    layout, problems = plan(state, net)
+    with pytest.warns(UserWarning) as caught:
+        layout, problems = plan(state, net)
+    assert [str(w.message).split(" by order")[0] for w in caught] == [
+        "Block_0/Dense_0 and Block_1/Dense_0 have the same shapes: paired with 0, 2",
+        "Block_0/Dense_1 and Block_1/Dense_1 have the same shapes: paired with 1, 3",
+    ]
     assert problems == []
     assert [(".".join(m.source), "/".join(m.target)) for m in layout.moves if m.source[-1] == "weight"] == [
         ("0.weight", "Block_0/Dense_0/kernel"),
         ("1.weight", "Block_0/Dense_1/kernel"),
         ("2.weight", "Block_1/Dense_0/kernel"),
         ("3.weight", "Block_1/Dense_1/kernel"),
+    ]
+
+
+# ----------------------------------------------------------------------------- same shapes: paired by order, named
+
+
+class FlaxInsideOut(fnn.Module):
+    """Two Dense(8) written inside out: Python evaluates the outer ``fnn.Dense(8)`` before its argument, so linen
+    constructs it first and names it Dense_0, though it is applied last."""
+
+    @fnn.compact
+    def __call__(self, x):
+        return fnn.Dense(8)(jnp.tanh(fnn.Dense(8)(x)))
+
+
+SAME_SHAPES = (
+    "Dense_0 and Dense_1 have the same shapes: paired with fc1, fc2 by order of definition; "
+    "check that linen constructed them in that order (optstate map)"
+)
+
+
+def test_same_shapes_paired_by_order_are_named_on_convert():
+    """The shapes cannot tell Dense_0 from Dense_1: the conversion pairs them by order and warns. Here the order
+    is in fact wrong (Dense_0 is the outer layer), which is why the warning is needed."""
+    params = _init64(FlaxInsideOut(), 8)["params"]
+    state = _flax_state(FlaxInsideOut)
+    net = _torch_linears(8, 8, 8)
+    with pytest.warns(UserWarning) as caught:
+        back = relayout(state, target=net)
+    assert [str(w.message) for w in caught if "same shapes" in str(w.message)] == [SAME_SHAPES]
+    net.load_state_dict({".".join(p): torch.from_numpy(np.array(a)) for p, a in back.weights.items()})
+    np.testing.assert_array_equal(net.fc1.weight.detach().numpy(), np.asarray(params["Dense_0"]["kernel"]).T)
+    x = _batches(1, seed=4)[0]
+    with torch.no_grad():
+        ours = net.fc2(torch.tanh(net.fc1(torch.from_numpy(x)))).numpy()
+    assert not np.allclose(ours, FlaxInsideOut().apply({"params": params}, x))  # swapped: the warning was due
+
+
+def test_different_shapes_paired_by_order_warn_nothing():
+    state = _flax_state(FlaxMLP)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        relayout(state, target=_torch_linears(8, 32, 4))
+    assert not [w for w in caught if "same shapes" in str(w.message)]
+
+
+def test_map_prints_the_same_shapes_note(tmp_path):
+    _trained(FlaxInsideOut, tmp_path)
+    code, out = run("map", str(tmp_path / "jax"), *READING, "--target-params", "test_layout_autonames:torch_square")
+    assert code == 0, out
+    assert f"optstate: warning: {SAME_SHAPES}" in out.splitlines(), out
+    assert "fc1.weight [8, 8] -> Dense_0/kernel [8, 8] transpose (1, 0)" in [
+        " ".join(x.split()) for x in out.splitlines()
     ]
 
 

@@ -10,9 +10,13 @@ leaf's name), and shapes only confirm it. The result is a :class:`~.moves.Layout
 Modules are matched by name first. linen names the modules it is not told the names of by class and
 order of definition within their parent (``Dense_0``, ``Dense_1``, ``Block_0/Dense_1``; a list in
 ``setup`` ``layers_0``), which no torch name meets; those are paired with the torch modules left over
-at the same place, in the torch model's order of definition (its ``state_dict``'s), each numbered
-family in its own order, where exactly one such pairing makes every tensor fit. Where none does, or
-several do, the match is refused with every problem listed.
+at the same place by an order-preserving pairing, in order of definition: the torch modules in the
+torch model's order (its ``state_dict``'s), each numbered family in its own number order, kept where
+exactly one such pairing makes every tensor fit. Where none does, or several do, the match is refused
+with every problem listed. Pairings that do not keep both orders are never tried, so two members of
+one family with the same shapes would pass swapped (linen numbers modules in the order they are
+constructed, ``nn.Dense(4)(nn.Dense(4)(x))`` makes the outer one ``Dense_0``): where such a pairing is
+used, the plan warns, naming the modules.
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ...errors import MappingError
 from ...schema.state import ParamPath, path_to_name
 from .moves import Layout, Move, Shape, problem_list
 
-__all__ = ["DROPPED_LEAVES", "QKV", "match_layout", "pair_modules", "plan_layout"]
+__all__ = ["DROPPED_LEAVES", "QKV", "Paired", "SameShapes", "match_layout", "pair_modules", "plan_layout"]
 
 #: Leaves of a torch module that have no Flax counterpart and hold nothing a Flax model reads.
 DROPPED_LEAVES = ("num_batches_tracked",)
@@ -48,25 +54,86 @@ def plan_layout(
     ``params`` (and ``stats``: BatchNorm's ``batch_stats``), and every problem found: a tensor with no
     target or several, a shape that does not fit, a target no tensor reaches.
 
+    Where numbered Flax modules of one family with the same shapes were paired by order of definition,
+    a ``UserWarning`` names them (see :class:`SameShapes`): the shapes cannot tell them apart.
+
     >>> layout, problems = plan_layout({("fc", "weight"): (3, 2), ("fc", "bias"): (3,)},
     ...                                {("fc", "kernel"): (2, 3), ("fc", "bias"): (3,)})
     >>> [(m.describe, m.target) for m in layout.moves], problems
     ([('transpose (1, 0)', ('fc', 'kernel')), ('as is', ('fc', 'bias'))], [])
     """
-    layout, problems, _renames = _plan(sources, params, stats or {})
-    return layout, problems
+    planned = _plan(sources, params, stats or {})
+    for same in planned.same_shapes:
+        warnings.warn(same.note, stacklevel=2)
+    return planned.layout, planned.problems
+
+
+@dataclass(frozen=True)
+class SameShapes:
+    """Numbered Flax modules of one family (``flax``, in number order) with the same shapes, paired with the
+    torch modules ``torch`` by order of definition: a swap of two would fit as well, and only the order in
+    which linen constructed them says which is which.
+
+    >>> note = SameShapes((("Dense_0",), ("Dense_1",)), (("fc1",), ("fc2",))).note
+    >>> for part in note.split("; "):  # the note is one line
+    ...     print(part)
+    Dense_0 and Dense_1 have the same shapes: paired with fc1, fc2 by order of definition
+    check that linen constructed them in that order (optstate map)
+    """
+
+    flax: tuple[ParamPath, ...]
+    torch: tuple[ParamPath, ...]
+
+    @property
+    def note(self) -> str:
+        """The warning's text."""
+        names = ["/".join(f) for f in self.flax]
+        return (
+            f"{', '.join(names[:-1])} and {names[-1]} have the same shapes: paired with "
+            f"{', '.join(path_to_name(t) for t in self.torch)} by order of definition; "
+            "check that linen constructed them in that order (optstate map)"
+        )
+
+    def under(self, torch_at: ParamPath, flax_at: ParamPath) -> SameShapes:
+        """The same modules named from a place higher up, ``torch_at`` and ``flax_at`` above them.
+
+        >>> SameShapes((("Dense_0",),), (("fc1",),)).under(("blocks", "0"), ("Block_0",)).flax
+        (('Block_0', 'Dense_0'),)
+        """
+        return SameShapes(tuple((*flax_at, *f) for f in self.flax), tuple((*torch_at, *t) for t in self.torch))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """What :func:`pair_modules` found: ``renames`` (torch module -> the numbered Flax module it is), the
+    ``problems`` that left a place unpaired, and the pairings by order that shapes cannot confirm."""
+
+    renames: dict[ParamPath, ParamPath]
+    problems: list[str]
+    same_shapes: list[SameShapes]
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """:func:`plan_layout`'s layout and problems, with what the pairing of numbered modules found on the way."""
+
+    layout: Layout
+    problems: list[str]
+    renames: dict[ParamPath, ParamPath]
+    same_shapes: list[SameShapes]
 
 
 def _plan(
     sources: Mapping[ParamPath, Shape], params: Mapping[ParamPath, Shape], stats: Mapping[ParamPath, Shape]
-) -> tuple[Layout, list[str], dict[ParamPath, ParamPath]]:
-    """:func:`plan_layout`, and the torch modules paired with numbered Flax modules on the way."""
-    renames, notes = pair_modules(sources, params, stats)
-    matcher = _Matcher(params, stats, renames)
+) -> _Planned:
+    """:func:`plan_layout`, without the warnings, and the torch modules paired with numbered Flax modules."""
+    paired = pair_modules(sources, params, stats)
+    matcher = _Matcher(params, stats, paired.renames)
     for source, shape in sources.items():
         matcher.match(source, tuple(shape))
-    problems = notes + matcher.problems + matcher.unmatched_targets()
-    return Layout(tuple(matcher.moves), tuple(matcher.dropped)), problems, renames
+    problems = paired.problems + matcher.problems + matcher.unmatched_targets()
+    layout = Layout(tuple(matcher.moves), tuple(matcher.dropped))
+    return _Planned(layout, problems, paired.renames, paired.same_shapes)
 
 
 def match_layout(
@@ -142,7 +209,12 @@ class _Matcher:
         return [found for n in names for found in (leaves or {}).get(n, ())]
 
     def flax_module(self, module: ParamPath) -> ParamPath:
-        """The Flax module a torch module path names: its longest paired prefix renamed, else itself."""
+        """The Flax module a torch module path names: its longest paired prefix renamed, else itself.
+
+        >>> matcher = _Matcher({}, {}, {("blocks", "0"): ("Block_0",)})
+        >>> matcher.flax_module(("blocks", "0", "fc1")), matcher.flax_module(("head",))
+        (('Block_0', 'fc1'), ('head',))
+        """
         for n in range(len(module), 0, -1):
             flax = self.renames.get(module[:n])
             if flax is not None:
@@ -228,6 +300,7 @@ class _Matcher:
             self.add(source, shape, self.leaf(self.params, (*module, name), ("kernel",)), (1, 0), reshape=True)
 
     def unmatched_targets(self) -> list[str]:
+        """The target leaves no move reaches, each as a problem."""
         hit = {m.target for m in self.moves}
         return [f"{'/'.join(p)} {list(s)}: no torch tensor" for p, s in self.targets.items() if p not in hit]
 
@@ -361,23 +434,40 @@ def pair_modules(
     sources: Mapping[ParamPath, Shape],
     params: Mapping[ParamPath, Shape],
     stats: Mapping[ParamPath, Shape] | None = None,
-) -> tuple[dict[ParamPath, ParamPath], list[str]]:
+) -> Paired:
     """Which torch module (of ``sources``) each numbered Flax module (of ``params`` and ``stats``) is, where no
-    name says (torch path -> Flax path), and why any such module is left unpaired.
+    name says (torch path -> Flax path), why any such module is left unpaired, and which pairs the shapes
+    cannot confirm (:class:`SameShapes`).
 
-    At each place of the model, the torch modules no Flax name meets are dealt, in the torch model's
-    order, to the numbered Flax families there, each family taking its members in number order; a
-    pairing is kept when it is the only one under which every tensor of each pair fits its leaf.
+    At each place of the model, the torch modules no Flax name meets are dealt to the numbered Flax families
+    there by an order-preserving pairing, in order of definition: the torch modules in the torch model's
+    order, each family taking its members in number order. The pairing is kept when it is the only
+    order-preserving one under which every tensor of each pair fits its leaf.
 
-    >>> pair_modules({("fc1", "weight"): (3, 2), ("fc2", "weight"): (1, 3)},
-    ...              {("Dense_0", "kernel"): (2, 3), ("Dense_1", "kernel"): (3, 1)})
-    ({('fc1',): ('Dense_0',), ('fc2',): ('Dense_1',)}, [])
+    >>> paired = pair_modules({("fc1", "weight"): (3, 2), ("fc2", "weight"): (1, 3)},
+    ...                       {("Dense_0", "kernel"): (2, 3), ("Dense_1", "kernel"): (3, 1)})
+    >>> paired.renames, paired.problems, paired.same_shapes
+    ({('fc1',): ('Dense_0',), ('fc2',): ('Dense_1',)}, [], [])
+    >>> [same.flax for same in pair_modules({("fc1", "weight"): (3, 3), ("fc2", "weight"): (3, 3)},
+    ...                                     {("Dense_0", "kernel"): (3, 3), ("Dense_1", "kernel"): (3, 3)}).same_shapes]
+    [(('Dense_0',), ('Dense_1',))]
     """
     flax = {p: (s, False) for p, s in params.items()}
     flax.update({p[1:]: (s, True) for p, s in (stats or {}).items()})  # linen's collection is not a module
     pairing = _Pairing()
     pairing.pair((), (), {p: tuple(s) for p, s in sources.items()}, flax)
-    return pairing.renames, pairing.notes
+    return Paired(pairing.renames, pairing.problems, pairing.same_shapes)
+
+
+#: A place's numbered Flax modules no torch name meets: by family (``Dense``; ``Block/Dense`` once looked
+#: into), each member with its number (``(0,)``; ``(0, 1)`` for ``Block_0/Dense_1``).
+_Families = dict[_Child, list[tuple[tuple[int, ...], _Child]]]
+#: One way to see a place for dealing: the torch modules in order and the leaves of each, the Flax families
+#: and the leaves of each member.
+_View = tuple[
+    tuple[Sequence[_Child], Mapping[_Child, Mapping[ParamPath, Any]]],
+    tuple[Mapping[_Child, Sequence[tuple[tuple[int, ...], _Child]]], Mapping[_Child, Mapping[ParamPath, Any]]],
+]
 
 
 class _Pairing:
@@ -385,7 +475,8 @@ class _Pairing:
 
     def __init__(self) -> None:
         self.renames: dict[ParamPath, ParamPath] = {}
-        self.notes: list[str] = []
+        self.problems: list[str] = []
+        self.same_shapes: list[SameShapes] = []
 
     def pair(
         self,
@@ -394,37 +485,38 @@ class _Pairing:
         torch_leaves: Mapping[ParamPath, Shape],
         flax_leaves: Mapping[ParamPath, tuple[Shape, bool]],
     ) -> None:
-        """Pair the modules below ``torch_at`` and ``flax_at`` (a place the two models share)."""
+        """Pair the modules below ``torch_at`` and ``flax_at`` (a place the two models share): those that
+        meet by name are looked into, the rest dealt by order."""
         torch_children, flax_children = _children(torch_leaves), _children(flax_leaves)
+        left = self._unnamed_torch(torch_at, flax_at, torch_children, flax_children)
+        families = _unnamed_families(torch_children, flax_children)
+        if not (left and families):
+            return
+        (torch_left, torch_below), (flax_families, flax_below) = _view(left, torch_children, families, flax_children)
+        ordered = [[c for _, c in sorted(members)] for _, members in sorted(flax_families.items())]
+        why = self._deal(torch_at, flax_at, list(torch_left), ordered, torch_below, flax_below)
+        if why is not None:
+            self.problems.append(why)
+
+    def _unnamed_torch(
+        self,
+        torch_at: ParamPath,
+        flax_at: ParamPath,
+        torch_children: Mapping[_Child, Mapping[ParamPath, Any]],
+        flax_children: Mapping[_Child, Mapping[ParamPath, Any]],
+    ) -> list[_Child]:
+        """The torch modules here that no Flax name meets, in order; one that a Flax module meets by its own
+        name is paired inside (what is numbered in it) on the way."""
         flax_keys = set().union(*(_flax_keys(c, below) for c, below in flax_children.items()))
-        torch_keys = set().union(*(_torch_keys(c, below) for c, below in torch_children.items()))
         by_name = {_module_key(c): c for c in flax_children}
         left = []
         for child, below in torch_children.items():
             if not _torch_keys(child, below) & flax_keys:
                 left.append(child)
-            elif _module_key(child) in by_name:  # the same module by name: pair what is numbered inside it
+            elif _module_key(child) in by_name:
                 named = by_name[_module_key(child)]
                 self.pair((*torch_at, *child), (*flax_at, *named), below, flax_children[named])
-        families: dict[_Child, list[tuple[tuple[int, ...], _Child]]] = {}
-        for child, below in flax_children.items():
-            family = _family(child)
-            if family is not None and not _flax_keys(child, below) & torch_keys:
-                families.setdefault(family[0], []).append(((family[1],), child))
-        if not (left and families):
-            return
-        # A model written as one function numbers every layer in one place where the other groups them in
-        # blocks: where the modules do not come out even, the blocks holding no tensor of their own are
-        # looked into, on the torch side, the Flax side or both, and the first way that comes out even is dealt.
-        torch_sides = [(left, torch_children), _opened(left, torch_children)]
-        flax_sides = [(families, flax_children), _opened_families(families, flax_children)]
-        tries = [(t, f) for f in flax_sides for t in torch_sides if t is not None and f is not None]
-        even = [(t, f) for t, f in tries if len(t[0]) == sum(len(m) for m in f[0].values())]
-        (torch_left, torch_below), (flax_families, flax_below) = even[0] if even else tries[0]
-        ordered = [[c for _, c in sorted(members)] for _, members in sorted(flax_families.items())]
-        why = self._deal(torch_at, flax_at, list(torch_left), ordered, torch_below, flax_below)
-        if why is not None:
-            self.notes.append(why)
+        return left
 
     def _deal(
         self,
@@ -435,9 +527,9 @@ class _Pairing:
         torch_children: Mapping[_Child, Mapping[ParamPath, Any]],
         flax_children: Mapping[_Child, Mapping[ParamPath, Any]],
     ) -> str | None:
-        """Pair the torch modules ``left`` with the numbered Flax ``families`` where exactly one order fits;
-        else leave them and say why."""
-        fitted: dict[tuple[_Child, _Child], dict[ParamPath, ParamPath] | None] = {}
+        """Pair the torch modules ``left`` with the numbered Flax ``families`` where exactly one
+        order-preserving pairing, in order of definition, fits; else leave them and say why."""
+        fitted: dict[tuple[_Child, _Child], _Planned | None] = {}
 
         def fits(t: _Child, f: _Child) -> bool:
             if (t, f) not in fitted:
@@ -457,10 +549,19 @@ class _Pairing:
         if len(ways) != 1:
             return f"{where}: " + self._why_not(torch_at, flax_at, left, families, ways, fits)
         for t, f in ways[0]:
-            self.renames[torch_at + t] = flax_at + f
-            inner = fitted[(t, f)] or {}
-            self.renames.update({torch_at + t + tp: flax_at + f + fp for tp, fp in inner.items()})
+            self._keep(torch_at + t, flax_at + f, fitted[(t, f)])
+        self.same_shapes.extend(
+            same.under(torch_at, flax_at) for same in _same_shapes(ways[0], families, flax_children)
+        )
         return None
+
+    def _keep(self, torch_module: ParamPath, flax_module: ParamPath, inside: _Planned | None) -> None:
+        """Record the pair, and what was paired inside the two modules, named from the top."""
+        self.renames[torch_module] = flax_module
+        if inside is None:
+            return
+        self.renames.update({torch_module + tp: flax_module + fp for tp, fp in inside.renames.items()})
+        self.same_shapes.extend(same.under(torch_module, flax_module) for same in inside.same_shapes)
 
     def _ways(
         self, left: Sequence[_Child], families: Sequence[Sequence[_Child]], fits: Callable[[_Child, _Child], bool]
@@ -531,9 +632,98 @@ class _TooMany(Exception):
 
 def _fit(
     torch_leaves: Mapping[ParamPath, Shape], flax_leaves: Mapping[ParamPath, tuple[Shape, bool]]
-) -> dict[ParamPath, ParamPath] | None:
-    """The pairs inside two modules when every tensor of the one fits a leaf of the other; None when not."""
+) -> _Planned | None:
+    """The plan inside two modules (what is paired in them) when every tensor of the one fits a leaf of the
+    other; None when not."""
     params = {p: s for p, (s, stat) in flax_leaves.items() if not stat}
     stats = {("batch_stats", *p): s for p, (s, stat) in flax_leaves.items() if stat}
-    _layout, problems, renames = _plan(torch_leaves, params, stats)
-    return None if problems else renames
+    planned = _plan(torch_leaves, params, stats)
+    return None if planned.problems else planned
+
+
+def _unnamed_families(
+    torch_children: Mapping[_Child, Mapping[ParamPath, Any]], flax_children: Mapping[_Child, Mapping[ParamPath, Any]]
+) -> _Families:
+    """The numbered Flax modules here that no torch name meets, by family.
+
+    >>> _unnamed_families({("fc",): {("weight",): (2, 2)}},
+    ...                   {("Dense_0",): {("kernel",): (2, 2)}, ("fc",): {("kernel",): (2, 2)}})
+    {('Dense',): [((0,), ('Dense_0',))]}
+    """
+    torch_keys = set().union(*(_torch_keys(c, below) for c, below in torch_children.items()))
+    families: _Families = {}
+    for child, below in flax_children.items():
+        family = _family(child)
+        if family is not None and not _flax_keys(child, below) & torch_keys:
+            families.setdefault(family[0], []).append(((family[1],), child))
+    return families
+
+
+def _view(
+    left: Sequence[_Child],
+    torch_children: Mapping[_Child, Mapping[ParamPath, Any]],
+    families: _Families,
+    flax_children: Mapping[_Child, Mapping[ParamPath, Any]],
+) -> _View:
+    """How the place is seen for dealing: each side as it stands or with its modules that hold no tensor of
+    their own looked into (:func:`_opened`, :func:`_opened_families`), chosen by :func:`_fewest_opened`.
+
+    >>> (torch_left, _), (flax_families, _) = _view(
+    ...     [("blocks", "0")], {("blocks", "0"): {("fc1", "weight"): (2, 2), ("fc2", "weight"): (2, 2)}},
+    ...     {("Dense",): [((0,), ("Dense_0",)), ((1,), ("Dense_1",))]},
+    ...     {("Dense_0",): {("kernel",): (2, 2)}, ("Dense_1",): {("kernel",): (2, 2)}})
+    >>> torch_left, list(flax_families)
+    ([('blocks', '0', 'fc1'), ('blocks', '0', 'fc2')], [('Dense',)])
+    """
+    # A model written as one function numbers every layer in one place where the other groups them in blocks.
+    torch_sides = {False: (left, torch_children), True: _opened(left, torch_children)}
+    flax_sides = {False: (families, flax_children), True: _opened_families(families, flax_children)}
+    views: dict[tuple[bool, bool], _View] = {
+        (t, f): (torch_side, flax_side)
+        for t, torch_side in torch_sides.items()
+        for f, flax_side in flax_sides.items()
+        if torch_side is not None and flax_side is not None
+    }
+    even = [k for k, ((t_left, _), (fams, _)) in views.items() if len(t_left) == sum(map(len, fams.values()))]
+    return views[_fewest_opened(even)]
+
+
+def _fewest_opened(even: Sequence[tuple[bool, bool]]) -> tuple[bool, bool]:
+    """Of the views (torch side looked into, Flax side looked into) whose modules come out even, the one that
+    looks into the fewest sides; the modules as they stand where none comes out even.
+
+    Why the fewest: looking into a block takes it for a mere container, which the modules as they stand do
+    not assume. Why this decides without an order: looking into a side never lowers its count, so the two
+    views that look into one side each both come out even only where the view that looks into neither does
+    (torch T <= T', Flax F <= F': T' = F and T = F' give T = T' = F = F'), which is then chosen; the other
+    two views are one each. Where none comes out even, the modules as they stand are dealt and the
+    refusal counts them as the user wrote them.
+
+    >>> _fewest_opened([(True, True), (False, False)]), _fewest_opened([(False, True)]), _fewest_opened([])
+    ((False, False), (False, True), (False, False))
+    """
+    return min(even, key=sum, default=(False, False))
+
+
+def _same_shapes(
+    way: Sequence[tuple[_Child, _Child]],
+    families: Sequence[Sequence[_Child]],
+    flax_children: Mapping[_Child, Mapping[ParamPath, Any]],
+) -> list[SameShapes]:
+    """The members of each family that have the same leaves and shapes as another member, with the torch
+    modules ``way`` pairs them with: the order of definition alone put them so.
+
+    >>> kernel = {("kernel",): ((3, 3), False)}
+    >>> _same_shapes([(("fc1",), ("Dense_0",)), (("fc2",), ("Dense_1",)), (("fc3",), ("Dense_2",))],
+    ...              [[("Dense_0",), ("Dense_1",), ("Dense_2",)]],
+    ...              {("Dense_0",): kernel, ("Dense_1",): {("kernel",): ((3, 1), False)}, ("Dense_2",): kernel})
+    [SameShapes(flax=(('Dense_0',), ('Dense_2',)), torch=(('fc1',), ('fc3',)))]
+    """
+    torch_of = {f: t for t, f in way}
+    found = []
+    for family in families:
+        alike: dict[tuple[tuple[ParamPath, Any], ...], list[_Child]] = {}
+        for member in family:
+            alike.setdefault(tuple(sorted(flax_children[member].items())), []).append(member)
+        found += [SameShapes(tuple(ms), tuple(torch_of[m] for m in ms)) for ms in alike.values() if len(ms) > 1]
+    return found

@@ -160,7 +160,10 @@ def plan(state: OptimizerState, target: Any) -> tuple[Layout, list[str]]:
     For a Flax model, the moves take the state's torch tensors to its leaves; for a torch model, they
     take the torch model's tensors to the state's Flax leaves, and the conversion runs them backwards
     (a mapping file says the same either way). Modules that linen numbered (``Dense_0``) are paired
-    with the torch modules by order of definition where that is unambiguous (see :mod:`.rules`).
+    with the torch modules where exactly one order-preserving pairing, in order of definition, fits
+    (see :mod:`.rules`); where two members of a family have the same shapes, so that only the order in
+    which linen constructed them says which is which, a ``UserWarning`` names them (``optstate map``
+    prints it; :func:`relayout` warns the same).
 
     >>> from optstate.schema.state import ParamInfo
     >>> state = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("fc", "weight"), (3, 2), "float32", 0),), {})
