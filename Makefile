@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 NUMPY_VENV ?= .venv-numpy
 NUMPY_PY := $(NUMPY_VENV)/bin/python
 
-.PHONY: demo test lint test-numpy bench clean
+.PHONY: demo test lint test-numpy bench fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: $(VENV)/.installed
 
 test-numpy: $(NUMPY_VENV)/.installed
 	OPTSTATE_TEST_FRAMEWORKS=none $(NUMPY_PY) -m pytest -q
+
+# The parsers of untrusted bytes, fuzzed longer than the suite's short run (tests/test_reliability.py).
+fuzz: $(VENV)/.installed
+	OPTSTATE_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/test_reliability.py -k fuzz
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_convert.py

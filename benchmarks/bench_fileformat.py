@@ -16,13 +16,20 @@ One run:
    - ``mapped-nofsync`` the same with ``fsync=False``;
    - ``plain``          the same state with its arrays read into memory first (``np.fromfile``),
                         ``optstate.save``: written from memory; fsync;
-   - ``plain-nofsync``  the same with ``fsync=False``.
+   - ``plain-nofsync``  the same with ``fsync=False``;
+   - ``torch``          ``optstate.convert`` of a ``.pt`` file holding the same tensors (an SGD checkpoint
+                        written by optstate's torch-free writer during the build) to the canonical file:
+                        the reader, the checks of the input's identity, the in-kernel copy, the tensors'
+                        XXH3 checksums and the read-back before the rename; fsync. The whole conversion
+                        is timed (``save_s`` is inside ``convert``);
+   - ``torch-nocheck``  the same with the checksums and the read-back replaced by no-ops: what they cost.
 3. prints a table: seconds inside ``optstate.save`` (``cp``: the whole process), GB/s of tensor data,
    the ratio to ``cp`` and to ``cp+fsync`` of the same run (of the medians, and of the fastest runs:
    on a busy machine the fastest run is the least disturbed one), and memory: the whole child's peak
    ``RssAnon`` (sampled every 20 ms by the parent) and the peak ``RssAnon`` while ``save`` ran above
    its value just before (sampled every 2 ms inside the child): what saving allocated.
-4. checks that every path wrote the same bytes, and removes its temporary directory.
+4. checks that every path wrote the same tensor bytes (the headers of ``torch`` and ``torch-nocheck`` differ
+   from the others': a source, checksums), and removes its temporary directory.
 
 ``python benchmarks/bench_fileformat.py --gb 0.2`` is a quick check.
 """
@@ -30,7 +37,6 @@ One run:
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import math
 import os
@@ -47,7 +53,7 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 from bench_convert import Failed, machine, model_shapes, remove, run_measured, warm  # noqa: E402
 
-PATHS = ("cp", "cp+fsync", "mapped", "mapped-nofsync", "plain", "plain-nofsync")
+PATHS = ("cp", "cp+fsync", "mapped", "mapped-nofsync", "plain", "plain-nofsync", "torch", "torch-nocheck")
 
 
 def layout(gb: float) -> list[tuple[str, int]]:
@@ -66,7 +72,48 @@ def child_build(src: str, gb: float) -> dict:
     with open(src, "wb") as f:
         for _, n in tensors:
             f.write(rng.random(n, dtype=np.float32).data)
+    _build_torch_file(src, gb)
     return {"n_tensors": len(tensors), "tensor_bytes": os.path.getsize(src)}
+
+
+def torch_source(src: str) -> str:
+    return src + ".pt"
+
+
+def _sgd_state(src: str, gb: float, mapped: bool) -> object:
+    import numpy as np
+
+    from optstate.schema import OptimizerState, ParamInfo
+
+    arrays, offset = {}, 0
+    for name, n in layout(gb):
+        if mapped:
+            arrays[name] = np.memmap(src, dtype="<f4", mode="r", offset=offset, shape=(n,))
+        else:
+            arrays[name] = np.fromfile(src, dtype="<f4", count=n, offset=offset)
+        offset += 4 * n
+    return OptimizerState(
+        "sgd",
+        ({"lr": 0.1, "momentum": 0.9},),
+        tuple(ParamInfo((name,), a.shape, "float32", 0) for name, a in arrays.items()),
+        {("momentum", (name,)): a for name, a in arrays.items()},
+    )
+
+
+def _build_torch_file(src: str, gb: float) -> None:
+    """The same tensors as a torch checkpoint (``{"optimizer": state_dict}``), written without torch."""
+    from optstate.converters.torch.state_dict import save_torch_file
+
+    save_torch_file(_sgd_state(src, gb, mapped=True), torch_source(src), fsync=False)
+
+
+def _without_checksums() -> None:
+    """Replace the checksums and the read-back with no-ops (the torch-nocheck path): their cost, measured."""
+    from optstate.schema import fileformat
+
+    fileformat.checksum = lambda _array: fileformat._NO_CHECKSUM
+    fileformat.file_checksums = lambda _path, spans: dict.fromkeys(spans, fileformat._NO_CHECKSUM)
+    fileformat.verify_written = lambda *_args: None
 
 
 def _rss_anon_kib() -> int:
@@ -75,24 +122,20 @@ def _rss_anon_kib() -> int:
 
 
 def child_save(src: str, dst: str, gb: float, path: str) -> dict:
-    import numpy as np
-
     import optstate
-    from optstate.schema import OptimizerState, ParamInfo
 
-    arrays, offset = {}, 0
-    for name, n in layout(gb):
-        if path.startswith("plain"):
-            arrays[name] = np.fromfile(src, dtype="<f4", count=n, offset=offset)
-        else:
-            arrays[name] = np.memmap(src, dtype="<f4", mode="r", offset=offset, shape=(n,))
-        offset += 4 * n
-    state = OptimizerState(
-        "sgd",
-        ({"lr": 0.1, "momentum": 0.9},),
-        tuple(ParamInfo((name,), a.shape, "float32", 0) for name, a in arrays.items()),
-        {("momentum", (name,)): a for name, a in arrays.items()},
-    )
+    if path.startswith("torch"):
+        if path == "torch-nocheck":
+            _without_checksums()
+
+        def run() -> None:
+            optstate.convert(torch_source(src), dst, dst_format="optstate")
+    else:
+        state = _sgd_state(src, gb, mapped=not path.startswith("plain"))
+
+        def run() -> None:
+            optstate.save(state, dst, fsync=not path.endswith("nofsync"))
+
     before = _rss_anon_kib()
     peak = [before]
     done = threading.Event()
@@ -105,7 +148,7 @@ def child_save(src: str, dst: str, gb: float, path: str) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    optstate.save(state, dst, fsync=not path.endswith("nofsync"))
+    run()
     save_s = time.perf_counter() - t0
     done.set()
     sampler.join()
@@ -130,6 +173,19 @@ def commands(paths: list[str], src: Path, work: Path, gb: float) -> dict[str, tu
     for name in PATHS[2:]:
         cmds[name] = [sys.executable, str(HERE), "_child", name, str(src), str(out.get(name, "")), str(gb)]
     return {name: (cmds[name], out[name]) for name in paths}
+
+
+def same_tensor_bytes(a: Path, b: Path, chunk: int = 64 << 20) -> bool:
+    """Whether two canonical files hold the same tensor data (what follows each one's header)."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for f in (fa, fb):
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def seconds(r: dict) -> float:
@@ -217,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         saved = list(kept.values())
-        same = all(filecmp.cmp(saved[0], out, shallow=False) for out in saved[1:])
+        same = all(same_tensor_bytes(saved[0], out) for out in saved[1:])
         print()
         print(
             f"results: {tb / 1e9:.3f} GB in {built['n_tensors']} float32 tensors, {args.repeats} repeat(s), median; "

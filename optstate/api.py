@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import atomic
 from .converters import formats
 from .converters.formats import ReadOptions, WriteOptions
 from .converters.layout.targets import relayout
-from .errors import OptstateError
+from .errors import FormatError, OptstateError
 from .schema import OptimizerState
-from .schema.fileformat import INDEX_SUFFIX
+from .schema.fileformat import INDEX_SUFFIX, refuse_special_file, shard_pattern, strict_json_loads
+from .schema.state import allowing_nonfinite, state_warnings
 
 # The registry's detect() under the public name it had before there was a registry.
 detect_format = formats.detect
@@ -37,8 +39,19 @@ def read(src: str | os.PathLike, fmt: str | None = None, **options: Any) -> Opti
     >>> s = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float64", 0),), {})
     >>> read(save(s, tempfile.mkdtemp() + "/s.safetensors")).param_groups
     ({'lr': 0.1},)
+
+    ``allow_nonfinite=True`` admits NaN, inf and negative second moments (a diverged run, on purpose) and
+    records that in the state's metadata (``nonfinite``), so that every output of it says so.
     """
-    return formats.get(fmt or formats.detect(src)).read(src, ReadOptions(**options))
+    refuse_special_file(src)  # before detect() or a reader opens it: a FIFO would block forever
+    read_options = ReadOptions(**options)
+    with allowing_nonfinite(read_options.allow_nonfinite):
+        state = formats.get(fmt or formats.detect(src)).read(src, read_options)
+    if read_options.allow_nonfinite and state.metadata.nonfinite is None:
+        state = state.with_metadata(
+            nonfinite="converted with allow_nonfinite: NaN, inf or negative second moments admitted"
+        )
+    return state
 
 
 def write(
@@ -91,9 +104,9 @@ def _input_paths(src: Path) -> list[Path]:
     paths = [src]
     if src.name.endswith(INDEX_SUFFIX) and src.is_file():
         try:  # best effort: a malformed index is the reader's to refuse, with its own message
-            weight_map = json.loads(src.read_bytes())["weight_map"]
+            weight_map = strict_json_loads(src.read_bytes(), os.fspath(src))["weight_map"]
             paths += [src.with_name(n) for n in set(weight_map.values()) if isinstance(n, str) and n]
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, OptstateError):
             pass
     return paths
 
@@ -104,7 +117,7 @@ def _output_paths(dst: Path, dst_format: str | None, max_shard_bytes: int | None
     paths = [dst]
     if dst_format == "optstate" and (max_shard_bytes is not None or dst.name.endswith(INDEX_SUFFIX)):
         stem = _sharded_stem(dst)
-        shard = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")
+        shard = shard_pattern(stem)
         paths.append(dst.with_name(stem + INDEX_SUFFIX))
         if dst.parent.is_dir():
             paths += [p for p in dst.parent.iterdir() if shard.fullmatch(p.name)]
@@ -159,6 +172,95 @@ def refuse_output_that_is_input(
                 )
 
 
+Identity = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
+
+
+def _identity(path: Path) -> Identity | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _input_files(src: Path) -> list[Path]:
+    """Every file a conversion of ``src`` may read: the files of a directory (recursively), an index's shards."""
+    if src.is_dir():
+        return sorted(Path(d, name) for d, _, names in os.walk(src) for name in names)
+    return _input_paths(src)
+
+
+@dataclass(frozen=True)
+class InputSnapshot:
+    """The identity (device, inode, size, modification and change times) of every file a conversion reads,
+    taken before it reads them; :meth:`check` refuses, naming the file, when one has changed since: an
+    output built from a file rewritten while it was read mixes old and new bytes.
+
+    In a directory, files that appear or disappear are not a change: a trainer saving its next step into
+    a checkpoint manager's directory, and removing its oldest, leaves the step being read whole (a file
+    removed after it was mapped stays readable; one removed before is an error of its own).
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "c.pt"; _ = f.write_bytes(b"one")
+    >>> snapshot = InputSnapshot.take(f); snapshot.check()
+    >>> _ = f.write_bytes(b"three")
+    >>> snapshot.check()  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.FormatError: .../c.pt changed while it was read (size 3 -> 5 bytes, ...); ...
+    """
+
+    identities: tuple[tuple[Path, Identity | None], ...]
+    directory: bool = False
+
+    @classmethod
+    def take(cls, src: str | os.PathLike) -> InputSnapshot:
+        return cls(tuple((p, _identity(p)) for p in _input_files(Path(src))), Path(src).is_dir())
+
+    def check(self, cause: BaseException | None = None) -> None:
+        for path, before in self.identities:
+            after = _identity(path)
+            if after != before and not (self.directory and after is None):
+                what = _what_changed(before, after)
+                because = f"; the read failed with: {cause}" if cause is not None else ""
+                raise FormatError(
+                    f"{path} changed while it was read ({what}){because}; the output was not written: "
+                    "convert it again once nothing writes to it (a trainer saving, a copy in progress)"
+                )
+
+
+def _what_changed(before: Identity | None, after: Identity | None) -> str:
+    if before is None or after is None:
+        return "it appeared" if before is None else "it was removed"
+    if before[:2] != after[:2]:
+        return "replaced by another file"
+    if before[2] != after[2]:
+        return f"size {before[2]} -> {after[2]} bytes, rewritten or truncated"
+    return "rewritten in place: its modification time changed"
+
+
+@contextlib.contextmanager
+def unchanged_inputs(src: str | os.PathLike) -> Iterator[InputSnapshot]:
+    """Take the identities of the files under ``src``; check them again in every atomic write inside the
+    block, after the output is written and before it is renamed into place, and on a failure, whose cause
+    may be the change (a memory-mapped input truncated under the reader): the error then names the file.
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "c.pt"; _ = f.write_bytes(b"one")
+    >>> with unchanged_inputs(f):
+    ...     _ = f.write_bytes(b"three")
+    ...     raise OSError(14, "Bad address")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.FormatError: .../c.pt changed while it was read (...); the read failed with: [Errno 14] ...
+    """
+    snapshot = InputSnapshot.take(src)
+    with atomic.checked_before_commit(snapshot.check):
+        try:
+            yield snapshot
+        except (OptstateError, OSError) as exc:
+            snapshot.check(cause=exc)
+            raise
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -211,39 +313,43 @@ def convert(
     ``mapping`` is a mapping file that ``optstate map -o`` wrote, edited or not. ``fsync``,
     ``max_shard_bytes``: see :func:`write`; ``progress(state)`` returns the callback it takes.
     """
+    refuse_special_file(src)
     refuse_output_that_is_input(src, dst, dst_format, max_shard_bytes)  # before anything is read or written
-    state = read(
-        src,
-        src_format,
-        optimizer=optimizer,
-        hyperparams=hyperparams,
-        allow_approximate=allow_approximate,
-        optstate_transform=optstate_transform,
-        model=model,
-        step=step,
-        assume_step=assume_step,
-        allow_nonfinite=allow_nonfinite,
-    )
-    if allow_approximate and state.spec.approximate:
-        state = state.with_metadata(approximate=state.spec.approximate)
-    if reset:
-        state = state.reset(reset)
-    if horizon is not None:
-        state = state.with_metadata(lr_horizon=horizon)
-    if constant_lr:
-        state = state.with_metadata(constant_lr=True)
-    if target_params is not None or mapping is not None:
-        state = relayout(state, target=target_params, mapping=mapping)
-    write(
-        state,
-        dst,
-        dst_format or formats.detect(dst),
-        force=force,
-        fsync=fsync,
-        max_shard_bytes=max_shard_bytes,
-        progress=None if progress is None else progress(state),
-        model=model,
-        step=step,
-        world_size=world_size,
-    )
-    return state
+    with unchanged_inputs(src):
+        state = read(
+            src,
+            src_format,
+            optimizer=optimizer,
+            hyperparams=hyperparams,
+            allow_approximate=allow_approximate,
+            optstate_transform=optstate_transform,
+            model=model,
+            step=step,
+            assume_step=assume_step,
+            allow_nonfinite=allow_nonfinite,
+        )
+        for warning in state_warnings(state):
+            warnings.warn(f"{os.fspath(src)}: {warning}", stacklevel=2)
+        if allow_approximate and state.spec.approximate:
+            state = state.with_metadata(approximate=state.spec.approximate)
+        if reset:
+            state = state.reset(reset)
+        if horizon is not None:
+            state = state.with_metadata(lr_horizon=horizon)
+        if constant_lr:
+            state = state.with_metadata(constant_lr=True)
+        if target_params is not None or mapping is not None:
+            state = relayout(state, target=target_params, mapping=mapping)
+        write(
+            state,
+            dst,
+            dst_format or formats.detect(dst),
+            force=force,
+            fsync=fsync,
+            max_shard_bytes=max_shard_bytes,
+            progress=None if progress is None else progress(state),
+            model=model,
+            step=step,
+            world_size=world_size,
+        )
+        return state

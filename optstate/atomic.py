@@ -2,18 +2,98 @@
 
 ``fsync=False`` skips the fsyncs (faster; the output may be lost, never half-written, if the machine
 crashes soon after) but still renames atomically.
+
+Before the first rename, the checks a caller registered with :func:`checked_before_commit` run (the
+inputs of a conversion are unchanged; the output reads back): one that raises keeps the output from
+appearing. SIGTERM and SIGINT during a write remove the temporary files, then end the process as the
+signal would have; only SIGKILL (or a crash of the machine) leaves a ``.<name>.*.tmp`` behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import OptstateError
+
+_commit_checks: contextvars.ContextVar[tuple[Callable[[], None], ...]] = contextvars.ContextVar(
+    "optstate_commit_checks", default=()
+)
+
+
+@contextlib.contextmanager
+def checked_before_commit(check: Callable[[], None]) -> Iterator[None]:
+    """Run ``check()`` in every atomic write inside this block, after the output is written (and fsynced)
+    and before it is renamed into place: an exception from it removes the output unseen.
+
+    >>> import tempfile, pathlib
+    >>> def refuse(): raise OptstateError("the input changed")
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+    >>> with checked_before_commit(refuse), atomic_file(out) as tmp:
+    ...     _ = tmp.write_bytes(b"ok")
+    Traceback (most recent call last):
+    optstate.errors.OptstateError: the input changed
+    >>> out.exists(), list(out.parent.iterdir())
+    (False, [])
+    """
+    token = _commit_checks.set((*_commit_checks.get(), check))
+    try:
+        yield
+    finally:
+        _commit_checks.reset(token)
+
+
+def _run_commit_checks() -> None:
+    for check in _commit_checks.get():
+        check()
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM during a write: unwinds through the cleanup, then the process
+    ends by the signal. A BaseException, so that no ``except Exception`` on the way swallows it."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
+
+
+_signal_depth = 0  # nested atomic writes install the handler once
+
+
+@contextlib.contextmanager
+def _cleanup_on_signals() -> Iterator[None]:
+    """While the block runs, SIGTERM raises (SIGINT already raises KeyboardInterrupt), so that the
+    ``finally`` clauses remove the temporary files; then the process ends by SIGTERM as it would have.
+    Only in the main thread, and only where SIGTERM has its default action (a program that set its own
+    handler keeps it)."""
+    global _signal_depth
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    install = _signal_depth == 0 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if install:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    _signal_depth += 1
+    try:
+        yield
+    except _Terminated:
+        if not install:
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)  # the temporary files are gone: end as SIGTERM ends a process
+        raise
+    finally:
+        _signal_depth -= 1
+        if install:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -92,6 +172,11 @@ def atomic_files(
     for path in targets:
         _prepare(path, force)
     tmps: list[Path] = []
+    with _cleanup_on_signals():
+        yield from _written_then_renamed(targets, tmps, fsync)
+
+
+def _written_then_renamed(targets: list[Path], tmps: list[Path], fsync: bool) -> Iterator[list[Path]]:
     try:
         for path in targets:
             fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -101,6 +186,7 @@ def atomic_files(
         if fsync:
             for tmp in tmps:
                 _fsync_file(tmp)
+        _run_commit_checks()
         *parts, last = zip(tmps, targets, strict=True)
         for tmp, path in parts:
             _replace(tmp, path)
@@ -143,12 +229,18 @@ def atomic_directory(path: str | os.PathLike, *, force: bool = False, fsync: boo
     """
     path = Path(path)
     _prepare(path, force)
-    parent = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp = parent / path.name
+    with _cleanup_on_signals():
+        parent = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = parent / path.name
+        yield from _directory_written_then_renamed(path, parent, tmp, fsync)
+
+
+def _directory_written_then_renamed(path: Path, parent: Path, tmp: Path, fsync: bool) -> Iterator[Path]:
     try:
         yield tmp
         if fsync:
             _fsync_tree(tmp)
+        _run_commit_checks()
         _replace(tmp, path)
         if fsync:
             _fsync_dir(path.parent)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import optstate
 from optstate.schema import OptimizerState, ParamInfo
+from optstate.schema.state import NON_NEGATIVE_SLOTS
 
 SHAPES = {"fc1.weight": (5, 3), "fc1.bias": (5,), "fc2.weight": (2, 5), "fc2.bias": (2,)}
 TOL = 1e-12
@@ -78,8 +79,11 @@ def states(draw):
                     )
                 )
                 array = np.frombuffer(bits, dtype=np.dtype(f"u{dtype.itemsize}")).copy().reshape(shape)
-                # Any finite bit pattern: clear the exponent's top bit so no NaN or inf sneaks in.
-                top = 1 << (8 * dtype.itemsize - 2)
-                slots[(slot.name, path)] = (array & ~np.array(top, array.dtype)).view(dtype)
+                # Any finite bit pattern: clear the exponent's top bit so no NaN or inf sneaks in, and the sign
+                # bit of a slot that is never negative (a second moment), which is refused as a diverged run is.
+                keep = ~np.array(1 << (8 * dtype.itemsize - 2), array.dtype)
+                if slot.name in NON_NEGATIVE_SLOTS:
+                    keep &= ~np.array(1 << (8 * dtype.itemsize - 1), array.dtype)
+                slots[(slot.name, path)] = (array & keep).view(dtype)
     hp = [{"lr": draw(st.floats(1e-6, 1.0)), "note": draw(names)} for _ in range(groups)]
     return OptimizerState(family, tuple(hp), tuple(params), slots)

@@ -257,7 +257,7 @@ def test_writing_from_a_memory_mapped_file_copies_no_array(tmp_path):
     shapes = {f"layer{i}.weight": (1024, 1024) for i in range(6)}
     params = tuple(optstate.ParamInfo(tuple(n.split(".")), s, "float32", 0, 1) for n, s in shapes.items())
     slots = {
-        (slot, p.path): rng.standard_normal(p.shape, dtype=np.float32)
+        (slot, p.path): np.abs(rng.standard_normal(p.shape, dtype=np.float32))
         for p in params
         for slot in ("first_moment", "second_moment")
     }
@@ -285,7 +285,7 @@ def test_lazy_arrays_are_made_one_at_a_time_on_the_way_to_dcp(tmp_path):
     rng = np.random.default_rng(0)
     params = tuple(optstate.ParamInfo((f"layer{i}", "weight"), (512, 1024), "float32", 0, 1) for i in range(8))
     sources = {
-        (slot, p.path): rng.standard_normal((1024, 512), dtype=np.float32)
+        (slot, p.path): np.abs(rng.standard_normal((1024, 512), dtype=np.float32))
         for p in params
         for slot in ("first_moment", "second_moment")
     }

@@ -66,7 +66,7 @@ def test_buffers_for_a_group_without_momentum_are_refused():
         optstate.from_optax(opt_state, params, optimizer="sgd", hyperparams={"lr": 0.1})
 
 
-def test_tied_weights_are_refused():
+def test_tied_weights_are_one_parameter_named_once():
     class Tied(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -78,8 +78,13 @@ def test_tied_weights_are_refused():
     opt = torch.optim.Adam(model.named_parameters(), lr=0.01)
     model.head(model.emb(torch.tensor([1, 2]))).sum().backward()
     opt.step()
-    with pytest.raises(UnsupportedError, match=r"'head.weight' is tied to 'emb.weight'"):
-        optstate.from_torch({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    # named_parameters() and the optimizer list emb.weight once; head.weight is the same tensor, not a frozen one
+    for state in (
+        optstate.from_torch({"model": model.state_dict(), "optimizer": opt.state_dict()}),
+        optstate.from_torch(opt, model=model),
+    ):
+        assert [p.path for p in state.params] == [("emb", "weight")]
+        assert ("head", "weight") not in state.weights and state.frozen_paths() == ()
 
 
 def test_float32_tensor_lr_is_refused():

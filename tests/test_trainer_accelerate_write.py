@@ -4,6 +4,7 @@ and an Optax AdamW run trained in JAX; and what is refused, by name."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -147,7 +148,11 @@ def test_an_optax_state_without_the_model_is_refused_and_a_prefix_is_added(tmp_p
     ("model", "error", "message"),
     [
         ("test_trainer_accelerate:make_square", MappingError, "no attribute prefix makes them the same names"),
-        (f"{HERE}:make_float32", MappingError, "the model's fc1.weight is float32 [5, 3], the state's fc1.weight"),
+        (
+            f"{HERE}:make_float32",
+            MappingError,
+            "fc1.weight is float32 [5, 3] in the model, float64 [5, 3] in the state",
+        ),
     ],
 )
 def test_a_model_the_state_does_not_fit_is_refused(tmp_path, model, error, message):
@@ -173,4 +178,15 @@ def test_a_schedule_that_is_not_carried_and_a_state_without_weights_are_refused(
     torch.save({"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()}, tmp_path / "no-weights.pt")
     with pytest.raises(OptstateError, match="holds no model weights"):
         write(read(tmp_path / "no-weights.pt"), tmp_path / "out", "accelerate")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_group_lr_the_scheduler_did_not_set_is_refused(tmp_path):
+    """The scheduler written sets the lr it stepped from (``_last_lr``); a state whose group holds another lr
+    would resume at the scheduler's, not its own: refused, not overwritten."""
+    save_state(tmp_path / "src", "AdamW+LinearLR", True)
+    state = read(tmp_path / "src")
+    moved = dataclasses.replace(state, param_groups=({**state.param_groups[0], "lr": 0.125},))
+    with pytest.raises(UnsupportedError, match=r"param group 0 has lr 0.125, and the LR scheduler written set it last"):
+        write(moved, tmp_path / "out", "accelerate")
     assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ matches the run that never stopped bit for bit (as DeepSpeed's own ds_to_univers
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -25,7 +26,9 @@ import pytest
 import torch
 
 from optstate.cli import main
+from optstate.converters.formats import WriteOptions
 from optstate.converters.torch import deepspeed as ds
+from optstate.errors import UnsupportedError
 from optstate.schema.state import OptimizerState, ParamInfo
 
 pytest.importorskip("deepspeed")  # used by the subprocesses only
@@ -350,6 +353,55 @@ def test_a_float64_state_is_refused_by_name(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "weight is a float64 parameter" in err and "expected float32" in err
     assert not (tmp_path / "ds").exists() and [p.name for p in tmp_path.iterdir()] == ["f64.pt"]
+
+
+def _adamw(step: int = STEPS, **metadata) -> OptimizerState:
+    """A small fp32 AdamW state with weights, its two parameters in the state's order ``fc2`` before ``fc1``."""
+    shapes = {"fc2.weight": (7, 4), "fc1.weight": (3, 5)}
+    params = tuple(ParamInfo(tuple(n.split(".")), s, "float32", 0, step) for n, s in shapes.items())
+    slots = {(k, p.path): np.ones(p.shape, np.float32) for k in ("first_moment", "second_moment") for p in params}
+    weights = {p.path: np.zeros(p.shape, np.float32) for p in params}
+    state = OptimizerState("adamw", ({"lr": 0.1},), params, slots, weights)
+    return state.with_metadata(**{"source": "torch 2.13", **metadata})
+
+
+@pytest.mark.parametrize(
+    ("state", "options", "message"),
+    [
+        # Optax orders its tree by key: ZeRO would flatten the parameters in the wrong places.
+        (_adamw(source="optax 0.2.8"), {"world_size": 1}, "comes from optax 0.2.8, whose parameter order"),
+        # A scheduler drove the state (its groups hold initial_lr) and its state is not carried.
+        (
+            dataclasses.replace(_adamw(), param_groups=({"lr": 0.05, "initial_lr": 0.1},)),
+            {},
+            "holds 'initial_lr'.*--constant-lr",
+        ),
+        (_adamw(schedule_count=STEPS), {}, "an Optax schedule at count 3.*--constant-lr"),
+        # --step is the engine's global step: it must agree with the optimizer's.
+        (_adamw(), {"step": STEPS + 1}, "steps disagree: the optimizer's step count 3, --step 4"),
+        # ZeRO keeps the step in float32.
+        (_adamw(step=2**24 + 1), {}, r"step 16777217 is past 2\*\*24"),
+    ],
+    ids=["optax-order", "initial_lr", "optax-schedule", "--step", "float32-step"],
+)
+def test_what_zero_cannot_resume_as_it_stopped_is_refused(tmp_path, state, options, message):
+    with pytest.raises(UnsupportedError, match=message):
+        ds.write(state, tmp_path / "ds", WriteOptions(**options))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_constant_lr_and_the_model_let_them_through(tmp_path):
+    """With --constant-lr the scheduler's keys are dropped; with the model, an Optax state's order is the model's."""
+    constant = dataclasses.replace(_adamw(constant_lr=True), param_groups=({"lr": 0.05, "initial_lr": 0.1},))
+    ds.write(constant, tmp_path / "constant", WriteOptions(world_size=1))
+    model = tmp_path / "constant" / f"global_step{STEPS}" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    groups = torch.load(model, weights_only=True)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    assert groups[0]["lr"] == 0.05 and "initial_lr" not in groups[0]
+    net = torch.nn.Module()
+    net.fc1, net.fc2 = torch.nn.Linear(5, 3, bias=False), torch.nn.Linear(4, 7, bias=False)
+    ds.write(_adamw(source="optax 0.2.8"), tmp_path / "optax", WriteOptions(world_size=1, model=net))
+    shapes = torch.load(tmp_path / "optax" / f"global_step{STEPS}" / ds.MODEL_STATES, weights_only=True)["param_shapes"]
+    assert list(shapes[0]) == ["fc1.weight", "fc2.weight"]
 
 
 def test_an_existing_output_is_kept(out, tmp_path, capsys):

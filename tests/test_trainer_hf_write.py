@@ -247,7 +247,7 @@ def test_a_schedule_the_trainer_cannot_name_is_refused(state, tmp_path):
                  "_last_lr": [LR, LR]}  # fmt: skip
     _refused(state.with_metadata(lr_scheduler=linear_lr), tmp_path, UnsupportedError, "LinearLR.*LambdaLR")
     unsaved = state.with_metadata(lr_scheduler=None)  # the groups' initial_lr shows a scheduler was attached
-    _refused(unsaved, tmp_path, UnsupportedError, "LR schedule that is not in it.*--constant-lr")
+    _refused(unsaved, tmp_path, UnsupportedError, "LR schedule that it does not carry.*--constant-lr")
 
 
 def test_no_model_a_misnamed_directory_and_torch_adam_are_refused(state, tmp_path):
@@ -257,3 +257,33 @@ def test_no_model_a_misnamed_directory_and_torch_adam_are_refused(state, tmp_pat
         hf_trainer.write(state, tmp_path / "checkpoint-5", WriteOptions(model=MODEL))
     adam = OptimizerState("adam", state.param_groups, state.params, {}, state.weights, metadata=state.metadata)
     _refused(adam, tmp_path, UnsupportedError, "optimizer Adam: the Trainer builds")  # it builds AdamW, not Adam
+
+
+def test_a_scheduler_count_of_another_type_is_still_the_step(state, tmp_path):
+    """``last_epoch`` read as a NumPy integer counts as the scheduler's step: one that disagrees with the
+    optimizer's is refused, not passed over."""
+    sd = state.metadata.lr_scheduler
+    ahead = state.with_metadata(lr_scheduler={**sd, "last_epoch": np.int64(STEPS + 1)})
+    _refused(ahead, tmp_path, UnsupportedError, rf"steps disagree: the optimizer's step count {STEPS}, .* {STEPS + 1}")
+
+
+def _model_directory(path, **dtype) -> str:
+    """A Hugging Face model directory of the tiny GPT-2: its config.json, with ``dtype`` as given (or none)."""
+    config = tiny_model().config.to_dict()
+    document = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({**document, "architectures": ["GPT2LMHeadModel"], **dtype}))
+    return str(path)
+
+
+def test_a_config_without_dtype_is_checked_against_the_models_dtype(state, tmp_path):
+    """A model directory whose config.json names no dtype builds in the default float32: the float64 state would
+    be cast by the Trainer's load_state_dict, so it is refused; with ``dtype: float64`` it is written."""
+    bare = _model_directory(tmp_path / "bare")
+    out = tmp_path / f"checkpoint-{STEPS}"
+    with pytest.raises(MappingError, match=r"is float32 \[.*\] in the model, float64 \[.*\] in the state"):
+        hf_trainer.write(state, out, WriteOptions(model=bare))
+    assert not out.exists()
+    with pytest.warns(UserWarning, match="resume with TrainingArguments"):
+        hf_trainer.write(state, out, WriteOptions(model=_model_directory(tmp_path / "f64", dtype="float64")))
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float64"

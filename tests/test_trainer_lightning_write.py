@@ -4,6 +4,7 @@ run read and written back, and an Optax AdamW run trained in JAX; and what is re
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -264,7 +265,7 @@ def test_an_optax_adamw_run_resumes_exactly_in_lightning(tmp_path):
     ("model", "error", "message"),
     [
         ("make_renamed", MappingError, "no attribute prefix makes them the same names"),
-        ("make_float32", MappingError, "net.weight is float32 [2, 3] in the module, float64 [2, 3] in the state"),
+        ("make_float32", MappingError, "net.weight is float32 [2, 3] in the model, float64 [2, 3] in the state"),
         (
             "make_sequentiallr",
             UnsupportedError,
@@ -281,4 +282,18 @@ def test_a_module_the_state_does_not_fit_is_refused(lightning_ckpt, tmp_path, mo
     state = read(lightning_ckpt(make_steplr)[0])
     with pytest.raises(error, match=re.escape(message)):
         write(state, tmp_path / "out.ckpt", "lightning", model=model and f"{HERE}:{model}")
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_a_group_lr_the_scheduler_did_not_set_and_uneven_steps_are_refused(lightning_ckpt, tmp_path):
+    """The module's scheduler sets the lr it stepped from (``_last_lr``): a state whose group holds another is
+    refused, not overwritten; parameters at different steps give no one global step: refused, not the most."""
+    state = read(lightning_ckpt(make_steplr)[0])
+    model = f"{HERE}:make_steplr"
+    moved = dataclasses.replace(state, param_groups=({**state.param_groups[0], "lr": 0.125},))
+    with pytest.raises(UnsupportedError, match=r"param group 0 has lr 0.125, and the LR scheduler written set it last"):
+        write(moved, tmp_path / "out.ckpt", "lightning", model=model)
+    behind = (dataclasses.replace(state.params[0], step=STEPS - 1), *state.params[1:])
+    with pytest.raises(UnsupportedError, match=rf"has taken {STEPS - 1} optimizer steps and .* {STEPS}; a trainer"):
+        write(dataclasses.replace(state, params=behind), tmp_path / "out.ckpt", "lightning", model=model)
     assert not (tmp_path / "out.ckpt").exists()

@@ -254,6 +254,13 @@ def test_tied_weights_are_counted_and_named_once(tmp_path):
     assert report.frozen == () and len(report.params) == 28 and report.weights["tensors"] == 28
     assert "lm_head.weight is transformer.wte.weight" in " ".join(report.notes)
     assert report.names == "aligned by position with the model weights"  # 28 tensors against 28 parameters
+    assert report.optax == "exact"
+    state = optstate.from_torch(tmp_path / "c.pt")
+    assert len(state.params) == 28 and state.frozen_paths() == () and ("lm_head", "weight") not in state.weights
+    live = optstate.from_torch(opt, model=model)
+    assert len(live.params) == 28 and live.frozen_paths() == ()
+    optstate.convert(tmp_path / "c.pt", f"{tmp_path}/out/")
+    assert optstate.verify(tmp_path / "c.pt", f"{tmp_path}/out/")  # and it continues exactly in Optax
 
 
 def test_an_optax_only_family_runs_in_optax_on_both_sides(tmp_path):

@@ -11,11 +11,17 @@ tensor key to its shard (``weight_map``) and holds the JSON document under ``met
 Writing streams: the header goes first (it needs only each tensor's shape and dtype), then each
 tensor as it is produced, so memory stays near one tensor. A tensor that is a view of a file (a
 memory map) is copied file to file inside the kernel (``copy_file_range``). Reading memory-maps.
+
+Integrity: every file records an XXH3-64 checksum of each tensor's bytes (``__metadata__["optstate_xxh3"]``,
+a JSON object ``key -> 16 hex digits``), written into the header once the tensors are written. Before a
+written file is renamed into place it is read back (its header parsed, its sizes and every checksum
+checked), and :func:`load` checks every checksum it finds: a tensor whose bytes changed is refused by name.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import json
 import math
@@ -23,16 +29,18 @@ import mmap
 import os
 import pathlib
 import re
+import stat
 import struct
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
+import xxhash
 
 from ..atomic import atomic_file, atomic_files
 from ..errors import FormatError
@@ -47,6 +55,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_SUFFIX = ".safetensors.index.json"
 SHARD_KEY = "optstate_shard"  # a shard's __metadata__: "k/N"
 SAVE_KEY = "optstate_save"  # one id per save, in the index and every shard: shards of two saves never mix
+CHECKSUM_KEY = "optstate_xxh3"  # a file's __metadata__: JSON {tensor key: XXH3-64 of its bytes, 16 hex digits}
+MAX_JSON_DEPTH = 64  # deeper JSON is refused: no document optstate writes nests past a dozen levels
 DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size
 
 _CHUNK_BYTES = 16 << 20  # the most a byte swap or a gather of a strided array copies at once
@@ -304,6 +314,22 @@ def file_span(array: np.ndarray, mappings: Sequence[_Mapping] | None = None) -> 
 # ----------------------------------------------------------------------------- writing
 
 
+class _Serial:
+    """An executor that runs a call at once (``submit`` without a thread pool)."""
+
+    @staticmethod
+    def submit(function: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(function(*args))
+        except Exception as exc:  # handed to result(), as a pool's future would
+            future.set_exception(exc)
+        return future
+
+
+_SERIAL = _Serial()
+
+
 class _Entry(NamedTuple):
     key: str
     value: Any  # an ndarray, or a lazy array-like: .shape, .dtype, __array__()
@@ -375,8 +401,17 @@ def write_all(fd: int, data: np.ndarray) -> None:
     b'abc'
     """
     view = data.data
-    while view:
-        view = view[os.write(fd, view[:_MAX_SYSCALL_BYTES]) :]
+    try:
+        while view:
+            view = view[os.write(fd, view[:_MAX_SYSCALL_BYTES]) :]
+    except OSError as exc:
+        if exc.errno != errno.EFAULT:
+            raise
+        # The kernel found no page behind the buffer: a memory-mapped input was truncated while being read.
+        raise FormatError(
+            "a memory-mapped input shrank while it was being read (the write said "
+            f"[Errno {errno.EFAULT}] Bad address); another process truncated or rewrote it"
+        ) from None
 
 
 def _copy_file_range(src: int, out: int, offset: int, count: int) -> int:
@@ -418,22 +453,85 @@ def _copy_span(span: FileSpan, out: int, nbytes: int) -> int:
         os.close(src)
 
 
-def _write_tensor(fd: int, entry: _Entry, array: np.ndarray, mappings: Sequence[_Mapping] | None) -> None:
-    """Write one entry's materialised ``array`` at ``fd``'s position."""
+_NO_CHECKSUM = "0" * 16  # the header's placeholder, the same width as every checksum written over it
+
+
+def checksum(data: Any) -> str:
+    """The XXH3-64 checksum of an array's bytes (C order, as stored), as the 16 hex digits the file records.
+
+    >>> checksum(np.zeros(0, np.uint8)), len(checksum(np.arange(3.0)))
+    ('2d06800538d394c2', 16)
+    """
+    return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
+
+
+_HASH_CHUNK = 256 << 10  # read into one buffer this large (as fast as larger ones here): no page faults
+
+
+def file_checksums(path: str | os.PathLike, spans: Mapping[str, tuple[int, int]]) -> dict[str, str]:
+    """The checksum of each ``key -> (offset, nbytes)`` range of the file at ``path``, read with ``pread`` into
+    one buffer (a file that shrank gives an error, not the SIGBUS a mapping would).
+
+    >>> import tempfile
+    >>> f = tempfile.mkdtemp() + "/b"; _ = pathlib.Path(f).write_bytes(np.arange(3.0).tobytes())
+    >>> file_checksums(f, {"all": (0, 24)})["all"] == checksum(np.arange(3.0))
+    True
+    """
+    buffer = memoryview(bytearray(min(_HASH_CHUNK, max((n for _, n in spans.values()), default=0))))
+    found = {}
+    with open(path, "rb", buffering=0) as f:
+        for key, (offset, nbytes) in spans.items():
+            hasher, done = xxhash.xxh3_64(), 0
+            while done < nbytes:
+                n = os.preadv(f.fileno(), [buffer[: min(len(buffer), nbytes - done)]], offset + done)
+                if n == 0:
+                    raise FormatError(f"{os.fspath(path)}: ends before byte {offset + nbytes} of tensor {key!r}")
+                hasher.update(buffer[:n])
+                done += n
+            found[key] = hasher.hexdigest()
+    return found
+
+
+def _write_tensor(
+    fd: int,
+    entry: _Entry,
+    array: np.ndarray,
+    mappings: Sequence[_Mapping] | None,
+    hashing: ThreadPoolExecutor | None = None,
+) -> str:
+    """Write one entry's materialised ``array`` at ``fd``'s position; return the checksum of the bytes
+    written, computed from the array (the read-back before the rename compares it with the file's).
+    ``hashing`` computes a mapped array's checksum from its file while the kernel copies it."""
     if array.shape != entry.shape or array.dtype.newbyteorder("<") != entry.dtype:
         raise FormatError(
             f"tensor {entry.key!r}: the array has shape {list(array.shape)} and dtype {array.dtype}, "
             f"the header declared shape {list(entry.shape)} and dtype {entry.dtype}"
         )
-    done = 0
+    done, span = 0, None
     if array.nbytes >= _COPY_MIN_BYTES and array.dtype == entry.dtype:
         span = file_span(array, mappings)
-        done = _copy_span(span, fd, array.nbytes) if span else 0
+    if span is not None:
+        # The source read a second time, beside the copy (pread into a buffer: no page faults, and the
+        # hash lets go of the GIL): bytes that change under the copy show on read-back as a mismatch.
+        ranges = {entry.key: (span.offset, array.nbytes)}
+        source = (hashing or _SERIAL).submit(file_checksums, span.path, ranges)
+        done = _copy_span(span, fd, array.nbytes)
+        if done == array.nbytes:
+            return source.result()[entry.key]
+        with contextlib.suppress(FormatError):  # the copy failed: the array's bytes are written from memory
+            source.result()
     if done:
         write_all(fd, array.reshape(-1).view(np.uint8)[done:])
-    else:
-        for block in little_endian_bytes(array):
-            write_all(fd, block)
+        return checksum(array)
+    hasher = xxhash.xxh3_64()
+    for block in little_endian_bytes(array):
+        write_all(fd, block)
+        hasher.update(block.data)
+    return hasher.hexdigest()
+
+
+def _with_checksums(metadata: Mapping[str, str], checksums: Mapping[str, str]) -> dict[str, str]:
+    return {**metadata, CHECKSUM_KEY: json.dumps(checksums, separators=(",", ":"))}
 
 
 def _write_file(
@@ -441,14 +539,22 @@ def _write_file(
     entries: Sequence[_Entry],
     metadata: Mapping[str, str],
     progress: Callable[[int], Any] | None,
+    destination: str | os.PathLike | None = None,
 ) -> None:
-    """Write a safetensors file into ``path``, an empty file (a fresh temporary)."""
+    """Write a safetensors file into ``path``, an empty file (a fresh temporary), with each tensor's checksum
+    in its header; then read it back (:func:`verify_written`; errors name ``destination``)."""
     # Arrays that exist now keep their mappings alive for the whole write, so one snapshot serves
     # them all; a lazy entry's array may be mapped later, at an address an old mapping had: read anew.
     mappings = _shared_file_mappings()
+    checksums = dict.fromkeys((e.key for e in entries), _NO_CHECKSUM)
+    header = _header(entries, _with_checksums(metadata, checksums))
     # Not "wb": ext4 starts writing back, on close, a file that was truncated to zero and rewritten.
-    with open(path, "r+b", buffering=0) as f, ThreadPoolExecutor(1) as ahead:
-        write_all(f.fileno(), np.frombuffer(_header(entries, metadata), np.uint8))
+    # Two hashing threads: a mapped tensor's source is hashed beside its copy, and the tensor written
+    # before it is read back meanwhile, so the checks overlap the copying instead of following it.
+    read_back: list[Future] = []
+    offset = len(header)
+    with open(path, "r+b", buffering=0) as f, ThreadPoolExecutor(1) as ahead, ThreadPoolExecutor(2) as hashing:
+        write_all(f.fileno(), np.frombuffer(header, np.uint8))
         # The next lazy entry (a layout move: a transpose) is computed while this one is written; two
         # tensors in memory at most, and both cores busy.
         pending = ahead.submit(np.asarray, entries[0].value) if entries else None
@@ -456,10 +562,58 @@ def _write_file(
             assert pending is not None  # one is submitted for each entry
             array = pending.result()
             pending = ahead.submit(np.asarray, entries[i + 1].value) if i + 1 < len(entries) else None
-            _write_tensor(f.fileno(), entry, array, mappings if isinstance(entry.value, np.ndarray) else None)
+            checksums[entry.key] = _write_tensor(
+                f.fileno(), entry, array, mappings if isinstance(entry.value, np.ndarray) else None, hashing
+            )
+            read_back.append(hashing.submit(file_checksums, path, {entry.key: (offset, entry.nbytes)}))
+            offset += entry.nbytes
             del array  # released before the one after next is made
             if progress is not None:
                 progress(entry.nbytes)
+        final = _header(entries, _with_checksums(metadata, checksums))
+        if len(final) != len(header):  # fixed-width digits: the data offsets stay where they are
+            raise AssertionError("the header changed length when its checksums were filled in")
+        os.pwrite(f.fileno(), final, 0)
+        read = {key: digest for done in read_back for key, digest in done.result().items()}
+    verify_written(path, entries, checksums, destination or path, read)
+
+
+def verify_written(
+    path: str | os.PathLike,
+    entries: Sequence[_Entry],
+    checksums: Mapping[str, str],
+    destination: str | os.PathLike,
+    read_back: Mapping[str, str] | None = None,
+) -> None:
+    """Read back a file just written, before it is renamed into place: its header parses, it holds the
+    entries' tensors with their shapes and dtypes, and each tensor's bytes have the checksum computed as
+    it was written (``read_back``: the checksums of the file's tensors, read back as each was written;
+    read now when ``None``). Catches another process, or a bad disk, changing the file or its source."""
+    where = os.fspath(destination)
+    try:
+        layout, metadata, data_start = _read_layout(path)
+    except FormatError as exc:
+        raise FormatError(f"{where}: the file written does not read back: {exc}") from None
+    if metadata.get(CHECKSUM_KEY) != json.dumps(dict(checksums), separators=(",", ":")):
+        raise FormatError(f"{where}: the file written reads back with another header than was written")
+    if set(layout) != {e.key for e in entries}:
+        raise FormatError(f"{where}: the file written reads back with other tensors than were written")
+    for entry in entries:
+        dtype, shape, *_ = layout[entry.key]
+        if shape != entry.shape or dtype != entry.dtype:
+            raise FormatError(f"{where}: tensor {entry.key!r} does not read back as written")
+    actuals = (
+        read_back
+        if read_back is not None
+        else file_checksums(path, {key: (data_start + begin, end - begin) for key, (*_, begin, end) in layout.items()})
+    )
+    for entry in entries:
+        actual = actuals[entry.key]
+        if actual != checksums[entry.key]:
+            raise FormatError(
+                f"{where}: tensor {entry.key!r} reads back with checksum {actual}, written with "
+                f"{checksums[entry.key]} (the file, or the input it was copied from, changed while being written)"
+            )
 
 
 def write_safetensors(
@@ -485,7 +639,7 @@ def write_safetensors(
     """
     entries = _entries(tensors)
     with atomic_file(path, force=force, fsync=fsync) as tmp:
-        _write_file(tmp, entries, metadata, progress)
+        _write_file(tmp, entries, metadata, progress, path)
 
 
 def _shard_stem(path: pathlib.Path) -> str:
@@ -519,17 +673,33 @@ def _is_file_name(name: Any) -> bool:
     )
 
 
-def _shard_name(stem: str, k: int, n: int) -> str:
-    return f"{stem}-{k:05d}-of-{n:05d}.safetensors"
+def _shard_name(stem: str, k: int, n: int, save_id: str | None = None) -> str:
+    """Hugging Face's shard name; with ``save_id``, one no earlier save used (a save over an existing one)."""
+    return (
+        f"{stem}-{k:05d}-of-{n:05d}.safetensors"
+        if save_id is None
+        else f"{stem}-{save_id[:8]}-{k:05d}-of-{n:05d}.safetensors"
+    )
+
+
+def shard_pattern(stem: str) -> re.Pattern[str]:
+    """The names optstate gives the shards of ``stem``: Hugging Face's, or with a save's id where a save
+    replaced an existing one.
+
+    >>> bool(shard_pattern("s").fullmatch("s-00001-of-00002.safetensors")), bool(shard_pattern("s").fullmatch(
+    ...     "s-0123abcd-00001-of-00002.safetensors"))
+    (True, True)
+    """
+    return re.compile(re.escape(stem) + r"-(?:[0-9a-f]{8}-)?\d{5}-of-\d{5}\.safetensors")
 
 
 def _indexed_shards(index: pathlib.Path, stem: str) -> set[str]:
     """The names of our shards of ``stem`` that an existing index lists (none when it is unreadable)."""
-    pattern = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")
+    pattern = shard_pattern(stem)
     try:
-        weight_map = json.loads(index.read_bytes())["weight_map"]
+        weight_map = strict_json_loads(index.read_bytes(), os.fspath(index))["weight_map"]
         return {name for name in weight_map.values() if isinstance(name, str) and pattern.fullmatch(name)}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, FormatError):
         return set()
 
 
@@ -548,8 +718,9 @@ def write_sharded(
     ``path`` names the index or ends in ``.safetensors`` (the stem). All files go to temporary names
     and are fsynced, the shards renamed, then the index last: an index always names shards of its
     own save (each shard carries the save's id, checked on reading). ``force`` replaces an existing
-    sharded save whole: shards its old index listed that this save does not write are removed.
-    Returns the index path.
+    sharded save whole, and the old one stays readable until the new one is: where a shard name is
+    taken, the new shards are named ``<stem>-<save id>-0000k-of-0000N.safetensors``, and the shards
+    the old index listed are removed only once the new index is in place. Returns the index path.
 
     >>> import tempfile, numpy as np
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -564,8 +735,10 @@ def write_sharded(
     stem = _shard_stem(path)
     index = path.with_name(stem + INDEX_SUFFIX)
     shards = _plan_shards(_entries(tensors), max_shard_bytes)
-    names = [_shard_name(stem, k, len(shards)) for k in range(1, len(shards) + 1)]
     save_id = uuid.uuid4().hex
+    names = [_shard_name(stem, k, len(shards)) for k in range(1, len(shards) + 1)]
+    if force and any(os.path.lexists(index.with_name(n)) for n in names):  # never over a shard an old index names
+        names = [_shard_name(stem, k, len(shards), save_id) for k in range(1, len(shards) + 1)]
     stale = _indexed_shards(index, stem) - set(names) if force else set()
     document = {
         "metadata": {
@@ -577,7 +750,13 @@ def write_sharded(
     }
     with atomic_files([*(index.with_name(n) for n in names), index], force=force, fsync=fsync) as tmps:
         for k, (tmp, shard) in enumerate(zip(tmps, shards, strict=False), 1):  # the last tmp is the index's
-            _write_file(tmp, shard, {SHARD_KEY: f"{k}/{len(shards)}", SAVE_KEY: save_id}, progress)
+            _write_file(
+                tmp,
+                shard,
+                {SHARD_KEY: f"{k}/{len(shards)}", SAVE_KEY: save_id},
+                progress,
+                index.with_name(names[k - 1]),
+            )
         tmps[-1].write_text(json.dumps(document, indent=2))
     for name in stale:
         index.with_name(name).unlink(missing_ok=True)
@@ -639,6 +818,13 @@ def strict_json_loads(text: str | bytes, source: str) -> Any:
     >>> strict_json_loads('{"a": 1, "a": 2}', "f.json")
     Traceback (most recent call last):
     optstate.errors.FormatError: f.json: key 'a' appears twice in one JSON object (expected each key once)
+
+    JSON nested deeper than ``MAX_JSON_DEPTH`` levels is refused too (Python's parser would end in a
+    RecursionError, or hand on a document that every later walk of it would):
+
+    >>> strict_json_loads("[" * 100000 + "]" * 100000, "f.json")
+    Traceback (most recent call last):
+    optstate.errors.FormatError: f.json: JSON nested deeper than 64 levels (expected a few)
     """
 
     def refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -649,7 +835,61 @@ def strict_json_loads(text: str | bytes, source: str) -> Any:
             document[key] = value
         return document
 
-    return json.loads(text, object_pairs_hook=refuse_repeated_keys)
+    too_deep = FormatError(f"{source}: JSON nested deeper than {MAX_JSON_DEPTH} levels (expected a few)")
+    try:
+        document = json.loads(text, object_pairs_hook=refuse_repeated_keys)
+    except RecursionError:
+        raise too_deep from None
+    if json_depth(document) > MAX_JSON_DEPTH:
+        raise too_deep
+    return document
+
+
+def json_depth(document: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON document (a scalar: 0), without recursion.
+
+    >>> json_depth({"a": [1, {"b": []}]}), json_depth(3)
+    (4, 0)
+    """
+    deepest, pending = 0, [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "named pipe (FIFO)"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def refuse_special_file(path: str | os.PathLike) -> None:
+    """Refuse an input that is neither a regular file nor a directory (a FIFO, a device, a socket) before
+    anything opens it: reading one blocks forever or never ends. Symbolic links are followed (a Hugging
+    Face hub cache links to its blobs); a missing path passes, for the reader to name.
+
+    >>> import tempfile
+    >>> fifo = tempfile.mkdtemp() + "/f.pt"; os.mkfifo(fifo)
+    >>> refuse_special_file(fifo)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.FormatError: .../f.pt: a named pipe (FIFO), not a regular file or a directory; ...
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "special file")
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise FormatError(
+            f"{os.fspath(path)}: a {kind}, not a regular file or a directory; optstate reads checkpoint "
+            "files and directories only (copy the data to a file first)"
+        )
 
 
 def _header_entry(key: str, entry: Any, source: str) -> tuple[np.dtype, tuple[int, ...], int, int]:
@@ -672,9 +912,27 @@ def _header_entry(key: str, entry: Any, source: str) -> tuple[np.dtype, tuple[in
     return dtype, tuple(shape), begin, end
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors-layout file strictly; arrays are read-only views of a memory map."""
+def read_safetensors(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read a safetensors-layout file strictly; arrays are read-only views of a memory map. With ``verify``,
+    the tensors' checksums (``__metadata__["optstate_xxh3"]``, where optstate wrote them) are checked."""
+    entries, metadata, data_start = _read_layout(path)
+    data_len = os.path.getsize(path) - data_start
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start) if data_len else np.empty(0, np.uint8)
+    arrays = {key: data[begin:end].view(dtype).reshape(shape) for key, (dtype, shape, begin, end) in entries.items()}
+    if verify and CHECKSUM_KEY in metadata:
+        spans = {key: (data_start + begin, end - begin) for key, (*_, begin, end) in entries.items()}
+        check_checksums(path, spans, metadata[CHECKSUM_KEY])
+    return arrays, metadata
+
+
+_Layout = dict[str, tuple[np.dtype, tuple[int, ...], int, int]]  # key -> dtype, shape, data offsets
+
+
+def _read_layout(path: str | os.PathLike) -> tuple[_Layout, dict[str, str], int]:
+    """A safetensors file's tensors (``key -> (dtype, shape, begin, end)`` within the data), its
+    ``__metadata__`` and where its data starts, checked strictly: the data exactly covered, no overlap."""
     source = os.fspath(path)
+    refuse_special_file(path)
     size = os.path.getsize(path)
     if size < 8:
         raise FormatError(f"{source}: truncated: {size} bytes, not even a header length")
@@ -708,9 +966,34 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         raise FormatError(
             f"{source}: tensors cover {expected} bytes of data, the file holds {data_len} (truncated or trailing bytes)"
         )
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if data_len else np.empty(0, np.uint8)
-    arrays = {key: data[begin:end].view(dtype).reshape(shape) for key, (dtype, shape, begin, end) in entries.items()}
-    return arrays, metadata
+    return entries, metadata, 8 + header_len
+
+
+def check_checksums(path: str | os.PathLike, spans: Mapping[str, tuple[int, int]], recorded: str) -> None:
+    """Refuse a file whose tensors (``key -> (offset, nbytes)`` in the file) do not have the checksums its
+    header records (``recorded``, the JSON object), naming the first tensor that differs; every tensor
+    must have one.
+
+    >>> import tempfile
+    >>> f = tempfile.mkdtemp() + "/s.safetensors"; _ = pathlib.Path(f).write_bytes(np.arange(3.0).tobytes())
+    >>> check_checksums(f, {"w": (0, 24)}, json.dumps({"w": checksum(np.arange(3.0))}))
+    >>> check_checksums(f, {"w": (0, 24)}, json.dumps({"w": "0" * 16}))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.FormatError: .../s.safetensors: tensor 'w' has checksum ..., the file records 0000000000000000 ...
+    """
+    source = os.fspath(path)
+    checksums = strict_json_loads(recorded, f"{source}: {CHECKSUM_KEY}")
+    if not (isinstance(checksums, dict) and all(isinstance(v, str) for v in checksums.values())):
+        raise FormatError(f"{source}: {CHECKSUM_KEY} is not a JSON object of tensor names to checksums")
+    if set(checksums) != set(spans):
+        odd = sorted(set(checksums) ^ set(spans))[0]
+        raise FormatError(f"{source}: tensor {odd!r} is in the file or in its checksums ({CHECKSUM_KEY}), not both")
+    for key, actual in file_checksums(path, spans).items():
+        if actual != checksums[key]:
+            raise FormatError(
+                f"{source}: tensor {key!r} has checksum {actual}, the file records {checksums[key]} "
+                "(its bytes changed since it was written: a bad disk, a partial copy or an edit)"
+            )
 
 
 def _state_from_tensors(meta: Any, arrays: Mapping[str, np.ndarray], source: str) -> OptimizerState:
@@ -739,7 +1022,7 @@ def _read_index(index: pathlib.Path) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         document = strict_json_loads(index.read_bytes(), source)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{source}: not valid JSON ({exc})") from exc
+        raise FormatError(f"{source}: not valid JSON ({exc})") from None
     if not (
         isinstance(document, dict)
         and isinstance(document.get("metadata"), dict)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,82 @@ def all_finite(array: np.ndarray, chunk: int = 1 << 24) -> bool:
         return bool(np.isfinite(array).all())
     flat = array.reshape(-1)
     return all(np.isfinite(flat[i : i + chunk]).all() for i in range(0, flat.size, chunk))
+
+
+# Slots that are sums or averages of squares (or of absolute values): never negative in a healthy run.
+NON_NEGATIVE_SLOTS = frozenset(
+    {
+        "second_moment",
+        "max_second_moment",
+        "infinity_norm",
+        "row_variance",
+        "column_variance",
+        "sum_of_squares",
+        "update_second_moment",
+    }
+)
+
+_allow_nonfinite: contextvars.ContextVar[bool] = contextvars.ContextVar("optstate_allow_nonfinite", default=False)
+
+
+@contextlib.contextmanager
+def allowing_nonfinite(allow: bool = True) -> Iterator[None]:
+    """States built inside this block (by any reader) may hold NaN, inf and negative second moments: a
+    diverged run converted on purpose (``allow_nonfinite``). The caller records it in the metadata.
+
+    >>> bad = {("second_moment", ("w",)): np.array([-1.0])}
+    >>> with allowing_nonfinite():
+    ...     OptimizerState("adam", ({},), (ParamInfo(("w",), (1,), "float64", 0, 1),), bad).optimizer
+    'adam'
+    """
+    token = _allow_nonfinite.set(allow)
+    try:
+        yield
+    finally:
+        _allow_nonfinite.reset(token)
+
+
+def has_negative(array: np.ndarray, chunk: int = 1 << 24) -> bool:
+    """Whether any value is below zero (-0.0 is not), in bounded memory.
+
+    >>> has_negative(np.array([0.0, -0.0, 2.0])), has_negative(np.broadcast_to(np.float32(-1), (10**9,)))
+    (False, True)
+    """
+    if array.size and array.ndim and not any(array.strides):  # a broadcast: one value
+        array = array[(0,) * array.ndim]
+    if array.ndim == 0 or not array.flags.c_contiguous:
+        return bool((np.asarray(array) < 0).any())
+    flat = array.reshape(-1)
+    return any((flat[i : i + chunk] < 0).any() for i in range(0, flat.size, chunk))
+
+
+def finite_and_non_negative(array: np.ndarray, chunk: int = 1 << 24) -> bool:
+    """Whether every value is finite and not below zero: one pass of ``min`` and ``max`` a block at a time
+    (NaN carries through both), cheaper than :func:`all_finite` and :func:`has_negative` one after the other.
+
+    >>> [finite_and_non_negative(np.array(v)) for v in ([0.0, -0.0, 1.0], [1.0, np.nan], [np.inf], [-1.0])]
+    [True, False, False, False]
+    """
+    if array.ndim == 0 or not array.flags.c_contiguous or array.dtype.kind not in "fV" or array.size == 0:
+        return all_finite(array) and not has_negative(array)
+    flat = array.reshape(-1)
+    for i in range(0, flat.size, chunk):
+        block = flat[i : i + chunk]
+        if not (block.min() >= 0 and block.max() < np.inf):
+            return False
+    return True
+
+
+def negative_slot(path: ParamPath, slot: str) -> FormatError:
+    """The error for a second moment (a slot that is never negative) holding a negative value.
+
+    >>> str(negative_slot(("fc", "weight"), "second_moment"))[:60]
+    "fc.weight: slot 'second_moment' holds negative values; a sec"
+    """
+    return FormatError(
+        f"{path_to_name(path)}: slot {slot!r} holds negative values; a second moment is never negative, so "
+        "the run diverged or the file is corrupt (--allow-nonfinite converts it anyway, recorded in the output)"
+    )
 
 
 def non_finite_slot(path: ParamPath, slot: str) -> FormatError:
@@ -145,6 +223,8 @@ class Metadata:
     scheduler was attached but its state is not carried. ``layout`` is the layout moves applied
     (``Layout.to_json()``), so the way back can undo them.
     ``approximate`` says why this state's continuation is not bit-exact; ``None`` when it is.
+    ``nonfinite`` says that NaN, inf or negative second moments were admitted on purpose (``allow_nonfinite``);
+    a state carrying it may hold them.
 
     >>> m = Metadata(source="torch", lr_horizon=100)
     >>> m.to_json(), Metadata.from_json(m.to_json()) == m
@@ -158,6 +238,7 @@ class Metadata:
     constant_lr: bool | None = None
     layout: Mapping[str, Any] | None = None
     approximate: str | None = None
+    nonfinite: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The fields that are set, by name (JSON-ready but for the scheduler's own values)."""
@@ -219,8 +300,14 @@ class OptimizerState:
                 raise FormatError(
                     f"{path_to_name(path)}: slot {slot!r} has shape {list(array.shape)}, expected {list(expected)}"
                 )
-            if not isinstance(array, Deferred) and not all_finite(array):  # a Deferred's source was checked
+            if isinstance(array, Deferred) or self.metadata.nonfinite is not None or _allow_nonfinite.get():
+                continue  # a Deferred's source was checked; a diverged run admitted on purpose
+            if slot in NON_NEGATIVE_SLOTS and finite_and_non_negative(array):
+                continue
+            if not all_finite(array):
                 raise non_finite_slot(path, slot)
+            if slot in NON_NEGATIVE_SLOTS:
+                raise negative_slot(path, slot)
         for info in self.params:
             if not 0 <= info.group < len(self.param_groups):
                 raise FormatError(f"{path_to_name(info.path)}: group {info.group} does not exist")
@@ -328,3 +415,31 @@ class OptimizerState:
             yield slot, path, array
         for path, array in (self.weights or {}).items():
             yield "model", path, array
+
+
+def state_warnings(state: OptimizerState) -> Sequence[str]:
+    """What a user should know about a state that converts: one that never stepped (the output is a fresh
+    state), second moments in float16 (they overflow where bfloat16 or float32 would not).
+
+    >>> s = OptimizerState("adam", ({},), (ParamInfo(("w",), (2,), "float16", 0),), {})
+    >>> state_warnings(s)[0][:48]
+    'no parameter has optimizer state: the optimizer '
+    """
+    found = []
+    if state.params and not state.slots and not any(p.step for p in state.params):
+        found.append(
+            "no parameter has optimizer state: the optimizer never stepped, so there is nothing to carry "
+            "over; the output is a fresh state"
+        )
+    half = sorted(
+        path_to_name(path)
+        for (slot, path), a in state.slots.items()
+        if slot in NON_NEGATIVE_SLOTS and np.dtype(a.dtype) == np.float16
+    )
+    if half:
+        found.append(
+            f"{half[0]}{f' and {len(half) - 1} more' if len(half) > 1 else ''}: second moments are float16, "
+            "whose largest value is 65504: squared gradients overflow to inf there where bfloat16 or float32 "
+            "would not (the values are carried exactly as they are)"
+        )
+    return found

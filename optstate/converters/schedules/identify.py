@@ -31,6 +31,7 @@ __all__ = [
     "attached_scheduler",
     "key_list",
     "refusal",
+    "refuse_uncarried_schedule",
     "scheduler_class",
 ]
 
@@ -243,3 +244,29 @@ def attached_scheduler(param_groups: Iterable[Mapping[str, Any]]) -> str | None:
         if found:
             return f"param group {gi} holds {key_list(found)}"
     return None
+
+
+def refuse_uncarried_schedule(state: Any, where: str) -> None:
+    """Refuse a state that followed an LR schedule whose state it does not carry, unless the user said the lr
+    stays (``state.metadata.constant_lr``, ``--constant-lr``). The one rule of every trainer writer: with no
+    torch scheduler state (``metadata.lr_scheduler`` is ``None``), an Optax schedule's count
+    (``metadata.schedule_count``) or a param group holding a key a torch scheduler sets
+    (:data:`SCHEDULER_GROUP_KEYS`, :func:`attached_scheduler`) means the lr the run takes next is unknown.
+
+    >>> from optstate.schema import OptimizerState, ParamInfo
+    >>> s = OptimizerState("sgd", ({"lr": 0.1, "initial_lr": 0.1},), (ParamInfo(("w",), (1,), "float32", 0),), {})
+    >>> refuse_uncarried_schedule(s.with_metadata(constant_lr=True), "out")
+    >>> refuse_uncarried_schedule(s, "out")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.UnsupportedError: out: the state followed an LR schedule that it does not carry (param group 0 ...
+    """
+    metadata = state.metadata
+    if metadata.lr_scheduler is not None or metadata.constant_lr:
+        return
+    count = metadata.schedule_count
+    held = f"an Optax schedule at count {count}" if count is not None else attached_scheduler(state.param_groups)
+    if held is not None:
+        raise UnsupportedError(
+            f"{where}: the state followed an LR schedule that it does not carry ({held}), so the lr the resumed run "
+            "takes next is unknown; if the lr stays at the param groups' values from here, say so: --constant-lr"
+        )

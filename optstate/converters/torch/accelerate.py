@@ -32,16 +32,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...atomic import atomic_directory
-from ...errors import FormatError, MappingError, OptstateError, UnsupportedError
-from ...schema.fileformat import read_safetensors, write_safetensors
-from ...schema.state import OptimizerState, name_to_path, path_to_name
+from ...errors import FormatError, UnsupportedError
+from ...schema.fileformat import read_safetensors
+from ...schema.state import OptimizerState, path_to_name
 from ..formats import ReadOptions, WriteOptions
-from ..schedules.identify import SCHEDULER_GROUP_KEYS, attached_scheduler
+from ..schedules.identify import refuse_uncarried_schedule
 from ..schedules.torch_schedulers import last_epoch
 from . import ptfile
 from . import state_dict as torch_dict
-from .lightning import base_lr, module_names, renamed_weights
+from .target import (
+    TargetModel,
+    check_params,
+    load_target,
+    model_names,
+    model_weights,
+    optimizer_state_dict,
+    require_torch_order,
+    scheduled_group,
+    write_directory,
+)
 
 if TYPE_CHECKING:
     from ...report import Report
@@ -345,49 +354,29 @@ def inspect(path: str | os.PathLike, fmt: str = "accelerate", options: ReadOptio
 # ----------------------------------------------------------------------------- writing
 
 
-def _order_unknown(state: OptimizerState) -> bool:
-    """Whether the state's parameter order is not a torch optimizer's: a state read from Optax is ordered
-    by its tree (sorted keys), and ``load_state_dict`` matches the optimizer's tensors by position."""
-    return state.metadata.source is None or state.metadata.source.startswith("optax")
-
-
-def model_layout(state: OptimizerState, model: Any) -> tuple[list[str], dict[str, str], dict[str, tuple]]:
-    """``(the state's names in the model's order, state name -> model name, the model's tensors)`` where
-    the model's ``named_parameters()`` give the order its optimizer numbers its tensors in (as one built
-    from ``model.parameters()`` does), the model's tensors being ``name -> (shape, dtype)`` of its
-    ``state_dict()``.
+def model_layout(state: OptimizerState, target: TargetModel) -> tuple[list[str], dict[str, str]]:
+    """``(the state's names in the model's order, state name -> model name)``: the model's trainable
+    ``named_parameters()`` give the order its optimizer numbers its tensors in (as one built from
+    ``model.parameters()`` does); each tracked parameter's shape and dtype checked against the model's.
 
     >>> import torch
     >>> from optstate.schema import ParamInfo
+    >>> from .target import target_of
     >>> s = OptimizerState("sgd", ({"lr": 0.1},), tuple(ParamInfo((n,), (1,), "float32", 0) for n in "ba"), {})
-    >>> order, renamed, _ = model_layout(s, torch.nn.Linear(1, 1))  # doctest: +ELLIPSIS
+    >>> model_layout(s, target_of(torch.nn.Linear(1, 1)))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     optstate.errors.MappingError: the model's optimizer updates ['weight', 'bias'] and the state tracks ['b', 'a']: ...
     """
-    tracked = [path_to_name(p.path) for p in state.params]
-    named = [name for name, p in model.named_parameters() if p.requires_grad]
-    renamed = module_names(tracked, named, "the model")
+    renamed = model_names([path_to_name(p.path) for p in state.params], target.trainable, target.source)
+    check_params(state, target, renamed)
     back = {module: name for name, module in renamed.items()}
-    order = [back[name] for name in named if name in back]
-    tensors = {
-        name: (tuple(int(n) for n in t.shape), str(t.dtype).removeprefix("torch."))
-        for name, t in model.state_dict().items()
-    }
-    for name in order:
-        shape, dtype = tensors[renamed[name]]
-        info = state.param(name_to_path(name))
-        if (shape, dtype) != (info.shape, info.dtype):
-            raise MappingError(
-                f"the model's {renamed[name]} is {dtype} {list(shape)}, the state's {name} {info.dtype} "
-                f"{list(info.shape)}; torch's load_state_dict would cast or fail"
-            )
-    return order, renamed, tensors
+    return [back[name] for name in target.trainable if name in back], renamed
 
 
-def scheduler_to_write(state: OptimizerState) -> dict[str, Any] | None:
+def scheduler_to_write(state: OptimizerState, where: str = "accelerate") -> dict[str, Any] | None:
     """The LR scheduler state ``scheduler.bin`` holds: the state's own (stepped once per optimizer step, as
-    accelerate steps it in one process); ``None`` where none drove the state. A schedule that cannot be
-    written as a torch scheduler's state is refused.
+    accelerate steps it in one process); ``None`` where none drove the state or the user said the lr stays
+    (:func:`.identify.refuse_uncarried_schedule` refuses the rest).
 
     >>> from optstate.schema import ParamInfo
     >>> s = OptimizerState("sgd", ({"lr": 0.1, "initial_lr": 0.2},), (ParamInfo(("w",), (1,), "float64", 0),), {})
@@ -395,43 +384,37 @@ def scheduler_to_write(state: OptimizerState) -> dict[str, Any] | None:
     True
     >>> scheduler_to_write(s)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    optstate.errors.UnsupportedError: param group 0 holds 'initial_lr': an LR scheduler drove the state ...
+    optstate.errors.UnsupportedError: accelerate: the state followed an LR schedule that it does not carry (param ...
     """
+    refuse_uncarried_schedule(state, where)
     sd = state.metadata.lr_scheduler
-    if sd is None and state.metadata.schedule_count is not None:
-        raise UnsupportedError(
-            f"the state follows an Optax schedule (count {state.metadata.schedule_count}) whose torch scheduler is "
-            "unknown, so scheduler.bin cannot be written; the resumed run would follow another schedule"
-        )
     if sd is None:
-        held = attached_scheduler(state.param_groups)
-        if held is not None and not state.metadata.constant_lr:
-            raise UnsupportedError(
-                f"{held}: an LR scheduler drove the state and its state is not carried, so the lr it sets next is "
-                "unknown; if the lr stays at its current value, say so: --constant-lr"
-            )
         return None
     steps = {p.step for p in state.params if p.step is not None}
     if steps and last_epoch(sd) != max(steps):
         raise UnsupportedError(
-            f"the LR scheduler has stepped {last_epoch(sd)} times and the optimizer {max(steps)}; accelerate in one "
-            "process steps a prepared scheduler once per optimizer step"
+            f"{where}: the LR scheduler has stepped {last_epoch(sd)} times and the optimizer {max(steps)}; "
+            "accelerate in one process steps a prepared scheduler once per optimizer step"
         )
     plain: dict[str, Any] = torch_dict.plain_scheduler_state(sd)
     if "_last_lr" in plain and len(plain["_last_lr"]) != len(state.param_groups):
         raise FormatError(
-            f"the LR scheduler's state has {len(plain['_last_lr'])} lrs (_last_lr) for "
+            f"{where}: the LR scheduler's state has {len(plain['_last_lr'])} lrs (_last_lr) for "
             f"{len(state.param_groups)} param groups"
         )
     return plain
 
 
 def optimizer_to_write(
-    state: OptimizerState, order: list[str], renamed: dict[str, str], scheduler: dict[str, Any] | None
+    state: OptimizerState,
+    order: list[str],
+    renamed: dict[str, str],
+    scheduler: dict[str, Any] | None,
+    where: str = "accelerate",
 ) -> dict[str, Any]:
-    """``optimizer.bin``'s ``state_dict``: the parameters in ``order`` (group by group), named as the model
-    names them (``renamed``); each group's ``lr`` the scheduler's last (chainable schedulers read it) and
-    ``initial_lr`` its base, or, without a scheduler, the keys one leaves dropped.
+    """``optimizer.bin``'s ``state_dict``: the state's param groups, their parameters in ``order``, named as the
+    model names them (``renamed``); each group's ``lr`` checked against the scheduler's last and ``initial_lr``
+    its base, or, without a scheduler, the keys one leaves dropped (:func:`.target.scheduled_group`).
 
     >>> from optstate.schema import ParamInfo
     >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},), tuple(ParamInfo((n,), (1,), "float64", 0)
@@ -440,56 +423,31 @@ def optimizer_to_write(
     >>> sd["param_groups"][0]["param_names"], sd["state"][0]["momentum_buffer"].tolist()
     (['m.b', 'm.a'], [1.0])
     """
-    sd = torch_dict.state_dict_arrays(state, names=order)
-    for gi, group in enumerate(sd["param_groups"]):
-        group["param_names"] = [renamed[n] for n in group["param_names"]]
-        if scheduler is None:
-            for key in SCHEDULER_GROUP_KEYS:
-                group.pop(key, None)
-            continue
-        if "_last_lr" in scheduler:  # chainable schedulers compute the next lr from the group's
-            group["lr"] = scheduler["_last_lr"][gi]
-        base = base_lr(scheduler, gi)
-        if base is not None:
-            group["initial_lr"] = base
-    return sd
+    group_of = {path_to_name(p.path): p.group for p in state.params}
+    groups = [
+        (scheduled_group(state.spec.with_defaults(hp), gi, scheduler, where), [n for n in order if group_of[n] == gi])
+        for gi, hp in enumerate(state.param_groups)
+    ]
+    return optimizer_state_dict(state, groups, renamed)
 
 
-def weights_to_write(
-    state: OptimizerState, renamed: dict[str, str], tensors: dict[str, tuple] | None
-) -> list[tuple[str, Any]]:
+def weights_to_write(state: OptimizerState, target: TargetModel | None, renamed: dict[str, str]) -> dict[str, Any]:
     """``model.safetensors``' tensors, named as the model names them; with the model, exactly its
-    ``state_dict()``'s tensors, shapes and dtypes (accelerate loads them strictly).
+    ``state_dict()``'s tensors, shapes and dtypes (accelerate loads them strictly, :func:`.target.model_weights`).
 
     >>> from optstate.schema import ParamInfo
     >>> s = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("w",), (1,), "float64", 0),), {}, {("w",): np.ones(1)})
-    >>> weights_to_write(s, {"w": "net.w"}, None)
-    [('net.w', array([1.]))]
+    >>> weights_to_write(s, None, {"w": "w"})
+    {'w': array([1.])}
     """
+    if target is not None:
+        return model_weights(state, target, renamed, loader="accelerate's load_state")
     if state.weights is None:
-        raise OptstateError(
+        raise UnsupportedError(
             "the state holds no model weights, and accelerate's load_state loads model.safetensors into the "
             "model; convert from a checkpoint that holds them"
         )
-    weights = renamed_weights(state.weights, renamed)
-    if tensors is None:
-        return list(weights.items())
-    missing, extra = [n for n in tensors if n not in weights], [n for n in weights if n not in tensors]
-    if missing or extra:
-        raise MappingError(
-            f"the model's state_dict has {missing[:5]} that the state's weights lack, and the state has "
-            f"{extra[:5]} that it does not (accelerate loads model.safetensors strictly)"
-        )
-    wrong = [
-        n for n, (shape, dtype) in tensors.items() if (tuple(weights[n].shape), str(weights[n].dtype)) != (shape, dtype)
-    ]
-    if wrong:
-        n = wrong[0]
-        raise MappingError(
-            f"the model's {n} is {tensors[n][1]} {list(tensors[n][0])}, the state's weight {weights[n].dtype} "
-            f"{list(weights[n].shape)}; loading would cast it"
-        )
-    return [(n, weights[n]) for n in tensors]
+    return {path_to_name(p): a for p, a in state.weights.items()}
 
 
 def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
@@ -499,9 +457,9 @@ def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions)
 
     The optimizer's tensors are numbered in the order of the model's ``named_parameters()`` (``options.model``,
     ``--model``), group by group as the state's; without a model, in the state's order, which is refused
-    for a state read from Optax (its tree's order, not the optimizer's). No ``random_states_0.pkl``: the
-    RNG states of the run are not part of the state, and ``load_state`` goes on without them ("Could not
-    load random states"), leaving the process's RNGs as they are.
+    where it is not known to be a torch optimizer's (:func:`.target.require_torch_order`). No
+    ``random_states_0.pkl``: the RNG states of the run are not part of the state, and ``load_state`` goes on
+    without them ("Could not load random states"), leaving the process's RNGs as they are.
 
     >>> import tempfile
     >>> from optstate.schema import ParamInfo
@@ -512,26 +470,20 @@ def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions)
     >>> sorted(p.name for p in out.iterdir()), read(out, ReadOptions()).slots[("momentum", ("w",))].tolist()
     (['model.safetensors', 'optimizer.bin'], [1.0, 1.0])
     """
+    where = os.fspath(path)
     torch_dict.refuse_optax_native(state.spec)
-    tensors: dict[str, tuple] | None = None
-    if options.model is not None:
-        order, renamed, tensors = model_layout(state, torch_dict.torch_model(options.model))
-    elif _order_unknown(state):
-        raise UnsupportedError(
-            f"the state comes from {state.metadata.source or 'a source that does not say'}, whose parameter order "
-            "is not the order the torch optimizer numbers its tensors in (load_state_dict matches them by "
-            "position); pass --model module:function returning the model (model= in Python)"
-        )
+    target = None if options.model is None else load_target(options.model)[0]
+    require_torch_order(state, target, where)
+    if target is not None:
+        order, renamed = model_layout(state, target)
     else:
         order = [path_to_name(p.path) for p in state.params]
         renamed = {n: n for n in order}
-    scheduler = scheduler_to_write(state)
-    optimizer = optimizer_to_write(state, order, renamed, scheduler)
-    weights = weights_to_write(state, renamed, tensors)
-    with atomic_directory(path, force=options.force, fsync=options.fsync) as tmp:
-        tmp.mkdir()
-        # Each file is complete before the directory is renamed into place (fsynced whole then): no file of its own.
-        write_safetensors(tmp / WEIGHTS[0], weights, {"format": "pt"}, fsync=False, progress=options.progress)
-        ptfile.save(optimizer, tmp / OPTIMIZER, fsync=False, progress=options.progress)
+    scheduler = scheduler_to_write(state, where)
+    optimizer = optimizer_to_write(state, order, renamed, scheduler, where)
+    weights = weights_to_write(state, target, renamed)
+    with write_directory(path, options) as save:
+        save(weights, WEIGHTS[0])
+        save(optimizer, OPTIMIZER)
         if scheduler is not None:
-            ptfile.save(scheduler, tmp / SCHEDULER, fsync=False)
+            save(scheduler, SCHEDULER)

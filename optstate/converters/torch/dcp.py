@@ -115,7 +115,10 @@ def read_metadata(directory: str | os.PathLike) -> dcp_metadata.Metadata:
             ) from None
     if not isinstance(metadata, dcp_metadata.Metadata):
         raise FormatError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
-    _check_metadata(metadata, path)
+    try:
+        _check_metadata(metadata, path)
+    except AttributeError as exc:  # a pickle may BUILD a Metadata without the fields DCP's own code sets
+        raise FormatError(f"{path}: malformed DCP metadata: {exc}") from None
     return metadata
 
 

@@ -47,12 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...atomic import atomic_directory
 from ...errors import FormatError, OptstateError, UnsupportedError
 from ...schema.state import Deferred, OptimizerState, all_finite, name_to_path, non_finite_slot
 from ..formats import ReadOptions, WriteOptions
+from ..schedules.identify import refuse_uncarried_schedule
 from . import ptfile
 from . import state_dict as torch_dict
+from .state_dict import _FLOAT32_EXACT_STEPS
+from .target import TargetModel, load_target, require_torch_order, scheduled_group, write_directory, written_step
 
 if TYPE_CHECKING:
     from ...report import Report
@@ -915,7 +917,13 @@ class FlatPartition:
 @dataclass(frozen=True)
 class WriteGroup:
     """A param group as ZeRO flattens it: its hyperparameters (torch's defaults filled in), its trainable
-    parameters in flattening order, and their state as torch keeps it per parameter (``entries``, by name)."""
+    parameters in flattening order, and their state as torch keeps it per parameter (``entries``, by name).
+
+    >>> from optstate.schema.state import ParamInfo
+    >>> g = WriteGroup({"lr": 0.1}, (ParamInfo(("w",), (2, 3), "float32", 0),), {"w": {"step": np.array(2.0)}})
+    >>> g.shapes, g.numel, float(g.step), g.slot_keys
+    ({'w': (2, 3)}, 6, 2.0, ())
+    """
 
     hyperparams: Mapping[str, Any]
     params: tuple[Any, ...]  # ParamInfo, in the order the group's parameters are flattened
@@ -1000,19 +1008,16 @@ def _refuse_unwritable(state: OptimizerState, where: str) -> None:
             )
 
 
-def _model_order(model: Any) -> dict[str, int] | None:
-    """The position of each trainable parameter of the model the checkpoint will be resumed with (``--model``):
-    the order ZeRO flattens a param group in; ``None`` without a model (the state's own order)."""
-    if model is None:
-        return None
-    module = torch_dict.torch_model(model)
-    return {n: i for i, (n, p) in enumerate(module.named_parameters()) if p.requires_grad}
+def _target(model: Any) -> TargetModel | None:
+    """The model the checkpoint will be resumed with (``--model``), as a record; ``None`` without one."""
+    return model if model is None or isinstance(model, TargetModel) else load_target(model)[0]
 
 
 def write_groups(state: OptimizerState, model: Any = None, where: str = "deepspeed") -> list[WriteGroup]:
     """The state's param groups as ZeRO flattens them: trainable parameters with values (ZeRO leaves
-    zero-element ones to the frozen), in the state's order or, with ``model``, the model's; each group's
-    parameters checked to share one step (ZeRO keeps one per flat partition) and the same slots.
+    zero-element ones to the frozen), in the state's order or, with ``model`` (a :class:`.target.TargetModel`,
+    or what :func:`.target.load_target` takes), in its ``named_parameters()`` order; each group's parameters
+    checked to share one step (ZeRO keeps one per flat partition) and the same slots, its ``lr`` the scheduler's.
 
     >>> from optstate.schema.state import ParamInfo
     >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},), (ParamInfo(("w",), (2,), "float32", 0),),
@@ -1020,11 +1025,14 @@ def write_groups(state: OptimizerState, model: Any = None, where: str = "deepspe
     >>> [(g.shapes, g.slot_keys, g.hyperparams["momentum"]) for g in write_groups(s)]
     [({'w': (2,)}, ('momentum_buffer',), 0.9)]
     """
-    order = _model_order(model)
-    if order is not None:
+    target = _target(model)
+    order = None
+    if target is not None:
+        order = {n: i for i, n in enumerate(target.trainable)}
         missing = [_name(p) for p in state.params if _name(p) not in order]
         if missing:
-            raise FormatError(f"{where}: {missing[0]} is not a trainable parameter of the model {model}")
+            raise FormatError(f"{where}: {missing[0]} is not a trainable parameter of the model {target.source}")
+    scheduler = _scheduler(state, where)
     groups = []
     for g, hyperparams in enumerate(state.param_groups):
         params = tuple(p for p in state.params if p.group == g and math.prod(p.shape) > 0)
@@ -1034,7 +1042,9 @@ def write_groups(state: OptimizerState, model: Any = None, where: str = "deepspe
             raise UnsupportedError(f"{where}: param group {g} holds no parameter with values; ZeRO flattens each group")
         entries = {_name(p): torch_dict.param_entry(state, p) for p in params}
         _check_one_partition_state(entries, g, where)
-        groups.append(WriteGroup(state.spec.with_defaults(hyperparams), params, entries))
+        groups.append(
+            WriteGroup(scheduled_group(state.spec.with_defaults(hyperparams), g, scheduler, where), params, entries)
+        )
     return groups
 
 
@@ -1050,28 +1060,23 @@ def _check_one_partition_state(entries: Mapping[str, Mapping[str, Any]], group: 
             )
 
 
-def global_step(groups: Sequence[WriteGroup], where: str) -> int:
-    """The engine's ``global_steps``: the one step the groups share (0 before the first, or without a step).
-
-    >>> global_step([], "ckpt")
-    0
-    """
-    steps = {float(np.asarray(g.step)) for g in groups if g.step is not None}
-    if len(steps) > 1:
+def _engine_step(state: OptimizerState, requested: int | None, where: str) -> int:
+    """The engine's ``global_steps`` (:func:`.target.written_step`), which ZeRO also keeps as each flat group's
+    float32 ``step``: a count past 2**24, which float32 does not hold exactly, is refused."""
+    step = written_step(state, requested, where)
+    if step > _FLOAT32_EXACT_STEPS:
         raise UnsupportedError(
-            f"{where}: the param groups are at steps {sorted(steps)}; a DeepSpeed engine counts one global step"
+            f"{where}: step {step} is past 2**24 = {_FLOAT32_EXACT_STEPS}; ZeRO keeps each flat group's step in "
+            "float32, which does not hold it exactly"
         )
-    step = next(iter(steps), 0.0)
-    if not step.is_integer():
-        raise UnsupportedError(f"{where}: the step {step} is not a whole number of steps")
-    return int(step)
+    return step
 
 
 def _ds_config(stage: int) -> dict[str, Any]:
     return {"zero_optimization": {"stage": stage}}
 
 
-def model_states(
+def _model_states(
     state: OptimizerState, groups: Sequence[WriteGroup], step: int, world_size: int, where: str
 ) -> dict[str, Any]:
     """``mp_rank_00_model_states.pt`` as ``engine.save_checkpoint`` writes it under ZeRO 2: the module's
@@ -1103,12 +1108,9 @@ def model_states(
 
 
 def _scheduler(state: OptimizerState, where: str) -> Mapping[str, Any] | None:
-    if state.metadata.lr_scheduler is None and state.metadata.schedule_count is not None:
-        warnings.warn(
-            f"{where}: the state follows a schedule (count {state.metadata.schedule_count}) that is not saved; "
-            "give deepspeed.initialize the torch scheduler that continues it (lr_scheduler=)",
-            stacklevel=4,
-        )
+    """The LR scheduler state the engine loads into the scheduler given to ``deepspeed.initialize``: the
+    state's own; a schedule the state does not carry is refused (:func:`.identify.refuse_uncarried_schedule`)."""
+    refuse_uncarried_schedule(state, where)
     return None if state.metadata.lr_scheduler is None else dict(state.metadata.lr_scheduler)
 
 
@@ -1135,7 +1137,7 @@ def _slot_of(group: WriteGroup, key: str) -> Callable[[str], Any]:
     return lambda name: group.entries[name][key]
 
 
-def optimizer_files(state: OptimizerState, groups: Sequence[WriteGroup], ranks: int) -> list[dict[str, Any]]:
+def _optimizer_files(state: OptimizerState, groups: Sequence[WriteGroup], ranks: int) -> list[dict[str, Any]]:
     """Each rank's ``zero_pp_rank_{r}_mp_rank_00_optim_states.pt`` under ZeRO 1/2, as DeepSpeed saves it
     without ``elastic_checkpoint``: the wrapped torch optimizer's ``state_dict()`` over the rank's padded flat
     partitions, the fp32 master partitions without their padding, the paddings and the world size."""
@@ -1169,50 +1171,50 @@ def optimizer_files(state: OptimizerState, groups: Sequence[WriteGroup], ranks: 
     return files
 
 
-def _save(obj: Any, path: Path, options: WriteOptions) -> None:
-    # Inside the output's temporary directory: atomic_directory fsyncs the tree once, then renames it.
-    ptfile.save(obj, path, fsync=False, progress=options.progress)
+def _write_zero(
+    state: OptimizerState,
+    save: Callable[[Any, str], None],
+    step: int,
+    ranks: int,
+    target: TargetModel | None,
+    where: str,
+) -> None:
+    """A ZeRO 1/2 checkpoint for ``ranks`` ranks (``latest``, ``global_stepN/``), its files given to ``save``.
+    ZeRO numbers a group's parameters by position: their order must be a torch optimizer's or the model's."""
+    require_torch_order(state, target, where)
+    groups = write_groups(state, target, where)
+    tag = f"global_step{step}"
+    save(_model_states(state, groups, step, ranks, where), f"{tag}/{MODEL_STATES}")
+    for r, rank_file in enumerate(_optimizer_files(state, groups, ranks)):
+        save(rank_file, f"{tag}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    save(tag, LATEST)
 
 
-def write_zero(state: OptimizerState, root: Path, ranks: int, options: WriteOptions) -> None:
-    """A ZeRO 1/2 checkpoint for ``ranks`` ranks at ``root`` (``latest``, ``global_stepN/``), written into
-    ``root`` as it is (the caller makes it a temporary directory)."""
-    where = os.fspath(root)
-    groups = write_groups(state, options.model, where)
-    step = global_step(groups, where)
-    tag = root / f"global_step{step}"
-    tag.mkdir(parents=True)
-    _save(model_states(state, groups, step, ranks, where), tag / MODEL_STATES, options)
-    for r, rank_file in enumerate(optimizer_files(state, groups, ranks)):
-        _save(rank_file, tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", options)
-    (root / LATEST).write_text(tag.name)
-
-
-def write_universal(state: OptimizerState, root: Path, options: WriteOptions) -> None:
-    """ds_to_universal's layout at ``root`` (``latest_universal``, ``global_stepN_universal/``): the model
-    states, and under ``zero/`` each parameter's whole tensors, ``{"param": tensor, "cat_dim": 0}`` per slot
-    (``fp32.pt`` the master weight) and its ``step.pt``, with the param groups in ``zero/optimizer_state.pt``."""
-    where = os.fspath(root)
-    groups = write_groups(state, options.model, where)
-    step = global_step(groups, where)
-    tag = root / f"global_step{step}_universal"
-    (tag / UNIVERSAL).mkdir(parents=True)
-    _save(model_states(state, groups, step, options.world_size or 1, where), tag / MODEL_STATES, options)
+def _write_universal(
+    state: OptimizerState, save: Callable[[Any, str], None], step: int, target: TargetModel | None, where: str
+) -> None:
+    """ds_to_universal's layout (``latest_universal``, ``global_stepN_universal/``), its files given to ``save``:
+    the model states, and under ``zero/`` each parameter's whole tensors, ``{"param": tensor, "cat_dim": 0}`` per
+    slot (``fp32.pt`` the master weight) and its ``step.pt``, with the param groups in ``zero/optimizer_state.pt``.
+    DeepSpeed loads it by parameter name, so the state's own order will do."""
+    groups = write_groups(state, target, where)
+    tag = f"global_step{step}_universal"
+    # dp_world_size: the world size it was saved at, which does not bind a universal checkpoint (loaded at any).
+    save(_model_states(state, groups, step, 1, where), f"{tag}/{MODEL_STATES}")
     common = {
         "param_groups": [dict(g.hyperparams, params=[index]) for index, g in enumerate(groups)],
         "zero_stage": WRITTEN_STAGE,
         "ds_version": WRITTEN_VERSION,
     }
-    _save(common, tag / UNIVERSAL / "optimizer_state.pt", options)
+    save(common, f"{tag}/{UNIVERSAL}/optimizer_state.pt")
     weights = state.weights or {}
     for g in groups:
         for info in g.params:
-            folder = tag / UNIVERSAL / _name(info)
-            folder.mkdir()
-            _save({"param": weights[info.path], "cat_dim": 0}, folder / "fp32.pt", options)
+            folder = f"{tag}/{UNIVERSAL}/{_name(info)}"
+            save({"param": weights[info.path], "cat_dim": 0}, f"{folder}/fp32.pt")
             for key, value in g.entries[_name(info)].items():
-                _save(value if key == "step" else {"param": value, "cat_dim": 0}, folder / f"{key}.pt", options)
-    (root / LATEST_UNIVERSAL).write_text(tag.name)
+                save(value if key == "step" else {"param": value, "cat_dim": 0}, f"{folder}/{key}.pt")
+    save(tag, LATEST_UNIVERSAL)
 
 
 def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
@@ -1225,7 +1227,7 @@ def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions)
     >>> from optstate.schema.state import ParamInfo
     >>> s = OptimizerState("adamw", ({"lr": 0.1},), (ParamInfo(("w",), (3,), "float32", 0, 2),),
     ...     {("first_moment", ("w",)): np.ones(3, np.float32), ("second_moment", ("w",)): np.ones(3, np.float32)},
-    ...     weights={("w",): np.arange(3, dtype=np.float32)})
+    ...     weights={("w",): np.arange(3, dtype=np.float32)}).with_metadata(source="torch")
     >>> out = Path(tempfile.mkdtemp()) / "ds"
     >>> write(s, out, WriteOptions(world_size=2))
     >>> sorted(p.name for p in (out / "global_step2").iterdir())  # doctest: +NORMALIZE_WHITESPACE
@@ -1241,8 +1243,10 @@ def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions)
         raise OptstateError(
             f"{where}: --world-size {options.world_size}: a ZeRO checkpoint is written for 1 rank or more"
         )
-    with atomic_directory(path, force=options.force, fsync=options.fsync) as tmp:
+    step = _engine_step(state, options.step, where)
+    target = _target(options.model)
+    with write_directory(path, options) as save:
         if options.world_size is None:
-            write_universal(state, tmp, options)
+            _write_universal(state, save, step, target, where)
         else:
-            write_zero(state, tmp, options.world_size, options)
+            _write_zero(state, save, step, options.world_size, target, where)

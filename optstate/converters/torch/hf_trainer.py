@@ -45,12 +45,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...atomic import atomic_directory
 from ...errors import FormatError, MappingError, MissingDependencyError, OptstateError, UnsupportedError
-from ...schema.fileformat import read_safetensors, read_sharded_safetensors, write_safetensors
+from ...schema.fileformat import read_safetensors, read_sharded_safetensors
 from ...schema.state import OptimizerState, path_to_name
 from ..formats import ReadOptions, WriteOptions
-from ..schedules.identify import LAMBDA, scheduler_class
+from ..schedules.identify import LAMBDA, refuse_uncarried_schedule, scheduler_class
 from ..schedules.transformers import (
     KEY,
     REFUSED_TYPES,
@@ -62,7 +61,17 @@ from ..schedules.transformers import (
     trainer_arguments,
 )
 from . import ptfile
-from .state_dict import state_dict_arrays, state_from_checkpoint
+from .state_dict import state_from_checkpoint
+from .target import (
+    TargetModel,
+    check_params,
+    load_target,
+    model_weights,
+    optimizer_state_dict,
+    require_torch_order,
+    write_directory,
+    written_step,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -651,30 +660,6 @@ def _trainer_optim(state: OptimizerState, source: str) -> str:
     return optim
 
 
-def _global_step(state: OptimizerState, requested: int | None, source: str) -> int:
-    """The Trainer's global_step: the scheduler's last_epoch and ``requested`` (``--step``), those that are
-    known, agreeing; else the optimizer's step count. No parameter's step may be ahead of it (one that missed
-    gradients, or a step the fp16 scaler skipped, leaves the optimizer's behind: torch keeps one per parameter)."""
-    named: dict[str, int] = {}
-    scheduler = state.metadata.lr_scheduler
-    if scheduler is not None and isinstance(scheduler.get("last_epoch"), int):
-        named["the LR scheduler's last_epoch"] = scheduler["last_epoch"]
-    if requested is not None:
-        named["--step"] = requested
-    if len(set(named.values())) > 1:
-        raise MappingError(f"{source}: the steps disagree: {', '.join(f'{k} {v}' for k, v in named.items())}")
-    ahead = max((p.step or 0 for p in state.params), default=0) if state.spec.has_step else None
-    step = next(iter(named.values()), ahead)
-    if step is None:
-        raise FormatError(
-            f"{source}: the state records no step count ({state.spec.torch_class} keeps none): pass --step N, "
-            "the global step the Trainer resumes at"
-        )
-    if step < 0 or (ahead is not None and ahead > step):
-        raise MappingError(f"{source}: global step {step}, but a parameter has taken {ahead} optimizer steps")
-    return step
-
-
 def _check_directory_name(path: Path, step: int) -> None:
     match = _CHECKPOINT_NAME.fullmatch(path.name)
     if match is not None and int(match[1]) != step:
@@ -702,18 +687,7 @@ def _schedule(state: OptimizerState, step: int, source: str) -> tuple[Transforme
                 f"{source}: the scheduler has {len(base)} base_lrs, the state {len(state.param_groups)} groups"
             )
     else:
-        attached = next((g for g in state.param_groups if g.get("initial_lr", g.get("lr")) != g.get("lr")), None)
-        if (state.metadata.schedule_count is not None or attached is not None) and not state.metadata.constant_lr:
-            raise UnsupportedError(
-                f"{source}: the state followed an LR schedule that is not in it ("
-                + (
-                    f"count {state.metadata.schedule_count}"
-                    if attached is None
-                    else f"initial_lr {attached['initial_lr']}, lr {attached['lr']}"
-                )
-                + "), so the Trainer's schedule cannot be chosen to continue it; if the lr stays at the groups' "
-                "values from here: --constant-lr"
-            )
+        refuse_uncarried_schedule(state, source)
         schedule = TransformersSchedule("constant", {})
         base = [float(g["lr"]) for g in state.param_groups]
     for gi, (group, b) in enumerate(zip(state.param_groups, base, strict=True)):
@@ -726,16 +700,18 @@ def _schedule(state: OptimizerState, step: int, source: str) -> tuple[Transforme
     return schedule, base
 
 
-def _trainer_split(state: OptimizerState, model: torch.nn.Module, source: str) -> tuple[list[str], list[str]]:
-    """The Trainer's two groups of names (:func:`decay_split`), checked against what the state tracks."""
+def _trainer_split(
+    state: OptimizerState, model: torch.nn.Module, target: TargetModel, source: str
+) -> tuple[list[str], list[str]]:
+    """The Trainer's two groups of names (:func:`decay_split`), checked against what the state tracks (each
+    tracked parameter's shape and dtype the model's: :func:`.target.check_params`)."""
     decay, no_decay = decay_split(model)
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    tracked = {path_to_name(p.path): p for p in state.params}
-    unknown = [name for name in tracked if name not in shapes or name not in decay + no_decay]
+    tracked = {path_to_name(p.path) for p in state.params}
+    unknown = [name for name in tracked if name not in target.names or name not in decay + no_decay]
     if unknown:
         raise MappingError(
             f"{source}: the state tracks {unknown[0]!r}, which is not a trainable parameter of the model "
-            f"({len(unknown)} such; the model has e.g. {', '.join(list(shapes)[:3])}): not the model of the state"
+            f"({len(unknown)} such; the model has e.g. {', '.join(target.names[:3])}): not the model of the state"
         )
     untracked = [name for name in decay + no_decay if name not in tracked]
     if untracked:
@@ -743,11 +719,7 @@ def _trainer_split(state: OptimizerState, model: torch.nn.Module, source: str) -
             f"{source}: the model's trainable parameter {untracked[0]!r} ({len(untracked)} such) is not tracked by "
             "the state; the Trainer would train it: if it was frozen, set requires_grad=False in the model (--model)"
         )
-    for name, info in tracked.items():
-        if tuple(info.shape) != shapes[name]:
-            raise MappingError(
-                f"{source}: {name!r} has shape {list(shapes[name])} in the model, {list(info.shape)} in the state"
-            )
+    check_params(state, target, {n: n for n in tracked})
     return decay, no_decay
 
 
@@ -796,56 +768,17 @@ def _trainer_groups(
     return {**reference, "weight_decay": decay}, {**reference, "weight_decay": 0.0}
 
 
-def _model_weights(state: OptimizerState, model: torch.nn.Module, source: str) -> dict[str, Any]:
-    """model.safetensors' tensors: every tensor of ``model.state_dict()`` once (a tied weight under its first
-    name, as save_pretrained stores it), from the state's weights, keys sorted. The Trainer loads the file
-    non-strictly, keeping its own values for a missing tensor: a missing one is refused here."""
-    if state.weights is None:
-        raise UnsupportedError(
-            f"{source}: the state holds no model weights, and the Trainer resumes the model from model.safetensors: "
-            "convert from a checkpoint that holds them (an Orbax checkpoint with 'params', a Trainer checkpoint, a "
-            "torch file with 'model')"
-        )
-    weights = {path_to_name(p): a for p, a in state.weights.items()}
-    tensors = model.state_dict(keep_vars=True)
-    first: dict[int, str] = {}
-    aliases = {name: first.setdefault(id(t), name) for name, t in tensors.items()}
-    names = [name for name, canonical in aliases.items() if name == canonical]
-    missing = [name for name in names if name not in weights]
-    if missing:
-        raise MappingError(
-            f"{source}: the model's {missing[0]!r} ({len(missing)} such) is not among the state's weights; the "
-            "Trainer would keep its own initial values for it"
-        )
-    unknown = [name for name in weights if name not in aliases]
-    if unknown:
-        raise MappingError(f"{source}: weight {unknown[0]!r} is not a tensor of the model ({len(unknown)} such)")
-    for name in names:
-        if tuple(weights[name].shape) != tuple(tensors[name].shape):
-            raise MappingError(
-                f"{source}: weight {name!r} has shape {list(weights[name].shape)}, "
-                f"the model's {list(tensors[name].shape)}"
-            )
-    return {name: weights[name] for name in sorted(names)}
-
-
-def _check_dtypes(state: OptimizerState, model: torch.nn.Module, spec: Any, source: str) -> None:
-    """The state's parameters in the model's dtype: torch's load_state_dict casts to it, which is not exact.
-    A model built from config.json (on the meta device, in the default dtype) is checked against its
-    ``dtype`` field, where it has one."""
-    if isinstance(spec, (str, os.PathLike)) and (Path(spec) / "config.json").is_file():
-        config = json.loads((Path(spec) / "config.json").read_text(encoding="utf-8"))
-        dtype = config.get("dtype") or config.get("torch_dtype")
-        expected = {path_to_name(p.path): dtype for p in state.params} if isinstance(dtype, str) else {}
-    else:
-        expected = {name: str(p.dtype).removeprefix("torch.") for name, p in model.named_parameters()}
-    for info in state.params:
-        want = expected.get(path_to_name(info.path))
-        if want is not None and want != info.dtype:
-            raise UnsupportedError(
-                f"{source}: {path_to_name(info.path)!r} is {info.dtype} in the state, {want} in the model: the "
-                "Trainer's load_state_dict would cast it and its optimizer state; build the model in the state's dtype"
-            )
+def _in_run_dtype(target: TargetModel, spec: Any) -> TargetModel:
+    """The model as the run builds it: one built from a model directory's config.json (on the meta device, in
+    the default dtype) in the config's ``dtype`` (``torch_dtype`` before transformers 4.56) where it names one;
+    else the model's own parameters' dtypes, which a float64 state must match too (the Trainer's
+    load_state_dict would cast it and its optimizer state)."""
+    config = Path(spec) / "config.json" if isinstance(spec, (str, os.PathLike)) else None
+    if config is None or not config.is_file():
+        return target
+    document = json.loads(config.read_text(encoding="utf-8"))
+    dtype = document.get("dtype") or document.get("torch_dtype")
+    return target.in_dtype(dtype) if isinstance(dtype, str) else target
 
 
 def _model_config(spec: Any) -> bytes | None:
@@ -867,46 +800,53 @@ class _Checkpoint:
     config: bytes | None
 
 
-def _build(
-    state: OptimizerState, path: Path, spec: Any, bookkeeping: TrainerBookkeeping | None, requested_step: int | None
-) -> _Checkpoint:
-    from .models import load_model  # torch, on the meta device
+@dataclass(frozen=True)
+class _Checked:
+    """What the checks settle about a state and the Trainer that resumes it, before anything is assembled."""
 
+    optim: str
+    step: int
+    schedule: TransformersSchedule
+    split: tuple[list[str], list[str]]
+    groups: tuple[dict[str, Any], dict[str, Any]]
+    weights: Mapping[str, Any]
+
+
+def _check(state: OptimizerState, path: Path, spec: Any, requested_step: int | None) -> _Checked:
+    """Every check of the state against the Trainer's optimizer, schedule, step and model (built once)."""
     source = str(path)
     optim = _trainer_optim(state, source)
-    step = _global_step(state, requested_step, source)
+    step = written_step(state, requested_step, source)
     _check_directory_name(path, step)
     schedule, base_lrs = _schedule(state, step, source)
-    model = load_model(spec)
-    split = _trainer_split(state, model, source)
-    _check_dtypes(state, model, spec, source)
-    weights = _model_weights(state, model, source)
+    target, model = load_target(spec)
+    target = _in_run_dtype(target, spec)
+    require_torch_order(state, target, source)  # the Trainer's groups follow the model's parameters
+    split = _trainer_split(state, model, target, source)
+    stored = model_weights(state, target, tied_once=True, loader="the Trainer")
     groups = _trainer_groups(state, split, base_lrs, source)
-    decay = set(split[0])
-    regrouped = dataclasses.replace(
-        state,
-        param_groups=groups,
-        params=tuple(dataclasses.replace(p, group=0 if path_to_name(p.path) in decay else 1) for p in state.params),
-    )
-    sd = state_dict_arrays(regrouped, names=split[0] + split[1])
-    optimizer = {
-        "state": sd["state"],
-        # The Trainer's groups hold no param_names (it builds them from parameters, not named ones).
-        "param_groups": [{k: v for k, v in g.items() if k != "param_names"} for g in sd["param_groups"]],
-    }
-    base_lr = float(groups[0]["initial_lr"])
+    return _Checked(optim, step, schedule, split, groups, {name: stored[name] for name in sorted(stored)})
+
+
+def _assemble(
+    state: OptimizerState, checked: _Checked, spec: Any, bookkeeping: TrainerBookkeeping | None
+) -> _Checkpoint:
+    """The files of the checkpoint, from what :func:`_check` settled."""
+    # The Trainer's groups hold no param_names (it builds them from parameters, not named ones).
+    optimizer = optimizer_state_dict(state, list(zip(checked.groups, checked.split, strict=True)), param_names=False)
+    base_lr = float(checked.groups[0]["initial_lr"])
     arguments = {
-        "optim": optim,
-        "weight_decay": groups[0]["weight_decay"],
-        **trainer_arguments(schedule, learning_rate=base_lr),
+        "optim": checked.optim,
+        "weight_decay": checked.groups[0]["weight_decay"],
+        **trainer_arguments(checked.schedule, learning_rate=base_lr),
     }
     # The Trainer replaces max_steps with its own; optstate's reader takes it as the schedule's horizon.
-    max_steps = arguments.get("max_steps", state.metadata.lr_horizon or step)
+    max_steps = arguments.get("max_steps", state.metadata.lr_horizon or checked.step)
     return _Checkpoint(
-        weights,
+        checked.weights,
         optimizer,
-        lambda_lr_state(schedule, [base_lr, base_lr], step),
-        trainer_state_document(step, max_steps, bookkeeping or TrainerBookkeeping.of_directory(spec)),
+        lambda_lr_state(checked.schedule, [base_lr, base_lr], checked.step),
+        trainer_state_document(checked.step, max_steps, bookkeeping or TrainerBookkeeping.of_directory(spec)),
         arguments,
         _model_config(spec),
     )
@@ -950,18 +890,15 @@ def write_checkpoint(
      'learning_rate': 0.1, 'lr_scheduler_kwargs': {}}
     """
     directory = Path(path)
-    built = _build(state, directory, model, bookkeeping, step)
-    with atomic_directory(directory, force=force, fsync=fsync) as tmp:
-        tmp.mkdir()
-        write_safetensors(
-            tmp / "model.safetensors", built.weights.items(), {"format": "pt"}, fsync=False, progress=progress
-        )
-        ptfile.save(built.optimizer, tmp / "optimizer.pt", fsync=False, progress=progress)
-        ptfile.save(built.scheduler, tmp / "scheduler.pt", fsync=False)
-        (tmp / "trainer_state.json").write_text(json.dumps(built.trainer_state, indent=2, sort_keys=True) + "\n")
-        (tmp / RESUME_ARGUMENTS).write_text(json.dumps({"TrainingArguments": built.arguments}, indent=2) + "\n")
+    built = _assemble(state, _check(state, directory, model, step), model, bookkeeping)
+    with write_directory(directory, WriteOptions(force=force, fsync=fsync, progress=progress)) as save:
+        save(built.weights, "model.safetensors")
+        save(built.optimizer, "optimizer.pt")
+        save(built.scheduler, "scheduler.pt")
+        save(json.dumps(built.trainer_state, indent=2, sort_keys=True) + "\n", "trainer_state.json")
+        save(json.dumps({"TrainingArguments": built.arguments}, indent=2) + "\n", RESUME_ARGUMENTS)
         if built.config is not None:
-            (tmp / "config.json").write_bytes(built.config)
+            save(built.config, "config.json")
     return dict(built.arguments)
 
 

@@ -30,42 +30,55 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ...errors import MappingError, MissingDependencyError, OptstateError, UnsupportedError
-from ...schema.state import OptimizerState, ParamInfo, name_to_path, path_to_name
+from ...schema.state import OptimizerState, name_to_path, path_to_name
 from ..formats import WriteOptions
-from ..schedules.identify import SCHEDULER_GROUP_KEYS, attached_scheduler, scheduler_class
+from ..schedules.identify import attached_scheduler, refuse_uncarried_schedule, scheduler_class
 from ..schedules.torch_schedulers import last_epoch, restore_torch_scheduler_state
 from . import ptfile
 from . import state_dict as torch_dict
+from .target import (
+    TargetModel,
+    check_params,
+    model_names,
+    model_weights,
+    optimizer_state_dict,
+    require_torch_order,
+    scheduled_group,
+    target_of,
+    written_step,
+)
 
 # The Lightning release whose checkpoint layout (the loops' keys) this module writes; Lightning migrates
 # a checkpoint from the version it names, so the name must be that of the layout, not of what is installed.
 LAYOUT_VERSION = "2.6.6"
-# torch keeps ``step`` in float32, exact up to 2**24; past it the state's count is kept in float64.
-FLOAT32_EXACT = 1 << 24
 
 
 @dataclass(frozen=True)
 class ModuleTarget:
-    """What the LightningModule resumes into: its tensors ``name -> (shape, dtype)`` (``module.state_dict()``),
-    the optimizer ``configure_optimizers`` builds (its class and each group's parameter names, in order), the
-    scheduler it attaches (its fresh ``state_dict()``, interval and frequency) and the batches of an epoch.
+    """What the LightningModule resumes into: the module as a model (:class:`.target.TargetModel`: its
+    ``state_dict()`` tensors), the optimizer ``configure_optimizers`` builds (its class and each group's parameter
+    names, in order), the scheduler it attaches (its fresh ``state_dict()``, interval and frequency) and the
+    batches of an epoch.
 
-    >>> t = ModuleTarget({"net.w": ((2,), "float64")}, "SGD", (("net.w",),), batches_per_epoch=1)
-    >>> t.tracked, t.scheduler is None
-    (('net.w',), True)
+    >>> model = TargetModel(("net.w",), ("net.w",), {"net.w": ((2,), "float64")}, source="the module")
+    >>> t = ModuleTarget(model, "SGD", (("net.w",),), batches_per_epoch=1)
+    >>> t.tracked, t.scheduler is None, t.source
+    (('net.w',), True, 'the module')
     """
 
-    tensors: Mapping[str, tuple[tuple[int, ...], str]]
+    model: TargetModel
     optimizer_class: str
     groups: tuple[tuple[str, ...], ...]
     scheduler: Mapping[str, Any] | None = None
     interval: str = "step"
     frequency: int = 1
     batches_per_epoch: int | None = None
-    source: str = "the module"
+
+    @property
+    def source(self) -> str:
+        """The module, as the user named it (``--model``)."""
+        return self.model.source
 
     @property
     def tracked(self) -> tuple[str, ...]:
@@ -141,10 +154,6 @@ def module_target(module: Any, source: str = "the module") -> ModuleTarget:
             f"{source}: a {type(module).__name__}, not a LightningModule (no configure_optimizers); "
             "pass --model module:function returning the LightningModule the run resumes with"
         )
-    tensors = {
-        name: (tuple(int(n) for n in t.shape), str(t.dtype).removeprefix("torch."))
-        for name, t in module.state_dict().items()
-    }
     names = {id(p): name for name, p in module.named_parameters()}
     optimizer, config = _configured(module, source)
     groups = []
@@ -157,18 +166,17 @@ def module_target(module: Any, source: str = "the module") -> ModuleTarget:
             )
         groups.append(tuple(names[id(p)] for p in group["params"]))
     return ModuleTarget(
-        tensors,
+        target_of(module, source),
         type(optimizer).__name__,
         tuple(groups),
         None if config is None else torch_dict.plain_scheduler_state(config.scheduler.state_dict()),
         "step" if config is None else config.interval,
         1 if config is None else config.frequency,
         _batches_per_epoch(module),
-        source,
     )
 
 
-def load_target(model: Any) -> ModuleTarget:
+def _load_module_target(model: Any) -> ModuleTarget:
     """The :class:`ModuleTarget` of ``model`` (a LightningModule, or ``module:function`` returning one);
     torch and Lightning are imported here, and only here."""
     if model is None:
@@ -178,94 +186,6 @@ def load_target(model: Any) -> ModuleTarget:
         )
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     return module_target(torch_dict.torch_model(model), source)
-
-
-# ----------------------------------------------------------------------------- names
-
-
-def _prefixed(names: Sequence[str], prefix: str) -> list[str]:
-    return [prefix + n for n in names]
-
-
-def _prefix_candidates(ours: Sequence[str], theirs: Sequence[str]) -> list[str]:
-    """Prefixes ``p`` (ending in '.') with ``p + ours[0]`` among ``theirs``."""
-    first = ours[0]
-    return [t[: -len(first)] for t in theirs if t.endswith("." + first)]
-
-
-def module_names(state_names: Sequence[str], module: Sequence[str], source: str = "the module") -> dict[str, str]:
-    """The module's name of each of the state's parameters: the same, or with one attribute prefix added
-    (``fc1.weight`` -> ``net.fc1.weight``) or removed, the same prefix for every name; anything else refused.
-
-    >>> module_names(["fc.weight", "fc.bias"], ["net.fc.weight", "net.fc.bias"])
-    {'fc.weight': 'net.fc.weight', 'fc.bias': 'net.fc.bias'}
-    >>> module_names(["w"], ["net.v"])  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    optstate.errors.MappingError: the module's optimizer updates ['net.v'] and the state tracks ['w']: no attribute ...
-    """
-    wanted = sorted(module)
-    if sorted(state_names) == wanted:
-        return {n: n for n in state_names}
-    if state_names and module:
-        for prefix in _prefix_candidates(state_names, module):
-            if sorted(_prefixed(state_names, prefix)) == wanted:
-                return {n: prefix + n for n in state_names}
-        for prefix in _prefix_candidates(module, state_names):
-            if (
-                all(n.startswith(prefix) for n in state_names)
-                and sorted(n[len(prefix) :] for n in state_names) == wanted
-            ):
-                return {n: n[len(prefix) :] for n in state_names}
-    only_module = [n for n in module if n not in state_names][:5]
-    only_state = [n for n in state_names if n not in module][:5]
-    raise MappingError(
-        f"{source}'s optimizer updates {only_module} and the state tracks {only_state}: "
-        "no attribute prefix makes them the same names"
-    )
-
-
-# ----------------------------------------------------------------------------- the model's state_dict
-
-
-def _module_weights(state: OptimizerState, renamed: Mapping[str, str], target: ModuleTarget) -> dict[str, Any]:
-    """The module's ``state_dict``: the state's weights under the module's names, checked name by name."""
-    if state.weights is None:
-        raise OptstateError(
-            "the state holds no model weights, and Lightning loads the module's state_dict strictly; "
-            "convert from a checkpoint that holds them"
-        )
-    weights = renamed_weights(state.weights, renamed)
-    missing = [n for n in target.tensors if n not in weights]
-    extra = [n for n in weights if n not in target.tensors]
-    if missing or extra:
-        raise MappingError(
-            f"{target.source}: its state_dict has {missing[:5]} that the state's weights lack, and the state "
-            f"has {extra[:5]} that it does not (Lightning loads the state_dict strictly)"
-        )
-    for name, (shape, dtype) in target.tensors.items():
-        array = weights[name]
-        if tuple(array.shape) != shape or str(array.dtype) != dtype:
-            raise MappingError(
-                f"{target.source}: {name} is {dtype} {list(shape)} in the module, {array.dtype} "
-                f"{list(array.shape)} in the state; loading would cast or fail, so the run would not continue "
-                "as it stopped"
-            )
-    return {name: weights[name] for name in target.tensors}
-
-
-def renamed_weights(weights: Mapping[Any, Any], renamed: Mapping[str, str]) -> dict[str, Any]:
-    """The weights (by path) under the names the parameters' renaming gives: the one prefix it adds to every
-    parameter (or takes off) added to every tensor (taken off where a name has it), buffers too.
-
-    >>> renamed_weights({("fc", "w"): 1, ("bn", "running_mean"): 2}, {"fc.w": "net.fc.w"})
-    {'net.fc.w': 1, 'net.bn.running_mean': 2}
-    """
-    state_name, module_name = next(iter(renamed.items()), ("", ""))
-    if module_name.endswith(state_name):
-        removed, added = "", module_name[: len(module_name) - len(state_name)]
-    else:
-        removed, added = state_name[: len(state_name) - len(module_name)], ""
-    return {added + path_to_name(p).removeprefix(removed): a for p, a in weights.items()}
 
 
 # ----------------------------------------------------------------------------- the optimizer and its schedule
@@ -280,23 +200,6 @@ def _state_group(state: OptimizerState, names: Sequence[str], gi: int, target: M
             "whose hyperparameters differ; build the module's param groups as the state's"
         )
     return found[0] if found else 0
-
-
-def _step_of(state: OptimizerState, options: WriteOptions) -> int:
-    """The optimizer steps taken: the state's count (the most any parameter took), else the scheduler's
-    count (SGD keeps none), else ``--step``; ``--step`` must agree with the others."""
-    steps = [p.step for p in state.params if p.step is not None]
-    scheduler = state.metadata.lr_scheduler
-    known = max(steps) if steps else (last_epoch(scheduler) if scheduler is not None else None)
-    step = known if known is not None else options.step
-    if step is None:
-        raise OptstateError(
-            f"{state.spec.torch_class} keeps no step count and the state carries no LR scheduler to count "
-            "them; say how many optimizer steps were taken: --step N"
-        )
-    if options.step is not None and options.step != step:
-        raise OptstateError(f"--step {options.step}, but the state has taken {step} optimizer steps")
-    return int(step)
 
 
 def _differences(carried: Any, module: Any, where: str) -> list[str]:
@@ -318,7 +221,8 @@ def scheduler_state(state: OptimizerState, target: ModuleTarget, step: int) -> d
     >>> from optstate.schema import ParamInfo
     >>> sd = {"gamma": 0.5, "base_lrs": [1.0], "last_epoch": 0, "_step_count": 1, "_last_lr": [1.0]}
     >>> s = OptimizerState("sgd", ({"lr": 0.25, "initial_lr": 1.0},), (ParamInfo(("w",), (1,), "float64", 0),), {})
-    >>> t = ModuleTarget({"w": ((1,), "float64")}, "SGD", (("w",),), scheduler=sd)
+    >>> model = TargetModel(("w",), ("w",), {"w": ((1,), "float64")}, source="the module")
+    >>> t = ModuleTarget(model, "SGD", (("w",),), scheduler=sd)
     >>> scheduler_state(s.with_metadata(lr_scheduler=restore_torch_scheduler_state(sd, 2)), t, 2)["_last_lr"]
     [0.25]
     >>> scheduler_state(s, t, 2)  # doctest: +ELLIPSIS
@@ -328,6 +232,7 @@ def scheduler_state(state: OptimizerState, target: ModuleTarget, step: int) -> d
     carried = state.metadata.lr_scheduler
     if target.scheduler is None:
         _refuse_schedule_without_module_scheduler(state, target)
+        refuse_uncarried_schedule(state, target.source)
         return None
     name = scheduler_class(target.scheduler)
     if carried is None:
@@ -360,22 +265,11 @@ def scheduler_state(state: OptimizerState, target: ModuleTarget, step: int) -> d
 
 
 def _refuse_schedule_without_module_scheduler(state: OptimizerState, target: ModuleTarget) -> None:
-    """A state that follows a schedule, resumed by a module that attaches none, would keep its lr constant."""
-    if state.metadata.lr_scheduler is not None or state.metadata.schedule_count is not None:
-        what = (
-            scheduler_class(state.metadata.lr_scheduler)
-            if state.metadata.lr_scheduler is not None
-            else "an Optax schedule"
-        )
+    """A state carrying a torch scheduler, resumed by a module that attaches none, would keep its lr constant."""
+    if state.metadata.lr_scheduler is not None:
         raise UnsupportedError(
-            f"the state follows {what}, and {target.source}'s configure_optimizers attaches no LR scheduler: "
-            "the resumed run would keep the lr constant"
-        )
-    held = attached_scheduler(state.param_groups)
-    if held is not None and not state.metadata.constant_lr:
-        raise UnsupportedError(
-            f"{held}: an LR scheduler drove the state and its state is not carried, so the lr it sets next is "
-            "unknown; if the lr stays at its current value, say so: --constant-lr"
+            f"the state follows {scheduler_class(state.metadata.lr_scheduler)}, and {target.source}'s "
+            "configure_optimizers attaches no LR scheduler: the resumed run would keep the lr constant"
         )
 
 
@@ -386,54 +280,26 @@ def optimizer_state(
     scheduler: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """The ``Optimizer.state_dict()`` of the module's optimizer holding ``state``: its groups and its
-    parameters' order, the state's hyperparameters and slots; each group's ``lr`` (and ``initial_lr``) the
-    scheduler's where there is one, as torch's scheduler leaves them.
+    parameters' order, the state's hyperparameters and slots; each group's ``lr`` checked against the
+    scheduler's and ``initial_lr`` its base where there is one (:func:`.target.scheduled_group`).
 
+    >>> import numpy as np
     >>> from optstate.schema import ParamInfo
     >>> params = tuple(ParamInfo((n,), (1,), "float64", 0) for n in "ab")
     >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},), params,
     ...     {("momentum", ("a",)): np.ones(1), ("momentum", ("b",)): np.zeros(1)})
-    >>> t = ModuleTarget({}, "SGD", (("m.b", "m.a"),))
+    >>> t = ModuleTarget(TargetModel((), (), {}), "SGD", (("m.b", "m.a"),))
     >>> sd = optimizer_state(s, t, {"a": "m.a", "b": "m.b"}, None)
     >>> sd["param_groups"][0]["param_names"], sd["state"][0]["momentum_buffer"].tolist()
     (['m.b', 'm.a'], [0.0])
     """
     back = {module: state_name for state_name, module in renamed.items()}
-    step_dtype = np.float32 if max((p.step or 0 for p in state.params), default=0) < FLOAT32_EXACT else np.float64
-    groups, entries, index = [], {}, 0
+    groups = []
     for gi, names in enumerate(target.groups):
         ours = [back[n] for n in names]
         hp = state.spec.with_defaults(state.param_groups[_state_group(state, ours, gi, target)])
-        hp = _scheduled(hp, gi, scheduler, state)
-        groups.append({**hp, "params": list(range(index, index + len(names))), "param_names": list(names)})
-        for name in ours:
-            entry = torch_dict.param_entry(state, state.param(name_to_path(name)), step_dtype)
-            if entry:
-                entries[index] = entry
-            index += 1
-    return {"state": entries, "param_groups": groups}
-
-
-def _scheduled(hp: dict[str, Any], gi: int, scheduler: Mapping[str, Any] | None, state: OptimizerState) -> dict:
-    """A group's hyperparameters as torch holds them beside the scheduler: ``lr`` the one it set last and
-    ``initial_lr`` its base; without one, the keys a scheduler leaves dropped (the user said the lr stays)."""
-    if scheduler is None:
-        return {k: v for k, v in hp.items() if k not in SCHEDULER_GROUP_KEYS}
-    base = base_lr(scheduler, gi)
-    return {**hp, "lr": scheduler["_last_lr"][gi], **({"initial_lr": base} if base is not None else {})}
-
-
-def base_lr(scheduler: Mapping[str, Any], gi: int) -> float | None:
-    """Group ``gi``'s base lr in a scheduler state dict (a container's in its first child's), which torch's
-    scheduler set as the group's ``initial_lr``.
-
-    >>> base_lr({"_schedulers": [{"base_lrs": [0.1, 0.2]}, {"base_lrs": [0.1, 0.2]}]}, 1)
-    0.2
-    """
-    if "base_lrs" in scheduler:
-        return float(scheduler["base_lrs"][gi])
-    children = scheduler.get("_schedulers") or [{}]
-    return base_lr(children[0], gi) if children[0] else None
+        groups.append((scheduled_group(hp, gi, scheduler, target.source), ours))
+    return optimizer_state_dict(state, groups, renamed)
 
 
 # ----------------------------------------------------------------------------- the loops
@@ -506,7 +372,8 @@ def epoch_of(step: int, target: ModuleTarget) -> int:
     """The epochs completed after ``step`` optimizer steps of ``target``'s epochs; a step inside an epoch, or
     epochs of unknown length, refused.
 
-    >>> epoch_of(6, ModuleTarget({}, "SGD", (), batches_per_epoch=3)), epoch_of(0, ModuleTarget({}, "SGD", ()))
+    >>> none = TargetModel((), (), {})
+    >>> epoch_of(6, ModuleTarget(none, "SGD", (), batches_per_epoch=3)), epoch_of(0, ModuleTarget(none, "SGD", ()))
     (2, 0)
     """
     if step == 0:
@@ -532,10 +399,12 @@ def epoch_of(step: int, target: ModuleTarget) -> int:
 def lightning_checkpoint(state: OptimizerState, target: ModuleTarget, options: WriteOptions) -> dict[str, Any]:
     """The checkpoint dict ``Trainer.fit(module, ckpt_path=...)`` resumes ``state`` from (arrays for tensors).
 
+    >>> import numpy as np
     >>> from optstate.schema import ParamInfo
     >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},), (ParamInfo(("w",), (1,), "float64", 0),),
     ...     {("momentum", ("w",)): np.ones(1)}, weights={("w",): np.zeros(1)})
-    >>> t = ModuleTarget({"net.w": ((1,), "float64")}, "SGD", (("net.w",),), batches_per_epoch=1)
+    >>> t = ModuleTarget(TargetModel(("net.w",), ("net.w",), {"net.w": ((1,), "float64")}), "SGD", (("net.w",),),
+    ...     batches_per_epoch=1)
     >>> ckpt = lightning_checkpoint(s, t, WriteOptions(step=3))
     >>> ckpt["global_step"], ckpt["epoch"], list(ckpt["state_dict"]), ckpt["lr_schedulers"]
     (3, 3, ['net.w'], [])
@@ -546,36 +415,22 @@ def lightning_checkpoint(state: OptimizerState, target: ModuleTarget, options: W
             f"{target.source}'s configure_optimizers builds {target.optimizer_class}, the state is "
             f"{state.spec.torch_class}'s"
         )
-    renamed = module_names([path_to_name(p.path) for p in state.params], target.tracked, target.source)
-    _shapes_agree(state, renamed, target)
-    step = _step_of(state, options)
+    renamed = model_names([path_to_name(p.path) for p in state.params], target.tracked, target.source)
+    require_torch_order(state, target.model, target.source)  # the module's optimizer orders the parameters
+    check_params(state, target.model, renamed)
+    step = written_step(state, options.step, target.source)
     epoch = epoch_of(step, target)
     scheduler = scheduler_state(state, target, step)
     return {
         "epoch": epoch,
         "global_step": step,
         "pytorch-lightning_version": LAYOUT_VERSION,
-        "state_dict": _module_weights(state, renamed, target),
+        "state_dict": model_weights(state, target.model, renamed, loader="Lightning (strictly)"),
         "loops": loops_state(step, epoch, step if scheduler is not None else 0),
         "callbacks": {},
         "optimizer_states": [optimizer_state(state, target, renamed, scheduler)],
         "lr_schedulers": [] if scheduler is None else [scheduler],
     }
-
-
-def _shapes_agree(state: OptimizerState, renamed: Mapping[str, str], target: ModuleTarget) -> None:
-    """Each tracked parameter's shape and dtype in the state are the module's (also without weights)."""
-    for info in state.params:
-        _check_param(info, renamed[path_to_name(info.path)], target)
-
-
-def _check_param(info: ParamInfo, name: str, target: ModuleTarget) -> None:
-    shape, dtype = target.tensors.get(name, (None, None))
-    if shape is not None and (tuple(shape) != info.shape or dtype != info.dtype):
-        raise MappingError(
-            f"{target.source}: {name} is {dtype} {list(shape)} in the module, {info.dtype} {list(info.shape)} in "
-            "the state"
-        )
 
 
 def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
@@ -586,6 +441,6 @@ def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions)
     Traceback (most recent call last):
     optstate.errors.OptstateError: writing a Lightning checkpoint needs the LightningModule ...
     """
-    target = load_target(options.model)
+    target = _load_module_target(options.model)
     checkpoint = lightning_checkpoint(state, target, options)
     ptfile.save(checkpoint, path, force=options.force, fsync=options.fsync, progress=options.progress)

@@ -425,7 +425,8 @@ def to_torch(
     extra = sorted(set(by_name) - set(flat))
     if missing or extra:
         raise MappingError(
-            f"parameters do not match: in the optimizer but not the state: {missing[:10]}; "
+            f"parameters do not match: the optimizer has {len(flat)}, the state {len(by_name)}; "
+            f"in the optimizer but not the state: {missing[:10]}; "
             f"in the state but not the optimizer: {extra[:10]}"
         )
     sd: dict[str, Any] = {"state": {}, "param_groups": []}

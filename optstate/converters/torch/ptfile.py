@@ -30,6 +30,7 @@ import struct
 import sys
 import threading
 import uuid
+import warnings
 import zipfile
 import zlib
 from collections import Counter, OrderedDict
@@ -43,7 +44,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from ...atomic import atomic_file
 from ...errors import FormatError, UnsupportedError
-from ...schema.fileformat import little_endian_bytes, write_all
+from ...schema.fileformat import little_endian_bytes, refuse_special_file, write_all
 
 # torch dtype name -> NumPy dtype (torch's names are NumPy's and ml_dtypes').
 DTYPES = {
@@ -88,6 +89,11 @@ _STORAGE_CLASSES = {
 # The start of a torch < 1.6 file: pickle protocol 2, then LONG1 of torch's magic number 0x1950a86a20f9469cfc6c.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version .. sizes), name length, extra length
+_END_RECORD = struct.Struct("<4s16xH")  # the zip's end of central directory: signature, ..., comment length
+_MAX_END_SEARCH = _END_RECORD.size + 0xFFFF  # the end record lies in the last 22 bytes plus a comment at most
+# The most a small record (data.pkl, byteorder) may hold, inflated or not: a state_dict's pickle of a
+# million parameters is tens of MB; a DEFLATE record declaring more is a bomb, refused before inflating.
+MAX_RECORD_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,7 @@ def load(path: str | os.PathLike, *, records: bool = False) -> Any:
     ([[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]], False, ())
     """
     source = os.fspath(path)
+    refuse_special_file(source)
     if not os.path.isfile(source):
         raise FormatError(f"{source}: no such file")
     archive = _Archive(source)
@@ -221,6 +228,22 @@ def save(
 # ----------------------------------------------------------------------------- the zip archive
 
 
+# What zipfile raises on malformed bytes (found by fuzzing): NotImplementedError for an unknown version or
+# method, RuntimeError for an encrypted record, struct.error and OverflowError for fields out of range.
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+    struct.error,
+    OverflowError,
+    KeyError,
+)
+
+
 def _unreadable(source: str, detail: str) -> FormatError:
     return FormatError(f"{source}: not a readable torch checkpoint (truncated or corrupted?): {detail}")
 
@@ -234,22 +257,67 @@ class _Archive:
             zf = zipfile.ZipFile(source)
         except zipfile.BadZipFile as exc:
             raise self._not_zip(exc) from None
-        except (OSError, EOFError, ValueError) as exc:
+        except _ZIP_ERRORS as exc:
             raise _unreadable(source, str(exc) or type(exc).__name__) from None
         with zf:
             self.members = {info.filename: info for info in zf.infolist()}
+            self._refuse_bytes_outside_records()
             self.prefix = self._prefix()
             byteorder = self.prefix + "byteorder"
             try:
-                self.pickle = zf.read(self.prefix + "data.pkl")
+                self.pickle = self._read_small(zf, self.prefix + "data.pkl")
                 # Without a byteorder record torch.load assumes the machine's own.
-                self.byteorder = zf.read(byteorder).decode() if byteorder in self.members else sys.byteorder
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError, UnicodeDecodeError, zlib.error) as exc:
+                self.byteorder = (
+                    self._read_small(zf, byteorder).decode() if byteorder in self.members else sys.byteorder
+                )
+            except (*_ZIP_ERRORS, UnicodeDecodeError) as exc:
                 raise _unreadable(source, str(exc) or type(exc).__name__) from None
         if self.byteorder not in ("little", "big"):
             raise FormatError(f"{source}: byteorder record is {self.byteorder!r}, expected 'little' or 'big'")
         self._file: np.memmap | None = None
         self._bytes: dict[str, np.ndarray] = {}
+
+    def _read_small(self, zf: zipfile.ZipFile, name: str) -> bytes:
+        """A small record's bytes, inflated with a bound: at most the size the directory declares, and
+        that at most ``MAX_RECORD_BYTES`` (zipfile stops a record at its declared size)."""
+        info = self.members[name]
+        if info.file_size > MAX_RECORD_BYTES:
+            raise FormatError(
+                f"{self.source}: record {name} declares {info.file_size} bytes (stored in "
+                f"{info.compress_size}), more than the {MAX_RECORD_BYTES} optstate inflates; not a torch.save file"
+            )
+        with zf.open(info) as record:
+            data = record.read(info.file_size + 1)
+        if len(data) != info.file_size:
+            raise _unreadable(self.source, f"record {name} holds {len(data)} bytes, declares {info.file_size}")
+        return data
+
+    def _refuse_bytes_outside_records(self) -> None:
+        """Refuse bytes before the first record or after the end record: torch.save writes neither, and a
+        file carrying them was appended to, prepended to, or is two files run together."""
+        first = min((info.header_offset for info in self.members.values()), default=0)
+        if first:
+            raise FormatError(
+                f"{self.source}: {first} bytes before the zip's first record (offset 0 to {first}); "
+                "torch.save writes none: the file was prepended to or is not one checkpoint"
+            )
+        size = os.path.getsize(self.source)
+        with open(self.source, "rb") as f:
+            f.seek(max(0, size - _MAX_END_SEARCH))
+            tail = f.read()
+        end = tail.rfind(b"PK\x05\x06")
+        while end >= 0:  # the last end record whose comment reaches no further than the file
+            record = tail[end : end + _END_RECORD.size]
+            if len(record) == _END_RECORD.size and end + _END_RECORD.size + _END_RECORD.unpack(record)[1] <= len(tail):
+                break
+            end = tail.rfind(b"PK\x05\x06", 0, end)
+        if end >= 0:
+            stop = size - len(tail) + end + _END_RECORD.size + _END_RECORD.unpack(tail[end : end + _END_RECORD.size])[1]
+            if stop != size:
+                raise FormatError(
+                    f"{self.source}: {size - stop} bytes after the zip's end record (offset {stop} to {size}); "
+                    "torch.save writes none: the file was appended to or is not one checkpoint"
+                )
 
     def _not_zip(self, exc: Exception) -> FormatError:
         with open(self.source, "rb") as f:
@@ -480,10 +548,28 @@ class _Unpickler:
         elif self.records:
             self.stack.append(_Class(module, name))
         else:
+            others = [g for g in self._unknown_globals() if g != full]
+            also = f"; also unsupported: {', '.join(others)}" if others else ""
             raise FormatError(
                 f"{self.source}: refused: loading it would run code from the file, which optstate "
-                f"never does (unsupported global {full})"
+                f"never does (unsupported global {full}{also})"
             )
+
+    def _unknown_globals(self) -> list[str]:
+        """Every global the pickle names that is not admitted, in order, found by reading its opcodes
+        (:func:`pickletools.genops` decodes, it runs nothing); as far as the pickle decodes."""
+        found: list[str] = []
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # genops decodes STRING arguments with a deprecated escape codec
+                for opcode, arg, _ in pickletools.genops(self.archive.pickle):
+                    if opcode.name == "GLOBAL" and isinstance(arg, str):
+                        full = arg.replace(" ", ".", 1)
+                        if full not in self.functions and full not in self.values and full not in found:
+                            found.append(full)
+        except (ValueError, EOFError, struct.error, UnicodeDecodeError):
+            pass  # a malformed tail: the globals before it are named
+        return found
 
     def _reduce(self) -> None:
         args = self.stack.pop()

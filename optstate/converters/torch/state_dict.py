@@ -21,6 +21,7 @@ import numpy as np
 
 from ...errors import FormatError, MappingError, UnsupportedError
 from ...schema.families import OptimizerSpec, optimizer_spec
+from ...schema.fileformat import refuse_special_file
 from ...schema.state import Deferred, Metadata, OptimizerState, ParamInfo, name_to_path, path_to_name
 from ..formats import ReadOptions, WriteOptions
 from . import ptfile
@@ -366,6 +367,9 @@ def param_names(
 # ----------------------------------------------------------------------------- state_dict -> canonical
 
 
+_FLOAT32_EXACT_STEPS = 2**24  # float32 holds every integer up to 2^24, not every one past it
+
+
 def _read_step(entry: Mapping[str, Any], where: str) -> int | None:
     if "step" not in entry:
         return None
@@ -375,7 +379,31 @@ def _read_step(entry: Mapping[str, Any], where: str) -> int | None:
     value = float(step.reshape(()) if isinstance(step, np.ndarray) else step)
     if not value.is_integer() or value < 0:
         raise FormatError(f"{where}: step {value} is not a non-negative integer")
+    if isinstance(step, np.ndarray) and step.dtype == np.float32 and value > _FLOAT32_EXACT_STEPS:
+        warnings.warn(
+            f"{where}: step {int(value)} is a float32 above 2^24 = {_FLOAT32_EXACT_STEPS}, where float32 "
+            "skips integers: torch's own count may have stopped advancing or been rounded; it is carried as stored",
+            stacklevel=2,
+        )
     return int(value)
+
+
+def _step_or_assumed(
+    step: int | None, slots: Mapping[str, Any], spec: OptimizerSpec, where: str, assume_step: int | None
+) -> int | None:
+    """A parameter's step; where the optimizer keeps one and the state has slots but no step, the user's
+    ``assume_step``, else refused: with no step the bias correction would restart, silently."""
+    if step is not None or not spec.has_step or not slots:
+        return step
+    if assume_step is None:
+        raise FormatError(
+            f"{where}: {spec.torch_class} state without 'step' (its slots: "
+            f"{', '.join(spec.slot(name).torch_key for name in slots)}); the step count cannot be known from "
+            "the file: pass the number of steps taken (--assume-step N, assume_step=N)"
+        )
+    if type(assume_step) is not int or assume_step < 0:
+        raise FormatError(f"assume_step is {assume_step!r}, expected a non-negative integer")
+    return assume_step
 
 
 def _read_param(spec: OptimizerSpec, entry: Any, where: str) -> tuple[int | None, dict[str, np.ndarray]]:
@@ -398,7 +426,9 @@ def _read_param(spec: OptimizerSpec, entry: Any, where: str) -> tuple[int | None
 
 
 def _tied(weights: Mapping[str, np.ndarray]) -> dict[str, str]:
-    """Names that view another name's memory the same way (tied weights), mapped to the first name."""
+    """Names that view another name's memory the same way (tied weights: GPT-2's ``lm_head.weight`` and its
+    word embeddings), mapped to the first name: the one ``named_parameters()`` gives. Hugging Face's
+    ``save_pretrained`` leaves the others out too, and ``tie_weights()`` ties them again on loading."""
     first: dict[tuple, str] = {}
     tied = {}
     for name, a in weights.items():  # a tensor left on its device is one object however often it occurs
@@ -435,8 +465,10 @@ def _state_from_state_dict(
     source: str,
     metadata: Metadata,
     shapes: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
+    assume_step: int | None = None,
 ) -> OptimizerState:
-    """``shapes`` gives ``name -> (shape, dtype)`` for parameters that may have no state (a live optimizer)."""
+    """``shapes`` gives ``name -> (shape, dtype)`` for parameters that may have no state (a live optimizer);
+    ``assume_step`` is the step of parameters whose state has none (see :func:`state_from_checkpoint`)."""
     if weights is not None:
         _check_weights(names, weights, source)
     weights_np = None if weights is None else {name_to_path(n): a for n, a in weights.items()}
@@ -455,6 +487,7 @@ def _state_from_state_dict(
             path = name_to_path(name)
             where = f"{source}: {name}"
             step, param_slots = _read_param(spec, sd["state"].get(index, {}), where)
+            step = _step_or_assumed(step, param_slots, spec, where, assume_step)
             from_slots = _shape_from_slots(spec, {spec.slot(k).torch_key: a for k, a in param_slots.items()})
             weight = None if weights_np is None else weights_np.get(path)
             if from_slots is not None and weight is not None and weight.shape != from_slots[0]:
@@ -500,6 +533,7 @@ def state_from_checkpoint(
     scheduler_state: Mapping | None = None,
     live_class: str | None = None,
     shapes: Sequence[tuple[tuple[int, ...], str]] | None = None,
+    assume_step: int | None = None,
 ) -> OptimizerState:
     """The canonical state of an optimizer ``state_dict`` or a training checkpoint holding one (arrays).
 
@@ -507,7 +541,8 @@ def state_from_checkpoint(
     a model, which also names parameters by ``model.named_parameters()``; a scheduler's state; the
     optimizer's class (``live_class``) and its parameters' ``(shape, dtype name)`` in the order of
     ``param_groups`` (``shapes``: for parameters that have no state yet). ``origin`` goes in the
-    metadata as ``source``.
+    metadata as ``source``. A state whose optimizer keeps a step but whose entries have none is refused,
+    naming the parameter, unless ``assume_step`` gives it (on the user's word).
 
     >>> sd = {"state": {0: {"momentum_buffer": np.ones(2)}},
     ...       "param_groups": [{"lr": 0.1, "momentum": 0.9, "dampening": 0, "nesterov": False,
@@ -523,6 +558,10 @@ def state_from_checkpoint(
     if weights is None:
         weights = saved_weights
         buffers = [n for n, a in (weights or {}).items() if is_buffer(n, a)]
+    if weights is not None:  # a tied tensor is one parameter: named once, as named_parameters() and the optimizer do
+        aliases = _tied(weights)
+        weights = {n: a for n, a in weights.items() if n not in aliases}
+        buffers = [n for n in buffers or () if n not in aliases]
     if scheduler_state is None and isinstance(saved_scheduler, list):
         # Two schedulers on one optimizer both set its lr: no one schedule says what it does next.
         raise UnsupportedError(
@@ -545,15 +584,19 @@ def state_from_checkpoint(
         source,
         metadata,
         shapes=None if shapes is None else dict(zip(names, shapes, strict=True)),
+        assume_step=assume_step,
     )
 
 
-def from_torch_file(path: str | os.PathLike, *, optimizer: str | None = None, model: Any = None) -> OptimizerState:
+def from_torch_file(
+    path: str | os.PathLike, *, optimizer: str | None = None, model: Any = None, assume_step: int | None = None
+) -> OptimizerState:
     """Read a ``torch.save`` checkpoint into the canonical form without torch (:func:`read_torch_file`).
 
     The same as ``optstate.from_torch(path)``, through :func:`optstate.converters.torch.ptfile.load`:
     arrays are mapped from the file, not read into memory. ``model`` (a torch module, a ``module:function``
-    or a Hugging Face model directory) names the parameters where the file does not.
+    or a Hugging Face model directory) names the parameters where the file does not; ``assume_step``:
+    see :func:`state_from_checkpoint`.
 
     >>> import tempfile, torch
     >>> d = tempfile.mkdtemp(); net = torch.nn.Linear(3, 2)
@@ -566,7 +609,12 @@ def from_torch_file(path: str | os.PathLike, *, optimizer: str | None = None, mo
     """
     source = os.fspath(path)
     return state_from_checkpoint(
-        read_torch_file(source), source, origin="torch", optimizer=optimizer, model=torch_model(model)
+        read_torch_file(source),
+        source,
+        origin="torch",
+        optimizer=optimizer,
+        model=torch_model(model),
+        assume_step=assume_step,
     )
 
 
@@ -590,6 +638,7 @@ def read_torch_file(path: str | os.PathLike) -> Any:
     ``torch.load(weights_only=True)`` where torch is installed, else refused with the way out.
     """
     source = os.fspath(path)
+    refuse_special_file(source)  # zipfile.is_zipfile would block on a FIFO
     # Only a file that starts like torch's legacy format goes to torch.load: anything else (a text file
     # named x.pt) would end in an unpickler's KeyError there; ptfile names the file and what is wrong.
     if (
@@ -754,7 +803,8 @@ def save_torch_file(
 
 def read(path: str | os.PathLike, options: ReadOptions) -> OptimizerState:
     """The reader of the ``torch`` format (:mod:`optstate.converters.formats`): :func:`from_torch_file`;
-    ``options.optimizer`` names the optimizer where the param groups cannot tell.
+    ``options.optimizer`` names the optimizer where the param groups cannot tell; ``options.assume_step``
+    is the step of a state that records none.
 
     >>> import tempfile
     >>> s = OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
@@ -764,7 +814,7 @@ def read(path: str | os.PathLike, options: ReadOptions) -> OptimizerState:
     >>> read(path, ReadOptions()).slots[("momentum", ("w",))].tolist()
     [1.0, 1.0]
     """
-    return from_torch_file(path, optimizer=options.optimizer, model=options.model)
+    return from_torch_file(path, optimizer=options.optimizer, model=options.model, assume_step=options.assume_step)
 
 
 def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions) -> None:
