@@ -112,7 +112,8 @@ def load_target(spec: Any) -> tuple[TargetModel, Any]:
     """``(the record, the module)`` of the model ``spec`` names (a module, ``module:function`` or a Hugging
     Face model directory, :func:`.models.load_model`), built once; torch is imported here.
 
-    >>> load_target("torch.nn:Identity")[0].names
+    >>> import torch
+    >>> load_target(torch.nn.Identity())[0].names
     ()
     """
     module = torch_dict.torch_model(spec)
