@@ -115,11 +115,13 @@ def _jax_run(tmp_path):
 HPARAMS = ["--from", "optax", "--optimizer", "adamw", "--hparams", '{"lr": 0.05, "weight_decay": 0.1}']
 
 
-def test_an_optax_adamw_run_resumes_exactly_in_accelerate(tmp_path):
+def test_an_optax_adamw_run_resumes_exactly_in_accelerate(tmp_path, capsys):
     src, jax_never_stopped = _jax_run(tmp_path)
     out = tmp_path / "out"
     assert main(["convert", "--to", "accelerate", *HPARAMS, "--model", MODEL, str(src), str(out)]) == 0
     assert not (out / "scheduler.bin").exists()
+    # the resume call without a scheduler is said: load_state would look for scheduler.bin for a prepared one
+    assert re.search(r"no scheduler.bin .*prepare no LR scheduler", capsys.readouterr().err)
     accelerator, model, opt = _constant_prepared()
     accelerator.load_state(out)
     torch_train(model, opt, range(STEPS, STEPS + MORE))

@@ -327,6 +327,8 @@ def test_inspect_reads_the_output(out, capsys):
         assert main(["inspect", *args[:-1], str(out / args[-1])]) == 0
         text = capsys.readouterr().out
         assert "AdamW, 4 parameters, step 3" in text and "frozen.weight" in text
+        # optstate's universal output is not said to be ds_to_universal's
+        assert ("(a universal checkpoint of ZeRO-2)" in text) == (args[-1] == "two-universal"), text
 
 
 def test_the_model_given_orders_the_flat_groups():

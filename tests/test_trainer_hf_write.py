@@ -22,7 +22,7 @@ from optstate.converters.formats import ReadOptions, WriteOptions
 from optstate.converters.torch import hf_trainer
 from optstate.errors import MappingError, UnsupportedError
 from optstate.schema import OptimizerState, ParamInfo
-from optstate.schema.state import name_to_path
+from optstate.schema.state import name_to_path, path_to_name
 
 from test_trainer_hf import CASES, DATA, MAX_STEPS, STEPS, _arguments, _torch_gradients, _train, tiny_model
 
@@ -190,8 +190,50 @@ def test_an_optax_adamw_state_converted_on_the_command_line_resumes_in_the_train
     assert moved > 1e-3  # the resumed steps did move the parameters
     _assert_close(_flat(ours), theirs, "JAX AdamW -> Trainer", capsys)
 
+    # A module:function model leaves no config.json: inspect says to name the model, as convert was told it.
+    assert main(["inspect", str(out)]) == 1
+    assert "no config.json to build the model from" in capsys.readouterr().err
     assert main(["inspect", "--model", MODEL, str(out)]) == 0
     assert "step 4" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- another trainer's names
+
+
+def _prefixed(state: OptimizerState, prefix: str) -> OptimizerState:
+    """``state`` under a wrapper's names, as another trainer saves it (a LightningModule's ``net.``)."""
+
+    def move(path: tuple[str, ...]) -> tuple[str, ...]:
+        return name_to_path(prefix + path_to_name(path))
+
+    return dataclasses.replace(
+        state,
+        params=tuple(dataclasses.replace(p, path=move(p.path)) for p in state.params),
+        slots={(slot, move(path)): a for (slot, path), a in state.slots.items()},
+        weights={move(path): a for path, a in state.weights.items()},
+        buffers=tuple(move(path) for path in state.buffers),
+    )
+
+
+def test_a_state_under_another_trainers_prefix_is_written_under_the_models_names(uninterrupted, tmp_path):
+    """A LightningModule's ``net.transformer.h.0...`` is the Trainer's model's ``transformer.h.0...``: the files
+    are those of the state under the model's own names (the Trainer loads optimizer.pt by position and
+    model.safetensors by name)."""
+    checkpoint, _ = uninterrupted
+    state = hf_trainer.read(checkpoint, ReadOptions())
+    plain, wrapped = tmp_path / "plain" / f"checkpoint-{STEPS}", tmp_path / "wrapped" / f"checkpoint-{STEPS}"
+    hf_trainer.write_checkpoint(state, plain, MODEL)
+    hf_trainer.write_checkpoint(_prefixed(state, "net."), wrapped, MODEL)
+    for name in ("model.safetensors", "trainer_state.json"):
+        assert (wrapped / name).read_bytes() == (plain / name).read_bytes(), name
+    # the .pt files as torch reads them (a .pt's serialization_id is random per file)
+    assert torch.load(wrapped / "scheduler.pt", weights_only=True) == torch.load(
+        plain / "scheduler.pt", weights_only=True
+    )
+    ours, theirs = (torch.load(d / "optimizer.pt", weights_only=True) for d in (wrapped, plain))
+    assert ours["param_groups"] == theirs["param_groups"] and ours["state"].keys() == theirs["state"].keys()
+    for index, entry in theirs["state"].items():
+        assert all(torch.equal(ours["state"][index][key], value) for key, value in entry.items()), index
 
 
 # ----------------------------------------------------------------------------- refusals

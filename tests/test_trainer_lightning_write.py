@@ -97,8 +97,15 @@ def make_halved_steplr() -> Regression:
     return module
 
 
-def _steplr_with_gamma(module, gamma):
-    opt = torch.optim.AdamW(module.parameters(), lr=0.05, weight_decay=0.1)
+def make_undecayed() -> Regression:
+    """The same StepLR run's module, its AdamW built without weight decay: the state's 0.1 is not the module's."""
+    module = Regression("StepLR")
+    module.configure_optimizers = lambda: _steplr_with_gamma(module, 0.5, weight_decay=0.0)
+    return module
+
+
+def _steplr_with_gamma(module, gamma, weight_decay=0.1):
+    opt = torch.optim.AdamW(module.parameters(), lr=0.05, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=gamma)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -273,6 +280,7 @@ def test_an_optax_adamw_run_resumes_exactly_in_lightning(tmp_path):
         ),
         ("make_halved_steplr", UnsupportedError, "['gamma']: 0.25 in the module's, 0.5 in the state's"),
         ("make_constant", UnsupportedError, "the state follows StepLR, and"),
+        ("make_undecayed", MappingError, "weight_decay is 0.0 in the module's configure_optimizers, 0.1 in the state"),
         ("make_three_batches", UnsupportedError, "stops at step 4, inside epoch 1 (3 batches per epoch"),
         ("make_needs_trainer", OptstateError, "configure_optimizers() failed outside a Trainer (RuntimeError"),
         (None, OptstateError, "needs the LightningModule the run resumes with"),

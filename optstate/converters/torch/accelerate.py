@@ -56,6 +56,11 @@ if TYPE_CHECKING:
     from ...report import Report
 
 OPTIMIZER, SCHEDULER = "optimizer.bin", "scheduler.bin"
+#: Why the resume call changes without a scheduler.bin: load_state opens scheduler.bin for every prepared scheduler.
+NO_SCHEDULER = (
+    "{where}: no scheduler.bin (the state's lr is constant): prepare no LR scheduler "
+    "(accelerator.prepare(model, optimizer)), since load_state would look for scheduler.bin"
+)
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 RNG_STATES = re.compile(r"random_states_\d+\.pkl")
 
@@ -487,3 +492,5 @@ def write(state: OptimizerState, path: str | os.PathLike, options: WriteOptions)
         save(optimizer, OPTIMIZER)
         if scheduler is not None:
             save(scheduler, SCHEDULER)
+    if scheduler is None:
+        warnings.warn(NO_SCHEDULER.format(where=where), stacklevel=2)

@@ -810,7 +810,7 @@ def read_checkpoint(path: str | os.PathLike, options: ReadOptions = ReadOptions(
     if is_universal(directory):
         groups, params = _read_universal(directory, shapes)
         stage = zero_stage(((model.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")) or 0
-        layout = f"ds_to_universal of ZeRO-{stage}"
+        layout = f"a universal checkpoint of ZeRO-{stage}"  # ds_to_universal's or optstate's own
     else:
         files, stage, groups, params = _read_partitions(directory, shapes, model_file)
         layout = f"ZeRO-{stage}, {len(files)} rank{'s' * (len(files) > 1)}"

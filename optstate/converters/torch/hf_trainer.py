@@ -65,6 +65,7 @@ from .state_dict import state_from_checkpoint
 from .target import (
     TargetModel,
     check_params,
+    in_model_names,
     load_target,
     model_weights,
     optimizer_state_dict,
@@ -454,6 +455,13 @@ def _scheduler_state(checkpoint: TrainerCheckpoint) -> Mapping[str, Any] | None:
 def _model(checkpoint: TrainerCheckpoint, spec: Any) -> torch.nn.Module:
     from .models import load_model  # torch, on the meta device
 
+    if spec is None and not (checkpoint.directory / "config.json").is_file():
+        # optstate's own output over a module:function model has no config.json (the Trainer does not need one)
+        raise FormatError(
+            f"{checkpoint.directory}: no config.json to build the model from, and optimizer.pt does not name its "
+            "parameters: pass --model module:function (the model the Trainer trains, as given to convert --to "
+            "hf-trainer) or a Hugging Face model directory"
+        )
     return load_model(checkpoint.directory if spec is None else spec)
 
 
@@ -804,6 +812,7 @@ class _Checkpoint:
 class _Checked:
     """What the checks settle about a state and the Trainer that resumes it, before anything is assembled."""
 
+    state: OptimizerState  # under the model's names (in_model_names)
     optim: str
     step: int
     schedule: TransformersSchedule
@@ -821,11 +830,12 @@ def _check(state: OptimizerState, path: Path, spec: Any, requested_step: int | N
     schedule, base_lrs = _schedule(state, step, source)
     target, model = load_target(spec)
     target = _in_run_dtype(target, spec)
+    state = in_model_names(state, target, source)  # another trainer's names (a LightningModule's net.fc1.weight)
     require_torch_order(state, target, source)  # the Trainer's groups follow the model's parameters
     split = _trainer_split(state, model, target, source)
     stored = model_weights(state, target, tied_once=True, loader="the Trainer")
     groups = _trainer_groups(state, split, base_lrs, source)
-    return _Checked(optim, step, schedule, split, groups, {name: stored[name] for name in sorted(stored)})
+    return _Checked(state, optim, step, schedule, split, groups, {name: stored[name] for name in sorted(stored)})
 
 
 def _assemble(
@@ -833,7 +843,9 @@ def _assemble(
 ) -> _Checkpoint:
     """The files of the checkpoint, from what :func:`_check` settled."""
     # The Trainer's groups hold no param_names (it builds them from parameters, not named ones).
-    optimizer = optimizer_state_dict(state, list(zip(checked.groups, checked.split, strict=True)), param_names=False)
+    optimizer = optimizer_state_dict(
+        checked.state, list(zip(checked.groups, checked.split, strict=True)), param_names=False
+    )
     base_lr = float(checked.groups[0]["initial_lr"])
     arguments = {
         "optim": checked.optim,

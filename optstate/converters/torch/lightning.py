@@ -74,6 +74,7 @@ class ModuleTarget:
     interval: str = "step"
     frequency: int = 1
     batches_per_epoch: int | None = None
+    hyperparams: tuple[Mapping[str, Any], ...] = ()  # each group's as configure_optimizers builds it
 
     @property
     def source(self) -> str:
@@ -173,6 +174,9 @@ def module_target(module: Any, source: str = "the module") -> ModuleTarget:
         "step" if config is None else config.interval,
         1 if config is None else config.frequency,
         _batches_per_epoch(module),
+        tuple(
+            {k: v for k, v in group.items() if k not in ("params", "param_names")} for group in optimizer.param_groups
+        ),
     )
 
 
@@ -273,6 +277,33 @@ def _refuse_schedule_without_module_scheduler(state: OptimizerState, target: Mod
         )
 
 
+#: Group keys the module's optimizer and the state may differ in: the lr, which the schedule sets (checked
+#: there), and torch's implementation switches, which do not change the update.
+_UNCOMPARED = frozenset({"lr", "initial_lr", "foreach", "fused", "capturable", "differentiable"})
+
+
+def refuse_other_hyperparams(state_group: Mapping[str, Any], module_group: Mapping[str, Any], where: str) -> None:
+    """Refuse a state whose group hyperparameters are not those ``configure_optimizers`` builds: the resumed
+    optimizer's ``load_state_dict`` would silently replace the module's with the state's (a JAX run given
+    ``--hparams`` that decay its biases, where the module does not).
+
+    >>> ours, module = {"lr": 0.1, "weight_decay": 0.1}, {"lr": 0.2, "weight_decay": 0.0}
+    >>> refuse_other_hyperparams(ours, module, "g")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.MappingError: g: weight_decay is 0.0 in the module's configure_optimizers, 0.1 in the state; ...
+    """
+    for key in sorted(set(state_group) & set(module_group) - _UNCOMPARED):
+        ours, theirs = state_group[key], module_group[key]
+        if isinstance(ours, (list, tuple)) and isinstance(theirs, (list, tuple)):
+            ours, theirs = tuple(ours), tuple(theirs)
+        if ours != theirs:
+            raise MappingError(
+                f"{where}: {key} is {theirs!r} in the module's configure_optimizers, {ours!r} in the state; "
+                "Lightning would resume with the state's: give the state's hyperparameters (--hparams) or build "
+                "the module's param groups as the state's"
+            )
+
+
 def optimizer_state(
     state: OptimizerState,
     target: ModuleTarget,
@@ -298,6 +329,8 @@ def optimizer_state(
     for gi, names in enumerate(target.groups):
         ours = [back[n] for n in names]
         hp = state.spec.with_defaults(state.param_groups[_state_group(state, ours, gi, target)])
+        if gi < len(target.hyperparams):
+            refuse_other_hyperparams(hp, target.hyperparams[gi], f"{target.source}: param group {gi} ({names[0]}, ...)")
         groups.append((scheduled_group(hp, gi, scheduler, target.source), ours))
     return optimizer_state_dict(state, groups, renamed)
 

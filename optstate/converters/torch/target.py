@@ -35,6 +35,7 @@ from .state_dict import _FLOAT32_EXACT_STEPS
 __all__ = [
     "TargetModel",
     "base_lr",
+    "in_model_names",
     "load_target",
     "model_names",
     "model_weights",
@@ -197,6 +198,39 @@ def renamed_weights(weights: Mapping[Any, Any], renamed: Mapping[str, str]) -> d
     else:
         removed, added = state_name[: len(state_name) - len(module_name)], ""
     return {added + path_to_name(p).removeprefix(removed): a for p, a in weights.items()}
+
+
+def in_model_names(state: OptimizerState, target: TargetModel, source: str = "the model") -> OptimizerState:
+    """``state`` under the model's names, where one attribute prefix added to (or taken off) every parameter's
+    name makes them the model's trainable ones (:func:`model_names`): a LightningModule's ``net.fc1.weight`` is
+    the bare model's ``fc1.weight``. Weights and buffers take the same prefix. Returned unchanged where the
+    names already agree or no prefix makes them agree (the writer's own checks then name the difference).
+
+    >>> from optstate.schema import ParamInfo
+    >>> s = OptimizerState("sgd", ({"lr": 0.1},), (ParamInfo(("net", "w"), (1,), "float64", 0),),
+    ...     {("momentum", ("net", "w")): np.ones(1)}, {("net", "w"): np.zeros(1)})
+    >>> t = in_model_names(s, TargetModel(("w",), ("w",), {"w": ((1,), "float64")}))
+    >>> t.params[0].path, list(t.slots), list(t.weights)
+    (('w',), [('momentum', ('w',))], [('w',)])
+    """
+    try:
+        renamed = model_names([path_to_name(p.path) for p in state.params], target.trainable, source)
+    except MappingError:
+        return state
+    if all(old == new for old, new in renamed.items()):
+        return state
+    paths = {name_to_path(old): name_to_path(new) for old, new in renamed.items()}
+
+    def moved(tensors: Mapping[Any, Any]) -> dict[Any, Any]:
+        return {name_to_path(n): a for n, a in renamed_weights(tensors, renamed).items()}
+
+    return replace(
+        state,
+        params=tuple(replace(p, path=paths[p.path]) for p in state.params),
+        slots={(slot, paths[path]): a for (slot, path), a in state.slots.items()},
+        weights=None if state.weights is None else moved(state.weights),
+        buffers=tuple(moved(dict.fromkeys(state.buffers))),
+    )
 
 
 def check_params(state: OptimizerState, target: TargetModel, renamed: Mapping[str, str]) -> None:
