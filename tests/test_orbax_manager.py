@@ -4,6 +4,9 @@ format: the latest step by default, ``--step`` to choose, a step directory given
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -175,3 +178,73 @@ def test_a_failed_step_keeps_the_steps_already_there(default_item, tmp_path):
         save_optax_dir(state, tmp_path / "ckpts", step=4)
     assert manager_steps(tmp_path / "ckpts") == [3]
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["3"]
+
+
+# ----------------------------------------------------------------------------- faults, through the command line
+
+
+def _adam_state(values: int) -> optstate.OptimizerState:
+    """An Adam state of two float64 parameters, ``values`` numbers each, with first and second moments."""
+    params = tuple(optstate.ParamInfo((name,), (values,), "float64", 0, 3) for name in ("w", "b"))
+    rng = np.random.default_rng(0)
+    slots = {(slot, p.path): rng.random(values) for slot in ("first_moment", "second_moment") for p in params}
+    return optstate.OptimizerState("adam", ({"lr": 1e-3},), params, slots)
+
+
+def _run_cli(*args: str, file_size_kib: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m optstate ARGS`` in a child process; with ``file_size_kib``, no file it writes may grow past
+    that many KiB (the shell's ``ulimit -f``, SIGXFSZ ignored), so a write fails as on a full disk. A shell
+    sets the limit: a ``preexec_fn`` would fork this multithreaded (JAX) process."""
+    command = [sys.executable, "-m", "optstate", *args]
+    if file_size_kib is not None:
+        command = ["bash", "-c", f'ulimit -f {file_size_kib}; trap "" XFSZ; exec "$@"', "bash", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_a_full_disk_while_writing_orbax_is_one_line_and_leaves_nothing(tmp_path):
+    """The write fails inside Orbax's threads (TensorStore: ``File too large``, as ENOSPC would): one error line
+    naming the output, the array and the OS error; no traceback, no absl log, no temporary directory."""
+    src = tmp_path / "state.safetensors"
+    optstate.save(_adam_state(2000), src)
+    out = tmp_path / "out"
+    done = _run_cli("convert", "--to", "optax", str(src), str(out), file_size_kib=8)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("optstate: error: "), done.stderr
+    assert f"{out}: writing the Orbax checkpoint failed at " in done.stderr
+    assert "File too large (errno 27)" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.safetensors"]
+
+
+def test_a_truncated_orbax_data_file_is_refused_naming_the_array(tmp_path):
+    out = tmp_path / "out"
+    save_optax_dir(_adam_state(2000), out)
+    data = max((out / "ocdbt.process_0" / "d").iterdir(), key=lambda f: f.stat().st_size)
+    with open(data, "r+b") as f:
+        f.truncate(100)
+    done = _run_cli("inspect", str(out))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"optstate: error: {out}: "), done.stderr
+    assert re.search(r"the data of \S+ is cut short: bytes \d+ to \d+ of a data file needed, 100 there", done.stderr)
+
+
+def _largest_data_file(out):
+    return max((out / "ocdbt.process_0" / "d").iterdir(), key=lambda f: f.stat().st_size)
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (
+            lambda out: _largest_data_file(out).unlink(),
+            r"the data of \S+ is missing or cut short",
+        ),
+        (lambda out: (out / "manifest.ocdbt").unlink(), r"tree metadata cannot be read: one of _METADATA, manifest"),
+    ],
+)
+def test_a_damaged_orbax_checkpoint_is_refused_naming_what_is_missing(damage, said, tmp_path, capsys):
+    out = tmp_path / "out"
+    save_optax_dir(_adam_state(2000), out)
+    damage(out)
+    assert main(["inspect", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"optstate: error: {out}: ") and re.search(said, err), err

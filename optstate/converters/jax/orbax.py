@@ -15,7 +15,11 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
+import re
+import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +68,30 @@ def _needs_x64(shapes: Mapping[ParamPath, jax.ShapeDtypeStruct]) -> bool:
     return any(np.dtype(s.dtype).itemsize == 8 for s in shapes.values())
 
 
-class _ArrayWriter(ocp.type_handlers.NumpyHandler):
+class _HeldFailures:
+    """For Orbax's NumPy handlers: a failed write (a full disk) is recorded in ``failures``, not raised, so that
+    Orbax awaits every other write to its end; raised at once, it would abandon them, still writing into the
+    temporary directory after that is removed, each with a traceback. :func:`orbax_write_errors` raises the
+    first after the save."""
+
+    failures: list[BaseException]
+
+    async def _open_and_write(self, value: Any, tspec: dict[str, Any], ts_context: Any) -> None:
+        try:
+            await super()._open_and_write(value, tspec, ts_context)  # type: ignore[misc]
+        except Exception as exc:  # held, and raised by orbax_write_errors once every write has ended
+            self.failures.append(exc)
+
+
+class _ScalarWriter(_HeldFailures, ocp.type_handlers.ScalarHandler):
+    """Orbax's scalar handler (a count, a step), its failures held (:class:`_HeldFailures`)."""
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        super().__init__()
+        self.failures = failures
+
+
+class _ArrayWriter(_HeldFailures, ocp.type_handlers.NumpyHandler):
     """Orbax's NumPy handler, minus what costs memory when a checkpoint is converted from a file:
     it does not deep-copy every array before writing (the default; our arrays are memory maps or
     lazy layout moves that nothing else can modify), and makes a lazy array (``Deferred``: a
@@ -73,9 +100,10 @@ class _ArrayWriter(ocp.type_handlers.NumpyHandler):
 
     IN_FLIGHT = 8  # lazy arrays made and being written at once; measured 5.1 s at 8, 6.8 s at 2 (3 GB)
 
-    def __init__(self, progress: Callable[[int], None] | None) -> None:
+    def __init__(self, progress: Callable[[int], None] | None, failures: list[BaseException] | None = None) -> None:
         super().__init__(deepcopy_host_arrays=False)
         self._progress = progress
+        self.failures = [] if failures is None else failures
         self._slots: asyncio.Semaphore | None = None  # made in Orbax's event loop, on first use
 
     async def _open_and_write(self, value: Any, tspec: dict[str, Any], ts_context: Any) -> None:
@@ -89,15 +117,16 @@ class _ArrayWriter(ocp.type_handlers.NumpyHandler):
             self._progress(value.nbytes)
 
 
-def _checkpointer(progress: Callable[[int], None] | None) -> ocp.Checkpointer:
+def _checkpointer(progress: Callable[[int], None] | None, failures: list[BaseException]) -> ocp.Checkpointer:
     """A PyTree checkpointer that writes arrays with :class:`_ArrayWriter`, uncompressed: zstd holds
     every compressed chunk until the end, and optimizer moments hardly compress."""
-    return ocp.Checkpointer(_tree_handler(progress))
+    return ocp.Checkpointer(_tree_handler(progress, failures))
 
 
-def _tree_handler(progress: Callable[[int], None] | None) -> ocp.PyTreeCheckpointHandler:
-    """The PyTree handler that writes arrays with :class:`_ArrayWriter`, uncompressed."""
-    arrays, scalar = _ArrayWriter(progress), ocp.type_handlers.ScalarHandler()
+def _tree_handler(progress: Callable[[int], None] | None, failures: list[BaseException]) -> ocp.PyTreeCheckpointHandler:
+    """The PyTree handler that writes arrays with :class:`_ArrayWriter`, uncompressed; the writes that fail go
+    to ``failures``."""
+    arrays, scalar = _ArrayWriter(progress, failures), _ScalarWriter(failures)
     registry = ocp.type_handlers.create_type_handler_registry(
         (int, scalar),
         (float, scalar),
@@ -188,7 +217,8 @@ def save_tree(
 
     if step is None:
         with _removed_if_failed(Path(path).parent), atomic_directory(path, force=force, fsync=fsync) as tmp:
-            _checkpointer(progress).save(os.path.abspath(tmp), args=ocp.args.PyTreeSave(tree))
+            with orbax_write_errors(Path(path)) as failures:
+                _checkpointer(progress, failures).save(os.path.abspath(tmp), args=ocp.args.PyTreeSave(tree))
             finish(tmp)
         return
     root = Path(path)
@@ -199,17 +229,123 @@ def save_tree(
     with _removed_if_failed(root), atomic_directory(_step_directory(root, step), force=force, fsync=fsync) as tmp:
         # The step's own CheckpointManager, in the temporary directory's parent: it writes tmp (step, metadata
         # and item), which is then renamed into place beside the root's other steps.
-        manager = ocp.CheckpointManager(
-            os.path.abspath(tmp.parent), item_handlers=_tree_handler(progress), options=_MANAGER_OPTIONS
-        )
-        try:
-            manager.save(step, args=ocp.args.PyTreeSave(tree))
-            manager.wait_until_finished()
-        finally:
-            manager.close()
+        with orbax_write_errors(root / str(step)) as failures:
+            manager = ocp.CheckpointManager(
+                os.path.abspath(tmp.parent), item_handlers=_tree_handler(progress, failures), options=_MANAGER_OPTIONS
+            )
+            try:
+                manager.save(step, args=ocp.args.PyTreeSave(tree))
+                manager.wait_until_finished()
+            finally:
+                manager.close()
         if tmp.name != str(step) or not (tmp / DEFAULT_ITEM).is_dir():
             raise FormatError(f"{root}: Orbax did not write step {step} as {tmp.name}/{DEFAULT_ITEM}")
         finish(tmp / DEFAULT_ITEM)
+
+
+# Orbax's logs while it writes: its background threads log a failure with a traceback before it reaches us.
+_ORBAX_LOGGERS = ("absl", "asyncio")
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+_WRITING = re.compile(r'Error (?:writing|opening "zarr" driver: Error writing) "([^"/]+)')
+_THREADS_GRACE_S = 30.0  # how long a failed write waits for Orbax's own threads to stop writing into tmp
+
+
+class _HeldRecords(logging.Filter):
+    """Holds the records of a logger back: re-emitted if the write succeeds, dropped if it fails (its one
+    error line says it all).
+
+    >>> held = _HeldRecords()
+    >>> held.filter(logging.makeLogRecord({"msg": "x"})), len(held.records)
+    (False, 1)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+def _write_failure(exc: BaseException, path: Path) -> OSError:
+    r"""One line for an error Orbax (TensorStore) raised while writing ``path``: the system's words for the
+    OS error it carries (``os_error_code``: a full disk, a file-size limit), and the array it was writing.
+
+    >>> e = _write_failure(ValueError('Error writing "params.w/0" ...: Failed [os_error_code=\'28\']'), Path("out"))
+    >>> e.errno
+    28
+    >>> print(e)
+    out: writing the Orbax checkpoint failed at params.w: No space left on device (errno 28); nothing was written
+    """
+    code = _OS_ERROR_CODE.search(str(exc))
+    where = _WRITING.search(str(exc))
+    at = f" at {where.group(1)}" if where else ""
+    cause = f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})" if code else f"{type(exc).__name__}: {exc}"
+    failure = OSError(f"{path}: writing the Orbax checkpoint failed{at}: {cause}; nothing was written")
+    failure.errno = int(code.group(1)) if code else None
+    return failure
+
+
+class _QuietClosedLoops:
+    """``sys.unraisablehook`` that drops TensorStore's callbacks into the event loop of an Orbax read or write
+    that has failed (``RuntimeError: Event loop is closed``, one traceback per array still in flight, some
+    before the failure reaches us, some after): a loop closes under them only when the operation failed, and
+    that failure is reported in its one line. Anything else goes to the previous hook."""
+
+    def __init__(self, previous: Callable[[Any], Any]) -> None:
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        self.previous(unraisable)
+
+
+def quiet_closed_loops() -> None:
+    """Keep the stray callbacks of a failed Orbax read or write off the terminal (:class:`_QuietClosedLoops`),
+    from the start of the operation on: they can come before its error does.
+
+    >>> quiet_closed_loops(); type(sys.unraisablehook).__name__
+    '_QuietClosedLoops'
+    """
+    if not isinstance(sys.unraisablehook, _QuietClosedLoops):
+        sys.unraisablehook = _QuietClosedLoops(sys.unraisablehook)
+
+
+@contextlib.contextmanager
+def orbax_write_errors(path: Path) -> Iterator[list[BaseException]]:
+    r"""Run an Orbax write so that a failure is one ``OSError`` line naming ``path``, the array and the OS
+    error (a full disk: ENOSPC), not Orbax's tracebacks from its threads. Yields the list in which the array
+    writers hold their failures (:class:`_HeldFailures`); waits for Orbax's threads before the caller
+    removes the temporary directory, which they would otherwise write into again.
+
+    >>> with orbax_write_errors(Path("out")):
+    ...     raise ValueError('Error writing "mu/0": [os_error_code=\'28\']')
+    Traceback (most recent call last):
+    OSError: out: writing the Orbax checkpoint failed at mu: No space left on device (errno 28); nothing was written
+    """
+    held = _HeldRecords()
+    loggers = [logging.getLogger(name) for name in _ORBAX_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(held)
+    before = set(threading.enumerate())
+    quiet_closed_loops()
+    failures: list[BaseException] = []
+    try:
+        yield failures
+        if failures:
+            raise failures[0]
+    except (ValueError, RuntimeError, OSError) as exc:
+        for thread in set(threading.enumerate()) - before:
+            thread.join(_THREADS_GRACE_S)
+        raise _write_failure(failures[0] if failures else exc, path) from None
+    finally:
+        for logger in loggers:
+            logger.removeFilter(held)
+    for record in held.records:  # the write went through: its warnings are the user's to see
+        logging.getLogger(record.name).handle(record)
 
 
 @contextlib.contextmanager
@@ -369,9 +505,17 @@ def _with_sidecar(state: OptimizerState, written: OptimizerState) -> OptimizerSt
     return dataclasses.replace(state, params=params, metadata=metadata)
 
 
+_PYTREE_FILES = ("_METADATA", "manifest.ocdbt", "d/")  # what Orbax reads a PyTree's metadata from
+
+
 def _restore_as_numpy(directory: Path) -> Any:
     found = ocp.StandardCheckpointer().metadata(os.path.abspath(directory))
     metadata = None if found is None or found.item_metadata is None else found.item_metadata.tree
+    if metadata is None and any((directory / name).exists() for name in _PYTREE_FILES):
+        raise FormatError(
+            f"{directory}: an Orbax checkpoint of one PyTree whose tree metadata cannot be read: one of "
+            f"{', '.join(_PYTREE_FILES)} is damaged or cut short (a truncated copy?)"
+        )
     if metadata is None:
         steps = sorted(p.name for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
         hint = f"; it holds steps {steps[:5]}: name one of them" if steps else ""
@@ -553,10 +697,38 @@ def _tree_directory(path: str | os.PathLike, step: int | None) -> Path:
 
 def _restored_tree(directory: Path) -> Any:
     """The tree in ``directory`` as NumPy arrays, read without a target; an unreadable one refused in one line."""
+    quiet_closed_loops()
     try:
         return _restore_as_numpy(directory)
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise FormatError(f"{directory}: not a readable Orbax checkpoint ({type(exc).__name__}: {exc})") from None
+        raise FormatError(f"{directory}: not a readable Orbax checkpoint ({_read_failure(exc)})") from None
+
+
+_CUT_SHORT = re.compile(
+    r'Error reading "([^"/]+)[^"]*".*Requested byte range \[(\d+), (\d+)\) is not valid for value of size (\d+)'
+)
+_NOT_THERE = re.compile(r'Error reading "([^"/]+)[^"]*".*Not enough data')
+
+
+def _read_failure(exc: BaseException) -> str:
+    """What Orbax could not read, in words: an array whose data file is cut short is named with the bytes it
+    needs and the bytes there; anything else as TensorStore said it.
+
+    >>> _read_failure(ValueError('Error reading "opt_state.mu.w/0.0" in ...: Requested byte range [2048, 4096) '
+    ...     'is not valid for value of size 100'))
+    'the data of opt_state.mu.w is cut short: bytes 2048 to 4096 of a data file needed, 100 there (a truncated copy?)'
+    >>> _read_failure(ValueError('Error reading "opt_state.mu.w/0.0" in ...: Not enough data: expected at least 2048'))
+    'the data of opt_state.mu.w is missing or cut short: a data file is absent or truncated'
+    """
+    absent = _NOT_THERE.search(str(exc))
+    if absent is not None:
+        return f"the data of {absent.group(1)} is missing or cut short: a data file is absent or truncated"
+    short = _CUT_SHORT.search(str(exc))
+    if short is None:
+        return f"{type(exc).__name__}: {exc}"
+    name, start, end, size = short.groups()
+    needed = f"bytes {start} to {end} of a data file needed, {size} there"
+    return f"the data of {name} is cut short: {needed} (a truncated copy?)"
 
 
 def _recorded_hyperparams(skeleton: OptimizerState) -> list[dict[str, Any]]:
