@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import textwrap
 import traceback
@@ -475,6 +476,16 @@ class _BelowError(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+def _reader_went_away() -> int:
+    """The output's reader closed its end (``optstate inspect --json x | head``): stop quietly, as ``cat``
+    does, not with an error about our own output. Standard output is pointed at /dev/null so that the
+    interpreter's flush at exit finds no broken pipe either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 input or conversion error or a verify that
     disagrees, 2 usage).
@@ -490,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("default")
             warnings.showwarning = lambda message, *_, **__: print(f"optstate: warning: {message}", file=sys.stderr)
             return args.run(args)
+    except BrokenPipeError:
+        return _reader_went_away()
     except (OptstateError, OSError) as exc:
         if args.debug:
             traceback.print_exc()

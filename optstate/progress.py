@@ -5,12 +5,15 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any, TextIO
 
 # Quick conversions print nothing: the bar appears once the work has taken this long.
 SHOW_AFTER_S = 2.0
+# No rate (and no time left) is shown before the work has taken this long: a first guess is a wild one.
+MIN_RATE_S = 1.0
 
 
 class Progress:
@@ -62,7 +65,19 @@ class Progress:
             if self._bar is None and time.monotonic() - self.start >= self.delay:
                 self._show()
             if self._bar is not None:
-                self._bar.update(self._task, completed=self.bytes, total=self._total(), tensors=self.tensors)
+                self._bar.update(self._task, completed=self.bytes, total=self._total(), **self._fields())
+
+    def _fields(self) -> dict[str, Any]:
+        """The count, rate and time left the bar shows. The rate is the mean since the work began, not
+        rich's rate over its last updates: writers and ``verify`` report in bursts (a chunk's tensors
+        microseconds apart), which rich would read as hundreds of GB/s and a second left."""
+        elapsed = time.monotonic() - self.start
+        rate = self.bytes / elapsed if self.bytes and elapsed >= MIN_RATE_S else None
+        return {
+            "tensors": self.tensors,
+            "rate": "?" if rate is None else f"{_size(rate)}/s",
+            "left": _clock(None if rate is None else (self._total() - self.bytes) / rate),
+        }
 
     def _total(self) -> int:
         """The estimate, or what was written where a writer wrote more: the bar never passes 100%."""
@@ -76,8 +91,6 @@ class Progress:
             Progress,
             TaskProgressColumn,
             TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
         )
 
         self._bar = Progress(
@@ -85,13 +98,12 @@ class Progress:
             BarColumn(),
             TaskProgressColumn(),
             DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
+            TextColumn("[progress.data.speed]{task.fields[rate]}"),
+            TextColumn("[progress.remaining]{task.fields[left]}"),
             TextColumn("{task.fields[tensors]} " + self.unit),
             console=Console(file=self.stream),
         )
-        # No time left is shown until two updates give a rate (rich's own rule), so no wild first estimate.
-        self._task = self._bar.add_task(self.label, total=self._total(), tensors=0)
+        self._task = self._bar.add_task(self.label, total=self._total(), **self._fields())
         self._bar.start()
 
     def line(self) -> str:
@@ -112,8 +124,20 @@ class Progress:
         if finished:
             self.total_bytes = self.bytes  # what was written is the total, whatever the estimate said
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.bytes, total=self._total(), tensors=self.tensors)
+            self._bar.update(self._task, completed=self.bytes, total=self._total(), **self._fields())
             self._bar.stop()
+
+
+def _clock(seconds: float | None) -> str:
+    """Time left as ``H:MM:SS``; ``-:--:--`` while unknown.
+
+    >>> _clock(None), _clock(0.2), _clock(3725)
+    ('-:--:--', '0:00:01', '1:02:05')
+    """
+    if seconds is None:
+        return "-:--:--"
+    whole = math.ceil(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def _size(nbytes: float) -> str:

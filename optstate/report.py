@@ -195,7 +195,7 @@ def inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
         if state.weights is None
         else _weights_facts({path_to_name(p): (a.shape, p in state.buffers) for p, a in state.weights.items()})
     )
-    return _report(
+    report = _report(
         path,
         fmt,
         state,
@@ -206,6 +206,10 @@ def inspect_state(path: str, fmt: str, state: OptimizerState) -> Report:
         lr_scheduler=state.metadata.lr_scheduler is not None,
         frozen=[path_to_name(p) for p in state.frozen_paths()],
     )
+    if state.metadata.nonfinite is None:
+        return report
+    # Recorded by --allow-nonfinite when this file was written: the file says so, and so must inspect.
+    return dataclasses.replace(report, notes=(*report.notes, state.metadata.nonfinite))
 
 
 def _torch_names(

@@ -631,6 +631,7 @@ def verify(
     dst_state = api.read(dst, dst_format, **read_options)
     dst_framework = _framework_of(dst_format, src_framework, dst_state)
     _require(dst_framework, dst)
+    src_state, dst_state = (_schedule_horizon(state, steps) for state in (src_state, dst_state))
     sides = (_side(src, src_format, src_state, src_framework), _side(dst, dst_format, dst_state, dst_framework))
     views = [side.in_torch_layout() for side in sides]
     _check_same_parameters(views[0], views[1], (src, dst))
@@ -657,6 +658,25 @@ def verify(
         "random" if model_data is None else (model_data if isinstance(model_data, str) else "gradients function"),
         tuple(checks),
     )
+
+
+def _schedule_horizon(state: OptimizerState, steps: int) -> OptimizerState:
+    """``state`` with an LR schedule's horizon where it records none: the ``steps`` steps verify runs.
+
+    A schedule that never settles is a table in Optax that needs an end (``convert --horizon``); a canonical
+    file may keep the torch scheduler without one, and verify runs only a few steps past it.
+
+    >>> from optstate.schema import ParamInfo
+    >>> s = OptimizerState("adam", ({"lr": 0.1},), (ParamInfo(("w",), (1,), "float64", 0, 5),), {})
+    >>> _schedule_horizon(s.with_metadata(lr_scheduler={"last_epoch": 5}), 3).metadata.lr_horizon
+    8
+    >>> _schedule_horizon(s, 3).metadata.lr_horizon is None  # no scheduler: nothing to end
+    True
+    """
+    scheduler = state.metadata.lr_scheduler
+    if scheduler is None or state.metadata.lr_horizon is not None:
+        return state
+    return state.with_metadata(lr_horizon=last_epoch(scheduler) + steps)
 
 
 def _verify_chunk(

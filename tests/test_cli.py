@@ -249,3 +249,33 @@ def test_a_directory_that_is_not_a_checkpoint_is_one_line(tmp_path):
     assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr  # no absl WARNING lines from Orbax
     assert run.stderr.startswith("optstate: error: ") and "notes" in run.stderr
     assert "WARNING:absl" in run_optstate("inspect", str(tmp_path / "notes"), "--debug").stderr
+
+
+def test_advice_on_the_command_line_names_its_flags_not_library_keywords(tmp_path, capsys):
+    model = TinyNet(frozen=True)  # fc1.bias frozen: 3 tensors in the optimizer, 4 in the weights
+    unnamed = [p for p in model.parameters() if p.requires_grad]
+    for name, groups in (
+        ("one.pt", [{"params": unnamed}]),
+        ("two.pt", [{"params": unnamed[:1]}, {"params": unnamed[1:]}]),
+    ):
+        opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+        torch_train(model, opt, range(2))
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / name)
+    assert main(["convert", str(tmp_path / "one.pt"), str(tmp_path / "one.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "--model module:function" in err and "or pass model=" not in err, err
+    assert main(["convert", str(tmp_path / "two.pt"), str(tmp_path / "two.safetensors")]) == 1
+    err = capsys.readouterr().err  # --model cannot order two groups: the advice is the Python call, said as such
+    assert "in Python: optstate.from_torch(optimizer, model=model)" in err and "with model=\n" not in err, err
+
+
+def test_a_reader_that_stops_early_gets_no_error_line(ckpt):
+    path, _, _ = ckpt  # optstate inspect --json ckpt.pt | head -1: the reader has gone before optstate prints
+    process = subprocess.Popen(
+        [sys.executable, "-m", "optstate", "inspect", "--json", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 1 and stderr == "", stderr

@@ -125,3 +125,16 @@ def test_silent_off_a_terminal_and_before_the_delay():
         bar(1000)
         bar.close()
         assert bar.stream.getvalue() == "" and not bar.shown
+
+
+def test_a_burst_of_tensors_gives_the_mean_rate_not_a_wild_one():
+    # Orbax finishes many tensors at once, verify a chunk's checks: microseconds apart. Rich's own rate
+    # over its last updates read such a burst as hundreds of GB/s with a second left.
+    bar = Progress(total_bytes=32 * 10**6, total_tensors=32, stream=Terminal(), delay=0)
+    bar.start -= 2.0  # the work began two seconds ago
+    for _ in range(16):
+        bar(10**6)
+    bar.close(finished=False)
+    last = screen_lines(bar.stream.getvalue())[-1]
+    rate, left = re.search(r"([\d.]+ [kMG]?B/s) (\d+:\d\d:\d\d)", last).groups()
+    assert rate in ("8.0 MB/s", "7.9 MB/s") and left == "0:00:03", last  # 16 MB in 2 s; 16 MB to go

@@ -393,6 +393,7 @@ def test_allow_nonfinite_converts_a_diverged_run_and_records_it(tmp_path):
     assert state.slots[("second_moment", ("weight",))][0, 0] == -1e-12
     assert np.isnan(state.slots[("first_moment", ("bias",))][0])
     assert main(["convert", str(path), str(tmp_path / "t.safetensors"), "--allow-nonfinite"]) == 0
+    assert state.metadata.nonfinite in optstate.inspect(out).notes  # what the file records, inspect shows
 
 
 def test_a_state_that_never_stepped_says_the_output_is_fresh(tmp_path):

@@ -281,3 +281,17 @@ def test_an_optax_only_family_runs_in_optax_on_both_sides(tmp_path):
     optstate.convert(tmp_path / "s.safetensors", f"{tmp_path}/out/")
     report = optstate.verify(tmp_path / "s.safetensors", f"{tmp_path}/out/")
     assert report and (report.src_framework, report.dst_framework) == ("optax", "optax")
+
+
+def test_a_canonical_file_with_a_schedule_that_never_settles_verifies_without_a_horizon(tmp_path, capsys):
+    # The canonical file keeps torch's StepLR as it is (convert needs no --horizon to write it); run in Optax its
+    # schedule is a table that needs an end, and verify has no --horizon: it runs only its own few steps past it.
+    ckpt = checkpoint(
+        tmp_path / "c.pt",
+        lambda named: torch.optim.Adam(named, lr=0.05),
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+    )
+    out = tmp_path / "s.safetensors"
+    assert main(["convert", str(ckpt), str(out), "--verify"]) == 0, capsys.readouterr().err
+    assert "agrees" in capsys.readouterr().out
+    assert optstate.verify(ckpt, out, steps=5)

@@ -290,14 +290,16 @@ def _align_by_position(
         raise MappingError(
             f"the optimizer tracks {count} tensors and {origin} has {len(candidates)} trainable tensors, so "
             "parameter names cannot be inferred by position; save the optimizer with param_names "
-            "(build it from model.named_parameters()) or pass model= with requires_grad set as in training"
+            "(build it from model.named_parameters()) or pass the model (--model module:function, model= in Python) "
+            "with requires_grad set as in training"
         )
     for index, (shape, (name, expected)) in enumerate(zip(shapes, candidates, strict=True)):
         if shape is not None and shape != expected:
             raise MappingError(
                 f"optimizer tensor {index} has state of shape {list(shape)} but {origin}'s tensor {index} "
                 f"({name}) has shape {list(expected)}: the optimizer was not built from the model's parameters "
-                "in registration order; save it with param_names or pass model="
+                "in registration order; save it with param_names, or pass the model "
+                "(--model module:function, model= in Python) with requires_grad set as in training"
             )
     return [name for name, _ in candidates]
 
@@ -351,7 +353,8 @@ def param_names(
     else:
         warnings.warn(
             f"{source}: the optimizer has no param_names and no model weights are known; parameters "
-            "are named by position ('0', '1', ...); pass model= to name them",
+            "are named by position ('0', '1', ...); pass the model (--model module:function, model= in Python) "
+            "to name them",
             stacklevel=3,
         )
         return [str(i) for i in range(count)]
@@ -359,7 +362,8 @@ def param_names(
         raise MappingError(
             f"{source}: the optimizer has {len(groups)} param groups and no param_names; the order of the "
             "groups' tensors cannot be matched to the model by position; save the optimizer with param_names "
-            "(build it from model.named_parameters()) or convert the live optimizer with model="
+            "(build its groups from model.named_parameters()), or convert the live optimizer in Python: "
+            "optstate.from_torch(optimizer, model=model)"
         )
     return _align_by_position(count, _state_shapes(sd, spec), candidates, origin)
 
@@ -503,7 +507,7 @@ def _state_from_state_dict(
             else:
                 raise MappingError(
                     f"{where}: no state and no weight, so its shape is unknown; "
-                    "pass the model (model=) or a checkpoint holding the weights"
+                    "pass the model (--model module:function, model= in Python) or a checkpoint holding the weights"
                 )
             params.append(ParamInfo(path, shape, dtype, gi, step))
             slots.update({(slot, path): array for slot, array in param_slots.items()})
