@@ -191,6 +191,10 @@ def _input_files(src: Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
+class InputChangedError(FormatError):
+    """An input file changed while a conversion read it."""
+
+
 class InputSnapshot:
     """The identity (device, inode, size, modification and change times) of every file a conversion reads,
     taken before it reads them; :meth:`check` refuses, naming the file, when one has changed since: an
@@ -222,7 +226,7 @@ class InputSnapshot:
             if after != before and not (self.directory and after is None):
                 what = _what_changed(before, after)
                 because = f"; the read failed with: {cause}" if cause is not None else ""
-                raise FormatError(
+                raise InputChangedError(
                     f"{path} changed while it was read ({what}){because}; the output was not written: "
                     "convert it again once nothing writes to it (a trainer saving, a copy in progress)"
                 )
@@ -256,6 +260,8 @@ def unchanged_inputs(src: str | os.PathLike) -> Iterator[InputSnapshot]:
     with atomic.checked_before_commit(snapshot.check):
         try:
             yield snapshot
+        except InputChangedError:
+            raise  # the check before the rename found it: said once
         except (OptstateError, OSError) as exc:
             snapshot.check(cause=exc)
             raise

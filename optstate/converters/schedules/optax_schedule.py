@@ -164,7 +164,8 @@ def _table_end(tree: ParsedScheduler, node: SchedulerReplay, horizon: int | None
     if limit is None:
         raise UnsupportedError(
             f"{tree.name}: its learning rate never stops changing, so the schedule is a table that needs an end: "
-            f"pass horizon=<the largest step count you will train to> (exact up to it, refused beyond)"
+            "pass --horizon N (horizon= in Python), the largest step count you will train to "
+            "(exact up to it, refused beyond)"
         )
     return limit
 
@@ -191,7 +192,8 @@ def _lrs_from_saved_state(tree: ParsedScheduler, node: SchedulerReplay, end: int
     while not node.frozen() and (end is None or count < end):
         if count - tree.epoch >= MAX_TABLE:
             raise UnsupportedError(
-                f"{tree.name}: more than {MAX_TABLE} steps before the lr settles; pass a smaller horizon="
+                f"{tree.name}: more than {MAX_TABLE} steps before the lr settles; "
+                "pass a smaller --horizon (horizon= in Python)"
             )
         node.step(lrs)
         rows.append(list(lrs))
