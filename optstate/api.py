@@ -14,7 +14,7 @@ from . import atomic
 from .converters import formats
 from .converters.formats import ReadOptions, WriteOptions
 from .converters.layout.targets import relayout
-from .errors import FormatError, OptstateError
+from .errors import InputChangedError, OptstateError
 from .schema import OptimizerState
 from .schema.fileformat import INDEX_SUFFIX, refuse_special_file, shard_pattern, strict_json_loads
 from .schema.state import allowing_nonfinite, state_warnings
@@ -191,10 +191,6 @@ def _input_files(src: Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class InputChangedError(FormatError):
-    """An input file changed while a conversion read it."""
-
-
 class InputSnapshot:
     """The identity (device, inode, size, modification and change times) of every file a conversion reads,
     taken before it reads them; :meth:`check` refuses, naming the file, when one has changed since: an
@@ -210,7 +206,7 @@ class InputSnapshot:
     >>> _ = f.write_bytes(b"three")
     >>> snapshot.check()  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    optstate.errors.FormatError: .../c.pt changed while it was read (size 3 -> 5 bytes, ...); ...
+    optstate.errors.InputChangedError: .../c.pt changed while it was read (size 3 -> 5 bytes, ...); ...
     """
 
     identities: tuple[tuple[Path, Identity | None], ...]
@@ -254,7 +250,7 @@ def unchanged_inputs(src: str | os.PathLike) -> Iterator[InputSnapshot]:
     ...     _ = f.write_bytes(b"three")
     ...     raise OSError(14, "Bad address")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    optstate.errors.FormatError: .../c.pt changed while it was read (...); the read failed with: [Errno 14] ...
+    optstate.errors.InputChangedError: .../c.pt changed while it was read (...); the read failed with: [Errno 14] ...
     """
     snapshot = InputSnapshot.take(src)
     with atomic.checked_before_commit(snapshot.check):

@@ -131,6 +131,8 @@ def _run_verify(args: argparse.Namespace, src: str, dst: str, dst_format: str | 
             steps=args.verify_steps,
             seed=args.seed,
             model_data=args.model_data,
+            target_params=args.target_params,
+            mapping=args.mapping,
             progress=progress,
             **_read_fields(args),
         )
@@ -364,6 +366,13 @@ def _add_verify(sub: Any) -> None:
     v.add_argument("dst", help="its conversion")
     _add_reading_arguments(v)
     v.add_argument("--to", dest="dst_format", choices=formats.names(), help="DST's format (default: from the name)")
+    v.add_argument(
+        "--target-params",
+        metavar="PARAMS",
+        help="the --target-params the conversion was made with, where SRC is a Flax checkpoint in names and a "
+        "layout of its own converted to a torch model's",
+    )
+    v.add_argument("--mapping", metavar="FILE", help="the --mapping the conversion was made with")
     _add_verify_arguments(v)
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument("--quiet", action="store_true", help="no progress bar (it appears only on a terminal)")

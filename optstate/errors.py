@@ -11,6 +11,10 @@ class FormatError(OptstateError):
     """An input file or object is malformed, truncated, unsafe or inconsistent."""
 
 
+class InputChangedError(FormatError):
+    """An input file changed while a conversion read it."""
+
+
 class UnsupportedError(OptstateError):
     """The state uses a feature that has no exact counterpart in the target."""
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import api
 from .converters import OPTAX, TORCH, Framework, adapter, call_user_function, formats
-from .converters.layout.moves import Layout, revert_layout
+from .converters.layout.moves import Layout, problem_list, revert_layout
 from .converters.schedules.torch_schedulers import group_lrs, last_epoch
 from .errors import MappingError, OptstateError, UnsupportedError
 from .schema.state import OptimizerState, ParamInfo, ParamPath, numpy_dtype, path_to_name
@@ -241,9 +241,33 @@ def _require(framework: str, path: str) -> None:
     _FRAMEWORKS[framework].require(f"verifying {path} (run in {framework})")
 
 
-def _side(path: str, fmt: str, state: OptimizerState, framework: str) -> _Side:
-    layout = None if state.metadata.layout is None else Layout.from_json(state.metadata.layout)
-    return _Side(path, fmt, framework, state, layout)
+def _side(path: str, fmt: str, state: OptimizerState, framework: str, given: Layout | None) -> _Side:
+    """A side, in Flax's layout where its state records the move, or where its parameters are where the
+    move ``given`` (the conversion's ``--target-params``/``--mapping``) puts them."""
+    if state.metadata.layout is not None:
+        return _Side(path, fmt, framework, state, Layout.from_json(state.metadata.layout))
+    return _Side(path, fmt, framework, state, given if given is not None and _in_flax_layout(state, given) else None)
+
+
+def _in_flax_layout(state: OptimizerState, layout: Layout) -> bool:
+    """Whether ``state``'s parameters sit where ``layout``'s moves put torch's (a Flax checkpoint of its own)."""
+    paths = {p.path for p in state.params}
+    targets = {m.target for m in layout.moves}
+    return bool(paths & targets) and not paths & ({m.source for m in layout.moves} - targets)
+
+
+def _conversion_layout(state: OptimizerState, target_params: Any, mapping: str | None) -> Layout | None:
+    """The layout move a conversion of ``state`` made with ``--target-params`` or ``--mapping``, as it made it."""
+    if mapping is not None:
+        return Layout.read(mapping)
+    if target_params is None:
+        return None
+    from .converters.layout.targets import plan
+
+    layout, problems = plan(state, target_params)
+    if problems:
+        raise MappingError(problem_list(problems))
+    return layout
 
 
 # ----------------------------------------------------------------------------- running a side
@@ -517,10 +541,14 @@ def _check_same_parameters(src: OptimizerState, dst: OptimizerState, names: tupl
     mine, theirs = {p.path: p for p in src.params}, {p.path: p for p in dst.params}
     only = sorted(set(mine) ^ set(theirs))
     if only:
-        where = names[0] if only[0] in mine else names[1]
+        here, there = (names, (mine, theirs)) if only[0] in mine else (names[::-1], (theirs, mine))
+        others = sorted(path_to_name(p) for p in set(there[1]) - set(there[0]))
         raise MappingError(
-            f"{path_to_name(only[0])} is tracked in {where} only"
+            f"{path_to_name(only[0])} is tracked in {here[0]} only"
             + (f" (and {len(only) - 1} more parameters differ)" if len(only) > 1 else "")
+            + (f"; {here[1]} has {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}" if others else "")
+            + ": where the conversion moved them to another model's names, pass the --target-params or "
+            "--mapping it was made with"
         )
     for path, info in mine.items():
         if (info.shape, info.dtype) != (theirs[path].shape, theirs[path].dtype):
@@ -592,6 +620,8 @@ def verify(
     steps: int = 3,
     seed: int = 0,
     model_data: str | Gradients | None = None,
+    target_params: Any = None,
+    mapping: str | None = None,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     **read_options: Any,
@@ -604,7 +634,9 @@ def verify(
     (or the function it returns) giving ``gradients(params, step)``: each parameter's gradient by torch
     name, at those parameters (``{name: array}``, torch's layout). ``read_options`` are the reading
     options of both checkpoints (``optimizer=``, ``hyperparams=``, ``model=``, ...: see
-    :class:`optstate.converters.formats.ReadOptions`). Parameters run ``max_chunk_bytes`` at a time.
+    :class:`optstate.converters.formats.ReadOptions`). ``target_params`` and ``mapping`` are those the
+    conversion was made with, for a Flax checkpoint in names and a layout of its own (``Dense_0/kernel``)
+    converted to a torch model's. Parameters run ``max_chunk_bytes`` at a time.
     ``progress(total_bytes, total_count)``, once both are read, returns a callback called with each
     parameter's byte count as it finishes a step (``steps`` calls per parameter). Torch to torch and Optax to Optax run
     both in the one framework.
@@ -632,7 +664,11 @@ def verify(
     dst_framework = _framework_of(dst_format, src_framework, dst_state)
     _require(dst_framework, dst)
     src_state, dst_state = (_schedule_horizon(state, steps) for state in (src_state, dst_state))
-    sides = (_side(src, src_format, src_state, src_framework), _side(dst, dst_format, dst_state, dst_framework))
+    given = _conversion_layout(src_state, target_params, mapping)
+    sides = (
+        _side(src, src_format, src_state, src_framework, given),
+        _side(dst, dst_format, dst_state, dst_framework, given),
+    )
     views = [side.in_torch_layout() for side in sides]
     _check_same_parameters(views[0], views[1], (src, dst))
     tallies = {p.path: Tally(path_to_name(p.path), p.dtype) for p in views[0].params}

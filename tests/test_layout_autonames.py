@@ -569,3 +569,17 @@ def test_torch_names_onto_numbered_flax_modules(tmp_path):
             mu.T if transposed else mu,
             err_msg=name,
         )
+
+
+def test_verify_follows_the_pairing_the_conversion_made(tmp_path):
+    _trained(FlaxMLP, tmp_path)
+    src, out_pt, target = str(tmp_path / "jax"), str(tmp_path / "out.pt"), "test_layout_autonames:torch_mlp"
+    code, out = run("convert", "--to", "torch", src, out_pt, *READING, "--target-params", target, "--verify")
+    assert code == 0 and "agrees: 4 parameter(s) of AdamW" in out, out
+    code, out = run("map", src, *READING, "--target-params", target, "-o", str(tmp_path / "m.json"))
+    assert code == 0, out
+    code, out = run("verify", src, out_pt, *READING, "--mapping", str(tmp_path / "m.json"), "--quiet")
+    assert code == 0 and "agrees" in out, out
+    # Without the pairing the two name different parameters: refused, not compared.
+    code, out = run("verify", src, out_pt, *READING, "--quiet")
+    assert code == 1 and "Dense_0" in out, out
