@@ -256,6 +256,16 @@ def _in_flax_layout(state: OptimizerState, layout: Layout) -> bool:
     return bool(paths & targets) and not paths & ({m.source for m in layout.moves} - targets)
 
 
+def _under_names_of(state: OptimizerState, reference: OptimizerState) -> OptimizerState:
+    """``state`` under ``reference``'s parameter names where one attribute prefix added to (or taken off) every
+    name makes them agree: a trainer's output names a LightningModule's ``net.fc1.weight``, the JAX run
+    ``fc1.weight``. Unchanged otherwise (the names are then compared as they are)."""
+    from .converters.torch.target import TargetModel, in_model_names
+
+    names = tuple(path_to_name(p.path) for p in reference.params)
+    return in_model_names(state, TargetModel(names, names, {}))
+
+
 def _conversion_layout(state: OptimizerState, target_params: Any, mapping: str | None) -> Layout | None:
     """The layout move a conversion of ``state`` made with ``--target-params`` or ``--mapping``, as it made it."""
     if mapping is not None:
@@ -665,6 +675,8 @@ def verify(
     _require(dst_framework, dst)
     src_state, dst_state = (_schedule_horizon(state, steps) for state in (src_state, dst_state))
     given = _conversion_layout(src_state, target_params, mapping)
+    if given is None:
+        dst_state = _under_names_of(dst_state, src_state)
     sides = (
         _side(src, src_format, src_state, src_framework, given),
         _side(dst, dst_format, dst_state, dst_framework, given),

@@ -5,6 +5,7 @@ run read and written back, and an Optax AdamW run trained in JAX; and what is re
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import jax
@@ -25,6 +26,7 @@ jax.config.update("jax_enable_x64", True)
 
 STEPS, MORE = 4, 4  # steps before the checkpoint, steps after it
 TOL = 1e-12
+HPARAMS = {"lr": 0.05, "weight_decay": 0.1}  # the JAX run's optax.adamw, in torch's names
 HERE = "test_trainer_lightning_write"  # tests/ is on sys.path (pyproject's pythonpath)
 pytestmark = pytest.mark.filterwarnings("ignore")  # Lightning's own warnings about a tiny CPU run
 
@@ -258,8 +260,11 @@ def test_an_optax_adamw_run_resumes_exactly_in_lightning(tmp_path):
     never_stopped, _ = _optax_run(range(MORE), params, opt_state, tx)
 
     out = tmp_path / "from-jax.ckpt"
-    hparams = ["--optimizer", "adamw", "--hparams", '{"lr": 0.05, "weight_decay": 0.1}']
+    hparams = ["--optimizer", "adamw", "--hparams", json.dumps(HPARAMS)]
     assert _convert(tmp_path / "jax", out, "make_constant", "--from", "optax", *hparams) == 0
+    # verify matches the module's net.fc... to the JAX tree's fc... (one attribute prefix), then runs both
+    report = optstate.verify(tmp_path / "jax", out, dst_format="lightning", optimizer="adamw", hyperparams=HPARAMS)
+    assert report and len(report.params) == len(params), report.format()
     module, trainer = _fit(make_constant, STEPS + MORE, ckpt_path=out)
     assert trainer.global_step == STEPS + MORE and trainer.current_epoch == STEPS + MORE
     _assert_close(_weights(module), {f"net.{k}": np.asarray(v) for k, v in never_stopped.items()})
