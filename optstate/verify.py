@@ -36,7 +36,7 @@ from .converters import OPTAX, TORCH, Framework, adapter, call_user_function, fo
 from .converters.layout.moves import Layout, problem_list, revert_layout
 from .converters.schedules.torch_schedulers import group_lrs, last_epoch
 from .errors import MappingError, OptstateError, UnsupportedError
-from .schema.state import OptimizerState, ParamInfo, ParamPath, numpy_dtype, path_to_name
+from .schema.state import OptimizerState, ParamInfo, ParamPath, allowing_nonfinite, numpy_dtype, path_to_name
 
 # The framework a format's checkpoint is run in; the canonical file (not here) runs in the framework the
 # other side does not, so that a conversion is checked across frameworks.
@@ -688,7 +688,8 @@ def verify(
     tick = None
     if progress is not None:
         tick = progress(steps * sum(_nbytes(p) for p in views[0].params), steps * len(views[0].params))
-    with _x64(sides):
+    # A diverged run converted on purpose keeps its NaN (or negative moments) while it runs, too.
+    with _x64(sides), allowing_nonfinite(read_options.get("allow_nonfinite", False)):
         for infos in chunks:
             _verify_chunk(sides, views, infos, steps, seed, gradients, tallies, tick)
     checks = sorted(
