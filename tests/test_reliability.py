@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import struct
 import time
@@ -211,6 +212,41 @@ def test_an_output_whose_header_was_damaged_before_its_rename_is_refused(tmp_pat
     with pytest.raises(FormatError, match=r"s\.safetensors: the file written does not read back"):
         optstate.convert(adam_checkpoint(tmp_path / "ckpt.pt"), out)
     assert not out.exists()
+
+
+def test_a_torch_output_changed_before_its_rename_is_refused(tmp_path, monkeypatch):
+    write_tensor = ptfile._ZipWriter.write_tensor
+
+    def and_then_corrupted(self, tensor):  # another process flips the tensor's last byte, before its descriptor
+        write_tensor(self, tensor)
+        if tensor.nbytes:
+            at = self.offset - 16 - 1  # the data descriptor: signature, CRC-32, two 32-bit sizes
+            os.pwrite(self.fd, bytes([os.pread(self.fd, 1, at)[0] ^ 0xFF]), at)
+
+    monkeypatch.setattr(ptfile._ZipWriter, "write_tensor", and_then_corrupted)
+    out = tmp_path / "out.pt"
+    with pytest.raises(
+        FormatError, match=r"out\.pt: record archive/data/\d+ reads back with checksum [0-9a-f]{16}, "
+    ) as e:
+        optstate.convert(adam_checkpoint(tmp_path / "ckpt.pt"), out, dst_format="torch")
+    assert "\n" not in str(e.value)
+    assert not out.exists() and left_behind(tmp_path) == []
+
+
+def test_a_torch_output_losing_a_record_before_its_rename_is_refused(tmp_path, monkeypatch):
+    finish = ptfile._ZipWriter.finish
+
+    def with_a_record_dropped(self):  # the directory written without its last entry
+        self.central.pop()
+        finish(self)
+
+    monkeypatch.setattr(ptfile._ZipWriter, "finish", with_a_record_dropped)
+    out = tmp_path / "out.pt"
+    with pytest.raises(
+        FormatError, match=r"out\.pt: the file written (reads back with other records|does not read back)"
+    ):
+        ptfile.save({"w": np.arange(3.0)}, out)
+    assert not out.exists() and left_behind(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- 3. --force over a sharded output
@@ -622,3 +658,70 @@ def test_fuzz_the_dcp_metadata(tmp_path_factory, valid_dcp, edits, cut):
     data = mutated((valid_dcp / ".metadata").read_bytes(), edits)
     (d / ".metadata").write_bytes(data[: max(1, cut % (len(data) + 1))] if cut % 3 == 0 else data)
     only_our_errors(lambda p: read(p, "dcp"), d)
+
+
+@pytest.fixture(scope="module")
+def valid_orbax(tmp_path_factory) -> Path:
+    pytest.importorskip("orbax.checkpoint")
+    d = tmp_path_factory.mktemp("orbax")
+    optstate.convert(adam_checkpoint(d / "ckpt.pt", width=2), d / "orbax", dst_format="optax")
+    return d / "orbax"
+
+
+def json_replaced(data: bytes, pick) -> bytes:
+    """``data`` (JSON) with one value somewhere in it (the whole document, at the least) replaced by any JSON value."""
+    document = json.loads(data)
+    parent, key, node = None, None, document
+    while isinstance(node, dict | list) and node and pick.draw(st.booleans()):
+        parent, key = node, pick.draw(st.sampled_from(list(node) if isinstance(node, dict) else range(len(node))))
+        node = node[key]
+    value = pick.draw(json_values)
+    if parent is None:
+        return json.dumps(value).encode()
+    parent[key] = value
+    return json.dumps(document).encode()
+
+
+# Found by the fuzzer below: each was a traceback (UnicodeDecodeError; AttributeError or TypeError from a field
+# of the wrong JSON type; AttributeError from Orbax's parser).
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("optstate.json", b"\x80{}"),
+        ("optstate.json", b'{"format_version": 1, "optimizer": null}'),
+        ("optstate.json", b'{"format_version": 1, "buffers": [[[]]]}'),
+        ("_METADATA", b"null"),
+        ("_METADATA", b'{"tree_metadata": null}'),
+    ],
+)
+def test_orbax_metadata_of_the_wrong_shape_is_refused_in_one_line(tmp_path, valid_orbax, name, content):
+    d = tmp_path / "orbax"
+    shutil.copytree(valid_orbax, d)
+    (d / name).write_bytes(content)
+    with pytest.raises(FormatError) as e:
+        read(d)
+    assert "\n" not in str(e.value) and str(d) in str(e.value)
+
+
+ORBAX_METADATA = ("optstate.json", "_CHECKPOINT_METADATA", "_METADATA")
+
+
+@FUZZ
+@given(
+    name=st.sampled_from(ORBAX_METADATA),
+    edits=edits,
+    cut=st.integers(0, 1 << 20),
+    mode=st.integers(0, 2),
+    pick=st.data(),
+)
+def test_fuzz_the_orbax_metadata(tmp_path_factory, valid_orbax, name, edits, cut, mode, pick):
+    d = tmp_path_factory.mktemp("o") / "orbax"
+    shutil.copytree(valid_orbax, d)
+    data = (valid_orbax / name).read_bytes()
+    if mode == 0:
+        data = json_replaced(data, pick)
+    elif mode == 1:
+        data = mutated(data, edits)
+    (d / name).write_bytes(data[: max(1, cut % (len(data) + 1))] if cut % 3 == 0 or mode == 2 else data)
+    only_our_errors(read, d)
+    only_our_errors(optstate.inspect, d)

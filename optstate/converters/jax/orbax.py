@@ -388,7 +388,7 @@ def _skeleton(meta: Mapping[str, Any], source: str) -> OptimizerState:
                 for s in meta["slots"]
             }
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise FormatError(f"{source}: malformed optstate metadata ({type(exc).__name__}: {exc})") from None
     return state_from_metadata(meta, arrays, source)
 
@@ -401,13 +401,73 @@ def _read_sidecar(directory: Path) -> dict[str, Any] | None:
     sidecar = directory / SIDECAR
     if not sidecar.is_file():
         return None
-    try:
-        meta = strict_json_loads(sidecar.read_text(), os.fspath(sidecar))
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{sidecar}: not valid JSON ({exc})") from exc
+    try:  # found by fuzzing: a byte that is not UTF-8 raised UnicodeDecodeError from read_text
+        meta = strict_json_loads(sidecar.read_text(encoding="utf-8"), os.fspath(sidecar))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{sidecar}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise FormatError(f"{sidecar}: not an optstate metadata object")
+    _check_sidecar_shape(meta, sidecar)
     return meta
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(c, str) or _is_int(c) for c in value)
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(n) and n >= 0 for n in value)
+
+
+def _records(value: Any, fields: Mapping[str, Callable[[Any], bool]]) -> bool:
+    """Whether ``value`` is a list of objects whose ``fields`` (those present: a missing one is named later,
+    by the KeyError it raises) pass their checks."""
+    return isinstance(value, list) and all(
+        isinstance(r, dict) and all(ok(r[k]) for k, ok in fields.items() if k in r) for r in value
+    )
+
+
+# What each field of optstate.json must be, as optstate writes it: found by fuzzing, a value of another JSON
+# type (an optimizer of null, a buffer path of lists) ended in an AttributeError or TypeError traceback.
+_SIDECAR_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "optimizer": lambda v: isinstance(v, str),
+    "param_groups": lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v),
+    "params": lambda v: _records(
+        v,
+        {
+            "path": _is_path,
+            "shape": _is_shape,
+            "dtype": lambda d: isinstance(d, str),
+            "group": lambda g: _is_int(g) and g >= 0,
+            "step": lambda n: n is None or _is_int(n),
+        },
+    ),
+    "weights": lambda v: (
+        v is None or _records(v, {"path": _is_path, "shape": _is_shape, "dtype": lambda d: isinstance(d, str)})
+    ),
+    "buffers": lambda v: isinstance(v, list) and all(_is_path(p) for p in v),
+    "slots": lambda v: _records(
+        v, {"slot": lambda n: isinstance(n, str), "path": _is_path, "dtype": lambda d: isinstance(d, str)}
+    ),
+    "metadata": lambda v: isinstance(v, dict),
+    "optax_types": lambda v: isinstance(v, dict),
+}
+
+
+def _check_sidecar_shape(meta: Mapping[str, Any], sidecar: Path) -> None:
+    """Refuse a field of ``optstate.json`` whose JSON type is not the one optstate writes, naming it.
+
+    >>> _check_sidecar_shape({"optimizer": None}, Path("d/optstate.json"))
+    Traceback (most recent call last):
+    optstate.errors.FormatError: d/optstate.json: field 'optimizer' is None, not what optstate writes there
+    """
+    for field, ok in _SIDECAR_FIELDS.items():
+        if field in meta and not ok(meta[field]):
+            raise FormatError(f"{sidecar}: field {field!r} is {meta[field]!r:.80}, not what optstate writes there")
 
 
 Sharder = Callable[[ParamPath, jax.ShapeDtypeStruct], jax.sharding.Sharding]
@@ -506,10 +566,24 @@ def _with_sidecar(state: OptimizerState, written: OptimizerState) -> OptimizerSt
 
 
 _PYTREE_FILES = ("_METADATA", "manifest.ocdbt", "d/")  # what Orbax reads a PyTree's metadata from
+# What Orbax's metadata parsers raise on well-formed JSON of the wrong shape (found by fuzzing: a
+# _METADATA of ``null``, or a tree entry of ``null``, gave AttributeError tracebacks).
+_MALFORMED_METADATA = (AttributeError, TypeError, IndexError)
+
+
+def _tree_metadata(directory: Path) -> Any:
+    """Orbax's metadata of the PyTree in ``directory``; metadata of the wrong shape refused in one line."""
+    try:
+        return ocp.StandardCheckpointer().metadata(os.path.abspath(directory))
+    except _MALFORMED_METADATA as exc:
+        raise FormatError(
+            f"{directory}: an Orbax checkpoint whose metadata (_METADATA, _CHECKPOINT_METADATA) is malformed "
+            f"({type(exc).__name__}: {exc}); expected the JSON objects Orbax writes"
+        ) from None
 
 
 def _restore_as_numpy(directory: Path) -> Any:
-    found = ocp.StandardCheckpointer().metadata(os.path.abspath(directory))
+    found = _tree_metadata(directory)
     metadata = None if found is None or found.item_metadata is None else found.item_metadata.tree
     if metadata is None and any((directory / name).exists() for name in _PYTREE_FILES):
         raise FormatError(
@@ -560,7 +634,7 @@ def _step_items(directory: Path) -> list[str] | None:
         return None
     try:
         handlers = ocp.metadata.get_step_metadata(os.path.abspath(directory)).item_handlers
-    except (ValueError, KeyError, TypeError):  # unreadable metadata: left to the PyTree reader's own error
+    except (ValueError, KeyError, *_MALFORMED_METADATA):  # unreadable metadata: left to the PyTree reader's error
         return None
     return sorted(handlers) if isinstance(handlers, dict) and handlers else None
 
@@ -569,7 +643,7 @@ def _holds_opt_state(item: Path) -> bool:
     """Whether the item is a PyTree with an ``opt_state`` at its top (read from its metadata alone)."""
     try:
         found = ocp.StandardCheckpointer().metadata(os.path.abspath(item))
-    except (FileNotFoundError, ValueError, KeyError, TypeError):  # not a PyTree item (JSON metrics, ...)
+    except (FileNotFoundError, ValueError, KeyError, *_MALFORMED_METADATA):  # not a PyTree item (JSON metrics, ...)
         return False
     tree = None if found is None or found.item_metadata is None else found.item_metadata.tree
     return _optimizer_part(tree) is not None

@@ -14,9 +14,11 @@ is imported or called. It admits a subset of what ``torch.load(weights_only=True
 :func:`save` writes the same format as torch's own writer lays it out, so that ``torch.load`` (with
 ``mmap=True`` too, and when it computes storage offsets instead of reading them) loads it: the pickle
 first (it needs only each tensor's shape and dtype), then each tensor's storage as it is produced, its
-CRC-32 computed as it is written, then the zip's central directory.
+CRC-32 and XXH3-64 computed as it is written, then the zip's central directory. Before the rename the
+file is read back (:func:`verify_written`): its zip directory with the reader here, then every record's
+bytes against the checksum taken as they were written.
 
-Imports NumPy and ml_dtypes only.
+Imports NumPy, ml_dtypes and xxhash only.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import xxhash
 from numpy.lib.stride_tricks import as_strided
 
 from ...atomic import atomic_file
 from ...errors import FormatError, UnsupportedError
-from ...schema.fileformat import little_endian_bytes, refuse_special_file, write_all
+from ...schema.fileformat import file_checksums, little_endian_bytes, refuse_special_file, write_all
 
 # torch dtype name -> NumPy dtype (torch's names are NumPy's and ml_dtypes').
 DTYPES = {
@@ -223,6 +226,46 @@ def save(
         archive.write_bytes("version", b"3\n")  # what torch 2.x writes
         archive.write_bytes(".data/serialization_id", f"{uuid.uuid4().int % 10**40:040d}".encode())
         archive.finish()
+        verify_written(tmp, archive.written, path)
+
+
+def verify_written(
+    path: str | os.PathLike, written: Mapping[str, tuple[int, str]], destination: str | os.PathLike
+) -> None:
+    """Read back a torch file just written, before it is renamed into place: its zip directory reads with
+    :func:`load`'s reader and lists exactly the ``written`` records (``name -> (size, XXH3-64 of the bytes
+    written)``), each stored, of that size, its bytes with that checksum (streamed with ``pread``, one
+    buffer). Catches another process, or a bad disk, changing the file before the rename.
+
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "t.pt"
+    >>> save({"w": np.arange(3.0)}, out)
+    >>> verify_written(out, {"archive/data.pkl": (1, "0" * 16)}, out)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.FormatError: .../t.pt: the file written reads back with other records than were written ...
+    """
+    where = os.fspath(destination)
+    try:
+        archive = _Archive(os.fspath(path))
+        spans = {name: archive.data_span(name) for name in written}
+    except FormatError as exc:
+        raise FormatError(f"{where}: the file written does not read back: {exc}") from None
+    sizes = {name: info.file_size for name, info in archive.members.items()}
+    if sizes != {name: size for name, (size, _) in written.items()}:
+        raise FormatError(
+            f"{where}: the file written reads back with other records than were written "
+            f"({sorted(set(sizes) ^ set(written)) or 'the same names, other sizes'})"
+        )
+    try:
+        actuals = file_checksums(path, spans)
+    except FormatError as exc:
+        raise FormatError(f"{where}: the file written does not read back: {exc}") from None
+    for name, (_, expected) in written.items():
+        if actuals[name] != expected:
+            raise FormatError(
+                f"{where}: record {name} reads back with checksum {actuals[name]}, written with {expected} "
+                "(the file changed between its write and its rename)"
+            )
 
 
 # ----------------------------------------------------------------------------- the zip archive
@@ -338,6 +381,20 @@ class _Archive:
                 f"({len(pickles)} records <archive>/data.pkl)"
             )
         return pickles[0].removesuffix("data.pkl")
+
+    def data_span(self, name: str) -> tuple[int, int]:
+        """Where record ``name``'s stored bytes lie in the file: ``(offset, size)``, from its local header."""
+        info = self.members.get(name)
+        if info is None:
+            raise _unreadable(self.source, f"record {name} is missing")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _unreadable(self.source, f"record {name} is compressed (zip method {info.compress_type})")
+        with open(self.source, "rb", buffering=0) as f:
+            header = os.pread(f.fileno(), _LOCAL_HEADER.size, info.header_offset)
+        if len(header) < _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
+            raise _unreadable(self.source, f"record {name} has no local header at byte {info.header_offset}")
+        _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+        return info.header_offset + _LOCAL_HEADER.size + name_length + extra_length, info.file_size
 
     def storage_bytes(self, key: str) -> np.ndarray:
         """The bytes of storage ``key``: a read-only view of the file, no copy."""
@@ -919,18 +976,20 @@ def _zip64_extra(size: int, offset: int) -> bytes:
 
 
 class _Crc32(threading.Thread):
-    """The CRC-32 of a block, continuing ``crc``, computed in a thread (zlib lets go of the GIL) while the
-    block is written. :meth:`result` waits for it and drops the block, so it is released when the caller's is."""
+    """The CRC-32 of a block, continuing ``crc``, computed in a thread (zlib and xxhash let go of the GIL) while
+    the block is written, and ``hasher`` updated with it. :meth:`result` waits for it and drops the block, so
+    it is released when the caller's is."""
 
-    def __init__(self, block: np.ndarray, crc: int):
+    def __init__(self, block: np.ndarray, crc: int, hasher: Any):
         super().__init__(daemon=True)
         self.block: memoryview | None = block.data
-        self.value = crc
+        self.value, self.hasher = crc, hasher
         self.start()
 
     def run(self) -> None:
         assert self.block is not None  # dropped by result() only, once this has run
         self.value = zlib.crc32(self.block, self.value)
+        self.hasher.update(self.block)
 
     def result(self) -> int:
         self.join()
@@ -947,13 +1006,15 @@ class _ZipWriter:
         self.fd = fd
         self.offset = 0  # == the file position
         self.central: list[bytes] = []
+        self.written: dict[str, tuple[int, str]] = {}  # record name -> (size, XXH3-64 of its bytes), for the read-back
 
     def _write(self, data: bytes) -> None:
         write_all(self.fd, np.frombuffer(data, np.uint8))
         self.offset += len(data)
 
-    def _record(self, name: str, size: int, write_data: Callable[[], int]) -> None:
-        """A record of ``size`` bytes that ``write_data()`` writes at the file position, returning their CRC-32."""
+    def _record(self, name: str, size: int, write_data: Callable[[], tuple[int, str]]) -> None:
+        """A record of ``size`` bytes that ``write_data()`` writes at the file position, returning their CRC-32
+        and XXH3-64."""
         name_bytes, header_offset = (_ARCHIVE + name).encode(), self.offset
         zip64 = _zip64_extra(size, header_offset)
         version, flags = 45 if zip64 else 20, _UTF8_NAME | (_DATA_DESCRIPTOR if size else 0)
@@ -978,7 +1039,8 @@ class _ZipWriter:
             + name_bytes
             + extra
         )
-        crc = write_data()
+        crc, digest = write_data()
+        self.written[(_ARCHIVE + name)] = (size, digest)
         self.offset += size
         if os.lseek(self.fd, 0, os.SEEK_CUR) != self.offset:  # the central directory would point amiss
             raise AssertionError(f"record {name}: {size} bytes expected, the file position says otherwise")
@@ -1011,9 +1073,9 @@ class _ZipWriter:
         )
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        def write() -> int:
+        def write() -> tuple[int, str]:
             write_all(self.fd, np.frombuffer(data, np.uint8))
-            return zlib.crc32(data)
+            return zlib.crc32(data), xxhash.xxh3_64_hexdigest(data)
 
         self._record(name, len(data), write)
 
@@ -1027,19 +1089,24 @@ class _ZipWriter:
             )
         self._record(f"data/{tensor.key}", array.nbytes, lambda: self._write_array(array))
 
-    def _write_array(self, array: np.ndarray) -> int:
-        """Write the array's bytes in C order, little-endian; return their CRC-32, computed (in a thread,
-        for large blocks) while they are written.
+    def _write_array(self, array: np.ndarray) -> tuple[int, str]:
+        """Write the array's bytes in C order, little-endian; return their CRC-32 and XXH3-64, computed (in a
+        thread, for large blocks) while they are written.
 
         An array mapped from a file is written from its mapping, not copied file to file
         (``copy_file_range``): the CRC reads every byte anyway, and the two together took longer.
         """
-        crc = 0
+        crc, hasher = 0, xxhash.xxh3_64()
         for block in little_endian_bytes(array):  # the array itself when C-contiguous and little-endian
-            pending = _Crc32(block, crc) if block.nbytes >= _CRC_THREAD_BYTES else None
-            write_all(self.fd, block)
-            crc = pending.result() if pending else zlib.crc32(block.data, crc)
-        return crc
+            if block.nbytes >= _CRC_THREAD_BYTES:
+                pending = _Crc32(block, crc, hasher)
+                write_all(self.fd, block)
+                crc = pending.result()
+            else:
+                write_all(self.fd, block)
+                crc = zlib.crc32(block.data, crc)
+                hasher.update(block.data)
+        return crc, hasher.hexdigest()
 
     def finish(self) -> None:
         """The central directory, then zip64's end record and locator (as torch's writer, always), then the
