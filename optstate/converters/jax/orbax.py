@@ -407,6 +407,7 @@ def _read_sidecar(directory: Path) -> dict[str, Any] | None:
         raise FormatError(f"{sidecar}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise FormatError(f"{sidecar}: not an optstate metadata object")
+    check_format_version(meta, os.fspath(sidecar))  # another version's fields are another version's to shape
     _check_sidecar_shape(meta, sidecar)
     return meta
 
