@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import sys
 import textwrap
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,18 @@ def _set_up_process(*sides: tuple[str, str | None]) -> None:
         formats.get(fmt or formats.detect(path)).set_up_process()
 
 
+@contextlib.contextmanager
+def _closed_when_done(bars: list[Progress]) -> Iterator[None]:
+    """Close the bars the block opened: at 100% when it finished, where they stopped when it failed."""
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        for bar in bars:
+            bar.close(finished=finished)
+
+
 def _convert(args: argparse.Namespace) -> int:
     _set_up_process((args.src, args.src_format), (args.dst, args.dst_format))
     bars: list[Progress] = []
@@ -72,8 +85,7 @@ def _convert(args: argparse.Namespace) -> int:
         bars.append(Progress(sum(a.nbytes for a in arrays), len(arrays), enabled=None if not args.quiet else False))
         return bars[-1]
 
-    finished = False
-    try:
+    with _closed_when_done(bars):
         state = api.convert(
             args.src,
             args.dst,
@@ -93,10 +105,6 @@ def _convert(args: argparse.Namespace) -> int:
             world_size=args.world_size,
             progress=progress,
         )
-        finished = True
-    finally:
-        for bar in bars:
-            bar.close(finished=finished)  # a failed conversion's bar stays where it stopped, not at 100%
     print(f"{args.src} -> {args.dst}: {_summary(state)}")
     if state.metadata.approximate is not None:
         print(f"approximate: {state.metadata.approximate}")
@@ -121,8 +129,7 @@ def _run_verify(args: argparse.Namespace, src: str, dst: str, dst_format: str | 
         bars.append(Progress(total_bytes, total_count, enabled=enabled, label="verifying", unit="checks"))
         return bars[-1]
 
-    finished = False
-    try:
+    with _closed_when_done(bars):
         report = verify(
             src,
             dst,
@@ -136,10 +143,6 @@ def _run_verify(args: argparse.Namespace, src: str, dst: str, dst_format: str | 
             progress=progress,
             **_read_fields(args),
         )
-        finished = True
-    finally:
-        for bar in bars:
-            bar.close(finished=finished)
     print(report.to_json() if getattr(args, "json", False) else report.format())
     return 0 if report.agrees else 1
 

@@ -444,6 +444,11 @@ class Tally:
         return ParamCheck(self.name, self.dtype, what, step, difference, tolerance, self.first_step_off)
 
 
+def worst_first(tallies: Mapping[ParamPath, Tally]) -> tuple[ParamCheck, ...]:
+    """Each parameter's check, those that disagree first, then by how close they came to their tolerance."""
+    return tuple(sorted((t.check() for t in tallies.values()), key=lambda c: (c.agrees, -c.ratio, -c.difference)))
+
+
 def _as_float(array: Any) -> np.ndarray:
     return np.asarray(array).astype(np.float64)
 
@@ -692,10 +697,6 @@ def verify(
     with _x64(sides), allowing_nonfinite(read_options.get("allow_nonfinite", False)):
         for infos in chunks:
             _verify_chunk(sides, views, infos, steps, seed, gradients, tallies, tick)
-    checks = sorted(
-        (tally.check() for tally in tallies.values()),
-        key=lambda c: (c.agrees, -c.ratio, -c.difference),
-    )
     return VerifyReport(
         src,
         src_framework,
@@ -705,7 +706,7 @@ def verify(
         steps,
         seed,
         "random" if model_data is None else (model_data if isinstance(model_data, str) else "gradients function"),
-        tuple(checks),
+        worst_first(tallies),
     )
 
 
