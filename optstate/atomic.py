@@ -109,6 +109,52 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+_FLUSH_EVERY = 256 << 20  # bytes a file grows by before it is written back while it is still being written
+_FLUSH_POLL_S = 0.05
+
+
+def _files_under(paths: Sequence[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from (Path(d, name) for d, _, names in os.walk(path) for name in names)
+        else:
+            yield path
+
+
+def _flush_behind(paths: Sequence[Path], stop: threading.Event) -> None:
+    flushed: dict[Path, int] = {}
+    while not stop.wait(_FLUSH_POLL_S):
+        for path in _files_under(paths):
+            with contextlib.suppress(OSError):  # a file removed or renamed meanwhile: nothing to write back
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    size = os.fstat(fd).st_size
+                    if size - flushed.get(path, 0) >= _FLUSH_EVERY:
+                        os.fdatasync(fd)
+                        flushed[path] = size
+                finally:
+                    os.close(fd)
+
+
+@contextlib.contextmanager
+def _written_back_while_writing(paths: Sequence[Path], fsync: bool) -> Iterator[None]:
+    """Write the files at ``paths`` (or under them) back to disk as they grow, from a thread, so that the
+    fsync before the rename waits for the last part only. Measured at 3 GB here: the copy and the fsync
+    after it took 1.9-2.8 s, the same copy written back as it went 1.2-1.5 s (``cp`` + ``sync``: 1.8-3.3 s);
+    the kernel starts writing back by itself only once a tenth of memory is dirty."""
+    if not fsync:
+        yield
+        return
+    stop = threading.Event()
+    flusher = threading.Thread(target=_flush_behind, args=(paths, stop), name="optstate-flush", daemon=True)
+    flusher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        flusher.join()
+
+
 def refuse_symlink(path: Path) -> None:
     """Refuse an output path that is a symbolic link, dangling or not: the rename would replace the link, not
     what it names, and a user who pointed it at a file (the input, say) meant that file.
@@ -182,7 +228,8 @@ def _written_then_renamed(targets: list[Path], tmps: list[Path], fsync: bool) ->
             fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.close(fd)
             tmps.append(Path(name))
-        yield tmps
+        with _written_back_while_writing(tmps, fsync):
+            yield tmps
         if fsync:
             for tmp in tmps:
                 _fsync_file(tmp)
@@ -237,7 +284,8 @@ def atomic_directory(path: str | os.PathLike, *, force: bool = False, fsync: boo
 
 def _directory_written_then_renamed(path: Path, parent: Path, tmp: Path, fsync: bool) -> Iterator[Path]:
     try:
-        yield tmp
+        with _written_back_while_writing([tmp], fsync):
+            yield tmp
         if fsync:
             _fsync_tree(tmp)
         _run_commit_checks()

@@ -215,15 +215,16 @@ def test_an_output_whose_header_was_damaged_before_its_rename_is_refused(tmp_pat
 
 
 def test_a_torch_output_changed_before_its_rename_is_refused(tmp_path, monkeypatch):
-    write_tensor = ptfile._ZipWriter.write_tensor
+    write_array = ptfile._ZipWriter._write_array
 
-    def and_then_corrupted(self, tensor):  # another process flips the tensor's last byte, before its descriptor
-        write_tensor(self, tensor)
-        if tensor.nbytes:
-            at = self.offset - 16 - 1  # the data descriptor: signature, CRC-32, two 32-bit sizes
+    def and_then_corrupted(self, array):  # another process flips the array's last byte, as soon as it is written
+        digests = write_array(self, array)
+        if array.nbytes:
+            at = os.lseek(self.fd, 0, os.SEEK_CUR) - 1
             os.pwrite(self.fd, bytes([os.pread(self.fd, 1, at)[0] ^ 0xFF]), at)
+        return digests
 
-    monkeypatch.setattr(ptfile._ZipWriter, "write_tensor", and_then_corrupted)
+    monkeypatch.setattr(ptfile._ZipWriter, "_write_array", and_then_corrupted)
     out = tmp_path / "out.pt"
     with pytest.raises(
         FormatError, match=r"out\.pt: record archive/data/\d+ reads back with checksum [0-9a-f]{16}, "
@@ -725,3 +726,23 @@ def test_fuzz_the_orbax_metadata(tmp_path_factory, valid_orbax, name, edits, cut
     (d / name).write_bytes(data[: max(1, cut % (len(data) + 1))] if cut % 3 == 0 or mode == 2 else data)
     only_our_errors(read, d)
     only_our_errors(optstate.inspect, d)
+
+
+def test_a_durable_output_is_written_back_while_it_is_written(tmp_path, monkeypatch):
+    """The fsync before the rename waits for the last part only: the rest went to disk as the file grew."""
+    synced = []
+    fdatasync = os.fdatasync
+    monkeypatch.setattr(atomic, "_FLUSH_EVERY", 1 << 20)
+    monkeypatch.setattr(atomic.os, "fdatasync", lambda fd: synced.append(os.fstat(fd).st_size) or fdatasync(fd))
+    with atomic.atomic_file(tmp_path / "out.bin") as tmp, open(tmp, "wb") as f:
+        for _ in range(4):
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            deadline = time.monotonic() + 10
+            while (not synced or synced[-1] < f.tell()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert synced[:4] == [1 << 20, 2 << 20, 3 << 20, 4 << 20]
+    with atomic.atomic_file(tmp_path / "fast.bin", fsync=False) as tmp:
+        tmp.write_bytes(b"\0" * (4 << 20))
+        time.sleep(0.2)
+    assert len(synced) == 4  # --no-fsync: nothing is written back

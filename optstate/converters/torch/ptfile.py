@@ -37,6 +37,7 @@ import zipfile
 import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,8 +211,12 @@ def save(
     pickler = _Pickler()
     data_pkl = pickler.dumps(obj)
     # Not "wb": ext4 starts writing back, on close, a file that was truncated to zero and rewritten.
-    with atomic_file(path, force=force, fsync=fsync) as tmp, open(tmp, "r+b", buffering=0) as f:
-        archive = _ZipWriter(f.fileno())
+    with (
+        atomic_file(path, force=force, fsync=fsync) as tmp,
+        open(tmp, "r+b", buffering=0) as f,
+        ThreadPoolExecutor(1) as reading_back,
+    ):
+        archive = _ZipWriter(f.fileno(), tmp, reading_back)
         for name, data in (
             ("data.pkl", data_pkl),
             (".format_version", b"1"),
@@ -226,16 +231,21 @@ def save(
         archive.write_bytes("version", b"3\n")  # what torch 2.x writes
         archive.write_bytes(".data/serialization_id", f"{uuid.uuid4().int % 10**40:040d}".encode())
         archive.finish()
-        verify_written(tmp, archive.written, path)
+        verify_written(tmp, archive.written, path, archive.read_back())
 
 
 def verify_written(
-    path: str | os.PathLike, written: Mapping[str, tuple[int, str]], destination: str | os.PathLike
+    path: str | os.PathLike,
+    written: Mapping[str, tuple[int, str]],
+    destination: str | os.PathLike,
+    read_back: Mapping[str, tuple[int, str]] | None = None,
 ) -> None:
     """Read back a torch file just written, before it is renamed into place: its zip directory reads with
     :func:`load`'s reader and lists exactly the ``written`` records (``name -> (size, XXH3-64 of the bytes
     written)``), each stored, of that size, its bytes with that checksum (streamed with ``pread``, one
-    buffer). Catches another process, or a bad disk, changing the file before the rename.
+    buffer). Catches another process, or a bad disk, changing the file before the rename. ``read_back``:
+    ``name -> (offset, XXH3-64)`` of records already read back from the file as they were written (the
+    directory must place them at those offsets); the others are read now.
 
     >>> import tempfile, pathlib
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "t.pt"
@@ -256,8 +266,13 @@ def verify_written(
             f"{where}: the file written reads back with other records than were written "
             f"({sorted(set(sizes) ^ set(written)) or 'the same names, other sizes'})"
         )
+    read_back = read_back or {}
+    moved = sorted(name for name, (offset, _) in read_back.items() if spans[name][0] != offset)
+    if moved:
+        raise FormatError(f"{where}: the file written reads back with records at other offsets: {moved}")
     try:
-        actuals = file_checksums(path, spans)
+        actuals = {name: digest for name, (_, digest) in read_back.items()}
+        actuals.update(file_checksums(path, {name: span for name, span in spans.items() if name not in actuals}))
     except FormatError as exc:
         raise FormatError(f"{where}: the file written does not read back: {exc}") from None
     for name, (_, expected) in written.items():
@@ -1002,11 +1017,15 @@ class _ZipWriter:
     local header padded so that the data starts 64-byte aligned, the data, then (unless empty) a data
     descriptor with its CRC-32 and sizes; the central directory and zip64 end records at the end."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, path: str | os.PathLike | None = None, reading_back: Executor | None = None):
         self.fd = fd
         self.offset = 0  # == the file position
         self.central: list[bytes] = []
         self.written: dict[str, tuple[int, str]] = {}  # record name -> (size, XXH3-64 of its bytes), for the read-back
+        # A record's bytes are read back from ``path`` (the file being written) while the next one is written:
+        # the read-back overlaps the writing instead of following it.
+        self.path, self.reading_back = path, reading_back
+        self._read_back: dict[str, tuple[int, Future]] = {}
 
     def _write(self, data: bytes) -> None:
         write_all(self.fd, np.frombuffer(data, np.uint8))
@@ -1041,6 +1060,9 @@ class _ZipWriter:
         )
         crc, digest = write_data()
         self.written[(_ARCHIVE + name)] = (size, digest)
+        if self.reading_back is not None and self.path is not None:
+            checksums = self.reading_back.submit(file_checksums, self.path, {name: (self.offset, size)})
+            self._read_back[_ARCHIVE + name] = (self.offset, checksums)
         self.offset += size
         if os.lseek(self.fd, 0, os.SEEK_CUR) != self.offset:  # the central directory would point amiss
             raise AssertionError(f"record {name}: {size} bytes expected, the file position says otherwise")
@@ -1107,6 +1129,13 @@ class _ZipWriter:
                 crc = zlib.crc32(block.data, crc)
                 hasher.update(block.data)
         return crc, hasher.hexdigest()
+
+    def read_back(self) -> dict[str, tuple[int, str]]:
+        """``record name -> (data offset, XXH3-64)`` of every record read back while writing (waits for them)."""
+        return {
+            record: (offset, next(iter(checksums.result().values())))
+            for record, (offset, checksums) in self._read_back.items()
+        }
 
     def finish(self) -> None:
         """The central directory, then zip64's end record and locator (as torch's writer, always), then the
