@@ -57,3 +57,30 @@ def test_a_torch_checkpoint_is_inspected_and_converted_without_torch(tmp_path):
     ckpt = Path(__file__).parent.parent / "examples" / "mlp_adamw.pt"
     out = _run(WITHOUT_TORCH.format(ckpt=ckpt, out=tmp_path / "s.safetensors"))
     assert "AdamW" in out and (tmp_path / "s.safetensors.pt").exists()
+
+
+WITHOUT_ML_DTYPES = """
+import sys
+import optstate
+optstate.convert("{ckpt}", "{out}")
+optstate.convert("{out}", "{out}.pt")
+assert "ml_dtypes" not in sys.modules  # 0.7 s to import: only a bfloat16 or float8 state needs it
+"""
+
+
+def test_a_float32_conversion_does_not_import_ml_dtypes(tmp_path):
+    from pathlib import Path
+
+    ckpt = Path(__file__).parent.parent / "examples" / "mlp_adamw.pt"
+    _run(WITHOUT_ML_DTYPES.format(ckpt=ckpt, out=tmp_path / "s.safetensors"))
+
+
+def test_a_bfloat16_tensor_is_read_in_a_process_that_had_not_imported_ml_dtypes(tmp_path):
+    import ml_dtypes
+    import numpy as np
+
+    from optstate.converters.torch import ptfile
+
+    ptfile.save({"w": np.arange(3, dtype=ml_dtypes.bfloat16)}, tmp_path / "b.pt")
+    read = "from optstate.converters.torch import ptfile; print(ptfile.load({path!r})['w'].dtype)"
+    assert _run(read.format(path=str(tmp_path / "b.pt"))).strip() == "bfloat16"

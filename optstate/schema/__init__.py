@@ -1,4 +1,7 @@
-"""The canonical model: state record, optimizer table, file format. Imports NumPy and ml_dtypes only."""
+"""The canonical model: state record, optimizer table, file format.
+
+Imports NumPy only (ml_dtypes once a bfloat16 or float8 dtype is named).
+"""
 
 from .families import OPTIMIZERS, OptimizerSpec, Slot, optimizer_spec
 from .fileformat import FORMAT_VERSION, load, save

@@ -31,6 +31,7 @@ import pathlib
 import re
 import stat
 import struct
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -38,13 +39,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import ml_dtypes
 import numpy as np
 import xxhash
 
 from ..atomic import atomic_file, atomic_files
 from ..errors import FormatError
-from .state import Metadata, OptimizerState, ParamInfo, ParamPath
+from .state import Metadata, OptimizerState, ParamInfo, ParamPath, numpy_dtype
 
 if TYPE_CHECKING:  # the format registry's option records; at run time the schema imports no converter
     from ..converters.formats import ReadOptions, WriteOptions
@@ -65,34 +65,49 @@ _MAX_SYSCALL_BYTES = 1 << 30
 # errno values with which copy_file_range/sendfile say "not between these files", not "failed"
 _NOT_SUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOTSOCK}
 
-SAFETENSORS_DTYPES: Mapping[str, np.dtype] = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"),
-    "U32": np.dtype("<u4"),
-    "U16": np.dtype("<u2"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("bool"),
+# safetensors code -> NumPy's name of the dtype (ml_dtypes' for the 16- and 8-bit floats), stored little-endian
+_SAFETENSORS_NAMES: Mapping[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
-_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+_CODES = {name: code for code, name in _SAFETENSORS_NAMES.items()}
+
+
+def safetensors_dtype(code: str) -> np.dtype | None:
+    """The little-endian NumPy dtype of a safetensors code (``None`` for an unknown code).
+
+    >>> safetensors_dtype("F32"), safetensors_dtype("BF16"), safetensors_dtype("F128")
+    (dtype('float32'), dtype(bfloat16), None)
+    """
+    name = _SAFETENSORS_NAMES.get(code)
+    if name is None:
+        return None
+    dtype = numpy_dtype(name)
+    return dtype if sys.byteorder == "little" else dtype.newbyteorder("<")  # native: prints as 'float32'
 
 
 def dtype_code(dtype: np.dtype) -> str:
     """The safetensors code of a NumPy dtype.
 
-    >>> dtype_code(np.dtype("float32")), dtype_code(np.dtype(ml_dtypes.bfloat16))
+    >>> dtype_code(np.dtype("float32")), dtype_code(numpy_dtype("bfloat16"))
     ('F32', 'BF16')
     """
-    code = _CODES.get(np.dtype(dtype).newbyteorder("<"))
-    if code is None:
+    dtype = np.dtype(dtype)
+    code = _CODES.get(dtype.name)
+    if code is None or safetensors_dtype(code) != dtype.newbyteorder("<"):
         raise FormatError(f"dtype {dtype} has no safetensors code")
     return code
 
@@ -344,7 +359,8 @@ def _entries(tensors: Iterable[tuple[str, Any]]) -> list[_Entry]:
         if key in seen or key == "__metadata__":
             raise FormatError(f"tensor key {key!r} occurs twice (or is reserved)")
         seen.add(key)
-        dtype, shape = SAFETENSORS_DTYPES[dtype_code(np.dtype(value.dtype))], tuple(int(d) for d in value.shape)
+        dtype_code(value.dtype)  # one that safetensors stores
+        dtype, shape = np.dtype(value.dtype).newbyteorder("<"), tuple(int(d) for d in value.shape)
         entries.append(_Entry(key, value, dtype, shape, math.prod(shape) * dtype.itemsize))
     return entries
 
@@ -895,7 +911,7 @@ def refuse_special_file(path: str | os.PathLike) -> None:
 def _header_entry(key: str, entry: Any, source: str) -> tuple[np.dtype, tuple[int, ...], int, int]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(f"{source}: tensor {key!r}: malformed header entry")
-    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    dtype = safetensors_dtype(entry["dtype"])
     shape, offsets = entry["shape"], entry["data_offsets"]
     if dtype is None:
         raise FormatError(f"{source}: tensor {key!r}: unknown dtype {entry['dtype']!r}")

@@ -18,11 +18,12 @@ CRC-32 and XXH3-64 computed as it is written, then the zip's central directory. 
 file is read back (:func:`verify_written`): its zip directory with the reader here, then every record's
 bytes against the checksum taken as they were written.
 
-Imports NumPy, ml_dtypes and xxhash only.
+Imports NumPy and xxhash only (ml_dtypes for a bfloat16 or float8 tensor).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -41,7 +42,6 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import xxhash
 from numpy.lib.stride_tricks import as_strided
@@ -49,32 +49,29 @@ from numpy.lib.stride_tricks import as_strided
 from ...atomic import atomic_file
 from ...errors import FormatError, UnsupportedError
 from ...schema.fileformat import file_checksums, little_endian_bytes, refuse_special_file, write_all
+from ...schema.state import numpy_dtype
 
-# torch dtype name -> NumPy dtype (torch's names are NumPy's and ml_dtypes').
-DTYPES = {
-    name: np.dtype(getattr(ml_dtypes, name, None) or name)
-    for name in (
-        "float64",
-        "float32",
-        "float16",
-        "bfloat16",
-        "float8_e4m3fn",
-        "float8_e5m2",
-        "int64",
-        "int32",
-        "int16",
-        "int8",
-        "uint64",
-        "uint32",
-        "uint16",
-        "uint8",
-        "bool",
-        "complex128",
-        "complex64",
-    )
-}
+# torch's dtype names, which are NumPy's and ml_dtypes' names of the same types.
+DTYPE_NAMES = (
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
+    "bool",
+    "complex128",
+    "complex64",
+)
 
-# The legacy typed storage classes that persistent ids name, by element dtype.
 _STORAGE_CLASSES = {
     "DoubleStorage": "float64",
     "FloatStorage": "float32",
@@ -105,6 +102,10 @@ class _StorageType:
     """What a persistent id says a storage holds: elements of ``dtype``, or bytes (``None``, untyped)."""
 
     dtype: np.dtype | None
+
+
+def _typed_storage(name: str) -> _StorageType:
+    return _StorageType(numpy_dtype(name))
 
 
 @dataclass(frozen=True)
@@ -495,10 +496,11 @@ class _Unpickler:
             # A tensor carrying Python attributes (DeepSpeed's ZeRO-3 flat groups carry `ds_id`) is pickled
             # through _rebuild_from_type_v2. A state_dict's tensors never are, so the strict mode keeps refusing it.
             self.functions["torch._tensor._rebuild_from_type_v2"] = self._rebuild_from_type_v2
-        self.values: dict[str, Any] = {
-            "torch.storage.UntypedStorage": _StorageType(None),
-            **{f"torch.{cls}": _StorageType(DTYPES[name]) for cls, name in _STORAGE_CLASSES.items()},
-            **{f"torch.{name}": dtype for name, dtype in DTYPES.items()},
+        # Made when the pickle names them: a bfloat16 or float8 one imports ml_dtypes (see numpy_dtype).
+        self.values: dict[str, Callable[[], Any]] = {
+            "torch.storage.UntypedStorage": lambda: _StorageType(None),
+            **{f"torch.{cls}": functools.partial(_typed_storage, name) for cls, name in _STORAGE_CLASSES.items()},
+            **{f"torch.{name}": functools.partial(numpy_dtype, name) for name in DTYPE_NAMES},
         }
 
     # -------------------------------------------------------------- the interpreter
@@ -616,7 +618,7 @@ class _Unpickler:
         if full in self.functions:
             self.stack.append(_Function(full))
         elif full in self.values:
-            self.stack.append(self.values[full])
+            self.stack.append(self.values[full]())
         elif self.records:
             self.stack.append(_Class(module, name))
         else:
@@ -813,10 +815,14 @@ _STOP = object()
 
 # ----------------------------------------------------------------------------- writing: the pickle
 
-_TORCH_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # dtypes that torch.save pickles with a legacy typed storage and _rebuild_tensor_v2; the others
 # (unsigned beyond uint8, float8) get an untyped storage, sized in bytes, and _rebuild_tensor_v3.
-_TYPED_STORAGE_OF = {DTYPES[name]: cls for cls, name in _STORAGE_CLASSES.items()}
+_TYPED_STORAGE_OF = {name: cls for cls, name in _STORAGE_CLASSES.items()}
+
+
+def _torch_dtype_name(dtype: np.dtype) -> str | None:
+    """torch's name of a native-order dtype, ``None`` where torch has no such dtype."""
+    return dtype.name if dtype.name in DTYPE_NAMES and numpy_dtype(dtype.name) == dtype else None
 
 
 @dataclass(frozen=True)
@@ -941,11 +947,12 @@ class _Pickler:
 
     def _tensor(self, value: Any, where: str) -> None:
         dtype = np.dtype(value.dtype).newbyteorder("=")
-        if dtype not in _TORCH_DTYPE_NAMES:
+        name = _torch_dtype_name(dtype)
+        if name is None:
             raise UnsupportedError(f"{where}: an array of dtype {value.dtype}, which torch has no dtype for")
         tensor = _Tensor(str(len(self.tensors)), value, dtype, tuple(int(n) for n in value.shape))
         self.tensors.append(tensor)
-        storage_class = _TYPED_STORAGE_OF.get(dtype)
+        storage_class = _TYPED_STORAGE_OF.get(name)
         # _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks[, dtype for v3])
         self._global("torch._utils", "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3")
         self.out += pickle.MARK + pickle.MARK
@@ -965,7 +972,7 @@ class _Pickler:
         self._global("collections", "OrderedDict")
         self.out += pickle.EMPTY_TUPLE + pickle.REDUCE
         if not storage_class:
-            self._global("torch", _TORCH_DTYPE_NAMES[dtype])
+            self._global("torch", name)
         self.out += pickle.TUPLE + pickle.REDUCE
 
 

@@ -16,13 +16,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from ...errors import FormatError, MappingError, UnsupportedError
 from ...schema.families import OptimizerSpec, optimizer_spec
 from ...schema.fileformat import refuse_special_file
-from ...schema.state import Deferred, Metadata, OptimizerState, ParamInfo, name_to_path, path_to_name
+from ...schema.state import Deferred, Metadata, OptimizerState, ParamInfo, name_to_path, numpy_dtype, path_to_name
 from ..formats import ReadOptions, WriteOptions
 from . import ptfile
 
@@ -54,16 +53,16 @@ TORCH_SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = tuple(
 )
 
 # What torch's Tensor.is_floating_point() admits beyond NumPy's floating kinds.
-_ML_FLOATS = frozenset(np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2))
+_ML_FLOATS = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2"})  # ml_dtypes' names (imported only for them)
 
 
 def is_floating(dtype: np.dtype) -> bool:
     """Whether torch counts the dtype as floating point (bfloat16 and float8 included).
 
-    >>> is_floating(np.dtype(ml_dtypes.bfloat16)), is_floating(np.dtype("int64"))
+    >>> is_floating(numpy_dtype("bfloat16")), is_floating(np.dtype("int64"))
     (True, False)
     """
-    return dtype.kind == "f" or dtype in _ML_FLOATS
+    return dtype.kind == "f" or (dtype.name in _ML_FLOATS and numpy_dtype(dtype.name) == dtype)
 
 
 # ----------------------------------------------------------------------------- values
