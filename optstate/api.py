@@ -253,7 +253,7 @@ def unchanged_inputs(src: str | os.PathLike) -> Iterator[InputSnapshot]:
     optstate.errors.InputChangedError: .../c.pt changed while it was read (...); the read failed with: [Errno 14] ...
     """
     snapshot = InputSnapshot.take(src)
-    with atomic.checked_before_commit(snapshot.check):
+    with atomic.checked_before_commit(snapshot.check), atomic.checks_in_background():
         try:
             yield snapshot
         except InputChangedError:

@@ -19,6 +19,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,72 @@ def checked_before_commit(check: Callable[[], None]) -> Iterator[None]:
         _commit_checks.reset(token)
 
 
+class _Background:
+    """Checks running in a thread beside a conversion; the first rename waits for them."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="optstate-check")
+        self.pending: list[Future] = []
+        self.committing = False
+
+    def wait(self) -> None:
+        """Wait for every check; raise the first one's error (in the order they were started)."""
+        self.committing = True  # a check started from here on runs at once: nothing would wait for it
+        for future in self.pending:
+            future.result()
+
+
+_background: contextvars.ContextVar[_Background | None] = contextvars.ContextVar("optstate_background", default=None)
+
+
+@contextlib.contextmanager
+def checks_in_background() -> Iterator[None]:
+    """Inside the block, :func:`check_soon` runs a check in a thread and returns at once; the first rename of
+    an atomic write waits for every such check, and one that raised keeps the output from appearing. A
+    conversion checks its input (a checksum of every tensor) while it writes its output, not before.
+    When the block fails, a check that failed is the error raised: it is the cause.
+
+    >>> import tempfile, pathlib
+    >>> def refuse(): raise OptstateError("the input's checksums differ")
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+    >>> with checks_in_background(), atomic_file(out) as tmp:
+    ...     check_soon(refuse)
+    ...     _ = tmp.write_bytes(b"ok")
+    Traceback (most recent call last):
+    optstate.errors.OptstateError: the input's checksums differ
+    >>> out.exists()
+    False
+    """
+    background = _Background()
+    token = _background.set(background)
+    try:
+        yield
+    except Exception:
+        background.wait()  # a check that failed is the cause: its error is raised instead
+        raise
+    finally:
+        _background.reset(token)
+        background.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def check_soon(check: Callable[[], None]) -> None:
+    """Run ``check()`` in a thread when a rename is ahead that will wait for it (see
+    :func:`checks_in_background`); else now.
+
+    >>> check_soon(lambda: print("checked"))
+    checked
+    """
+    background = _background.get()
+    if background is None or background.committing:
+        check()
+    else:
+        background.pending.append(background.pool.submit(check))
+
+
 def _run_commit_checks() -> None:
+    background = _background.get()
+    if background is not None:
+        background.wait()
     for check in _commit_checks.get():
         check()
 

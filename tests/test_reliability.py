@@ -19,6 +19,7 @@ import pickle
 import shutil
 import signal
 import struct
+import threading
 import time
 import warnings
 import zipfile
@@ -183,6 +184,35 @@ def test_a_changed_tensor_is_refused_on_reading_naming_it(tmp_path):
     with pytest.raises(FormatError, match=r"s\.safetensors: tensor '[a-z_]+/[a-z]+' has checksum [0-9a-f]{16}, "):
         load(out)
     assert main(["convert", str(out), str(tmp_path / "back.pt")]) == 1
+    assert not (tmp_path / "back.pt").exists() and left_behind(tmp_path) == []
+
+
+def test_a_conversion_checks_its_input_while_it_writes_and_before_the_rename(tmp_path, monkeypatch):
+    """The input's checksums are read beside the writing, not before it (a whole pass over the input saved),
+    and the output is renamed into place only once they passed."""
+    src = tmp_path / "s.safetensors"
+    optstate.convert(adam_checkpoint(tmp_path / "ckpt.pt"), src)
+    order, writing = [], threading.Event()
+    check_checksums, save = ff.check_checksums, ptfile.save
+
+    def slow_check(*args):
+        assert writing.wait(30)  # runs beside the writer: waits for it to start
+        order.append("input checked")
+        check_checksums(*args)
+
+    def traced_save(*args, **kwargs):
+        order.append("writing")
+        writing.set()
+        save(*args, **kwargs)
+
+    monkeypatch.setattr(ff, "check_checksums", slow_check)
+    monkeypatch.setattr(ptfile, "save", traced_save)
+    with atomic.checked_before_commit(lambda: order.append("renamed")):
+        optstate.convert(src, tmp_path / "back.pt", dst_format="torch")
+    assert order == ["writing", "input checked", "renamed"]
+    order.clear()
+    load(src)  # outside a conversion: checked before load returns
+    assert order == ["input checked"]
 
 
 def test_an_output_changed_before_its_rename_is_refused(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import functools
 import json
 import math
 import mmap
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import xxhash
 
-from ..atomic import atomic_file, atomic_files
+from ..atomic import atomic_file, atomic_files, check_soon
 from ..errors import FormatError
 from .state import Metadata, OptimizerState, ParamInfo, ParamPath, numpy_dtype
 
@@ -930,14 +931,16 @@ def _header_entry(key: str, entry: Any, source: str) -> tuple[np.dtype, tuple[in
 
 def read_safetensors(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a safetensors-layout file strictly; arrays are read-only views of a memory map. With ``verify``,
-    the tensors' checksums (``__metadata__["optstate_xxh3"]``, where optstate wrote them) are checked."""
+    the tensors' checksums (``__metadata__["optstate_xxh3"]``, where optstate wrote them) are checked: now,
+    or inside a conversion while it writes (:func:`optstate.atomic.checks_in_background`)."""
     entries, metadata, data_start = _read_layout(path)
     data_len = os.path.getsize(path) - data_start
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start) if data_len else np.empty(0, np.uint8)
     arrays = {key: data[begin:end].view(dtype).reshape(shape) for key, (dtype, shape, begin, end) in entries.items()}
     if verify and CHECKSUM_KEY in metadata:
         spans = {key: (data_start + begin, end - begin) for key, (*_, begin, end) in entries.items()}
-        check_checksums(path, spans, metadata[CHECKSUM_KEY])
+        # In a conversion, beside the writing: its output is renamed into place only once this passed.
+        check_soon(functools.partial(check_checksums, path, spans, metadata[CHECKSUM_KEY]))
     return arrays, metadata
 
 
