@@ -8,7 +8,6 @@ This module imports NumPy only; torch and JAX are imported when a check runs.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any
 
@@ -20,7 +19,9 @@ from .verify import (
     TorchRun,
     VerifyReport,
     compare_states,
+    param_roundings,
     random_gradients,
+    rounding_notes,
     torch_param_groups,
     worst_first,
 )
@@ -46,6 +47,10 @@ def continues(
     The Optax parameters are found by path: ``params["fc"]["weight"]`` is torch's ``fc.weight`` (in torch's
     layout). The torch optimizer names its parameters (built from ``model.named_parameters()``), or ``model``
     names them; a live ``scheduler`` sets the torch side's learning rate after each step as it would.
+
+    The Optax side runs with JAX's 64-bit mode on, for this thread and this call only, as :func:`optstate.verify`
+    runs it: its step scalars (bias corrections, ...) are then computed in float64 as torch's Python floats
+    are, and its arrays keep their dtypes (checked after each step).
     """
     TORCH.require("assert_continues")
     OPTAX.require("assert_continues")
@@ -55,8 +60,8 @@ def continues(
     state = live.from_torch(torch_optimizer, model=model, scheduler=scheduler)
     tensors = [p for group in torch_optimizer.param_groups for p in group["params"]]
     start = {info.path: live.tensor_to_numpy(t) for info, t in zip(state.params, tensors, strict=True)}
-    wide = any(a.dtype.itemsize == 8 for a in start.values())
-    with jax.enable_x64(True) if wide else contextlib.nullcontext():
+    roundings = param_roundings(state, ("torch", "optax"))
+    with jax.enable_x64(True):
         torch_run = TorchRun(dataclasses.replace(state, weights=None, buffers=()), start)
         optax_run = OptaxRun(optax_tx, optax_state, params, state.optimizer, torch_param_groups(state))
         tallies = {p.path: Tally(path_to_name(p.path), p.dtype) for p in state.params}
@@ -64,7 +69,7 @@ def continues(
             grads = random_gradients(seed, step, state.params)
             torch_run.step(grads)
             optax_run.step(grads)
-            compare_states(torch_run.snapshot(), optax_run.snapshot(), step, tallies, start)
+            compare_states(torch_run.snapshot(), optax_run.snapshot(), step, tallies, start, roundings)
     return VerifyReport(
         "the torch optimizer",
         "torch",
@@ -75,6 +80,7 @@ def continues(
         seed,
         "random",
         worst_first(tallies),
+        rounding_notes(state, ("torch", "optax")),
     )
 
 

@@ -5,7 +5,11 @@ optimizer over float tensors, loaded by :func:`optstate.to_torch`; Optax: the tr
 :func:`optstate.optax_transform` and :func:`optstate.to_optax`). Both are fed the same gradients for a few
 steps: seeded random ones, or a batch's, from a function the user gives. After each step every
 parameter's value, every optimizer slot and the step count are compared, in torch's layout (a Flax
-layout move is reverted first), against a tolerance that follows the dtype: :data:`RTOL`.
+layout move is reverted first), against a tolerance that follows the dtype: :data:`RTOL` for float64; for
+float32 and bf16, :data:`ULPS` ulps of a slot and of a parameter's update, and half an ulp of the parameter
+for each time either side rounds it (each step, :func:`param_roundings`). JAX's 64-bit mode is on while an
+Optax side runs, so that Optax computes its step scalars in float64 as torch does in Python floats; arrays
+keep their own dtypes.
 
 Parameters run a chunk at a time (every optimizer of the family table updates a parameter from its own
 gradient and slots alone), so a large state is verified in bounded memory: ``max_chunk_bytes``. An LR
@@ -25,7 +29,7 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +40,7 @@ from .converters import OPTAX, TORCH, Framework, adapter, call_user_function, fo
 from .converters.layout.moves import Layout, problem_list, revert_layout
 from .converters.schedules.torch_schedulers import group_lrs, last_epoch
 from .errors import MappingError, OptstateError, UnsupportedError
+from .schema.families import OptimizerSpec, is_decoupled
 from .schema.state import OptimizerState, ParamInfo, ParamPath, allowing_nonfinite, numpy_dtype, path_to_name
 
 # The framework a format's checkpoint is run in; the canonical file (not here) runs in the framework the
@@ -135,6 +140,7 @@ class VerifyReport:
     seed: int
     gradients: str  # "random" or the module:function that gave them
     params: tuple[ParamCheck, ...]
+    notes: tuple[str, ...] = ()  # why a tolerance is what it is, where a family needs saying (rounding_notes)
 
     @property
     def agrees(self) -> bool:
@@ -175,6 +181,7 @@ class VerifyReport:
         lines += [f"  {p.describe()}" for p in shown[:limit]]
         if len(shown) > limit:
             lines.append(f"  ... and {len(shown) - limit} more")
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -340,6 +347,9 @@ class OptaxRun:
         self.update = jax.jit(update)
         self.tx, self.opt_state, self.params = tx, opt_state, params
         self.family, self.hyperparams, self.approximate = family, hyperparams, approximate
+        # Under x64 a float64 scalar meeting a float32 array widens it: the side would then run in float64
+        # and agree with torch's float32 for the wrong reason. Every array must keep the dtype it came in.
+        self.dtypes = leaf_dtypes((params, opt_state))
 
     @classmethod
     def from_state(cls, state: OptimizerState, params: Mapping[ParamPath, np.ndarray]) -> OptaxRun:
@@ -358,7 +368,9 @@ class OptaxRun:
 
     def step(self, grads: Mapping[ParamPath, Any]) -> None:
         grad_tree = self.adapter.nest({path: self.adapter.to_jax(np.asarray(g)) for path, g in grads.items()})
+        check_dtypes_kept("the gradient at", leaf_dtypes(self.params), grad_tree)
         self.params, self.opt_state = self.update(grad_tree, self.opt_state, self.params)
+        check_dtypes_kept("after a step, the Optax state's", self.dtypes, (self.params, self.opt_state))
 
     def snapshot(self) -> OptimizerState:
         """The Optax state now, read back into the canonical form, the parameters' values as the weights."""
@@ -370,6 +382,34 @@ class OptaxRun:
             allow_approximate=self.approximate,
         )
         return state
+
+
+def leaf_dtypes(tree: Any) -> dict[str, np.dtype]:
+    """Each array leaf's dtype, by its path in the tree.
+
+    >>> leaf_dtypes({"fc": {"w": np.zeros(2, np.float32)}, "n": None})
+    {"['fc']['w']": dtype('float32')}
+    """
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(kp): np.dtype(leaf.dtype) for kp, leaf in leaves if hasattr(leaf, "dtype")}
+
+
+def check_dtypes_kept(what: str, expected: Mapping[str, np.dtype], tree: Any) -> None:
+    """Refuse a tree whose arrays are not in the ``expected`` dtypes (by path): a float32 run widened to
+    float64 would compare float64 arithmetic with torch's float32.
+
+    >>> check_dtypes_kept("the gradient at", {"['w']": np.dtype("float32")}, {"w": np.zeros(2)})
+    Traceback (most recent call last):
+    optstate.errors.OptstateError: verify: the gradient at ['w'] is float64, expected float32: the Optax side ...
+    """
+    for path, dtype in leaf_dtypes(tree).items():
+        if path in expected and dtype != expected[path]:
+            raise OptstateError(
+                f"verify: {what} {path} is {dtype}, expected {expected[path]}: the Optax side would not run in "
+                "the checkpoint's precision"
+            )
 
 
 def torch_param_groups(state: OptimizerState) -> list[dict[str, Any]]:
@@ -391,27 +431,51 @@ _RUNNERS: Mapping[str, Callable[[OptimizerState, Mapping[ParamPath, np.ndarray]]
 }
 
 
-def _x64(sides: Sequence[_Side]) -> ExitStack:
-    """JAX's 64-bit mode for this run only, where an Optax side holds 64-bit arrays (else JAX would round
-    them to 32 bits); the caller's setting is left as it was."""
-    stack = ExitStack()
-    dtypes = {numpy_dtype(p.dtype) for side in sides for p in side.state.params}
-    dtypes |= {np.dtype(a.dtype) for side in sides for a in side.state.slots.values()}
-    wide = bool(dtypes & {np.dtype("float64"), np.dtype("complex128")})
-    if wide and any(side.framework == "optax" for side in sides):
-        import jax
+def _x64(sides: Sequence[_Side]) -> AbstractContextManager[Any]:
+    """JAX's 64-bit mode while an Optax side runs, for this thread and this run only (the caller's setting,
+    global or its own ``jax.enable_x64``, is as it was afterwards, even on an error).
 
-        stack.enter_context(jax.enable_x64(True))
-    return stack
+    Always, not only for 64-bit arrays: torch computes the step's scalars (Adam's bias corrections, RAdam's
+    rectification, NAdam's momentum schedule) as Python floats, and Optax computes them in the dtype JAX
+    gives a Python float, float32 with x64 off, which differs from torch's by about an ulp of the update
+    each step. Arrays keep their own dtype (a float32 state stays float32: :meth:`OptaxRun.step` checks it).
+
+    >>> import jax
+    >>> before = jax.numpy.zeros(1).dtype
+    >>> with _x64([_Side("s", "optax", "optax", None, None)]):  # type: ignore[arg-type]
+    ...     jax.numpy.zeros(1).dtype.name
+    'float64'
+    >>> jax.numpy.zeros(1).dtype == before  # as the caller had it
+    True
+    """
+    if not any(side.framework == "optax" for side in sides):
+        return nullcontext()
+    import jax
+
+    return jax.enable_x64(True)
 
 
 # ----------------------------------------------------------------------------- comparing
 
 
-def _tolerance(what: str, dtype: np.dtype, ref: np.ndarray, other: np.ndarray, initial: np.ndarray | None) -> float:
+def _tolerance(
+    what: str,
+    dtype: np.dtype,
+    ref: np.ndarray,
+    other: np.ndarray,
+    initial: np.ndarray | None,
+    roundings: float = 0.0,
+) -> float:
     """How far ``other`` may be from ``ref``: float64, 1e-12 of the largest value; lower precisions,
-    :data:`ULPS` ulps of the largest value of a slot, and of a parameter's update so far plus one ulp of
-    the parameter (the rounding of adding the update)."""
+    :data:`ULPS` ulps of the largest value of a slot, and of a parameter's update so far plus half an ulp of
+    the parameter for each time either side has rounded it (``roundings``, at least one: see
+    :func:`param_roundings`).
+
+    >>> w0, w = np.ones(2, np.float32), np.full(2, 1.5, np.float32)
+    >>> eps = float(np.finfo(np.float32).eps)
+    >>> _tolerance("param", np.dtype("float32"), w, w, w0, roundings=6) == ULPS * eps * 0.5 + 3 * eps * 1.5
+    True
+    """
     scale = max(float(np.max(np.abs(ref), initial=0.0)), float(np.max(np.abs(other), initial=0.0)))
     name = np.dtype(dtype).name
     if name in RTOL:
@@ -420,7 +484,80 @@ def _tolerance(what: str, dtype: np.dtype, ref: np.ndarray, other: np.ndarray, i
     if what != "param" or initial is None:
         return ULPS * eps * scale
     update = float(np.max(np.abs(ref - initial), initial=0.0))
-    return ULPS * eps * update + eps * scale
+    return ULPS * eps * update + 0.5 * eps * scale * max(roundings, 1.0)
+
+
+# Why torch rounds a parameter more than once in a step, where it does; Optax rounds it once
+# (optax.apply_updates adds the whole update). A table of (applies to a group, reason).
+_EXTRA_TORCH_ROUNDINGS: tuple[tuple[Callable[[OptimizerSpec, Mapping[str, Any]], bool], str], ...] = (
+    (lambda spec, hp: spec.name == "nadam", "NAdam adds its gradient term and its momentum term one at a time"),
+    (
+        lambda spec, hp: is_decoupled(spec, hp) and bool(hp.get("weight_decay")),
+        "decoupled weight decay multiplies the parameter by 1 - lr * weight_decay first",
+    ),
+)
+
+
+def torch_extra_roundings(spec: OptimizerSpec, hyperparams: Mapping[str, Any]) -> tuple[str, ...]:
+    """Why ``torch.optim`` rounds a parameter of a group with these hyperparameters more than once a step:
+    one reason per extra rounding (each in-place operation on the parameter rounds it).
+
+    >>> from optstate.schema.families import optimizer_spec
+    >>> torch_extra_roundings(optimizer_spec("adamw"), {"weight_decay": 0.01})
+    ('decoupled weight decay multiplies the parameter by 1 - lr * weight_decay first',)
+    >>> torch_extra_roundings(optimizer_spec("adam"), {"weight_decay": 0.01})  # coupled: added to the gradient
+    ()
+    """
+    return tuple(reason for applies, reason in _EXTRA_TORCH_ROUNDINGS if applies(spec, hyperparams))
+
+
+def param_roundings(state: OptimizerState, frameworks: Sequence[str]) -> dict[ParamPath, int]:
+    """How many times the two sides, run in ``frameworks``, round each parameter in one step together.
+
+    Each rounding of a float32 (or bf16) parameter may land it on a neighbouring value of the other side's:
+    where the updates differ by an ulp of themselves, the sums do by up to half an ulp of the parameter per
+    rounding, and the difference is carried to the next step. Over a run, those half-ulps add up (the
+    tolerance grows with the steps); and where torch rounds twice (:func:`torch_extra_roundings`), its
+    first rounding is one Optax never makes.
+
+    >>> from optstate.schema import ParamInfo
+    >>> s = OptimizerState("nadam", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float32", 0),), {})
+    >>> param_roundings(s, ("torch", "optax")), param_roundings(s, ("optax", "optax"))
+    ({('w',): 3}, {('w',): 2})
+    """
+    out = {}
+    for info in state.params:
+        hyperparams = state.spec.with_defaults(state.param_groups[info.group])
+        extra = len(torch_extra_roundings(state.spec, hyperparams))
+        out[info.path] = sum(1 + (extra if framework == "torch" else 0) for framework in frameworks)
+    return out
+
+
+def rounding_notes(state: OptimizerState, frameworks: Sequence[str]) -> tuple[str, ...]:
+    """What the report says where torch rounds a parameter more than Optax does in a step, so that its
+    parameters' tolerance grows faster (lower precisions only: float64's 1e-12 is far above a rounding).
+
+    >>> from optstate.schema import ParamInfo
+    >>> s = OptimizerState("nadam", ({"lr": 0.1},), (ParamInfo(("w",), (2,), "float32", 0),), {})
+    >>> print(rounding_notes(s, ("torch", "optax"))[0])  # doctest: +NORMALIZE_WHITESPACE
+    NAdam, float32: torch rounds a parameter 2 times a step (NAdam adds its gradient term and its momentum
+    term one at a time), Optax once; the parameters' tolerance allows half an ulp of the parameter for each
+    rounding, on either side, at each step
+    """
+    if set(frameworks) != {"torch", "optax"}:
+        return ()
+    notes = {}
+    for info in state.params:
+        if numpy_dtype(info.dtype).name in RTOL:
+            continue
+        reasons = torch_extra_roundings(state.spec, state.spec.with_defaults(state.param_groups[info.group]))
+        if reasons:
+            notes[(info.dtype, reasons)] = (
+                f"{state.spec.torch_class}, {info.dtype}: torch rounds a parameter {1 + len(reasons)} times a step "
+                f"({'; '.join(reasons)}), Optax once; the parameters' tolerance allows half an ulp of the parameter "
+                "for each rounding, on either side, at each step"
+            )
+    return tuple(notes.values())
 
 
 @dataclass
@@ -459,15 +596,19 @@ def compare_states(
     step: int,
     tallies: Mapping[ParamPath, Tally],
     initial: Mapping[ParamPath, np.ndarray],
+    roundings: Mapping[ParamPath, int] | None = None,
 ) -> None:
     """Add to each parameter's tally how ``other`` differs from ``ref`` after ``step``: its value (the
-    states' weights), every slot either holds, and its step count where both keep one."""
+    states' weights), every slot either holds, and its step count where both keep one. ``roundings``: how
+    many times the two sides round each parameter a step together (:func:`param_roundings`; two if not
+    given, one each)."""
     spec = ref.spec
     for path, tally in tallies.items():
         dtype = numpy_dtype(ref.param(path).dtype)
         a, b = _as_float(ref.weights[path]), _as_float(other.weights[path])  # type: ignore[index]
         first = initial.get(path)
-        tally.add("param", step, _max_difference(a, b), _tolerance("param", dtype, a, b, first))
+        rounded = step * (2 if roundings is None else roundings[path])
+        tally.add("param", step, _max_difference(a, b), _tolerance("param", dtype, a, b, first, rounded))
         for slot in spec.slots:
             mine, theirs = ref.slots.get((slot.name, path)), other.slots.get((slot.name, path))
             if mine is None and theirs is None:
@@ -689,6 +830,8 @@ def verify(
     views = [side.in_torch_layout() for side in sides]
     _check_same_parameters(views[0], views[1], (src, dst))
     tallies = {p.path: Tally(path_to_name(p.path), p.dtype) for p in views[0].params}
+    frameworks = [side.framework for side in sides]
+    roundings = param_roundings(views[0], frameworks)
     chunks = [views[0].params] if gradients is not None else list(_chunks(views[0], max_chunk_bytes))
     tick = None
     if progress is not None:
@@ -696,7 +839,7 @@ def verify(
     # A diverged run converted on purpose keeps its NaN (or negative moments) while it runs, too.
     with _x64(sides), allowing_nonfinite(read_options.get("allow_nonfinite", False)):
         for infos in chunks:
-            _verify_chunk(sides, views, infos, steps, seed, gradients, tallies, tick)
+            _verify_chunk(sides, views, infos, steps, seed, gradients, tallies, roundings, tick)
     return VerifyReport(
         src,
         src_framework,
@@ -707,6 +850,7 @@ def verify(
         seed,
         "random" if model_data is None else (model_data if isinstance(model_data, str) else "gradients function"),
         worst_first(tallies),
+        rounding_notes(views[0], frameworks),
     )
 
 
@@ -737,6 +881,7 @@ def _verify_chunk(
     seed: int,
     gradients: Gradients | None,
     tallies: Mapping[ParamPath, Tally],
+    roundings: Mapping[ParamPath, int],
     progress: Callable[[int], None] | None,
 ) -> None:
     """Run one chunk of parameters on both sides for ``steps`` steps, comparing after each."""
@@ -756,7 +901,7 @@ def _verify_chunk(
         for side, run in zip(sides, runs, strict=True):
             run.step(side.native(grads))
         ref, other = (side.in_torch_layout(run.snapshot()) for side, run in zip(sides, runs, strict=True))
-        compare_states(ref, other, step, chunk_tallies, starts[0])
+        compare_states(ref, other, step, chunk_tallies, starts[0], roundings)
         current = {path: np.asarray(ref.weights[path]) for path in paths}  # type: ignore[index]
         if progress is not None:
             for info in infos:

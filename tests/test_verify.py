@@ -18,11 +18,13 @@ import transformers
 import optstate
 from optstate.cli import main
 from optstate.converters import Framework
+from optstate.errors import OptstateError
 from optstate.schema import load, save
 from optstate.testing import assert_continues
-from optstate.verify import _FRAMEWORKS
+from optstate.verify import _FRAMEWORKS, OptaxRun
 
 from frameworks import TinyNet, torch_train
+from helpers import gradient
 from test_progress import run_on_a_terminal, screen_lines
 
 
@@ -295,3 +297,68 @@ def test_a_canonical_file_with_a_schedule_that_never_settles_verifies_without_a_
     assert main(["convert", str(ckpt), str(out), "--verify"]) == 0, capsys.readouterr().err
     assert "agrees" in capsys.readouterr().out
     assert optstate.verify(ckpt, out, steps=5)
+
+
+# ----------------------------------------------------------------------------- float32
+
+
+def float32_checkpoint(path, make_optimizer):
+    """A float32 TinyNet trained 4 steps (lr 0.05: each step moves a parameter by about a tenth of itself, so
+    that a relative error of the update shows in the parameters, as it does in a model of small weights)."""
+    model = TinyNet().float()
+    opt = make_optimizer(list(model.named_parameters()))
+    for step in range(4):
+        for name, p in model.named_parameters():
+            p.grad = torch.from_numpy(gradient(step, name, p.detach().double().numpy()).astype(np.float32))
+        opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    return path
+
+
+FLOAT32 = {
+    "Adam": (lambda named: torch.optim.Adam(named, lr=0.05), ()),
+    "AdamW": (lambda named: torch.optim.AdamW(named, lr=0.05, weight_decay=0.1), ("decoupled weight decay",)),
+    "RAdam": (lambda named: torch.optim.RAdam(named, lr=0.05), ()),  # rectified from its 6th step: steps 5 to 14
+    "NAdam": (lambda named: torch.optim.NAdam(named, lr=0.05), ("NAdam adds its gradient term",)),
+}
+
+
+@pytest.mark.parametrize("family", list(FLOAT32))
+def test_float32_adam_family_continues_in_optax_over_ten_steps(tmp_path, family):
+    # Run as a user of JAX's default (x64 off) runs it: Optax would compute its bias corrections (RAdam's
+    # rectification, NAdam's momentum schedule) in float32 and miss torch's Python floats by 3 to 55
+    # tolerances here; verify turns x64 on for the Optax side, the arrays staying float32.
+    make, notes = FLOAT32[family]
+    ckpt = float32_checkpoint(tmp_path / "c.pt", make)
+    optstate.convert(ckpt, tmp_path / "s.safetensors")
+    with jax.enable_x64(False):
+        report = optstate.verify(ckpt, tmp_path / "s.safetensors", steps=10)
+        assert jax.numpy.zeros(1).dtype == np.float32  # verify's x64 went with it
+    assert report.agrees, report.format()
+    assert report.optimizer == family and {p.dtype for p in report.params} == {"float32"}
+    # Where torch rounds a parameter twice a step, the report says why its tolerance grows faster.
+    assert len(report.notes) == len(notes) and all(n in note for n, note in zip(notes, report.notes, strict=True))
+    assert all(note in report.format() for note in report.notes)
+
+
+def test_a_float32_output_of_another_lr_still_disagrees(tmp_path):
+    ckpt = float32_checkpoint(tmp_path / "c.pt", FLOAT32["NAdam"][0])
+    state = optstate.from_torch(ckpt)
+    save(
+        dataclasses.replace(state, param_groups=({**state.param_groups[0], "lr": 0.05 * 1.001},)),
+        tmp_path / "s.safetensors",
+    )
+    report = optstate.verify(ckpt, tmp_path / "s.safetensors", steps=10)
+    assert not report.agrees and {p.worst for p in report.disagreeing} == {"param"}, report.format()
+    assert all(p.first_step_off == 1 for p in report.disagreeing), report.format()
+
+
+def test_the_optax_side_must_keep_its_dtypes():
+    # A float64 scale under x64 widens a float32 update, and the trace that keeps it: the side would run in
+    # float64 and its agreement with torch's float32 mean nothing.
+    with jax.enable_x64(True):
+        tx = optax.chain(optax.scale(jax.numpy.asarray(-0.1, "float64")), optax.trace(0.9))
+        params = {"w": jax.numpy.ones(3, "float32")}
+        run = OptaxRun(tx, tx.init(params), params, "sgd", [{"lr": 0.1, "momentum": 0.9, "params": ["w"]}])
+        with pytest.raises(OptstateError, match=r"Optax state's \[1\]\[1\]\.trace\['w'\] is float64, expected float32"):
+            run.step({("w",): np.ones(3, np.float32)})
