@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import errno
 import os
 import shutil
 import signal
@@ -252,12 +254,68 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(directory))
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until the block is done, then act (in the main thread; elsewhere nothing is
+    held). For steps that must not be cut in two, and for libraries that catch every exception (DCP's
+    collectives turn a KeyboardInterrupt into their own error) or write from threads of their own
+    (TensorStore's, which would write into a temporary directory already removed).
+
+    >>> try:
+    ...     with signals_held():
+    ...         signal.raise_signal(signal.SIGINT)
+    ...         print("the block ran to its end")
+    ... except KeyboardInterrupt:
+    ...     print("then Ctrl-C acted")
+    the block ran to its end
+    then Ctrl-C acted
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _: held.append(signum)) for signum in _HELD}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
+_HELD = (signal.SIGTERM, signal.SIGINT)
+_RENAME_EXCHANGE = 2  # renameat2's flag (linux/fs.h): swap two paths in one step
+_AT_FDCWD = -100
+
+
+def _exchanged(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one step, where the system can (Linux's ``renameat2``, which Python does not
+    expose: ctypes); ``False`` where it cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # not this kernel, or not this file system
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(a), None, os.fspath(b))
+
+
 def _replace(tmp: Path, path: Path) -> None:
-    """Move ``tmp`` to ``path``; an existing directory there is moved aside first, then removed."""
+    """Move ``tmp`` to ``path``. An existing directory there is swapped with ``tmp`` in one step (so that
+    ``path`` is never absent, even to SIGKILL), then removed; where the system cannot swap, it is moved
+    aside and then replaced, SIGTERM and SIGINT held between the two renames."""
     if path.is_dir() and not path.is_symlink():
+        if _exchanged(tmp, path):
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+            return
         aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.rename(path, aside / path.name)
-        os.rename(tmp, path)
+        with signals_held():
+            os.rename(path, aside / path.name)
+            os.rename(tmp, path)
         shutil.rmtree(aside)
     else:
         os.replace(tmp, path)
