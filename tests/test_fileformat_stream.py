@@ -89,7 +89,7 @@ def test_round_trip_is_bit_exact_plain_and_sharded(tmp_path_factory, state, shar
     _assert_same_state(state, optstate.load(path))
     # Saved again from the memory-mapped load: every array goes file to file.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ff, "_COPY_MIN_BYTES", 1)
+        mp.setattr(ff, "COPY_MIN_BYTES", 1)
         again = optstate.save(optstate.load(path), d / "t.safetensors", max_shard_bytes=shard_bytes)
     _assert_same_state(state, optstate.load(again))
     if shard_bytes is None:
@@ -199,7 +199,7 @@ def test_file_span_refuses_private_and_replaced_mappings(tmp_path):
     m = np.memmap(path, dtype="<f8", mode="r")
     os.rename(path, tmp_path / "b.bin")  # the mapping follows the file
     assert ff.file_span(m).path == str(tmp_path / "b.bin")
-    before = ff._shared_file_mappings()
+    before = ff.shared_file_mappings()
     np.zeros(1000).tofile(tmp_path / "c.bin")
     os.replace(tmp_path / "c.bin", tmp_path / "b.bin")  # the mapped file is gone from every name
     assert ff.file_span(m) is None

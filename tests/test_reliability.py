@@ -554,18 +554,39 @@ def test_kill_and_signal_matrix_leaves_the_previous_output_or_nothing(tmp_path):
 
 def test_pt_tensors_are_copied_inside_the_kernel(tmp_path, monkeypatch):
     copied = []
-    copy_span = ff._copy_span
+    copy_span = ff.copy_span
 
     def spy(span, out, nbytes):
         done = copy_span(span, out, nbytes)
         copied.append(done)
         return done
 
-    monkeypatch.setattr(ff, "_copy_span", spy)
-    src = adam_checkpoint(tmp_path / "ckpt.pt", width=512, steps=1)  # 2 MiB a matrix: above _COPY_MIN_BYTES
+    monkeypatch.setattr(ff, "copy_span", spy)
+    src = adam_checkpoint(tmp_path / "ckpt.pt", width=512, steps=1)  # 2 MiB a matrix: above COPY_MIN_BYTES
     optstate.convert(src, tmp_path / "s.safetensors")
     assert copied.count(512 * 512 * 8) == 3  # exp_avg, exp_avg_sq and the weight: file to file
     assert load(tmp_path / "s.safetensors").common_step() == 1
+
+
+def test_tensors_of_a_canonical_file_are_copied_inside_the_kernel_to_torch(tmp_path, monkeypatch):
+    src = adam_checkpoint(tmp_path / "ckpt.pt", width=512, steps=1)
+    optstate.convert(src, tmp_path / "s.safetensors")
+    copied = []
+    copy_span = ptfile.copy_span
+
+    def spy(span, out, nbytes):
+        done = copy_span(span, out, nbytes)
+        copied.append(done)
+        return done
+
+    monkeypatch.setattr(ptfile, "copy_span", spy)
+    optstate.convert(tmp_path / "s.safetensors", tmp_path / "back.pt", dst_format="torch")
+    assert copied.count(512 * 512 * 8) == 3
+    assert zipfile.ZipFile(tmp_path / "back.pt").testzip() is None  # every record's CRC-32, from the source's bytes
+    before, after = read(src).slots, read(tmp_path / "back.pt").slots
+    assert before.keys() == after.keys()
+    for key, array in before.items():
+        np.testing.assert_array_equal(np.asarray(after[key]), np.asarray(array))
 
 
 # ----------------------------------------------------------------------------- 7. fuzzing the untrusted-bytes parsers

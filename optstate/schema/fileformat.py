@@ -61,7 +61,7 @@ MAX_JSON_DEPTH = 64  # deeper JSON is refused: no document optstate writes nests
 DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size
 
 _CHUNK_BYTES = 16 << 20  # the most a byte swap or a gather of a strided array copies at once
-_COPY_MIN_BYTES = 1 << 20  # smaller tensors are written from memory: a syscall or two either way
+COPY_MIN_BYTES = 1 << 20  # smaller tensors are written from memory: a syscall or two either way
 _MAX_SYSCALL_BYTES = 1 << 30
 # errno values with which copy_file_range/sendfile say "not between these files", not "failed"
 _NOT_SUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOTSOCK}
@@ -264,7 +264,7 @@ class _Mapping(NamedTuple):
     path: str
 
 
-def _shared_file_mappings() -> list[_Mapping]:
+def shared_file_mappings() -> list[_Mapping]:
     """This process's shared file mappings, by address (``/proc/self/maps``; none where it does not exist).
 
     Only shared mappings: their memory is the file's page cache, so the file holds what the array
@@ -313,7 +313,7 @@ def file_span(array: np.ndarray, mappings: Sequence[_Mapping] | None = None) -> 
     if not array.flags.c_contiguous or array.nbytes == 0 or not _views_an_mmap(array):
         return None
     address = array.ctypes.data
-    mappings = _shared_file_mappings() if mappings is None else mappings
+    mappings = shared_file_mappings() if mappings is None else mappings
     i = bisect.bisect_right(mappings, address, key=lambda m: m.start) - 1
     if i < 0 or address + array.nbytes > mappings[i].end:
         return None
@@ -439,7 +439,7 @@ def _sendfile(src: int, out: int, offset: int, count: int) -> int:
     return os.sendfile(out, src, offset, min(count, _MAX_SYSCALL_BYTES))
 
 
-def _copy_span(span: FileSpan, out: int, nbytes: int) -> int:
+def copy_span(span: FileSpan, out: int, nbytes: int) -> int:
     """Copy ``nbytes`` from ``span`` to ``out`` (at its position) inside the kernel: ``copy_file_range``,
     else ``sendfile``. Returns how many bytes it copied; the caller writes the rest from memory."""
     try:
@@ -485,27 +485,41 @@ def checksum(data: Any) -> str:
 _HASH_CHUNK = 256 << 10  # read into one buffer this large (as fast as larger ones here): no page faults
 
 
+def file_blocks(path: str | os.PathLike, offset: int, nbytes: int, what: str) -> Iterator[memoryview]:
+    """The ``nbytes`` bytes at ``offset`` of the file at ``path``, a block at a time, read with ``pread`` into one
+    buffer (each block is valid until the next): a file that shrank gives an error naming ``what``, not the
+    SIGBUS a mapping would.
+
+    >>> import tempfile
+    >>> f = tempfile.mkdtemp() + "/b"; _ = pathlib.Path(f).write_bytes(b"abcdef")
+    >>> [bytes(block) for block in file_blocks(f, 1, 4, "the letters")]
+    [b'bcde']
+    """
+    buffer = memoryview(bytearray(min(_HASH_CHUNK, nbytes)))
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(f.fileno(), [buffer[: min(len(buffer), nbytes - done)]], offset + done)
+            if n == 0:
+                raise FormatError(f"{os.fspath(path)}: ends before byte {offset + nbytes} of {what}")
+            yield buffer[:n]
+            done += n
+
+
 def file_checksums(path: str | os.PathLike, spans: Mapping[str, tuple[int, int]]) -> dict[str, str]:
-    """The checksum of each ``key -> (offset, nbytes)`` range of the file at ``path``, read with ``pread`` into
-    one buffer (a file that shrank gives an error, not the SIGBUS a mapping would).
+    """The checksum of each ``key -> (offset, nbytes)`` range of the file at ``path`` (:func:`file_blocks`).
 
     >>> import tempfile
     >>> f = tempfile.mkdtemp() + "/b"; _ = pathlib.Path(f).write_bytes(np.arange(3.0).tobytes())
     >>> file_checksums(f, {"all": (0, 24)})["all"] == checksum(np.arange(3.0))
     True
     """
-    buffer = memoryview(bytearray(min(_HASH_CHUNK, max((n for _, n in spans.values()), default=0))))
     found = {}
-    with open(path, "rb", buffering=0) as f:
-        for key, (offset, nbytes) in spans.items():
-            hasher, done = xxhash.xxh3_64(), 0
-            while done < nbytes:
-                n = os.preadv(f.fileno(), [buffer[: min(len(buffer), nbytes - done)]], offset + done)
-                if n == 0:
-                    raise FormatError(f"{os.fspath(path)}: ends before byte {offset + nbytes} of tensor {key!r}")
-                hasher.update(buffer[:n])
-                done += n
-            found[key] = hasher.hexdigest()
+    for key, (offset, nbytes) in spans.items():
+        hasher = xxhash.xxh3_64()
+        for block in file_blocks(path, offset, nbytes, f"tensor {key!r}"):
+            hasher.update(block)
+        found[key] = hasher.hexdigest()
     return found
 
 
@@ -525,14 +539,14 @@ def _write_tensor(
             f"the header declared shape {list(entry.shape)} and dtype {entry.dtype}"
         )
     done, span = 0, None
-    if array.nbytes >= _COPY_MIN_BYTES and array.dtype == entry.dtype:
+    if array.nbytes >= COPY_MIN_BYTES and array.dtype == entry.dtype:
         span = file_span(array, mappings)
     if span is not None:
         # The source read a second time, beside the copy (pread into a buffer: no page faults, and the
         # hash lets go of the GIL): bytes that change under the copy show on read-back as a mismatch.
         ranges = {entry.key: (span.offset, array.nbytes)}
         source = (hashing or _SERIAL).submit(file_checksums, span.path, ranges)
-        done = _copy_span(span, fd, array.nbytes)
+        done = copy_span(span, fd, array.nbytes)
         if done == array.nbytes:
             return source.result()[entry.key]
         with contextlib.suppress(FormatError):  # the copy failed: the array's bytes are written from memory
@@ -562,7 +576,7 @@ def _write_file(
     in its header; then read it back (:func:`verify_written`; errors name ``destination``)."""
     # Arrays that exist now keep their mappings alive for the whole write, so one snapshot serves
     # them all; a lazy entry's array may be mapped later, at an address an old mapping had: read anew.
-    mappings = _shared_file_mappings()
+    mappings = shared_file_mappings()
     checksums = dict.fromkeys((e.key for e in entries), _NO_CHECKSUM)
     header = _header(entries, _with_checksums(metadata, checksums))
     # Not "wb": ext4 starts writing back, on close, a file that was truncated to zero and rewritten.

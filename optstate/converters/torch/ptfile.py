@@ -23,6 +23,7 @@ Imports NumPy and xxhash only (ml_dtypes for a bfloat16 or float8 tensor).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -48,7 +49,17 @@ from numpy.lib.stride_tricks import as_strided
 
 from ...atomic import atomic_file
 from ...errors import FormatError, UnsupportedError
-from ...schema.fileformat import file_checksums, little_endian_bytes, refuse_special_file, write_all
+from ...schema.fileformat import (
+    COPY_MIN_BYTES,
+    copy_span,
+    file_blocks,
+    file_checksums,
+    file_span,
+    little_endian_bytes,
+    refuse_special_file,
+    shared_file_mappings,
+    write_all,
+)
 from ...schema.state import numpy_dtype
 
 # torch's dtype names, which are NumPy's and ml_dtypes' names of the same types.
@@ -215,7 +226,7 @@ def save(
     with (
         atomic_file(path, force=force, fsync=fsync) as tmp,
         open(tmp, "r+b", buffering=0) as f,
-        ThreadPoolExecutor(1) as reading_back,
+        ThreadPoolExecutor(2) as reading_back,
     ):
         archive = _ZipWriter(f.fileno(), tmp, reading_back)
         for name, data in (
@@ -1019,12 +1030,21 @@ class _Crc32(threading.Thread):
         return self.value
 
 
+def _file_crc32_xxh3(path: str, offset: int, nbytes: int) -> tuple[int, str]:
+    """The CRC-32 and XXH3-64 of a range of a file, read with ``pread``."""
+    crc, hasher = 0, xxhash.xxh3_64()
+    for block in file_blocks(path, offset, nbytes, "an array mapped from it (the file shrank while mapped)"):
+        crc = zlib.crc32(block, crc)
+        hasher.update(block)
+    return crc, hasher.hexdigest()
+
+
 class _ZipWriter:
     """Writes an uncompressed zip record by record, laid out as torch's writer (miniz) lays it out:
     local header padded so that the data starts 64-byte aligned, the data, then (unless empty) a data
     descriptor with its CRC-32 and sizes; the central directory and zip64 end records at the end."""
 
-    def __init__(self, fd: int, path: str | os.PathLike | None = None, reading_back: Executor | None = None):
+    def __init__(self, fd: int, path: str | os.PathLike, reading_back: Executor):
         self.fd = fd
         self.offset = 0  # == the file position
         self.central: list[bytes] = []
@@ -1033,6 +1053,8 @@ class _ZipWriter:
         # the read-back overlaps the writing instead of following it.
         self.path, self.reading_back = path, reading_back
         self._read_back: dict[str, tuple[int, Future]] = {}
+        # The arrays that exist now keep their mappings alive while they are written (see file_span).
+        self.mappings = shared_file_mappings()
 
     def _write(self, data: bytes) -> None:
         write_all(self.fd, np.frombuffer(data, np.uint8))
@@ -1067,9 +1089,8 @@ class _ZipWriter:
         )
         crc, digest = write_data()
         self.written[(_ARCHIVE + name)] = (size, digest)
-        if self.reading_back is not None and self.path is not None:
-            checksums = self.reading_back.submit(file_checksums, self.path, {name: (self.offset, size)})
-            self._read_back[_ARCHIVE + name] = (self.offset, checksums)
+        checksums = self.reading_back.submit(file_checksums, self.path, {name: (self.offset, size)})
+        self._read_back[_ARCHIVE + name] = (self.offset, checksums)
         self.offset += size
         if os.lseek(self.fd, 0, os.SEEK_CUR) != self.offset:  # the central directory would point amiss
             raise AssertionError(f"record {name}: {size} bytes expected, the file position says otherwise")
@@ -1119,12 +1140,27 @@ class _ZipWriter:
         self._record(f"data/{tensor.key}", array.nbytes, lambda: self._write_array(array))
 
     def _write_array(self, array: np.ndarray) -> tuple[int, str]:
-        """Write the array's bytes in C order, little-endian; return their CRC-32 and XXH3-64, computed (in a
-        thread, for large blocks) while they are written.
+        """Write the array's bytes in C order, little-endian; return their CRC-32 and XXH3-64.
 
-        An array mapped from a file is written from its mapping, not copied file to file
-        (``copy_file_range``): the CRC reads every byte anyway, and the two together took longer.
+        An array mapped from a file is copied file to file inside the kernel (``copy_file_range``) while a
+        thread reads its bytes from the file for the two checksums (``pread``: no page of the mapping is
+        touched, so an input truncated meanwhile is an error, not a SIGBUS). Measured on 1 GB here: 1.0-1.1 s
+        with the read-back, against 1.2-2.7 s writing from the mapping with the checksums beside it. Other
+        arrays are written from memory, their checksums computed (in a thread, for large blocks) meanwhile.
         """
+        span = None
+        if array.nbytes >= COPY_MIN_BYTES and array.dtype.newbyteorder("<") == array.dtype:
+            span = file_span(array, self.mappings)
+        if span is not None:
+            digests = self.reading_back.submit(_file_crc32_xxh3, span.path, span.offset, array.nbytes)
+            done = copy_span(span, self.fd, array.nbytes)
+            if done == array.nbytes:
+                return digests.result()
+            with contextlib.suppress(FormatError):  # the copy failed: the rest is written from memory
+                digests.result()
+            write_all(self.fd, array.reshape(-1).view(np.uint8)[done:])
+            flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
+            return zlib.crc32(flat), xxhash.xxh3_64_hexdigest(flat)
         crc, hasher = 0, xxhash.xxh3_64()
         for block in little_endian_bytes(array):  # the array itself when C-contiguous and little-endian
             if block.nbytes >= _CRC_THREAD_BYTES:
