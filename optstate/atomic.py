@@ -388,8 +388,16 @@ def atomic_file(path: str | os.PathLike, *, force: bool = False, fsync: bool = T
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, force: bool = False, fsync: bool = True) -> Iterator[Path]:
+def atomic_directory(
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    fsync: bool = True,
+    read_back: Callable[[Path], None] | None = None,
+) -> Iterator[Path]:
     """Yield a temporary directory path (not yet created) beside ``path``; rename it on success.
+    ``read_back(tmp)``, the writer's check of what it wrote, runs once the directory is written and fsynced and
+    the commit checks passed, just before the rename: an error from it removes the directory unseen.
 
     >>> import tempfile, pathlib
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "d"
@@ -403,16 +411,20 @@ def atomic_directory(path: str | os.PathLike, *, force: bool = False, fsync: boo
     with _cleanup_on_signals():
         parent = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         tmp = parent / path.name
-        yield from _directory_written_then_renamed(path, parent, tmp, fsync)
+        yield from _directory_written_then_renamed(path, parent, tmp, fsync, read_back)
 
 
-def _directory_written_then_renamed(path: Path, parent: Path, tmp: Path, fsync: bool) -> Iterator[Path]:
+def _directory_written_then_renamed(
+    path: Path, parent: Path, tmp: Path, fsync: bool, read_back: Callable[[Path], None] | None
+) -> Iterator[Path]:
     try:
         with _written_back_while_writing([tmp], fsync):
             yield tmp
         if fsync:
             _fsync_tree(tmp)
         _run_commit_checks()
+        if read_back is not None:  # last: nothing of this process writes to it any more
+            read_back(tmp)
         _replace(tmp, path)
         if fsync:
             _fsync_dir(path.parent)

@@ -146,31 +146,8 @@ MATRIX = [
     for point, signal_name in itertools.product(points(writer, over), SIGNALS)
 ]
 
-# What this matrix found, by (writer, point, signal): the reason, and whether the case fails every time (strict)
-# or by a race (it may pass). The fixes are in the reasons; once made, the marks go.
-DCP_SIGNAL = (
-    "optstate/converters/torch/dcp.py _save_dcp: DCP's all_reduce catches BaseException, so SIGTERM's _Terminated "
-    "and SIGINT's KeyboardInterrupt come out of dcp.save as a CheckpointException: the temporary directory is "
-    "removed but the process ends with a traceback and status 1, not by the signal (fix: hold SIGTERM/SIGINT "
-    "during dcp.save and deliver them after it returns)"
-)
-ORBAX_THREADS = (
-    "optstate/converters/jax/orbax.py save_tree: SIGTERM/SIGINT unwind the main thread while TensorStore's threads "
-    "still write; atomic_directory removes the temporary directory and they write into it again "
-    "(.<name>.*.tmp/<name>.orbax-checkpoint-tmp/ocdbt.process_0/manifest.ocdbt left behind), a race (fix: hold "
-    "SIGTERM/SIGINT during the Orbax save and deliver them after it returns)"
-)
-KNOWN = {
-    **{("dcp", "first", s): (DCP_SIGNAL, True) for s in ("SIGTERM", "SIGINT")},
-    **{(w, "first", s): (ORBAX_THREADS, False) for w in ORBAX_WRITERS for s in ("SIGTERM", "SIGINT")},
-}
-
-
-def case_param(name: str, point: str, signal_name: str, over: bool) -> Any:
-    case_id = f"{name}-{point}-{signal_name}-{'over' if over else 'fresh'}"
-    known = KNOWN.get((name, point, signal_name))
-    marks = [pytest.mark.xfail(strict=known[1], reason=known[0])] if known else []
-    return pytest.param(case_id, id=case_id, marks=marks)
+def id_of(name: str, point: str, signal_name: str, over: bool) -> str:
+    return f"{name}-{point}-{signal_name}-{'over' if over else 'fresh'}"
 
 
 # ----------------------------------------------------------------------------- running the matrix
@@ -315,7 +292,7 @@ def assert_new_and_whole(matrix: Matrix, case: Case, after: dict[str, Any]) -> N
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(array), err_msg=f"{slot} {path}")
 
 
-@pytest.mark.parametrize("case_id", [case_param(*row) for row in MATRIX])
+@pytest.mark.parametrize("case_id", [id_of(*row) for row in MATRIX])
 def test_a_signalled_write_leaves_the_previous_output_or_nothing(matrix, case_id):
     """Absent (fresh) or the previous output byte for byte (over); or, where the writer held the signal until its
     write was done or has no such point, the new output whole. Nothing else after SIGTERM and SIGINT."""

@@ -556,8 +556,8 @@ def test_pt_tensors_are_copied_inside_the_kernel(tmp_path, monkeypatch):
     copied = []
     copy_span = ff.copy_span
 
-    def spy(span, out, nbytes):
-        done = copy_span(span, out, nbytes)
+    def spy(span, out, nbytes, sources):
+        done = copy_span(span, out, nbytes, sources)
         copied.append(done)
         return done
 
@@ -574,8 +574,8 @@ def test_tensors_of_a_canonical_file_are_copied_inside_the_kernel_to_torch(tmp_p
     copied = []
     copy_span = ptfile.copy_span
 
-    def spy(span, out, nbytes):
-        done = copy_span(span, out, nbytes)
+    def spy(span, out, nbytes, sources):
+        done = copy_span(span, out, nbytes, sources)
         copied.append(done)
         return done
 

@@ -7,6 +7,8 @@ What ``convert --to optax`` writes (with ``--step N``, as step ``DST/<N>/`` of a
 an Orbax checkpoint that plain Orbax restores with the target ``{"params": params, "opt_state":
 tx.init(params)}``, plus ``optstate.json`` (the canonical metadata, so that :func:`load_optax` can rebuild
 ``tx``) and, when the model has buffers (BatchNorm statistics, ...), ``buffers.safetensors`` beside its items.
+Before its rename, the output is read back array by array and checked against the bytes written
+(:func:`read_back_orbax`).
 """
 
 from __future__ import annotations
@@ -23,17 +25,23 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+import xxhash
+from orbax.checkpoint._src.metadata import array_metadata_store
 
-from ...atomic import atomic_directory
+from ...atomic import atomic_directory, signals_held
 from ...errors import FormatError, UnsupportedError
 from ...schema.families import optimizer_spec
 from ...schema.fileformat import (
+    CHECKSUM_KEY,
     check_format_version,
+    checksum,
+    file_checksums,
     parse_tensor_key,
     read_safetensors,
     state_from_metadata,
@@ -68,27 +76,49 @@ def _needs_x64(shapes: Mapping[ParamPath, jax.ShapeDtypeStruct]) -> bool:
     return any(np.dtype(s.dtype).itemsize == 8 for s in shapes.values())
 
 
+class _Array(NamedTuple):
+    """An array of an Orbax checkpoint as written (or read back): shape, dtype, XXH3-64 checksum of its bytes.
+
+    >>> _Array.of(np.arange(3.0))  # doctest: +ELLIPSIS
+    _Array(shape=(3,), dtype='float64', checksum='...')
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    checksum: str
+
+    @classmethod
+    def of(cls, value: Any) -> _Array:
+        array = np.asarray(value)
+        return cls(tuple(array.shape), str(array.dtype), checksum(array))
+
+
 class _HeldFailures:
     """For Orbax's NumPy handlers: a failed write (a full disk) is recorded in ``failures``, not raised, so that
     Orbax awaits every other write to its end; raised at once, it would abandon them, still writing into the
     temporary directory after that is removed, each with a traceback. :func:`orbax_write_errors` raises the
-    first after the save."""
+    first after the save. Each array written is recorded in ``written`` (its name in the checkpoint ->
+    :class:`_Array`, the checksum computed in a thread while TensorStore writes it), for the read-back."""
 
     failures: list[BaseException]
+    written: dict[str, _Array]
 
     async def _open_and_write(self, value: Any, tspec: dict[str, Any], ts_context: Any) -> None:
+        hashed = asyncio.ensure_future(asyncio.to_thread(_Array.of, value))  # xxhash lets go of the GIL
         try:
             await super()._open_and_write(value, tspec, ts_context)  # type: ignore[misc]
         except Exception as exc:  # held, and raised by orbax_write_errors once every write has ended
             self.failures.append(exc)
+        self.written[tspec["kvstore"]["path"].rstrip("/")] = await hashed  # OCDBT: its path in the store is its name
 
 
 class _ScalarWriter(_HeldFailures, ocp.type_handlers.ScalarHandler):
     """Orbax's scalar handler (a count, a step), its failures held (:class:`_HeldFailures`)."""
 
-    def __init__(self, failures: list[BaseException]) -> None:
+    def __init__(self, failures: list[BaseException], written: dict[str, _Array]) -> None:
         super().__init__()
         self.failures = failures
+        self.written = written
 
 
 class _ArrayWriter(_HeldFailures, ocp.type_handlers.NumpyHandler):
@@ -100,10 +130,16 @@ class _ArrayWriter(_HeldFailures, ocp.type_handlers.NumpyHandler):
 
     IN_FLIGHT = 8  # lazy arrays made and being written at once; measured 5.1 s at 8, 6.8 s at 2 (3 GB)
 
-    def __init__(self, progress: Callable[[int], None] | None, failures: list[BaseException] | None = None) -> None:
+    def __init__(
+        self,
+        progress: Callable[[int], None] | None,
+        failures: list[BaseException] | None = None,
+        written: dict[str, _Array] | None = None,
+    ) -> None:
         super().__init__(deepcopy_host_arrays=False)
         self._progress = progress
         self.failures = [] if failures is None else failures
+        self.written = {} if written is None else written
         self._slots: asyncio.Semaphore | None = None  # made in Orbax's event loop, on first use
 
     async def _open_and_write(self, value: Any, tspec: dict[str, Any], ts_context: Any) -> None:
@@ -117,23 +153,39 @@ class _ArrayWriter(_HeldFailures, ocp.type_handlers.NumpyHandler):
             self._progress(value.nbytes)
 
 
-def _checkpointer(progress: Callable[[int], None] | None, failures: list[BaseException]) -> ocp.Checkpointer:
+class _JaxArrayWriter(ocp.type_handlers.ArrayHandler):
+    """Orbax's ``jax.Array`` handler, recording each array written in ``written`` (:class:`_HeldFailures`)."""
+
+    def __init__(self, written: dict[str, _Array]) -> None:
+        super().__init__(array_metadata_store=array_metadata_store.Store())  # as Orbax's default handler
+        self.written = written
+
+    async def serialize(self, values: Sequence[Any], infos: Sequence[Any], args: Any = None) -> Any:
+        self.written.update({info.name: _Array.of(value) for value, info in zip(values, infos, strict=True)})
+        return await super().serialize(values, infos, args)
+
+
+def _checkpointer(
+    progress: Callable[[int], None] | None, failures: list[BaseException], written: dict[str, _Array]
+) -> ocp.Checkpointer:
     """A PyTree checkpointer that writes arrays with :class:`_ArrayWriter`, uncompressed: zstd holds
     every compressed chunk until the end, and optimizer moments hardly compress."""
-    return ocp.Checkpointer(_tree_handler(progress, failures))
+    return ocp.Checkpointer(_tree_handler(progress, failures, written))
 
 
-def _tree_handler(progress: Callable[[int], None] | None, failures: list[BaseException]) -> ocp.PyTreeCheckpointHandler:
+def _tree_handler(
+    progress: Callable[[int], None] | None, failures: list[BaseException], written: dict[str, _Array]
+) -> ocp.PyTreeCheckpointHandler:
     """The PyTree handler that writes arrays with :class:`_ArrayWriter`, uncompressed; the writes that fail go
-    to ``failures``."""
-    arrays, scalar = _ArrayWriter(progress, failures), _ScalarWriter(failures)
+    to ``failures``, what each array was written as to ``written``."""
+    arrays, scalar = _ArrayWriter(progress, failures, written), _ScalarWriter(failures, written)
     registry = ocp.type_handlers.create_type_handler_registry(
         (int, scalar),
         (float, scalar),
         (np.number, scalar),
         (np.ndarray, arrays),
         (Deferred, arrays),
-        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+        (jax.Array, _JaxArrayWriter(written)),
     )
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
 
@@ -209,16 +261,29 @@ def save_tree(
     [7]
     """
     sidecar = {**state_metadata(state), "optax_types": recorded_types(opt_state)}
+    written = _Written({}, {})
 
     def finish(item: Path) -> None:
-        (item / SIDECAR).write_text(json.dumps(sidecar, indent=1))
+        text = json.dumps(sidecar, indent=1).encode()
+        (item / SIDECAR).write_bytes(text)
+        written.files[SIDECAR] = ("bytes", xxhash.xxh3_64_hexdigest(text))
         if beside_items is not None:
             beside_items(item)
+        if (item / BUFFERS).is_file():  # written, and read back, by write_safetensors: its header's checksums
+            written.files[BUFFERS] = ("safetensors", _header_checksums(item / BUFFERS))
 
     if step is None:
-        with _removed_if_failed(Path(path).parent), atomic_directory(path, force=force, fsync=fsync) as tmp:
-            with orbax_write_errors(Path(path)) as failures:
-                _checkpointer(progress, failures).save(os.path.abspath(tmp), args=ocp.args.PyTreeSave(tree))
+        with (
+            _removed_if_failed(Path(path).parent),
+            atomic_directory(
+                path, force=force, fsync=fsync, read_back=lambda tmp: read_back_orbax(tmp, written, Path(path))
+            ) as tmp,
+        ):
+            # Signals wait for the save: TensorStore's threads would write on into a temporary directory removed.
+            with orbax_write_errors(Path(path)) as failures, signals_held():
+                _checkpointer(progress, failures, written.arrays).save(
+                    os.path.abspath(tmp), args=ocp.args.PyTreeSave(tree)
+                )
             finish(tmp)
         return
     root = Path(path)
@@ -226,21 +291,141 @@ def save_tree(
         raise FormatError(
             f"{root}: --step {step} writes a step of a CheckpointManager's directory, and this is one checkpoint"
         )
-    with _removed_if_failed(root), atomic_directory(_step_directory(root, step), force=force, fsync=fsync) as tmp:
+    destination = _step_directory(root, step) / DEFAULT_ITEM
+    with (
+        _removed_if_failed(root),
+        atomic_directory(
+            _step_directory(root, step),
+            force=force,
+            fsync=fsync,
+            read_back=lambda tmp: read_back_orbax(tmp / DEFAULT_ITEM, written, destination),
+        ) as tmp,
+    ):
         # The step's own CheckpointManager, in the temporary directory's parent: it writes tmp (step, metadata
         # and item), which is then renamed into place beside the root's other steps.
         with orbax_write_errors(root / str(step)) as failures:
             manager = ocp.CheckpointManager(
-                os.path.abspath(tmp.parent), item_handlers=_tree_handler(progress, failures), options=_MANAGER_OPTIONS
+                os.path.abspath(tmp.parent),
+                item_handlers=_tree_handler(progress, failures, written.arrays),
+                options=_MANAGER_OPTIONS,
             )
             try:
-                manager.save(step, args=ocp.args.PyTreeSave(tree))
-                manager.wait_until_finished()
+                with signals_held():
+                    manager.save(step, args=ocp.args.PyTreeSave(tree))
+                    manager.wait_until_finished()
             finally:
                 manager.close()
         if tmp.name != str(step) or not (tmp / DEFAULT_ITEM).is_dir():
             raise FormatError(f"{root}: Orbax did not write step {step} as {tmp.name}/{DEFAULT_ITEM}")
         finish(tmp / DEFAULT_ITEM)
+
+
+# ----------------------------------------------------------------------------- reading the output back
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What an Orbax checkpoint directory was written as: ``arrays`` its arrays by name (:class:`_Array`), and
+    ``files`` the files optstate wrote beside them: ``optstate.json`` (``("bytes", XXH3-64)``) and
+    ``buffers.safetensors`` (``("safetensors", the checksums its header records)``)."""
+
+    arrays: dict[str, _Array]
+    files: dict[str, tuple[str, str | None]]
+
+
+def read_back_orbax(directory: Path, written: _Written, destination: Path) -> None:
+    """Read back an Orbax checkpoint just written (``directory``, the item holding ``_METADATA``), before it is
+    renamed to ``destination``: Orbax's tree metadata lists exactly the ``written`` arrays, with their shapes and
+    dtypes; each array, read with TensorStore as Orbax reads it (one at a time: one array in memory), has the
+    checksum of the bytes written; ``optstate.json`` has its checksum, ``buffers.safetensors`` its tensors'.
+    The first difference is refused naming ``destination``, the array or file, and what was written and read.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()) / "out"
+    >>> written = _Written({}, {})
+    >>> _checkpointer(None, [], written.arrays).save(os.path.abspath(d), args=ocp.args.PyTreeSave({"w": np.ones(2)}))
+    >>> read_back_orbax(d, written, Path("out"))
+    >>> written.arrays["w"] = _Array((2,), "float64", "0" * 16)
+    >>> read_back_orbax(d, written, Path("out"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.FormatError: out: array w reads back with checksum ..., written with 0000000000000000 (...)
+    """
+    directory = Path(os.path.abspath(directory))  # Orbax reads absolute paths only
+    try:
+        _check_arrays(directory, written.arrays, destination)
+        for name, (kind, expected) in written.files.items():
+            _check_file(directory / name, kind, expected, destination / name)
+    except FormatError as exc:
+        raise FormatError(str(exc).replace(os.fspath(directory), os.fspath(destination))) from None
+
+
+def _stored_arrays(directory: Path, destination: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``name -> (shape, dtype)`` of the arrays Orbax's tree metadata lists."""
+    try:
+        metadata = ocp.PyTreeCheckpointHandler().metadata(directory)
+        leaves = jax.tree_util.tree_leaves(metadata.tree)
+        return {leaf.name: (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for leaf in leaves}
+    except Exception as exc:  # Orbax fails in its own ways on a damaged _METADATA
+        raise FormatError(f"{destination}: the checkpoint written does not read back: {_one_line(exc)}") from None
+
+
+def _read_array(directory: Path, name: str, context: Any, destination: Path) -> np.ndarray:
+    """Array ``name`` of the checkpoint, read with the TensorStore spec Orbax reads it with."""
+    info = ocp.type_handlers.ParamInfo(name=name, parent_dir=directory, use_zarr3=False, ts_context=context)
+    try:
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=True)
+        return np.asarray(ts.open(spec, context=context).result().read().result())
+    except Exception as exc:  # TensorStore's errors on a damaged store: ValueError, RuntimeError, ...
+        raise FormatError(f"{destination}: array {name} does not read back: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """:func:`_read_failure`'s words for ``exc``, its first line (TensorStore's errors run on)."""
+    return next(iter(_read_failure(exc).splitlines()), type(exc).__name__)
+
+
+def _check_arrays(directory: Path, written: Mapping[str, _Array], destination: Path) -> None:
+    stored = _stored_arrays(directory, destination)
+    meant = {name: (array.shape, array.dtype) for name, array in written.items()}
+    if stored != meant:
+        name = next(n for n in sorted(set(stored) | set(meant)) if stored.get(n) != meant.get(n))
+        raise FormatError(
+            f"{destination}: array {name} reads back as {stored.get(name, 'missing')} in Orbax's metadata, "
+            f"written as {meant.get(name, 'nothing')}"
+        )
+    context = ocp.type_handlers.get_ts_context(use_ocdbt=True)
+    for name, array in written.items():
+        found = _Array.of(_read_array(directory, name, context, destination))
+        if found != array:
+            detail = (
+                f"checksum {found.checksum}, written with {array.checksum}"
+                if found[:2] == array[:2]
+                else f"{list(found.shape)} {found.dtype}, written as {list(array.shape)} {array.dtype}"
+            )
+            raise FormatError(
+                f"{destination}: array {name} reads back with {detail} "
+                "(the checkpoint, or the input it was written from, changed before the rename)"
+            )
+
+
+def _header_checksums(path: Path) -> str | None:
+    """The checksums of its tensors that a safetensors file's header records (the JSON text)."""
+    return read_safetensors(path, verify=False)[1].get(CHECKSUM_KEY)
+
+
+def _check_file(path: Path, kind: str, expected: str | None, where: Path) -> None:
+    """A file optstate wrote beside the arrays, as it was written."""
+    if kind == "safetensors":  # every tensor against its header's checksums, and those as written
+        read_safetensors(path, verify=True)
+        if _header_checksums(path) != expected:
+            raise FormatError(f"{where}: the header reads back with other checksums than were written")
+        return
+    actual = file_checksums(path, {"": (0, path.stat().st_size)})[""]
+    if actual != expected:
+        raise FormatError(
+            f"{where}: reads back with checksum {actual}, written with {expected} "
+            "(the file changed between its write and the directory's rename)"
+        )
 
 
 # Orbax's logs while it writes: its background threads log a failure with a traceback before it reaches us.

@@ -172,7 +172,7 @@ def read_optimizer(path: Path) -> Mapping[str, Any]:
 
     >>> import tempfile
     >>> path = Path(tempfile.mkdtemp()) / "optimizer.bin"
-    >>> ptfile.save({"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, path)
+    >>> _ = ptfile.save({"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, path)
     >>> read_optimizer(path)["param_groups"][0]["lr"]
     0.1
     """
@@ -186,7 +186,7 @@ def read_scheduler(path: Path) -> Mapping[str, Any]:
 
     >>> import tempfile
     >>> path = Path(tempfile.mkdtemp()) / "scheduler.bin"
-    >>> ptfile.save({"last_epoch": 3, "base_lrs": [0.1]}, path)
+    >>> _ = ptfile.save({"last_epoch": 3, "base_lrs": [0.1]}, path)
     >>> read_scheduler(path)["last_epoch"]
     3
     """
@@ -313,7 +313,7 @@ def read(path: str | os.PathLike, options: ReadOptions) -> OptimizerState:
     >>> from optstate.schema.fileformat import write_safetensors
     >>> d = Path(tempfile.mkdtemp())
     >>> group = {"lr": 0.1, "momentum": 0.9, "dampening": 0, "nesterov": False, "weight_decay": 0}
-    >>> ptfile.save({"state": {0: {"momentum_buffer": np.ones(2)}},
+    >>> _ = ptfile.save({"state": {0: {"momentum_buffer": np.ones(2)}},
     ...              "param_groups": [{**group, "params": [0], "param_names": ["fc.w"]}]}, d / "optimizer.bin")
     >>> write_safetensors(d / "model.safetensors", [("fc.w", np.zeros(2))], {"format": "pt"})
     >>> state = read(d, ReadOptions())
@@ -330,7 +330,7 @@ def inspect(path: str | os.PathLike, fmt: str = "accelerate", options: ReadOptio
     >>> import tempfile
     >>> d = Path(tempfile.mkdtemp())
     >>> group = {"lr": 0.1, "momentum": 0.9, "dampening": 0, "nesterov": False, "weight_decay": 0}
-    >>> ptfile.save({"state": {0: {"momentum_buffer": np.ones(2)}},
+    >>> _ = ptfile.save({"state": {0: {"momentum_buffer": np.ones(2)}},
     ...              "param_groups": [{**group, "params": [0], "param_names": ["w"]}]}, d / "optimizer.bin")
     >>> _ = (d / "random_states_0.pkl").write_bytes(b"never read")
     >>> report = inspect(d)

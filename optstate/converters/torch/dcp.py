@@ -10,6 +10,9 @@ Two layouts of the optimizer are understood, both keyed by parameter name (FQN):
 "params": [fqn, ...]}]}``, and its ``flatten_optimizer_state_dict=True`` form
 ``{"state.<fqn>.<key>": ..., "param_groups.<fqn>.<key>": ...}`` that torchtitan saves, with
 the model's tensors at the top level.
+
+A directory written is read back entry by entry and checked against what was saved before its rename
+(:func:`read_back_dcp`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import math
 import os
 import pathlib
 import pickle
+import struct
 import warnings
+import zipfile
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -30,8 +36,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
-from ...atomic import atomic_directory
+from ...atomic import atomic_directory, signals_held
 from ...errors import FormatError, OptstateError, UnsupportedError
 from ...schema import fileformat
 from ...schema.state import Deferred, OptimizerState, path_to_name
@@ -47,6 +54,7 @@ from .live import (
     tensor_to_numpy,
     unpickler_detail,
 )
+from .target import in_destination
 
 METADATA_FILE = ".metadata"
 LAYOUTS = ("nested", "torchtitan")
@@ -552,16 +560,24 @@ def write_dcp(
     """
     if layout not in LAYOUTS:
         raise OptstateError(f"unknown DCP layout {layout!r} (known: {', '.join(LAYOUTS)})")
-    with atomic_directory(path, force=force, fsync=fsync) as tmp:
+    written: list[_Saved] = []  # what _save_dcp wrote, for the read-back
+    with atomic_directory(
+        path,
+        force=force,
+        fsync=fsync,
+        read_back=lambda tmp: read_back_dcp(tmp, written[0], pathlib.Path(path)),
+    ) as tmp:
         if any(isinstance(a, Deferred) for _, _, a in state.iter_tensors()):
             # Lazy arrays (layout moves, tensors on an accelerator) are made one at a time into a
             # file beside the output and read back memory-mapped, not made and held all at once.
             staged = tmp.parent / f"{tmp.name}.staged.safetensors"  # never the output's own name
             state = fileformat.load(fileformat.save(state, staged, fsync=False))
-        _save_dcp(state, tmp, layout)
+        written.append(_save_dcp(state, tmp, layout))
 
 
-def _save_dcp(state: OptimizerState, directory: pathlib.Path, layout: str) -> None:
+def _save_dcp(state: OptimizerState, directory: pathlib.Path, layout: str) -> _Saved:
+    """Save ``state`` with ``dcp.save`` into ``directory``; return what was written, the tensors' checksums
+    computed beside the save, for :func:`read_back_dcp`."""
     # Tensors view the state's arrays (memory maps of the source, mostly) instead of copying them:
     # DCP's writer keeps every tensor of a file until the file is done.
     sd = torch_dict.state_dict_arrays(state, step_dtype=step_dtype())
@@ -579,11 +595,196 @@ def _save_dcp(state: OptimizerState, directory: pathlib.Path, layout: str) -> No
         ckpt = {"optimizer": optim_sd, **({"model": weights} if weights else {})}
     if state.metadata.lr_scheduler is not None:
         ckpt["lr_scheduler"] = dict(state.metadata.lr_scheduler)
-    with warnings.catch_warnings():
+    flat, paths = flatten_state_dict(ckpt)  # DCP's own flattening: the entries .metadata lists, and their paths
+    with warnings.catch_warnings(), ThreadPoolExecutor(1) as hashing:
+        # The checksums are computed in a thread while DCP writes (xxhash lets go of the GIL): the bytes
+        # meant, read from the same arrays DCP saves.
+        hashed = hashing.submit(lambda: {key: _Written.of(value) for key, value in flat.items()})
         # One process on purpose: torch warns about that even when told so (no_dist=True).
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        # atomic_directory fsyncs the whole tree before the rename, so the writer need not.
-        dcp.save(ckpt, storage_writer=dcp.FileSystemWriter(directory, sync_files=False), no_dist=True)
+        # atomic_directory fsyncs the whole tree before the rename, so the writer need not. DCP's collectives
+        # catch every exception (a KeyboardInterrupt comes out as their own error): signals wait for the save.
+        with signals_held():
+            dcp.save(ckpt, storage_writer=dcp.FileSystemWriter(directory, sync_files=False), no_dist=True)
+        return _Saved(hashed.result(), paths)
+
+
+# ----------------------------------------------------------------------------- reading the output back
+
+
+@dataclass(frozen=True)
+class _Written:
+    """One entry of a DCP checkpoint as it was written: a tensor's dtype, shape and XXH3-64 checksum of its
+    bytes, or another value's ``repr`` (exact for the floats, ints, strings and tuples a state dict holds).
+
+    >>> _Written.of(torch.arange(3.0)).what, _Written.of((0.9, 0.999)).what
+    ('torch.float32 [3]', '(0.9, 0.999)')
+    """
+
+    what: str
+    checksum: str | None = None
+
+    @classmethod
+    def of(cls, value: Any) -> _Written:
+        if isinstance(value, torch.Tensor):
+            return cls(f"{value.dtype} {list(value.shape)}", fileformat.checksum(tensor_to_numpy(value, copy=False)))
+        return cls(repr(value))
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """What ``dcp.save`` was given: ``entries`` by DCP key (:class:`_Written`), ``paths`` each key's path in the
+    nested state dict (what ``.metadata`` keeps as ``planner_data``)."""
+
+    entries: Mapping[str, _Written]
+    paths: Mapping[str, tuple[str | int, ...]]
+
+
+def _entry_file(metadata: dcp_metadata.Metadata, fqn: str) -> str:
+    """The data file that holds (the first chunk of) entry ``fqn``."""
+    return next(
+        (info.relative_path for index, info in metadata.storage_data.items() if index.fqn == fqn), METADATA_FILE
+    )
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``offset`` to ``offset + length`` of an open file, as a read-only file of their own (for zipfile)."""
+
+    def __init__(self, f: BinaryIO, offset: int, length: int) -> None:
+        super().__init__()
+        self.fd, self.offset, self.length, self.position = f.fileno(), offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, position: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position, os.SEEK_END: self.length}[whence]
+        self.position = max(0, base + position)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[: max(0, self.length - self.position)]
+        n = os.preadv(self.fd, [view], self.offset + self.position) if len(view) else 0
+        self.position += n
+        return n
+
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip record's local header: signature, ..., name and extra lengths
+
+
+def _small_records(blob: zipfile.ZipFile, storage: zipfile.ZipInfo, where: str) -> dict[str, bytes]:
+    """The blob's records but its storage (the pickle, the byte order, ...), read whole: their CRC-32s checked."""
+    try:
+        return {i.filename.split("/", 1)[-1]: blob.read(i) for i in blob.infolist() if i is not storage}
+    except zipfile.BadZipFile as exc:  # a record's CRC-32 is not the one written
+        raise FormatError(f"{where}: {exc}") from None
+
+
+def _storage_span(f: BinaryIO, offset: int, length: int, where: str) -> tuple[int, int] | None:
+    """Where in the file the one storage record of the ``torch.save`` blob at ``offset`` lies, ``(offset, size)``,
+    its other records read whole (a CRC-32 other than written is refused); ``None`` for a blob that is not one
+    stored storage beside a pickle, in little-endian order."""
+    with zipfile.ZipFile(_Window(f, offset, length)) as blob:
+        storages = [i for i in blob.infolist() if i.filename.split("/", 1)[-1].startswith("data/")]
+        if len(storages) != 1 or storages[0].compress_type != zipfile.ZIP_STORED:
+            return None
+        records = _small_records(blob, storages[0], where)
+        if "data.pkl" not in records or records.get("byteorder", b"little") != b"little":
+            return None
+        header = os.pread(f.fileno(), _LOCAL_HEADER.size, offset + storages[0].header_offset)
+    signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+    if signature != b"PK\x03\x04":
+        return None
+    start = offset + storages[0].header_offset + _LOCAL_HEADER.size + name_length + extra_length
+    return start, storages[0].file_size
+
+
+def _stored_as_written(blobs: _Blobs, entry: _Stored, meant: _Written) -> bool:
+    """Whether a tensor entry is stored as written, found cheaply: ``.metadata`` gives it the dtype and shape
+    written, in one chunk, whose blob's storage record holds exactly its bytes with the checksum written, hashed
+    in place (no copy, one buffer). ``False`` sends the entry to the full reader, which says what differs."""
+    meta = entry.meta
+    if not isinstance(meta, dcp_metadata.TensorStorageMetadata) or len(meta.chunks) != 1:
+        return False
+    if f"{meta.properties.dtype} {list(meta.size)}" != meant.what or list(meta.chunks[0].sizes) != list(meta.size):
+        return False
+    info = blobs.storage.get((entry.fqn, tuple(meta.chunks[0].offsets)))
+    if info is None or getattr(info, "transform_descriptors", None):
+        return False
+    f, size = blobs._file(info.relative_path, entry.fqn)
+    if info.offset < 0 or info.length < 0 or info.offset + info.length > size:
+        return False
+    where = f"{blobs.directory / info.relative_path}: {entry.fqn} (bytes {info.offset}..{info.offset + info.length})"
+    try:
+        span = _storage_span(f, info.offset, info.length, where)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError, RuntimeError):
+        return False  # the full reader says what is wrong with the blob
+    nbytes = math.prod(meta.size) * meta.properties.dtype.itemsize
+    if span is None or span[1] != nbytes:
+        return False
+    return (
+        fileformat.file_checksums(blobs.directory / info.relative_path, {entry.fqn: span})[entry.fqn] == meant.checksum
+    )
+
+
+def read_back_dcp(directory: pathlib.Path, written: _Saved, destination: pathlib.Path) -> None:
+    """Read back a DCP directory just written, before it is renamed to ``destination``, with optstate's DCP
+    reader: ``.metadata`` unpickles and lists exactly the ``written`` entries, at their paths; each reads back
+    (one at a time: one tensor in memory) as the same dtype, shape and checksum (a tensor) or value (the
+    rest). The first difference is refused naming the file under ``destination``, the entry, and what was
+    written and read.
+
+    >>> import tempfile, numpy as np, optstate
+    >>> s = optstate.OptimizerState("sgd", ({"lr": 0.1, "momentum": 0.9},),
+    ...     (optstate.ParamInfo(("w",), (2,), "float32", 0),), {("momentum", ("w",)): np.ones(2, np.float32)})
+    >>> d = pathlib.Path(tempfile.mkdtemp()) / "ckpt"; d.mkdir()
+    >>> written = _save_dcp(s, d, "nested")
+    >>> read_back_dcp(d, written, pathlib.Path("out"))
+    >>> lr = {"optimizer.param_groups.0.lr": _Written("0.2")}
+    >>> read_back_dcp(d, _Saved({**written.entries, **lr}, written.paths), pathlib.Path("out"))
+    Traceback (most recent call last):
+    optstate.errors.FormatError: out/__0_0.distcp: entry optimizer.param_groups.0.lr reads back as 0.1, written as 0.2
+    """
+    try:
+        _check_entries(directory, written, destination)
+    except OptstateError as exc:
+        raise FormatError(in_destination(exc, directory, destination)) from None
+
+
+def _check_entries(directory: pathlib.Path, saved: _Saved, destination: pathlib.Path) -> None:
+    try:
+        metadata = read_metadata(directory)
+    except FormatError as exc:
+        raise FormatError(f"{destination / METADATA_FILE}: the file written does not read back: {exc}") from None
+    stored, written = metadata.state_dict_metadata, saved.entries
+    if set(stored) != set(written):
+        odd = sorted(set(stored) ^ set(written))[0]
+        how = "listed and was not written" if odd in stored else "not listed and was written"
+        raise FormatError(f"{destination / METADATA_FILE}: entry {odd} is {how} (the file changed before the rename)")
+    if metadata.planner_data != saved.paths:
+        raise FormatError(f"{destination / METADATA_FILE}: the entries' paths read back other than were written")
+    with _Blobs(directory, metadata) as blobs:
+        for fqn, meant in written.items():
+            entry = _Stored(fqn, stored[fqn])
+            if _stored_as_written(blobs, entry, meant):
+                continue
+            value = blobs.tensor(entry) if entry.is_tensor else blobs.load(fqn, None, fqn)
+            found = _Written.of(value)
+            del value  # one tensor in memory at a time
+            if found != meant:
+                where = destination / _entry_file(metadata, fqn)
+                if found.what == meant.what:
+                    raise FormatError(
+                        f"{where}: tensor {fqn} reads back with checksum {found.checksum}, written with "
+                        f"{meant.checksum} (the file, or the input it was written from, changed before the rename)"
+                    )
+                raise FormatError(f"{where}: entry {fqn} reads back as {found.what}, written as {meant.what}")
 
 
 # ----------------------------------------------------------------------------- the "dcp" format's entries

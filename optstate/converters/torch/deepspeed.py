@@ -838,12 +838,12 @@ def read(path: str | os.PathLike, options: ReadOptions) -> OptimizerState:
     >>> import tempfile
     >>> d = Path(tempfile.mkdtemp()) / "global_step1"; d.mkdir()
     >>> _ = (d.parent / "latest").write_text("global_step1")
-    >>> ptfile.save({"module": {"w": np.zeros(3, np.float32)}, "param_shapes": [{"w": (3,)}],
+    >>> _ = ptfile.save({"module": {"w": np.zeros(3, np.float32)}, "param_shapes": [{"w": (3,)}],
     ...              "buffer_names": [], "global_steps": 1}, d / "mp_rank_00_model_states.pt")
     >>> group = {"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
     ...          "decoupled_weight_decay": True, "params": [0]}
     >>> ones = np.ones(4, np.float32)  # the partition: 3 values and 1 of padding
-    >>> ptfile.save({"optimizer_state_dict": {"zero_stage": 2, "partition_count": [1], "group_paddings": [1],
+    >>> _ = ptfile.save({"optimizer_state_dict": {"zero_stage": 2, "partition_count": [1], "group_paddings": [1],
     ...     "base_optimizer_state": {"state": {0: {"step": np.array(1.0), "exp_avg": ones, "exp_avg_sq": ones}},
     ...                              "param_groups": [group]},
     ...     "single_partition_of_fp32_groups": [np.arange(3, dtype=np.float32)], "clip_grad": 0.0}},

@@ -51,6 +51,7 @@ from ...atomic import atomic_file
 from ...errors import FormatError, UnsupportedError
 from ...schema.fileformat import (
     COPY_MIN_BYTES,
+    SourceFiles,
     copy_span,
     file_blocks,
     file_checksums,
@@ -203,8 +204,9 @@ def save(
     force: bool = False,
     fsync: bool = True,
     progress: Callable[[int], Any] | None = None,
-) -> None:
-    """Write ``obj`` as a ``torch.save`` file, atomically, one tensor at a time; no torch needed.
+) -> dict[str, tuple[int, str]]:
+    """Write ``obj`` as a ``torch.save`` file, atomically, one tensor at a time; no torch needed. Returns what
+    was written and read back: ``record name -> (size, XXH3-64 of its bytes)`` (see :func:`verify_written`).
 
     ``obj`` nests dicts (``Counter`` and ``OrderedDict`` kept), lists and tuples of ``None``, bools,
     ints, floats, strings and arrays: NumPy arrays or lazy array-likes (``.shape``, ``.dtype`` and
@@ -215,7 +217,7 @@ def save(
 
     >>> import tempfile, torch
     >>> path = tempfile.mkdtemp() + "/t.pt"
-    >>> save({"w": np.arange(6.0).reshape(2, 3), "step": 3, "betas": (0.9, 0.999)}, path)
+    >>> _ = save({"w": np.arange(6.0).reshape(2, 3), "step": 3, "betas": (0.9, 0.999)}, path)
     >>> d = torch.load(path, weights_only=True)
     >>> d["w"].tolist(), d["step"], d["betas"]
     ([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], 3, (0.9, 0.999))
@@ -227,8 +229,9 @@ def save(
         atomic_file(path, force=force, fsync=fsync) as tmp,
         open(tmp, "r+b", buffering=0) as f,
         ThreadPoolExecutor(2) as reading_back,
+        SourceFiles() as sources,
     ):
-        archive = _ZipWriter(f.fileno(), tmp, reading_back)
+        archive = _ZipWriter(f.fileno(), tmp, reading_back, sources)
         for name, data in (
             ("data.pkl", data_pkl),
             (".format_version", b"1"),
@@ -244,6 +247,7 @@ def save(
         archive.write_bytes(".data/serialization_id", f"{uuid.uuid4().int % 10**40:040d}".encode())
         archive.finish()
         verify_written(tmp, archive.written, path, archive.read_back())
+    return archive.written
 
 
 def verify_written(
@@ -261,7 +265,7 @@ def verify_written(
 
     >>> import tempfile, pathlib
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "t.pt"
-    >>> save({"w": np.arange(3.0)}, out)
+    >>> _ = save({"w": np.arange(3.0)}, out)
     >>> verify_written(out, {"archive/data.pkl": (1, "0" * 16)}, out)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     optstate.errors.FormatError: .../t.pt: the file written reads back with other records than were written ...
@@ -1044,7 +1048,7 @@ class _ZipWriter:
     local header padded so that the data starts 64-byte aligned, the data, then (unless empty) a data
     descriptor with its CRC-32 and sizes; the central directory and zip64 end records at the end."""
 
-    def __init__(self, fd: int, path: str | os.PathLike, reading_back: Executor):
+    def __init__(self, fd: int, path: str | os.PathLike, reading_back: Executor, sources: SourceFiles):
         self.fd = fd
         self.offset = 0  # == the file position
         self.central: list[bytes] = []
@@ -1054,7 +1058,7 @@ class _ZipWriter:
         self.path, self.reading_back = path, reading_back
         self._read_back: dict[str, tuple[int, Future]] = {}
         # The arrays that exist now keep their mappings alive while they are written (see file_span).
-        self.mappings = shared_file_mappings()
+        self.mappings, self.sources = shared_file_mappings(), sources
 
     def _write(self, data: bytes) -> None:
         write_all(self.fd, np.frombuffer(data, np.uint8))
@@ -1153,7 +1157,7 @@ class _ZipWriter:
             span = file_span(array, self.mappings)
         if span is not None:
             digests = self.reading_back.submit(_file_crc32_xxh3, span.path, span.offset, array.nbytes)
-            done = copy_span(span, self.fd, array.nbytes)
+            done = copy_span(span, self.fd, array.nbytes, self.sources)
             if done == array.nbytes:
                 return digests.result()
             with contextlib.suppress(FormatError):  # the copy failed: the rest is written from memory
