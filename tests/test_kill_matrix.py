@@ -146,6 +146,7 @@ MATRIX = [
     for point, signal_name in itertools.product(points(writer, over), SIGNALS)
 ]
 
+
 def id_of(name: str, point: str, signal_name: str, over: bool) -> str:
     return f"{name}-{point}-{signal_name}-{'over' if over else 'fresh'}"
 
