@@ -97,9 +97,22 @@ def checks_in_background() -> Iterator[None]:
     except Exception:
         background.wait()  # a check that failed is the cause: its error is raised instead
         raise
+    else:
+        background.wait()  # a block that renamed nothing still answers for its checks
     finally:
         _background.reset(token)
         background.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def checks_deferred() -> bool:
+    """Whether :func:`check_soon` runs a check in a thread now (inside :func:`checks_in_background`, before the
+    first rename), rather than at once.
+
+    >>> checks_deferred()
+    False
+    """
+    background = _background.get()
+    return background is not None and not background.committing
 
 
 def check_soon(check: Callable[[], None]) -> None:
@@ -112,8 +125,8 @@ def check_soon(check: Callable[[], None]) -> None:
     background = _background.get()
     if background is None or background.committing:
         check()
-    else:
-        background.pending.append(background.pool.submit(check))
+    else:  # in the caller's context: a check reads the context variables its caller set
+        background.pending.append(background.pool.submit(contextvars.copy_context().run, check))
 
 
 def _run_commit_checks() -> None:

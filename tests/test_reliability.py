@@ -41,6 +41,7 @@ from optstate.converters.torch import ptfile
 from optstate.errors import FormatError, OptstateError
 from optstate.schema import ParamInfo, load, save
 from optstate.schema import fileformat as ff
+from optstate.schema import state as state_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -213,6 +214,42 @@ def test_a_conversion_checks_its_input_while_it_writes_and_before_the_rename(tmp
     order.clear()
     load(src)  # outside a conversion: checked before load returns
     assert order == ["input checked"]
+
+
+def test_a_torch_input_s_moments_are_checked_beside_the_writing_and_before_the_rename(tmp_path, monkeypatch):
+    """The pass over every moment (finite; second moments not negative) runs beside the writing, not before it;
+    a diverged state is refused at the rename, naming the file and the parameter, and nothing appears."""
+    order, writing = [], threading.Event()
+    check_values, write_tensor = state_module._check_values, ff._write_tensor
+
+    def slow_check(*args):
+        assert writing.wait(30)  # runs beside the writer: waits for it to start
+        order.append("moments checked")
+        check_values(*args)
+
+    def traced_write(*args):
+        if not writing.is_set():
+            order.append("writing")
+            writing.set()
+        return write_tensor(*args)
+
+    monkeypatch.setattr(state_module, "_check_values", slow_check)
+    monkeypatch.setattr(ff, "_write_tensor", traced_write)
+    src = adam_checkpoint(tmp_path / "ckpt.pt")
+    with atomic.checked_before_commit(lambda: order.append("renamed")):
+        optstate.convert(src, tmp_path / "s.safetensors")
+    assert order == ["writing", "moments checked", "renamed"]
+
+    def diverged(sd):
+        sd["state"][0]["exp_avg"][0, 0] = float("nan")
+
+    order.clear()
+    writing.clear()
+    edited_optimizer(src, diverged)
+    with pytest.raises(FormatError, match=r"ckpt\.pt: weight: slot 'first_moment' holds non-finite values"):
+        optstate.convert(src, tmp_path / "d.safetensors")
+    assert order == ["writing", "moments checked"]
+    assert not (tmp_path / "d.safetensors").exists() and left_behind(tmp_path) == []
 
 
 def test_an_output_changed_before_its_rename_is_refused(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import check_soon, checks_deferred
 from ..errors import FormatError, UnsupportedError
 from .families import OptimizerSpec, optimizer_spec
 
@@ -141,6 +142,53 @@ def negative_slot(path: ParamPath, slot: str) -> FormatError:
         f"{path_to_name(path)}: slot {slot!r} holds negative values; a second moment is never negative, so "
         "the run diverged or the file is corrupt (--allow-nonfinite converts it anyway, recorded in the output)"
     )
+
+
+_values_checked_beside: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "optstate_values_checked_beside", default=None
+)
+
+
+@contextlib.contextmanager
+def values_checked_beside(source: str) -> Iterator[None]:
+    """States built inside this block check their moments' values (finite; second moments not negative) in a
+    thread beside the writing when a conversion is under way (:func:`optstate.atomic.check_soon`: the output
+    is renamed into place only once they passed), their errors then naming ``source``; elsewhere at once. That
+    pass over every moment was a tenth of converting 3 GB here, before the first byte was written.
+
+    >>> import optstate.atomic as atomic
+    >>> bad = {("first_moment", ("w",)): np.array([np.nan])}
+    >>> try:
+    ...     with atomic.checks_in_background(), values_checked_beside("c.pt"):
+    ...         s = OptimizerState("adam", ({},), (ParamInfo(("w",), (1,), "float64", 0, 1),), bad)
+    ...         print("built; checked beside what follows")
+    ... except FormatError as exc:
+    ...     print(exc)  # doctest: +ELLIPSIS
+    built; checked beside what follows
+    c.pt: w: slot 'first_moment' holds non-finite values (NaN or inf); ...
+    """
+    token = _values_checked_beside.set(source)
+    try:
+        yield
+    finally:
+        _values_checked_beside.reset(token)
+
+
+def _check_values(slots: Iterable[tuple[str, ParamPath, np.ndarray]], source: str | None = None) -> None:
+    """Refuse the first slot with a NaN or an infinity, or a negative value where none can be (naming
+    ``source``, where given)."""
+    try:
+        for slot, path, array in slots:
+            if slot in NON_NEGATIVE_SLOTS and finite_and_non_negative(array):
+                continue
+            if not all_finite(array):
+                raise non_finite_slot(path, slot)
+            if slot in NON_NEGATIVE_SLOTS:
+                raise negative_slot(path, slot)
+    except FormatError as exc:
+        if source is None:
+            raise
+        raise FormatError(f"{source}: {exc}") from None
 
 
 def non_finite_slot(path: ParamPath, slot: str) -> FormatError:
@@ -292,6 +340,7 @@ class OptimizerState:
         if len(by_path) != len(self.params):
             raise FormatError("a parameter path occurs twice")
         slots = {s.name: s for s in spec.slots}
+        checked = []  # the slots whose values must be finite (second moments: and not negative)
         for (slot, path), array in self.slots.items():
             if slot not in slots:
                 raise FormatError(f"{path_to_name(path)}: slot {slot!r} is not a slot of {spec.torch_class}")
@@ -307,14 +356,13 @@ class OptimizerState:
                 raise FormatError(
                     f"{path_to_name(path)}: slot {slot!r} has shape {list(array.shape)}, expected {list(expected)}"
                 )
-            if isinstance(array, Deferred) or self.metadata.nonfinite is not None or _allow_nonfinite.get():
-                continue  # a Deferred's source was checked; a diverged run admitted on purpose
-            if slot in NON_NEGATIVE_SLOTS and finite_and_non_negative(array):
-                continue
-            if not all_finite(array):
-                raise non_finite_slot(path, slot)
-            if slot in NON_NEGATIVE_SLOTS:
-                raise negative_slot(path, slot)
+            if not (isinstance(array, Deferred) or self.metadata.nonfinite is not None or _allow_nonfinite.get()):
+                checked.append((slot, path, array))  # a Deferred's source was checked; a diverged run admitted
+        source = _values_checked_beside.get()
+        if source is not None and checks_deferred():
+            check_soon(functools.partial(_check_values, checked, source))
+        else:
+            _check_values(checked)
         for info in self.params:
             if not 0 <= info.group < len(self.param_groups):
                 raise FormatError(f"{path_to_name(info.path)}: group {info.group} does not exist")

@@ -21,7 +21,16 @@ import numpy as np
 from ...errors import FormatError, MappingError, UnsupportedError
 from ...schema.families import OptimizerSpec, optimizer_spec
 from ...schema.fileformat import refuse_special_file
-from ...schema.state import Deferred, Metadata, OptimizerState, ParamInfo, name_to_path, numpy_dtype, path_to_name
+from ...schema.state import (
+    Deferred,
+    Metadata,
+    OptimizerState,
+    ParamInfo,
+    name_to_path,
+    numpy_dtype,
+    path_to_name,
+    values_checked_beside,
+)
 from ..formats import ReadOptions, WriteOptions
 from . import ptfile
 
@@ -511,15 +520,16 @@ def _state_from_state_dict(
             params.append(ParamInfo(path, shape, dtype, gi, step))
             slots.update({(slot, path): array for slot, array in param_slots.items()})
     try:
-        return OptimizerState(
-            spec.name,
-            tuple(hyperparams),
-            tuple(params),
-            slots,
-            weights_np,
-            tuple(name_to_path(b) for b in buffers),
-            metadata,
-        )
+        with values_checked_beside(source):
+            return OptimizerState(
+                spec.name,
+                tuple(hyperparams),
+                tuple(params),
+                slots,
+                weights_np,
+                tuple(name_to_path(b) for b in buffers),
+                metadata,
+            )
     except FormatError as exc:
         raise FormatError(f"{source}: {exc}") from None
 
