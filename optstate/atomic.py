@@ -6,7 +6,12 @@ crashes soon after) but still renames atomically.
 Before the first rename, the checks a caller registered with :func:`checked_before_commit` run (the
 inputs of a conversion are unchanged; the output reads back): one that raises keeps the output from
 appearing. SIGTERM and SIGINT during a write remove the temporary files, then end the process as the
-signal would have; only SIGKILL (or a crash of the machine) leaves a ``.<name>.*.tmp`` behind.
+signal would have (during a DCP or Orbax save, once the save returns: :func:`signals_held`); only SIGKILL
+(or a crash of the machine) leaves a ``.<name>.*.tmp`` behind.
+
+With fsync, a file is written back to disk while it grows (:func:`_written_back_while_writing`); a
+conversion's checks of its input run in a thread beside the writing, and the rename waits for them
+(:func:`checks_in_background`).
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
-import errno
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +66,7 @@ class _Background:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="optstate-check")
         self.pending: list[Future] = []
         self.committing = False
+        self.cancelled = threading.Event()  # the conversion was interrupted: checks stop at their next block
 
     def wait(self) -> None:
         """Wait for every check; raise the first one's error (in the order they were started)."""
@@ -97,11 +103,34 @@ def checks_in_background() -> Iterator[None]:
     except Exception:
         background.wait()  # a check that failed is the cause: its error is raised instead
         raise
+    except BaseException:  # Ctrl-C, SIGTERM: not after hashing the rest of the input
+        background.cancelled.set()
+        raise
     else:
         background.wait()  # a block that renamed nothing still answers for its checks
     finally:
         _background.reset(token)
-        background.pool.shutdown(wait=True, cancel_futures=True)
+        background.pool.shutdown(wait=not background.cancelled.is_set(), cancel_futures=True)
+
+
+def cancelled() -> bool:
+    """Whether the conversion this check runs beside was interrupted (a long check stops early).
+
+    >>> cancelled()
+    False
+    """
+    background = _cancelled_by.get()
+    return background is not None and background.cancelled.is_set()
+
+
+_cancelled_by: contextvars.ContextVar[_Background | None] = contextvars.ContextVar("optstate_cancelled", default=None)
+
+
+def _run_alone(background: _Background, check: Callable[[], None]) -> None:
+    # In the check's own copy of its caller's context: a check it starts runs at once, inside this one.
+    _background.set(None)
+    _cancelled_by.set(background)
+    check()
 
 
 def checks_deferred() -> bool:
@@ -126,7 +155,23 @@ def check_soon(check: Callable[[], None]) -> None:
     if background is None or background.committing:
         check()
     else:  # in the caller's context: a check reads the context variables its caller set
-        background.pending.append(background.pool.submit(contextvars.copy_context().run, check))
+        background.pending.append(background.pool.submit(contextvars.copy_context().run, _run_alone, background, check))
+
+
+_nested: contextvars.ContextVar[bool] = contextvars.ContextVar("optstate_nested_write", default=False)
+
+
+@contextlib.contextmanager
+def _outermost() -> Iterator[bool]:
+    """Whether this atomic write is the outermost one: a write inside another's temporary directory (a
+    trainer's optimizer.pt, DCP's staging file) is renamed where nobody looks, and the checks wait for the
+    rename that makes the output appear."""
+    outermost = not _nested.get()
+    token = _nested.set(True)
+    try:
+        yield outermost
+    finally:
+        _nested.reset(token)
 
 
 def _run_commit_checks() -> None:
@@ -202,6 +247,9 @@ def _files_under(paths: Sequence[Path]) -> Iterator[Path]:
             yield path
 
 
+_write_back = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
 def _flush_behind(paths: Sequence[Path], stop: threading.Event) -> None:
     flushed: dict[Path, int] = {}
     while not stop.wait(_FLUSH_POLL_S):
@@ -211,7 +259,7 @@ def _flush_behind(paths: Sequence[Path], stop: threading.Event) -> None:
                 try:
                     size = os.fstat(fd).st_size
                     if size - flushed.get(path, 0) >= _FLUSH_EVERY:
-                        os.fdatasync(fd)
+                        _write_back(fd)
                         flushed[path] = size
                 finally:
                     os.close(fd)
@@ -286,15 +334,19 @@ def signals_held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, _: held.append(signum)) for signum in _HELD}
+    held: set[int] = set()
+    previous: dict[signal.Signals, Any] = {}
     try:
+        for held_signal in _HELD:
+            if signal.getsignal(held_signal) is not None:  # None: a handler set from C, not ours to replace
+                previous[held_signal] = signal.signal(held_signal, lambda signum, _: held.add(signum))
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if held:
-            signal.raise_signal(held[0])
+        for held_signal, handler in previous.items():
+            signal.signal(held_signal, handler)
+        for held_signal in _HELD:  # in this order: SIGTERM first, a preemption handler must run
+            if held_signal in held:
+                signal.raise_signal(held_signal)
 
 
 _HELD = (signal.SIGTERM, signal.SIGINT)
@@ -304,17 +356,15 @@ _AT_FDCWD = -100
 
 def _exchanged(a: Path, b: Path) -> bool:
     """Swap ``a`` and ``b`` in one step, where the system can (Linux's ``renameat2``, which Python does not
-    expose: ctypes); ``False`` where it cannot."""
+    expose: ctypes); ``False`` where it cannot, or refuses (an old kernel, a file system without it, a sandbox
+    that forbids the call): the caller then renames twice, and reports a real problem itself."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # not this kernel, or not this file system
-        return False
-    raise OSError(code, os.strerror(code), os.fspath(a), None, os.fspath(b))
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def _replace(tmp: Path, path: Path) -> None:
@@ -322,8 +372,9 @@ def _replace(tmp: Path, path: Path) -> None:
     ``path`` is never absent, even to SIGKILL), then removed; where the system cannot swap, it is moved
     aside and then replaced, SIGTERM and SIGINT held between the two renames."""
     if path.is_dir() and not path.is_symlink():
-        if _exchanged(tmp, path):
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        if _exchanged(tmp, path):  # the previous output is at tmp now, removed with what holds it
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
             return
         aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
         with signals_held():
@@ -365,12 +416,13 @@ def _written_then_renamed(targets: list[Path], tmps: list[Path], fsync: bool) ->
             fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.close(fd)
             tmps.append(Path(name))
-        with _written_back_while_writing(tmps, fsync):
+        with _written_back_while_writing(tmps, fsync), _outermost() as outermost:
             yield tmps
         if fsync:
             for tmp in tmps:
                 _fsync_file(tmp)
-        _run_commit_checks()
+        if outermost:
+            _run_commit_checks()
         *parts, last = zip(tmps, targets, strict=True)
         for tmp, path in parts:
             _replace(tmp, path)
@@ -431,11 +483,13 @@ def _directory_written_then_renamed(
     path: Path, parent: Path, tmp: Path, fsync: bool, read_back: Callable[[Path], None] | None
 ) -> Iterator[Path]:
     try:
-        with _written_back_while_writing([tmp], fsync):
+        # The parent: Orbax writes a sibling of tmp and renames it to tmp only once it is whole.
+        with _written_back_while_writing([parent], fsync), _outermost() as outermost:
             yield tmp
         if fsync:
             _fsync_tree(tmp)
-        _run_commit_checks()
+        if outermost:
+            _run_commit_checks()
         if read_back is not None:  # last: nothing of this process writes to it any more
             read_back(tmp)
         _replace(tmp, path)

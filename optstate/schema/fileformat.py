@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import xxhash
 
-from ..atomic import atomic_file, atomic_files, check_soon
-from ..errors import FormatError
+from ..atomic import atomic_file, atomic_files, cancelled, check_soon
+from ..errors import FormatError, OptstateError
 from .state import Metadata, OptimizerState, ParamInfo, ParamPath, numpy_dtype
 
 if TYPE_CHECKING:  # the format registry's option records; at run time the schema imports no converter
@@ -452,8 +452,11 @@ def _opened_if_same(span: FileSpan) -> int | None:
         fd = os.open(span.path, os.O_RDONLY)
     except OSError:
         return None
-    stat = os.fstat(fd)
-    if (stat.st_dev, stat.st_ino) != span.file_id:  # replaced since file_span looked
+    try:
+        found = os.fstat(fd)
+    except OSError:
+        found = None
+    if found is None or (found.st_dev, found.st_ino) != span.file_id:  # replaced since file_span looked
         os.close(fd)
         return None
     return fd
@@ -470,16 +473,20 @@ def copy_span(span: FileSpan, out: int, nbytes: int, sources: SourceFiles) -> in
         try:
             while done < nbytes:
                 copied = copy(src, out, span.offset + done, nbytes - done)
-                if copied == 0:
-                    raise FormatError(
-                        f"{span.path}: ends before byte {span.offset + nbytes} of an array "
-                        "mapped from it (the file shrank while mapped)"
-                    )
+                if copied == 0:  # the end of the file, or a file system that copies nothing where it cannot
+                    break
                 done += copied
-            return done
         except (OSError, AttributeError) as exc:  # AttributeError: no os.copy_file_range here
             if isinstance(exc, OSError) and exc.errno not in _NOT_SUPPORTED:
                 raise
+            continue
+        if done == nbytes:
+            return done
+        if os.fstat(src).st_size < span.offset + nbytes:
+            raise FormatError(
+                f"{span.path}: ends before byte {span.offset + nbytes} of an array "
+                "mapped from it (the file shrank while mapped)"
+            )
     return done
 
 
@@ -512,6 +519,8 @@ def file_blocks(path: str | os.PathLike, offset: int, nbytes: int, what: str) ->
     with open(path, "rb", buffering=0) as f:
         done = 0
         while done < nbytes:
+            if cancelled():  # a check beside a conversion that was interrupted: not to the end of the file
+                raise OptstateError(f"{os.fspath(path)}: reading {what} was interrupted")
             n = os.preadv(f.fileno(), [buffer[: min(len(buffer), nbytes - done)]], offset + done)
             if n == 0:
                 raise FormatError(f"{os.fspath(path)}: ends before byte {offset + nbytes} of {what}")
@@ -563,8 +572,10 @@ def _write_tensor(
         done = copy_span(span, fd, array.nbytes, sources)
         if done == array.nbytes:
             return source.result()[entry.key]
-        with contextlib.suppress(FormatError):  # the copy failed: the array's bytes are written from memory
-            source.result()
+        # The copy failed: the array's bytes are written from memory, its checksum taken from there.
+        if not source.cancel():  # already running: waited for, what it found no longer matters
+            with contextlib.suppress(FormatError, OSError):
+                source.result()
     if done:
         write_all(fd, array.reshape(-1).view(np.uint8)[done:])
         return checksum(array)

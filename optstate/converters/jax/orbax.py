@@ -280,7 +280,7 @@ def save_tree(
             ) as tmp,
         ):
             # Signals wait for the save: TensorStore's threads would write on into a temporary directory removed.
-            with orbax_write_errors(Path(path)) as failures, signals_held():
+            with signals_held(), orbax_write_errors(Path(path)) as failures:
                 _checkpointer(progress, failures, written.arrays).save(
                     os.path.abspath(tmp), args=ocp.args.PyTreeSave(tree)
                 )
@@ -303,16 +303,15 @@ def save_tree(
     ):
         # The step's own CheckpointManager, in the temporary directory's parent: it writes tmp (step, metadata
         # and item), which is then renamed into place beside the root's other steps.
-        with orbax_write_errors(root / str(step)) as failures:
+        with signals_held(), orbax_write_errors(root / str(step)) as failures:
             manager = ocp.CheckpointManager(
                 os.path.abspath(tmp.parent),
                 item_handlers=_tree_handler(progress, failures, written.arrays),
                 options=_MANAGER_OPTIONS,
             )
             try:
-                with signals_held():
-                    manager.save(step, args=ocp.args.PyTreeSave(tree))
-                    manager.wait_until_finished()
+                manager.save(step, args=ocp.args.PyTreeSave(tree))
+                manager.wait_until_finished()
             finally:
                 manager.close()
         if tmp.name != str(step) or not (tmp / DEFAULT_ITEM).is_dir():

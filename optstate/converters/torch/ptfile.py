@@ -38,7 +38,7 @@ import warnings
 import zipfile
 import zlib
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -246,7 +246,11 @@ def save(
         archive.write_bytes("version", b"3\n")  # what torch 2.x writes
         archive.write_bytes(".data/serialization_id", f"{uuid.uuid4().int % 10**40:040d}".encode())
         archive.finish()
-        verify_written(tmp, archive.written, path, archive.read_back())
+        try:
+            read_back = archive.read_back()
+        except FormatError as exc:
+            raise FormatError(f"{os.fspath(path)}: the file written does not read back: {exc}") from None
+        verify_written(tmp, archive.written, path, read_back)
     return archive.written
 
 
@@ -259,7 +263,8 @@ def verify_written(
     """Read back a torch file just written, before it is renamed into place: its zip directory reads with
     :func:`load`'s reader and lists exactly the ``written`` records (``name -> (size, XXH3-64 of the bytes
     written)``), each stored, of that size, its bytes with that checksum (streamed with ``pread``, one
-    buffer). Catches another process, or a bad disk, changing the file before the rename. ``read_back``:
+    buffer). Catches another process, or a bad disk, changing the file before its records are read back (as
+    they are written, with ``read_back``; else now, before the rename). ``read_back``:
     ``name -> (offset, XXH3-64)`` of records already read back from the file as they were written (the
     directory must place them at those offsets); the others are read now.
 
@@ -1141,9 +1146,11 @@ class _ZipWriter:
                 f"tensor {tensor.key}: the array has shape {list(array.shape)} and dtype {array.dtype}, "
                 f"it declared shape {list(tensor.shape)} and dtype {tensor.dtype}"
             )
-        self._record(f"data/{tensor.key}", array.nbytes, lambda: self._write_array(array))
+        # A lazy value's array may be mapped only now, at an address an older mapping had: looked up anew.
+        mappings = self.mappings if isinstance(tensor.value, np.ndarray) else None
+        self._record(f"data/{tensor.key}", array.nbytes, lambda: self._write_array(array, mappings))
 
-    def _write_array(self, array: np.ndarray) -> tuple[int, str]:
+    def _write_array(self, array: np.ndarray, mappings: Sequence[Any] | None = None) -> tuple[int, str]:
         """Write the array's bytes in C order, little-endian; return their CRC-32 and XXH3-64.
 
         An array mapped from a file is copied file to file inside the kernel (``copy_file_range``) while a
@@ -1154,14 +1161,16 @@ class _ZipWriter:
         """
         span = None
         if array.nbytes >= COPY_MIN_BYTES and array.dtype.newbyteorder("<") == array.dtype:
-            span = file_span(array, self.mappings)
+            span = file_span(array, mappings)
         if span is not None:
             digests = self.reading_back.submit(_file_crc32_xxh3, span.path, span.offset, array.nbytes)
             done = copy_span(span, self.fd, array.nbytes, self.sources)
             if done == array.nbytes:
                 return digests.result()
-            with contextlib.suppress(FormatError):  # the copy failed: the rest is written from memory
-                digests.result()
+            # The copy failed: the rest is written from memory, the checksums taken from there.
+            if not digests.cancel():  # already running: waited for, what it found no longer matters
+                with contextlib.suppress(FormatError, OSError):
+                    digests.result()
             write_all(self.fd, array.reshape(-1).view(np.uint8)[done:])
             flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
             return zlib.crc32(flat), xxhash.xxh3_64_hexdigest(flat)
