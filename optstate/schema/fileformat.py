@@ -45,7 +45,7 @@ import xxhash
 
 from ..atomic import atomic_file, atomic_files, cancelled, check_soon
 from ..errors import FormatError, OptstateError
-from .state import Metadata, OptimizerState, ParamInfo, ParamPath, numpy_dtype
+from .state import Metadata, OptimizerState, ParamInfo, ParamPath, numpy_dtype, values_checked_beside
 
 if TYPE_CHECKING:  # the format registry's option records; at run time the schema imports no converter
     from ..converters.formats import ReadOptions, WriteOptions
@@ -231,15 +231,18 @@ def state_from_metadata(
             if meta["weights"] is None
             else {tuple(w["path"]): arrays[("model", tuple(w["path"]))] for w in meta["weights"]}
         )
-        return OptimizerState(
-            optimizer=meta["optimizer"],
-            param_groups=tuple({k: _from_json(v) for k, v in g.items()} for g in meta["param_groups"]),
-            params=params,
-            slots=slots,
-            weights=weights,
-            buffers=tuple(tuple(b) for b in meta["buffers"]),
-            metadata=Metadata.from_json(decode_extra(meta.get("metadata", {}))),
-        )
+        with values_checked_beside(source):
+            return OptimizerState(
+                optimizer=meta["optimizer"],
+                param_groups=tuple({k: _from_json(v) for k, v in g.items()} for g in meta["param_groups"]),
+                params=params,
+                slots=slots,
+                weights=weights,
+                buffers=tuple(tuple(b) for b in meta["buffers"]),
+                metadata=Metadata.from_json(decode_extra(meta.get("metadata", {}))),
+            )
+    except FormatError as exc:
+        raise FormatError(f"{source}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{source}: malformed optstate metadata ({type(exc).__name__}: {exc})") from exc
 

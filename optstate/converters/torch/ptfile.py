@@ -288,11 +288,11 @@ def verify_written(
             f"({sorted(set(sizes) ^ set(written)) or 'the same names, other sizes'})"
         )
     read_back = read_back or {}
-    moved = sorted(name for name, (offset, _) in read_back.items() if spans[name][0] != offset)
+    moved = sorted(name for name, (offset, _) in read_back.items() if spans.get(name, (offset,))[0] != offset)
     if moved:
         raise FormatError(f"{where}: the file written reads back with records at other offsets: {moved}")
     try:
-        actuals = {name: digest for name, (_, digest) in read_back.items()}
+        actuals = {name: digest for name, (_, digest) in read_back.items() if name in spans}
         actuals.update(file_checksums(path, {name: span for name, span in spans.items() if name not in actuals}))
     except FormatError as exc:
         raise FormatError(f"{where}: the file written does not read back: {exc}") from None
@@ -1048,6 +1048,20 @@ def _file_crc32_xxh3(path: str, offset: int, nbytes: int) -> tuple[int, str]:
     return crc, hasher.hexdigest()
 
 
+@dataclass(frozen=True)
+class _Record:
+    """A record written, for its data descriptor and its central directory entry."""
+
+    name: bytes
+    size: int
+    header_offset: int
+    zip64: bytes
+    version: int
+    flags: int
+    descriptor_offset: int
+    checksums_of: Callable[[], tuple[int, str]]  # its CRC-32 and XXH3-64 (waits for them)
+
+
 class _ZipWriter:
     """Writes an uncompressed zip record by record, laid out as torch's writer (miniz) lays it out:
     local header padded so that the data starts 64-byte aligned, the data, then (unless empty) a data
@@ -1056,7 +1070,7 @@ class _ZipWriter:
     def __init__(self, fd: int, path: str | os.PathLike, reading_back: Executor, sources: SourceFiles):
         self.fd = fd
         self.offset = 0  # == the file position
-        self.central: list[bytes] = []
+        self._pending: list[_Record] = []  # the records written, their checksums maybe still being computed
         self.written: dict[str, tuple[int, str]] = {}  # record name -> (size, XXH3-64 of its bytes), for the read-back
         # A record's bytes are read back from ``path`` (the file being written) while the next one is written:
         # the read-back overlaps the writing instead of following it.
@@ -1069,9 +1083,10 @@ class _ZipWriter:
         write_all(self.fd, np.frombuffer(data, np.uint8))
         self.offset += len(data)
 
-    def _record(self, name: str, size: int, write_data: Callable[[], tuple[int, str]]) -> None:
-        """A record of ``size`` bytes that ``write_data()`` writes at the file position, returning their CRC-32
-        and XXH3-64."""
+    def _record(self, name: str, size: int, write_data: Callable[[], Callable[[], tuple[int, str]]]) -> None:
+        """A record of ``size`` bytes that ``write_data()`` writes at the file position, returning how to get their
+        CRC-32 and XXH3-64 (computed in a thread, maybe still): the data descriptor that holds the CRC is filled
+        in and the central directory built in :meth:`finish`, so the next record is written meanwhile."""
         name_bytes, header_offset = (_ARCHIVE + name).encode(), self.offset
         zip64 = _zip64_extra(size, header_offset)
         version, flags = 45 if zip64 else 20, _UTF8_NAME | (_DATA_DESCRIPTOR if size else 0)
@@ -1096,45 +1111,52 @@ class _ZipWriter:
             + name_bytes
             + extra
         )
-        crc, digest = write_data()
-        self.written[(_ARCHIVE + name)] = (size, digest)
+        checksums_of = write_data()
         checksums = self.reading_back.submit(file_checksums, self.path, {name: (self.offset, size)})
         self._read_back[_ARCHIVE + name] = (self.offset, checksums)
         self.offset += size
         if os.lseek(self.fd, 0, os.SEEK_CUR) != self.offset:  # the central directory would point amiss
             raise AssertionError(f"record {name}: {size} bytes expected, the file position says otherwise")
-        if size:
-            self._write(struct.pack("<II" + ("QQ" if zip64 else "II"), 0x08074B50, crc, size, size))
-        small_size, small_offset = (min(v, 0xFFFFFFFF) for v in (size, header_offset))
-        self.central.append(
+        self._pending.append(_Record(name_bytes, size, header_offset, zip64, version, flags, self.offset, checksums_of))
+        if size:  # the data descriptor, its CRC-32 filled in by finish()
+            self._write(self._descriptor(0, size, zip64))
+
+    @staticmethod
+    def _descriptor(crc: int, size: int, zip64: bytes) -> bytes:
+        return struct.pack("<II" + ("QQ" if zip64 else "II"), 0x08074B50, crc, size, size)
+
+    def _central_entry(self, record: _Record, crc: int) -> bytes:
+        small_size, small_offset = (min(v, 0xFFFFFFFF) for v in (record.size, record.header_offset))
+        return (
             struct.pack(
                 "<IHHHHHHIIIHHHHHII",
                 0x02014B50,
-                version,
-                version,
-                flags,
+                record.version,
+                record.version,
+                record.flags,
                 0,
                 0,
                 _DOS_DATE,
                 crc,
                 small_size,
                 small_size,
-                len(name_bytes),
-                len(zip64),
+                len(record.name),
+                len(record.zip64),
                 0,
                 0,
                 0,
                 0,
                 small_offset,
             )
-            + name_bytes
-            + zip64
+            + record.name
+            + record.zip64
         )
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        def write() -> tuple[int, str]:
+        def write() -> Callable[[], tuple[int, str]]:
             write_all(self.fd, np.frombuffer(data, np.uint8))
-            return zlib.crc32(data), xxhash.xxh3_64_hexdigest(data)
+            checksums = zlib.crc32(data), xxhash.xxh3_64_hexdigest(data)
+            return lambda: checksums
 
         self._record(name, len(data), write)
 
@@ -1150,8 +1172,8 @@ class _ZipWriter:
         mappings = self.mappings if isinstance(tensor.value, np.ndarray) else None
         self._record(f"data/{tensor.key}", array.nbytes, lambda: self._write_array(array, mappings))
 
-    def _write_array(self, array: np.ndarray, mappings: Sequence[Any] | None = None) -> tuple[int, str]:
-        """Write the array's bytes in C order, little-endian; return their CRC-32 and XXH3-64.
+    def _write_array(self, array: np.ndarray, mappings: Sequence[Any] | None = None) -> Callable[[], tuple[int, str]]:
+        """Write the array's bytes in C order, little-endian; return how to get their CRC-32 and XXH3-64.
 
         An array mapped from a file is copied file to file inside the kernel (``copy_file_range``) while a
         thread reads its bytes from the file for the two checksums (``pread``: no page of the mapping is
@@ -1166,14 +1188,15 @@ class _ZipWriter:
             digests = self.reading_back.submit(_file_crc32_xxh3, span.path, span.offset, array.nbytes)
             done = copy_span(span, self.fd, array.nbytes, self.sources)
             if done == array.nbytes:
-                return digests.result()
+                return digests.result  # waited for at the end: the next record is copied meanwhile
             # The copy failed: the rest is written from memory, the checksums taken from there.
             if not digests.cancel():  # already running: waited for, what it found no longer matters
                 with contextlib.suppress(FormatError, OSError):
                     digests.result()
             write_all(self.fd, array.reshape(-1).view(np.uint8)[done:])
             flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
-            return zlib.crc32(flat), xxhash.xxh3_64_hexdigest(flat)
+            checksums = zlib.crc32(flat), xxhash.xxh3_64_hexdigest(flat)
+            return lambda: checksums
         crc, hasher = 0, xxhash.xxh3_64()
         for block in little_endian_bytes(array):  # the array itself when C-contiguous and little-endian
             if block.nbytes >= _CRC_THREAD_BYTES:
@@ -1184,7 +1207,8 @@ class _ZipWriter:
                 write_all(self.fd, block)
                 crc = zlib.crc32(block.data, crc)
                 hasher.update(block.data)
-        return crc, hasher.hexdigest()
+        checksums = crc, hasher.hexdigest()
+        return lambda: checksums
 
     def read_back(self) -> dict[str, tuple[int, str]]:
         """``record name -> (data offset, XXH3-64)`` of every record read back while writing (waits for them)."""
@@ -1194,9 +1218,16 @@ class _ZipWriter:
         }
 
     def finish(self) -> None:
-        """The central directory, then zip64's end record and locator (as torch's writer, always), then the
-        end record."""
-        directory, directory_offset, count = b"".join(self.central), self.offset, len(self.central)
+        """Each record's CRC-32 in its data descriptor; the central directory, then zip64's end record and
+        locator (as torch's writer, always), then the end record."""
+        central = []
+        for record in self._pending:
+            crc, digest = record.checksums_of()
+            self.written[record.name.decode()] = (record.size, digest)
+            if record.size:
+                os.pwrite(self.fd, self._descriptor(crc, record.size, record.zip64), record.descriptor_offset)
+            central.append(self._central_entry(record, crc))
+        directory, directory_offset, count = b"".join(central), self.offset, len(central)
         self._write(directory)
         end64_offset = self.offset
         self._write(
