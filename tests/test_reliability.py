@@ -19,6 +19,8 @@ import pickle
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -148,6 +150,34 @@ def test_input_truncated_while_memory_mapped_names_the_file_and_the_cause(tmp_pa
     message = str(caught.value)
     assert "ckpt.pt changed while it was read (size" in message and "truncated" in message
     assert "Bad address" in message and "Traceback" not in message
+    assert not out.exists() and left_behind(tmp_path) == []
+
+
+TRUNCATED_WHILE_CHECKED = """
+import os, sys
+from optstate.cli import main
+from optstate.schema import state
+check_values = state._check_values
+
+def truncated_first(slots, source=None):  # a trainer rewrites the checkpoint while its moments are checked
+    os.truncate(sys.argv[1], 4096)
+    check_values(slots, source)
+
+state._check_values = truncated_first
+sys.exit(main(["convert", sys.argv[1], sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize("width", [64, 512], ids=["written-from-memory", "copied-in-the-kernel"])
+def test_an_input_truncated_while_its_moments_are_checked_is_an_error_not_a_sigbus(tmp_path, width):
+    """The check of the moments' values reads them with pread, not through the mapping: no SIGBUS."""
+    src = adam_checkpoint(tmp_path / "ckpt.pt", width=width)
+    out = tmp_path / "s.safetensors"
+    run = subprocess.run(
+        [sys.executable, "-c", TRUNCATED_WHILE_CHECKED, str(src), str(out)], capture_output=True, text=True
+    )
+    assert run.returncode == 1, (run.returncode, run.stderr)  # -7 (SIGBUS) before
+    assert run.stderr.count("\n") == 1 and "ckpt.pt" in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert not out.exists() and left_behind(tmp_path) == []
 
 

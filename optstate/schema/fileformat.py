@@ -20,13 +20,11 @@ checked), and :func:`load` checks every checksum it finds: a tensor whose bytes 
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import functools
 import json
 import math
-import mmap
 import os
 import pathlib
 import re
@@ -37,14 +35,23 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import xxhash
 
-from ..atomic import atomic_file, atomic_files, cancelled, check_soon
-from ..errors import FormatError, OptstateError
+from ..atomic import atomic_file, atomic_files, check_soon
+from ..errors import FormatError
+from .mapped import (
+    COPY_MIN_BYTES,
+    MAX_SYSCALL_BYTES,
+    FileMapping,
+    SourceFiles,
+    copy_span,
+    file_blocks,
+    file_span,
+    shared_file_mappings,
+)
 from .state import Metadata, OptimizerState, ParamInfo, ParamPath, numpy_dtype, values_checked_beside
 
 if TYPE_CHECKING:  # the format registry's option records; at run time the schema imports no converter
@@ -61,10 +68,6 @@ MAX_JSON_DEPTH = 64  # deeper JSON is refused: no document optstate writes nests
 DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size
 
 _CHUNK_BYTES = 16 << 20  # the most a byte swap or a gather of a strided array copies at once
-COPY_MIN_BYTES = 1 << 20  # smaller tensors are written from memory: a syscall or two either way
-_MAX_SYSCALL_BYTES = 1 << 30
-# errno values with which copy_file_range/sendfile say "not between these files", not "failed"
-_NOT_SUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOTSOCK}
 
 # safetensors code -> NumPy's name of the dtype (ml_dtypes' for the 16- and 8-bit floats), stored little-endian
 _SAFETENSORS_NAMES: Mapping[str, str] = {
@@ -247,89 +250,6 @@ def state_from_metadata(
         raise FormatError(f"{source}: malformed optstate metadata ({type(exc).__name__}: {exc})") from exc
 
 
-# ----------------------------------------------------------------------------- where an array's bytes lie in a file
-
-
-@dataclass(frozen=True)
-class FileSpan:
-    """An array's bytes in a file: from byte ``offset`` of ``path``; ``file_id`` is its (st_dev, st_ino)."""
-
-    path: str
-    offset: int
-    file_id: tuple[int, int]
-
-
-class _Mapping(NamedTuple):
-    start: int
-    end: int
-    offset: int
-    file_id: tuple[int, int]
-    path: str
-
-
-def shared_file_mappings() -> list[_Mapping]:
-    """This process's shared file mappings, by address (``/proc/self/maps``; none where it does not exist).
-
-    Only shared mappings: their memory is the file's page cache, so the file holds what the array
-    holds. A private mapping (``np.memmap(mode="c")``, ``torch.load(mmap=True)``) may differ.
-    """
-    try:
-        with open("/proc/self/maps", "rb") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    mappings = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[1][3:4] == b"s":
-            addresses, _, offset, device, inode, path = fields
-            start, end = (int(a, 16) for a in addresses.split(b"-"))
-            major, minor = (int(d, 16) for d in device.split(b":"))
-            mappings.append(
-                _Mapping(start, end, int(offset, 16), (os.makedev(major, minor), int(inode)), os.fsdecode(path))
-            )
-    return mappings
-
-
-def _views_an_mmap(array: np.ndarray) -> bool:
-    base: Any = array
-    while isinstance(base, np.ndarray):
-        base = base.base
-    return isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
-
-
-def file_span(array: np.ndarray, mappings: Sequence[_Mapping] | None = None) -> FileSpan | None:
-    """Where ``array``'s bytes lie in a file, when it is a C-contiguous view of a shared ``mmap.mmap``
-    (an ``np.memmap`` in mode ``"r"`` or ``"r+"``, any slice or view of one); else ``None``.
-
-    The offset comes from the address of the data within this process's mapping of the file, not
-    from ``np.memmap.offset`` (which a slice inherits unchanged); the file must still be the one
-    mapped (not replaced since under the same name). ``mappings``: a snapshot taken while
-    ``array`` existed (default: read now).
-
-    >>> import tempfile, numpy as np
-    >>> f = tempfile.mkdtemp() + "/a.bin"; np.arange(10, dtype="<i4").tofile(f)
-    >>> m = np.memmap(f, dtype="<i4", mode="r")
-    >>> file_span(m[3:]).offset, file_span(m[::2]), file_span(np.arange(3))
-    (12, None, None)
-    """
-    if not array.flags.c_contiguous or array.nbytes == 0 or not _views_an_mmap(array):
-        return None
-    address = array.ctypes.data
-    mappings = shared_file_mappings() if mappings is None else mappings
-    i = bisect.bisect_right(mappings, address, key=lambda m: m.start) - 1
-    if i < 0 or address + array.nbytes > mappings[i].end:
-        return None
-    mapping = mappings[i]
-    try:
-        stat = os.stat(mapping.path)
-    except OSError:  # "(deleted)", or gone since
-        return None
-    if (stat.st_dev, stat.st_ino) != mapping.file_id:
-        return None
-    return FileSpan(mapping.path, mapping.offset + address - mapping.start, mapping.file_id)
-
-
 # ----------------------------------------------------------------------------- writing
 
 
@@ -407,7 +327,7 @@ def write_all(fd: int, data: np.ndarray) -> None:
     view = data.data
     try:
         while view:
-            view = view[os.write(fd, view[:_MAX_SYSCALL_BYTES]) :]
+            view = view[os.write(fd, view[:MAX_SYSCALL_BYTES]) :]
     except OSError as exc:
         if exc.errno != errno.EFAULT:
             raise
@@ -416,81 +336,6 @@ def write_all(fd: int, data: np.ndarray) -> None:
             "a memory-mapped input shrank while it was being read (the write said "
             f"[Errno {errno.EFAULT}] Bad address); another process truncated or rewrote it"
         ) from None
-
-
-def _copy_file_range(src: int, out: int, offset: int, count: int) -> int:
-    return os.copy_file_range(src, out, min(count, _MAX_SYSCALL_BYTES), offset)
-
-
-def _sendfile(src: int, out: int, offset: int, count: int) -> int:
-    return os.sendfile(out, src, offset, min(count, _MAX_SYSCALL_BYTES))
-
-
-class SourceFiles:
-    """The files that mapped arrays are copied from in one write, each opened once and checked to be the file
-    that was mapped (not replaced since under its name); closed when the block ends. Opening a file for each
-    tensor took a tenth of converting 3 GB here (573 tensors)."""
-
-    def __init__(self) -> None:
-        self._fds: dict[tuple[int, int], int | None] = {}
-
-    def __enter__(self) -> SourceFiles:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for fd in self._fds.values():
-            if fd is not None:
-                os.close(fd)
-        self._fds.clear()
-
-    def fd(self, span: FileSpan) -> int | None:
-        """A descriptor of ``span``'s file, ``None`` where it is gone or another file now."""
-        if span.file_id not in self._fds:
-            self._fds[span.file_id] = _opened_if_same(span)
-        return self._fds[span.file_id]
-
-
-def _opened_if_same(span: FileSpan) -> int | None:
-    try:
-        fd = os.open(span.path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        found = os.fstat(fd)
-    except OSError:
-        found = None
-    if found is None or (found.st_dev, found.st_ino) != span.file_id:  # replaced since file_span looked
-        os.close(fd)
-        return None
-    return fd
-
-
-def copy_span(span: FileSpan, out: int, nbytes: int, sources: SourceFiles) -> int:
-    """Copy ``nbytes`` from ``span`` to ``out`` (at its position) inside the kernel: ``copy_file_range``,
-    else ``sendfile``. Returns how many bytes it copied; the caller writes the rest from memory."""
-    src = sources.fd(span)
-    if src is None:
-        return 0
-    done = 0
-    for copy in (_copy_file_range, _sendfile):
-        try:
-            while done < nbytes:
-                copied = copy(src, out, span.offset + done, nbytes - done)
-                if copied == 0:  # the end of the file, or a file system that copies nothing where it cannot
-                    break
-                done += copied
-        except (OSError, AttributeError) as exc:  # AttributeError: no os.copy_file_range here
-            if isinstance(exc, OSError) and exc.errno not in _NOT_SUPPORTED:
-                raise
-            continue
-        if done == nbytes:
-            return done
-        if os.fstat(src).st_size < span.offset + nbytes:
-            raise FormatError(
-                f"{span.path}: ends before byte {span.offset + nbytes} of an array "
-                "mapped from it (the file shrank while mapped)"
-            )
-    return done
 
 
 _NO_CHECKSUM = "0" * 16  # the header's placeholder, the same width as every checksum written over it
@@ -503,32 +348,6 @@ def checksum(data: Any) -> str:
     ('2d06800538d394c2', 16)
     """
     return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
-
-
-_HASH_CHUNK = 256 << 10  # read into one buffer this large (as fast as larger ones here): no page faults
-
-
-def file_blocks(path: str | os.PathLike, offset: int, nbytes: int, what: str) -> Iterator[memoryview]:
-    """The ``nbytes`` bytes at ``offset`` of the file at ``path``, a block at a time, read with ``pread`` into one
-    buffer (each block is valid until the next): a file that shrank gives an error naming ``what``, not the
-    SIGBUS a mapping would.
-
-    >>> import tempfile
-    >>> f = tempfile.mkdtemp() + "/b"; _ = pathlib.Path(f).write_bytes(b"abcdef")
-    >>> [bytes(block) for block in file_blocks(f, 1, 4, "the letters")]
-    [b'bcde']
-    """
-    buffer = memoryview(bytearray(min(_HASH_CHUNK, nbytes)))
-    with open(path, "rb", buffering=0) as f:
-        done = 0
-        while done < nbytes:
-            if cancelled():  # a check beside a conversion that was interrupted: not to the end of the file
-                raise OptstateError(f"{os.fspath(path)}: reading {what} was interrupted")
-            n = os.preadv(f.fileno(), [buffer[: min(len(buffer), nbytes - done)]], offset + done)
-            if n == 0:
-                raise FormatError(f"{os.fspath(path)}: ends before byte {offset + nbytes} of {what}")
-            yield buffer[:n]
-            done += n
 
 
 def file_checksums(path: str | os.PathLike, spans: Mapping[str, tuple[int, int]]) -> dict[str, str]:
@@ -552,7 +371,7 @@ def _write_tensor(
     fd: int,
     entry: _Entry,
     array: np.ndarray,
-    mappings: Sequence[_Mapping] | None,
+    mappings: Sequence[FileMapping] | None,
     hashing: ThreadPoolExecutor,
     sources: SourceFiles,
 ) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 from ..atomic import check_soon, checks_deferred
 from ..errors import FormatError, UnsupportedError
 from .families import OptimizerSpec, optimizer_spec
+from .mapped import shared_file_mappings, values_read
 
 ParamPath = tuple[str, ...]
 
@@ -176,12 +177,18 @@ def values_checked_beside(source: str) -> Iterator[None]:
 
 def _check_values(slots: Iterable[tuple[str, ParamPath, np.ndarray]], source: str | None = None) -> None:
     """Refuse the first slot with a NaN or an infinity, or a negative value where none can be (naming
-    ``source``, where given)."""
+    ``source``, where given). A slot mapped from a file is read with ``pread``, not through the mapping: an
+    input truncated meanwhile is an error naming it, not a SIGBUS."""
+    mappings = shared_file_mappings()
+
+    def values(slot: str, path: ParamPath, array: np.ndarray) -> Iterator[np.ndarray]:
+        return values_read(array, mappings, f"{path_to_name(path)}'s {slot}")
+
     try:
         for slot, path, array in slots:
-            if slot in NON_NEGATIVE_SLOTS and finite_and_non_negative(array):
+            if slot in NON_NEGATIVE_SLOTS and all(map(finite_and_non_negative, values(slot, path, array))):
                 continue
-            if not all_finite(array):
+            if not all(map(all_finite, values(slot, path, array))):
                 raise non_finite_slot(path, slot)
             if slot in NON_NEGATIVE_SLOTS:
                 raise negative_slot(path, slot)

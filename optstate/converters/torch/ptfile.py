@@ -49,18 +49,8 @@ from numpy.lib.stride_tricks import as_strided
 
 from ...atomic import atomic_file
 from ...errors import FormatError, UnsupportedError
-from ...schema.fileformat import (
-    COPY_MIN_BYTES,
-    SourceFiles,
-    copy_span,
-    file_blocks,
-    file_checksums,
-    file_span,
-    little_endian_bytes,
-    refuse_special_file,
-    shared_file_mappings,
-    write_all,
-)
+from ...schema.fileformat import file_checksums, little_endian_bytes, refuse_special_file, write_all
+from ...schema.mapped import COPY_MIN_BYTES, SourceFiles, copy_span, file_blocks, file_span, shared_file_mappings
 from ...schema.state import numpy_dtype
 
 # torch's dtype names, which are NumPy's and ml_dtypes' names of the same types.
