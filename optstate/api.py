@@ -253,9 +253,10 @@ def unchanged_inputs(src: str | os.PathLike) -> Iterator[InputSnapshot]:
     optstate.errors.InputChangedError: .../c.pt changed while it was read (...); the read failed with: [Errno 14] ...
     """
     snapshot = InputSnapshot.take(src)
-    with atomic.checked_before_commit(snapshot.check), atomic.checks_in_background():
+    with atomic.checked_before_commit(snapshot.check):
         try:
-            yield snapshot
+            with atomic.checks_in_background():  # its failure, too, may come from the input's change
+                yield snapshot
         except InputChangedError:
             raise  # the check before the rename found it: said once
         except (OptstateError, OSError) as exc:

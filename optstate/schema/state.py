@@ -184,18 +184,16 @@ def _check_values(slots: Iterable[tuple[str, ParamPath, np.ndarray]], source: st
     def values(slot: str, path: ParamPath, array: np.ndarray) -> Iterator[np.ndarray]:
         return values_read(array, mappings, f"{path_to_name(path)}'s {slot}")
 
-    try:
-        for slot, path, array in slots:
-            if slot in NON_NEGATIVE_SLOTS and all(map(finite_and_non_negative, values(slot, path, array))):
-                continue
-            if not all(map(all_finite, values(slot, path, array))):
-                raise non_finite_slot(path, slot)
-            if slot in NON_NEGATIVE_SLOTS:
-                raise negative_slot(path, slot)
-    except FormatError as exc:
-        if source is None:
-            raise
-        raise FormatError(f"{source}: {exc}") from None
+    def refused(error: FormatError) -> FormatError:  # a read that failed names its file itself
+        return error if source is None else FormatError(f"{source}: {error}")
+
+    for slot, path, array in slots:
+        if slot in NON_NEGATIVE_SLOTS and all(map(finite_and_non_negative, values(slot, path, array))):
+            continue
+        if not all(map(all_finite, values(slot, path, array))):
+            raise refused(non_finite_slot(path, slot))
+        if slot in NON_NEGATIVE_SLOTS:
+            raise refused(negative_slot(path, slot))
 
 
 def non_finite_slot(path: ParamPath, slot: str) -> FormatError:
