@@ -1,7 +1,8 @@
 """A file's folder says what it may import, checked on every file the folders hold.
 
 * NumPy only: optstate/*.py (the API, the CLI, the report, ...), optstate/schema/, optstate/converters/formats.py,
-  converters/schedules/, converters/layout/, and of converters/torch/ the torch-free state_dict.py and ptfile.py.
+  optstate/converters/readback.py, converters/schedules/, converters/layout/, and of converters/torch/ the torch-free
+  state_dict.py and ptfile.py.
   Each is imported in an interpreter where torch, JAX, Optax, Flax and Orbax cannot be imported.
 * converters/torch/ (the rest) may import torch, never JAX; converters/jax/ may import JAX, never torch, nor
   the torch side's modules that import it. Read from the source: imports at module level, the ones that run when
@@ -44,6 +45,7 @@ def numpy_only_files() -> list[Path]:
     files += [PACKAGE / "converters" / "__init__.py", PACKAGE / "converters" / "torch" / "__init__.py"]
     files += [PACKAGE / "converters" / "torch" / name for name in TORCH_FREE_TORCH_MODULES]
     files.append(PACKAGE / "converters" / "formats.py")  # the format registry
+    files.append(PACKAGE / "converters" / "readback.py")  # the read-back of directory outputs, both sides
     return sorted(set(files))
 
 

@@ -31,17 +31,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
-import xxhash
 from orbax.checkpoint._src.metadata import array_metadata_store
 
 from ...atomic import atomic_directory, signals_held
 from ...errors import FormatError, UnsupportedError
 from ...schema.families import optimizer_spec
 from ...schema.fileformat import (
-    CHECKSUM_KEY,
     check_format_version,
     checksum,
-    file_checksums,
     parse_tensor_key,
     read_safetensors,
     state_from_metadata,
@@ -52,6 +49,7 @@ from ...schema.fileformat import (
 )
 from ...schema.state import Deferred, OptimizerState, ParamPath, numpy_dtype, path_to_name
 from ..formats import ReadOptions, WriteOptions
+from ..readback import Written, check_files, first_difference, in_destination, written_bytes, written_safetensors
 from ..schedules.torch_schedulers import last_epoch, restore_torch_scheduler_state
 from .optax import (
     collected_slots,
@@ -261,16 +259,16 @@ def save_tree(
     [7]
     """
     sidecar = {**state_metadata(state), "optax_types": recorded_types(opt_state)}
-    written = _Written({}, {})
+    written = _WrittenCheckpoint({}, {})
 
     def finish(item: Path) -> None:
         text = json.dumps(sidecar, indent=1).encode()
         (item / SIDECAR).write_bytes(text)
-        written.files[SIDECAR] = ("bytes", xxhash.xxh3_64_hexdigest(text))
+        written.files[SIDECAR] = written_bytes(text)
         if beside_items is not None:
             beside_items(item)
         if (item / BUFFERS).is_file():  # written, and read back, by write_safetensors: its header's checksums
-            written.files[BUFFERS] = ("safetensors", _header_checksums(item / BUFFERS))
+            written.files[BUFFERS] = written_safetensors(item / BUFFERS)
 
     if step is None:
         with (
@@ -323,16 +321,16 @@ def save_tree(
 
 
 @dataclass(frozen=True)
-class _Written:
+class _WrittenCheckpoint:
     """What an Orbax checkpoint directory was written as: ``arrays`` its arrays by name (:class:`_Array`), and
-    ``files`` the files optstate wrote beside them: ``optstate.json`` (``("bytes", XXH3-64)``) and
-    ``buffers.safetensors`` (``("safetensors", the checksums its header records)``)."""
+    ``files`` the files optstate wrote beside them (:class:`.readback.Written`): ``optstate.json`` and
+    ``buffers.safetensors``."""
 
     arrays: dict[str, _Array]
-    files: dict[str, tuple[str, str | None]]
+    files: dict[str, Written]
 
 
-def read_back_orbax(directory: Path, written: _Written, destination: Path) -> None:
+def read_back_orbax(directory: Path, written: _WrittenCheckpoint, destination: Path) -> None:
     """Read back an Orbax checkpoint just written (``directory``, the item holding ``_METADATA``), before it is
     renamed to ``destination``: Orbax's tree metadata lists exactly the ``written`` arrays, with their shapes and
     dtypes; each array, read with TensorStore as Orbax reads it (one at a time: one array in memory), has the
@@ -341,7 +339,7 @@ def read_back_orbax(directory: Path, written: _Written, destination: Path) -> No
 
     >>> import tempfile
     >>> d = Path(tempfile.mkdtemp()) / "out"
-    >>> written = _Written({}, {})
+    >>> written = _WrittenCheckpoint({}, {})
     >>> _checkpointer(None, [], written.arrays).save(os.path.abspath(d), args=ocp.args.PyTreeSave({"w": np.ones(2)}))
     >>> read_back_orbax(d, written, Path("out"))
     >>> written.arrays["w"] = _Array((2,), "float64", "0" * 16)
@@ -352,10 +350,9 @@ def read_back_orbax(directory: Path, written: _Written, destination: Path) -> No
     directory = Path(os.path.abspath(directory))  # Orbax reads absolute paths only
     try:
         _check_arrays(directory, written.arrays, destination)
-        for name, (kind, expected) in written.files.items():
-            _check_file(directory / name, kind, expected, destination / name)
+        check_files(directory, written.files, destination)
     except FormatError as exc:
-        raise FormatError(str(exc).replace(os.fspath(directory), os.fspath(destination))) from None
+        raise FormatError(in_destination(exc, directory, destination)) from None
 
 
 def _stored_arrays(directory: Path, destination: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -387,7 +384,7 @@ def _check_arrays(directory: Path, written: Mapping[str, _Array], destination: P
     stored = _stored_arrays(directory, destination)
     meant = {name: (array.shape, array.dtype) for name, array in written.items()}
     if stored != meant:
-        name = next(n for n in sorted(set(stored) | set(meant)) if stored.get(n) != meant.get(n))
+        name = first_difference(stored, meant)
         raise FormatError(
             f"{destination}: array {name} reads back as {stored.get(name, 'missing')} in Orbax's metadata, "
             f"written as {meant.get(name, 'nothing')}"
@@ -405,26 +402,6 @@ def _check_arrays(directory: Path, written: Mapping[str, _Array], destination: P
                 f"{destination}: array {name} reads back with {detail} "
                 "(the checkpoint, or the input it was written from, changed before the rename)"
             )
-
-
-def _header_checksums(path: Path) -> str | None:
-    """The checksums of its tensors that a safetensors file's header records (the JSON text)."""
-    return read_safetensors(path, verify=False)[1].get(CHECKSUM_KEY)
-
-
-def _check_file(path: Path, kind: str, expected: str | None, where: Path) -> None:
-    """A file optstate wrote beside the arrays, as it was written."""
-    if kind == "safetensors":  # every tensor against its header's checksums, and those as written
-        read_safetensors(path, verify=True)
-        if _header_checksums(path) != expected:
-            raise FormatError(f"{where}: the header reads back with other checksums than were written")
-        return
-    actual = file_checksums(path, {"": (0, path.stat().st_size)})[""]
-    if actual != expected:
-        raise FormatError(
-            f"{where}: reads back with checksum {actual}, written with {expected} "
-            "(the file changed between its write and the directory's rename)"
-        )
 
 
 # Orbax's logs while it writes: its background threads log a failure with a traceback before it reaches us.

@@ -43,6 +43,7 @@ from ...errors import FormatError, OptstateError, UnsupportedError
 from ...schema import fileformat
 from ...schema.state import Deferred, OptimizerState, path_to_name
 from ..formats import ReadOptions, WriteOptions
+from ..readback import in_destination
 from . import state_dict as torch_dict
 from .live import (
     MODEL_KEYS,
@@ -54,7 +55,6 @@ from .live import (
     tensor_to_numpy,
     unpickler_detail,
 )
-from .target import in_destination
 
 METADATA_FILE = ".metadata"
 LAYOUTS = ("nested", "torchtitan")
@@ -599,7 +599,7 @@ def _save_dcp(state: OptimizerState, directory: pathlib.Path, layout: str) -> _S
     with warnings.catch_warnings(), ThreadPoolExecutor(1) as hashing:
         # The checksums are computed in a thread while DCP writes (xxhash lets go of the GIL): the bytes
         # meant, read from the same arrays DCP saves.
-        hashed = hashing.submit(lambda: {key: _Written.of(value) for key, value in flat.items()})
+        hashed = hashing.submit(lambda: {key: _Entry.of(value) for key, value in flat.items()})
         # One process on purpose: torch warns about that even when told so (no_dist=True).
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         # atomic_directory fsyncs the whole tree before the rename, so the writer need not. DCP's collectives
@@ -613,11 +613,11 @@ def _save_dcp(state: OptimizerState, directory: pathlib.Path, layout: str) -> _S
 
 
 @dataclass(frozen=True)
-class _Written:
+class _Entry:
     """One entry of a DCP checkpoint as it was written: a tensor's dtype, shape and XXH3-64 checksum of its
     bytes, or another value's ``repr`` (exact for the floats, ints, strings and tuples a state dict holds).
 
-    >>> _Written.of(torch.arange(3.0)).what, _Written.of((0.9, 0.999)).what
+    >>> _Entry.of(torch.arange(3.0)).what, _Entry.of((0.9, 0.999)).what
     ('torch.float32 [3]', '(0.9, 0.999)')
     """
 
@@ -625,7 +625,7 @@ class _Written:
     checksum: str | None = None
 
     @classmethod
-    def of(cls, value: Any) -> _Written:
+    def of(cls, value: Any) -> _Entry:
         if isinstance(value, torch.Tensor):
             return cls(f"{value.dtype} {list(value.shape)}", fileformat.checksum(tensor_to_numpy(value, copy=False)))
         return cls(repr(value))
@@ -633,10 +633,10 @@ class _Written:
 
 @dataclass(frozen=True)
 class _Saved:
-    """What ``dcp.save`` was given: ``entries`` by DCP key (:class:`_Written`), ``paths`` each key's path in the
+    """What ``dcp.save`` was given: ``entries`` by DCP key (:class:`_Entry`), ``paths`` each key's path in the
     nested state dict (what ``.metadata`` keeps as ``planner_data``)."""
 
-    entries: Mapping[str, _Written]
+    entries: Mapping[str, _Entry]
     paths: Mapping[str, tuple[str | int, ...]]
 
 
@@ -705,7 +705,7 @@ def _storage_span(f: BinaryIO, offset: int, length: int, where: str) -> tuple[in
     return start, storages[0].file_size
 
 
-def _stored_as_written(blobs: _Blobs, entry: _Stored, meant: _Written) -> bool:
+def _stored_as_written(blobs: _Blobs, entry: _Stored, meant: _Entry) -> bool:
     """Whether a tensor entry is stored as written, found cheaply: ``.metadata`` gives it the dtype and shape
     written, in one chunk, whose blob's storage record holds exactly its bytes with the checksum written, hashed
     in place (no copy, one buffer). ``False`` sends the entry to the full reader, which says what differs."""
@@ -746,7 +746,7 @@ def read_back_dcp(directory: pathlib.Path, written: _Saved, destination: pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp()) / "ckpt"; d.mkdir()
     >>> written = _save_dcp(s, d, "nested")
     >>> read_back_dcp(d, written, pathlib.Path("out"))
-    >>> lr = {"optimizer.param_groups.0.lr": _Written("0.2")}
+    >>> lr = {"optimizer.param_groups.0.lr": _Entry("0.2")}
     >>> read_back_dcp(d, _Saved({**written.entries, **lr}, written.paths), pathlib.Path("out"))
     Traceback (most recent call last):
     optstate.errors.FormatError: out/__0_0.distcp: entry optimizer.param_groups.0.lr reads back as 0.1, written as 0.2
@@ -775,7 +775,7 @@ def _check_entries(directory: pathlib.Path, saved: _Saved, destination: pathlib.
             if _stored_as_written(blobs, entry, meant):
                 continue
             value = blobs.tensor(entry) if entry.is_tensor else blobs.load(fqn, None, fqn)
-            found = _Written.of(value)
+            found = _Entry.of(value)
             del value  # one tensor in memory at a time
             if found != meant:
                 where = destination / _entry_file(metadata, fqn)

@@ -7,7 +7,7 @@ parameters in ``named_parameters()`` order, its ``state_dict()`` tensors (buffer
 dtypes, and its tied names. The checks and pieces the writers share are here, written once: the parameter
 order (:func:`require_torch_order`), the step (:func:`written_step`), the weights (:func:`model_weights`),
 the optimizer's ``state_dict`` (:func:`optimizer_state_dict`) and the output directory (:func:`write_directory`),
-read back before its rename (:func:`read_back_directory`).
+read back before its rename (:func:`.readback.read_back_directory`).
 
 NumPy only at module level: torch is imported by :func:`load_target` (through :mod:`.models`) alone.
 """
@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from ...atomic import atomic_directory
-from ...errors import FormatError, MappingError, OptstateError, UnsupportedError
-from ...schema.fileformat import CHECKSUM_KEY, file_checksums, read_safetensors, write_safetensors
+from ...errors import MappingError, OptstateError, UnsupportedError
+from ...schema.fileformat import write_safetensors
 from ...schema.state import OptimizerState, name_to_path, path_to_name
 from ..formats import WriteOptions
+from ..readback import Written, read_back_directory, written_bytes, written_safetensors, written_torch
 from ..schedules.identify import SCHEDULER_GROUP_KEYS
 from ..schedules.torch_schedulers import last_epoch
 from . import ptfile
@@ -38,13 +38,11 @@ from .state_dict import _FLOAT32_EXACT_STEPS
 __all__ = [
     "TargetModel",
     "base_lr",
-    "in_destination",
     "in_model_names",
     "load_target",
     "model_names",
     "model_weights",
     "optimizer_state_dict",
-    "read_back_directory",
     "renamed_weights",
     "require_torch_order",
     "scheduled_group",
@@ -464,107 +462,12 @@ def written_step(state: OptimizerState, requested: int | None, where: str) -> in
 # ----------------------------------------------------------------------------- the output
 
 
-def in_destination(exc: OptstateError, tmp: Path, destination: Path) -> str:
-    """An error's message with the temporary directory's path replaced by the output's (what the user named).
-
-    >>> in_destination(OptstateError("/d/.out.x.tmp/out/a.pt: bad"), Path("/d/.out.x.tmp/out"), Path("/d/out"))
-    '/d/out/a.pt: bad'
-    """
-    return str(exc).replace(os.fspath(tmp), os.fspath(destination))
-
-
-def _bytes_record(data: bytes) -> tuple[int, str]:
-    return len(data), xxhash.xxh3_64_hexdigest(data)
-
-
-def _check_bytes(path: Path, written: tuple[int, str], where: str) -> None:
-    size, expected = written
-    found = path.stat().st_size
-    if found != size:
-        raise FormatError(f"{where}: reads back with {found} bytes, written with {size}")
-    actual = file_checksums(path, {"": (0, size)})[""]
-    if actual != expected:
-        raise FormatError(
-            f"{where}: reads back with checksum {actual}, written with {expected} "
-            "(the file changed between its write and the directory's rename)"
-        )
-
-
-def _safetensors_record(path: Path) -> tuple[str | None, dict[str, tuple[str, tuple[int, ...]]]]:
-    """The checksums the header of a safetensors file just written (and read back by its writer) records, and
-    its tensors' dtypes and shapes."""
-    arrays, metadata = read_safetensors(path, verify=False)
-    return metadata.get(CHECKSUM_KEY), {key: (a.dtype.str, a.shape) for key, a in arrays.items()}
-
-
-def _check_safetensors(path: Path, written: tuple[str | None, dict], where: str) -> None:
-    checksums, layout = written
-    arrays, metadata = read_safetensors(path, verify=True)  # every tensor against the header's checksum
-    found = {key: (a.dtype.str, a.shape) for key, a in arrays.items()}
-    if found != layout:
-        key = next(k for k in sorted(set(found) | set(layout)) if found.get(k) != layout.get(k))
-        raise FormatError(
-            f"{where}: tensor {key!r} reads back as {found.get(key, 'missing')}, written as {layout.get(key, 'absent')}"
-        )
-    if metadata.get(CHECKSUM_KEY) != checksums:
-        raise FormatError(f"{where}: the header reads back with other checksums than were written")
-
-
-def _check_torch(path: Path, written: dict[str, tuple[int, str]], where: str) -> None:
-    ptfile.verify_written(path, written, where)
-
-
-# How each kind of file is checked at the directory's read-back: its record (taken once it is written) is compared
-# with what the file holds then.
-_CHECKS: Mapping[str, Callable[[Path, Any, str], None]] = {
-    "bytes": _check_bytes,
-    "safetensors": _check_safetensors,
-    "torch": _check_torch,
-}
-
-
-@dataclass(frozen=True)
-class _Written:
-    """One file of a directory as it was written: its kind (a key of ``_CHECKS``) and its record."""
-
-    kind: str
-    record: Any
-
-
-def read_back_directory(tmp: Path, written: Mapping[str, _Written], destination: Path) -> None:
-    """Read back a directory written by :func:`write_directory`, before it is renamed to ``destination``: it
-    holds exactly the files written, each as written (a text or bytes file: its size and XXH3-64; a torch file:
-    its records, their sizes and XXH3-64s; a safetensors file: its tensors' dtypes, shapes and the checksums of
-    their bytes). The first difference is refused naming the file (under ``destination``) and what differs.
-
-    >>> import tempfile
-    >>> d = Path(tempfile.mkdtemp()); _ = (d / "a.json").write_text("{}")
-    >>> read_back_directory(d, {"a.json": _Written("bytes", _bytes_record(b"{}"))}, Path("out"))
-    >>> _ = (d / "a.json").write_text("[]")
-    >>> read_back_directory(d, {"a.json": _Written("bytes", _bytes_record(b"{}"))}, Path("out"))  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    optstate.errors.FormatError: out/a.json: reads back with checksum ..., written with ... (the file changed ...
-    """
-    found = {p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir()}
-    if found != set(written):
-        odd = sorted(found ^ set(written))
-        raise FormatError(
-            f"{destination}: the directory written reads back with other files than were written "
-            f"({', '.join(f'{n} ' + ('added' if n in found else 'missing') for n in odd[:3])})"
-        )
-    for name, file in written.items():
-        try:
-            _CHECKS[file.kind](tmp / name, file.record, os.fspath(destination / name))
-        except FormatError as exc:
-            raise FormatError(in_destination(exc, tmp, destination)) from None
-
-
 @contextmanager
 def write_directory(path: str | os.PathLike, options: WriteOptions) -> Iterator[Callable[[Any, str], None]]:
     """A checkpoint directory written whole: yields ``save(obj, relative_name)``, which writes a torch file
     (:func:`.ptfile.save`), a ``.safetensors`` file of a mapping of arrays (as torch saves a model), or a
     ``str``/``bytes`` as it is, inside a temporary directory that is fsynced once, read back
-    (:func:`read_back_directory`) and renamed to ``path`` when the block ends
+    (:func:`.readback.read_back_directory`) and renamed to ``path`` when the block ends
     (:func:`optstate.atomic.atomic_directory`); nothing is left behind on an error.
 
     >>> import tempfile, pathlib
@@ -574,7 +477,7 @@ def write_directory(path: str | os.PathLike, options: WriteOptions) -> Iterator[
     >>> sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     ['latest', 'sub', 'sub/a.pt']
     """
-    written: dict[str, _Written] = {}
+    written: dict[str, Written] = {}
     with atomic_directory(
         path,
         force=options.force,
@@ -589,11 +492,11 @@ def write_directory(path: str | os.PathLike, options: WriteOptions) -> Iterator[
             if isinstance(obj, (str, bytes)):
                 data = obj.encode() if isinstance(obj, str) else obj
                 target.write_bytes(data)
-                written[name] = _Written("bytes", _bytes_record(data))
+                written[name] = written_bytes(data)
             elif target.suffix == ".safetensors":
                 write_safetensors(target, obj.items(), {"format": "pt"}, fsync=False, progress=options.progress)
-                written[name] = _Written("safetensors", _safetensors_record(target))
+                written[name] = written_safetensors(target)
             else:  # fsynced with the whole tree before the rename
-                written[name] = _Written("torch", ptfile.save(obj, target, fsync=False, progress=options.progress))
+                written[name] = written_torch(ptfile.save(obj, target, fsync=False, progress=options.progress))
 
         yield save
