@@ -387,6 +387,7 @@ class OptaxRun:
 def leaf_dtypes(tree: Any) -> dict[str, np.dtype]:
     """Each array leaf's dtype, by its path in the tree.
 
+    >>> import jax  # the tree is JAX's
     >>> leaf_dtypes({"fc": {"w": np.zeros(2, np.float32)}, "n": None})
     {"['fc']['w']": dtype('float32')}
     """
@@ -400,6 +401,7 @@ def check_dtypes_kept(what: str, expected: Mapping[str, np.dtype], tree: Any) ->
     """Refuse a tree whose arrays are not in the ``expected`` dtypes (by path): a float32 run widened to
     float64 would compare float64 arithmetic with torch's float32.
 
+    >>> import jax  # the tree is JAX's
     >>> check_dtypes_kept("the gradient at", {"['w']": np.dtype("float32")}, {"w": np.zeros(2)})
     Traceback (most recent call last):
     optstate.errors.OptstateError: verify: the gradient at ['w'] is float64, expected float32: the Optax side ...
