@@ -184,7 +184,8 @@ def copy_span(span: FileSpan, out: int, nbytes: int, sources: SourceFiles) -> in
     return done
 
 
-_HASH_CHUNK = 256 << 10  # read into one buffer this large (as fast as larger ones here): no page faults
+_HASH_CHUNK = 1 << 20  # one buffer this large: 3 GB hashed in 0.36-0.48 s at 256 KiB to 4 MiB, checked for NaN in
+# 0.42 s at 1 MiB against 0.48-0.84 s at 256 KiB (NumPy's calls per block); no page faults either way
 
 
 def file_blocks(path: str | os.PathLike, offset: int, nbytes: int, what: str) -> Iterator[memoryview]:
