@@ -219,26 +219,34 @@ def test_a_changed_tensor_is_refused_on_reading_naming_it(tmp_path):
     assert not (tmp_path / "back.pt").exists() and left_behind(tmp_path) == []
 
 
+def traced_beside_writing(monkeypatch, check, writer, label: str) -> tuple[list[str], threading.Event]:
+    """Patch ``check`` (an ``(owner, name)`` pair) to wait until ``writer`` starts, then note ``label`` in the
+    order returned, where the writer notes ``"writing"`` as it starts: a check run before the writing times out."""
+    order, writing = [], threading.Event()
+    checked, written = getattr(*check), getattr(*writer)
+
+    def slow_check(*args):
+        assert writing.wait(30)  # runs beside the writer: waits for it to start
+        order.append(label)
+        return checked(*args)
+
+    def traced_writer(*args, **kwargs):
+        if not writing.is_set():
+            order.append("writing")
+            writing.set()
+        return written(*args, **kwargs)
+
+    monkeypatch.setattr(*check, slow_check)
+    monkeypatch.setattr(*writer, traced_writer)
+    return order, writing
+
+
 def test_a_conversion_checks_its_input_while_it_writes_and_before_the_rename(tmp_path, monkeypatch):
     """The input's checksums are read beside the writing, not before it (a whole pass over the input saved),
     and the output is renamed into place only once they passed."""
     src = tmp_path / "s.safetensors"
     optstate.convert(adam_checkpoint(tmp_path / "ckpt.pt"), src)
-    order, writing = [], threading.Event()
-    check_checksums, save = ff.check_checksums, ptfile.save
-
-    def slow_check(*args):
-        assert writing.wait(30)  # runs beside the writer: waits for it to start
-        order.append("input checked")
-        check_checksums(*args)
-
-    def traced_save(*args, **kwargs):
-        order.append("writing")
-        writing.set()
-        save(*args, **kwargs)
-
-    monkeypatch.setattr(ff, "check_checksums", slow_check)
-    monkeypatch.setattr(ptfile, "save", traced_save)
+    order, _ = traced_beside_writing(monkeypatch, (ff, "check_checksums"), (ptfile, "save"), "input checked")
     with atomic.checked_before_commit(lambda: order.append("renamed")):
         optstate.convert(src, tmp_path / "back.pt", dst_format="torch")
     assert order == ["writing", "input checked", "renamed"]
@@ -250,22 +258,8 @@ def test_a_conversion_checks_its_input_while_it_writes_and_before_the_rename(tmp
 def test_a_torch_input_s_moments_are_checked_beside_the_writing_and_before_the_rename(tmp_path, monkeypatch):
     """The pass over every moment (finite; second moments not negative) runs beside the writing, not before it;
     a diverged state is refused at the rename, naming the file and the parameter, and nothing appears."""
-    order, writing = [], threading.Event()
-    check_values, write_tensor = state_module._check_values, ff._write_tensor
-
-    def slow_check(*args):
-        assert writing.wait(30)  # runs beside the writer: waits for it to start
-        order.append("moments checked")
-        check_values(*args)
-
-    def traced_write(*args):
-        if not writing.is_set():
-            order.append("writing")
-            writing.set()
-        return write_tensor(*args)
-
-    monkeypatch.setattr(state_module, "_check_values", slow_check)
-    monkeypatch.setattr(ff, "_write_tensor", traced_write)
+    checked, written = (state_module, "_check_values"), (ff, "_write_tensor")
+    order, writing = traced_beside_writing(monkeypatch, checked, written, "moments checked")
     src = adam_checkpoint(tmp_path / "ckpt.pt")
     with atomic.checked_before_commit(lambda: order.append("renamed")):
         optstate.convert(src, tmp_path / "s.safetensors")
@@ -619,16 +613,21 @@ def test_kill_and_signal_matrix_leaves_the_previous_output_or_nothing(tmp_path):
 # ----------------------------------------------------------------------------- speed: the in-kernel copy
 
 
-def test_pt_tensors_are_copied_inside_the_kernel(tmp_path, monkeypatch):
-    copied = []
-    copy_span = ff.copy_span
+def spied_copies(monkeypatch, module) -> list[int]:
+    """The byte counts ``module``'s writer copies inside the kernel, one per tensor."""
+    copied: list[int] = []
+    copy_span = module.copy_span
 
     def spy(span, out, nbytes, sources):
-        done = copy_span(span, out, nbytes, sources)
-        copied.append(done)
-        return done
+        copied.append(copy_span(span, out, nbytes, sources))
+        return copied[-1]
 
-    monkeypatch.setattr(ff, "copy_span", spy)
+    monkeypatch.setattr(module, "copy_span", spy)
+    return copied
+
+
+def test_pt_tensors_are_copied_inside_the_kernel(tmp_path, monkeypatch):
+    copied = spied_copies(monkeypatch, ff)
     src = adam_checkpoint(tmp_path / "ckpt.pt", width=512, steps=1)  # 2 MiB a matrix: above COPY_MIN_BYTES
     optstate.convert(src, tmp_path / "s.safetensors")
     assert copied.count(512 * 512 * 8) == 3  # exp_avg, exp_avg_sq and the weight: file to file
@@ -638,15 +637,7 @@ def test_pt_tensors_are_copied_inside_the_kernel(tmp_path, monkeypatch):
 def test_tensors_of_a_canonical_file_are_copied_inside_the_kernel_to_torch(tmp_path, monkeypatch):
     src = adam_checkpoint(tmp_path / "ckpt.pt", width=512, steps=1)
     optstate.convert(src, tmp_path / "s.safetensors")
-    copied = []
-    copy_span = ptfile.copy_span
-
-    def spy(span, out, nbytes, sources):
-        done = copy_span(span, out, nbytes, sources)
-        copied.append(done)
-        return done
-
-    monkeypatch.setattr(ptfile, "copy_span", spy)
+    copied = spied_copies(monkeypatch, ptfile)
     optstate.convert(tmp_path / "s.safetensors", tmp_path / "back.pt", dst_format="torch")
     assert copied.count(512 * 512 * 8) == 3
     assert zipfile.ZipFile(tmp_path / "back.pt").testzip() is None  # every record's CRC-32, from the source's bytes
