@@ -182,6 +182,41 @@ def test_an_input_truncated_while_its_moments_are_checked_is_an_error_not_a_sigb
     assert not out.exists() and left_behind(tmp_path) == []
 
 
+TRUNCATED_WHILE_MOVED = """
+import os, sys
+import numpy as np
+import optstate
+
+def flax_linear():  # the Flax layout of torch's Linear(512, 512): a kernel [in, out]
+    return {"params": {"kernel": np.zeros((512, 512)), "bias": np.zeros(512)}}
+
+def progress(_state):
+    done = []
+    def on_tensor(_nbytes):
+        if not done:  # after the first tensor: a trainer rewrites the checkpoint while the others are moved
+            done.append(os.truncate(sys.argv[1], 4096))
+    return on_tensor
+
+sys.modules["target"] = sys.modules[__name__]
+try:
+    optstate.convert(sys.argv[1], sys.argv[2], target_params="target:flax_linear", progress=progress)
+except optstate.OptstateError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def test_an_input_truncated_while_its_tensors_are_transposed_is_an_error_not_a_sigbus(tmp_path):
+    """A layout move's transpose reads its mapped source with pread first: no SIGBUS mid-transpose."""
+    src = adam_checkpoint(tmp_path / "ckpt.pt", width=512)
+    out = tmp_path / "flax.safetensors"
+    run = subprocess.run(
+        [sys.executable, "-c", TRUNCATED_WHILE_MOVED, str(src), str(out)], capture_output=True, text=True
+    )
+    assert run.returncode == 1, (run.returncode, run.stderr)  # -7 (SIGBUS) before
+    assert "ckpt.pt changed while it was read (size" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not out.exists() and left_behind(tmp_path) == []
+
+
 def test_unchanged_input_converts(tmp_path):
     src = adam_checkpoint(tmp_path / "ckpt.pt")
     optstate.convert(src, tmp_path / "s.safetensors")

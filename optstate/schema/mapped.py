@@ -227,3 +227,27 @@ def values_read(array: np.ndarray, mappings: Sequence[FileMapping], what: str) -
         return
     for block in file_blocks(span.path, span.offset, array.nbytes, what):
         yield np.frombuffer(block, array.dtype)
+
+
+def read_into_memory(array: np.ndarray, mappings: Sequence[FileMapping], what: str) -> np.ndarray:
+    """``array`` itself, or where it is mapped from a file, a copy of it read with ``pread`` (for code that reads
+    every element, a transpose: a file truncated meanwhile is then an error naming it and ``what``, not a SIGBUS).
+
+    >>> import tempfile
+    >>> f = tempfile.mkdtemp() + "/r.bin"; np.arange(4.0).tofile(f)
+    >>> m = np.memmap(f, dtype="<f8", mode="r")
+    >>> copy = read_into_memory(m[1:], shared_file_mappings(), "r"); copy.tolist(), isinstance(copy, np.memmap)
+    ([1.0, 2.0, 3.0], False)
+    """
+    span = file_span(array, mappings)
+    if span is None:
+        return array
+    out = np.empty(array.shape, array.dtype)
+    into, done = out.reshape(-1).view(np.uint8).data, 0
+    with open(span.path, "rb", buffering=0) as f:
+        while done < array.nbytes:
+            n = os.preadv(f.fileno(), [into[done : done + MAX_SYSCALL_BYTES]], span.offset + done)
+            if n == 0:
+                raise FormatError(f"{span.path}: ends before byte {span.offset + array.nbytes} of {what}")
+            done += n
+    return out

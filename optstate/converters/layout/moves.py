@@ -23,6 +23,7 @@ import numpy as np
 
 from ...errors import MappingError, UnsupportedError
 from ...schema.families import Slot
+from ...schema.mapped import FileMapping, read_into_memory, shared_file_mappings
 from ...schema.state import Deferred, OptimizerState, ParamInfo, ParamPath, path_to_name
 from .transpose import permute
 
@@ -229,8 +230,10 @@ def apply_layout(state: OptimizerState, layout: Layout) -> OptimizerState:
         raise MappingError("this state was already moved to another layout; convert it back first")
     _check_layout_fits(state, layout)
     params = _moved_params(state, layout)
-    slots = _moved_slots(state, layout)
-    weights, buffers = _moved_weights(state, layout)
+    # The state's arrays keep their mappings while they are moved: one look at them serves all (when needed).
+    mappings = functools.cache(shared_file_mappings)
+    slots = _moved_slots(state, layout, mappings)
+    weights, buffers = _moved_weights(state, layout, mappings)
     return dataclasses.replace(
         state,
         params=params,
@@ -272,16 +275,18 @@ def _moved_params(state: OptimizerState, layout: Layout) -> tuple[ParamInfo, ...
     return tuple(params)
 
 
-def _moved_slots(state: OptimizerState, layout: Layout) -> dict[tuple[str, ParamPath], Any]:
+def _moved_slots(state: OptimizerState, layout: Layout, mappings: _Mappings) -> dict[tuple[str, ParamPath], Any]:
     slots: dict[tuple[str, ParamPath], Any] = {}
     for (slot, path), array in state.slots.items():
         for move in layout.moves_of(path):
-            name, moved = _moved_slot(state, slot, array, move)
+            name, moved = _moved_slot(state, slot, array, move, mappings)
             slots[(name, move.target)] = moved
     return slots
 
 
-def _moved_weights(state: OptimizerState, layout: Layout) -> tuple[dict[ParamPath, Any] | None, tuple[ParamPath, ...]]:
+def _moved_weights(
+    state: OptimizerState, layout: Layout, mappings: _Mappings
+) -> tuple[dict[ParamPath, Any] | None, tuple[ParamPath, ...]]:
     """The model's tensors moved (a dropped one kept as it is), and which of them are buffers."""
     dropped = set(layout.dropped)
     buffers = tuple(p for p in state.buffers if p in dropped)
@@ -292,7 +297,7 @@ def _moved_weights(state: OptimizerState, layout: Layout) -> tuple[dict[ParamPat
         if path in dropped:
             weights[path] = array
         for move in layout.moves_of(path):
-            weights[move.target] = _moved(array, move)
+            weights[move.target] = _moved(array, move, mappings)
             if path in state.buffers:
                 buffers += (move.target,)
     return weights, buffers
@@ -330,13 +335,24 @@ def _lazy(shape: Shape, dtype: Any, compute: Callable[[], np.ndarray]) -> Deferr
     return Deferred(tuple(shape), np.dtype(dtype), compute)
 
 
-def _moved(array: Any, move: Move) -> Deferred:
+_Mappings = Callable[[], Sequence[FileMapping]]
+
+
+def _moved(array: Any, move: Move, mappings: _Mappings) -> Deferred:
     """``array`` moved by ``move`` when it is read; the move is kept too (``Deferred.moved``), so that
-    an array on an accelerator can be moved there, not on the host."""
-    return Deferred(tuple(move.shape), np.dtype(array.dtype), lambda: move.apply(array), moved=(array, move))
+    an array on an accelerator can be moved there, not on the host. An array mapped from a file that is
+    transposed is read into memory first, with ``pread``: an input truncated meanwhile is an error, not a
+    SIGBUS in the middle of the transpose."""
+
+    def compute() -> Any:
+        if not (move.axes and isinstance(array, np.ndarray)):
+            return move.apply(array)  # a view of a mapped file stays one: the writer copies it file to file
+        return move.apply(read_into_memory(array, mappings(), f"{path_to_name(move.source)} (moved)"))
+
+    return Deferred(tuple(move.shape), np.dtype(array.dtype), compute, moved=(array, move))
 
 
-def _moved_slot(state: OptimizerState, slot: str, array: Any, move: Move) -> tuple[str, Any]:
+def _moved_slot(state: OptimizerState, slot: str, array: Any, move: Move, mappings: _Mappings) -> tuple[str, Any]:
     """A slot's name and array at the move's target: shaped like the parameter, a scalar, or a factored
     statistic permuted as its parameter is (its size-1 axis included)."""
     kind = state.spec.slot(slot).shape
@@ -349,7 +365,7 @@ def _moved_slot(state: OptimizerState, slot: str, array: Any, move: Move) -> tup
         return _factored_name(state, slot, move), _lazy(
             shape, array.dtype, lambda: permute(np.asarray(array), move.axes)
         )
-    return slot, _moved(array, move)
+    return slot, _moved(array, move, mappings)
 
 
 # ----------------------------------------------------------------------------- moving it back
