@@ -350,8 +350,11 @@ def checksum(data: Any) -> str:
     return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
 
 
-def file_checksums(path: str | os.PathLike, spans: Mapping[str, tuple[int, int]]) -> dict[str, str]:
-    """The checksum of each ``key -> (offset, nbytes)`` range of the file at ``path`` (:func:`file_blocks`).
+def file_checksums(
+    path: str | os.PathLike, spans: Mapping[str, tuple[int, int]], fd: int | None = None
+) -> dict[str, str]:
+    """The checksum of each ``key -> (offset, nbytes)`` range of the file at ``path`` (:func:`file_blocks`; ``fd``:
+    that file already open).
 
     >>> import tempfile
     >>> f = tempfile.mkdtemp() + "/b"; _ = pathlib.Path(f).write_bytes(np.arange(3.0).tobytes())
@@ -361,7 +364,7 @@ def file_checksums(path: str | os.PathLike, spans: Mapping[str, tuple[int, int]]
     found = {}
     for key, (offset, nbytes) in spans.items():
         hasher = xxhash.xxh3_64()
-        for block in file_blocks(path, offset, nbytes, f"tensor {key!r}"):
+        for block in file_blocks(path, offset, nbytes, f"tensor {key!r}", fd):
             hasher.update(block)
         found[key] = hasher.hexdigest()
     return found
@@ -386,11 +389,12 @@ def _write_tensor(
     done, span = 0, None
     if array.nbytes >= COPY_MIN_BYTES and array.dtype == entry.dtype:
         span = file_span(array, mappings)
-    if span is not None:
-        # The source read a second time, beside the copy (pread into a buffer: no page faults, and the
-        # hash lets go of the GIL): bytes that change under the copy show on read-back as a mismatch.
+    src = None if span is None else sources.fd(span)
+    if span is not None and src is not None:
+        # The source read a second time, beside the copy, from the file the copy reads (pread into a buffer: no
+        # page faults, and the hash lets go of the GIL): bytes that change under the copy show on read-back.
         ranges = {entry.key: (span.offset, array.nbytes)}
-        source = hashing.submit(file_checksums, span.path, ranges)
+        source = hashing.submit(file_checksums, span.path, ranges, src)
         done = copy_span(span, fd, array.nbytes, sources)
         if done == array.nbytes:
             return source.result()[entry.key]
@@ -433,9 +437,9 @@ def _write_file(
     offset = len(header)
     with (
         open(path, "r+b", buffering=0) as f,
+        SourceFiles() as sources,  # closed after the threads that read them are done
         ThreadPoolExecutor(1) as ahead,
         ThreadPoolExecutor(2) as hashing,
-        SourceFiles() as sources,
     ):
         write_all(f.fileno(), np.frombuffer(header, np.uint8))
         # The next lazy entry (a layout move: a transpose) is computed while this one is written; two

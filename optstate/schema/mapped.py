@@ -9,6 +9,7 @@ state's check of its moments' values use it.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import mmap
 import os
@@ -188,10 +189,12 @@ _HASH_CHUNK = 1 << 20  # one buffer this large: 3 GB hashed in 0.36-0.48 s at 25
 # 0.42 s at 1 MiB against 0.48-0.84 s at 256 KiB (NumPy's calls per block); no page faults either way
 
 
-def file_blocks(path: str | os.PathLike, offset: int, nbytes: int, what: str) -> Iterator[memoryview]:
+def file_blocks(
+    path: str | os.PathLike, offset: int, nbytes: int, what: str, fd: int | None = None
+) -> Iterator[memoryview]:
     """The ``nbytes`` bytes at ``offset`` of the file at ``path``, a block at a time, read with ``pread`` into one
     buffer (each block is valid until the next): a file that shrank gives an error naming ``what``, not the
-    SIGBUS a mapping would.
+    SIGBUS a mapping would. ``fd``: that file already open (``pread`` moves no position: it may be shared).
 
     >>> import tempfile, pathlib
     >>> f = tempfile.mkdtemp() + "/b"; _ = pathlib.Path(f).write_bytes(b"abcdef")
@@ -199,12 +202,14 @@ def file_blocks(path: str | os.PathLike, offset: int, nbytes: int, what: str) ->
     [b'bcde']
     """
     buffer = memoryview(bytearray(min(_HASH_CHUNK, nbytes)))
-    with open(path, "rb", buffering=0) as f:
+    with contextlib.ExitStack() as opened:
+        if fd is None:
+            fd = opened.enter_context(open(path, "rb", buffering=0)).fileno()
         done = 0
         while done < nbytes:
             if cancelled():  # a check beside a conversion that was interrupted: not to the end of the file
                 raise OptstateError(f"{os.fspath(path)}: reading {what} was interrupted")
-            n = os.preadv(f.fileno(), [buffer[: min(len(buffer), nbytes - done)]], offset + done)
+            n = os.preadv(fd, [buffer[: min(len(buffer), nbytes - done)]], offset + done)
             if n == 0:
                 raise FormatError(f"{os.fspath(path)}: ends before byte {offset + nbytes} of {what}")
             yield buffer[:n]

@@ -218,8 +218,8 @@ def save(
     with (
         atomic_file(path, force=force, fsync=fsync) as tmp,
         open(tmp, "r+b", buffering=0) as f,
+        SourceFiles() as sources,  # closed after the threads that read them are done
         ThreadPoolExecutor(2) as reading_back,
-        SourceFiles() as sources,
     ):
         archive = _ZipWriter(f.fileno(), tmp, reading_back, sources)
         for name, data in (
@@ -1029,10 +1029,10 @@ class _Crc32(threading.Thread):
         return self.value
 
 
-def _file_crc32_xxh3(path: str, offset: int, nbytes: int) -> tuple[int, str]:
-    """The CRC-32 and XXH3-64 of a range of a file, read with ``pread``."""
+def _file_crc32_xxh3(path: str, offset: int, nbytes: int, fd: int) -> tuple[int, str]:
+    """The CRC-32 and XXH3-64 of a range of a file (open as ``fd``), read with ``pread``."""
     crc, hasher = 0, xxhash.xxh3_64()
-    for block in file_blocks(path, offset, nbytes, "an array mapped from it (the file shrank while mapped)"):
+    for block in file_blocks(path, offset, nbytes, "an array mapped from it (the file shrank while mapped)", fd):
         crc = zlib.crc32(block, crc)
         hasher.update(block)
     return crc, hasher.hexdigest()
@@ -1174,8 +1174,9 @@ class _ZipWriter:
         span = None
         if array.nbytes >= COPY_MIN_BYTES and array.dtype.newbyteorder("<") == array.dtype:
             span = file_span(array, mappings)
-        if span is not None:
-            digests = self.reading_back.submit(_file_crc32_xxh3, span.path, span.offset, array.nbytes)
+        src = None if span is None else self.sources.fd(span)
+        if span is not None and src is not None:  # the checksums read from the file the copy reads
+            digests = self.reading_back.submit(_file_crc32_xxh3, span.path, span.offset, array.nbytes, src)
             done = copy_span(span, self.fd, array.nbytes, self.sources)
             if done == array.nbytes:
                 return digests.result  # waited for at the end: the next record is copied meanwhile
