@@ -937,7 +937,28 @@ def _restored_tree(directory: Path) -> Any:
     try:
         return _restore_as_numpy(directory)
     except (FileNotFoundError, ValueError, KeyError) as exc:
+        logging.getLogger("asyncio").addFilter(_ReadFailureReported(directory))
         raise FormatError(f"{directory}: not a readable Orbax checkpoint ({_read_failure(exc)})") from None
+
+
+class _ReadFailureReported(logging.Filter):
+    """Drops asyncio's later report ("Task exception was never retrieved", when the task is collected) of
+    another array of a failed Orbax read of ``directory`` failing too: that read was refused in one line
+    already. Anything else passes.
+
+    >>> record = logging.makeLogRecord({"msg": "Task exception was never retrieved",
+    ...     "exc_info": (ValueError, ValueError('Error reading "w/0" at local file "/ckpt/"'), None)})
+    >>> _ReadFailureReported(Path("/ckpt")).filter(record), _ReadFailureReported(Path("/other")).filter(record)
+    (False, True)
+    """
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.where = f'local file "{os.path.abspath(directory)}/'
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, ValueError) and self.where in str(exc))
 
 
 _CUT_SHORT = re.compile(
