@@ -99,15 +99,16 @@ def checks_in_background() -> Iterator[None]:
     background = _Background()
     token = _background.set(background)
     try:
-        yield
-    except Exception:
-        background.wait()  # a check that failed is the cause: its error is raised instead
-        raise
-    except BaseException:  # Ctrl-C, SIGTERM: not after hashing the rest of the input
-        background.cancelled.set()
-        raise
-    else:
+        try:
+            yield
+        except Exception:
+            background.wait()  # a check that failed is the cause: its error is raised instead
+            raise
         background.wait()  # a block that renamed nothing still answers for its checks
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM, also while waiting: not after hashing the rest
+            background.cancelled.set()
+        raise
     finally:
         _background.reset(token)
         background.pool.shutdown(wait=not background.cancelled.is_set(), cancel_futures=True)
@@ -377,12 +378,47 @@ def _replace(tmp: Path, path: Path) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
             return
         aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        with signals_held():
-            os.rename(path, aside / path.name)
-            os.rename(tmp, path)
-        shutil.rmtree(aside)
+        try:
+            with signals_held():  # a held signal acts on leaving: after the previous output is back, or gone
+                os.rename(path, aside / path.name)
+                try:
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(aside / path.name, path)
+                    raise
+        finally:
+            if not (aside / path.name).exists() or path.exists():  # never the only copy of the previous output
+                shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+def _renamed_in_order(moves: list[tuple[Path, Path]], fsync: bool) -> None:
+    """Rename each ``(tmp, path)``, the last once the others are in place; signals wait until the last is. A
+    failure before the last rename removes the parts renamed to names that were free, so no shard without
+    its index is left behind."""
+    *parts, last = moves
+    placed: list[Path] = []
+    committed = False
+    try:
+        with signals_held():
+            for tmp, path in parts:
+                free = not path.exists()
+                _replace(tmp, path)
+                if free:
+                    placed.append(path)
+            if fsync:
+                for directory in {path.parent for _, path in parts}:
+                    _fsync_dir(directory)
+            _replace(*last)
+            committed = True
+    except BaseException:
+        if not committed:
+            for path in placed:
+                path.unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(last[1].parent)
 
 
 @contextlib.contextmanager
@@ -423,15 +459,7 @@ def _written_then_renamed(targets: list[Path], tmps: list[Path], fsync: bool) ->
                 _fsync_file(tmp)
         if outermost:
             _run_commit_checks()
-        *parts, last = zip(tmps, targets, strict=True)
-        for tmp, path in parts:
-            _replace(tmp, path)
-        if fsync:
-            for directory in {path.parent for _, path in parts}:
-                _fsync_dir(directory)
-        _replace(*last)
-        if fsync:
-            _fsync_dir(last[1].parent)
+        _renamed_in_order(list(zip(tmps, targets, strict=True)), fsync)
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)

@@ -42,9 +42,12 @@ def _size(text: str) -> int:
     number = text.upper().rstrip("BIKMG")
     unit = text.upper()[len(number) :]
     try:
-        return int(float(number) * units[unit])
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
+        size = int(float(number) * units[unit])
+    except (KeyError, ValueError, OverflowError):  # OverflowError: "inf"
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (a positive size, e.g. 5GB, 500MB)")
+    return size
 
 
 def _summary(state: Any) -> str:

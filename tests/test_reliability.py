@@ -890,3 +890,137 @@ def test_a_durable_output_is_written_back_while_it_is_written(tmp_path, monkeypa
         tmp.write_bytes(b"\0" * (4 << 20))
         time.sleep(0.2)
     assert len(synced) == 4  # --no-fsync: nothing is written back
+
+
+# ----------------------------------------------------------------------------- found by review (2026-12-07)
+
+
+def safetensors_with(path: Path, header: dict, data: bytes) -> Path:
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+def test_a_checksum_record_that_is_not_json_is_one_line(tmp_path, capsys):
+    header = {
+        "__metadata__": {ff.CHECKSUM_KEY: "{not json"},
+        "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    }
+    src = safetensors_with(tmp_path / "in.safetensors", header, bytes(8))
+    assert main(["convert", str(src), str(tmp_path / "out.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"in.safetensors: {ff.CHECKSUM_KEY}: not valid JSON" in err
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "unknown dtype ['F32']"),
+        ({"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}, "malformed shape [True, 2]"),
+        ({"dtype": "U8", "shape": [1], "data_offsets": [False, True]}, "malformed data_offsets [False, True]"),
+    ],
+)
+def test_a_header_entry_of_the_wrong_json_type_is_refused_naming_it(tmp_path, entry, named):
+    """A list where a dtype name belongs was looked up in a dict (TypeError); true and false passed as ints."""
+    src = safetensors_with(tmp_path / "in.safetensors", {"w": entry}, bytes(8 if entry["dtype"] != "U8" else 1))
+    with pytest.raises(FormatError, match=rf"in.safetensors: tensor 'w': {__import__('re').escape(named)}"):
+        optstate.inspect(src)
+
+
+def test_a_mapped_input_that_ends_inside_a_value_is_an_error(tmp_path):
+    from optstate.schema.mapped import shared_file_mappings, values_read
+
+    f = tmp_path / "v.bin"
+    np.arange(4.0).tofile(f)
+    mapped = np.memmap(f, dtype="<f8", mode="r")
+    mappings = shared_file_mappings()
+    os.truncate(f, 20)  # another process cuts it two and a half values in
+    with pytest.raises(FormatError, match=r"v.bin: ends before byte 32 of w's exp_avg"):
+        list(values_read(mapped, mappings, "w's exp_avg"))
+
+
+def test_ctrl_c_while_waiting_for_the_checks_stops_them(tmp_path):
+    """A write that failed waits for the input's checks (their failure is the cause); Ctrl-C then must not wait
+    for the rest of the input to be hashed."""
+
+    def slow_check():  # a long hash of the input: stops early only when cancelled
+        for _ in range(100):
+            if atomic.cancelled():
+                raise OptstateError("cancelled")
+            time.sleep(0.05)
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), atomic.checks_in_background():
+        atomic.check_soon(slow_check)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        raise OptstateError("the write failed (disk full)")
+    assert time.monotonic() - started < 2.5  # the check alone runs 5 s
+
+
+SWAPPED_BY_TWO_RENAMES = """
+import os, signal, sys
+from optstate import atomic
+atomic._exchanged = lambda a, b: False  # a file system without RENAME_EXCHANGE
+rename = os.rename
+def signalled_rename(a, b):
+    os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM while the previous output is moved aside
+    return rename(a, b)
+atomic.os.rename = signalled_rename
+with atomic.atomic_directory(sys.argv[1], force=True, fsync=False) as tmp:
+    tmp.mkdir(); (tmp / "new").write_text("new output")
+"""
+
+
+def test_a_signal_between_the_two_renames_of_a_directory_leaves_nothing_aside(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("previous output")
+    done = subprocess.run([sys.executable, "-c", SWAPPED_BY_TWO_RENAMES, str(out)], timeout=60)
+    assert done.returncode == -signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .out.old-* holding the previous output
+    assert [p.name for p in out.iterdir()] == ["new"]
+
+
+def test_a_failed_second_rename_puts_the_previous_directory_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("previous output")
+    monkeypatch.setattr(atomic, "_exchanged", lambda a, b: False)
+    rename = os.rename
+
+    def failing(a, b):
+        if Path(a).parent.name.endswith(".tmp"):  # the new output, from its temporary directory
+            raise OSError(5, "Input/output error")
+        return rename(a, b)
+
+    monkeypatch.setattr(atomic.os, "rename", failing)
+    with pytest.raises(OSError, match="Input/output error"), atomic.atomic_directory(out, force=True) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("new output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "old").read_text() == "previous output"
+
+
+def test_shards_renamed_before_a_failure_are_removed_with_it(tmp_path, monkeypatch):
+    """The shards are renamed before the index: a failure in between must not leave shards that no index names
+    (a later run would find their names taken, and nothing would ever remove them)."""
+
+    def failing_fsync_dir(directory):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(atomic, "_fsync_dir", failing_fsync_dir)
+    tensors = [("a", np.zeros(4)), ("b", np.ones(4))]
+    with pytest.raises(OSError, match="Input/output error"):
+        ff.write_sharded(tmp_path / "w.safetensors", tensors, {}, max_shard_bytes=32)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("size", ["0", "0.1B", "-5GB", "inf"])
+def test_a_shard_size_that_is_not_positive_is_refused_as_a_usage_error(tmp_path, capsys, size):
+    """It ended in a ValueError traceback from the shard planner."""
+    with pytest.raises(SystemExit) as exited:
+        main(["convert", f"--max-shard-size={size}", str(tmp_path / "in.pt"), str(tmp_path / "out.safetensors")])
+    assert exited.value.code == 2
+    assert f"--max-shard-size: not a size: '{size}'" in capsys.readouterr().err

@@ -711,6 +711,9 @@ def strict_json_loads(text: str | bytes, source: str) -> Any:
     >>> strict_json_loads("[" * 100000 + "]" * 100000, "f.json")
     Traceback (most recent call last):
     optstate.errors.FormatError: f.json: JSON nested deeper than 64 levels (expected a few)
+    >>> strict_json_loads("{not json", "f.json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    optstate.errors.FormatError: f.json: not valid JSON (Expecting property name enclosed in double quotes: ...)
     """
 
     def refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -726,6 +729,8 @@ def strict_json_loads(text: str | bytes, source: str) -> Any:
         document = json.loads(text, object_pairs_hook=refuse_repeated_keys)
     except RecursionError:
         raise too_deep from None
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError from bytes that are not UTF-8
+        raise FormatError(f"{source}: not valid JSON ({exc})") from None
     if json_depth(document) > MAX_JSON_DEPTH:
         raise too_deep
     return document
@@ -781,13 +786,14 @@ def refuse_special_file(path: str | os.PathLike) -> None:
 def _header_entry(key: str, entry: Any, source: str) -> tuple[np.dtype, tuple[int, ...], int, int]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(f"{source}: tensor {key!r}: malformed header entry")
-    dtype = safetensors_dtype(entry["dtype"])
+    dtype = safetensors_dtype(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     shape, offsets = entry["shape"], entry["data_offsets"]
     if dtype is None:
         raise FormatError(f"{source}: tensor {key!r}: unknown dtype {entry['dtype']!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    # type() is int, not isinstance: JSON's true and false are bools, and bools are ints to isinstance
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise FormatError(f"{source}: tensor {key!r}: malformed shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise FormatError(f"{source}: tensor {key!r}: malformed data_offsets {offsets!r}")
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
@@ -831,10 +837,7 @@ def _read_layout(path: str | os.PathLike) -> tuple[_Layout, dict[str, str], int]
                 f"{source}: header length {header_len} does not fit a file of {size} bytes "
                 "(truncated or not a safetensors file)"
             )
-        try:
-            header = strict_json_loads(f.read(header_len), f"{source}: header")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{source}: header is not valid JSON ({exc})") from exc
+        header = strict_json_loads(f.read(header_len), f"{source}: header")
     if not isinstance(header, dict):
         raise FormatError(f"{source}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -907,10 +910,7 @@ def _read_index(index: pathlib.Path) -> tuple[dict[str, Any], dict[str, str]]:
     source, size = os.fspath(index), index.stat().st_size
     if size > MAX_HEADER_BYTES:
         raise FormatError(f"{source}: {size} bytes, too large for an index")
-    try:
-        document = strict_json_loads(index.read_bytes(), source)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{source}: not valid JSON ({exc})") from None
+    document = strict_json_loads(index.read_bytes(), source)
     if not (
         isinstance(document, dict)
         and isinstance(document.get("metadata"), dict)
@@ -999,10 +999,7 @@ def load(path: str | os.PathLike) -> OptimizerState:
         if SHARD_KEY in metadata:
             raise FormatError(f"{source}: shard {metadata[SHARD_KEY]} of a sharded save; load its {INDEX_SUFFIX} file")
         raise FormatError(f"{source}: a safetensors file without optstate metadata (model weights only?)")
-    try:
-        meta = strict_json_loads(metadata[METADATA_KEY], f"{source}: optstate metadata")
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{source}: optstate metadata is not valid JSON ({exc})") from exc
+    meta = strict_json_loads(metadata[METADATA_KEY], f"{source}: optstate metadata")
     return _state_from_tensors(meta, arrays, source)
 
 

@@ -231,6 +231,8 @@ def values_read(array: np.ndarray, mappings: Sequence[FileMapping], what: str) -
         yield array
         return
     for block in file_blocks(span.path, span.offset, array.nbytes, what):
+        if len(block) % array.dtype.itemsize:  # a file that ends inside a value: the next read finds its end
+            raise FormatError(f"{span.path}: ends before byte {span.offset + array.nbytes} of {what}")
         yield np.frombuffer(block, array.dtype)
 
 

@@ -562,10 +562,8 @@ def _read_sidecar(directory: Path) -> dict[str, Any] | None:
     sidecar = directory / SIDECAR
     if not sidecar.is_file():
         return None
-    try:  # found by fuzzing: a byte that is not UTF-8 raised UnicodeDecodeError from read_text
-        meta = strict_json_loads(sidecar.read_text(encoding="utf-8"), os.fspath(sidecar))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{sidecar}: not valid JSON ({exc})") from None
+    # Bytes, not read_text: found by fuzzing, a byte that is not UTF-8 raised UnicodeDecodeError there
+    meta = strict_json_loads(sidecar.read_bytes(), os.fspath(sidecar))
     if not isinstance(meta, dict):
         raise FormatError(f"{sidecar}: not an optstate metadata object")
     check_format_version(meta, os.fspath(sidecar))  # another version's fields are another version's to shape
