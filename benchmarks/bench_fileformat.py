@@ -112,7 +112,7 @@ def _without_checksums() -> None:
     from optstate.schema import fileformat
 
     fileformat.checksum = lambda _array: fileformat._NO_CHECKSUM
-    fileformat.file_checksums = lambda _path, spans: dict.fromkeys(spans, fileformat._NO_CHECKSUM)
+    fileformat.file_checksums = lambda _path, spans, _fd=None: dict.fromkeys(spans, fileformat._NO_CHECKSUM)
     fileformat.verify_written = lambda *_args: None
 
 
