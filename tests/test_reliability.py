@@ -682,6 +682,71 @@ def test_tensors_of_a_canonical_file_are_copied_inside_the_kernel_to_torch(tmp_p
         np.testing.assert_array_equal(np.asarray(after[key]), np.asarray(array))
 
 
+def big_record(path: Path) -> tuple[zipfile.ZipInfo, int]:
+    """The first tensor record of a torch zip of at least 1 MiB (copied in the kernel), and where its bytes start."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 1 << 20)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+    return info, info.header_offset + 30 + name_length + extra_length
+
+
+def test_a_pt_record_damaged_at_rest_is_refused_by_the_crc_its_zip_records(tmp_path, capsys):
+    """A bit of a tensor flipped after torch.save wrote it (bit rot, a bad copy): torch.load reads it without a
+    word, and optstate converted it with exit 0. A record copied whole is checked against the zip's CRC-32."""
+    src = adam_checkpoint(tmp_path / "ckpt.pt", width=512, steps=1)
+    info, start = big_record(src)
+    with open(src, "r+b") as f:
+        f.seek(start + 1000)
+        byte = f.read(1)[0]
+        f.seek(start + 1000)
+        f.write(bytes([byte ^ 1]))
+    torch.load(src, weights_only=True)  # torch does not check
+    out = tmp_path / "s.safetensors"
+    assert main(["convert", str(src), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "ckpt.pt: tensor" in err and f"the input's zip records {info.CRC:08x} for its bytes" in err, err
+    assert not out.exists() and left_behind(tmp_path) == []
+
+
+def source_hashes(monkeypatch) -> list[str]:
+    """The files the canonical writer hashes as sources (``file_checksums`` given a source's descriptor)."""
+    hashed: list[str] = []
+    file_checksums = ff.file_checksums
+
+    def spy(path, spans, fd=None):
+        if fd is not None:
+            hashed.append(Path(path).name)
+        return file_checksums(path, spans, fd)
+
+    monkeypatch.setattr(ff, "file_checksums", spy)
+    return hashed
+
+
+def test_a_pt_record_copied_whole_is_checked_by_its_crc_not_read_twice(tmp_path, monkeypatch):
+    """The read-back checks it against the CRC-32 its zip records: the source is not read again to hash it."""
+    hashed = source_hashes(monkeypatch)
+    src = adam_checkpoint(tmp_path / "ckpt.pt", width=512, steps=1)
+    optstate.convert(src, tmp_path / "s.safetensors")
+    assert hashed == []
+    assert load(tmp_path / "s.safetensors").common_step() == 1  # every recorded checksum holds
+
+
+def test_a_pt_saved_without_crcs_has_its_source_hashed_beside_the_copy(tmp_path, monkeypatch):
+    hashed = source_hashes(monkeypatch)
+    torch.serialization.set_crc32_options(False)  # the zip then records 0 for every CRC-32
+    try:
+        src = adam_checkpoint(tmp_path / "ckpt.pt", width=512, steps=1)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert big_record(src)[0].CRC == 0
+    optstate.convert(src, tmp_path / "s.safetensors")
+    assert hashed == ["ckpt.pt"] * 3  # exp_avg, exp_avg_sq and the weight
+    assert load(tmp_path / "s.safetensors").common_step() == 1
+
+
 # ----------------------------------------------------------------------------- 7. fuzzing the untrusted-bytes parsers
 
 # A short, repeatable run in the suite; OPTSTATE_FUZZ_EXAMPLES=20000 for a long, random one (make fuzz).

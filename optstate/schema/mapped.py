@@ -13,6 +13,7 @@ import contextlib
 import errno
 import mmap
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -108,6 +109,43 @@ def file_span(array: np.ndarray, mappings: Sequence[FileMapping] | None = None) 
     if (stat.st_dev, stat.st_ino) != mapping.file_id:
         return None
     return FileSpan(mapping.path, mapping.offset + address - mapping.start, mapping.file_id)
+
+
+# The CRC-32s files record for ranges of their own bytes (a torch zip's records), by file identity: a copy of
+# exactly such a range is checked against the CRC on read-back, instead of reading the source a second time
+# to hash it. Each table lives as long as the mapping of the file it was noted with (record_crc32s).
+_crc32s: dict[tuple[int, int], tuple[object, dict[tuple[int, int], int]]] = {}
+
+
+def record_crc32s(mapped: np.ndarray, crc32s: dict[tuple[int, int], int]) -> None:
+    """Note ``crc32s``, ``(offset, nbytes) -> CRC-32`` of ranges of the file that ``mapped`` maps whole (an
+    ``np.memmap`` of it), for :func:`recorded_crc32`; entries added to the dict later count too. Forgotten
+    when ``mapped`` is collected, or when another mapping of the same file is noted.
+
+    >>> import tempfile, zlib
+    >>> f = tempfile.mkdtemp() + "/c.bin"; np.arange(4, dtype="<i4").tofile(f)
+    >>> m = np.memmap(f, np.uint8, mode="r")
+    >>> record_crc32s(m, {(4, 8): zlib.crc32(bytes(m[4:12]))})
+    >>> recorded_crc32(file_span(m[4:12]), 8) == zlib.crc32(bytes(m[4:12])), recorded_crc32(file_span(m[4:]), 12)
+    (True, None)
+    """
+    span = file_span(mapped)
+    if span is None or span.offset != 0:
+        return
+    token = object()
+    _crc32s[span.file_id] = (token, crc32s)
+    weakref.finalize(mapped, _forget_crc32s, span.file_id, token)
+
+
+def _forget_crc32s(file_id: tuple[int, int], token: object) -> None:
+    if _crc32s.get(file_id, (None,))[0] is token:
+        del _crc32s[file_id]
+
+
+def recorded_crc32(span: FileSpan, nbytes: int) -> int | None:
+    """The CRC-32 the file of ``span`` records for its ``nbytes`` bytes there (:func:`record_crc32s`), if any."""
+    _, table = _crc32s.get(span.file_id, (None, {}))
+    return table.get((span.offset, nbytes))
 
 
 def _copy_file_range(src: int, out: int, offset: int, count: int) -> int:

@@ -45,13 +45,26 @@ from typing import Any
 
 import numpy as np
 import xxhash
-from isal.isal_zlib import crc32  # ISA-L's: the same values as zlib.crc32, 28 GB/s here against zlib's 4.2
+from isal.isal_zlib import crc32  # ISA-L's, as in schema/fileformat.py
 from numpy.lib.stride_tricks import as_strided
 
 from ...atomic import atomic_file
 from ...errors import FormatError, UnsupportedError
-from ...schema.fileformat import file_checksums, little_endian_bytes, refuse_special_file, write_all
-from ...schema.mapped import COPY_MIN_BYTES, SourceFiles, copy_span, file_blocks, file_span, shared_file_mappings
+from ...schema.fileformat import (
+    file_checksums,
+    file_crc32_xxh3,
+    little_endian_bytes,
+    refuse_special_file,
+    write_all,
+)
+from ...schema.mapped import (
+    COPY_MIN_BYTES,
+    SourceFiles,
+    copy_span,
+    file_span,
+    record_crc32s,
+    shared_file_mappings,
+)
 from ...schema.state import numpy_dtype
 
 # torch's dtype names, which are NumPy's and ml_dtypes' names of the same types.
@@ -346,6 +359,7 @@ class _Archive:
             raise FormatError(f"{source}: byteorder record is {self.byteorder!r}, expected 'little' or 'big'")
         self._file: np.memmap | None = None
         self._bytes: dict[str, np.ndarray] = {}
+        self._crc32s: dict[tuple[int, int], int] = {}  # (offset, size) of a record's bytes -> the CRC-32 it records
 
     def _read_small(self, zf: zipfile.ZipFile, name: str) -> bytes:
         """A small record's bytes, inflated with a bound: at most the size the directory declares, and
@@ -356,11 +370,28 @@ class _Archive:
                 f"{self.source}: record {name} declares {info.file_size} bytes (stored in "
                 f"{info.compress_size}), more than the {MAX_RECORD_BYTES} optstate inflates; not a torch.save file"
             )
-        with zf.open(info) as record:
-            data = record.read(info.file_size + 1)
+        if info.CRC == 0 and info.compress_type == zipfile.ZIP_STORED and info.file_size:
+            # torch.serialization.set_crc32_options(False) records 0 for every CRC-32, which zipfile would refuse
+            start = self._record_start(name)
+            with open(self.source, "rb") as f:
+                data = os.pread(f.fileno(), info.file_size, start)
+        else:
+            with zf.open(info) as record:
+                data = record.read(info.file_size + 1)
         if len(data) != info.file_size:
             raise _unreadable(self.source, f"record {name} holds {len(data)} bytes, declares {info.file_size}")
         return data
+
+    def _record_start(self, name: str) -> int:
+        """Where record ``name``'s bytes start: after its local header, whose name and extra field may differ
+        in length from the central directory's."""
+        offset = self.members[name].header_offset
+        with open(self.source, "rb") as f:
+            header = os.pread(f.fileno(), _LOCAL_HEADER.size, offset)
+        if len(header) < _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
+            raise _unreadable(self.source, f"record {name} has no local header at byte {offset}")
+        _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+        return offset + _LOCAL_HEADER.size + name_length + extra_length
 
     def _refuse_bytes_outside_records(self) -> None:
         """Refuse bytes before the first record or after the end record: torch.save writes neither, and a
@@ -443,15 +474,14 @@ class _Archive:
             return np.empty(0, np.uint8)
         if self._file is None:
             self._file = np.memmap(self.source, np.uint8, mode="r")
-        header = bytes(self._file[info.header_offset : info.header_offset + _LOCAL_HEADER.size])
-        if len(header) < _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
-            raise _unreadable(self.source, f"record {name} has no local header at byte {info.header_offset}")
-        _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
-        start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+            record_crc32s(self._file, self._crc32s)  # a writer checks a record it copies whole against its CRC
+        start = self._record_start(name)
         if start + info.file_size > self._file.size:
             raise _unreadable(
                 self.source, f"record {name} ends at byte {start + info.file_size}, the file at {self._file.size}"
             )
+        if info.CRC:  # 0: none computed (torch.serialization.set_crc32_options(False))
+            self._crc32s[(start, info.file_size)] = info.CRC
         return self._file[start : start + info.file_size]
 
 
@@ -1030,15 +1060,6 @@ class _Crc32(threading.Thread):
         return self.value
 
 
-def _file_crc32_xxh3(path: str, offset: int, nbytes: int, fd: int) -> tuple[int, str]:
-    """The CRC-32 and XXH3-64 of a range of a file (open as ``fd``), read with ``pread``."""
-    crc, hasher = 0, xxhash.xxh3_64()
-    for block in file_blocks(path, offset, nbytes, "an array mapped from it (the file shrank while mapped)", fd):
-        crc = crc32(block, crc)
-        hasher.update(block)
-    return crc, hasher.hexdigest()
-
-
 @dataclass(frozen=True)
 class _Record:
     """A record written, for its data descriptor and its central directory entry."""
@@ -1177,7 +1198,9 @@ class _ZipWriter:
             span = file_span(array, mappings)
         src = None if span is None else self.sources.fd(span)
         if span is not None and src is not None:  # the checksums read from the file the copy reads
-            digests = self.reading_back.submit(_file_crc32_xxh3, span.path, span.offset, array.nbytes, src)
+            digests = self.reading_back.submit(
+                file_crc32_xxh3, span.path, span.offset, array.nbytes, "an array mapped from it", src
+            )
             done = copy_span(span, self.fd, array.nbytes, self.sources)
             if done == array.nbytes:
                 return digests.result  # waited for at the end: the next record is copied meanwhile
