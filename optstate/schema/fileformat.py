@@ -47,11 +47,13 @@ from .mapped import (
     COPY_MIN_BYTES,
     MAX_SYSCALL_BYTES,
     FileMapping,
+    Recorded,
     SourceFiles,
     copy_span,
     file_blocks,
     file_span,
-    recorded_crc32,
+    note_recorded,
+    recorded,
     shared_file_mappings,
 )
 from .state import Metadata, OptimizerState, ParamInfo, ParamPath, numpy_dtype, values_checked_beside
@@ -420,14 +422,17 @@ def _write_tensor(
         span = file_span(array, mappings)
     src = None if span is None else sources.fd(span)
     if span is not None and src is not None:
-        recorded, source = recorded_crc32(span, array.nbytes), None
-        if recorded is None:
+        known = recorded(span, array.nbytes) or Recorded()  # what the input records of these bytes, if anything
+        source = None
+        if known == Recorded():
             # The source read a second time, beside the copy, from the file the copy reads (pread into a buffer:
             # no page faults, and the hash lets go of the GIL): bytes that change under the copy show on read-back.
             source = hashing.submit(file_checksums, span.path, {entry.key: (span.offset, array.nbytes)}, src)
         done = copy_span(span, fd, array.nbytes, sources)
         if done == array.nbytes:
-            return _Intended(None, recorded, span.path) if source is None else _Intended(source.result()[entry.key])
+            if source is not None:
+                return _Intended(source.result()[entry.key])
+            return _Intended(known.xxh3, None if known.xxh3 else known.crc32, span.path)
         # The copy failed: the array's bytes are written from memory, its checksum taken from there.
         if source is not None and not source.cancel():  # already running: waited for, what it found no longer matters
             with contextlib.suppress(FormatError, OSError):
@@ -862,6 +867,12 @@ def read_safetensors(path: str | os.PathLike, *, verify: bool = True) -> tuple[d
     arrays = {key: data[begin:end].view(dtype).reshape(shape) for key, (dtype, shape, begin, end) in entries.items()}
     if verify and CHECKSUM_KEY in metadata:
         spans = {key: (data_start + begin, end - begin) for key, (*_, begin, end) in entries.items()}
+        with contextlib.suppress(FormatError):  # refused by check_checksums, naming what is wrong
+            recorded_xxh3 = strict_json_loads(metadata[CHECKSUM_KEY], os.fspath(path))
+            if isinstance(data, np.memmap) and isinstance(recorded_xxh3, dict):
+                # A writer copying a tensor whole checks its read-back against the checksum recorded here.
+                table = {span: Recorded(xxh3=recorded_xxh3.get(key)) for key, span in spans.items()}
+                note_recorded(data, {span: known for span, known in table.items() if isinstance(known.xxh3, str)})
         # In a conversion, beside the writing: its output is renamed into place only once this passed.
         check_soon(functools.partial(check_checksums, path, spans, metadata[CHECKSUM_KEY]))
     return arrays, metadata

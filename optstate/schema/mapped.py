@@ -111,40 +111,47 @@ def file_span(array: np.ndarray, mappings: Sequence[FileMapping] | None = None) 
     return FileSpan(mapping.path, mapping.offset + address - mapping.start, mapping.file_id)
 
 
-# The CRC-32s files record for ranges of their own bytes (a torch zip's records), by file identity: a copy of
-# exactly such a range is checked against the CRC on read-back, instead of reading the source a second time
-# to hash it. Each table lives as long as the mapping of the file it was noted with (record_crc32s).
-_crc32s: dict[tuple[int, int], tuple[object, dict[tuple[int, int], int]]] = {}
+class Recorded(NamedTuple):
+    """What a file records of a range of its own bytes: a torch zip's CRC-32 of a record, a canonical file's
+    XXH3-64 of a tensor. A writer that copies exactly that range checks its read-back against it, instead of
+    reading the source a second time to hash it."""
+
+    crc32: int | None = None
+    xxh3: str | None = None
 
 
-def record_crc32s(mapped: np.ndarray, crc32s: dict[tuple[int, int], int]) -> None:
-    """Note ``crc32s``, ``(offset, nbytes) -> CRC-32`` of ranges of the file that ``mapped`` maps whole (an
-    ``np.memmap`` of it), for :func:`recorded_crc32`; entries added to the dict later count too. Forgotten
-    when ``mapped`` is collected, or when another mapping of the same file is noted.
+# By file identity; each table lives as long as the mapping it was noted with (note_recorded).
+_recorded: dict[tuple[int, int], tuple[object, dict[tuple[int, int], Recorded]]] = {}
+
+
+def note_recorded(mapped: np.ndarray, table: dict[tuple[int, int], Recorded]) -> None:
+    """Note ``table``, ``(offset in the file, nbytes) -> Recorded``, for the file ``mapped`` maps (an ``np.memmap``
+    of it), for :func:`recorded`; entries added to the dict later count too. Forgotten when ``mapped`` is
+    collected, or when another mapping of the same file is noted.
 
     >>> import tempfile, zlib
     >>> f = tempfile.mkdtemp() + "/c.bin"; np.arange(4, dtype="<i4").tofile(f)
     >>> m = np.memmap(f, np.uint8, mode="r")
-    >>> record_crc32s(m, {(4, 8): zlib.crc32(bytes(m[4:12]))})
-    >>> recorded_crc32(file_span(m[4:12]), 8) == zlib.crc32(bytes(m[4:12])), recorded_crc32(file_span(m[4:]), 12)
+    >>> note_recorded(m, {(4, 8): Recorded(crc32=zlib.crc32(bytes(m[4:12])))})
+    >>> recorded(file_span(m[4:12]), 8).crc32 == zlib.crc32(bytes(m[4:12])), recorded(file_span(m[4:]), 12)
     (True, None)
     """
     span = file_span(mapped)
-    if span is None or span.offset != 0:
+    if span is None:
         return
     token = object()
-    _crc32s[span.file_id] = (token, crc32s)
-    weakref.finalize(mapped, _forget_crc32s, span.file_id, token)
+    _recorded[span.file_id] = (token, table)
+    weakref.finalize(mapped, _forget_recorded, span.file_id, token)
 
 
-def _forget_crc32s(file_id: tuple[int, int], token: object) -> None:
-    if _crc32s.get(file_id, (None,))[0] is token:
-        del _crc32s[file_id]
+def _forget_recorded(file_id: tuple[int, int], token: object) -> None:
+    if _recorded.get(file_id, (None,))[0] is token:
+        del _recorded[file_id]
 
 
-def recorded_crc32(span: FileSpan, nbytes: int) -> int | None:
-    """The CRC-32 the file of ``span`` records for its ``nbytes`` bytes there (:func:`record_crc32s`), if any."""
-    _, table = _crc32s.get(span.file_id, (None, {}))
+def recorded(span: FileSpan, nbytes: int) -> Recorded | None:
+    """What the file of ``span`` records of its ``nbytes`` bytes there (:func:`note_recorded`), if anything."""
+    _, table = _recorded.get(span.file_id, (None, {}))
     return table.get((span.offset, nbytes))
 
 

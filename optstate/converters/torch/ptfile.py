@@ -41,7 +41,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import xxhash
@@ -59,10 +59,12 @@ from ...schema.fileformat import (
 )
 from ...schema.mapped import (
     COPY_MIN_BYTES,
+    Recorded,
     SourceFiles,
     copy_span,
     file_span,
-    record_crc32s,
+    note_recorded,
+    recorded,
     shared_file_mappings,
 )
 from ...schema.state import numpy_dtype
@@ -359,7 +361,7 @@ class _Archive:
             raise FormatError(f"{source}: byteorder record is {self.byteorder!r}, expected 'little' or 'big'")
         self._file: np.memmap | None = None
         self._bytes: dict[str, np.ndarray] = {}
-        self._crc32s: dict[tuple[int, int], int] = {}  # (offset, size) of a record's bytes -> the CRC-32 it records
+        self._recorded: dict[tuple[int, int], Recorded] = {}  # (offset, size) of a record's bytes -> its CRC-32
 
     def _read_small(self, zf: zipfile.ZipFile, name: str) -> bytes:
         """A small record's bytes, inflated with a bound: at most the size the directory declares, and
@@ -474,14 +476,14 @@ class _Archive:
             return np.empty(0, np.uint8)
         if self._file is None:
             self._file = np.memmap(self.source, np.uint8, mode="r")
-            record_crc32s(self._file, self._crc32s)  # a writer checks a record it copies whole against its CRC
+            note_recorded(self._file, self._recorded)  # a writer checks a record it copies whole against its CRC
         start = self._record_start(name)
         if start + info.file_size > self._file.size:
             raise _unreadable(
                 self.source, f"record {name} ends at byte {start + info.file_size}, the file at {self._file.size}"
             )
         if info.CRC:  # 0: none computed (torch.serialization.set_crc32_options(False))
-            self._crc32s[(start, info.file_size)] = info.CRC
+            self._recorded[(start, info.file_size)] = Recorded(crc32=info.CRC)
         return self._file[start : start + info.file_size]
 
 
@@ -1060,6 +1062,36 @@ class _Crc32(threading.Thread):
         return self.value
 
 
+class _Expected(NamedTuple):
+    """A record copied whole from an input that records a CRC-32 or XXH3-64 of those bytes (``known``, from
+    ``source``): its read-back must match it, and gives the record's CRC-32 (no second read of the source)."""
+
+    known: Recorded
+    source: str
+
+
+def _read_back_record(
+    path: str | os.PathLike, offset: int, size: int, what: str, expected: _Expected | None
+) -> tuple[int, str]:
+    """A record's CRC-32 (where ``expected``: else 0, known already) and XXH3-64, read back from the file written."""
+    if expected is None:
+        return 0, file_checksums(path, {what: (offset, size)})[what]
+    crc, digest = file_crc32_xxh3(path, offset, size, what)
+    known = expected.known
+    if (known.crc32 is not None and crc != known.crc32) or (known.xxh3 is not None and digest != known.xxh3):
+        recorded_as = f"CRC-32 {known.crc32:08x}" if known.crc32 is not None else f"checksum {known.xxh3}"
+        raise FormatError(
+            f"{expected.source}: {what} reads back with CRC-32 {crc:08x} and checksum {digest}, the input records "
+            f"{recorded_as} for its bytes (the input is damaged, or changed while it was copied)"
+        )
+    return crc, digest
+
+
+# How a record's CRC-32 and XXH3-64 are had once written: computed as it was written (waits for them), or read back
+# and checked against what its input records (_Expected).
+_Checksums = Callable[[], tuple[int, str]] | _Expected
+
+
 @dataclass(frozen=True)
 class _Record:
     """A record written, for its data descriptor and its central directory entry."""
@@ -1095,7 +1127,7 @@ class _ZipWriter:
         write_all(self.fd, np.frombuffer(data, np.uint8))
         self.offset += len(data)
 
-    def _record(self, name: str, size: int, write_data: Callable[[], Callable[[], tuple[int, str]]]) -> None:
+    def _record(self, name: str, size: int, write_data: Callable[[], _Checksums]) -> None:
         """A record of ``size`` bytes that ``write_data()`` writes at the file position, returning how to get their
         CRC-32 and XXH3-64 (computed in a thread, maybe still): the data descriptor that holds the CRC is filled
         in and the central directory built in :meth:`finish`, so the next record is written meanwhile."""
@@ -1123,9 +1155,13 @@ class _ZipWriter:
             + name_bytes
             + extra
         )
-        checksums_of = write_data()
-        checksums = self.reading_back.submit(file_checksums, self.path, {name: (self.offset, size)})
+        written = write_data()
+        expected = written if isinstance(written, _Expected) else None
+        what = f"record {name}"
+        checksums = self.reading_back.submit(_read_back_record, self.path, self.offset, size, what, expected)
         self._read_back[_ARCHIVE + name] = (self.offset, checksums)
+        # With an expectation, the CRC-32 and checksum are the ones read back, once they match the input's.
+        checksums_of = checksums.result if isinstance(written, _Expected) else written
         self.offset += size
         if os.lseek(self.fd, 0, os.SEEK_CUR) != self.offset:  # the central directory would point amiss
             raise AssertionError(f"record {name}: {size} bytes expected, the file position says otherwise")
@@ -1184,7 +1220,7 @@ class _ZipWriter:
         mappings = self.mappings if isinstance(tensor.value, np.ndarray) else None
         self._record(f"data/{tensor.key}", array.nbytes, lambda: self._write_array(array, mappings))
 
-    def _write_array(self, array: np.ndarray, mappings: Sequence[Any] | None = None) -> Callable[[], tuple[int, str]]:
+    def _write_array(self, array: np.ndarray, mappings: Sequence[Any] | None = None) -> _Checksums:
         """Write the array's bytes in C order, little-endian; return how to get their CRC-32 and XXH3-64.
 
         An array mapped from a file is copied file to file inside the kernel (``copy_file_range``) while a
@@ -1197,15 +1233,19 @@ class _ZipWriter:
         if array.nbytes >= COPY_MIN_BYTES and array.dtype.newbyteorder("<") == array.dtype:
             span = file_span(array, mappings)
         src = None if span is None else self.sources.fd(span)
-        if span is not None and src is not None:  # the checksums read from the file the copy reads
-            digests = self.reading_back.submit(
-                file_crc32_xxh3, span.path, span.offset, array.nbytes, "an array mapped from it", src
-            )
+        if span is not None and src is not None:
+            known = recorded(span, array.nbytes)  # what the input records of these bytes: checked on read-back
+            digests = None
+            if known is None:  # the checksums read from the file the copy reads
+                what = "an array mapped from it"
+                digests = self.reading_back.submit(file_crc32_xxh3, span.path, span.offset, array.nbytes, what, src)
             done = copy_span(span, self.fd, array.nbytes, self.sources)
-            if done == array.nbytes:
-                return digests.result  # waited for at the end: the next record is copied meanwhile
+            if done == array.nbytes:  # waited for at the end: the next record is copied meanwhile
+                if digests is None:
+                    return _Expected(known or Recorded(), span.path)
+                return digests.result
             # The copy failed: the rest is written from memory, the checksums taken from there.
-            if not digests.cancel():  # already running: waited for, what it found no longer matters
+            if digests is not None and not digests.cancel():  # running: waited for, what it found no longer matters
                 with contextlib.suppress(FormatError, OSError):
                     digests.result()
             write_all(self.fd, array.reshape(-1).view(np.uint8)[done:])
@@ -1227,10 +1267,7 @@ class _ZipWriter:
 
     def read_back(self) -> dict[str, tuple[int, str]]:
         """``record name -> (data offset, XXH3-64)`` of every record read back while writing (waits for them)."""
-        return {
-            record: (offset, next(iter(checksums.result().values())))
-            for record, (offset, checksums) in self._read_back.items()
-        }
+        return {record: (offset, checksums.result()[1]) for record, (offset, checksums) in self._read_back.items()}
 
     def finish(self) -> None:
         """Each record's CRC-32 in its data descriptor; the central directory, then zip64's end record and
