@@ -217,6 +217,12 @@ def report(results: dict[str, list[dict]], tensor_bytes: int) -> str:
             f"{best(name) / best('cp'):>8.2f} {best(name) / best('cp+fsync'):>11.2f} "
             f"{max(r['anon_mib'] for r in runs):>13.0f} {during_text:>16}"
         )
+    if results.get("torch") and results.get("torch-nocheck"):  # run in turn: each pair saw the same machine
+        ratios = [seconds(a) / seconds(b) for a, b in zip(results["torch"], results["torch-nocheck"], strict=False)]
+        lines.append(
+            f"\nthe checks' cost, torch / torch-nocheck pair by pair: median {statistics.median(ratios):.3f} "
+            f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {len(ratios)} pairs)"
+        )
     return "\n".join(lines)
 
 
