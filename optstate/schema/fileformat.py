@@ -392,9 +392,10 @@ def file_crc32_xxh3(
 
 
 class _Intended(NamedTuple):
-    """What a tensor's bytes in the output must be: their XXH3-64, taken from the source; or, for a record of a
-    torch zip copied whole (``crc32`` set), the CRC-32 that zip records for it, checked on read-back (the
-    checksum then recorded is the one read back), so the source is not read a second time to hash it."""
+    """What a tensor's bytes in the output must be: their XXH3-64, taken from the source or, for a tensor of a
+    canonical file copied whole, the one that file records; or, for a record of a torch zip copied whole
+    (``crc32`` set), the CRC-32 that zip records for it, checked on read-back (the checksum then recorded is the
+    one read back). Either way a tensor copied whole is not read from its source a second time to hash it."""
 
     xxh3: str | None
     crc32: int | None = None

@@ -1223,11 +1223,13 @@ class _ZipWriter:
     def _write_array(self, array: np.ndarray, mappings: Sequence[Any] | None = None) -> _Checksums:
         """Write the array's bytes in C order, little-endian; return how to get their CRC-32 and XXH3-64.
 
-        An array mapped from a file is copied file to file inside the kernel (``copy_file_range``) while a
-        thread reads its bytes from the file for the two checksums (``pread``: no page of the mapping is
-        touched, so an input truncated meanwhile is an error, not a SIGBUS). Measured on 1 GB here: 1.0-1.1 s
-        with the read-back, against 1.2-2.7 s writing from the mapping with the checksums beside it. Other
-        arrays are written from memory, their checksums computed (in a thread, for large blocks) meanwhile.
+        An array mapped from a file is copied file to file inside the kernel (``copy_file_range``); its two
+        checksums are read back from the output and checked against what its input records of those bytes
+        (:class:`_Expected`), or, where it records nothing, read from the source by a thread beside the copy
+        (``pread``: no page of the mapping is touched, so an input truncated meanwhile is an error, not a
+        SIGBUS). Measured on 1 GB here: 1.0-1.1 s with the read-back, against 1.2-2.7 s writing from the mapping
+        with the checksums beside it. Other arrays are written from memory, their checksums computed (in a
+        thread, for large blocks) meanwhile.
         """
         span = None
         if array.nbytes >= COPY_MIN_BYTES and array.dtype.newbyteorder("<") == array.dtype:
