@@ -206,6 +206,42 @@ except optstate.OptstateError as exc:
 """
 
 
+TRUNCATED_BETWEEN_WRITE_AND_HASH = """
+import os, sys
+from optstate.cli import main
+from optstate.converters.torch import ptfile
+from optstate.schema import fileformat
+writer = {"canonical": fileformat, "torch": ptfile}[sys.argv[1]]
+write_all = writer.write_all
+
+def truncating(fd, data):  # a small tensor written, not yet hashed: a trainer rewrites the input meanwhile
+    write_all(fd, data)
+    if data.nbytes == 64 * 64 * 8:
+        os.truncate(sys.argv[2], 0)
+
+writer.write_all = truncating
+sys.exit(main(["convert", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.parametrize("writer", ["canonical", "torch"])
+def test_an_input_truncated_between_a_small_tensor_s_write_and_its_hash_is_an_error_not_a_sigbus(tmp_path, writer):
+    """A mapped tensor too small for the in-kernel copy is read with pread before it is written and hashed."""
+    src = adam_checkpoint(tmp_path / "ckpt.pt", width=64)  # 32 KiB a matrix: written from memory
+    if writer == "torch":
+        optstate.convert(src, tmp_path / "s.safetensors")
+        src = tmp_path / "s.safetensors"
+    out = tmp_path / ("out.pt" if writer == "torch" else "out.safetensors")
+    args = [str(src), str(out), *(["--to", "torch"] if writer == "torch" else [])]
+    run = subprocess.run(
+        [sys.executable, "-c", TRUNCATED_BETWEEN_WRITE_AND_HASH, writer, *args], capture_output=True, text=True
+    )
+    assert run.returncode == 1, (run.returncode, run.stderr)  # -7 (SIGBUS) before
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert src.name in run.stderr, run.stderr
+    assert not out.exists() and left_behind(tmp_path) == [], sorted(p.name for p in tmp_path.iterdir())
+
+
 def test_an_input_truncated_while_its_tensors_are_transposed_is_an_error_not_a_sigbus(tmp_path):
     """A layout move's transpose reads its mapped source with pread first: no SIGBUS mid-transpose."""
     src = adam_checkpoint(tmp_path / "ckpt.pt", width=512)

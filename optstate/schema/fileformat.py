@@ -53,6 +53,7 @@ from .mapped import (
     file_blocks,
     file_span,
     note_recorded,
+    read_into_memory,
     recorded,
     shared_file_mappings,
 )
@@ -441,6 +442,8 @@ def _write_tensor(
     if done:
         write_all(fd, array.reshape(-1).view(np.uint8)[done:])
         return _Intended(checksum(array))
+    if mappings is not None:  # a mapped array not copied in the kernel (small): its hash must not meet a SIGBUS
+        array = read_into_memory(array, mappings, f"tensor {entry.key!r}")
     hasher = xxhash.xxh3_64()
     for block in little_endian_bytes(array):
         write_all(fd, block)

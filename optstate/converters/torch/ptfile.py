@@ -64,6 +64,7 @@ from ...schema.mapped import (
     copy_span,
     file_span,
     note_recorded,
+    read_into_memory,
     recorded,
     shared_file_mappings,
 )
@@ -1218,9 +1219,9 @@ class _ZipWriter:
             )
         # A lazy value's array may be mapped only now, at an address an older mapping had: looked up anew.
         mappings = self.mappings if isinstance(tensor.value, np.ndarray) else None
-        self._record(f"data/{tensor.key}", array.nbytes, lambda: self._write_array(array, mappings))
+        self._record(f"data/{tensor.key}", array.nbytes, lambda: self._write_array(array, mappings, tensor.key))
 
-    def _write_array(self, array: np.ndarray, mappings: Sequence[Any] | None = None) -> _Checksums:
+    def _write_array(self, array: np.ndarray, mappings: Sequence[Any] | None = None, key: str = "") -> _Checksums:
         """Write the array's bytes in C order, little-endian; return how to get their CRC-32 and XXH3-64.
 
         An array mapped from a file is copied file to file inside the kernel (``copy_file_range``); its two
@@ -1254,6 +1255,8 @@ class _ZipWriter:
             flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
             checksums = crc32(flat), xxhash.xxh3_64_hexdigest(flat)
             return lambda: checksums
+        if mappings is not None:  # a mapped array not copied in the kernel: its hashes must not meet a SIGBUS
+            array = read_into_memory(array, mappings, f"tensor {key}")
         crc, hasher = 0, xxhash.xxh3_64()
         for block in little_endian_bytes(array):  # the array itself when C-contiguous and little-endian
             if block.nbytes >= _CRC_THREAD_BYTES:
