@@ -434,7 +434,7 @@ def _write_tensor(
         if done == array.nbytes:
             if source is not None:
                 return _Intended(source.result()[entry.key])
-            return _Intended(known.xxh3, None if known.xxh3 else known.crc32, span.path)
+            return _Intended(known.xxh3, known.crc32, span.path)  # a file records one of the two
         # The copy failed: the array's bytes are written from memory, its checksum taken from there.
         if source is not None and not source.cancel():  # already running: waited for, what it found no longer matters
             with contextlib.suppress(FormatError, OSError):
@@ -443,7 +443,7 @@ def _write_tensor(
         write_all(fd, array.reshape(-1).view(np.uint8)[done:])
         return _Intended(checksum(array))
     if mappings is not None:  # a mapped array not copied in the kernel (small): its hash must not meet a SIGBUS
-        array = read_into_memory(array, mappings, f"tensor {entry.key!r}")
+        array = read_into_memory(array, mappings, f"tensor {entry.key!r}", sources)
     hasher = xxhash.xxh3_64()
     for block in little_endian_bytes(array):
         write_all(fd, block)
@@ -875,8 +875,8 @@ def read_safetensors(path: str | os.PathLike, *, verify: bool = True) -> tuple[d
             recorded_xxh3 = strict_json_loads(metadata[CHECKSUM_KEY], os.fspath(path))
             if isinstance(data, np.memmap) and isinstance(recorded_xxh3, dict):
                 # A writer copying a tensor whole checks its read-back against the checksum recorded here.
-                table = {span: Recorded(xxh3=recorded_xxh3.get(key)) for key, span in spans.items()}
-                note_recorded(data, {span: known for span, known in table.items() if isinstance(known.xxh3, str)})
+                xxh3s = {span: recorded_xxh3.get(key) for key, span in spans.items()}
+                note_recorded(data, {span: Recorded(xxh3=x) for span, x in xxh3s.items() if isinstance(x, str)})
         # In a conversion, beside the writing: its output is renamed into place only once this passed.
         check_soon(functools.partial(check_checksums, path, spans, metadata[CHECKSUM_KEY]))
     return arrays, metadata

@@ -281,9 +281,12 @@ def values_read(array: np.ndarray, mappings: Sequence[FileMapping], what: str) -
         yield np.frombuffer(block, array.dtype)
 
 
-def read_into_memory(array: np.ndarray, mappings: Sequence[FileMapping], what: str) -> np.ndarray:
+def read_into_memory(
+    array: np.ndarray, mappings: Sequence[FileMapping], what: str, sources: SourceFiles | None = None
+) -> np.ndarray:
     """``array`` itself, or where it is mapped from a file, a copy of it read with ``pread`` (for code that reads
     every element, a transpose: a file truncated meanwhile is then an error naming it and ``what``, not a SIGBUS).
+    ``sources``: the files of a write, opened once for all its arrays.
 
     >>> import tempfile
     >>> f = tempfile.mkdtemp() + "/r.bin"; np.arange(4.0).tofile(f)
@@ -296,9 +299,12 @@ def read_into_memory(array: np.ndarray, mappings: Sequence[FileMapping], what: s
         return array
     out = np.empty(array.shape, array.dtype)
     into, done = out.reshape(-1).view(np.uint8).data, 0
-    with open(span.path, "rb", buffering=0) as f:
+    with contextlib.ExitStack() as opened:
+        fd = None if sources is None else sources.fd(span)
+        if fd is None:
+            fd = opened.enter_context(open(span.path, "rb", buffering=0)).fileno()
         while done < array.nbytes:
-            n = os.preadv(f.fileno(), [into[done : done + MAX_SYSCALL_BYTES]], span.offset + done)
+            n = os.preadv(fd, [into[done : done + MAX_SYSCALL_BYTES]], span.offset + done)
             if n == 0:
                 raise FormatError(f"{span.path}: ends before byte {span.offset + array.nbytes} of {what}")
             done += n

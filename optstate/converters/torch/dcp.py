@@ -44,6 +44,7 @@ from ...schema import fileformat
 from ...schema.state import Deferred, OptimizerState, path_to_name
 from ..formats import ReadOptions, WriteOptions
 from ..readback import in_destination
+from . import ptfile
 from . import state_dict as torch_dict
 from .live import (
     MODEL_KEYS,
@@ -675,9 +676,6 @@ class _Window(io.RawIOBase):
         return n
 
 
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip record's local header: signature, ..., name and extra lengths
-
-
 def _small_records(blob: zipfile.ZipFile, storage: zipfile.ZipInfo, where: str) -> dict[str, bytes]:
     """The blob's records but its storage (the pickle, the byte order, ...), read whole: their CRC-32s checked."""
     try:
@@ -697,12 +695,8 @@ def _storage_span(f: BinaryIO, offset: int, length: int, where: str) -> tuple[in
         records = _small_records(blob, storages[0], where)
         if "data.pkl" not in records or records.get("byteorder", b"little") != b"little":
             return None
-        header = os.pread(f.fileno(), _LOCAL_HEADER.size, offset + storages[0].header_offset)
-    signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
-    if signature != b"PK\x03\x04":
-        return None
-    start = offset + storages[0].header_offset + _LOCAL_HEADER.size + name_length + extra_length
-    return start, storages[0].file_size
+    start = ptfile.record_data_start(f.fileno(), offset + storages[0].header_offset)
+    return None if start is None else (start, storages[0].file_size)
 
 
 def _stored_as_written(blobs: _Blobs, entry: _Stored, meant: _Entry) -> bool:

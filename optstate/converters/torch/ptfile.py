@@ -109,6 +109,28 @@ _STORAGE_CLASSES = {
 # The start of a torch < 1.6 file: pickle protocol 2, then LONG1 of torch's magic number 0x1950a86a20f9469cfc6c.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version .. sizes), name length, extra length
+
+
+def record_data_start(fd: int, header_offset: int) -> int | None:
+    """Where a zip record's bytes start in the file open as ``fd``: after its local header at ``header_offset``,
+    whose name and extra field may differ in length from the central directory's; ``None`` where no local
+    header is there.
+
+    >>> import tempfile, zipfile
+    >>> f = tempfile.mkdtemp() + "/z.zip"
+    >>> with zipfile.ZipFile(f, "w") as z: z.writestr("ab", b"data")
+    >>> with open(f, "rb") as opened: record_data_start(opened.fileno(), 0), record_data_start(opened.fileno(), 1)
+    (32, None)
+    """
+    header = os.pread(fd, _LOCAL_HEADER.size, header_offset)
+    if len(header) < _LOCAL_HEADER.size:
+        return None
+    signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+    if signature != b"PK\x03\x04":
+        return None
+    return header_offset + _LOCAL_HEADER.size + name_length + extra_length
+
+
 _END_RECORD = struct.Struct("<4s16xH")  # the zip's end of central directory: signature, ..., comment length
 _MAX_END_SEARCH = _END_RECORD.size + 0xFFFF  # the end record lies in the last 22 bytes plus a comment at most
 # The most a small record (data.pkl, byteorder) may hold, inflated or not: a state_dict's pickle of a
@@ -386,15 +408,13 @@ class _Archive:
         return data
 
     def _record_start(self, name: str) -> int:
-        """Where record ``name``'s bytes start: after its local header, whose name and extra field may differ
-        in length from the central directory's."""
+        """Where record ``name``'s bytes start (:func:`record_data_start`)."""
         offset = self.members[name].header_offset
-        with open(self.source, "rb") as f:
-            header = os.pread(f.fileno(), _LOCAL_HEADER.size, offset)
-        if len(header) < _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
+        with open(self.source, "rb", buffering=0) as f:
+            start = record_data_start(f.fileno(), offset)
+        if start is None:
             raise _unreadable(self.source, f"record {name} has no local header at byte {offset}")
-        _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
-        return offset + _LOCAL_HEADER.size + name_length + extra_length
+        return start
 
     def _refuse_bytes_outside_records(self) -> None:
         """Refuse bytes before the first record or after the end record: torch.save writes neither, and a
@@ -450,12 +470,7 @@ class _Archive:
             raise _unreadable(self.source, f"record {name} is missing")
         if info.compress_type != zipfile.ZIP_STORED:
             raise _unreadable(self.source, f"record {name} is compressed (zip method {info.compress_type})")
-        with open(self.source, "rb", buffering=0) as f:
-            header = os.pread(f.fileno(), _LOCAL_HEADER.size, info.header_offset)
-        if len(header) < _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
-            raise _unreadable(self.source, f"record {name} has no local header at byte {info.header_offset}")
-        _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
-        return info.header_offset + _LOCAL_HEADER.size + name_length + extra_length, info.file_size
+        return self._record_start(name), info.file_size
 
     def storage_bytes(self, key: str) -> np.ndarray:
         """The bytes of storage ``key``: a read-only view of the file, no copy."""
@@ -1256,7 +1271,7 @@ class _ZipWriter:
             checksums = crc32(flat), xxhash.xxh3_64_hexdigest(flat)
             return lambda: checksums
         if mappings is not None:  # a mapped array not copied in the kernel: its hashes must not meet a SIGBUS
-            array = read_into_memory(array, mappings, f"tensor {key}")
+            array = read_into_memory(array, mappings, f"tensor {key}", self.sources)
         crc, hasher = 0, xxhash.xxh3_64()
         for block in little_endian_bytes(array):  # the array itself when C-contiguous and little-endian
             if block.nbytes >= _CRC_THREAD_BYTES:
